@@ -1,0 +1,84 @@
+// Shared pieces of instinfer-bench: the subcommand registry, a tiny flag parser, JSON lines,
+// and reference bandwidth measurements taken in the same run as the thing measured.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace instinfer::bench {
+
+using command_fn = std::function<int(int argc, char** argv)>;
+
+struct command_info {
+  command_fn run;
+  std::string help;
+};
+
+std::map<std::string, command_info>& command_table();
+
+// Registers a subcommand at static-initialisation time (bench sources are linked directly).
+struct command_registrar {
+  command_registrar(const std::string& name, const std::string& help, command_fn fn) {
+    command_table()[name] = {std::move(fn), help};
+  }
+};
+
+// --key value / --key=value / --flag. Unknown flags are an error (printed with the usage).
+class flags {
+ public:
+  flags(int argc, char** argv);
+  bool ok() const { return error_.empty(); }
+  const std::string& error() const { return error_; }
+  bool has(std::string_view key) const;
+  std::string str(std::string_view key, std::string_view fallback) const;
+  uint64_t u64(std::string_view key, uint64_t fallback) const;
+  double f64(std::string_view key, double fallback) const;
+  // Comma-separated list of integers ("1024,4096").
+  std::vector<uint64_t> u64_list(std::string_view key, std::vector<uint64_t> fallback) const;
+  // Keys that were given but never read: reported as errors by finish().
+  bool finish() const;
+
+ private:
+  std::map<std::string, std::string, std::less<>> values_;
+  mutable std::map<std::string, bool, std::less<>> used_;
+  std::string error_;
+};
+
+// One JSON object on one line.
+class json_line {
+ public:
+  json_line& add(std::string_view key, std::string_view value);
+  json_line& add(std::string_view key, const char* value) { return add(key, std::string_view(value)); }
+  json_line& add(std::string_view key, double value);
+  json_line& add(std::string_view key, uint64_t value);
+  json_line& add(std::string_view key, int64_t value);
+  json_line& add(std::string_view key, uint32_t value) { return add(key, static_cast<uint64_t>(value)); }
+  json_line& add(std::string_view key, int value) { return add(key, static_cast<int64_t>(value)); }
+  json_line& add(std::string_view key, bool value);
+  std::string str() const { return "{" + body_ + "}"; }
+  void print(FILE* f = stdout) const;
+
+ private:
+  void key(std::string_view k);
+  std::string body_;
+};
+
+inline double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Streaming read bandwidth (GB/s, 1e9) of `bytes` bytes of memory with `threads` threads,
+// best of `reps`: the machine's reference for memory-bound kernels.
+double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, int reps = 5);
+
+// Peak resident set size of this process in bytes (VmHWM).
+uint64_t peak_rss_bytes();
+
+}  // namespace instinfer::bench

@@ -1,0 +1,79 @@
+// Decode attention over paged KV: the public contract of the host kernels.
+//
+// One algorithm, written once (attention/decode_kernel.hpp) over an xsimd arch tag and
+// instantiated per ISA in its own translation unit (src/kernels/decode_<isa>.cpp); one runtime
+// dispatch picks the best available. The same kernel runs on host SIMD, on the emulated CSD's
+// (ARM) cores and on staged SSD pages: callers only hand it chunk pointers.
+//
+// GQA head-group fusion: a work item is (sequence, kv_head, chunk range) and computes all
+// `group_size` query heads of that kv head, so each KV page is read once per step.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "instinfer/attention/state.hpp"
+#include "instinfer/core/status.hpp"
+#include "instinfer/layout/chunk_layout.hpp"
+
+namespace instinfer {
+
+struct decode_params {
+  chunk_layout layout{};    // page geometry (head_dim, dtype, tokens per page) and n_kv_heads
+  uint32_t group_size = 1;  // query heads per kv head
+  float scale = 0.0f;       // logit scale; 0 means 1/sqrt(head_dim)
+  float softcap = 0.0f;     // logit soft-cap; <= 0 disables it
+
+  uint32_t n_q_heads() const noexcept { return group_size * layout.n_kv_heads; }
+  float effective_scale() const noexcept;
+  status validate() const;
+};
+
+enum class cpu_isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
+std::string_view cpu_isa_name(cpu_isa isa) noexcept;
+// Instantiated in this build and supported by this CPU (probed at runtime).
+bool cpu_isa_available(cpu_isa isa) noexcept;
+cpu_isa best_cpu_isa() noexcept;
+
+// Partial attention of the `group_size` query heads of `kv_head` over `n_chunks` chunks, every
+// chunk full except the last, which holds `last_chunk_tokens` (1..tokens_per_page) tokens.
+//   chunks[i] -> chunk base, laid out as chunk_layout says; q: [group_size][head_dim] f32
+//   o: [group_size][head_dim] unnormalised output (written, not accumulated); stats: [group_size]
+// n_chunks == 0 yields empty states.
+using decode_chunks_fn = void (*)(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                                  uint32_t last_chunk_tokens, uint32_t kv_head, const float* q, float* o,
+                                  softmax_stats* stats) noexcept;
+
+// The kernel for (isa, head_dim, dtype); kUnsupported if that combination is not instantiated.
+result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& params);
+
+// One sequence of a decode batch.
+struct decode_work {
+  const std::byte* const* chunks = nullptr;  // n_chunks chunk base pointers, in token order
+  uint32_t n_chunks = 0;
+  uint32_t n_tokens = 0;    // tokens in the sequence: (n_chunks - 1) * tokens_per_page < n <= n_chunks * tpp
+  const float* q = nullptr;  // [n_q_heads][head_dim]
+  float* out = nullptr;      // [n_q_heads][head_dim], normalised
+  float* lse = nullptr;      // [n_q_heads] natural-log sum-exp, or null
+};
+
+// Plans and runs batched decode on host threads. Work is split over (sequence, kv_head, chunk
+// range) items so all threads stay busy even for one long sequence; partials merge exactly by lse.
+// The hot path allocates nothing once the workspace has grown to the largest batch seen.
+class host_decoder {
+ public:
+  // n_threads == 0: hardware concurrency.
+  static result<std::unique_ptr<host_decoder>> create(const decode_params& params, uint32_t n_threads = 0,
+                                                      cpu_isa isa = best_cpu_isa());
+  virtual ~host_decoder() = default;
+
+  virtual status run(std::span<const decode_work> batch) noexcept = 0;
+  virtual const decode_params& params() const noexcept = 0;
+  virtual uint32_t n_threads() const noexcept = 0;
+  virtual cpu_isa isa() const noexcept = 0;
+};
+
+}  // namespace instinfer

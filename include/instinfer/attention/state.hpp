@@ -1,0 +1,89 @@
+// Online-softmax state: all of instinfer's softmax and merge math, in one place.
+//
+// A partial attention result over a subset of tokens is (m, d, o): the running max logit m, the
+// denominator d = sum exp(s_i - m), and the *unnormalised* output o = sum exp(s_i - m) v_i.
+// Partials over disjoint token sets merge exactly in any order; `normalize` gives o / d and
+// lse = m + log(d). Host kernels, the CSD engine and CUDA kernels all use these functions
+// (they are host-and-device), and results from different tiers merge through `merge_normalized`.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "instinfer/core/config.hpp"
+
+namespace instinfer {
+
+struct softmax_stats {
+  float m = -std::numeric_limits<float>::infinity();  // max logit seen; -inf when empty
+  float d = 0.0f;                                      // sum of exp(logit - m)
+
+  INSTINFER_HOST_DEVICE constexpr bool empty() const noexcept { return d == 0.0f; }
+};
+
+// Rescale factors to merge `b` into `a`: new m, and the factors for a's and b's sums.
+struct merge_factors {
+  float m;
+  float scale_a;
+  float scale_b;
+};
+
+INSTINFER_HOST_DEVICE INSTINFER_INLINE merge_factors merge_factors_for(softmax_stats a, softmax_stats b) noexcept {
+  // An empty side has m = -inf; never form (-inf) - (-inf).
+  if (b.empty()) return {a.m, 1.0f, 0.0f};
+  if (a.empty()) return {b.m, 0.0f, 1.0f};
+  const float m = a.m > b.m ? a.m : b.m;
+  return {m, expf(a.m - m), expf(b.m - m)};
+}
+
+// a := a (+) b for the stats and the unnormalised outputs (n elements each).
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void merge_state(softmax_stats& a, float* o_a, softmax_stats b,
+                                                        const float* o_b, uint32_t n) noexcept {
+  const merge_factors f = merge_factors_for(a, b);
+  for (uint32_t i = 0; i < n; ++i) o_a[i] = o_a[i] * f.scale_a + o_b[i] * f.scale_b;
+  a.d = a.d * f.scale_a + b.d * f.scale_b;
+  a.m = f.m;
+}
+
+// Natural-log sum of exponentials of the logits covered: m + log(d); -inf when empty.
+INSTINFER_HOST_DEVICE INSTINFER_INLINE float state_lse(softmax_stats s) noexcept {
+  return s.empty() ? -std::numeric_limits<float>::infinity() : s.m + logf(s.d);
+}
+
+// o := o / d (zeros when empty: attention over no tokens contributes nothing).
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void normalize_state(softmax_stats s, float* o, uint32_t n) noexcept {
+  const float inv = s.empty() ? 0.0f : 1.0f / s.d;
+  for (uint32_t i = 0; i < n; ++i) o[i] *= inv;
+}
+
+// Merge two normalised partials (o, lse) over disjoint token sets into (out, out_lse).
+// out may alias o_a or o_b. This is the cross-tier API: e.g. a hot window in RAM and cold pages on a CSD.
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void merge_normalized(const float* o_a, float lse_a, const float* o_b,
+                                                             float lse_b, float* out, float* out_lse,
+                                                             uint32_t n) noexcept {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (lse_b == kNegInf) {
+    for (uint32_t i = 0; i < n; ++i) out[i] = o_a[i];
+    *out_lse = lse_a;
+    return;
+  }
+  if (lse_a == kNegInf) {
+    for (uint32_t i = 0; i < n; ++i) out[i] = o_b[i];
+    *out_lse = lse_b;
+    return;
+  }
+  const float m = lse_a > lse_b ? lse_a : lse_b;
+  const float wa = expf(lse_a - m);
+  const float wb = expf(lse_b - m);
+  const float inv = 1.0f / (wa + wb);
+  for (uint32_t i = 0; i < n; ++i) out[i] = (o_a[i] * wa + o_b[i] * wb) * inv;
+  *out_lse = m + logf(wa + wb);
+}
+
+// Logit soft-capping (Gemma-2 style): cap * tanh(x / cap); cap <= 0 disables it.
+INSTINFER_HOST_DEVICE INSTINFER_INLINE float apply_softcap(float logit, float cap) noexcept {
+  return cap > 0.0f ? cap * tanhf(logit / cap) : logit;
+}
+
+}  // namespace instinfer

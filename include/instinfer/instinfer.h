@@ -1,0 +1,140 @@
+/* instinfer C API: a paged KV cache for LLM decode whose pages live in host RAM, on an SSD, on a
+ * computational storage drive or in GPU memory, with decode attention run where the pages are.
+ *
+ * Conventions
+ *  - Every function returns an instinfer_status: 0 on success, a negative INSTINFER_E_* code on
+ *    failure. instinfer_last_error() then gives a readable message (per thread). Nothing throws.
+ *  - Handles are opaque. A cache may be used from several threads: calls on one cache are
+ *    serialised inside.
+ *  - Buffer shapes are row-major, innermost last:
+ *      K, V rows   [n_tokens][n_kv_heads][head_dim]   (llama.cpp's K/V row layout)
+ *      queries     [n_seq][n_q_heads][head_dim] float
+ *      outputs     [n_seq][n_q_heads][head_dim] float  (ggml_flash_attn_ext's layout)
+ *      lse         [n_seq][n_q_heads] float, natural log
+ *  - Compiles as C11 and as C++.
+ */
+#ifndef INSTINFER_H
+#define INSTINFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define INSTINFER_VERSION_MAJOR 0
+#define INSTINFER_VERSION_MINOR 1
+#define INSTINFER_VERSION_PATCH 0
+
+typedef int32_t instinfer_status;
+enum {
+  INSTINFER_OK = 0,
+  INSTINFER_E_INVALID_ARGUMENT = -1,
+  INSTINFER_E_OUT_OF_MEMORY = -2,
+  INSTINFER_E_OUT_OF_PAGES = -3,
+  INSTINFER_E_UNKNOWN_SEQUENCE = -4,
+  INSTINFER_E_LAYER_OUT_OF_RANGE = -5,
+  INSTINFER_E_UNSUPPORTED = -6,
+  INSTINFER_E_IO = -7,
+  INSTINFER_E_NO_SPACE = -8,
+  INSTINFER_E_DEVICE_LOST = -9,
+  INSTINFER_E_TIMEOUT = -10,
+  INSTINFER_E_CORRUPT_DATA = -11,
+  INSTINFER_E_BUSY = -12,
+  INSTINFER_E_INTERNAL = -13
+};
+
+typedef enum instinfer_dtype {
+  INSTINFER_DTYPE_F32 = 0,
+  INSTINFER_DTYPE_F16 = 1,
+  INSTINFER_DTYPE_BF16 = 2
+} instinfer_dtype;
+
+typedef struct instinfer_cache instinfer_cache;
+typedef uint64_t instinfer_seq;
+
+/* Cache configuration. Initialise with instinfer_config_init() and then set fields, so that
+ * fields added in later versions keep their defaults. */
+typedef struct instinfer_config {
+  uint32_t struct_size; /* sizeof(instinfer_config), set by instinfer_config_init */
+  uint32_t n_layers;
+  uint32_t n_q_heads;
+  uint32_t n_kv_heads; /* n_q_heads must be a multiple of it (GQA) */
+  uint32_t head_dim;   /* 64, 128 or 256 */
+  instinfer_dtype kv_dtype;
+  uint32_t page_bytes;     /* power of two in [512, 65536]; 0 = the backend's default */
+  uint64_t capacity_bytes; /* KV capacity; 0 = the backend's default */
+  uint32_t n_threads;      /* host compute threads; 0 = all cores */
+  float scale;             /* logit scale; 0 = 1/sqrt(head_dim) */
+  float logit_softcap;     /* cap*tanh(logit/cap); 0 = off */
+  const char* backend;     /* "host", "ssd:PATH", "csd:PATH", "cuda:N"; NULL = "host" */
+} instinfer_config;
+
+typedef struct instinfer_stats {
+  uint32_t struct_size; /* set by the caller to sizeof(instinfer_stats) */
+  uint64_t n_sequences;
+  uint64_t chunk_bytes; /* bytes of one chunk: 2 * n_kv_heads pages */
+  uint64_t capacity_chunks;
+  uint64_t used_chunks;
+  uint64_t shared_chunks;
+  uint64_t kv_bytes_appended;
+  uint64_t device_bytes_written;
+  uint64_t device_bytes_read;
+  uint64_t link_bytes_host_to_device;
+  uint64_t link_bytes_device_to_host;
+  uint64_t flash_pages_read;
+  uint64_t flash_pages_programmed;
+  uint64_t flash_pages_erased;
+  double write_amplification;
+  double modelled_device_seconds; /* modelled, not measured (CSD) */
+} instinfer_stats;
+
+/* Library version as MAJOR*10000 + MINOR*100 + PATCH. */
+int instinfer_version(void);
+/* Static name of a status code ("out of KV pages"). */
+const char* instinfer_status_name(instinfer_status status);
+/* Message of the last failed call on this thread; "" if none. Valid until the next call. */
+const char* instinfer_last_error(void);
+
+void instinfer_config_init(instinfer_config* config);
+instinfer_status instinfer_cache_create(const instinfer_config* config, instinfer_cache** out_cache);
+/* Frees the cache and all its sequences; NULL is a no-op. */
+void instinfer_cache_destroy(instinfer_cache* cache);
+instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out_stats);
+/* Writes every appended token to durable storage (storage backends). */
+instinfer_status instinfer_cache_flush(instinfer_cache* cache);
+
+instinfer_status instinfer_seq_create(instinfer_cache* cache, instinfer_seq* out_seq);
+/* New sequence sharing all of src's tokens (full pages by reference, the partial tail copied). */
+instinfer_status instinfer_seq_fork(instinfer_cache* cache, instinfer_seq src, instinfer_seq* out_seq);
+instinfer_status instinfer_seq_free(instinfer_cache* cache, instinfer_seq seq);
+/* Removes positions [p0, p1) from every layer; p1 = UINT64_MAX removes to the end. */
+instinfer_status instinfer_seq_remove_range(instinfer_cache* cache, instinfer_seq seq, uint64_t p0, uint64_t p1);
+instinfer_status instinfer_seq_length(instinfer_cache* cache, instinfer_seq seq, uint32_t layer,
+                                      uint64_t* out_n_tokens);
+
+/* Appends n_tokens K and V rows of one layer, [n_tokens][n_kv_heads][head_dim] of src_dtype
+ * (F32, converted to the cache dtype, or exactly the cache dtype). */
+instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uint32_t layer, uint32_t n_tokens,
+                                  const void* k, const void* v, instinfer_dtype src_dtype);
+
+/* Decode attention of one layer for n_seq sequences: q and out [n_seq][n_q_heads][head_dim],
+ * lse [n_seq][n_q_heads] or NULL. A sequence with no tokens yields zeros and lse = -inf. */
+instinfer_status instinfer_attend(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
+                                  const float* q, float* out, float* lse);
+
+/* Hint: layer `layer` of these sequences is attended next (storage backends start reading). */
+instinfer_status instinfer_prefetch(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs);
+
+/* Exact merge of two partial attention results over disjoint token sets (e.g. a hot window in RAM
+ * and cold pages on a CSD): each is (out [n_rows][head_dim], lse [n_rows]). out/out_lse may alias
+ * an input. */
+instinfer_status instinfer_merge_partials(size_t n_rows, uint32_t head_dim, const float* out_a, const float* lse_a,
+                                          const float* out_b, const float* lse_b, float* out, float* out_lse);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* INSTINFER_H */

@@ -1,0 +1,245 @@
+// The C API over kv_cache: validates raw pointers, converts statuses, never lets an exception out.
+#include <cstring>
+#include <memory>
+#include <new>
+#include <span>
+#include <string>
+
+#include "instinfer/attention/state.hpp"
+#include "instinfer/instinfer.h"
+#include "instinfer/kv/kv_cache.hpp"
+
+struct instinfer_cache {
+  std::unique_ptr<instinfer::kv_cache> cache;
+};
+
+namespace {
+
+using instinfer::errc;
+using instinfer::status;
+
+thread_local std::string g_last_error;
+
+constexpr size_t kMaxBatch = size_t{1} << 20;
+
+instinfer_status fail(errc code, const std::string& message) noexcept {
+  try {
+    g_last_error = std::string(instinfer::errc_name(code)) + ": " + message;
+  } catch (...) {
+    // Out of memory while reporting: keep the code, drop the message.
+  }
+  return static_cast<instinfer_status>(code);
+}
+
+instinfer_status report(const status& s) noexcept {
+  if (s.ok()) return INSTINFER_OK;
+  return fail(s.code(), s.message());
+}
+
+// Runs `body`, turning any escaping exception into a status: nothing crosses the C boundary.
+template <class Body>
+instinfer_status guarded(const char* fn, Body&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return fail(errc::kOutOfMemory, std::string(fn) + ": allocation failed");
+  } catch (const std::exception& e) {
+    return fail(errc::kInternal, std::string(fn) + ": " + e.what());
+  } catch (...) {
+    return fail(errc::kInternal, std::string(fn) + ": unknown exception");
+  }
+}
+
+#define CHECK_CACHE(cache)                                                          \
+  if (!(cache) || !(cache)->cache) return fail(errc::kInvalidArgument, "cache is NULL")
+
+}  // namespace
+
+extern "C" {
+
+int instinfer_version(void) {
+  return INSTINFER_VERSION_MAJOR * 10000 + INSTINFER_VERSION_MINOR * 100 + INSTINFER_VERSION_PATCH;
+}
+
+const char* instinfer_status_name(instinfer_status s) {
+  if (s > 0 || s < static_cast<instinfer_status>(errc::kInternal)) return "unknown status";
+  return instinfer::errc_name(static_cast<errc>(s));
+}
+
+const char* instinfer_last_error(void) { return g_last_error.c_str(); }
+
+void instinfer_config_init(instinfer_config* config) {
+  if (!config) return;
+  std::memset(config, 0, sizeof *config);
+  config->struct_size = sizeof *config;
+  config->kv_dtype = INSTINFER_DTYPE_F16;
+  config->backend = "host";
+}
+
+instinfer_status instinfer_cache_create(const instinfer_config* config, instinfer_cache** out_cache) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    if (!out_cache) return fail(errc::kInvalidArgument, "out_cache is NULL");
+    *out_cache = nullptr;
+    if (!config) return fail(errc::kInvalidArgument, "config is NULL");
+    if (config->struct_size != sizeof(instinfer_config))
+      return fail(errc::kInvalidArgument, "config->struct_size is " + std::to_string(config->struct_size) +
+                                              ", expected " + std::to_string(sizeof(instinfer_config)) +
+                                              " (initialise it with instinfer_config_init)");
+    const int dt = static_cast<int>(config->kv_dtype);
+    if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "kv_dtype " + std::to_string(dt) + " is not a dtype");
+    instinfer::cache_options o;
+    o.shape = {config->n_layers, config->n_q_heads, config->n_kv_heads, config->head_dim,
+               static_cast<instinfer::dtype>(dt)};
+    o.page_bytes = config->page_bytes;
+    o.capacity_bytes = config->capacity_bytes;
+    o.n_threads = config->n_threads;
+    o.scale = config->scale;
+    o.softcap = config->logit_softcap;
+    o.backend_uri = config->backend ? config->backend : "host";
+    auto created = instinfer::kv_cache::create(o);
+    if (!created.ok()) return report(created.error());
+    auto handle = std::make_unique<instinfer_cache>();
+    handle->cache = std::move(created).value();
+    *out_cache = handle.release();
+    return INSTINFER_OK;
+  });
+}
+
+void instinfer_cache_destroy(instinfer_cache* cache) {
+  try {
+    delete cache;
+  } catch (...) {
+  }
+}
+
+instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out) return fail(errc::kInvalidArgument, "out_stats is NULL");
+    if (out->struct_size != sizeof(instinfer_stats))
+      return fail(errc::kInvalidArgument, "out_stats->struct_size must be sizeof(instinfer_stats)");
+    const instinfer::cache_stats s = cache->cache->stats();
+    out->n_sequences = s.n_sequences;
+    out->chunk_bytes = s.chunk_bytes;
+    out->capacity_chunks = s.backend.capacity_chunks;
+    out->used_chunks = s.backend.used_chunks;
+    out->shared_chunks = s.shared_chunks;
+    out->kv_bytes_appended = s.backend.kv_bytes_appended;
+    out->device_bytes_written = s.backend.device_bytes_written;
+    out->device_bytes_read = s.backend.device_bytes_read;
+    out->link_bytes_host_to_device = s.backend.link_bytes_host_to_device;
+    out->link_bytes_device_to_host = s.backend.link_bytes_device_to_host;
+    out->flash_pages_read = s.backend.flash_pages_read;
+    out->flash_pages_programmed = s.backend.flash_pages_programmed;
+    out->flash_pages_erased = s.backend.flash_pages_erased;
+    out->write_amplification = s.backend.write_amplification();
+    out->modelled_device_seconds = s.backend.modelled_device_seconds;
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_cache_flush(instinfer_cache* cache) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    return report(cache->cache->flush());
+  });
+}
+
+instinfer_status instinfer_seq_create(instinfer_cache* cache, instinfer_seq* out_seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
+    auto r = cache->cache->create_sequence();
+    if (!r.ok()) return report(r.error());
+    *out_seq = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_seq_fork(instinfer_cache* cache, instinfer_seq src, instinfer_seq* out_seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
+    auto r = cache->cache->fork_sequence(src);
+    if (!r.ok()) return report(r.error());
+    *out_seq = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_seq_free(instinfer_cache* cache, instinfer_seq seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    return report(cache->cache->free_sequence(seq));
+  });
+}
+
+instinfer_status instinfer_seq_remove_range(instinfer_cache* cache, instinfer_seq seq, uint64_t p0, uint64_t p1) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    return report(cache->cache->remove_range(seq, p0, p1));
+  });
+}
+
+instinfer_status instinfer_seq_length(instinfer_cache* cache, instinfer_seq seq, uint32_t layer,
+                                      uint64_t* out_n_tokens) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_n_tokens) return fail(errc::kInvalidArgument, "out_n_tokens is NULL");
+    auto r = cache->cache->length(seq, layer);
+    if (!r.ok()) return report(r.error());
+    *out_n_tokens = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uint32_t layer, uint32_t n_tokens,
+                                  const void* k, const void* v, instinfer_dtype src_dtype) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    const int dt = static_cast<int>(src_dtype);
+    if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
+    return report(cache->cache->append(seq, layer, n_tokens, k, v, static_cast<instinfer::dtype>(dt)));
+  });
+}
+
+instinfer_status instinfer_attend(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
+                                  const float* q, float* out, float* lse) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (n_seq == 0) return fail(errc::kInvalidArgument, "n_seq must be > 0");
+    if (n_seq > kMaxBatch)
+      return fail(errc::kInvalidArgument, "n_seq " + std::to_string(n_seq) + " exceeds " + std::to_string(kMaxBatch));
+    if (!seqs || !q || !out) return fail(errc::kInvalidArgument, "seqs, q and out must not be NULL");
+    return report(cache->cache->attend(layer, std::span<const instinfer::seq_id>(seqs, n_seq), q, out, lse));
+  });
+}
+
+instinfer_status instinfer_prefetch(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (n_seq == 0 || n_seq > kMaxBatch || !seqs) return fail(errc::kInvalidArgument, "bad sequence list");
+    if (layer >= cache->cache->shape().n_layers)
+      return fail(errc::kLayerOutOfRange, "layer " + std::to_string(layer) + " out of range");
+    cache->cache->prefetch(layer, std::span<const instinfer::seq_id>(seqs, n_seq));
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_merge_partials(size_t n_rows, uint32_t head_dim, const float* out_a, const float* lse_a,
+                                          const float* out_b, const float* lse_b, float* out, float* out_lse) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    if (n_rows == 0 || head_dim == 0) return fail(errc::kInvalidArgument, "n_rows and head_dim must be > 0");
+    if (head_dim > 65536 || n_rows > (SIZE_MAX / sizeof(float)) / head_dim)
+      return fail(errc::kInvalidArgument, "n_rows * head_dim overflows");
+    if (!out_a || !lse_a || !out_b || !lse_b || !out || !out_lse)
+      return fail(errc::kInvalidArgument, "no pointer may be NULL");
+    for (size_t r = 0; r < n_rows; ++r) {
+      const size_t off = r * head_dim;
+      instinfer::merge_normalized(out_a + off, lse_a[r], out_b + off, lse_b[r], out + off, out_lse + r, head_dim);
+    }
+    return INSTINFER_OK;
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,485 @@
+#include "instinfer/kv/kv_cache.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+
+namespace instinfer {
+
+namespace {
+constexpr uint32_t kMaxTokensPerLayer = 1u << 30;  // keeps every token index far from overflow
+
+uint32_t ceil_div(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+
+std::string seq_name(seq_id seq) { return "sequence " + std::to_string(seq); }
+}  // namespace
+
+result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options) {
+  auto b = make_backend(options.backend_uri);
+  if (!b.ok()) return b.error();
+  return create(options, std::move(b).value());
+}
+
+result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options, std::unique_ptr<backend> b) {
+  if (!b) return status{errc::kInvalidArgument, "no backend"};
+  INSTINFER_TRY(options.shape.validate());
+  if (!(options.scale >= 0.0f) || !std::isfinite(options.scale))
+    return status{errc::kInvalidArgument, "scale must be finite and >= 0 (0 means 1/sqrt(head_dim))"};
+  if (std::isnan(options.softcap) || std::isinf(options.softcap))
+    return status{errc::kInvalidArgument, "softcap must be finite (<= 0 disables it)"};
+  const uint32_t page_bytes = options.page_bytes ? options.page_bytes : b->preferred_page_bytes();
+  auto geometry = page_geometry::make(page_bytes, options.shape.head_dim, options.shape.kv_dtype);
+  if (!geometry.ok()) return geometry.error();
+
+  backend_config config;
+  config.shape = options.shape;
+  config.page = geometry.value();
+  config.capacity_bytes = options.capacity_bytes;
+  config.n_threads = options.n_threads;
+  config.scale = options.scale;
+  config.softcap = options.softcap;
+  INSTINFER_TRY(b->configure(config));
+  try {
+    return std::unique_ptr<kv_cache>(new kv_cache(config, std::move(b)));
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "kv_cache"};
+  }
+}
+
+kv_cache::kv_cache(backend_config config, std::unique_ptr<backend> b) : config_(config), backend_(std::move(b)) {}
+
+kv_cache::~kv_cache() {
+  for (auto& [id, seq] : sequences_) {
+    for (auto& t : seq.layers) release_table(t);
+  }
+}
+
+status kv_cache::check_layer(uint32_t layer) const {
+  if (layer >= config_.shape.n_layers)
+    return {errc::kLayerOutOfRange,
+            "layer " + std::to_string(layer) + " >= n_layers " + std::to_string(config_.shape.n_layers)};
+  return {};
+}
+
+result<kv_cache::sequence*> kv_cache::find(seq_id seq) {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) return status{errc::kUnknownSequence, seq_name(seq) + " does not exist"};
+  return &it->second;
+}
+
+result<const kv_cache::sequence*> kv_cache::find(seq_id seq) const {
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) return status{errc::kUnknownSequence, seq_name(seq) + " does not exist"};
+  return &it->second;
+}
+
+status kv_cache::track(chunk_id id) {
+  if (id == kInvalidChunk) return {errc::kInternal, "backend returned an invalid chunk id"};
+  if (refcount_.size() > id) return {};
+  try {
+    const size_t grow = std::max<size_t>(size_t{id} + 1, refcount_.size() * 2);
+    refcount_.resize(grow, 0);
+    sealed_.resize(grow, 0);
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "chunk refcounts"};
+  }
+  return {};
+}
+
+void kv_cache::retain(chunk_id id) noexcept { ++refcount_[id]; }
+
+void kv_cache::release(chunk_id id) noexcept {
+  if (--refcount_[id] == 0) {
+    sealed_[id] = 0;
+    backend_->release_chunk(id);
+  }
+}
+
+void kv_cache::release_table(layer_table& t) noexcept {
+  for (chunk_id id : t.chunks) release(id);
+  t.chunks.clear();
+  t.n_tokens = 0;
+}
+
+bool kv_cache::writable(chunk_id id) const noexcept { return refcount_[id] == 1 && !sealed_[id]; }
+
+bool kv_cache::contains(seq_id seq) const {
+  std::lock_guard lock(mutex_);
+  return sequences_.count(seq) != 0;
+}
+
+result<seq_id> kv_cache::create_sequence() {
+  std::lock_guard lock(mutex_);
+  try {
+    const seq_id id = next_seq_++;
+    sequences_[id].layers.resize(config_.shape.n_layers);
+    return id;
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "sequence table"};
+  }
+}
+
+result<seq_id> kv_cache::fork_sequence(seq_id src) {
+  std::lock_guard lock(mutex_);
+  auto found = find(src);
+  if (!found.ok()) return found.error();
+  const sequence& from = *found.value();
+  const uint32_t tpp = config_.page.tokens_per_page;
+
+  uint64_t partial_tails = 0;
+  for (const auto& t : from.layers) partial_tails += (t.n_tokens % tpp) != 0;
+  if (backend_->free_chunks() < partial_tails)
+    return status{errc::kOutOfPages, "fork of " + seq_name(src) + " needs " + std::to_string(partial_tails) +
+                                         " free chunks, " + std::to_string(backend_->free_chunks()) + " left"};
+  const seq_id id = next_seq_++;
+  sequence copy;
+  try {
+    copy.layers.resize(from.layers.size());
+    for (auto& t : copy.layers) t.chunks.reserve(1);
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "fork"};
+  }
+  for (uint32_t l = 0; l < from.layers.size(); ++l) {
+    const layer_table& a = from.layers[l];
+    layer_table& b = copy.layers[l];
+    const uint32_t fill = a.n_tokens % tpp;
+    const size_t shared = fill ? a.chunks.size() - 1 : a.chunks.size();
+    status s;
+    try {
+      b.chunks.reserve(a.chunks.size());
+    } catch (const std::bad_alloc&) {
+      s = status{errc::kOutOfMemory, "fork page table"};
+    }
+    for (size_t i = 0; s.ok() && i < shared; ++i) {
+      retain(a.chunks[i]);
+      b.chunks.push_back(a.chunks[i]);
+    }
+    if (s.ok() && fill) {
+      const chunk_hint hint{id, l, static_cast<uint32_t>(a.chunks.size() - 1)};
+      auto fresh = backend_->allocate_chunk(hint);
+      if (fresh.ok() && !(s = track(fresh.value())).ok()) backend_->release_chunk(fresh.value());
+      if (!fresh.ok()) {
+        s = fresh.error();
+      } else if (s.ok()) {
+        s = backend_->copy_tokens(fresh.value(), hint, a.chunks.back(), fill);
+        if (s.ok()) {
+          refcount_[fresh.value()] = 1;
+          b.chunks.push_back(fresh.value());
+        } else {
+          backend_->release_chunk(fresh.value());
+        }
+      }
+    }
+    if (!s.ok()) {
+      for (auto& t : copy.layers) release_table(t);
+      return s;
+    }
+    b.n_tokens = a.n_tokens;
+  }
+  sequences_.emplace(id, std::move(copy));
+  return id;
+}
+
+status kv_cache::free_sequence(seq_id seq) {
+  std::lock_guard lock(mutex_);
+  auto it = sequences_.find(seq);
+  if (it == sequences_.end()) return {errc::kUnknownSequence, seq_name(seq) + " does not exist"};
+  for (auto& t : it->second.layers) release_table(t);
+  sequences_.erase(it);
+  backend_->on_sequence_freed(seq);
+  return {};
+}
+
+result<uint32_t> kv_cache::length(seq_id seq, uint32_t layer) const {
+  std::lock_guard lock(mutex_);
+  INSTINFER_TRY(check_layer(layer));
+  auto found = find(seq);
+  if (!found.ok()) return found.error();
+  return found.value()->layers[layer].n_tokens;
+}
+
+status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n, const std::byte* k,
+                                 const std::byte* v) {
+  const uint32_t tpp = config_.page.tokens_per_page;
+  const uint64_t row_stride = uint64_t{config_.shape.n_kv_heads} * config_.page.row_bytes();
+  const uint32_t fill = t.n_tokens % tpp;
+  const bool has_partial = fill != 0;
+  const bool cow = has_partial && !writable(t.chunks.back());
+  const uint32_t room = has_partial ? tpp - fill : 0;
+  const uint32_t fresh_needed = (n > room ? ceil_div(n - room, tpp) : 0) + (cow ? 1 : 0);
+  if (backend_->free_chunks() < fresh_needed)
+    return {errc::kOutOfPages, "appending " + std::to_string(n) + " tokens needs " + std::to_string(fresh_needed) +
+                                   " free chunks, " + std::to_string(backend_->free_chunks()) + " left"};
+
+  std::vector<chunk_id> fresh;
+  try {
+    fresh.reserve(fresh_needed);
+    t.chunks.reserve(t.chunks.size() + fresh_needed);
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "page table growth"};
+  }
+  const uint32_t first_index = static_cast<uint32_t>(t.chunks.size()) - (has_partial ? 1 : 0);
+  const auto undo = [&](status s) {
+    for (chunk_id id : fresh) backend_->release_chunk(id);
+    return s;
+  };
+  for (uint32_t i = 0; i < fresh_needed; ++i) {
+    const uint32_t index = cow ? first_index + i : first_index + (has_partial ? 1 : 0) + i;
+    auto id = backend_->allocate_chunk({seq, layer, index});
+    if (!id.ok()) return undo(id.error());
+    if (status s = track(id.value()); !s.ok()) {
+      backend_->release_chunk(id.value());
+      return undo(s);
+    }
+    fresh.push_back(id.value());
+  }
+
+  size_t next_fresh = 0;
+  chunk_id tail = has_partial ? t.chunks.back() : kInvalidChunk;
+  if (cow) {
+    const chunk_id copy = fresh[next_fresh++];
+    status s = backend_->copy_tokens(copy, {seq, layer, first_index}, tail, fill);
+    if (!s.ok()) return undo(s);
+    tail = copy;
+  }
+  uint32_t written = 0;
+  if (has_partial) {
+    const uint32_t w = std::min(n, room);
+    status s = backend_->write_tokens(tail, {seq, layer, first_index}, fill, w, k, v);
+    if (!s.ok()) {
+      // The backend may hold part of the write beyond the visible length: never append to it again.
+      if (!cow) sealed_[tail] = 1;
+      return undo(s);
+    }
+    written = w;
+  }
+  for (size_t i = next_fresh; i < fresh.size(); ++i) {
+    const uint32_t w = std::min(tpp, n - written);
+    const uint32_t index = first_index + (has_partial ? 1 : 0) + static_cast<uint32_t>(i - next_fresh);
+    status s = backend_->write_tokens(fresh[i], {seq, layer, index}, 0, w, k + written * row_stride,
+                                      v + written * row_stride);
+    if (!s.ok()) {
+      if (has_partial && !cow) sealed_[tail] = 1;
+      return undo(s);
+    }
+    written += w;
+  }
+
+  // Commit: nothing below can fail.
+  if (cow) {
+    release(t.chunks.back());
+    t.chunks.back() = tail;
+    refcount_[tail] = 1;
+  }
+  if (has_partial && fill + std::min(n, room) == tpp) sealed_[tail] = 1;
+  uint32_t placed = has_partial ? std::min(n, room) : 0;
+  for (size_t i = next_fresh; i < fresh.size(); ++i) {
+    const uint32_t w = std::min(tpp, n - placed);
+    refcount_[fresh[i]] = 1;
+    sealed_[fresh[i]] = w == tpp;
+    t.chunks.push_back(fresh[i]);
+    placed += w;
+  }
+  t.n_tokens += n;
+  return {};
+}
+
+status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v,
+                        dtype src_dtype) {
+  std::lock_guard lock(mutex_);
+  INSTINFER_TRY(check_layer(layer));
+  auto found = find(seq);
+  if (!found.ok()) return found.error();
+  if (n_tokens == 0) return {errc::kInvalidArgument, "n_tokens must be > 0"};
+  if (!k || !v) return {errc::kInvalidArgument, "K and V rows must not be null"};
+  if (!is_valid_dtype(src_dtype)) return {errc::kInvalidArgument, "unknown source dtype"};
+  if (src_dtype != config_.shape.kv_dtype && src_dtype != dtype::kF32)
+    return {errc::kUnsupported, "rows must be f32 or the cache dtype (" +
+                                    std::string(dtype_name(config_.shape.kv_dtype)) + "), got " +
+                                    std::string(dtype_name(src_dtype))};
+  layer_table& t = found.value()->layers[layer];
+  if (n_tokens > kMaxTokensPerLayer || t.n_tokens > kMaxTokensPerLayer - n_tokens)
+    return {errc::kInvalidArgument, "a layer may hold at most " + std::to_string(kMaxTokensPerLayer) + " tokens"};
+
+  const auto* kb = static_cast<const std::byte*>(k);
+  const auto* vb = static_cast<const std::byte*>(v);
+  if (src_dtype != config_.shape.kv_dtype) {
+    const size_t elems = size_t{n_tokens} * config_.shape.n_kv_heads * config_.shape.head_dim;
+    const size_t bytes = elems * dtype_size(config_.shape.kv_dtype);
+    try {
+      if (convert_buffer_.size() < 2 * bytes) convert_buffer_.resize(2 * bytes);
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory, "conversion buffer"};
+    }
+    convert_elements(k, src_dtype, convert_buffer_.data(), config_.shape.kv_dtype, elems);
+    convert_elements(v, src_dtype, convert_buffer_.data() + bytes, config_.shape.kv_dtype, elems);
+    kb = convert_buffer_.data();
+    vb = convert_buffer_.data() + bytes;
+  }
+  return append_to_table(seq, layer, t, n_tokens, kb, vb);
+}
+
+status kv_cache::read_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
+                            std::vector<std::byte>& k, std::vector<std::byte>& v) {
+  (void)seq;
+  (void)layer;
+  const chunk_layout lay = layout();
+  const uint32_t tpp = lay.tokens();
+  const uint32_t heads = lay.n_kv_heads;
+  const uint32_t row = lay.page.row_bytes();
+  std::vector<std::byte> chunk;
+  try {
+    k.assign(size_t{end - begin} * heads * row, std::byte{0});
+    v.assign(size_t{end - begin} * heads * row, std::byte{0});
+    chunk.resize(lay.chunk_bytes());
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "read buffer"};
+  }
+  for (uint32_t c = begin / tpp; c < ceil_div(end, tpp); ++c) {
+    const uint32_t in_chunk = std::min(tpp, t.n_tokens - c * tpp);
+    INSTINFER_TRY(backend_->read_chunk(t.chunks[c], in_chunk, chunk.data()));
+    for (uint32_t i = 0; i < in_chunk; ++i) {
+      const uint32_t pos = c * tpp + i;
+      if (pos < begin || pos >= end) continue;
+      for (uint32_t h = 0; h < heads; ++h) {
+        const size_t dst = (size_t{pos - begin} * heads + h) * row;
+        std::memcpy(k.data() + dst, chunk.data() + lay.offset(kv_kind::kKey, h, i, 0), row);
+        std::memcpy(v.data() + dst, chunk.data() + lay.offset(kv_kind::kValue, h, i, 0), row);
+      }
+    }
+  }
+  return {};
+}
+
+status kv_cache::read_tokens(seq_id seq, uint32_t layer, std::vector<std::byte>& k, std::vector<std::byte>& v) {
+  std::lock_guard lock(mutex_);
+  INSTINFER_TRY(check_layer(layer));
+  auto found = find(seq);
+  if (!found.ok()) return found.error();
+  const layer_table& t = found.value()->layers[layer];
+  return read_layer(seq, layer, t, 0, t.n_tokens, k, v);
+}
+
+status kv_cache::remove_range(seq_id seq, uint64_t begin, uint64_t end) {
+  std::lock_guard lock(mutex_);
+  auto found = find(seq);
+  if (!found.ok()) return found.error();
+  if (begin > end)
+    return {errc::kInvalidArgument, "remove_range: begin " + std::to_string(begin) + " > end " + std::to_string(end)};
+  sequence& s = *found.value();
+  const uint32_t tpp = config_.page.tokens_per_page;
+
+  // Build every layer's new table first, commit only when all succeeded: all or nothing.
+  std::vector<layer_table> rebuilt(s.layers.size());
+  std::vector<bool> changed(s.layers.size(), false);
+  status failure;
+  for (uint32_t l = 0; l < s.layers.size() && failure.ok(); ++l) {
+    const layer_table& t = s.layers[l];
+    if (begin >= t.n_tokens || begin == end) continue;
+    const uint32_t b = static_cast<uint32_t>(begin);
+    const uint32_t e = static_cast<uint32_t>(std::min<uint64_t>(end, t.n_tokens));
+    layer_table& nt = rebuilt[l];
+    changed[l] = true;
+    const uint32_t keep = ceil_div(b, tpp);
+    try {
+      nt.chunks.assign(t.chunks.begin(), t.chunks.begin() + keep);
+    } catch (const std::bad_alloc&) {
+      failure = {errc::kOutOfMemory, "remove_range"};
+      break;
+    }
+    for (chunk_id id : nt.chunks) retain(id);
+    nt.n_tokens = b;
+    if (e < t.n_tokens) {
+      // Interior range: re-append the surviving suffix (a shared or sealed tail is copied first).
+      std::vector<std::byte> k, v;
+      failure = read_layer(seq, l, t, e, t.n_tokens, k, v);
+      if (failure.ok()) failure = append_to_table(seq, l, nt, t.n_tokens - e, k.data(), v.data());
+    }
+  }
+  if (!failure.ok()) {
+    for (uint32_t l = 0; l < rebuilt.size(); ++l)
+      if (changed[l]) release_table(rebuilt[l]);
+    return failure;
+  }
+  for (uint32_t l = 0; l < s.layers.size(); ++l) {
+    if (!changed[l]) continue;
+    release_table(s.layers[l]);
+    s.layers[l] = std::move(rebuilt[l]);
+  }
+  return {};
+}
+
+status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse) {
+  std::lock_guard lock(mutex_);
+  INSTINFER_TRY(check_layer(layer));
+  if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
+  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  const size_t q_stride = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
+  try {
+    items_.resize(seqs.size());
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "attend batch"};
+  }
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    auto found = find(seqs[i]);
+    if (!found.ok()) return found.error();
+    const layer_table& t = found.value()->layers[layer];
+    items_[i] = attend_item{seqs[i], std::span<const chunk_id>(t.chunks), t.n_tokens, q + i * q_stride,
+                            out + i * q_stride, lse ? lse + i * config_.shape.n_q_heads : nullptr};
+  }
+  return backend_->attend(layer, std::span<const attend_item>(items_.data(), seqs.size()));
+}
+
+void kv_cache::prefetch(uint32_t layer, std::span<const seq_id> seqs) {
+  std::lock_guard lock(mutex_);
+  if (layer >= config_.shape.n_layers || seqs.empty()) return;
+  std::vector<attend_item> items;
+  for (seq_id s : seqs) {
+    auto found = find(s);
+    if (!found.ok()) return;
+    const layer_table& t = found.value()->layers[layer];
+    items.push_back(attend_item{s, std::span<const chunk_id>(t.chunks), t.n_tokens, nullptr, nullptr, nullptr});
+  }
+  backend_->prefetch(layer, items);
+}
+
+status kv_cache::page_table(uint32_t layer, std::span<const seq_id> seqs, csr_page_table& out) const {
+  std::lock_guard lock(mutex_);
+  INSTINFER_TRY(check_layer(layer));
+  const uint32_t tpp = config_.page.tokens_per_page;
+  try {
+    out.tokens_per_page = tpp;
+    out.indptr.assign(1, 0);
+    out.indices.clear();
+    out.last_page_len.clear();
+    for (seq_id s : seqs) {
+      auto found = find(s);
+      if (!found.ok()) return found.error();
+      const layer_table& t = found.value()->layers[layer];
+      out.indices.insert(out.indices.end(), t.chunks.begin(), t.chunks.end());
+      out.indptr.push_back(static_cast<uint32_t>(out.indices.size()));
+      out.last_page_len.push_back(t.n_tokens == 0 ? 0 : t.n_tokens - (static_cast<uint32_t>(t.chunks.size()) - 1) * tpp);
+    }
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "page table"};
+  }
+  return {};
+}
+
+status kv_cache::flush() {
+  std::lock_guard lock(mutex_);
+  return backend_->flush();
+}
+
+cache_stats kv_cache::stats() const {
+  std::lock_guard lock(mutex_);
+  cache_stats s;
+  s.n_sequences = sequences_.size();
+  s.chunk_bytes = config_.layout().chunk_bytes();
+  for (uint32_t c : refcount_) s.shared_chunks += c > 1;
+  s.backend = backend_->stats();
+  return s;
+}
+
+}  // namespace instinfer
