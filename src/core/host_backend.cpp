@@ -41,8 +41,8 @@ status host_backend::configure(const backend_config& config) {
   const size_t bytes = round_up(capacity_chunks_ * layout_.chunk_bytes(), kHugePage);
   void* mem = MAP_FAILED;
   if (options_.try_hugetlb) {
-    mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_HUGETLB,
-               -1, 0);
+    // No MAP_NORESERVE here: hugetlb pages must be reserved up front, or touching one raises SIGBUS.
+    mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
     if (mem != MAP_FAILED) memory_kind_ = host_memory_kind::kHugeTlb;
   }
   if (mem == MAP_FAILED) {
