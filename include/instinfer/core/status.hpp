@@ -76,8 +76,8 @@ class [[nodiscard]] status {
 template <class T>
 class [[nodiscard]] result {
  public:
-  result(T value) : storage_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit
-  result(status error) : storage_(std::in_place_index<1>, std::move(error)) {}  // NOLINT: implicit
+  result(T v) : storage_(std::in_place_index<0>, std::move(v)) {}         // NOLINT: implicit
+  result(status failure) : storage_(std::in_place_index<1>, std::move(failure)) {}  // NOLINT: implicit
 
   bool ok() const noexcept { return storage_.index() == 0; }
   T& value() & { return std::get<0>(storage_); }
