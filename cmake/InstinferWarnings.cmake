@@ -1,7 +1,8 @@
 # Warnings and sanitizers, applied per target (never through global flags).
 function(instinfer_set_warnings target)
   target_compile_options(${target} PRIVATE
-    $<$<COMPILE_LANGUAGE:C,CXX>:-Wall -Wextra -Wshadow -Wnon-virtual-dtor -Wpedantic>
+    $<$<COMPILE_LANGUAGE:C,CXX>:-Wall -Wextra -Wshadow -Wpedantic>
+    $<$<COMPILE_LANGUAGE:CXX>:-Wnon-virtual-dtor>
     $<$<AND:$<COMPILE_LANGUAGE:C,CXX>,$<BOOL:${INSTINFER_WERROR}>>:-Werror>)
 endfunction()
 

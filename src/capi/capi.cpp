@@ -23,8 +23,9 @@ thread_local std::string g_last_error;
 constexpr size_t kMaxBatch = size_t{1} << 20;
 
 instinfer_status fail(errc code, const std::string& message) noexcept {
+  if (message.empty()) return fail(code, instinfer::errc_name(code));
   try {
-    g_last_error = std::string(instinfer::errc_name(code)) + ": " + message;
+    g_last_error = message;  // the code's name is instinfer_status_name(code)
   } catch (...) {
     // Out of memory while reporting: keep the code, drop the message.
   }
