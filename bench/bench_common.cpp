@@ -32,7 +32,7 @@ flags::flags(int argc, char** argv) {
     } else if (i + 1 < argc && std::string_view(argv[i + 1]).substr(0, 2) != "--") {
       values_[std::string(a)] = argv[++i];
     } else {
-      values_[std::string(a)] = "1";
+      values_[std::string(a)].assign(1, '1');  // not `= "1"`: gcc 12 -Wrestrict false positive (PR105329)
     }
   }
 }
@@ -71,8 +71,9 @@ std::vector<uint64_t> flags::u64_list(std::string_view key, std::vector<uint64_t
   size_t pos = 0;
   while (pos <= s.size()) {
     const size_t comma = std::min(s.find(',', pos), s.size());
+    const std::string item = s.substr(pos, comma - pos);  // must outlive `end`
     char* end = nullptr;
-    uint64_t v = std::strtoull(s.substr(pos, comma - pos).c_str(), &end, 10);
+    uint64_t v = std::strtoull(item.c_str(), &end, 10);
     if (end && (*end == 'k' || *end == 'K')) v <<= 10;
     out.push_back(v);
     pos = comma + 1;

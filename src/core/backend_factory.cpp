@@ -35,7 +35,7 @@ result<std::unique_ptr<backend>> make_host_backend(const backend_uri& uri) {
   }
 }
 
-status not_built(const std::string& scheme) {
+[[maybe_unused]] status not_built(const std::string& scheme) {
   return {errc::kUnsupported, "backend '" + scheme + "' is not built into this instinfer"};
 }
 }  // namespace
