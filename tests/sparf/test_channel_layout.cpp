@@ -1,0 +1,155 @@
+#include <doctest/doctest.h>
+
+#include <cstring>
+
+#include "sparf_test_util.hpp"
+
+using namespace instinfer;
+using namespace sparf_test;
+
+TEST_CASE("channel_layout: pages tile a column block exactly, channel-major inside a page") {
+  for (uint32_t page : {512u, 4096u, 16384u}) {
+    for (uint32_t d : {64u, 128u}) {
+      for (dtype t : {dtype::kF32, dtype::kF16}) {
+        for (uint32_t cpp : {1u, 2u, 4u, 8u}) {
+          auto l = channel_layout::make(page, d, t, cpp, 3);
+          if (uint64_t{cpp} * dtype_size(t) > page) {
+            CHECK_FALSE(l.ok());
+            continue;
+          }
+          REQUIRE(l.ok());
+          CHECK(l->tokens_per_page * cpp * dtype_size(t) == page);
+          CHECK(l->groups() * cpp == d);
+          // Every (head, token, channel) maps to a distinct element and the block is covered.
+          std::vector<uint8_t> hit(l->block_bytes() / dtype_size(t), 0);
+          for (uint32_t h = 0; h < 3; ++h)
+            for (uint32_t tok = 0; tok < l->tokens_per_page; ++tok)
+              for (uint32_t c = 0; c < d; ++c) hit[l->offset(h, tok, c) / dtype_size(t)]++;
+          CHECK(std::all_of(hit.begin(), hit.end(), [](uint8_t x) { return x == 1; }));
+          // One channel's tokens are contiguous.
+          CHECK(l->offset(1, 1, 5) - l->offset(1, 0, 5) == dtype_size(t));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("channel_layout: bad values are clear errors; overhead is 1.5x") {
+  for (uint32_t cpp : {3u, 256u, 6u}) {
+    auto l = channel_layout::make(4096, 128, dtype::kF16, cpp, 8);
+    REQUIRE_FALSE(l.ok());
+    CHECK(l.error().code() == errc::kInvalidArgument);
+    CHECK(l.error().message().find("channels_per_page") != std::string::npos);
+  }
+  CHECK_FALSE(channel_layout::make(3000, 128, dtype::kF16, 4, 8).ok());
+  CHECK_FALSE(channel_layout::make(4096, 128, dtype::kF16, 4, 0).ok());
+  auto def = channel_layout::make(4096, 128, dtype::kF16, 0, 8);  // 0: default
+  REQUIRE(def.ok());
+  CHECK(def->channels_per_page == 4);
+  CHECK(def->tokens_per_page == 512);
+  const uint64_t n = 4 * def->tokens_per_page;
+  CHECK(static_cast<double>(def->kv_bytes(n) + def->stored_bytes(n)) / static_cast<double>(def->kv_bytes(n)) ==
+        doctest::Approx(channel_layout::storage_overhead()));
+}
+
+TEST_CASE("sparf_index: every K value is reachable from both copies and equal") {
+  struct shape {
+    uint32_t page, d, heads, cpp;
+    dtype t;
+    uint32_t n;
+  };
+  for (const shape& sh : {shape{4096, 128, 2, 4, dtype::kF16, 1300}, shape{1024, 64, 3, 2, dtype::kF32, 700},
+                          shape{4096, 64, 1, 8, dtype::kBF16, 256}, shape{512, 64, 2, 1, dtype::kF16, 97}}) {
+    CAPTURE(sh.page);
+    CAPTURE(sh.n);
+    const auto g = page_geometry::make(sh.page, sh.d, sh.t).value();
+    const auto cfg = sparf_config::make(chunk_layout::make(g, sh.heads), sh.cpp, 1).value();
+    const auto k = random_values(size_t{sh.n} * sh.heads * sh.d, 11);
+    const auto v = random_values(k.size(), 12);
+    const stored_layer s = store(cfg, k, v, sh.n, {1, 7, 64, 3});
+    const channel_layout& cl = cfg.columns;
+    CHECK(s.index.n_tokens() == sh.n);
+    CHECK(s.index.sealed_blocks() == sh.n / cl.tokens_per_page);
+    CHECK(s.index.n_blocks() == (sh.n + cl.tokens_per_page - 1) / cl.tokens_per_page);
+    CHECK(s.index.stored_bytes() == cl.stored_bytes(sh.n));
+    const uint32_t es = dtype_size(sh.t);
+    size_t mismatches = 0;
+    for (uint32_t tok = 0; tok < sh.n; ++tok)
+      for (uint32_t h = 0; h < sh.heads; ++h)
+        for (uint32_t c = 0; c < sh.d; ++c) {
+          const std::byte* a = s.chunks[tok / g.tokens_per_page].data() +
+                               cfg.tokens.offset(kv_kind::kKey, h, tok % g.tokens_per_page, c);
+          const std::byte* b = s.index.block(cl.block_of(tok)) + cl.offset(h, cl.token_in_block(tok), c);
+          if (std::memcmp(a, b, es) != 0) ++mismatches;
+          // And both equal the value that was stored.
+          if (load_as_float(a, sh.t, 0) != s.k[(size_t{tok} * sh.heads + h) * sh.d + c]) ++mismatches;
+        }
+    CHECK(mismatches == 0);
+    // The running mean of V equals the float64 mean of the stored values.
+    double worst = 0.0;
+    for (uint32_t h = 0; h < sh.heads; ++h)
+      for (uint32_t c = 0; c < sh.d; ++c) {
+        double m = 0.0;
+        for (uint32_t tok = 0; tok < sh.n; ++tok) m += s.v[(size_t{tok} * sh.heads + h) * sh.d + c];
+        m /= sh.n;
+        worst = std::max(worst, std::fabs(m - s.index.v_mean()[size_t{h} * sh.d + c]));
+      }
+    CHECK(worst < 1e-6);
+  }
+}
+
+TEST_CASE("sparf_index: append reports sealed blocks, rejects bad input, copies deeply") {
+  const auto g = page_geometry::make(1024, 64, dtype::kF16).value();
+  const auto cfg = sparf_config::make(chunk_layout::make(g, 2), 2, 1).value();  // 256 tokens per column page
+  auto idx = sparf_index::create(cfg.columns).value();
+  const auto rows = random_values(size_t{300} * 2 * 64, 5);
+  std::vector<std::byte> kb(rows.size() * 2);
+  convert_elements(rows.data(), dtype::kF32, kb.data(), dtype::kF16, rows.size());
+  uint32_t sealed = 99;
+  REQUIRE(idx.append(200, kb.data(), kb.data(), &sealed).ok());
+  CHECK(sealed == 0);
+  REQUIRE(idx.append(100, kb.data() + 200 * 2 * 64 * 2, kb.data(), &sealed).ok());
+  CHECK(sealed == 1);
+  CHECK(idx.buffered_bytes() == 44ull * 2 * 64 * 2);
+  const status bad = idx.append(3, nullptr, kb.data());
+  CHECK(bad.code() == errc::kInvalidArgument);
+  CHECK(idx.n_tokens() == 300);
+  sparf_index copy = idx;
+  CHECK(copy.block_pointers()[0] != idx.block_pointers()[0]);
+  CHECK(std::memcmp(copy.block(1), idx.block(1), cfg.columns.block_bytes()) == 0);
+  sparf_index empty;
+  CHECK(empty.append(1, kb.data(), kb.data()).code() == errc::kInvalidArgument);
+  channel_layout broken = cfg.columns;
+  broken.channels_per_page = 3;
+  CHECK(sparf_index::create(broken).error().code() == errc::kInvalidArgument);
+}
+
+TEST_CASE("sparf_index: truncate then re-append gives the index of the same tokens fed once") {
+  const auto g = page_geometry::make(4096, 64, dtype::kF16).value();
+  const auto cfg = sparf_config::make(chunk_layout::make(g, 2), 4, 1).value();  // 512 tokens per column page
+  const uint32_t H = 2, d = 64, n = 1300;
+  const auto k = random_values(size_t{n} * H * d, 41), v = random_values(k.size(), 42);
+  std::vector<std::byte> kb(k.size() * 2), vb(kb.size());
+  convert_elements(k.data(), dtype::kF32, kb.data(), dtype::kF16, k.size());
+  convert_elements(v.data(), dtype::kF32, vb.data(), dtype::kF16, v.size());
+  const size_t row = size_t{H} * d * 2;
+  auto full = sparf_index::create(cfg.columns).value();
+  REQUIRE(full.append(n, kb.data(), vb.data()).ok());
+  for (uint32_t cut : {700u, 1024u, 3u, 0u}) {
+    CAPTURE(cut);
+    sparf_index idx = full;
+    const uint32_t tail = cut % cfg.columns.tokens_per_page;
+    CHECK(idx.truncate(cut + 1000, nullptr).code() == errc::kInvalidArgument);
+    if (tail > 0) CHECK(idx.truncate(cut, nullptr).code() == errc::kInvalidArgument);
+    REQUIRE(idx.truncate(cut, tail ? vb.data() + (cut - tail) * row : nullptr).ok());
+    CHECK(idx.n_tokens() == cut);
+    CHECK(idx.n_blocks() == (cut + 511) / 512);
+    auto fresh = sparf_index::create(cfg.columns).value();
+    REQUIRE(fresh.append(cut, kb.data(), vb.data()).ok());
+    CHECK(std::memcmp(idx.v_mean(), fresh.v_mean(), size_t{H} * d * sizeof(float)) == 0);
+    REQUIRE(idx.append(n - cut, kb.data() + cut * row, vb.data() + cut * row).ok());
+    CHECK(std::memcmp(idx.v_mean(), full.v_mean(), size_t{H} * d * sizeof(float)) == 0);
+    for (uint32_t b = 0; b < full.n_blocks(); ++b)
+      CHECK(std::memcmp(idx.block(b), full.block(b), cfg.columns.block_bytes()) == 0);
+  }
+}

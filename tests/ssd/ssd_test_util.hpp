@@ -1,0 +1,67 @@
+// Shared helpers of the SSD tests: scratch files on the real disk, random data, skips.
+#pragma once
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "instinfer/core/dtype.hpp"
+
+namespace ssd_test {
+
+// A directory on the real disk ($TMPDIR or /tmp) for this test process.
+inline const std::string& scratch_dir() {
+  static const std::string dir = [] {
+    const char* t = std::getenv("TMPDIR");
+    std::string base = (t && *t) ? t : "/tmp";
+    std::string tmpl = base + "/instinfer-ssd-test-XXXXXX";
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    const char* d = ::mkdtemp(buf.data());
+    return d ? std::string(d) : base;
+  }();
+  return dir;
+}
+
+inline std::string scratch_file(const std::string& name) { return scratch_dir() + "/" + name; }
+
+// Whether the scratch directory's filesystem accepts O_DIRECT (otherwise: skip, exit 77).
+inline bool direct_io_works() {
+  const std::string p = scratch_file("probe-direct");
+  const int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
+  if (fd < 0) return false;
+  ::close(fd);
+  ::unlink(p.c_str());
+  return true;
+}
+
+inline void remove_scratch() {
+  const std::string cmd = "rm -rf '" + scratch_dir() + "'";
+  if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", scratch_dir().c_str());
+}
+
+// Fresh random values, never zero, in [-1, -0.05] U [0.05, 1].
+inline std::vector<float> random_floats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> mag(0.05f, 1.0f);
+  std::bernoulli_distribution sign(0.5);
+  std::vector<float> v(n);
+  for (auto& x : v) x = sign(rng) ? mag(rng) : -mag(rng);
+  return v;
+}
+
+// The same values stored as `t` (what the cache keeps).
+inline std::vector<std::byte> to_dtype(const std::vector<float>& f, instinfer::dtype t) {
+  std::vector<std::byte> out(f.size() * instinfer::dtype_size(t));
+  instinfer::convert_elements(f.data(), instinfer::dtype::kF32, out.data(), t, f.size());
+  return out;
+}
+
+}  // namespace ssd_test
