@@ -1,0 +1,200 @@
+// instinfer-bench decode: host decode attention bandwidth against the machine's read bandwidth.
+//
+// KV lives in one page-aligned pool (huge pages where allowed) filled with random values; each
+// sequence's chunks are consecutive chunks of the pool. The host_decoder runs the batch `reps`
+// times after a warm-up; the best run is reported next to a streaming read of a buffer of the
+// same size with the same thread count, measured in the same process right before.
+#pragma GCC diagnostic ignored "-Wshadow"  // status.hpp: result(T value) vs value() for function pointers
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+#include "instinfer/attention/decode.hpp"
+
+namespace instinfer::bench {
+namespace {
+
+struct mapped_pool {
+  void* base = MAP_FAILED;
+  size_t bytes = 0;
+  explicit mapped_pool(size_t n) : bytes(n) {
+    base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) madvise(base, bytes, MADV_HUGEPAGE);
+  }
+  ~mapped_pool() {
+    if (base != MAP_FAILED) munmap(base, bytes);
+  }
+  mapped_pool(const mapped_pool&) = delete;
+  mapped_pool& operator=(const mapped_pool&) = delete;
+  bool ok() const { return base != MAP_FAILED; }
+  std::byte* data() const { return static_cast<std::byte*>(base); }
+};
+
+// Random finite values of magnitude ~[2^-4, 2) in the storage type, written fast.
+void fill_random(std::byte* p, size_t bytes, dtype t, uint64_t seed) {
+  uint64_t x = seed | 1;
+  auto next = [&x] {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return x;
+  };
+  if (t == dtype::kF32) {
+    auto* f = reinterpret_cast<uint32_t*>(p);
+    for (size_t i = 0; i < bytes / 4; ++i) {
+      const uint64_t r = next();
+      f[i] = static_cast<uint32_t>((r & 0x80000000u) | ((123u + (r >> 40) % 5) << 23) | ((r >> 8) & 0x7fffffu));
+    }
+  } else {
+    auto* h = reinterpret_cast<uint16_t*>(p);
+    for (size_t i = 0; i < bytes / 8; ++i) {
+      const uint64_t r = next();
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t v = static_cast<uint32_t>(r >> (16 * k));
+        const uint32_t sign = v & 0x8000u;
+        h[4 * i + k] = t == dtype::kF16 ? static_cast<uint16_t>(sign | ((11u + (v >> 10) % 5) << 10) | (v & 0x3ffu))
+                                        : static_cast<uint16_t>(sign | ((123u + (v >> 7) % 5) << 7) | (v & 0x7fu));
+      }
+    }
+  }
+}
+
+int run_decode(int argc, char** argv) {
+  flags f(argc, argv);
+  if (!f.ok()) {
+    std::fprintf(stderr, "decode: %s\n", f.error().c_str());
+    return 2;
+  }
+  const auto ctxs = f.u64_list("ctx", {32768});
+  const auto thread_list = f.u64_list("threads", {1, 2});
+  const uint32_t q_heads = static_cast<uint32_t>(f.u64("q-heads", 32));
+  const uint32_t kv_heads = static_cast<uint32_t>(f.u64("kv-heads", 8));
+  const uint32_t head_dim = static_cast<uint32_t>(f.u64("head-dim", 128));
+  const std::string dtype_str = f.str("dtype", "f16");
+  const uint32_t page_bytes = static_cast<uint32_t>(f.u64("page-bytes", 4096));
+  const uint32_t batch = static_cast<uint32_t>(f.u64("batch", 1));
+  const int reps = static_cast<int>(f.u64("reps", 10));
+  const std::string isa_str = f.str("isa", "best");
+  const double softcap = f.f64("softcap", 0.0);
+  if (f.has("help")) {
+    std::printf(
+        "usage: instinfer-bench decode [--ctx 32768,...] [--q-heads 32] [--kv-heads 8] [--head-dim 128]\n"
+        "       [--dtype f16|bf16|f32] [--threads 1,2] [--page-bytes 4096] [--batch 1] [--reps 10]\n"
+        "       [--isa best|scalar|avx2|avx512|neon] [--softcap 0]\n");
+    return 0;
+  }
+  if (!f.finish()) return 2;
+
+  const auto kv_type = parse_dtype(dtype_str);
+  if (!kv_type) {
+    std::fprintf(stderr, "decode: unknown --dtype '%s' (f32, f16, bf16)\n", dtype_str.c_str());
+    return 2;
+  }
+  if (kv_heads == 0 || q_heads % kv_heads != 0 || batch == 0 || reps <= 0) {
+    std::fprintf(stderr, "decode: need kv-heads >= 1 dividing q-heads, batch >= 1, reps >= 1\n");
+    return 2;
+  }
+  cpu_isa isa = best_cpu_isa();
+  if (isa_str != "best") {
+    bool found = false;
+    for (cpu_isa c : {cpu_isa::kScalar, cpu_isa::kAvx2, cpu_isa::kAvx512, cpu_isa::kNeon})
+      if (cpu_isa_name(c) == isa_str) isa = c, found = true;
+    if (!found) {
+      std::fprintf(stderr, "decode: unknown --isa '%s'\n", isa_str.c_str());
+      return 2;
+    }
+  }
+  auto geo = page_geometry::make(page_bytes, head_dim, *kv_type);
+  if (!geo.ok()) {
+    std::fprintf(stderr, "decode: %s\n", geo.error().to_string().c_str());
+    return 2;
+  }
+  decode_params params;
+  params.layout = chunk_layout::make(geo.value(), kv_heads);
+  params.group_size = q_heads / kv_heads;
+  params.softcap = static_cast<float>(softcap);
+
+  const uint32_t tpp = params.layout.tokens();
+  for (uint64_t ctx : ctxs) {
+    if (ctx == 0) {
+      std::fprintf(stderr, "decode: --ctx must be >= 1\n");
+      return 2;
+    }
+    const uint32_t n_chunks = static_cast<uint32_t>((ctx + tpp - 1) / tpp);
+    const size_t seq_bytes = size_t{n_chunks} * params.layout.chunk_bytes();
+    mapped_pool pool(seq_bytes * batch);
+    if (!pool.ok()) {
+      std::fprintf(stderr, "decode: cannot map %zu bytes of KV\n", seq_bytes * batch);
+      return 1;
+    }
+    fill_random(pool.data(), pool.bytes, *kv_type, 0x9e3779b97f4a7c15ull ^ ctx);
+    std::vector<const std::byte*> chunk_ptrs(size_t{n_chunks} * batch);
+    for (size_t i = 0; i < chunk_ptrs.size(); ++i) chunk_ptrs[i] = pool.data() + i * params.layout.chunk_bytes();
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> q(size_t{batch} * q_heads * head_dim), out(q.size()), lse(size_t{batch} * q_heads);
+    for (float& x : q) x = u(rng);
+    std::vector<decode_work> work(batch);
+    for (uint32_t s = 0; s < batch; ++s)
+      work[s] = {chunk_ptrs.data() + size_t{s} * n_chunks, n_chunks, static_cast<uint32_t>(ctx),
+                 q.data() + size_t{s} * q_heads * head_dim, out.data() + size_t{s} * q_heads * head_dim,
+                 lse.data() + size_t{s} * q_heads};
+    // Bytes the kernel must read: K and V of every valid token (the last page's padding excluded).
+    const uint64_t kv_bytes = uint64_t{batch} * ctx * kv_heads * 2 * params.layout.page.row_bytes();
+
+    for (uint64_t threads : thread_list) {
+      auto dec = host_decoder::create(params, static_cast<uint32_t>(threads), isa);
+      if (!dec.ok()) {
+        std::fprintf(stderr, "decode: %s\n", dec.error().to_string().c_str());
+        return 1;
+      }
+      const double machine = measure_memory_read_gbps(kv_bytes, static_cast<uint32_t>(threads));
+      status s = (*dec)->run(work);  // warm-up: workspace, page faults, caches
+      if (!s.ok()) {
+        std::fprintf(stderr, "decode: %s\n", s.to_string().c_str());
+        return 1;
+      }
+      double best = 1e30;
+      for (int r = 0; r < reps; ++r) {
+        const double t0 = now_seconds();
+        s = (*dec)->run(work);
+        best = std::min(best, now_seconds() - t0);
+      }
+      const double achieved = static_cast<double>(kv_bytes) / best / 1e9;
+      json_line()
+          .add("backend", "host")
+          .add("ctx", ctx)
+          .add("dtype", dtype_name(*kv_type))
+          .add("q_heads", q_heads)
+          .add("kv_heads", kv_heads)
+          .add("head_dim", head_dim)
+          .add("threads", threads)
+          .add("kv_bytes", kv_bytes)
+          .add("seconds", best)
+          .add("achieved_gbps", achieved)
+          .add("machine_read_gbps", machine)
+          .add("ratio", machine > 0 ? achieved / machine : 0.0)
+          .add("isa", cpu_isa_name((*dec)->isa()))
+          .add("page_bytes", page_bytes)
+          .add("tokens_per_page", tpp)
+          .add("batch", batch)
+          .add("reps", reps)
+          .add("softcap", softcap)
+          .print();
+    }
+  }
+  return 0;
+}
+
+const command_registrar registrar("decode", "host decode attention bandwidth vs the machine's read bandwidth",
+                                  run_decode);
+
+}  // namespace
+}  // namespace instinfer::bench

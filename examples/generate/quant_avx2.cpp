@@ -1,0 +1,117 @@
+// AVX2 + FMA + F16C mat-mul kernels on ggml blocks; this file alone is built with those flags and
+// is only called after a runtime CPU check (quant.cpp).
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "quant.hpp"
+#include "quant_blocks.hpp"
+
+namespace instinfer::model {
+
+namespace {
+
+inline float hsum(__m256 v) noexcept {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 u8x8_to_ps(__m128i v) noexcept { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+
+// Expand one 32-weight block into w[4] (weights 0-7, 8-15, 16-23, 24-31).
+template <ggml_type T>
+inline void decode(const std::byte* b, __m256* w) noexcept {
+  if constexpr (T == ggml_type::kQ8_0) {
+    const __m256 d = _mm256_set1_ps(detail::load_f16(b));
+    for (int i = 0; i < 4; ++i) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i));
+      w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+  } else {
+    constexpr int kOff = T == ggml_type::kQ4_1 ? 4 : 2;
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kOff));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(q, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    const float df = detail::load_f16(b);
+    const __m256 d = _mm256_set1_ps(df);
+    const __m256 m = _mm256_set1_ps(T == ggml_type::kQ4_1 ? detail::load_f16(b + 2) : -8.0f * df);
+    w[0] = _mm256_fmadd_ps(u8x8_to_ps(lo), d, m);
+    w[1] = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(lo, 8)), d, m);
+    w[2] = _mm256_fmadd_ps(u8x8_to_ps(hi), d, m);
+    w[3] = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(hi, 8)), d, m);
+  }
+}
+
+template <ggml_type T>
+inline __m256 load8(const std::byte* row, uint32_t c) noexcept {
+  if constexpr (T == ggml_type::kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + c);
+  } else if constexpr (T == ggml_type::kF16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+  } else {  // bf16: the upper half of an f32
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * c)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+}
+
+// Up to kTile vectors share each decoded block.
+constexpr uint32_t kTile = 4;
+
+template <ggml_type T>
+void matmul_avx2(const std::byte* w, uint64_t row_bytes, uint32_t n_cols, uint64_t r0, uint64_t r1, const float* x,
+                 uint64_t x_stride, uint32_t n_vec, float* y, uint64_t y_stride) noexcept {
+  for (uint32_t v0 = 0; v0 < n_vec; v0 += kTile) {
+    const uint32_t nv = std::min(kTile, n_vec - v0);
+    const float* xs[kTile];
+    for (uint32_t v = 0; v < kTile; ++v) xs[v] = x + (v0 + std::min(v, nv - 1)) * x_stride;
+    for (uint64_t r = r0; r < r1; ++r) {
+      const std::byte* row = w + r * row_bytes;
+      __m256 acc[kTile][2];
+      for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+      float tail[kTile] = {};
+      if constexpr (ggml_block_size(T) == 32) {
+        __m256 wb[4];
+        for (uint32_t b = 0; b < n_cols / 32; ++b) {
+          decode<T>(row + b * ggml_block_bytes(T), wb);
+          for (uint32_t v = 0; v < nv; ++v) {
+            const float* xv = xs[v] + b * 32;
+            acc[v][0] = _mm256_fmadd_ps(wb[0], _mm256_loadu_ps(xv), acc[v][0]);
+            acc[v][1] = _mm256_fmadd_ps(wb[1], _mm256_loadu_ps(xv + 8), acc[v][1]);
+            acc[v][0] = _mm256_fmadd_ps(wb[2], _mm256_loadu_ps(xv + 16), acc[v][0]);
+            acc[v][1] = _mm256_fmadd_ps(wb[3], _mm256_loadu_ps(xv + 24), acc[v][1]);
+          }
+        }
+      } else {
+        uint32_t c = 0;
+        for (; c + 8 <= n_cols; c += 8) {
+          const __m256 wv = load8<T>(row, c);
+          for (uint32_t v = 0; v < nv; ++v) acc[v][c & 8 ? 1 : 0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[v] + c), acc[v][c & 8 ? 1 : 0]);
+        }
+        for (; c < n_cols; ++c) {
+          const float wc = detail::load_weight(T, row, c);
+          for (uint32_t v = 0; v < nv; ++v) tail[v] += wc * xs[v][c];
+        }
+      }
+      for (uint32_t v = 0; v < nv; ++v) y[(v0 + v) * y_stride + r] = hsum(_mm256_add_ps(acc[v][0], acc[v][1])) + tail[v];
+    }
+  }
+}
+
+}  // namespace
+
+matmul_fn matmul_kernel_avx2(ggml_type t) noexcept {
+  switch (t) {
+    case ggml_type::kF32: return &matmul_avx2<ggml_type::kF32>;
+    case ggml_type::kF16: return &matmul_avx2<ggml_type::kF16>;
+    case ggml_type::kBF16: return &matmul_avx2<ggml_type::kBF16>;
+    case ggml_type::kQ4_0: return &matmul_avx2<ggml_type::kQ4_0>;
+    case ggml_type::kQ4_1: return &matmul_avx2<ggml_type::kQ4_1>;
+    case ggml_type::kQ8_0: return &matmul_avx2<ggml_type::kQ8_0>;
+  }
+  return nullptr;
+}
+
+}  // namespace instinfer::model

@@ -1,0 +1,406 @@
+// Decode attention over paged KV, written once over a SIMD arch (attention/simd.hpp).
+//
+// One call computes the partial attention of the `group_size` query heads that share a kv head
+// (GQA head-group fusion), for one kv head (decode_chunks_fn in attention/decode.hpp) or a range
+// of them (decode_chunks_heads), over a range of chunks. Tokens are walked in blocks of up to
+// kBlockTokens consecutive tokens of one page; each block's K and V rows come from memory once and
+// are reused from L1 by every head tile of the group. Per block and head tile:
+//   1. scores: tiles of TT tokens x HT heads (TT * HT = kLanes) fill kLanes vectors of partial dot
+//      products; a transposing horizontal add (haddp) turns kLanes of them into kLanes scores.
+//   2. online softmax (state.hpp's softmax_stats): block max, rescale factor, exp, block sum.
+//   3. values: an HT x DB register tile of output accumulators over the block's tokens, folded
+//      into the running output once per block (o = o * alpha + acc: two-level sums keep f32
+//      accumulation accurate over 100k-token contexts).
+// Memory order: within a block, the K pages of every kv head of the call are scored before their
+// V pages are accumulated, so with small pages a call sweeps each chunk sequentially; a software
+// prefetch runs kPrefetchAhead bytes ahead of the sweep.
+// Head dim, KV dtype and the logits variant are compile-time; `lookup_decode_kernel` is the one
+// place where their runtime values become template arguments.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/simd.hpp"
+#include "instinfer/attention/state.hpp"
+
+namespace instinfer::kernels {
+
+// ---- logits variants: optional features are compile-time policies, not kernel arguments -------
+
+struct plain_logits {
+  static constexpr bool kSoftcap = false;
+};
+struct softcapped_logits {
+  static constexpr bool kSoftcap = true;
+};
+
+template <class V>
+concept logits_variant = requires {
+  { V::kSoftcap } -> std::convertible_to<bool>;
+};
+
+struct logit_constants {
+  float scale;          // logit = scale * q.k
+  float cap;            // soft-cap (softcapped_logits only)
+  float scale_over_cap;
+};
+
+template <logits_variant Variant, class Ops>
+  requires(!Variant::kSoftcap)
+INSTINFER_INLINE typename Ops::vec finish_logits(typename Ops::vec dot, const logit_constants& c) noexcept {
+  return dot * Ops::broadcast(c.scale);
+}
+
+template <logits_variant Variant, class Ops>
+  requires(Variant::kSoftcap)
+INSTINFER_INLINE typename Ops::vec finish_logits(typename Ops::vec dot, const logit_constants& c) noexcept {
+  return Ops::broadcast(c.cap) * Ops::tanh(dot * Ops::broadcast(c.scale_over_cap));
+}
+
+// ---- compile-time shape of one instantiation -----------------------------------------------
+
+template <class Arch, uint32_t HeadDim, dtype KvType>
+struct kernel_shape {
+  using ops = simd::simd_ops<Arch>;
+  using vec = typename ops::vec;
+  static constexpr uint32_t kLanes = ops::kLanes;
+  static constexpr uint32_t kHeadDim = HeadDim;
+  static constexpr uint32_t kVecsPerRow = HeadDim / kLanes;
+  static constexpr uint32_t kElemBytes = dtype_size(KvType);
+  static constexpr uint32_t kVecBytes = kLanes * kElemBytes;
+  static constexpr uint32_t kRowBytes = HeadDim * kElemBytes;
+  // Largest head tile: a score tile holds HT heads x (kLanes / HT) tokens.
+  static constexpr uint32_t kMaxHeadTile = kLanes < 8 ? kLanes : 8;
+  // Accumulator registers for the value tile (AVX2 has 16 vector registers, the others 32).
+  static constexpr uint32_t kValueAccumulators = kLanes == 8 ? 8 : 16;
+  // Tokens per block: about 16 KiB of K (and of V) so that a block stays in L1/L2 for all head tiles.
+  static constexpr uint32_t kBlockTokens = 16384 / kRowBytes < 16 ? 16 : (16384 / kRowBytes > 64 ? 64 : 16384 / kRowBytes);
+
+  static_assert(HeadDim % kLanes == 0, "head_dim must be a multiple of the vector width");
+  static_assert(kBlockTokens % kLanes == 0, "a block must hold whole score tiles");
+};
+
+// Software prefetch distance along the sweep, in bytes ahead of the rows being read. The sweep is
+// sequential within a chunk (K pages of all heads, then V pages), so a constant distance keeps an
+// ascending prefetch stream that also trains the L2 streamer; measured on Zen 5 (f16, 4 KiB
+// pages, DRAM-resident KV): 0 -> 12 GB/s, 4 KiB -> 26, 8-16 KiB -> 30 (compute-bound), 32 KiB -> 28.
+// Prefetches past the sweep's end touch neighbouring memory only (they never fault).
+#ifndef INSTINFER_PREFETCH_AHEAD
+#define INSTINFER_PREFETCH_AHEAD 16384
+#endif
+inline constexpr uint32_t kPrefetchAhead = INSTINFER_PREFETCH_AHEAD;
+
+// Scores and online-softmax update of one block of n (1..kBlockTokens) consecutive rows for a
+// head tile of HT query heads.
+//   k: the block's first K row (rows are kRowBytes apart); q: [HT][HeadDim]; st: [HT] states
+//   sbuf: out, the block's probabilities, tile i lane h * TT + t = token i * TT + t of head h
+//   alpha: out, [HT] factors that rescale the previous output
+template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
+INSTINFER_INLINE void score_block(const std::byte* k, uint32_t n, const float* q, softmax_stats* st,
+                                  const logit_constants& lc, float* sbuf, float* alpha) noexcept {
+  using ops = typename Shape::ops;
+  using vec = typename Shape::vec;
+  constexpr uint32_t L = Shape::kLanes;
+  constexpr uint32_t D = Shape::kHeadDim;
+  constexpr uint32_t TT = L / HT;  // tokens per score tile
+  static_assert(TT * HT == L);
+
+  alignas(64) float lanes[L];
+  const uint32_t n_tiles = (n + TT - 1) / TT;
+  for (uint32_t i = 0; i < n_tiles; ++i) {
+    vec acc[L];
+#pragma GCC unroll 16
+    for (uint32_t a = 0; a < L; ++a) acc[a] = ops::zero();
+    // Rows past the block's end repeat its last row; their scores are masked below.
+    const std::byte* r[TT];
+#pragma GCC unroll 16
+    for (uint32_t t = 0; t < TT; ++t) r[t] = k + (i * TT + t < n ? i * TT + t : n - 1) * Shape::kRowBytes;
+    if constexpr (kPrefetchAhead > 0) {
+      for (uint32_t l = 0; l < TT * Shape::kRowBytes; l += 64)
+        Shape::ops::prefetch(k + i * TT * Shape::kRowBytes + kPrefetchAhead + l);
+    }
+#pragma GCC unroll 16
+    for (uint32_t j = 0; j < Shape::kVecsPerRow; ++j) {
+      vec kv[TT];
+#pragma GCC unroll 16
+      for (uint32_t t = 0; t < TT; ++t) kv[t] = ops::template load_kv<KvType>(r[t] + j * Shape::kVecBytes);
+#pragma GCC unroll 16
+      for (uint32_t h = 0; h < HT; ++h) {
+        const vec qv = ops::load(q + h * D + j * L);
+#pragma GCC unroll 16
+        for (uint32_t t = 0; t < TT; ++t) acc[h * TT + t] = ops::fma(qv, kv[t], acc[h * TT + t]);
+      }
+    }
+    ops::store(sbuf + i * L, finish_logits<Variant, ops>(ops::haddp(acc), lc));
+  }
+  if (const uint32_t valid = n - (n_tiles - 1) * TT; valid != TT) {
+    float* last = sbuf + (n_tiles - 1) * L;
+#pragma GCC unroll 16
+    for (uint32_t h = 0; h < HT; ++h)
+      for (uint32_t t = valid; t < TT; ++t) last[h * TT + t] = -std::numeric_limits<float>::infinity();
+  }
+
+  vec mx = ops::broadcast(-std::numeric_limits<float>::infinity());
+  for (uint32_t i = 0; i < n_tiles; ++i) mx = ops::max(mx, ops::load(sbuf + i * L));
+  ops::store(lanes, mx);
+#pragma GCC unroll 16
+  for (uint32_t h = 0; h < HT; ++h) {
+    float bm = lanes[h * TT];
+    for (uint32_t t = 1; t < TT; ++t) bm = lanes[h * TT + t] > bm ? lanes[h * TT + t] : bm;
+    const float m_new = st[h].m > bm ? st[h].m : bm;
+    alpha[h] = st[h].empty() ? 0.0f : std::exp(st[h].m - m_new);
+    st[h].m = m_new;
+#pragma GCC unroll 16
+    for (uint32_t t = 0; t < TT; ++t) lanes[h * TT + t] = m_new;
+  }
+  const vec mv = ops::load(lanes);
+  vec sum = ops::zero();
+  for (uint32_t i = 0; i < n_tiles; ++i) {
+    const vec p = ops::exp(ops::load(sbuf + i * L) - mv);
+    ops::store(sbuf + i * L, p);
+    sum = sum + p;
+  }
+  ops::store(lanes, sum);
+#pragma GCC unroll 16
+  for (uint32_t h = 0; h < HT; ++h) {
+    float s = 0.0f;
+#pragma GCC unroll 16
+    for (uint32_t t = 0; t < TT; ++t) s += lanes[h * TT + t];
+    st[h].d = st[h].d * alpha[h] + s;
+  }
+}
+
+// Values of one block for a head tile: o = o * alpha + sum_t p_t v_t, with an HT x DB register
+// tile of accumulators per pass (two-level sums keep f32 accurate over long contexts).
+//   v: the block's first V row; sbuf/alpha: from score_block; o: [HT][HeadDim]
+template <class Shape, uint32_t HT, dtype KvType>
+INSTINFER_INLINE void value_block(const std::byte* v, uint32_t n, const float* sbuf, const float* alpha,
+                                  float* o) noexcept {
+  using ops = typename Shape::ops;
+  using vec = typename Shape::vec;
+  constexpr uint32_t L = Shape::kLanes;
+  constexpr uint32_t D = Shape::kHeadDim;
+  constexpr uint32_t TT = L / HT;
+  constexpr uint32_t DB = Shape::kValueAccumulators / HT < Shape::kVecsPerRow ? Shape::kValueAccumulators / HT
+                                                                               : Shape::kVecsPerRow;
+  static_assert(DB >= 1 && Shape::kVecsPerRow % DB == 0);
+  for (uint32_t g = 0; g < Shape::kVecsPerRow; g += DB) {
+    vec acc[HT][DB];
+#pragma GCC unroll 16
+    for (uint32_t h = 0; h < HT; ++h)
+      for (uint32_t b = 0; b < DB; ++b) acc[h][b] = ops::zero();
+    for (uint32_t tok = 0; tok < n; ++tok) {
+      if constexpr (kPrefetchAhead > 0) {
+        if (g == 0)
+          for (uint32_t l = 0; l < Shape::kRowBytes; l += 64)
+            Shape::ops::prefetch(v + tok * Shape::kRowBytes + kPrefetchAhead + l);
+      }
+      const std::byte* r = v + tok * Shape::kRowBytes + g * Shape::kVecBytes;
+      vec vv[DB];
+#pragma GCC unroll 16
+      for (uint32_t b = 0; b < DB; ++b) vv[b] = ops::template load_kv<KvType>(r + b * Shape::kVecBytes);
+      const float* pp = sbuf + (tok / TT) * L + tok % TT;
+#pragma GCC unroll 16
+      for (uint32_t h = 0; h < HT; ++h) {
+        const vec pb = ops::broadcast(pp[h * TT]);
+#pragma GCC unroll 16
+        for (uint32_t b = 0; b < DB; ++b) acc[h][b] = ops::fma(pb, vv[b], acc[h][b]);
+      }
+    }
+#pragma GCC unroll 16
+    for (uint32_t h = 0; h < HT; ++h) {
+      const vec a = ops::broadcast(alpha[h]);
+#pragma GCC unroll 16
+      for (uint32_t b = 0; b < DB; ++b) {
+        float* op = o + h * D + (g + b) * L;
+        ops::store(op, ops::fma(ops::load(op), a, acc[h][b]));
+      }
+    }
+  }
+}
+
+// Largest head tile (8, 4, 2, 1, within kMaxHeadTile) that fits `rem` heads.
+template <class Shape>
+INSTINFER_INLINE uint32_t head_tile_for(uint32_t rem) noexcept {
+  if (Shape::kMaxHeadTile >= 8 && rem >= 8) return 8;
+  if (Shape::kMaxHeadTile >= 4 && rem >= 4) return 4;
+  if (Shape::kMaxHeadTile >= 2 && rem >= 2) return 2;
+  return 1;
+}
+
+// Floats of score buffer that one head tile of `ht` heads needs for a block of n tokens.
+template <class Shape>
+INSTINFER_INLINE uint32_t tile_floats(uint32_t ht, uint32_t n) noexcept {
+  const uint32_t tt = Shape::kLanes / ht;
+  return (n + tt - 1) / tt * Shape::kLanes;
+}
+
+template <class Shape, logits_variant Variant, dtype KvType>
+INSTINFER_INLINE void score_tile(uint32_t ht, const std::byte* k, uint32_t n, const float* q, softmax_stats* st,
+                                 const logit_constants& lc, float* sbuf, float* alpha) noexcept {
+  if constexpr (Shape::kMaxHeadTile >= 8)
+    if (ht == 8) return score_block<Shape, 8, Variant, KvType>(k, n, q, st, lc, sbuf, alpha);
+  if constexpr (Shape::kMaxHeadTile >= 4)
+    if (ht == 4) return score_block<Shape, 4, Variant, KvType>(k, n, q, st, lc, sbuf, alpha);
+  if constexpr (Shape::kMaxHeadTile >= 2)
+    if (ht == 2) return score_block<Shape, 2, Variant, KvType>(k, n, q, st, lc, sbuf, alpha);
+  score_block<Shape, 1, Variant, KvType>(k, n, q, st, lc, sbuf, alpha);
+}
+
+template <class Shape, dtype KvType>
+INSTINFER_INLINE void value_tile(uint32_t ht, const std::byte* v, uint32_t n, const float* sbuf, const float* alpha,
+                                 float* o) noexcept {
+  if constexpr (Shape::kMaxHeadTile >= 8)
+    if (ht == 8) return value_block<Shape, 8, KvType>(v, n, sbuf, alpha, o);
+  if constexpr (Shape::kMaxHeadTile >= 4)
+    if (ht == 4) return value_block<Shape, 4, KvType>(v, n, sbuf, alpha, o);
+  if constexpr (Shape::kMaxHeadTile >= 2)
+    if (ht == 2) return value_block<Shape, 2, KvType>(v, n, sbuf, alpha, o);
+  value_block<Shape, 1, KvType>(v, n, sbuf, alpha, o);
+}
+
+// Partial attention of the query heads of kv heads [kv_begin, kv_begin + n_kv) over a chunk range:
+// the contract of decode_chunks_fn, widened to a range of kv heads.
+//   q, o: [n_kv][group_size][HeadDim] (the heads of kv_begin first); stats: [n_kv][group_size]
+// Blocks never cross a page, and within a block the K pages of every head in the range are read
+// before their V pages: with the chunk layout [K|V][kv_head][token][dim] and small pages that is
+// one sequential sweep over each chunk, which the hardware prefetchers follow at full speed
+// (a per-head walk touches 4 KiB pieces 64 KiB apart, and they restart at every piece).
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant>
+void decode_chunks_heads(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                         uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
+                         softmax_stats* stats) noexcept {
+  using shape = kernel_shape<Arch, HeadDim, KvType>;
+  constexpr uint32_t kScoreFloats = 8192;  // 32 KiB of probabilities per block and head range
+  constexpr uint32_t kMaxRangeHeads = 256;
+
+  const uint32_t G = params.group_size;
+  const uint64_t nq = uint64_t{n_kv} * G;
+  for (uint64_t h = 0; h < nq; ++h) stats[h] = softmax_stats{};
+  for (uint64_t i = 0; i < nq * HeadDim; ++i) o[i] = 0.0f;
+  if (n_chunks == 0 || n_kv == 0) return;
+
+  const uint32_t tpp = params.layout.tokens();
+  const uint32_t block = tpp < shape::kBlockTokens ? tpp : shape::kBlockTokens;
+  const uint64_t page_bytes = params.layout.page.page_bytes;
+  const uint64_t v_offset = uint64_t{params.layout.n_kv_heads} * page_bytes;
+
+  logit_constants lc{};
+  lc.scale = params.effective_scale();
+  if constexpr (Variant::kSoftcap) {
+    lc.cap = params.softcap;
+    lc.scale_over_cap = lc.scale / params.softcap;
+  }
+
+  // Score-buffer floats one kv head needs per block (its head tiles, padded to whole vectors).
+  uint32_t per_head = 0;
+  for (uint32_t h = 0; h < G; h += head_tile_for<shape>(G - h))
+    per_head += tile_floats<shape>(head_tile_for<shape>(G - h), block);
+  // kv heads per sweep: as many as the buffers hold (at least one; a single head whose group does
+  // not fit is handled tile by tile below).
+  uint32_t range = per_head <= kScoreFloats && G <= kMaxRangeHeads ? kScoreFloats / per_head : 1;
+  if (range > kMaxRangeHeads / G) range = kMaxRangeHeads / G > 0 ? kMaxRangeHeads / G : 1;
+  const bool fits = per_head <= kScoreFloats && G <= kMaxRangeHeads;
+
+  alignas(64) float sbuf[kScoreFloats];
+  float alpha[kMaxRangeHeads];
+
+  for (uint32_t c = 0; c < n_chunks; ++c) {
+    const uint32_t chunk_tokens = c + 1 == n_chunks ? last_chunk_tokens : tpp;
+    for (uint32_t t0 = 0; t0 < chunk_tokens; t0 += block) {
+      const uint32_t n = chunk_tokens - t0 < block ? chunk_tokens - t0 : block;
+      const std::byte* kbase = chunks[c] + uint64_t{t0} * shape::kRowBytes;
+      for (uint32_t r0 = 0; r0 < n_kv; r0 += range) {
+        const uint32_t r1 = r0 + range < n_kv ? r0 + range : n_kv;
+        if (fits) {
+          // K of every head in the range, then V of every head: a sequential sweep.
+          float* sb = sbuf;
+          for (uint32_t kh = r0; kh < r1; ++kh) {
+            const std::byte* k = kbase + uint64_t{kv_begin + kh} * page_bytes;
+            for (uint32_t h = 0; h < G;) {
+              const uint32_t ht = head_tile_for<shape>(G - h);
+              const uint64_t qh = uint64_t{kh} * G + h;
+              score_tile<shape, Variant, KvType>(ht, k, n, q + qh * HeadDim, stats + qh, lc, sb,
+                                                 alpha + (kh - r0) * G + h);
+              sb += tile_floats<shape>(ht, n);
+              h += ht;
+            }
+          }
+          sb = sbuf;
+          for (uint32_t kh = r0; kh < r1; ++kh) {
+            const std::byte* v = kbase + v_offset + uint64_t{kv_begin + kh} * page_bytes;
+            for (uint32_t h = 0; h < G;) {
+              const uint32_t ht = head_tile_for<shape>(G - h);
+              const uint64_t qh = uint64_t{kh} * G + h;
+              value_tile<shape, KvType>(ht, v, n, sb, alpha + (kh - r0) * G + h, o + qh * HeadDim);
+              sb += tile_floats<shape>(ht, n);
+              h += ht;
+            }
+          }
+        } else {
+          // A very large group: one head tile at a time, K then V.
+          for (uint32_t kh = r0; kh < r1; ++kh) {
+            const std::byte* k = kbase + uint64_t{kv_begin + kh} * page_bytes;
+            for (uint32_t h = 0; h < G;) {
+              const uint32_t ht = head_tile_for<shape>(G - h);
+              const uint64_t qh = uint64_t{kh} * G + h;
+              score_tile<shape, Variant, KvType>(ht, k, n, q + qh * HeadDim, stats + qh, lc, sbuf, alpha);
+              value_tile<shape, KvType>(ht, k + v_offset, n, sbuf, alpha, o + qh * HeadDim);
+              h += ht;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The kernel of the public contract (decode_chunks_fn): one kv head.
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant>
+void decode_chunks(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                   uint32_t last_chunk_tokens, uint32_t kv_head, const float* q, float* o,
+                   softmax_stats* stats) noexcept {
+  decode_chunks_heads<Arch, HeadDim, KvType, Variant>(params, chunks, n_chunks, last_chunk_tokens, kv_head, 1, q, o,
+                                                      stats);
+}
+
+// A range of kv heads at once (used by host_decoder for its sequential sweeps).
+using decode_heads_fn = void (*)(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                                 uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q,
+                                 float* o, softmax_stats* stats) noexcept;
+
+struct decode_kernel_pair {
+  decode_chunks_fn one_head = nullptr;
+  decode_heads_fn head_range = nullptr;
+};
+
+// The one place where runtime (head_dim, dtype, soft-cap) become compile-time constants.
+// Returns null kernels for a head_dim or dtype that is not instantiated.
+template <class Arch>
+decode_kernel_pair lookup_decode_kernel(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
+  const auto by_variant = [softcap]<uint32_t D, dtype T>() -> decode_kernel_pair {
+    if (softcap)
+      return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>};
+    return {&decode_chunks<Arch, D, T, plain_logits>, &decode_chunks_heads<Arch, D, T, plain_logits>};
+  };
+  const auto by_dtype = [&]<uint32_t D>() -> decode_kernel_pair {
+    switch (kv_type) {
+      case dtype::kF32: return by_variant.template operator()<D, dtype::kF32>();
+      case dtype::kF16: return by_variant.template operator()<D, dtype::kF16>();
+      case dtype::kBF16: return by_variant.template operator()<D, dtype::kBF16>();
+    }
+    return {};
+  };
+  switch (head_dim) {
+    case 64: return by_dtype.template operator()<64>();
+    case 128: return by_dtype.template operator()<128>();
+    case 256: return by_dtype.template operator()<256>();
+    default: return {};
+  }
+}
+
+}  // namespace instinfer::kernels

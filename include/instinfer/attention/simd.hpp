@@ -1,0 +1,163 @@
+// The small SIMD vocabulary the decode kernel is written against.
+//
+// `simd_ops<Arch>` gives one float vector type and the handful of operations the kernel needs
+// (fma, max, exp, tanh, a transposing horizontal add, and loads of KV rows stored as f32 / f16 /
+// bf16, widened to f32). Arch is an xsimd arch tag (avx512bw, fma3<avx2>, neon64) or
+// `scalar_arch`, the portable fallback with one lane.
+//
+// xsimd 8.1 has no half-precision types, so the f16 widening uses F16C (x86) or vcvt (NEON)
+// directly; each specialisation exists only when its translation unit is compiled with the
+// matching flags (src/kernels/decode_<isa>.cpp), so this header is safe to include anywhere.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <xsimd/xsimd.hpp>
+
+#include "instinfer/core/config.hpp"
+#include "instinfer/core/dtype.hpp"
+
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+namespace instinfer::simd {
+
+// The portable fallback: one float per "vector", scalar conversions from core/dtype.hpp.
+struct scalar_arch {
+  static constexpr const char* name() noexcept { return "scalar"; }
+};
+
+template <class Arch>
+struct simd_ops;
+
+// Operations shared by every xsimd arch; the KV-row loads are per arch below.
+template <class Arch>
+struct xsimd_ops_base {
+  using vec = xsimd::batch<float, Arch>;
+  static constexpr uint32_t kLanes = static_cast<uint32_t>(vec::size);
+
+  static INSTINFER_INLINE vec zero() noexcept { return vec(0.0f); }
+  static INSTINFER_INLINE vec broadcast(float x) noexcept { return vec(x); }
+  static INSTINFER_INLINE vec load(const float* p) noexcept { return vec::load_unaligned(p); }
+  static INSTINFER_INLINE void store(float* p, vec v) noexcept { v.store_unaligned(p); }
+  static INSTINFER_INLINE vec fma(vec a, vec b, vec c) noexcept { return xsimd::fma(a, b, c); }
+  static INSTINFER_INLINE vec max(vec a, vec b) noexcept { return xsimd::max(a, b); }
+  static INSTINFER_INLINE vec exp(vec x) noexcept { return xsimd::exp(x); }
+  static INSTINFER_INLINE vec tanh(vec x) noexcept { return xsimd::tanh(x); }
+  // Lane i of the result is the sum of the lanes of rows[i] (kLanes rows).
+  static INSTINFER_INLINE vec haddp(const vec* rows) noexcept { return xsimd::haddp(rows); }
+  static INSTINFER_INLINE void prefetch(const void* p) noexcept { __builtin_prefetch(p, 0, 3); }
+};
+
+template <>
+struct simd_ops<scalar_arch> {
+  using vec = float;
+  static constexpr uint32_t kLanes = 1;
+
+  static INSTINFER_INLINE vec zero() noexcept { return 0.0f; }
+  static INSTINFER_INLINE vec broadcast(float x) noexcept { return x; }
+  static INSTINFER_INLINE vec load(const float* p) noexcept { return *p; }
+  static INSTINFER_INLINE void store(float* p, vec v) noexcept { *p = v; }
+  static INSTINFER_INLINE vec fma(vec a, vec b, vec c) noexcept { return std::fma(a, b, c); }
+  static INSTINFER_INLINE vec max(vec a, vec b) noexcept { return a > b ? a : b; }
+  static INSTINFER_INLINE vec exp(vec x) noexcept { return std::exp(x); }
+  static INSTINFER_INLINE vec tanh(vec x) noexcept { return std::tanh(x); }
+  static INSTINFER_INLINE vec haddp(const vec* rows) noexcept { return rows[0]; }
+  static INSTINFER_INLINE void prefetch(const void* p) noexcept { __builtin_prefetch(p, 0, 3); }
+
+  template <dtype T>
+  static INSTINFER_INLINE vec load_kv(const std::byte* p) noexcept {
+    if constexpr (T == dtype::kF32) {
+      float f;
+      std::memcpy(&f, p, sizeof f);
+      return f;
+    } else if constexpr (T == dtype::kF16) {
+      f16_t h;
+      std::memcpy(&h, p, sizeof h);
+      return f16_to_float(h);
+    } else {
+      bf16_t h;
+      std::memcpy(&h, p, sizeof h);
+      return bf16_to_float(h);
+    }
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+template <>
+struct simd_ops<xsimd::avx512bw> : xsimd_ops_base<xsimd::avx512bw> {
+  // xsimd 8.1's avx512 haddp returns its sums in a permuted lane order; this one keeps lane i =
+  // sum(rows[i]) in 45 shuffles and adds: pairs within 128-bit lanes, then across them.
+  static INSTINFER_INLINE vec haddp(const vec* rows) noexcept {
+    __m512 t[4];
+    for (int g = 0; g < 4; ++g) {
+      const __m512 r0 = rows[4 * g], r1 = rows[4 * g + 1], r2 = rows[4 * g + 2], r3 = rows[4 * g + 3];
+      const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(r0, r1), _mm512_unpackhi_ps(r0, r1));
+      const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(r2, r3), _mm512_unpackhi_ps(r2, r3));
+      // per 128-bit lane: [r0, r1, r2, r3] partial sums
+      t[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(t[2], t[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(v01, v23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+
+  template <dtype T>
+  static INSTINFER_INLINE vec load_kv(const std::byte* p) noexcept {
+    if constexpr (T == dtype::kF32) {
+      return _mm512_loadu_ps(p);
+    } else if constexpr (T == dtype::kF16) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    } else {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+  }
+};
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+template <>
+struct simd_ops<xsimd::fma3<xsimd::avx2>> : xsimd_ops_base<xsimd::fma3<xsimd::avx2>> {
+  template <dtype T>
+  static INSTINFER_INLINE vec load_kv(const std::byte* p) noexcept {
+    if constexpr (T == dtype::kF32) {
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    } else if constexpr (T == dtype::kF16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+  }
+};
+#endif
+
+#if defined(__aarch64__)
+template <>
+struct simd_ops<xsimd::neon64> : xsimd_ops_base<xsimd::neon64> {
+  template <dtype T>
+  static INSTINFER_INLINE vec load_kv(const std::byte* p) noexcept {
+    if constexpr (T == dtype::kF32) {
+      return vld1q_f32(reinterpret_cast<const float*>(p));
+    } else if constexpr (T == dtype::kF16) {
+      return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p))));
+    } else {
+      return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+    }
+  }
+};
+#endif
+
+}  // namespace instinfer::simd

@@ -1,0 +1,19 @@
+// AVX2 + FMA + F16C instantiation (compiled with -mavx2 -mfma -mf16c, see CMakeLists.txt).
+// gcc 12 reports the self-initialised `__Y` of _mm512_undefined_*() inside its own intrinsic
+// headers as maybe-uninitialized; the warning is a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "decode_isa.hpp"
+#include "instinfer/attention/decode_kernel.hpp"
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "decode_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
+#endif
+
+namespace instinfer::kernels {
+
+decode_kernel_pair decode_kernel_avx2(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
+  return lookup_decode_kernel<xsimd::fma3<xsimd::avx2>>(head_dim, kv_type, softcap);
+}
+
+}  // namespace instinfer::kernels

@@ -1,0 +1,11 @@
+// The portable kernel: one lane, scalar f16/bf16 conversions. Compiled with the baseline flags.
+#include "decode_isa.hpp"
+#include "instinfer/attention/decode_kernel.hpp"
+
+namespace instinfer::kernels {
+
+decode_kernel_pair decode_kernel_scalar(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
+  return lookup_decode_kernel<simd::scalar_arch>(head_dim, kv_type, softcap);
+}
+
+}  // namespace instinfer::kernels

@@ -1,0 +1,250 @@
+// The real SmolLM2-135M-Instruct (Q4_1 GGUF) against golden data from an independent
+// implementation (tests/data/model/README.md): tokenizer ids, and the greedy token ids and logits
+// of the first 32 generated tokens for four prompts, single and batched, on every KV backend.
+// Exits 77 (skipped) when the model file is absent (scripts/fetch-model fetches it).
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "gguf.hpp"
+#include "llama_model.hpp"
+#include "model_test_util.hpp"
+#include "tokenizer.hpp"
+
+using namespace instinfer;
+using namespace instinfer::model;
+
+namespace {
+
+std::string model_path() {
+  if (const char* p = std::getenv("INSTINFER_MODEL"); p && *p) return p;
+  return INSTINFER_MODEL_PATH;
+}
+
+std::string unhex(const std::string& h) {
+  if (h == "-") return {};
+  std::string s;
+  for (size_t i = 0; i + 1 < h.size(); i += 2) s += static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16));
+  return s;
+}
+
+struct golden_step {
+  int32_t next = 0;
+  std::vector<std::pair<int32_t, double>> top;  // reference top-k (id, logit)
+  std::vector<double> fixed;                    // logits of the fixed id subset
+};
+struct golden_prompt {
+  std::string text;
+  std::vector<int32_t> ids;
+  std::vector<golden_step> steps;
+};
+struct golden {
+  std::vector<int32_t> fixed_ids;
+  std::vector<golden_prompt> prompts;
+};
+
+golden read_golden() {
+  golden g;
+  std::ifstream in(std::string(INSTINFER_GOLDEN_DIR) + "/greedy_golden.txt");
+  REQUIRE_MESSAGE(in.good(), "cannot read " INSTINFER_GOLDEN_DIR "/greedy_golden.txt");
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream ss(line);
+    std::string kind;
+    ss >> kind;
+    if (kind == "steps") {
+      std::string w;
+      int n_steps, n_top, n_fixed;
+      ss >> n_steps >> w >> n_top >> w >> n_fixed;
+      g.fixed_ids.resize(static_cast<size_t>(n_fixed));
+      for (auto& id : g.fixed_ids) ss >> id;
+    } else if (kind == "prompt") {
+      golden_prompt p;
+      std::string hex;
+      size_t n = 0;
+      ss >> hex >> n;
+      p.text = unhex(hex);
+      p.ids.resize(n);
+      for (auto& id : p.ids) ss >> id;
+      g.prompts.push_back(std::move(p));
+    } else if (kind == "step") {
+      golden_step s;
+      int idx;
+      ss >> idx >> s.next;
+      std::string tok;
+      while (ss >> tok && tok != "|") {
+        const size_t c = tok.find(':');
+        s.top.emplace_back(std::stoi(tok.substr(0, c)), std::stod(tok.substr(c + 1)));
+      }
+      for (double v; ss >> v;) s.fixed.push_back(v);
+      REQUIRE(s.fixed.size() == g.fixed_ids.size());
+      g.prompts.back().steps.push_back(std::move(s));
+    }
+  }
+  REQUIRE(g.prompts.size() >= 3);
+  return g;
+}
+
+struct fixture {
+  std::unique_ptr<gguf_file> file;
+  std::unique_ptr<tokenizer> tok;
+  std::unique_ptr<llama_model> model;
+};
+fixture& the_model() {
+  static fixture f = [] {
+    fixture x;
+    auto g = gguf_file::open(model_path());
+    REQUIRE_MESSAGE(g.ok(), g.error().to_string());
+    x.file = std::move(*g);
+    auto t = tokenizer::from_gguf(*x.file);
+    REQUIRE_MESSAGE(t.ok(), t.error().to_string());
+    x.tok = std::move(*t);
+    auto m = llama_model::load(*x.file);
+    REQUIRE_MESSAGE(m.ok(), m.error().to_string());
+    x.model = std::move(*m);
+    return x;
+  }();
+  return f;
+}
+
+// Compare one step's logits with the golden ones; returns the worst relative error.
+double check_step(const std::vector<float>& logits, const golden_step& s, const std::vector<int32_t>& fixed_ids,
+                  const std::string& where) {
+  double worst = 0.0;
+  auto one = [&](int32_t id, double ref) {
+    const double got = logits[static_cast<size_t>(id)];
+    worst = std::max(worst, std::fabs(got - ref) / std::max(std::fabs(ref), 1.0));
+    if (!model_test::close(got, ref, 1e-3)) FAIL(where << " token " << id << ": logit " << got << ", golden " << ref);
+  };
+  for (const auto& [id, ref] : s.top) one(id, ref);
+  for (size_t i = 0; i < fixed_ids.size(); ++i) one(fixed_ids[i], s.fixed[i]);
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("golden: tokenizer ids match the independent tokenizer; decode(encode(s)) == s") {
+  const tokenizer& t = *the_model().tok;
+  std::ifstream in(std::string(INSTINFER_GOLDEN_DIR) + "/tokenizer_golden.txt");
+  REQUIRE(in.good());
+  int cases = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream ss(line);
+    std::string hex;
+    size_t n = 0;
+    ss >> hex >> n;
+    std::vector<int32_t> want(n);
+    for (auto& id : want) ss >> id;
+    const std::string text = unhex(hex);
+    CAPTURE(text);
+    CHECK(t.encode(text) == want);
+    CHECK(t.decode(t.encode(text)) == text);
+    ++cases;
+  }
+  CHECK(cases >= 15);
+}
+
+TEST_CASE("golden: greedy ids and logits of 32 steps, one sequence at a time (f32 KV)") {
+  fixture& f = the_model();
+  const golden g = read_golden();
+  double worst = 0.0;
+  for (size_t p = 0; p < g.prompts.size(); ++p) {
+    const golden_prompt& gp = g.prompts[p];
+    CHECK(f.tok->encode(gp.text) == gp.ids);
+    auto c = kv_cache::create(f.model->kv_options("host", dtype::kF32));
+    REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+    std::vector<int32_t> out;
+    std::vector<std::vector<float>> logits;
+    REQUIRE(model_test::greedy(*f.model, **c, gp.ids, static_cast<uint32_t>(gp.steps.size()), out, &logits).ok());
+    for (size_t s = 0; s < gp.steps.size(); ++s) {
+      const std::string where = "prompt " + std::to_string(p) + " step " + std::to_string(s);
+      REQUIRE_MESSAGE(out[s] == gp.steps[s].next, where << ": generated " << out[s] << ", golden " << gp.steps[s].next);
+      worst = std::max(worst, check_step(logits[s], gp.steps[s], g.fixed_ids, where));
+    }
+  }
+  MESSAGE("worst relative logit error vs golden: " << worst);
+}
+
+TEST_CASE("golden: the prompts decoded together as one batch give the golden ids") {
+  fixture& f = the_model();
+  const golden g = read_golden();
+  auto c = kv_cache::create(f.model->kv_options("host", dtype::kF32));
+  REQUIRE(c.ok());
+  kv_cache& cache = **c;
+  const size_t n = g.prompts.size();
+  std::vector<seq_id> seqs;
+  std::vector<int32_t> next;
+  std::vector<uint32_t> pos;
+  std::vector<float> logits;
+  for (const auto& gp : g.prompts) {
+    seqs.push_back(cache.create_sequence().value());
+    REQUIRE(f.model->prefill(cache, seqs.back(), gp.ids, 0, logits).ok());
+    next.push_back(sampler::argmax(logits));
+    pos.push_back(static_cast<uint32_t>(gp.ids.size()));
+  }
+  const uint32_t V = f.model->hparams().n_vocab;
+  double worst = 0.0;
+  for (size_t s = 0; s < g.prompts[0].steps.size(); ++s) {
+    std::vector<forward_item> items;
+    for (size_t i = 0; i < n; ++i) {
+      REQUIRE_MESSAGE(next[i] == g.prompts[i].steps[s].next, "batched prompt " << i << " step " << s);
+      items.push_back({seqs[i], pos[i]++, next[i], true});
+    }
+    if (s + 1 == g.prompts[0].steps.size()) break;
+    REQUIRE(f.model->forward(cache, items, logits).ok());
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<float> row(logits.begin() + static_cast<std::ptrdiff_t>(i * V), logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
+      worst = std::max(worst, check_step(row, g.prompts[i].steps[s + 1], g.fixed_ids, "batched prompt " + std::to_string(i)));
+      next[i] = sampler::argmax(row);
+    }
+  }
+  MESSAGE("batched: worst relative logit error vs golden: " << worst);
+}
+
+TEST_CASE("golden: every available KV backend (f16 and f32) gives the same greedy tokens") {
+  fixture& f = the_model();
+  const golden g = read_golden();
+  const auto& prompt = g.prompts[0].ids;
+  // 16 steps keep this affordable under ASan (a Debug build runs the model ~20x slower).
+  std::vector<int32_t> want;
+  for (size_t s = 0; s < 16 && s < g.prompts[0].steps.size(); ++s) want.push_back(g.prompts[0].steps[s].next);
+  int ran = 0;
+  for (dtype d : {dtype::kF32, dtype::kF16}) {
+    // f32 KV must give the golden ids; f16 KV rounds K and V, so its backends are compared with
+    // each other (host first).
+    std::vector<int32_t> base = d == dtype::kF32 ? want : std::vector<int32_t>{};
+    for (const std::string& uri : model_test::backend_uris()) {
+      if (uri.find("hugepages") != std::string::npos) continue;  // host with and without huge pages: test_model covers it
+      CAPTURE(uri);
+      auto c = kv_cache::create(f.model->kv_options(uri, d));
+      if (!c.ok()) {
+        MESSAGE("backend '" << uri << "' skipped: " << c.error().to_string());
+        model_test::remove_backend_files(uri);
+        continue;
+      }
+      std::vector<int32_t> out;
+      const status s = model_test::greedy(*f.model, **c, prompt, static_cast<uint32_t>(want.size()), out);
+      c.value().reset();
+      model_test::remove_backend_files(uri);
+      REQUIRE_MESSAGE(s.ok(), s.to_string());
+      if (base.empty()) base = out;
+      CHECK_MESSAGE(out == base, "backend " << uri << " kv " << dtype_name(d));
+      ++ran;
+    }
+  }
+  CHECK(ran >= 2);
+}
+
+int main(int argc, char** argv) {
+  if (!std::filesystem::exists(model_path())) {
+    std::printf("SKIP: %s is absent (run scripts/fetch-model, or set INSTINFER_MODEL)\n", model_path().c_str());
+    return 77;
+  }
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
