@@ -40,11 +40,43 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   config.scale = options.scale;
   config.softcap = options.softcap;
   INSTINFER_TRY(b->configure(config));
+  std::unique_ptr<kv_cache> cache;
   try {
-    return std::unique_ptr<kv_cache>(new kv_cache(config, std::move(b)));
+    cache.reset(new kv_cache(config, std::move(b)));
   } catch (const std::bad_alloc&) {
     return status{errc::kOutOfMemory, "kv_cache"};
   }
+  if (options.sparf) INSTINFER_TRY(cache->init_sparf(options));
+  return cache;
+}
+
+status kv_cache::init_sparf(const cache_options& options) {
+  auto cfg = sparf_config::make(config_.layout(), options.sparf_channels_per_page, config_.shape.group_size(),
+                                config_.scale, config_.softcap);
+  if (!cfg.ok()) return cfg.error();
+  sparf_config_ = cfg.value();
+  sparf_enabled_ = true;
+  return {};
+}
+
+result<std::unique_ptr<sparf_index>> kv_cache::new_sparf_index() const {
+  auto index = sparf_index::create(sparf_config_.columns);
+  if (!index.ok()) return index.error();
+  try {
+    return std::make_unique<sparf_index>(std::move(index).value());
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "SparF index"};
+  }
+}
+
+status kv_cache::copy_sparf_index(const layer_table& from, layer_table& to) const {
+  if (!from.sparf) return {};
+  try {
+    to.sparf = std::make_unique<sparf_index>(*from.sparf);
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "SparF index copy"};
+  }
+  return {};
 }
 
 kv_cache::kv_cache(backend_config config, std::unique_ptr<backend> b) : config_(config), backend_(std::move(b)) {}
@@ -171,6 +203,7 @@ result<seq_id> kv_cache::fork_sequence(seq_id src) {
         }
       }
     }
+    if (s.ok()) s = copy_sparf_index(a, b);
     if (!s.ok()) {
       for (auto& t : copy.layers) release_table(t);
       return s;
@@ -264,6 +297,21 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
       return undo(s);
     }
     written += w;
+  }
+
+  // The SparF index follows the same tokens; it is the last step that can fail.
+  if (sparf_enabled_) {
+    status s;
+    if (!t.sparf) {
+      auto fresh_index = new_sparf_index();
+      if (fresh_index.ok()) t.sparf = std::move(fresh_index).value();
+      else s = fresh_index.error();
+    }
+    if (s.ok()) s = t.sparf->append(n, k, v);
+    if (!s.ok()) {
+      if (has_partial && !cow) sealed_[tail] = 1;
+      return undo(s);
+    }
   }
 
   // Commit: nothing below can fail.
@@ -390,6 +438,15 @@ status kv_cache::remove_range(seq_id seq, uint64_t begin, uint64_t end) {
     }
     for (chunk_id id : nt.chunks) retain(id);
     nt.n_tokens = b;
+    if (t.sparf) {
+      // The index keeps the first b tokens; its new tail block needs the V rows it holds.
+      failure = copy_sparf_index(t, nt);
+      const uint32_t block = sparf_config_.columns.tokens_per_page;
+      std::vector<std::byte> tail_k, tail_v;
+      if (failure.ok() && b % block != 0) failure = read_layer(seq, l, t, b - b % block, b, tail_k, tail_v);
+      if (failure.ok()) failure = nt.sparf->truncate(b, b % block ? tail_v.data() : nullptr);
+      if (!failure.ok()) break;
+    }
     if (e < t.n_tokens) {
       // Interior range: re-append the surviving suffix (a shared or sealed tail is copied first).
       std::vector<std::byte> k, v;
@@ -429,6 +486,85 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
                             out + i * q_stride, lse ? lse + i * config_.shape.n_q_heads : nullptr};
   }
   return backend_->attend(layer, std::span<const attend_item>(items_.data(), seqs.size()));
+}
+
+status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
+                               const sparf_params& params) {
+  std::lock_guard lock(mutex_);
+  if (!sparf_enabled_)
+    return {errc::kUnsupported, "attend_sparse needs a cache created with cache_options::sparf = true"};
+  INSTINFER_TRY(check_layer(layer));
+  if (seqs.empty()) return {errc::kInvalidArgument, "attend_sparse needs at least one sequence"};
+  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  INSTINFER_TRY(params.validate(config_.shape.head_dim));
+  const kv_shape& shape = config_.shape;
+  const size_t q_stride = size_t{shape.n_q_heads} * shape.head_dim;
+  const chunk_layout lay = layout();
+  sparf_counters counters;
+  // One sequence at a time: select, fetch just the chunks holding selected tokens, attend.
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    auto found = find(seqs[i]);
+    if (!found.ok()) return found.error();
+    const layer_table& t = found.value()->layers[layer];
+    auto plan = sparf_resolve(params, shape.head_dim, t.n_tokens);
+    if (!plan.ok()) return plan.error();
+    std::vector<uint32_t> selected(size_t{shape.n_kv_heads} * std::max<uint32_t>(plan->k, 1)),
+        n_selected(shape.n_kv_heads, 0);
+    std::vector<const std::byte*> ptrs(t.chunks.size(), nullptr);
+    sparf_work w;
+    w.chunks = ptrs.data();
+    w.n_chunks = static_cast<uint32_t>(t.chunks.size());
+    w.n_tokens = t.n_tokens;
+    w.column_blocks = t.sparf ? t.sparf->block_pointers() : nullptr;
+    w.n_column_blocks = t.sparf ? t.sparf->n_blocks() : 0;
+    std::vector<float> zero_mean;
+    if (t.sparf) {
+      w.v_mean = t.sparf->v_mean();
+    } else {
+      zero_mean.assign(size_t{shape.n_kv_heads} * shape.head_dim, 0.0f);  // an empty layer
+      w.v_mean = zero_mean.data();
+    }
+    w.q = q + i * q_stride;
+    w.out = out + i * q_stride;
+    w.lse = lse ? lse + i * shape.n_q_heads : nullptr;
+    w.selected = selected.data();
+    w.n_selected = n_selected.data();
+    if (t.n_tokens > 0) INSTINFER_TRY(sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_));
+    // Which chunks hold a selected token of any kv head.
+    std::vector<uint8_t> needed(t.chunks.size(), 0);
+    size_t n_needed = 0;
+    for (uint32_t h = 0; h < shape.n_kv_heads; ++h)
+      for (uint32_t j = 0; j < n_selected[h]; ++j) {
+        const uint32_t c = selected[size_t{h} * std::max<uint32_t>(plan->k, 1) + j] / lay.tokens();
+        if (c < needed.size() && !needed[c]) {
+          needed[c] = 1;
+          ++n_needed;
+        }
+      }
+    try {
+      if (!backend_->chunk_address(t.chunks.empty() ? 0 : t.chunks[0]) && sparf_staging_.size() < n_needed * lay.chunk_bytes())
+        sparf_staging_.resize(n_needed * lay.chunk_bytes());
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory, "SparF staging"};
+    }
+    size_t staged = 0;
+    for (size_t c = 0; c < t.chunks.size(); ++c) {
+      if (!needed[c]) continue;
+      if (const std::byte* p = backend_->chunk_address(t.chunks[c])) {
+        ptrs[c] = p;
+        continue;
+      }
+      std::byte* dst = sparf_staging_.data() + staged++ * lay.chunk_bytes();
+      const uint32_t in_chunk = std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
+      INSTINFER_TRY(backend_->read_chunk(t.chunks[c], in_chunk, dst));
+      ptrs[c] = dst;
+    }
+    w.selected = nullptr;
+    w.n_selected = nullptr;
+    INSTINFER_TRY(sparf_attend(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &counters));
+  }
+  sparf_totals_.add(counters);
+  return {};
 }
 
 void kv_cache::prefetch(uint32_t layer, std::span<const seq_id> seqs) {
@@ -479,6 +615,10 @@ cache_stats kv_cache::stats() const {
   s.chunk_bytes = config_.layout().chunk_bytes();
   for (uint32_t c : refcount_) s.shared_chunks += c > 1;
   s.backend = backend_->stats();
+  s.sparf = sparf_totals_;
+  for (const auto& [id, seq] : sequences_)
+    for (const auto& t : seq.layers)
+      if (t.sparf) s.sparf_column_bytes += t.sparf->stored_bytes() + t.sparf->buffered_bytes();
   return s;
 }
 

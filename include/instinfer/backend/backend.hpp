@@ -105,6 +105,10 @@ class backend {
   // Read the first n tokens of a chunk into host memory laid out as a chunk (chunk_bytes() bytes).
   virtual status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept = 0;
 
+  // Host address of a chunk's bytes when the backend keeps chunks in this process's memory
+  // (host backend); null otherwise (callers then use read_chunk).
+  virtual const std::byte* chunk_address(chunk_id /*id*/) const noexcept { return nullptr; }
+
   // Decode attention of one layer for a batch of sequences.
   virtual status attend(uint32_t layer, std::span<const attend_item> batch) noexcept = 0;
 

@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "instinfer/attention/sparf.hpp"
 #include "instinfer/backend/backend.hpp"
 #include "instinfer/kv/page_table.hpp"
 
@@ -32,6 +33,9 @@ struct cache_options {
   float scale = 0.0f;           // 0: 1/sqrt(head_dim)
   float softcap = 0.0f;         // <= 0: off
   std::string backend_uri = "host";
+  // SparF (attend_sparse): keep a channel-indexed K copy and a V running mean per (sequence, layer).
+  bool sparf = false;
+  uint32_t sparf_channels_per_page = 0;  // 0: channel_layout's default for the page size
 };
 
 struct cache_stats {
@@ -39,6 +43,8 @@ struct cache_stats {
   uint64_t chunk_bytes = 0;
   uint64_t shared_chunks = 0;  // chunks referenced by more than one sequence
   backend_stats backend{};
+  sparf_counters sparf{};        // pages and bytes read by attend_sparse, beside the dense equivalent
+  uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held (sealed pages + tail buffers)
 };
 
 class kv_cache {
@@ -73,6 +79,12 @@ class kv_cache {
   // [n_seq][n_q_heads] or null. A sequence with no tokens in the layer yields zeros and lse -inf.
   status attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
 
+  // SparF sparse decode attention (attention/sparf.hpp) of one layer; shapes as in attend. Needs
+  // cache_options::sparf. Reads only the chunks holding selected tokens (dual-step loading), from
+  // any backend: in place where the backend's chunks are host-addressable, through read_chunk otherwise.
+  status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
+                       const sparf_params& params = {});
+
   // Hint that `layer` of these sequences is attended next (storage backends start reads early).
   void prefetch(uint32_t layer, std::span<const seq_id> seqs);
 
@@ -88,12 +100,16 @@ class kv_cache {
   struct layer_table {
     std::vector<chunk_id> chunks;
     uint32_t n_tokens = 0;
+    std::unique_ptr<sparf_index> sparf;  // only with cache_options::sparf
   };
   struct sequence {
     std::vector<layer_table> layers;
   };
 
   kv_cache(backend_config config, std::unique_ptr<backend> b);
+  status init_sparf(const cache_options& options);
+  result<std::unique_ptr<sparf_index>> new_sparf_index() const;
+  status copy_sparf_index(const layer_table& from, layer_table& to) const;
   status check_layer(uint32_t layer) const;
   result<sequence*> find(seq_id seq);
   result<const sequence*> find(seq_id seq) const;
@@ -117,6 +133,12 @@ class kv_cache {
   std::vector<uint8_t> sealed_;     // per chunk id: was ever full
   std::vector<std::byte> convert_buffer_;
   std::vector<attend_item> items_;
+  // SparF state (empty when disabled).
+  bool sparf_enabled_ = false;
+  sparf_config sparf_config_{};
+  sparf_workspace sparf_ws_;
+  sparf_counters sparf_totals_{};
+  std::vector<std::byte> sparf_staging_;  // read-back chunks for backends without host addresses
 };
 
 }  // namespace instinfer

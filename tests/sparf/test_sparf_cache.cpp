@@ -1,0 +1,142 @@
+// kv_cache::attend_sparse over every backend built in: at compression 1 it equals dense attend;
+// below 1 every backend gives the same result from the same stored values; the index follows
+// fork and truncation; bad parameters are rejected.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "instinfer/attention/reference.hpp"
+#include "instinfer/attention/sparf_synthetic.hpp"
+#include "instinfer/kv/kv_cache.hpp"
+
+using namespace instinfer;
+
+namespace {
+
+std::vector<std::string> backends_to_try() {
+  std::vector<std::string> uris{"host"};
+  if (describe_backends().find("ssd") != std::string::npos) {
+    const char* tmp = std::getenv("TMPDIR");
+    uris.push_back(std::string("ssd:") + (tmp ? tmp : "/tmp") + "/instinfer-sparf-" + std::to_string(getpid()) +
+                   ".bin?capacity=64M");
+  }
+  return uris;
+}
+
+std::unique_ptr<kv_cache> make(const std::string& uri, const kv_shape& shape) {
+  cache_options o;
+  o.shape = shape;
+  o.page_bytes = 4096;
+  o.capacity_bytes = 64ull << 20;
+  o.n_threads = 1;
+  o.backend_uri = uri;
+  o.sparf = true;
+  auto c = kv_cache::create(o);
+  if (!c.ok()) return nullptr;  // e.g. O_DIRECT refused by this filesystem
+  return std::move(c).value();
+}
+
+double rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    e = std::max(e, std::fabs(double(a[i]) - b[i]));
+    m = std::max(m, std::fabs(double(b[i])));
+  }
+  return m > 0 ? e / m : e;
+}
+
+}  // namespace
+
+TEST_CASE("attend_sparse on every backend: dense at compression 1, identical across backends below 1") {
+  const kv_shape shape{2, 8, 2, 128, dtype::kF16};
+  synthetic::attention_workload_params wp;
+  wp.n_tokens = 3000;
+  wp.n_kv_heads = shape.n_kv_heads;
+  wp.group_size = shape.group_size();
+  wp.head_dim = shape.head_dim;
+  wp.seed = 42;
+  const auto work = synthetic::make_attention_workload(wp);
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
+
+  std::vector<float> first_sparse;
+  for (const std::string& uri : backends_to_try()) {
+    CAPTURE(uri);
+    auto cache = make(uri, shape);
+    if (!cache) {
+      MESSAGE("skipping " << uri << ": backend unavailable here");
+      continue;
+    }
+    const seq_id s = cache->create_sequence().value();
+    // Two appends so the index sees a tail that crosses column blocks.
+    REQUIRE(cache->append(s, 1, 1000, work.k.data(), work.v.data(), dtype::kF32).ok());
+    const size_t row = size_t{shape.n_kv_heads} * shape.head_dim;
+    REQUIRE(cache->append(s, 1, 2000, work.k.data() + 1000 * row, work.v.data() + 1000 * row, dtype::kF32).ok());
+
+    std::vector<float> dense(nq), dense_lse(shape.n_q_heads), sparse(nq), sparse_lse(shape.n_q_heads);
+    REQUIRE(cache->attend(1, std::span<const seq_id>(&s, 1), work.q.data(), dense.data(), dense_lse.data()).ok());
+    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
+                                 sparf_params::with_compression(1.0))
+                .ok());
+    CHECK(rel(sparse, dense) <= 1e-5);
+
+    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
+                                 sparf_params::with_compression(0.125))
+                .ok());
+    const double err = rel(sparse, dense);
+    MESSAGE(uri << ": SparF 1/8 vs dense relative error " << err);
+    CHECK(err < 1.0);  // an approximation, but not garbage
+    const cache_stats st = cache->stats();
+    CHECK(st.sparf.dense_pages > 0);
+    CHECK(st.sparf.pages_read() < st.sparf.dense_pages * 2);  // two calls: dense-equivalent once each
+    CHECK(st.sparf_column_bytes > 0);
+    if (first_sparse.empty()) {
+      first_sparse = sparse;
+    } else {
+      CHECK(rel(sparse, first_sparse) <= 1e-6);
+    }
+
+    // Fork + truncate + re-append: the index must follow the tokens exactly (compression 1 == dense).
+    const seq_id f = cache->fork_sequence(s).value();
+    REQUIRE(cache->remove_range(f, 1234, UINT64_MAX).ok());
+    REQUIRE(cache->append(f, 1, 7, work.k.data(), work.v.data(), dtype::kF32).ok());
+    REQUIRE(cache->remove_range(f, 100, 300).ok());
+    REQUIRE(cache->attend(1, std::span<const seq_id>(&f, 1), work.q.data(), dense.data(), nullptr).ok());
+    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&f, 1), work.q.data(), sparse.data(), nullptr,
+                                 sparf_params::with_compression(1.0))
+                .ok());
+    CHECK(rel(sparse, dense) <= 1e-5);
+
+    // Bad parameters are clear errors.
+    float out[8 * 128];
+    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                               sparf_params::with_compression(0.0))
+              .code() == errc::kInvalidArgument);
+    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                               sparf_params::with_compression(1.5))
+              .code() == errc::kInvalidArgument);
+    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                               sparf_params::with_rk(0, 10))
+              .code() == errc::kInvalidArgument);
+    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                               sparf_params::with_rk(8, 100000))
+              .code() == errc::kInvalidArgument);
+    CHECK(cache->attend_sparse(2, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr).code() ==
+          errc::kLayerOutOfRange);
+    cache.reset();
+    if (uri.rfind("ssd:", 0) == 0) std::remove(uri.substr(4, uri.find('?') - 4).c_str());
+  }
+}
+
+TEST_CASE("attend_sparse without cache_options::sparf is unsupported") {
+  cache_options o;
+  o.shape = kv_shape{1, 2, 1, 64, dtype::kF32};
+  o.capacity_bytes = 1 << 20;
+  auto cache = kv_cache::create(o).value();
+  const seq_id s = cache->create_sequence().value();
+  float q[2 * 64] = {1.0f}, out[2 * 64];
+  CHECK(cache->attend_sparse(0, std::span<const seq_id>(&s, 1), q, out, nullptr).code() == errc::kUnsupported);
+}
