@@ -1,0 +1,54 @@
+// The emulated drive's firmware, independent of how commands arrive: namespaces, the KV FTL
+// (token-indexed L2P, DRAM group buffer, block allocator), validation of every command, and the
+// in-storage attention engine. The process (main.cpp) feeds it from the shared-memory queue
+// pairs; tests feed it directly.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "instinfer/core/status.hpp"
+#include "instinfer/csd/models.hpp"
+#include "instinfer/csd/protocol.hpp"
+
+namespace instinfer::csd {
+
+struct drive_options {
+  flash_params flash{};
+  link_params link{};
+  std::string flash_path;                // empty: RAM-backed flash
+  bool allow_buffered = false;           // file flash without O_DIRECT when the filesystem refuses it
+  uint32_t n_cores = 4;                  // attention worker threads
+  uint64_t buffer_bytes = 512ull << 20;  // DRAM group buffer per namespace
+  uint32_t max_namespaces = 16;
+  uint32_t pages_per_batch = 16;       // chunks a worker streams per read batch (double-buffered)
+  uint32_t debug_attend_delay_ms = 0;  // test seam: attend sleeps this long (kill-during-attend tests)
+
+  status validate() const;
+};
+
+// Result of one command.
+struct command_outcome {
+  cq_entry cqe{};
+  std::string error;          // message when cqe.status != 0
+  uint64_t result_bytes = 0;  // bytes of result payload produced
+  bool shutdown = false;
+};
+
+class drive {
+ public:
+  static result<std::unique_ptr<drive>> create(const drive_options& options);
+  virtual ~drive() = default;
+
+  // Execute one command arriving on queue pair `qp`. `area` is that queue pair's data area
+  // (area_bytes long): payload and result ranges named by `e` are validated against it.
+  virtual command_outcome execute(uint32_t qp, const sq_entry& e, std::byte* area, uint64_t area_bytes) noexcept = 0;
+  // The queue pair changed hands (or its owner died): delete the namespaces it owned.
+  virtual void drop_queue_pair(uint32_t qp) noexcept = 0;
+  virtual identify_data identify() const noexcept = 0;
+  virtual device_stats stats() const noexcept = 0;
+};
+
+}  // namespace instinfer::csd

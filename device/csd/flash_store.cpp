@@ -1,0 +1,197 @@
+#include "flash_store.hpp"
+
+#include <unistd.h>
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "io/uring_engine.hpp"
+
+namespace instinfer::csd {
+namespace {
+
+status errno_error(int err, const std::string& what) {
+  const errc code = (err == ENOSPC || err == EDQUOT || err == EFBIG) ? errc::kNoSpace
+                    : err == ENOMEM                                  ? errc::kOutOfMemory
+                                                                     : errc::kIoError;
+  return {code, what + ": " + std::strerror(err)};
+}
+
+// ---- RAM flash ----------------------------------------------------------------------------------
+class ram_flash final : public flash_store {
+ public:
+  explicit ram_flash(const flash_params& p) : p_(p), blocks_(p.total_blocks()) {}
+
+  status program(uint32_t ppn, uint32_t n_pages, const std::byte* src) noexcept override {
+    const uint64_t block = ppn / p_.pages_per_block;
+    const uint32_t in_block = ppn % p_.pages_per_block;
+    if (block >= blocks_.size() || in_block + n_pages > p_.pages_per_block)
+      return {errc::kInternal, "program outside a block"};
+    std::lock_guard lock(mutex_);
+    auto& b = blocks_[block];
+    if (!b) {
+      b.reset(new (std::nothrow) std::byte[uint64_t{p_.pages_per_block} * p_.page_bytes]);
+      if (!b) return {errc::kOutOfMemory, "RAM flash: cannot allocate a block"};
+    }
+    std::memcpy(b.get() + uint64_t{in_block} * p_.page_bytes, src, uint64_t{n_pages} * p_.page_bytes);
+    return {};
+  }
+  status erase_block(uint32_t first_ppn) noexcept override {
+    const uint64_t block = first_ppn / p_.pages_per_block;
+    if (block >= blocks_.size()) return {errc::kInternal, "erase outside the flash"};
+    std::lock_guard lock(mutex_);
+    blocks_[block].reset();
+    return {};
+  }
+  status read(uint32_t ppn, std::byte* dst) noexcept override {
+    const uint64_t block = ppn / p_.pages_per_block;
+    if (block >= blocks_.size()) return {errc::kInternal, "read outside the flash"};
+    // Readers run concurrently with each other, never with program/erase of the pages they read
+    // (the drive serialises commands), so the block pointer is stable here.
+    const std::byte* b = blocks_[block].get();
+    if (!b) return {errc::kCorruptData, "read of an erased block"};
+    std::memcpy(dst, b + uint64_t{ppn % p_.pages_per_block} * p_.page_bytes, p_.page_bytes);
+    return {};
+  }
+  result<std::unique_ptr<page_reader>> make_reader(uint32_t) noexcept override {
+    return std::unique_ptr<page_reader>(new ram_reader(*this));
+  }
+  bool direct_io() const noexcept override { return false; }
+  bool ram() const noexcept override { return true; }
+
+ private:
+  class ram_reader final : public page_reader {
+   public:
+    explicit ram_reader(ram_flash& f) : f_(f) {}
+    status queue(uint32_t ppn, std::byte* dst) noexcept override {
+      if (!pending_.ok()) return {};
+      pending_ = f_.read(ppn, dst);
+      return {};
+    }
+    status submit() noexcept override { return {}; }
+    status wait_all() noexcept override {
+      status s = std::move(pending_);
+      pending_ = {};
+      return s;
+    }
+
+   private:
+    ram_flash& f_;
+    status pending_;
+  };
+
+  flash_params p_;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<std::byte[]>> blocks_;
+};
+
+// ---- file flash (io_uring + O_DIRECT, through the shared engine of src/io) ----------------------
+class file_flash final : public flash_store {
+ public:
+  file_flash(const flash_params& p, io::storage_file f, std::unique_ptr<io::uring_engine> writer, uint32_t handle)
+      : p_(p), file_(std::move(f)), writer_(std::move(writer)), write_handle_(handle) {}
+
+  status program(uint32_t ppn, uint32_t n_pages, const std::byte* src) noexcept override {
+    // The command thread is the only writer, so one engine (single issuer) serves every program.
+    return writer_->sync_io(io::io_op::kWrite, write_handle_, const_cast<std::byte*>(src), n_pages * p_.page_bytes,
+                            uint64_t{ppn} * p_.page_bytes);
+  }
+  status erase_block(uint32_t) noexcept override {
+    // NAND erase sets bits; the emulation leaves the old bytes (the FTL never reads an erased
+    // page: the L2P entries of an erased block were invalidated first).
+    return {};
+  }
+  status read(uint32_t ppn, std::byte* dst) noexcept override {
+    return writer_->sync_io(io::io_op::kRead, write_handle_, dst, p_.page_bytes, uint64_t{ppn} * p_.page_bytes);
+  }
+  result<std::unique_ptr<page_reader>> make_reader(uint32_t depth) noexcept override {
+    io::engine_options o;
+    o.queue_depth = std::max<uint32_t>(depth, 4);
+    o.staging_bytes = 0;  // reads land in the worker's own staging buffers
+    auto e = io::uring_engine::create(o);
+    if (!e.ok()) return e.error();
+    auto h = e.value()->add_file(file_.fd);
+    if (!h.ok()) return h.error();
+    return std::unique_ptr<page_reader>(new (std::nothrow)
+                                            uring_reader(std::move(e.value()), h.value(), p_.page_bytes));
+  }
+  bool direct_io() const noexcept override { return file_.direct; }
+  bool ram() const noexcept override { return false; }
+
+ private:
+  // One engine per worker thread: queue page reads, submit, wait for all.
+  class uring_reader final : public page_reader {
+   public:
+    uring_reader(std::unique_ptr<io::uring_engine> e, uint32_t handle, uint32_t page_bytes)
+        : eng_(std::move(e)), handle_(handle), page_bytes_(page_bytes), done_(eng_->queue_depth()) {}
+    ~uring_reader() override { eng_->drain(); }
+    status queue(uint32_t ppn, std::byte* dst) noexcept override {
+      if (eng_->queued() + eng_->in_flight() >= eng_->queue_depth()) INSTINFER_TRY(reap(1));
+      return eng_->queue(io::io_op::kRead, handle_, dst, page_bytes_, uint64_t{ppn} * page_bytes_, ppn);
+    }
+    status submit() noexcept override { return eng_->submit(); }
+    status wait_all() noexcept override { return reap(eng_->queued() + eng_->in_flight()); }
+
+   private:
+    status reap(uint32_t n) noexcept {
+      status first;
+      while (n > 0) {
+        auto got = eng_->wait(done_, n);
+        if (!got.ok()) return got.error();
+        for (uint32_t i = 0; i < got.value(); ++i) {
+          status s = io::check_completion(done_[i], "flash page read");
+          if (!s.ok() && first.ok()) first = std::move(s);
+        }
+        n -= std::min(n, got.value());
+      }
+      return first;
+    }
+    std::unique_ptr<io::uring_engine> eng_;
+    uint32_t handle_;
+    uint32_t page_bytes_;
+    std::vector<io::completion> done_;
+  };
+
+  flash_params p_;
+  io::storage_file file_;
+  std::unique_ptr<io::uring_engine> writer_;
+  uint32_t write_handle_;
+};
+
+}  // namespace
+
+std::unique_ptr<flash_store> make_ram_flash(const flash_params& p) {
+  return std::make_unique<ram_flash>(p);
+}
+
+result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const std::string& path,
+                                                     bool allow_buffered) {
+  auto f = io::open_storage_file(path, true, allow_buffered);
+  if (!f.ok()) return f.error();
+  io::storage_file file = std::move(f.value());
+  if (file.block_device) {
+    if (file.size_bytes < p.capacity_bytes())
+      return status{errc::kNoSpace, "block device '" + path + "' is smaller than the flash (" +
+                                        std::to_string(p.capacity_bytes()) + " bytes)"};
+  } else if (file.size_bytes < p.capacity_bytes()) {
+    if (::ftruncate(file.fd, static_cast<off_t>(p.capacity_bytes())) != 0)
+      return errno_error(errno, "size flash file '" + path + "'");
+  }
+  if (file.direct && (p.page_bytes % file.offset_align != 0 || 4096 % file.mem_align != 0))
+    return status{errc::kUnsupported, "flash page " + std::to_string(p.page_bytes) +
+                                          " is not a multiple of the "
+                                          "device's direct-I/O alignment (" +
+                                          std::to_string(file.offset_align) + ")"};
+  io::engine_options o;
+  o.queue_depth = 8;
+  o.staging_bytes = 0;
+  auto e = io::uring_engine::create(o);
+  if (!e.ok()) return e.error();
+  auto h = e.value()->add_file(file.fd);
+  if (!h.ok()) return h.error();
+  return std::unique_ptr<flash_store>(new file_flash(p, std::move(file), std::move(e.value()), h.value()));
+}
+
+}  // namespace instinfer::csd

@@ -1,0 +1,49 @@
+// Where the emulated drive's NAND bytes live: RAM (deterministic tests) or a file / block device
+// read and written with io_uring and O_DIRECT. Physical page numbers come from the FTL; the store
+// only moves whole pages. Timing is not its business (the flash model in csd/models.hpp is).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "instinfer/core/status.hpp"
+#include "instinfer/csd/models.hpp"
+
+namespace instinfer::csd {
+
+// Batched page reads for one worker thread: queue reads, then wait for all of them. A reader is
+// used by one thread at a time; its buffers must be page-aligned (O_DIRECT).
+class page_reader {
+ public:
+  virtual ~page_reader() = default;
+  virtual status queue(uint32_t ppn, std::byte* dst) noexcept = 0;
+  // Start queued reads without waiting (io_uring submit; RAM: no-op).
+  virtual status submit() noexcept = 0;
+  virtual status wait_all() noexcept = 0;
+};
+
+class flash_store {
+ public:
+  virtual ~flash_store() = default;
+  // Program n consecutive pages starting at ppn (same block) from src (page-aligned).
+  virtual status program(uint32_t ppn, uint32_t n_pages, const std::byte* src) noexcept = 0;
+  // Erase the block holding pages [first_ppn, first_ppn + pages_per_block).
+  virtual status erase_block(uint32_t first_ppn) noexcept = 0;
+  // One page, synchronously.
+  virtual status read(uint32_t ppn, std::byte* dst) noexcept = 0;
+  virtual result<std::unique_ptr<page_reader>> make_reader(uint32_t depth) noexcept = 0;
+  virtual bool direct_io() const noexcept = 0;
+  virtual bool ram() const noexcept = 0;
+};
+
+// RAM-backed flash; blocks are allocated when first programmed and freed when erased.
+std::unique_ptr<flash_store> make_ram_flash(const flash_params& p);
+// File or block device. A file is created (sparse) and sized to the flash capacity. O_DIRECT is
+// used when the filesystem allows it; otherwise the file is opened buffered only if
+// `allow_buffered`, else kUnsupported.
+result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const std::string& path,
+                                                     bool allow_buffered);
+
+}  // namespace instinfer::csd

@@ -1,0 +1,632 @@
+#include "instinfer/backend/csd_backend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "instinfer/csd/client.hpp"
+#include "instinfer/csd/models.hpp"
+#include "instinfer/csd/protocol.hpp"
+
+namespace instinfer {
+
+using namespace csd;
+
+namespace {
+
+struct mirror_key {
+  seq_id seq;
+  uint32_t layer;
+  bool operator==(const mirror_key&) const = default;
+};
+struct mirror_hash {
+  size_t operator()(const mirror_key& k) const noexcept {
+    return std::hash<uint64_t>{}(k.seq * 0x9e3779b97f4a7c15ull ^ k.layer);
+  }
+};
+
+struct drive_slot {
+  std::unique_ptr<connection> conn;
+  uint32_t nsid = 0;
+  uint64_t chunk_base = 0;
+  uint32_t head_begin = 0;
+  uint32_t n_heads = 0;
+};
+
+}  // namespace
+
+struct csd_backend::impl {
+  std::vector<drive_slot> drives;
+  uint32_t page_bytes = 4096;
+  backend_config config{};
+  chunk_layout layout{};
+  bool configured = false;
+  uint64_t capacity = 0;
+  std::vector<chunk_id> free_list;
+  std::vector<chunk_id> pending_release;
+  std::unordered_map<mirror_key, std::vector<chunk_id>, mirror_hash> mirror;  // what the drives hold
+  uint64_t kv_bytes_appended = 0;
+  double modelled_ns = 0.0;
+  mutable std::mutex stats_mutex;
+
+  status lost_guard() const {
+    for (const drive_slot& d : drives)
+      if (d.conn->lost()) return {errc::kDeviceLost, "a drive of this csd backend was lost; the backend is closed"};
+    return {};
+  }
+
+  // Post one command per drive (built by `fill`), then wait for all of them. The call's modelled
+  // time is the slowest drive's (the drives work in parallel).
+  template <class Fill>
+  status run_all(Fill&& fill) {
+    INSTINFER_TRY(lost_guard());
+    status first;
+    std::vector<bool> posted(drives.size(), false);
+    for (uint32_t d = 0; d < drives.size(); ++d) {
+      sq_entry e{};
+      e.nsid = drives[d].nsid;
+      status s = fill(d, e);
+      if (s.ok()) s = drives[d].conn->post(e);
+      if (!s.ok()) {
+        if (first.ok()) first = std::move(s);
+        break;
+      }
+      posted[d] = true;
+    }
+    double slowest = 0.0;
+    for (uint32_t d = 0; d < drives.size(); ++d) {
+      if (!posted[d]) continue;
+      status s = drives[d].conn->wait();
+      if (!s.ok() && first.ok()) first = std::move(s);
+      slowest = std::max(slowest, static_cast<double>(drives[d].conn->last().modelled_ns));
+    }
+    modelled_ns += slowest;
+    return first;
+  }
+
+  status flush_releases() {
+    if (pending_release.empty()) return {};
+    // Chunk ids go back on the free list only once every drive has freed them.
+    uint64_t max_ids = drives.front().conn->area_bytes() / 4;
+    for (const auto& d : drives) max_ids = std::min(max_ids, d.conn->area_bytes() / 4);
+    size_t done = 0;
+    while (done < pending_release.size()) {
+      const size_t n = std::min<size_t>(pending_release.size() - done, max_ids);
+      INSTINFER_TRY(run_all([&](uint32_t d, sq_entry& e) -> status {
+        auto* ids = reinterpret_cast<uint32_t*>(drives[d].conn->area());
+        for (size_t i = 0; i < n; ++i) ids[i] = static_cast<uint32_t>(drives[d].chunk_base + pending_release[done + i]);
+        e.opcode = static_cast<uint8_t>(opcode::kReclaim);
+        e.data_bytes = static_cast<uint32_t>(n * 4);
+        reclaim_args a{};
+        a.mode = static_cast<uint8_t>(reclaim_mode::kChunks);
+        a.n_chunks = static_cast<uint32_t>(n);
+        set_args(e, a);
+        return {};
+      }));
+      free_list.insert(free_list.end(), pending_release.begin() + static_cast<ptrdiff_t>(done),
+                       pending_release.begin() + static_cast<ptrdiff_t>(done + n));
+      done += n;
+    }
+    pending_release.clear();
+    return {};
+  }
+
+  // Make the drives' copy of a (seq, layer) page table equal the manager's.
+  status sync_table(seq_id seq, uint32_t layer, std::span<const chunk_id> chunks) {
+    auto& m = mirror[mirror_key{seq, layer}];
+    if (m.size() == chunks.size() && std::equal(m.begin(), m.end(), chunks.begin())) return {};
+    for (const auto& d : drives)
+      if (chunks.size() * 4 > d.conn->area_bytes())
+        return {errc::kInvalidArgument, "page table too large for the data area"};
+    INSTINFER_TRY(run_all([&](uint32_t d, sq_entry& e) -> status {
+      auto* ids = reinterpret_cast<uint32_t*>(drives[d].conn->area());
+      for (size_t i = 0; i < chunks.size(); ++i) ids[i] = static_cast<uint32_t>(drives[d].chunk_base + chunks[i]);
+      e.opcode = static_cast<uint8_t>(opcode::kMap);
+      e.data_bytes = static_cast<uint32_t>(chunks.size() * 4);
+      set_args(e, map_args{seq, layer, static_cast<uint32_t>(chunks.size())});
+      return {};
+    }));
+    m.assign(chunks.begin(), chunks.end());
+    return {};
+  }
+
+  void note_position(seq_id seq, uint32_t layer, uint32_t index, chunk_id id) {
+    auto& m = mirror[mirror_key{seq, layer}];
+    if (m.size() <= index) m.resize(uint64_t{index} + 1, kInvalidChunk);
+    m[index] = id;
+  }
+};
+
+bool csd_backend::available() noexcept {
+  try {
+    return !find_device_binary(connection_options{}).empty();
+  } catch (...) {
+    return false;
+  }
+}
+
+csd_backend::csd_backend(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+csd_backend::~csd_backend() {
+  if (!impl_) return;
+  for (drive_slot& d : impl_->drives) {
+    if (!d.conn || d.conn->lost() || d.nsid == 0 || d.conn->started()) continue;
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kDeleteNamespace);
+    e.nsid = d.nsid;
+    (void)d.conn->execute(e);
+  }
+}
+
+result<std::unique_ptr<csd_backend>> csd_backend::create(const backend_uri& uri) {
+  if (uri.scheme != kScheme) return status{errc::kInvalidArgument, "not a csd: URI"};
+  static const char* const kKnown[] = {"drives",         "cores",
+                                       "channels",       "dies",
+                                       "channel_gbps",   "read_us",
+                                       "program_us",     "erase_us",
+                                       "page",           "pages_per_block",
+                                       "blocks_per_die", "capacity",
+                                       "link_gbps",      "link_us",
+                                       "buffer_mb",      "data_mb",
+                                       "timeout_ms",     "buffered",
+                                       "attach",         "device",
+                                       "emulator",       "debug_attend_delay_ms"};
+  for (const auto& [k, v] : uri.options)
+    if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))
+      return status{errc::kInvalidArgument, "unknown csd: option '" + k + "'"};
+  auto u = [&](const char* key, uint64_t fallback) { return uri.option_u64(key, fallback); };
+  auto f = [&](const char* key, double fallback) { return uri.option_f64(key, fallback); };
+#define INSTINFER_OPT(var, expr)             \
+  auto var##_r = (expr);                     \
+  if (!var##_r.ok()) return var##_r.error(); \
+  const auto var = var##_r.value();
+  INSTINFER_OPT(drives, u("drives", 1))
+  INSTINFER_OPT(cores, u("cores", 4))
+  INSTINFER_OPT(channels, u("channels", 8))
+  INSTINFER_OPT(dies, u("dies", 8))
+  INSTINFER_OPT(page, u("page", 4096))
+  INSTINFER_OPT(ppb, u("pages_per_block", 256))
+  INSTINFER_OPT(bpd, u("blocks_per_die", 64))
+  INSTINFER_OPT(capacity, u("capacity", 0))
+  INSTINFER_OPT(buffer_mb, u("buffer_mb", 512))
+  INSTINFER_OPT(data_mb, u("data_mb", 16))
+  INSTINFER_OPT(timeout_ms, u("timeout_ms", 5000))
+  INSTINFER_OPT(delay_ms, u("debug_attend_delay_ms", 0))
+  INSTINFER_OPT(channel_gbps, f("channel_gbps", 1.4))
+  INSTINFER_OPT(read_us, f("read_us", 20))
+  INSTINFER_OPT(program_us, f("program_us", 200))
+  INSTINFER_OPT(erase_us, f("erase_us", 2000))
+  INSTINFER_OPT(link_gbps, f("link_gbps", 7))
+  INSTINFER_OPT(link_us, f("link_us", 2))
+#undef INSTINFER_OPT
+  if (drives == 0 || drives > 64) return status{errc::kInvalidArgument, "drives must be in [1, 64]"};
+  if (data_mb == 0 || data_mb > 4096) return status{errc::kInvalidArgument, "data_mb must be in [1, 4096]"};
+  if (timeout_ms == 0 || timeout_ms > 3600000)
+    return status{errc::kInvalidArgument, "timeout_ms must be in [1, 3600000]"};
+  flash_params fp{};
+  fp.channels = static_cast<uint32_t>(std::min<uint64_t>(channels, UINT32_MAX));
+  fp.dies_per_channel = static_cast<uint32_t>(std::min<uint64_t>(dies, UINT32_MAX));
+  fp.page_bytes = static_cast<uint32_t>(std::min<uint64_t>(page, UINT32_MAX));
+  fp.pages_per_block = static_cast<uint32_t>(std::min<uint64_t>(ppb, UINT32_MAX));
+  fp.blocks_per_die = static_cast<uint32_t>(std::min<uint64_t>(bpd, UINT32_MAX));
+  fp.channel_gbps = channel_gbps;
+  fp.read_us = read_us;
+  fp.program_us = program_us;
+  fp.erase_us = erase_us;
+  if (capacity != 0) {
+    const uint64_t per_block = uint64_t{fp.page_bytes} * fp.pages_per_block * std::max<uint64_t>(fp.lanes(), 1);
+    fp.blocks_per_die = static_cast<uint32_t>(std::max<uint64_t>(1, capacity / std::max<uint64_t>(per_block, 1)));
+  }
+  INSTINFER_TRY(fp.validate());
+  link_params lp{link_gbps, link_us};
+  INSTINFER_TRY(lp.validate());
+
+  std::vector<std::string> attach_names;
+  if (auto a = uri.option("attach"); a && !a->empty()) {
+    std::string_view rest = *a;
+    while (!rest.empty()) {
+      const size_t comma = rest.find(',');
+      attach_names.emplace_back(rest.substr(0, comma));
+      if (comma == std::string_view::npos) break;
+      rest = rest.substr(comma + 1);
+    }
+    if (attach_names.size() != drives)
+      return status{errc::kInvalidArgument, "attach= names " + std::to_string(attach_names.size()) +
+                                                " drives, drives=" + std::to_string(drives)};
+  }
+
+  auto p = std::make_unique<impl>();
+  for (uint32_t d = 0; d < drives; ++d) {
+    connection_options co;
+    co.timeout_ms = static_cast<uint32_t>(timeout_ms);
+    co.layout.data_bytes = data_mb << 20;
+    if (auto dev = uri.option("device")) co.device_path = std::string(*dev);
+    if (auto em = uri.option("emulator")) co.emulator = std::string(*em);
+    if (!attach_names.empty()) {
+      co.attach = attach_names[d];
+    } else {
+      std::string flash = "ram";
+      if (!uri.path.empty()) flash = drives == 1 ? uri.path : uri.path + "." + std::to_string(d);
+      co.device_args = {"--flash",
+                        flash,
+                        "--cores",
+                        std::to_string(cores),
+                        "--channels",
+                        std::to_string(fp.channels),
+                        "--dies",
+                        std::to_string(fp.dies_per_channel),
+                        "--blocks-per-die",
+                        std::to_string(fp.blocks_per_die),
+                        "--pages-per-block",
+                        std::to_string(fp.pages_per_block),
+                        "--page",
+                        std::to_string(fp.page_bytes),
+                        "--channel-gbps",
+                        std::to_string(fp.channel_gbps),
+                        "--read-us",
+                        std::to_string(fp.read_us),
+                        "--program-us",
+                        std::to_string(fp.program_us),
+                        "--erase-us",
+                        std::to_string(fp.erase_us),
+                        "--link-gbps",
+                        std::to_string(lp.gbps),
+                        "--link-us",
+                        std::to_string(lp.command_us),
+                        "--buffer-mb",
+                        std::to_string(buffer_mb)};
+      if (uri.option_bool("buffered", false)) co.device_args.push_back("--buffered");
+      if (delay_ms) co.device_args.insert(co.device_args.end(), {"--debug-attend-delay-ms", std::to_string(delay_ms)});
+    }
+    auto c = connection::open(co);
+    if (!c.ok()) return c.error();
+    drive_slot slot;
+    slot.conn = std::move(*c);
+    p->drives.push_back(std::move(slot));
+  }
+  p->page_bytes = p->drives.front().conn->identity().page_bytes;
+  for (const auto& d : p->drives)
+    if (d.conn->identity().page_bytes != p->page_bytes)
+      return status{errc::kInvalidArgument, "the drives have different flash page sizes"};
+  return std::unique_ptr<csd_backend>(new csd_backend(std::move(p)));
+}
+
+uint32_t csd_backend::preferred_page_bytes() const noexcept {
+  return impl_->page_bytes;
+}
+
+status csd_backend::configure(const backend_config& config) {
+  impl& m = *impl_;
+  if (m.configured) return {errc::kInvalidArgument, "csd backend is already configured"};
+  INSTINFER_TRY(config.shape.validate());
+  if (config.page.page_bytes != m.page_bytes)
+    return {errc::kInvalidArgument, "page size " + std::to_string(config.page.page_bytes) +
+                                        " differs from the drives' flash page (" + std::to_string(m.page_bytes) + ")"};
+  const uint32_t n = static_cast<uint32_t>(m.drives.size());
+  const uint32_t h = config.shape.n_kv_heads;
+  if (n > h)
+    return {errc::kInvalidArgument,
+            std::to_string(n) + " drives for " + std::to_string(h) + " kv heads: every drive needs at least one head"};
+  m.config = config;
+  m.layout = config.layout();
+  const uint64_t wanted =
+      config.capacity_bytes ? std::max<uint64_t>(1, config.capacity_bytes / m.layout.chunk_bytes()) : 0;
+  uint64_t cap = UINT32_MAX - 1;
+  for (uint32_t d = 0; d < n; ++d) {
+    drive_slot& ds = m.drives[d];
+    ds.head_begin = h * d / n;
+    ds.n_heads = h * (d + 1) / n - ds.head_begin;
+    namespace_config c{};
+    c.n_layers = config.shape.n_layers;
+    c.n_kv_heads = ds.n_heads;
+    c.group_size = config.shape.group_size();
+    c.head_dim = config.shape.head_dim;
+    c.page_bytes = config.page.page_bytes;
+    c.kv_dtype = static_cast<uint8_t>(config.shape.kv_dtype);
+    c.scale = config.scale;
+    c.softcap = config.softcap;
+    c.kv_head_begin = ds.head_begin;
+    c.capacity_chunks = wanted;
+    std::memcpy(ds.conn->area(), &c, sizeof c);
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kConfig);
+    e.data_bytes = sizeof c;
+    e.result_offset = 4096;
+    e.result_bytes = sizeof(namespace_info);
+    INSTINFER_TRY(ds.conn->execute(e));
+    namespace_info info;
+    std::memcpy(&info, ds.conn->area() + 4096, sizeof info);
+    if (info.tokens_per_page != config.page.tokens_per_page)
+      return {errc::kInternal, "drive and host disagree on tokens per page"};
+    ds.nsid = info.nsid;
+    ds.chunk_base = info.chunk_base;
+    cap = std::min(cap, info.chunk_count);
+  }
+  m.capacity = cap;
+  m.free_list.resize(cap);
+  for (uint64_t i = 0; i < cap; ++i) m.free_list[i] = static_cast<chunk_id>(cap - 1 - i);
+  m.configured = true;
+  return {};
+}
+
+uint64_t csd_backend::capacity_chunks() const noexcept {
+  return impl_->capacity;
+}
+uint64_t csd_backend::free_chunks() const noexcept {
+  return impl_->free_list.size() + impl_->pending_release.size();
+}
+
+result<chunk_id> csd_backend::allocate_chunk(const chunk_hint&) noexcept {
+  impl& m = *impl_;
+  if (!m.configured) return status{errc::kInvalidArgument, "csd backend is not configured"};
+  if (m.free_list.empty()) {
+    try {
+      INSTINFER_TRY(m.flush_releases());
+    } catch (...) {
+      return status{errc::kOutOfMemory, "reclaim"};
+    }
+  }
+  if (m.free_list.empty())
+    return status{errc::kOutOfPages, "all " + std::to_string(m.capacity) + " chunks of the csd namespace are in use"};
+  const chunk_id id = m.free_list.back();
+  m.free_list.pop_back();
+  return id;
+}
+
+void csd_backend::release_chunk(chunk_id id) noexcept {
+  impl& m = *impl_;
+  if (id >= m.capacity) return;
+  try {
+    m.pending_release.push_back(id);
+    if (m.pending_release.size() >= 4096) (void)m.flush_releases();
+  } catch (...) {
+  }
+}
+
+status csd_backend::reclaim() noexcept {
+  try {
+    INSTINFER_TRY(impl_->flush_releases());
+    return impl_->run_all([&](uint32_t, sq_entry& e) -> status {
+      e.opcode = static_cast<uint8_t>(opcode::kReclaim);
+      reclaim_args a{};
+      a.mode = static_cast<uint8_t>(reclaim_mode::kEraseOnly);
+      set_args(e, a);
+      return {};
+    });
+  } catch (...) {
+    return {errc::kOutOfMemory, "reclaim"};
+  }
+}
+
+status csd_backend::write_tokens(chunk_id id, const chunk_hint& hint, uint32_t first, uint32_t n, const std::byte* k,
+                                 const std::byte* v) noexcept {
+  impl& m = *impl_;
+  if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
+  if (id >= m.capacity) return {errc::kInvalidArgument, "chunk id " + std::to_string(id) + " out of range"};
+  if (n == 0 || first >= m.layout.tokens() || n > m.layout.tokens() - first)
+    return {errc::kInvalidArgument, "write of tokens [" + std::to_string(first) + ", +" + std::to_string(n) +
+                                        ") does not fit a chunk of " + std::to_string(m.layout.tokens())};
+  if (!k || !v) return {errc::kInvalidArgument, "null K or V"};
+  try {
+    if (!m.pending_release.empty() &&
+        std::find(m.pending_release.begin(), m.pending_release.end(), id) != m.pending_release.end())
+      return {errc::kInvalidArgument, "chunk " + std::to_string(id) + " was released"};
+    const uint32_t row = m.config.page.row_bytes();
+    const uint32_t h_all = m.config.shape.n_kv_heads;
+    INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
+      const drive_slot& ds = m.drives[d];
+      const uint64_t slice = uint64_t{n} * ds.n_heads * row;
+      const uint64_t bytes = 4 + 2 * slice;
+      if (bytes > ds.conn->area_bytes()) return {errc::kInvalidArgument, "write larger than the data area"};
+      std::byte* p = ds.conn->area();
+      const uint32_t gid = static_cast<uint32_t>(ds.chunk_base + id);
+      std::memcpy(p, &gid, 4);
+      std::byte* kd = p + 4;
+      std::byte* vd = kd + slice;
+      for (uint32_t t = 0; t < n; ++t) {
+        const uint64_t src = (uint64_t{t} * h_all + ds.head_begin) * row;
+        const uint64_t dst = uint64_t{t} * ds.n_heads * row;
+        std::memcpy(kd + dst, k + src, uint64_t{ds.n_heads} * row);
+        std::memcpy(vd + dst, v + src, uint64_t{ds.n_heads} * row);
+      }
+      e.opcode = static_cast<uint8_t>(opcode::kWriteKv);
+      e.data_bytes = static_cast<uint32_t>(bytes);
+      write_kv_args a{};
+      a.seq = hint.seq;
+      a.layer = hint.layer;
+      a.first_index = hint.index;
+      a.first_token = first;
+      a.n_tokens = n;
+      a.n_chunks = 1;
+      set_args(e, a);
+      return {};
+    }));
+    m.note_position(hint.seq, hint.layer, hint.index, id);
+    m.kv_bytes_appended += uint64_t{n} * m.config.shape.token_bytes_per_layer();
+    return {};
+  } catch (...) {
+    return {errc::kOutOfMemory, "write_tokens"};
+  }
+}
+
+status csd_backend::copy_tokens(chunk_id dst, const chunk_hint& hint, chunk_id src, uint32_t n) noexcept {
+  impl& m = *impl_;
+  if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
+  if (dst >= m.capacity || src >= m.capacity) return {errc::kInvalidArgument, "chunk id out of range"};
+  try {
+    INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
+      e.opcode = static_cast<uint8_t>(opcode::kCopy);
+      copy_args a{};
+      a.seq = hint.seq;
+      a.layer = hint.layer;
+      a.index = hint.index;
+      a.dst = static_cast<uint32_t>(m.drives[d].chunk_base + dst);
+      a.src = static_cast<uint32_t>(m.drives[d].chunk_base + src);
+      a.n_tokens = n;
+      set_args(e, a);
+      return {};
+    }));
+    m.note_position(hint.seq, hint.layer, hint.index, dst);
+    return {};
+  } catch (...) {
+    return {errc::kOutOfMemory, "copy_tokens"};
+  }
+}
+
+status csd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept {
+  impl& m = *impl_;
+  if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
+  if (id >= m.capacity) return {errc::kInvalidArgument, "chunk id out of range"};
+  INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
+    e.opcode = static_cast<uint8_t>(opcode::kRead);
+    e.result_bytes = static_cast<uint32_t>(uint64_t{2} * m.drives[d].n_heads * m.page_bytes);
+    set_args(e, read_args{static_cast<uint32_t>(m.drives[d].chunk_base + id), n_tokens});
+    return {};
+  }));
+  const uint64_t page = m.page_bytes;
+  for (const drive_slot& ds : m.drives)
+    for (uint32_t h = 0; h < ds.n_heads; ++h) {
+      std::memcpy(dst + m.layout.page_offset(kv_kind::kKey, ds.head_begin + h), ds.conn->area() + h * page, page);
+      std::memcpy(dst + m.layout.page_offset(kv_kind::kValue, ds.head_begin + h),
+                  ds.conn->area() + (uint64_t{ds.n_heads} + h) * page, page);
+    }
+  return {};
+}
+
+status csd_backend::attend(uint32_t layer, std::span<const attend_item> batch) noexcept {
+  impl& m = *impl_;
+  if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
+  if (layer >= m.config.shape.n_layers) return {errc::kLayerOutOfRange, "layer out of range"};
+  if (batch.empty()) return {};
+  try {
+    const uint32_t dim = m.config.shape.head_dim;
+    const uint32_t g = m.config.shape.group_size();
+    const uint32_t hq_all = m.config.shape.n_q_heads;
+    for (const attend_item& it : batch) {
+      if (!it.q || !it.out) return {errc::kInvalidArgument, "attend item without q or out"};
+      const uint64_t need = (uint64_t{it.n_tokens} + m.layout.tokens() - 1) / m.layout.tokens();
+      if (it.chunks.size() < need) return {errc::kInvalidArgument, "attend item has fewer chunks than its tokens need"};
+      if (it.n_tokens) INSTINFER_TRY(m.sync_table(it.seq, layer, it.chunks));
+    }
+    // Items per command: what fits in the smallest data area.
+    uint64_t per_item = 0;
+    for (const drive_slot& ds : m.drives) {
+      const uint64_t hq = uint64_t{ds.n_heads} * g;
+      per_item = std::max(per_item, sizeof(attend_entry) + hq * dim * 4 + hq * dim * 4 + hq * 4);
+    }
+    uint64_t fit = m.drives.front().conn->area_bytes();
+    for (const drive_slot& ds : m.drives) fit = std::min(fit, ds.conn->area_bytes());
+    const size_t max_items = static_cast<size_t>(std::max<uint64_t>(1, fit / per_item));
+    for (size_t b0 = 0; b0 < batch.size(); b0 += max_items) {
+      const size_t nb = std::min(max_items, batch.size() - b0);
+      INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
+        const drive_slot& ds = m.drives[d];
+        const uint32_t hq = ds.n_heads * g;
+        std::byte* p = ds.conn->area();
+        auto* ent = reinterpret_cast<attend_entry*>(p);
+        auto* q = reinterpret_cast<float*>(p + nb * sizeof(attend_entry));
+        for (size_t i = 0; i < nb; ++i) {
+          const attend_item& it = batch[b0 + i];
+          ent[i] = attend_entry{it.seq, it.n_tokens, 0};
+          std::memcpy(q + i * hq * dim, it.q + uint64_t{ds.head_begin} * g * dim, uint64_t{hq} * dim * 4);
+        }
+        const uint64_t in = nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
+        e.opcode = static_cast<uint8_t>(opcode::kAttend);
+        e.data_bytes = static_cast<uint32_t>(in);
+        e.result_offset = (in + 63) / 64 * 64;
+        e.result_bytes = static_cast<uint32_t>(nb * uint64_t{hq} * (dim + 1) * 4);
+        set_args(e, attend_args{layer, static_cast<uint32_t>(nb)});
+        return {};
+      }));
+      for (const drive_slot& ds : m.drives) {
+        const uint32_t hq = ds.n_heads * g;
+        const uint64_t in = nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
+        const std::byte* r = ds.conn->area() + (in + 63) / 64 * 64;
+        const auto* o = reinterpret_cast<const float*>(r);
+        const auto* lse = reinterpret_cast<const float*>(r + nb * uint64_t{hq} * dim * 4);
+        for (size_t i = 0; i < nb; ++i) {
+          const attend_item& it = batch[b0 + i];
+          std::memcpy(it.out + uint64_t{ds.head_begin} * g * dim, o + i * hq * dim, uint64_t{hq} * dim * 4);
+          if (it.lse) std::memcpy(it.lse + uint64_t{ds.head_begin} * g, lse + i * hq, uint64_t{hq} * 4);
+        }
+      }
+    }
+    (void)hq_all;
+    return {};
+  } catch (...) {
+    return {errc::kOutOfMemory, "attend"};
+  }
+}
+
+void csd_backend::on_sequence_freed(seq_id seq) noexcept {
+  impl& m = *impl_;
+  if (!m.configured) return;
+  try {
+    for (uint32_t l = 0; l < m.config.shape.n_layers; ++l) m.mirror.erase(mirror_key{seq, l});
+    (void)m.flush_releases();
+    (void)m.run_all([&](uint32_t, sq_entry& e) -> status {
+      e.opcode = static_cast<uint8_t>(opcode::kReclaim);
+      reclaim_args a{};
+      a.mode = static_cast<uint8_t>(reclaim_mode::kSequence);
+      a.seq = seq;
+      set_args(e, a);
+      return {};
+    });
+  } catch (...) {
+  }
+}
+
+uint32_t csd_backend::n_drives() const noexcept {
+  return static_cast<uint32_t>(impl_->drives.size());
+}
+int32_t csd_backend::device_pid(uint32_t d) const noexcept {
+  return d < impl_->drives.size() ? impl_->drives[d].conn->device_pid() : -1;
+}
+
+status csd_backend::drive_stats(uint32_t d, device_stats& out) const noexcept {
+  if (d >= impl_->drives.size()) return {errc::kInvalidArgument, "no such drive"};
+  std::lock_guard lock(impl_->stats_mutex);
+  connection& c = *impl_->drives[d].conn;
+  sq_entry e{};
+  e.opcode = static_cast<uint8_t>(opcode::kStats);
+  e.result_bytes = sizeof(device_stats);
+  INSTINFER_TRY(c.execute(e));
+  std::memcpy(&out, c.area(), sizeof out);
+  return {};
+}
+
+backend_stats csd_backend::stats() const noexcept {
+  const impl& m = *impl_;
+  backend_stats s{};
+  s.capacity_chunks = m.capacity;
+  s.used_chunks = m.capacity - m.free_list.size() - m.pending_release.size();
+  s.kv_bytes_appended = m.kv_bytes_appended;
+  s.modelled_device_seconds = m.modelled_ns * 1e-9;
+  for (uint32_t d = 0; d < m.drives.size(); ++d) {
+    s.link_bytes_host_to_device += m.drives[d].conn->link_bytes_in();
+    s.link_bytes_device_to_host += m.drives[d].conn->link_bytes_out();
+    device_stats ds{};
+    if (!drive_stats(d, ds).ok()) continue;
+    s.flash_pages_read += ds.flash_pages_read;
+    s.flash_pages_programmed += ds.flash_pages_programmed;
+    s.flash_pages_erased += ds.flash_pages_erased;
+    s.device_bytes_written += ds.flash_pages_programmed * ds.page_bytes;
+    s.device_bytes_read += ds.flash_pages_read * ds.page_bytes;
+  }
+  return s;
+}
+
+result<std::unique_ptr<backend>> make_csd_backend(const backend_uri& uri) {
+  auto b = csd_backend::create(uri);
+  if (!b.ok()) return b.error();
+  return std::unique_ptr<backend>(std::move(*b));
+}
+
+static_assert(kv_backend<csd_backend>);
+
+}  // namespace instinfer
