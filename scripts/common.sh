@@ -11,7 +11,8 @@ INSTINFER_PACKAGES=(cmake g++ make pkg-config ccache liburing-dev libnvme-dev li
 install_deps() {
   local missing=()
   for p in "${INSTINFER_PACKAGES[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    # dpkg-query, not dpkg -s: the latter fails when several architectures are installed (arm64 libs).
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if ((${#missing[@]})); then
     echo "== installing: ${missing[*]}"
