@@ -69,7 +69,7 @@ std::vector<uint64_t> flags::u64_list(std::string_view key, std::vector<uint64_t
   if (s.empty()) return fallback;
   std::vector<uint64_t> out;
   size_t pos = 0;
-  while (pos <= s.size()) {
+  while (pos < s.size()) {
     const size_t comma = std::min(s.find(',', pos), s.size());
     const std::string item = s.substr(pos, comma - pos);  // must outlive `end`
     char* end = nullptr;

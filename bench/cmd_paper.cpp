@@ -29,24 +29,6 @@ namespace {
 
 using paper::method;
 
-// "1,2,4" or "1k,4k". Parsed here: flags::u64_list reads a destroyed temporary (reported).
-std::vector<uint64_t> u64_list(const flags& f, std::string_view key, std::vector<uint64_t> fallback) {
-  const std::string s = f.str(key, "");
-  if (s.empty()) return fallback;
-  std::vector<uint64_t> out;
-  size_t pos = 0;
-  while (pos < s.size()) {
-    const size_t comma = std::min(s.find(',', pos), s.size());
-    const std::string tok = s.substr(pos, comma - pos);
-    char* end = nullptr;
-    uint64_t v = std::strtoull(tok.c_str(), &end, 10);
-    if (end && (*end == 'k' || *end == 'K')) v <<= 10;
-    out.push_back(v);
-    pos = comma + 1;
-  }
-  return out;
-}
-
 double parse_fraction(const std::string& s) {
   const size_t slash = s.find('/');
   if (slash == std::string::npos) return std::strtod(s.c_str(), nullptr);
@@ -293,8 +275,8 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "paper: unknown --model '%s' (opt-13b or llama-2-13b)\n", model.c_str());
     return 2;
   }
-  const std::vector<uint64_t> batches = u64_list(f, "batch", {1, 2, 4, 8, 16, 32, 64, 128});
-  const std::vector<uint64_t> inputs = u64_list(f, "input", {1024});
+  const std::vector<uint64_t> batches = f.u64_list("batch", {1, 2, 4, 8, 16, 32, 64, 128});
+  const std::vector<uint64_t> inputs = f.u64_list("input", {1024});
   const uint64_t output = f.u64("output", 1024);
   paper::system_model sys;
   sys.gpu.mem_gbps = f.f64("gpu-mem-gbps", 768.0);
@@ -316,7 +298,7 @@ int run(int argc, char** argv) {
   sys.overlap = f.u64("overlap", 1) != 0;
   sys.flexgen_eff = f.f64("flexgen-eff", 1.0);
   sys.host_eff = f.f64("host-eff", 1.0);
-  const std::vector<uint64_t> drives = u64_list(f, "drives", {1, 2, 4, 8});
+  const std::vector<uint64_t> drives = f.u64_list("drives", {1, 2, 4, 8});
   const double compression = parse_fraction(f.str("compression", "1/8"));
   const uint32_t cpp = static_cast<uint32_t>(f.u64("channels-per-page", 0));
   const double spread = f.f64("page-spread", 2.0);

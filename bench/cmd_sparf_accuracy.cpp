@@ -25,24 +25,6 @@
 namespace instinfer::bench {
 namespace {
 
-// "1,2,4" or "1k,4k". Parsed here: flags::u64_list reads a destroyed temporary (reported).
-std::vector<uint64_t> u64_list(const flags& f, std::string_view key, std::vector<uint64_t> fallback) {
-  const std::string s = f.str(key, "");
-  if (s.empty()) return fallback;
-  std::vector<uint64_t> out;
-  size_t pos = 0;
-  while (pos < s.size()) {
-    const size_t comma = std::min(s.find(',', pos), s.size());
-    const std::string tok = s.substr(pos, comma - pos);
-    char* end = nullptr;
-    uint64_t v = std::strtoull(tok.c_str(), &end, 10);
-    if (end && (*end == 'k' || *end == 'K')) v <<= 10;
-    out.push_back(v);
-    pos = comma + 1;
-  }
-  return out;
-}
-
 std::vector<double> parse_doubles(const std::string& s) {
   std::vector<double> out;
   size_t pos = 0;
@@ -94,7 +76,7 @@ stored store(const sparf_config& cfg, const synthetic::attention_workload& wl, u
 
 int run(int argc, char** argv) {
   flags f(argc, argv);
-  const std::vector<uint64_t> contexts = u64_list(f, "tokens", {1024, 4096});
+  const std::vector<uint64_t> contexts = f.u64_list("tokens", {1024, 4096});
   const uint32_t d = static_cast<uint32_t>(f.u64("head-dim", 128));
   const uint32_t kv_heads = static_cast<uint32_t>(f.u64("kv-heads", 8));
   const uint32_t group = static_cast<uint32_t>(f.u64("group", 1));
