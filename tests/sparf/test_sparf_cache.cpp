@@ -24,6 +24,8 @@ std::vector<std::string> backends_to_try() {
     uris.push_back(std::string("ssd:") + (tmp ? tmp : "/tmp") + "/instinfer-sparf-" + std::to_string(getpid()) +
                    ".bin?capacity=64M");
   }
+  if (describe_backends().find("csd") != std::string::npos)
+    uris.push_back("csd:?channels=4&dies=2&blocks_per_die=128&pages_per_block=8&cores=2");
   return uris;
 }
 
