@@ -2,6 +2,7 @@
 // gcc 12 reports the self-initialised `__Y` of _mm512_undefined_*() inside its own intrinsic
 // headers as maybe-uninitialized; the warning is a known false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "decode_isa.hpp"
 #include "instinfer/attention/decode_kernel.hpp"
