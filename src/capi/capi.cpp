@@ -51,6 +51,15 @@ instinfer_status guarded(const char* fn, Body&& body) noexcept {
   }
 }
 
+// A C caller may pass any int as an instinfer_dtype; in C++ loading an out-of-range enum value is
+// undefined, so read the raw bits.
+int raw_dtype(const instinfer_dtype& t) noexcept {
+  static_assert(sizeof(instinfer_dtype) == sizeof(int));
+  int v;
+  std::memcpy(&v, &t, sizeof v);
+  return v;
+}
+
 #define CHECK_CACHE(cache)                                                          \
   if (!(cache) || !(cache)->cache) return fail(errc::kInvalidArgument, "cache is NULL")
 
@@ -86,7 +95,7 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
       return fail(errc::kInvalidArgument, "config->struct_size is " + std::to_string(config->struct_size) +
                                               ", expected " + std::to_string(sizeof(instinfer_config)) +
                                               " (initialise it with instinfer_config_init)");
-    const int dt = static_cast<int>(config->kv_dtype);
+    const int dt = raw_dtype(config->kv_dtype);
     if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "kv_dtype " + std::to_string(dt) + " is not a dtype");
     instinfer::cache_options o;
     o.shape = {config->n_layers, config->n_q_heads, config->n_kv_heads, config->head_dim,
@@ -198,7 +207,7 @@ instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uin
                                   const void* k, const void* v, instinfer_dtype src_dtype) {
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
-    const int dt = static_cast<int>(src_dtype);
+    const int dt = raw_dtype(src_dtype);
     if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
     return report(cache->cache->append(seq, layer, n_tokens, k, v, static_cast<instinfer::dtype>(dt)));
   });
