@@ -2,6 +2,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JOBS="${JOBS:-$(nproc)}"
+# ccache keys on relative paths, so clones in different folders share the cache.
+export CCACHE_BASEDIR="$ROOT"
 
 # Debian 12 packages the build and tests need (no vendored code, nothing downloaded at build time).
 INSTINFER_PACKAGES=(cmake g++ make pkg-config ccache liburing-dev libnvme-dev libjson-c-dev libxsimd-dev doctest-dev
