@@ -20,28 +20,42 @@ using cuda::cuda_status;
 
 constexpr size_t align_up(size_t x, size_t a) noexcept { return (x + a - 1) / a * a; }
 
-// Grow-only device buffer: the hot path reuses it once it has reached the largest batch seen.
-class device_buffer {
+// Grow-only CUDA allocation (device memory or pinned host memory, by the allocator pair): the
+// hot path reuses it once it has reached the largest batch seen; pinned host buffers make uploads
+// and downloads single DMA transfers.
+struct device_memory {
+  static cudaError_t allocate(void** p, size_t bytes) noexcept { return cudaMalloc(p, bytes); }
+  static void release(void* p) noexcept { (void)cudaFree(p); }
+  static constexpr const char* kWhat = "cudaMalloc";
+};
+struct pinned_memory {
+  static cudaError_t allocate(void** p, size_t bytes) noexcept { return cudaMallocHost(p, bytes); }
+  static void release(void* p) noexcept { (void)cudaFreeHost(p); }
+  static constexpr const char* kWhat = "cudaMallocHost";
+};
+
+template <class Memory>
+class grow_buffer {
  public:
-  device_buffer() = default;
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  ~device_buffer() { reset(); }
+  grow_buffer() = default;
+  grow_buffer(const grow_buffer&) = delete;
+  grow_buffer& operator=(const grow_buffer&) = delete;
+  ~grow_buffer() { reset(); }
 
   status reserve(size_t bytes) noexcept {
     if (bytes <= size_) return {};
     reset();
     void* p = nullptr;
-    if (const cudaError_t e = cudaMalloc(&p, bytes); e != cudaSuccess) {
+    if (const cudaError_t e = Memory::allocate(&p, bytes); e != cudaSuccess) {
       (void)cudaGetLastError();
-      return cuda_status(e, ("cudaMalloc(" + std::to_string(bytes) + " bytes of staging)").c_str());
+      return cuda_status(e, (std::string(Memory::kWhat) + "(" + std::to_string(bytes) + " bytes)").c_str());
     }
     data_ = static_cast<std::byte*>(p);
     size_ = bytes;
     return {};
   }
   void reset() noexcept {
-    if (data_ != nullptr) (void)cudaFree(data_);
+    if (data_ != nullptr) Memory::release(data_);
     data_ = nullptr;
     size_ = 0;
   }
@@ -51,38 +65,8 @@ class device_buffer {
   std::byte* data_ = nullptr;
   size_t size_ = 0;
 };
-
-// Grow-only pinned host buffer, so uploads and downloads are single DMA transfers.
-class pinned_buffer {
- public:
-  pinned_buffer() = default;
-  pinned_buffer(const pinned_buffer&) = delete;
-  pinned_buffer& operator=(const pinned_buffer&) = delete;
-  ~pinned_buffer() { reset(); }
-
-  status reserve(size_t bytes) noexcept {
-    if (bytes <= size_) return {};
-    reset();
-    void* p = nullptr;
-    if (const cudaError_t e = cudaMallocHost(&p, bytes); e != cudaSuccess) {
-      (void)cudaGetLastError();
-      return cuda_status(e, ("cudaMallocHost(" + std::to_string(bytes) + " bytes)").c_str());
-    }
-    data_ = static_cast<std::byte*>(p);
-    size_ = bytes;
-    return {};
-  }
-  void reset() noexcept {
-    if (data_ != nullptr) (void)cudaFreeHost(data_);
-    data_ = nullptr;
-    size_ = 0;
-  }
-  std::byte* data() const noexcept { return data_; }
-
- private:
-  std::byte* data_ = nullptr;
-  size_t size_ = 0;
-};
+using device_buffer = grow_buffer<device_memory>;
+using pinned_buffer = grow_buffer<pinned_memory>;
 
 }  // namespace
 
