@@ -18,6 +18,7 @@
 #include "block_manager.hpp"
 #include "flash_store.hpp"
 #include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/sparf.hpp"
 #include "instinfer/attention/state.hpp"
 #include "instinfer/layout/kv_shape.hpp"
 #include "instinfer/layout/page_geometry.hpp"
@@ -97,6 +98,35 @@ struct name_space {
   std::vector<uint64_t> slot_use;
   std::vector<uint32_t> free_slots;
   uint64_t max_slots = 0;
+
+  // SparF: the channel-indexed K copy under a second L2P table, and V sums for the running mean.
+  // Column data is derived from the token chunks: a sealed column block is keyed by the chunks (and
+  // their generations) it was built from, so forks share it and a reused chunk id never matches
+  // stale data; the block being filled lives in DRAM per (seq, layer). Anything missing or stale
+  // (after a fork, a truncation, a failed program) is rebuilt from the token pages when attended.
+  struct column_block {
+    std::vector<uint32_t> chunks, gens;  // the token chunks it covers (chunks_per_column_block)
+    std::vector<uint32_t> pages;         // [n_kv_heads][channel groups] physical pages
+    std::vector<double> v_sum;           // [n_kv_heads][head_dim] sum of V over its tokens
+    bool live = false;
+  };
+  struct column_tail {
+    bool valid = false;
+    uint32_t block = 0;  // column block index in the (seq, layer): tokens from block * tokens_per_page
+    uint32_t n = 0;      // tokens held (< tokens per column page)
+    std::vector<uint32_t> chunks, gens;
+    aligned_bytes k;     // one column block, channel_layout order
+    std::vector<double> v_sum;
+  };
+  bool sparf = false;
+  channel_layout columns{};
+  sparf_config sparf_one_head{};  // the engine runs per (item, kv head)
+  uint32_t chunks_per_column_block = 0;
+  std::vector<uint32_t> gen;  // per chunk: bumped when the chunk is reset (ids are reused)
+  std::vector<column_block> cblocks;
+  std::vector<uint32_t> free_cblocks;
+  std::unordered_map<uint32_t, std::vector<uint32_t>> cblocks_of_chunk;
+  std::unordered_map<table_key, column_tail, table_key_hash> tails;
 
   uint32_t q_heads() const noexcept { return cfg.n_kv_heads * cfg.group_size; }
   bool owns(uint64_t chunk) const noexcept { return chunk >= base && chunk - base < count; }
@@ -293,6 +323,7 @@ class drive_impl final : public drive {
         return {};
       case opcode::kWriteKv: return do_write(ns, e, data);
       case opcode::kAttend: return do_attend(ns, e, data, res, out);
+      case opcode::kAttendSparse: return do_attend_sparse(ns, e, data, res, out);
       case opcode::kReclaim: return do_reclaim(ns, e, data);
       case opcode::kMap: return do_map(ns, e, data);
       case opcode::kCopy: return do_copy(ns, e);
@@ -334,12 +365,26 @@ class drive_impl final : public drive {
     if (!geo.ok()) return geo.error();
     if (!std::isfinite(c.scale) || !std::isfinite(c.softcap) || c.scale < 0.0f)
       return {errc::kInvalidArgument, "scale and softcap must be finite (scale >= 0)"};
+    if (c.sparf > 1) return {errc::kInvalidArgument, "sparf flag must be 0 or 1"};
     auto ns = std::make_unique<name_space>();
     ns->cfg = c;
     ns->geo = *geo;
     ns->pages_per_chunk = 2 * c.n_kv_heads;
     ns->chunk_bytes = uint64_t{c.page_bytes} * ns->pages_per_chunk;
-    const uint64_t fit = o_.flash.total_pages() / ns->pages_per_chunk;
+    if (c.sparf) {
+      auto cols = channel_layout::make(c.page_bytes, c.head_dim, shape.kv_dtype, c.sparf_channels_per_page,
+                                       c.n_kv_heads);
+      if (!cols.ok()) return cols.error();
+      auto one = sparf_config::make(chunk_layout::make(*geo, 1), cols->channels_per_page, c.group_size, c.scale,
+                                    c.softcap);
+      if (!one.ok()) return one.error();
+      ns->sparf = true;
+      ns->columns = *cols;
+      ns->sparf_one_head = *one;
+      ns->chunks_per_column_block = cols->tokens_per_page / geo->tokens_per_page;  // d / channels per page
+    }
+    // With SparF every chunk also costs n_kv_heads column pages (the K copy: 1.5x the KV).
+    const uint64_t fit = o_.flash.total_pages() / (ns->pages_per_chunk + (c.sparf ? c.n_kv_heads : 0));
     ns->count = c.capacity_chunks == 0 ? fit : c.capacity_chunks;
     if (ns->count == 0 || ns->count > (uint64_t{1} << 26))
       return {errc::kInvalidArgument,
@@ -354,6 +399,7 @@ class drive_impl final : public drive {
     ns->kernel = *kernel;
     ns->chunks.assign(ns->count, chunk_entry{});
     ns->l2p.assign(ns->count * ns->pages_per_chunk, kNoPage);
+    if (ns->sparf) ns->gen.assign(ns->count, 0);
     ns->max_slots = std::max<uint64_t>(1, o_.buffer_bytes / ns->chunk_bytes);
     ns->base = next_base_;
     next_base_ += ns->count;
@@ -470,6 +516,10 @@ class drive_impl final : public drive {
   }
 
   void reset_chunk(name_space& ns, uint64_t chunk) noexcept {
+    if (ns.sparf) {
+      ++ns.gen[chunk - ns.base];
+      drop_column_blocks_of(ns, static_cast<uint32_t>(chunk));
+    }
     chunk_entry& ce = ns.entry(chunk);
     uint32_t* pages = ns.pages(chunk);
     for (uint32_t p = 0; p < ns.pages_per_chunk; ++p) blocks_.invalidate(pages[p]), pages[p] = kNoPage;
@@ -570,6 +620,14 @@ class drive_impl final : public drive {
       t += n;
     }
     stats_.kv_bytes_appended += 2 * kv_bytes;
+    if (ns.sparf) {
+      try {
+        column_append(ns, a.seq, a.layer, a.first_index, a.first_token, ids.data(), k, v, a.n_tokens);
+      } catch (const std::bad_alloc&) {
+        if (auto it = ns.tails.find(table_key{a.seq, a.layer}); it != ns.tails.end())
+          it->second.valid = false;  // rebuilt when attended
+      }
+    }
     return {};
   }
 
@@ -600,7 +658,10 @@ class drive_impl final : public drive {
         break;
       }
       case reclaim_mode::kSequence:
-        for (uint32_t l = 0; l < ns.cfg.n_layers; ++l) ns.tables.erase(table_key{a.seq, l});
+        for (uint32_t l = 0; l < ns.cfg.n_layers; ++l) {
+          ns.tables.erase(table_key{a.seq, l});
+          ns.tails.erase(table_key{a.seq, l});
+        }
         break;
       case reclaim_mode::kRange: {
         INSTINFER_TRY(check_layer(ns, a.layer));
@@ -676,6 +737,281 @@ class drive_impl final : public drive {
     return {};
   }
 
+  // ---- SparF: the channel-indexed K copy (second L2P table) ------------------------------------
+  uint32_t gen_of(const name_space& ns, uint32_t chunk) const noexcept { return ns.gen[chunk - ns.base]; }
+
+  void drop_column_block(name_space& ns, uint32_t b) noexcept {
+    name_space::column_block& cb = ns.cblocks[b];
+    if (!cb.live) return;
+    for (uint32_t p : cb.pages) blocks_.invalidate(p);
+    for (uint32_t c : cb.chunks) {
+      auto it = ns.cblocks_of_chunk.find(c);
+      if (it == ns.cblocks_of_chunk.end()) continue;
+      std::vector<uint32_t>& v = it->second;
+      v.erase(std::remove(v.begin(), v.end(), b), v.end());
+      if (v.empty()) ns.cblocks_of_chunk.erase(it);
+    }
+    cb.live = false;
+    ns.free_cblocks.push_back(b);  // capacity reserved when the block was created: cannot throw
+    --stats_.column_blocks;
+  }
+  void drop_column_blocks_of(name_space& ns, uint32_t chunk) noexcept {
+    for (auto it = ns.cblocks_of_chunk.find(chunk); it != ns.cblocks_of_chunk.end();
+         it = ns.cblocks_of_chunk.find(chunk))
+      drop_column_block(ns, it->second.back());
+  }
+
+  // The live column block built from exactly these chunks (current generations), or UINT32_MAX.
+  uint32_t find_column_block(const name_space& ns, const uint32_t* chunks) const noexcept {
+    auto it = ns.cblocks_of_chunk.find(chunks[0]);
+    if (it == ns.cblocks_of_chunk.end()) return UINT32_MAX;
+    const uint32_t C = ns.chunks_per_column_block;
+    for (uint32_t b : it->second) {
+      const name_space::column_block& cb = ns.cblocks[b];
+      bool same = cb.live && cb.chunks.size() == C;
+      for (uint32_t j = 0; same && j < C; ++j)
+        same = cb.chunks[j] == chunks[j] && cb.gens[j] == gen_of(ns, chunks[j]);
+      if (same) return b;
+    }
+    return UINT32_MAX;
+  }
+
+  // Program n pages, page i on lane (lane0 + i): the column pages of one head for one block land on
+  // different channels, so a SparF read of a few of them runs in parallel. All or nothing.
+  status program_striped(name_space& ns, const std::byte* src, uint32_t n_pages, uint64_t lane0, uint32_t* ppns) {
+    const uint32_t lanes = o_.flash.lanes();
+    for (uint32_t i = 0; i < n_pages; ++i) {
+      const uint32_t lane = static_cast<uint32_t>((lane0 + i) % lanes);
+      auto r = blocks_.allocate(lane, 1, ++program_stamp_);
+      if (!r.ok() && erase_dead(1) > 0) r = blocks_.allocate(lane, 1, ++program_stamp_);
+      status s = r.ok() ? store_->program(r->first_ppn, 1, src + uint64_t{i} * ns.geo.page_bytes) : r.error();
+      if (!s.ok()) {
+        if (r.ok()) blocks_.invalidate(r->first_ppn);
+        for (uint32_t j = 0; j < i; ++j) blocks_.invalidate(ppns[j]), ppns[j] = kNoPage;
+        return s;
+      }
+      ppns[i] = r->first_ppn;
+      timeline_.program(r->first_ppn, cmd_start());
+      ++stats_.flash_pages_programmed;
+      ++stats_.column_pages_programmed;
+    }
+    return {};
+  }
+
+  // Program one column block (`src`: channel_layout order) built from `chunks` and register it.
+  result<uint32_t> add_column_block(name_space& ns, const uint32_t* chunks, const std::byte* src,
+                                    const std::vector<double>& v_sum, uint64_t lane0) {
+    uint32_t b;
+    if (!ns.free_cblocks.empty()) {
+      b = ns.free_cblocks.back();
+      ns.free_cblocks.pop_back();
+    } else {
+      b = static_cast<uint32_t>(ns.cblocks.size());
+      ns.cblocks.emplace_back();
+      ns.free_cblocks.reserve(ns.cblocks.size());
+    }
+    name_space::column_block& cb = ns.cblocks[b];
+    const uint32_t C = ns.chunks_per_column_block;
+    try {
+      cb.pages.assign(ns.columns.pages_per_block(), kNoPage);
+      cb.chunks.assign(chunks, chunks + C);
+      cb.gens.resize(C);
+      for (uint32_t j = 0; j < C; ++j) cb.gens[j] = gen_of(ns, chunks[j]);
+      cb.v_sum = v_sum;
+      for (uint32_t j = 0; j < C; ++j) ns.cblocks_of_chunk[chunks[j]].reserve(4);
+    } catch (...) {
+      ns.free_cblocks.push_back(b);
+      throw;
+    }
+    if (status s = program_striped(ns, src, ns.columns.pages_per_block(), lane0, cb.pages.data()); !s.ok()) {
+      ns.free_cblocks.push_back(b);
+      return s;
+    }
+    cb.live = true;
+    for (uint32_t j = 0; j < C; ++j) ns.cblocks_of_chunk[chunks[j]].push_back(b);
+    ++stats_.column_blocks;
+    return b;
+  }
+
+  // Column data (channel_layout order) and V sums of the first n tokens of a run of token chunks,
+  // read from the group buffer or flash: how a column block or tail is rebuilt.
+  status build_columns(name_space& ns, const uint32_t* chunks, uint32_t n, std::byte* dst, std::vector<double>& v_sum) {
+    const uint32_t tpp = ns.geo.tokens_per_page, H = ns.cfg.n_kv_heads, d = ns.cfg.head_dim;
+    const uint32_t es = dtype_size(ns.geo.kv_dtype);
+    const uint64_t page = ns.geo.page_bytes, row = ns.geo.row_bytes();
+    const dtype t = ns.geo.kv_dtype;
+    std::fill(v_sum.begin(), v_sum.end(), 0.0);
+    aligned_bytes tmp;
+    for (uint32_t j = 0; uint64_t{j} * tpp < n; ++j) {
+      const uint32_t id = chunks[j];
+      const chunk_entry& ce = ns.entry(id);
+      const uint32_t count = std::min(tpp, n - j * tpp);
+      if (ce.n_tokens < count) return {errc::kInvalidArgument, "chunk " + std::to_string(id) + " holds too few tokens"};
+      const std::byte* src;
+      if (ce.slot != kNoSlot) {
+        src = ns.slot_mem[ce.slot].get();
+      } else {
+        if (!tmp) tmp = alloc_aligned(ns.chunk_bytes);
+        if (!tmp) return {errc::kOutOfMemory, "column rebuild buffer"};
+        const uint32_t* pages = ns.pages(id);
+        for (uint32_t h = 0; h < H; ++h) {  // K and V pages of every head (V for the running mean)
+          for (uint32_t p : {h, H + h}) {
+            INSTINFER_TRY(store_->read(pages[p], tmp.get() + uint64_t{p} * page));
+            note_read(pages[p]);
+            ++stats_.column_rebuild_pages_read;
+          }
+        }
+        src = tmp.get();
+      }
+      for (uint32_t i = 0; i < count; ++i) {
+        const uint32_t tok = j * tpp + i;
+        for (uint32_t h = 0; h < H; ++h) {
+          const std::byte* krow = src + uint64_t{h} * page + uint64_t{i} * row;
+          const std::byte* vrow = src + uint64_t{H + h} * page + uint64_t{i} * row;
+          for (uint32_t ch = 0; ch < d; ++ch) {
+            std::memcpy(dst + ns.columns.offset(h, tok, ch), krow + uint64_t{ch} * es, es);
+            v_sum[uint64_t{h} * d + ch] += static_cast<double>(load_as_float(vrow, t, ch));
+          }
+        }
+      }
+    }
+    return {};
+  }
+
+  status ensure_tail_memory(name_space& ns, name_space::column_tail& tl) {
+    if (!tl.k) {
+      tl.k = alloc_aligned(ns.columns.block_bytes());
+      if (!tl.k) return {errc::kOutOfMemory, "SparF column tail buffer"};
+    }
+    tl.v_sum.assign(uint64_t{ns.cfg.n_kv_heads} * ns.cfg.head_dim, 0.0);
+    return {};
+  }
+
+  // Write path: the tokens just stored at [first_index * tpp + first_token, + n) of (seq, layer)
+  // also go into the column tail; a full tail is programmed as a column block. A tail that does not
+  // end where these tokens start (fork, truncation) is marked stale and rebuilt when attended. A
+  // failure here loses no token data (the column copy is derived), so it is not the write's.
+  void column_append(name_space& ns, uint64_t seq, uint32_t layer, uint32_t first_index, uint32_t first_token,
+                     const uint32_t* ids, const std::byte* k, const std::byte* v, uint32_t n) {
+    const uint32_t tpp = ns.geo.tokens_per_page, ctp = ns.columns.tokens_per_page;
+    const uint32_t H = ns.cfg.n_kv_heads, d = ns.cfg.head_dim, es = dtype_size(ns.geo.kv_dtype);
+    const uint64_t row = ns.geo.row_bytes();
+    const uint64_t p0 = uint64_t{first_index} * tpp + first_token;
+    name_space::column_tail& tl = ns.tails[table_key{seq, layer}];
+    if (p0 % ctp == 0) {  // a block boundary: start fresh whatever came before
+      if (!ensure_tail_memory(ns, tl).ok()) return void(tl.valid = false);
+      tl.valid = true;
+      tl.block = static_cast<uint32_t>(p0 / ctp);
+      tl.n = 0;
+      tl.chunks.clear();
+      tl.gens.clear();
+    } else if (!(tl.valid && uint64_t{tl.block} * ctp + tl.n == p0 &&
+                 (first_token == 0 || (!tl.chunks.empty() && tl.chunks.back() == ids[0] &&
+                                       tl.gens.back() == gen_of(ns, ids[0]))))) {
+      tl.valid = false;
+      return;
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint32_t id = ids[(first_token + i) / tpp];
+      if ((p0 + i) % tpp == 0) {
+        tl.chunks.push_back(id);
+        tl.gens.push_back(gen_of(ns, id));
+      }
+      for (uint32_t h = 0; h < H; ++h) {
+        const std::byte* krow = k + (uint64_t{i} * H + h) * row;
+        const std::byte* vrow = v + (uint64_t{i} * H + h) * row;
+        for (uint32_t ch = 0; ch < d; ++ch) {
+          std::memcpy(tl.k.get() + ns.columns.offset(h, tl.n, ch), krow + uint64_t{ch} * es, es);
+          tl.v_sum[uint64_t{h} * d + ch] += static_cast<double>(load_as_float(vrow, ns.geo.kv_dtype, ch));
+        }
+      }
+      if (++tl.n == ctp) {  // sealed: program the block, continue with a fresh tail
+        auto b = add_column_block(ns, tl.chunks.data(), tl.k.get(), tl.v_sum, stripe(seq, layer) + tl.block * 7ull);
+        if (!b.ok()) return void(tl.valid = false);  // rebuilt from the token pages when attended
+        ++tl.block;
+        tl.n = 0;
+        tl.chunks.clear();
+        tl.gens.clear();
+        std::fill(tl.v_sum.begin(), tl.v_sum.end(), 0.0);
+      }
+    }
+  }
+
+  // Attend path: the column blocks of (seq, layer)'s first n tokens (table `tab`), rebuilding what
+  // is missing or stale, and the tail (nullptr when n is a multiple of the column page's tokens).
+  status ensure_columns(name_space& ns, uint64_t seq, uint32_t layer, const std::vector<uint32_t>& tab, uint32_t n,
+                        std::vector<uint32_t>& blocks_out, const name_space::column_tail*& tail_out) {
+    const uint32_t tpp = ns.geo.tokens_per_page, ctp = ns.columns.tokens_per_page, C = ns.chunks_per_column_block;
+    const uint32_t sealed = n / ctp, n_tail = n % ctp;
+    blocks_out.clear();
+    aligned_bytes tmp;
+    std::vector<double> vs;
+    for (uint32_t b = 0; b < sealed; ++b) {
+      const uint32_t* ids = tab.data() + uint64_t{b} * C;
+      uint32_t idx = find_column_block(ns, ids);
+      if (idx == UINT32_MAX) {
+        if (!tmp) tmp = alloc_aligned(ns.columns.block_bytes());
+        if (!tmp) return {errc::kOutOfMemory, "column rebuild buffer"};
+        vs.assign(uint64_t{ns.cfg.n_kv_heads} * ns.cfg.head_dim, 0.0);
+        INSTINFER_TRY(build_columns(ns, ids, ctp, tmp.get(), vs));
+        auto added = add_column_block(ns, ids, tmp.get(), vs, stripe(seq, layer) + b * 7ull);
+        if (!added.ok()) return added.error();
+        idx = *added;
+      }
+      blocks_out.push_back(idx);
+    }
+    tail_out = nullptr;
+    if (n_tail == 0) return {};
+    name_space::column_tail& tl = ns.tails[table_key{seq, layer}];
+    const uint32_t tail_chunks = (n_tail + tpp - 1) / tpp;
+    const uint32_t* ids = tab.data() + uint64_t{sealed} * C;
+    bool ok = tl.valid && tl.block == sealed && tl.n == n_tail && tl.chunks.size() == tail_chunks;
+    for (uint32_t j = 0; ok && j < tail_chunks; ++j) ok = tl.chunks[j] == ids[j] && tl.gens[j] == gen_of(ns, ids[j]);
+    if (!ok) {
+      tl.valid = false;
+      INSTINFER_TRY(ensure_tail_memory(ns, tl));
+      INSTINFER_TRY(build_columns(ns, ids, n_tail, tl.k.get(), tl.v_sum));
+      tl.chunks.assign(ids, ids + tail_chunks);
+      tl.gens.resize(tail_chunks);
+      for (uint32_t j = 0; j < tail_chunks; ++j) tl.gens[j] = gen_of(ns, ids[j]);
+      tl.block = sealed;
+      tl.n = n_tail;
+      tl.valid = true;
+    }
+    tail_out = &tl;
+    return {};
+  }
+
+  // Every item against the drive's own page tables, before any work; tabs[i]: item i's table.
+  status check_items(const name_space& ns, uint32_t layer, const std::vector<attend_entry>& items,
+                     std::vector<const std::vector<uint32_t>*>& tabs) const {
+    const uint32_t tpp = ns.geo.tokens_per_page;
+    for (uint32_t i = 0; i < static_cast<uint32_t>(items.size()); ++i) {
+      if (items[i].n_tokens == 0) continue;
+      auto it = ns.tables.find(table_key{items[i].seq, layer});
+      if (it == ns.tables.end())
+        return {errc::kUnknownSequence, "sequence " + std::to_string(items[i].seq) + " has no pages in layer " +
+                                            std::to_string(layer) + " of namespace " + std::to_string(ns.nsid)};
+      const uint64_t n_chunks = (uint64_t{items[i].n_tokens} + tpp - 1) / tpp;
+      if (it->second.size() < n_chunks)
+        return {errc::kInvalidArgument, "sequence " + std::to_string(items[i].seq) + " holds " +
+                                            std::to_string(it->second.size()) + " chunks, attend asks for " +
+                                            std::to_string(items[i].n_tokens) + " tokens"};
+      for (uint64_t c = 0; c < n_chunks; ++c) {
+        const uint32_t id = it->second[c];
+        if (!ns.owns(id))
+          return {errc::kInvalidArgument, "page table of sequence " + std::to_string(items[i].seq) + " has a hole"};
+        const uint32_t need = c + 1 < n_chunks ? tpp : items[i].n_tokens - static_cast<uint32_t>(c) * tpp;
+        if (ns.chunks[id - ns.base].n_tokens < need)
+          return {errc::kInvalidArgument,
+                  "chunk " + std::to_string(id) + " of sequence " + std::to_string(items[i].seq) + " holds " +
+                      std::to_string(ns.chunks[id - ns.base].n_tokens) + " tokens, attend needs " + std::to_string(need)};
+      }
+      tabs[i] = &it->second;
+    }
+    return {};
+  }
+
   // ---- attend -----------------------------------------------------------------------------------
   struct worker_state {
     std::unique_ptr<page_reader> reader;
@@ -684,6 +1020,13 @@ class drive_impl final : public drive {
     std::vector<const std::byte*> ptrs;
     std::vector<float> o;
     std::vector<softmax_stats> st;
+    // SparF
+    sparf_workspace sparf;
+    aligned_bytes col_stage, tok_stage;
+    uint64_t col_stage_bytes = 0, tok_stage_bytes = 0;
+    std::vector<const std::byte*> col_ptrs, tok_ptrs;
+    std::vector<uint32_t> channels, selected;
+    std::vector<float> weight, scratch;
   };
 
   status do_attend(name_space& ns, const sq_entry& e, const std::byte* data, std::byte* res, command_outcome& out) {
@@ -704,29 +1047,7 @@ class drive_impl final : public drive {
     std::memcpy(items.data(), data, a.n_items * sizeof(attend_entry));
     // Validate every item against the drive's own page tables before any work.
     std::vector<const std::vector<uint32_t>*> tabs(a.n_items, nullptr);
-    for (uint32_t i = 0; i < a.n_items; ++i) {
-      if (items[i].n_tokens == 0) continue;
-      auto it = ns.tables.find(table_key{items[i].seq, a.layer});
-      if (it == ns.tables.end())
-        return {errc::kUnknownSequence, "sequence " + std::to_string(items[i].seq) + " has no pages in layer " +
-                                            std::to_string(a.layer) + " of namespace " + std::to_string(ns.nsid)};
-      const uint64_t n_chunks = (uint64_t{items[i].n_tokens} + tpp - 1) / tpp;
-      if (it->second.size() < n_chunks)
-        return {errc::kInvalidArgument, "sequence " + std::to_string(items[i].seq) + " holds " +
-                                            std::to_string(it->second.size()) + " chunks, attend asks for " +
-                                            std::to_string(items[i].n_tokens) + " tokens"};
-      for (uint64_t c = 0; c < n_chunks; ++c) {
-        const uint32_t id = it->second[c];
-        if (!ns.owns(id))
-          return {errc::kInvalidArgument, "page table of sequence " + std::to_string(items[i].seq) + " has a hole"};
-        const uint32_t need = c + 1 < n_chunks ? tpp : items[i].n_tokens - static_cast<uint32_t>(c) * tpp;
-        if (ns.entry(id).n_tokens < need)
-          return {errc::kInvalidArgument,
-                  "chunk " + std::to_string(id) + " of sequence " + std::to_string(items[i].seq) + " holds " +
-                      std::to_string(ns.entry(id).n_tokens) + " tokens, attend needs " + std::to_string(need)};
-      }
-      tabs[i] = &it->second;
-    }
+    INSTINFER_TRY(check_items(ns, a.layer, items, tabs));
     if (o_.debug_attend_delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(o_.debug_attend_delay_ms));
 
     // Plan: (item, kv head, chunk range) tasks, enough to keep every core busy.
@@ -874,6 +1195,228 @@ class drive_impl final : public drive {
         }
       }
     out.result_bytes = out_bytes;
+    stats_.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);
+    return {};
+  }
+
+  // ---- attend sparse (SparF next to the flash) ----------------------------------------------------
+  // Per (item, kv head) task, on the drive's cores: choose the channel groups from q, read only
+  // those column pages (the tail's from DRAM), select tokens, read only the K and V pages of this
+  // head that hold selected tokens, then the exact attention over them (attention/sparf.hpp, the
+  // same code the host runs). Modelled flash time: the column reads, then the token reads.
+  status do_attend_sparse(name_space& ns, const sq_entry& e, const std::byte* data, std::byte* res,
+                          command_outcome& out) {
+    const int64_t wall0 = wall_ns();
+    if (!ns.sparf)
+      return {errc::kUnsupported, "namespace " + std::to_string(ns.nsid) + " was created without SparF"};
+    const auto a = get_args<attend_args>(e);
+    INSTINFER_TRY(check_layer(ns, a.layer));
+    const uint32_t hq = ns.q_heads(), d = ns.cfg.head_dim, G = ns.cfg.group_size, H = ns.cfg.n_kv_heads;
+    const uint32_t tpp = ns.geo.tokens_per_page;
+    if (a.n_items == 0 || a.n_items > 65536) return {errc::kInvalidArgument, "attend batch must hold 1..65536 items"};
+    const uint64_t q_bytes = uint64_t{a.n_items} * hq * d * 4;
+    if (e.data_bytes != sizeof(sparf_wire_params) + uint64_t{a.n_items} * sizeof(attend_entry) + q_bytes)
+      return {errc::kInvalidArgument, "attend-sparse payload size mismatch"};
+    const uint64_t out_bytes = q_bytes + uint64_t{a.n_items} * hq * 4;
+    if (e.result_bytes < out_bytes + sizeof(sparf_wire_counters))
+      return {errc::kInvalidArgument, "attend-sparse result buffer too small"};
+    sparf_wire_params wp;
+    std::memcpy(&wp, data, sizeof wp);
+    sparf_params params;
+    params.mode = static_cast<sparf_mode>(wp.mode);
+    params.compression = wp.compression;
+    params.page_spread = wp.page_spread;
+    params.r = wp.r;
+    params.k = wp.k;
+    params.whole_pages = wp.whole_pages != 0;
+    if (wp.mode > 1 || wp.whole_pages > 1) return {errc::kInvalidArgument, "unknown SparF mode"};
+    INSTINFER_TRY(params.validate(d));
+    std::vector<attend_entry> items(a.n_items);
+    std::memcpy(items.data(), data + sizeof wp, a.n_items * sizeof(attend_entry));
+    std::vector<const std::vector<uint32_t>*> tabs(a.n_items, nullptr);
+    INSTINFER_TRY(check_items(ns, a.layer, items, tabs));
+    std::vector<sparf_plan> plans(a.n_items);
+    for (uint32_t i = 0; i < a.n_items; ++i) {
+      auto plan = sparf_resolve(params, d, items[i].n_tokens);
+      if (!plan.ok())
+        return {plan.error().code(), "sequence " + std::to_string(items[i].seq) + ": " + plan.error().message()};
+      plans[i] = *plan;
+    }
+    const auto* q = reinterpret_cast<const float*>(data + sizeof wp + uint64_t{a.n_items} * sizeof(attend_entry));
+    auto* out_o = reinterpret_cast<float*>(res);
+    auto* out_lse = reinterpret_cast<float*>(res + q_bytes);
+
+    // Single-threaded: make every item's column data current (rebuilds program flash) and its V mean.
+    std::vector<std::vector<uint32_t>> item_blocks(a.n_items);
+    std::vector<const name_space::column_tail*> item_tail(a.n_items, nullptr);
+    std::vector<float> v_mean(uint64_t{a.n_items} * H * d, 0.0f);
+    std::vector<double> acc(uint64_t{H} * d);
+    for (uint32_t i = 0; i < a.n_items; ++i) {
+      const uint32_t n = items[i].n_tokens;
+      if (n == 0) continue;
+      INSTINFER_TRY(ensure_columns(ns, items[i].seq, a.layer, *tabs[i], n, item_blocks[i], item_tail[i]));
+      std::fill(acc.begin(), acc.end(), 0.0);  // same order of additions as the host's sparf_index
+      for (uint32_t b : item_blocks[i])
+        for (size_t x = 0; x < acc.size(); ++x) acc[x] += ns.cblocks[b].v_sum[x];
+      const double inv = 1.0 / static_cast<double>(n);
+      for (size_t x = 0; x < acc.size(); ++x)
+        v_mean[uint64_t{i} * H * d + x] =
+            static_cast<float>((acc[x] + (item_tail[i] ? item_tail[i]->v_sum[x] : 0.0)) * inv);
+    }
+    if (o_.debug_attend_delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(o_.debug_attend_delay_ms));
+
+    const sparf_config& cfg = ns.sparf_one_head;
+    const channel_layout& cl = cfg.columns;
+    const uint32_t groups = cl.groups(), ctp = cl.tokens_per_page;
+    const uint64_t page = ns.geo.page_bytes;
+    std::atomic<uint32_t> next{0};
+    std::atomic<int64_t> cpu{0};
+    std::mutex mu;  // first error, counters, ppn lists
+    status first_error;
+    sparf_counters total;
+    std::vector<uint32_t> col_ppns, tok_ppns;
+    const uint32_t n_tasks = a.n_items * H;
+    pool_.run([&](uint32_t wid) {
+      const int64_t cpu0 = thread_cpu_ns();
+      worker_state& ws = workers_[wid];
+      sparf_counters mine;
+      std::vector<uint32_t> my_col, my_tok;
+      status s;
+      if (!ws.reader) {
+        auto r = store_->make_reader(4 * o_.pages_per_batch);
+        if (r.ok())
+          ws.reader = std::move(*r);
+        else
+          s = r.error();
+      }
+      auto ensure = [](aligned_bytes& buf, uint64_t& have, uint64_t need) -> bool {
+        if (have >= need) return true;
+        buf = alloc_aligned(need);
+        have = buf ? need : 0;
+        return buf != nullptr;
+      };
+      for (;;) try {
+        const uint32_t ti = next.fetch_add(1, std::memory_order_relaxed);
+        if (ti >= n_tasks || !s.ok()) break;
+        const uint32_t i = ti / H, h = ti % H;
+        const uint32_t n = items[i].n_tokens;
+        const sparf_plan& plan = plans[i];
+        const uint32_t n_chunks = (n + tpp - 1) / tpp, n_cblocks = (n + ctp - 1) / ctp;
+        const float* qh = q + (uint64_t{i} * hq + uint64_t{h} * G) * d;
+        sparf_work w;
+        w.n_tokens = n;
+        w.n_chunks = n_chunks;
+        w.n_column_blocks = n_cblocks;
+        w.v_mean = v_mean.data() + (uint64_t{i} * H + h) * d;
+        w.q = qh;
+        w.out = out_o + (uint64_t{i} * hq + uint64_t{h} * G) * d;
+        w.lse = out_lse + uint64_t{i} * hq + uint64_t{h} * G;
+        s = ws.sparf.reserve(std::max(n, 1u), d, G, ctp);
+        if (!s.ok()) break;
+        if (n == 0) {
+          sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine);
+          continue;
+        }
+        ws.channels.resize(d);
+        ws.weight.resize(d);
+        ws.scratch.resize(d);
+        const sparf_channel_choice choice =
+            sparf_choose_channels(cfg, plan, params.whole_pages, qh, ws.channels.data(), ws.weight.data(), ws.scratch.data());
+        // Dual-step loading, step one: the chosen column pages of every column block.
+        if (!ensure(ws.col_stage, ws.col_stage_bytes, uint64_t{n_cblocks} * groups * page)) {
+          s = {errc::kOutOfMemory, "SparF column staging"};
+          break;
+        }
+        ws.col_ptrs.resize(n_cblocks);
+        const std::vector<uint32_t>& blks = item_blocks[i];
+        for (uint32_t b = 0; b < n_cblocks && s.ok(); ++b) {
+          std::byte* blk = ws.col_stage.get() + uint64_t{b} * groups * page;
+          ws.col_ptrs[b] = blk;
+          for (uint32_t j = 0; j < choice.n_channels && s.ok(); ++j) {
+            const uint32_t gr = cl.group_of(ws.channels[j]);
+            if (j > 0 && cl.group_of(ws.channels[j - 1]) == gr) continue;
+            if (b < blks.size()) {
+              const uint32_t ppn = ns.cblocks[blks[b]].pages[uint64_t{h} * groups + gr];
+              s = ws.reader->queue(ppn, blk + uint64_t{gr} * page);
+              my_col.push_back(ppn);
+            } else {  // the tail: DRAM
+              std::memcpy(blk + uint64_t{gr} * page, item_tail[i]->k.get() + (uint64_t{h} * groups + gr) * page, page);
+            }
+          }
+        }
+        if (s.ok()) s = ws.reader->submit();
+        if (s.ok()) s = ws.reader->wait_all();
+        if (!s.ok()) break;
+        w.column_blocks = ws.col_ptrs.data();
+        ws.tok_ptrs.assign(n_chunks, nullptr);
+        w.chunks = ws.tok_ptrs.data();
+        ws.selected.resize(std::max(plan.k, 1u));
+        uint32_t n_sel = 0;
+        w.selected = ws.selected.data();
+        w.n_selected = &n_sel;
+        sparf_counters scratch_counters;
+        sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, scratch_counters, true);
+        w.selected = nullptr;
+        w.n_selected = nullptr;
+        // Step two: the K and V pages of this head holding selected tokens.
+        uint32_t n_need = 0;
+        for (uint32_t j = 0; j < n_sel; ++j)
+          if (j == 0 || ws.selected[j] / tpp != ws.selected[j - 1] / tpp) ++n_need;
+        if (!ensure(ws.tok_stage, ws.tok_stage_bytes, std::max<uint64_t>(1, n_need) * 2 * page)) {
+          s = {errc::kOutOfMemory, "SparF token staging"};
+          break;
+        }
+        uint32_t slot = 0;
+        for (uint32_t j = 0; j < n_sel && s.ok(); ++j) {
+          const uint32_t c = ws.selected[j] / tpp;
+          if (j > 0 && ws.selected[j - 1] / tpp == c) continue;
+          std::byte* dst = ws.tok_stage.get() + uint64_t{slot++} * 2 * page;
+          ws.tok_ptrs[c] = dst;
+          const uint32_t id = (*tabs[i])[c];
+          const chunk_entry& ce = ns.entry(id);
+          if (ce.slot != kNoSlot) {
+            const std::byte* src = ns.slot_mem[ce.slot].get();
+            std::memcpy(dst, src + uint64_t{h} * page, page);
+            std::memcpy(dst + page, src + uint64_t{H + h} * page, page);
+          } else {
+            const uint32_t* pages = ns.pages(id);
+            s = ws.reader->queue(pages[h], dst);
+            if (s.ok()) s = ws.reader->queue(pages[H + h], dst + page);
+            my_tok.push_back(pages[h]);
+            my_tok.push_back(pages[H + h]);
+          }
+        }
+        if (s.ok()) s = ws.reader->submit();
+        if (s.ok()) s = ws.reader->wait_all();
+        if (!s.ok()) break;
+        sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine);
+      } catch (const std::bad_alloc&) {
+        s = {errc::kOutOfMemory, "SparF worker"};
+        break;
+      }
+      if (!s.ok() && ws.reader) (void)ws.reader->wait_all();
+      cpu.fetch_add(thread_cpu_ns() - cpu0, std::memory_order_relaxed);
+      std::lock_guard lock(mu);
+      if (!s.ok() && first_error.ok()) first_error = std::move(s);
+      total.add(mine);
+      col_ppns.insert(col_ppns.end(), my_col.begin(), my_col.end());
+      tok_ppns.insert(tok_ppns.end(), my_tok.begin(), my_tok.end());
+    });
+    stats_.cpu_ns += static_cast<uint64_t>(cpu.load());
+    // Flash model: the column reads from command start, the token reads once they are done.
+    stats_.flash_pages_read += col_ppns.size() + tok_ppns.size();
+    stats_.column_pages_read += col_ppns.size();
+    stats_.sparse_token_pages_read += tok_ppns.size();
+    const double t_columns = timeline_.read_batch(col_ppns.data(), col_ppns.size(), now_ns_);
+    flash_end_ = std::max({flash_end_, t_columns,
+                           timeline_.read_batch(tok_ppns.data(), tok_ppns.size(), std::max(now_ns_, t_columns))});
+    if (!first_error.ok()) return first_error;
+    const sparf_wire_counters wc{total.token_pages_read, total.channel_pages_read, total.token_bytes_used,
+                                 total.channel_bytes_used, total.buffered_channel_bytes, total.dense_pages,
+                                 total.dense_bytes, total.selected_tokens, total.channels_used, total.items};
+    std::memcpy(res + out_bytes, &wc, sizeof wc);
+    out.result_bytes = out_bytes + sizeof wc;
+    ++stats_.sparse_attends;
     stats_.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);
     return {};
   }

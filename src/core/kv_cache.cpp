@@ -39,6 +39,15 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   config.n_threads = options.n_threads;
   config.scale = options.scale;
   config.softcap = options.softcap;
+  sparf_config sparf;
+  if (options.sparf) {  // resolved before configure: a backend that runs SparF needs the column layout
+    auto cfg = sparf_config::make(config.layout(), options.sparf_channels_per_page, options.shape.group_size(),
+                                  options.scale, options.softcap);
+    if (!cfg.ok()) return cfg.error();
+    sparf = cfg.value();
+    config.sparf = true;
+    config.sparf_channels_per_page = sparf.columns.channels_per_page;
+  }
   INSTINFER_TRY(b->configure(config));
   std::unique_ptr<kv_cache> cache;
   try {
@@ -46,17 +55,12 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   } catch (const std::bad_alloc&) {
     return status{errc::kOutOfMemory, "kv_cache"};
   }
-  if (options.sparf) INSTINFER_TRY(cache->init_sparf(options));
+  if (options.sparf) {
+    cache->sparf_config_ = sparf;
+    cache->sparf_enabled_ = true;
+    cache->sparf_native_ = cache->backend_->runs_sparf();
+  }
   return cache;
-}
-
-status kv_cache::init_sparf(const cache_options& options) {
-  auto cfg = sparf_config::make(config_.layout(), options.sparf_channels_per_page, config_.shape.group_size(),
-                                config_.scale, config_.softcap);
-  if (!cfg.ok()) return cfg.error();
-  sparf_config_ = cfg.value();
-  sparf_enabled_ = true;
-  return {};
 }
 
 result<std::unique_ptr<sparf_index>> kv_cache::new_sparf_index() const {
@@ -299,8 +303,9 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
     written += w;
   }
 
-  // The SparF index follows the same tokens; it is the last step that can fail.
-  if (sparf_enabled_) {
+  // The SparF index follows the same tokens; it is the last step that can fail. (A backend that
+  // runs SparF itself builds its own from write_tokens.)
+  if (sparf_enabled_ && !sparf_native_) {
     status s;
     if (!t.sparf) {
       auto fresh_index = new_sparf_index();
@@ -501,15 +506,37 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
   const size_t q_stride = size_t{shape.n_q_heads} * shape.head_dim;
   const chunk_layout lay = layout();
   sparf_counters counters;
-  // One sequence at a time: select, fetch just the chunks holding selected tokens, attend.
+
+  if (sparf_native_) {  // the backend keeps the index and runs SparF next to its data
+    try {
+      items_.resize(seqs.size());
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory, "attend batch"};
+    }
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      auto found = find(seqs[i]);
+      if (!found.ok()) return found.error();
+      const layer_table& t = found.value()->layers[layer];
+      auto plan = sparf_resolve(params, shape.head_dim, t.n_tokens);  // k > tokens: refused here
+      if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
+      items_[i] = attend_item{seqs[i], std::span<const chunk_id>(t.chunks), t.n_tokens, q + i * q_stride,
+                              out + i * q_stride, lse ? lse + i * shape.n_q_heads : nullptr};
+    }
+    INSTINFER_TRY(
+        backend_->attend_sparse(layer, std::span<const attend_item>(items_.data(), seqs.size()), params, &counters));
+    sparf_totals_.add(counters);
+    return {};
+  }
+
+  // One sequence at a time: select, fetch just the pages holding selected tokens, attend.
   for (size_t i = 0; i < seqs.size(); ++i) {
     auto found = find(seqs[i]);
     if (!found.ok()) return found.error();
     const layer_table& t = found.value()->layers[layer];
     auto plan = sparf_resolve(params, shape.head_dim, t.n_tokens);
-    if (!plan.ok()) return plan.error();
-    std::vector<uint32_t> selected(size_t{shape.n_kv_heads} * std::max<uint32_t>(plan->k, 1)),
-        n_selected(shape.n_kv_heads, 0);
+    if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
+    const uint32_t k_stride = std::max<uint32_t>(plan->k, 1);
+    std::vector<uint32_t> selected(size_t{shape.n_kv_heads} * k_stride), n_selected(shape.n_kv_heads, 0);
     std::vector<const std::byte*> ptrs(t.chunks.size(), nullptr);
     sparf_work w;
     w.chunks = ptrs.data();
@@ -530,34 +557,51 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
     w.selected = selected.data();
     w.n_selected = n_selected.data();
     if (t.n_tokens > 0) INSTINFER_TRY(sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_));
-    // Which chunks hold a selected token of any kv head.
-    std::vector<uint8_t> needed(t.chunks.size(), 0);
-    size_t n_needed = 0;
-    for (uint32_t h = 0; h < shape.n_kv_heads; ++h)
+    // Per chunk, which kv heads selected a token in it (the K and V pages of those heads are needed).
+    const uint32_t H = shape.n_kv_heads;
+    std::vector<uint8_t> head_needs(t.chunks.size() * H, 0);
+    std::vector<uint32_t> slot(t.chunks.size(), UINT32_MAX);  // staging slot of a needed chunk
+    uint32_t n_needed = 0;
+    for (uint32_t h = 0; h < H; ++h)
       for (uint32_t j = 0; j < n_selected[h]; ++j) {
-        const uint32_t c = selected[size_t{h} * std::max<uint32_t>(plan->k, 1) + j] / lay.tokens();
-        if (c < needed.size() && !needed[c]) {
-          needed[c] = 1;
-          ++n_needed;
+        const uint32_t c = selected[size_t{h} * k_stride + j] / lay.tokens();
+        if (c >= t.chunks.size()) continue;
+        head_needs[size_t{c} * H + h] = 1;
+        if (slot[c] == UINT32_MAX) slot[c] = n_needed++;
+      }
+    const bool in_place = !t.chunks.empty() && backend_->chunk_address(t.chunks[0]) != nullptr;
+    if (in_place) {
+      for (size_t c = 0; c < t.chunks.size(); ++c)
+        if (slot[c] != UINT32_MAX) ptrs[c] = backend_->chunk_address(t.chunks[c]);
+    } else if (n_needed > 0) {
+      std::vector<page_read> reads;
+      try {
+        if (sparf_staging_.size() < n_needed * lay.chunk_bytes()) sparf_staging_.resize(n_needed * lay.chunk_bytes());
+        for (size_t c = 0; c < t.chunks.size(); ++c) {
+          if (slot[c] == UINT32_MAX) continue;
+          std::byte* dst = sparf_staging_.data() + size_t{slot[c]} * lay.chunk_bytes();
+          ptrs[c] = dst;
+          const uint32_t in_chunk =
+              std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
+          for (uint32_t h = 0; h < H; ++h)
+            if (head_needs[c * H + h])
+              for (kv_kind kind : {kv_kind::kKey, kv_kind::kValue})
+                reads.push_back({t.chunks[c], in_chunk, lay.page_index(kind, h), dst + lay.page_offset(kind, h)});
+        }
+      } catch (const std::bad_alloc&) {
+        return {errc::kOutOfMemory, "SparF staging"};
+      }
+      status s = backend_->read_pages(reads);
+      if (s.code() == errc::kUnsupported) {  // whole chunks, then
+        s = {};
+        for (size_t c = 0; c < t.chunks.size() && s.ok(); ++c) {
+          if (slot[c] == UINT32_MAX) continue;
+          const uint32_t in_chunk =
+              std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
+          s = backend_->read_chunk(t.chunks[c], in_chunk, sparf_staging_.data() + size_t{slot[c]} * lay.chunk_bytes());
         }
       }
-    try {
-      if (!backend_->chunk_address(t.chunks.empty() ? 0 : t.chunks[0]) && sparf_staging_.size() < n_needed * lay.chunk_bytes())
-        sparf_staging_.resize(n_needed * lay.chunk_bytes());
-    } catch (const std::bad_alloc&) {
-      return {errc::kOutOfMemory, "SparF staging"};
-    }
-    size_t staged = 0;
-    for (size_t c = 0; c < t.chunks.size(); ++c) {
-      if (!needed[c]) continue;
-      if (const std::byte* p = backend_->chunk_address(t.chunks[c])) {
-        ptrs[c] = p;
-        continue;
-      }
-      std::byte* dst = sparf_staging_.data() + staged++ * lay.chunk_bytes();
-      const uint32_t in_chunk = std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
-      INSTINFER_TRY(backend_->read_chunk(t.chunks[c], in_chunk, dst));
-      ptrs[c] = dst;
+      INSTINFER_TRY(s);
     }
     w.selected = nullptr;
     w.n_selected = nullptr;

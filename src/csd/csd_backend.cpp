@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "instinfer/attention/sparf.hpp"
 #include "instinfer/csd/client.hpp"
 #include "instinfer/csd/models.hpp"
 #include "instinfer/csd/protocol.hpp"
@@ -332,6 +333,8 @@ status csd_backend::configure(const backend_config& config) {
     c.softcap = config.softcap;
     c.kv_head_begin = ds.head_begin;
     c.capacity_chunks = wanted;
+    c.sparf = config.sparf ? 1 : 0;  // the drive keeps the channel-indexed K copy and runs SparF
+    c.sparf_channels_per_page = config.sparf_channels_per_page;
     std::memcpy(ds.conn->area(), &c, sizeof c);
     sq_entry e{};
     e.opcode = static_cast<uint8_t>(opcode::kConfig);
@@ -499,6 +502,23 @@ status csd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
 }
 
 status csd_backend::attend(uint32_t layer, std::span<const attend_item> batch) noexcept {
+  return attend_batch(layer, batch, nullptr, nullptr);
+}
+
+bool csd_backend::runs_sparf() const noexcept {
+  return impl_->configured && impl_->config.sparf;
+}
+
+status csd_backend::attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+                                  sparf_counters* counters) noexcept {
+  if (!runs_sparf()) return {errc::kUnsupported, "csd backend configured without SparF"};
+  return attend_batch(layer, batch, &params, counters);
+}
+
+// Dense (sparse == null) or SparF attend: the same command layout, SparF adds its parameters in
+// front of the entries and its counters after the results.
+status csd_backend::attend_batch(uint32_t layer, std::span<const attend_item> batch, const sparf_params* sparse,
+                                 sparf_counters* counters) noexcept {
   impl& m = *impl_;
   if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
   if (layer >= m.config.shape.n_layers) return {errc::kLayerOutOfRange, "layer out of range"};
@@ -506,13 +526,23 @@ status csd_backend::attend(uint32_t layer, std::span<const attend_item> batch) n
   try {
     const uint32_t dim = m.config.shape.head_dim;
     const uint32_t g = m.config.shape.group_size();
-    const uint32_t hq_all = m.config.shape.n_q_heads;
     for (const attend_item& it : batch) {
       if (!it.q || !it.out) return {errc::kInvalidArgument, "attend item without q or out"};
       const uint64_t need = (uint64_t{it.n_tokens} + m.layout.tokens() - 1) / m.layout.tokens();
       if (it.chunks.size() < need) return {errc::kInvalidArgument, "attend item has fewer chunks than its tokens need"};
       if (it.n_tokens) INSTINFER_TRY(m.sync_table(it.seq, layer, it.chunks));
     }
+    sparf_wire_params wp{};
+    if (sparse) {
+      wp.compression = sparse->compression;
+      wp.page_spread = sparse->page_spread;
+      wp.r = sparse->r;
+      wp.k = sparse->k;
+      wp.mode = static_cast<uint8_t>(sparse->mode);
+      wp.whole_pages = sparse->whole_pages ? 1 : 0;
+    }
+    const uint64_t head = sparse ? sizeof wp : 0;         // payload before the entries
+    const uint64_t tail = sparse ? sizeof(sparf_wire_counters) : 0;  // result after out and lse
     // Items per command: what fits in the smallest data area.
     uint64_t per_item = 0;
     for (const drive_slot& ds : m.drives) {
@@ -521,31 +551,33 @@ status csd_backend::attend(uint32_t layer, std::span<const attend_item> batch) n
     }
     uint64_t fit = m.drives.front().conn->area_bytes();
     for (const drive_slot& ds : m.drives) fit = std::min(fit, ds.conn->area_bytes());
-    const size_t max_items = static_cast<size_t>(std::max<uint64_t>(1, fit / per_item));
+    if (fit < head + tail + 128 + per_item) return {errc::kInvalidArgument, "data area too small for one attend item"};
+    const size_t max_items = static_cast<size_t>(std::max<uint64_t>(1, (fit - head - tail - 128) / per_item));
     for (size_t b0 = 0; b0 < batch.size(); b0 += max_items) {
       const size_t nb = std::min(max_items, batch.size() - b0);
       INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
         const drive_slot& ds = m.drives[d];
         const uint32_t hq = ds.n_heads * g;
         std::byte* p = ds.conn->area();
-        auto* ent = reinterpret_cast<attend_entry*>(p);
-        auto* q = reinterpret_cast<float*>(p + nb * sizeof(attend_entry));
+        if (sparse) std::memcpy(p, &wp, sizeof wp);
+        auto* ent = reinterpret_cast<attend_entry*>(p + head);
+        auto* q = reinterpret_cast<float*>(p + head + nb * sizeof(attend_entry));
         for (size_t i = 0; i < nb; ++i) {
           const attend_item& it = batch[b0 + i];
           ent[i] = attend_entry{it.seq, it.n_tokens, 0};
           std::memcpy(q + i * hq * dim, it.q + uint64_t{ds.head_begin} * g * dim, uint64_t{hq} * dim * 4);
         }
-        const uint64_t in = nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
-        e.opcode = static_cast<uint8_t>(opcode::kAttend);
+        const uint64_t in = head + nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
+        e.opcode = static_cast<uint8_t>(sparse ? opcode::kAttendSparse : opcode::kAttend);
         e.data_bytes = static_cast<uint32_t>(in);
         e.result_offset = (in + 63) / 64 * 64;
-        e.result_bytes = static_cast<uint32_t>(nb * uint64_t{hq} * (dim + 1) * 4);
+        e.result_bytes = static_cast<uint32_t>(nb * uint64_t{hq} * (dim + 1) * 4 + tail);
         set_args(e, attend_args{layer, static_cast<uint32_t>(nb)});
         return {};
       }));
       for (const drive_slot& ds : m.drives) {
         const uint32_t hq = ds.n_heads * g;
-        const uint64_t in = nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
+        const uint64_t in = head + nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
         const std::byte* r = ds.conn->area() + (in + 63) / 64 * 64;
         const auto* o = reinterpret_cast<const float*>(r);
         const auto* lse = reinterpret_cast<const float*>(r + nb * uint64_t{hq} * dim * 4);
@@ -554,9 +586,15 @@ status csd_backend::attend(uint32_t layer, std::span<const attend_item> batch) n
           std::memcpy(it.out + uint64_t{ds.head_begin} * g * dim, o + i * hq * dim, uint64_t{hq} * dim * 4);
           if (it.lse) std::memcpy(it.lse + uint64_t{ds.head_begin} * g, lse + i * hq, uint64_t{hq} * 4);
         }
+        if (sparse && counters) {
+          sparf_wire_counters wc;
+          std::memcpy(&wc, r + nb * uint64_t{hq} * (dim + 1) * 4, sizeof wc);
+          counters->add(sparf_counters{wc.token_pages_read, wc.channel_pages_read, wc.token_bytes_used,
+                                       wc.channel_bytes_used, wc.buffered_channel_bytes, wc.dense_pages,
+                                       wc.dense_bytes, wc.selected_tokens, wc.channels_used, wc.items});
+        }
       }
     }
-    (void)hq_all;
     return {};
   } catch (...) {
     return {errc::kOutOfMemory, "attend"};

@@ -94,7 +94,8 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
     const cache_stats st = cache->stats();
     CHECK(st.sparf.dense_pages > 0);
     CHECK(st.sparf.pages_read() < st.sparf.dense_pages * 2);  // two calls: dense-equivalent once each
-    CHECK(st.sparf_column_bytes > 0);
+    // The column copy is on the host, or in the drive for a backend that runs SparF itself.
+    CHECK((st.sparf_column_bytes > 0) != cache->storage().runs_sparf());
     if (first_sparse.empty()) {
       first_sparse = sparse;
     } else {

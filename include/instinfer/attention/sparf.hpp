@@ -362,6 +362,62 @@ struct by_score {
 
 }  // namespace sparf_detail
 
+// Step 1 for one GQA group: the channels whose K columns are read, ascending, and the column
+// pages per column block that costs. The top r of |q| summed over the group's query heads, or,
+// with whole_pages, the top ceil(r / channels_per_page) column pages by summed |q|. Separate from
+// sparf_attend_head so a drive can read just those column pages before it runs the rest.
+// q: [group_size][head_dim]; channels, weight, scratch: head_dim entries each.
+struct sparf_channel_choice {
+  uint32_t n_channels = 0;
+  uint32_t pages_per_block = 0;
+};
+inline sparf_channel_choice sparf_choose_channels(const sparf_config& cfg, const sparf_plan& plan, bool whole_pages,
+                                                  const float* q, uint32_t* channels, float* weight,
+                                                  float* scratch) noexcept {
+  const uint32_t d = cfg.head_dim();
+  const uint32_t G = cfg.group_size;
+  const channel_layout& cl = cfg.columns;
+  for (uint32_t i = 0; i < d; ++i) {
+    float s = 0.0f;
+    for (uint32_t g = 0; g < G; ++g) s += std::fabs(q[size_t{g} * d + i]);
+    weight[i] = s;
+  }
+  sparf_channel_choice r;
+  if (plan.r >= d) {
+    for (uint32_t i = 0; i < d; ++i) channels[i] = i;
+    r.n_channels = d;
+    r.pages_per_block = cl.groups();
+  } else if (whole_pages) {
+    const uint32_t cpp = cl.channels_per_page;
+    const uint32_t n_groups = cl.groups();
+    const uint32_t want = std::min(n_groups, (plan.r + cpp - 1) / cpp);
+    float* group_weight = scratch;  // n_groups <= d
+    for (uint32_t gr = 0; gr < n_groups; ++gr) {
+      float s = 0.0f;
+      for (uint32_t j = 0; j < cpp; ++j) s += weight[gr * cpp + j];
+      group_weight[gr] = s;
+      channels[gr] = gr;
+    }
+    std::partial_sort(channels, channels + want, channels + n_groups, sparf_detail::by_score{group_weight});
+    std::sort(channels, channels + want);
+    // Expand groups into their channels, from the back so no group index is overwritten early.
+    for (uint32_t i = want; i-- > 0;) {
+      const uint32_t gr = channels[i];
+      for (uint32_t j = cpp; j-- > 0;) channels[i * cpp + j] = gr * cpp + j;
+    }
+    r.n_channels = want * cpp;
+    r.pages_per_block = want;
+  } else {
+    for (uint32_t i = 0; i < d; ++i) channels[i] = i;
+    std::partial_sort(channels, channels + plan.r, channels + d, sparf_detail::by_score{weight});
+    std::sort(channels, channels + plan.r);
+    r.n_channels = plan.r;
+    for (uint32_t j = 0; j < r.n_channels; ++j)
+      if (j == 0 || cl.group_of(channels[j]) != cl.group_of(channels[j - 1])) ++r.pages_per_block;
+  }
+  return r;
+}
+
 // SparF of one kv head of one work item: fills out/lse of the group's query heads and adds to c.
 // Preconditions: cfg validated, ws reserved for (n_tokens, head_dim, group_size, column tokens),
 // plan resolved for w.n_tokens, w's pointer arrays sized as sparf_work says.
@@ -395,48 +451,12 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
     return;
   }
 
-  // 1. channels: the top r of |q| summed over the group, or the top ceil(r / cpp) column pages.
-  float* weight = ws.weight_.data();
+  // 1. channels (see sparf_choose_channels).
   uint32_t* channels = ws.channels_.data();
-  for (uint32_t i = 0; i < d; ++i) {
-    float s = 0.0f;
-    for (uint32_t g = 0; g < G; ++g) s += std::fabs(q[size_t{g} * d + i]);
-    weight[i] = s;
-  }
-  uint32_t n_channels = 0;
-  uint32_t n_pages_per_block = 0;  // column pages of this head read per written block
-  if (plan.r >= d) {
-    for (uint32_t i = 0; i < d; ++i) channels[i] = i;
-    n_channels = d;
-    n_pages_per_block = cl.groups();
-  } else if (whole_pages) {
-    const uint32_t cpp = cl.channels_per_page;
-    const uint32_t n_groups = cl.groups();
-    const uint32_t want = std::min(n_groups, (plan.r + cpp - 1) / cpp);
-    float* group_weight = ws.row_.data();  // n_groups <= d floats of scratch
-    for (uint32_t gr = 0; gr < n_groups; ++gr) {
-      float s = 0.0f;
-      for (uint32_t j = 0; j < cpp; ++j) s += weight[gr * cpp + j];
-      group_weight[gr] = s;
-      channels[gr] = gr;
-    }
-    std::partial_sort(channels, channels + want, channels + n_groups, sparf_detail::by_score{group_weight});
-    std::sort(channels, channels + want);
-    // Expand groups into their channels, from the back so no group index is overwritten early.
-    for (uint32_t i = want; i-- > 0;) {
-      const uint32_t gr = channels[i];
-      for (uint32_t j = cpp; j-- > 0;) channels[i * cpp + j] = gr * cpp + j;
-    }
-    n_channels = want * cpp;
-    n_pages_per_block = want;
-  } else {
-    for (uint32_t i = 0; i < d; ++i) channels[i] = i;
-    std::partial_sort(channels, channels + plan.r, channels + d, sparf_detail::by_score{weight});
-    std::sort(channels, channels + plan.r);
-    n_channels = plan.r;
-    for (uint32_t j = 0; j < n_channels; ++j)
-      if (j == 0 || cl.group_of(channels[j]) != cl.group_of(channels[j - 1])) ++n_pages_per_block;
-  }
+  const sparf_channel_choice choice =
+      sparf_choose_channels(cfg, plan, whole_pages, q, channels, ws.weight_.data(), ws.row_.data());
+  const uint32_t n_channels = choice.n_channels;
+  const uint32_t n_pages_per_block = choice.pages_per_block;
   c.channels_used += n_channels;
 
   // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).

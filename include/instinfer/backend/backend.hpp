@@ -29,6 +29,9 @@
 
 namespace instinfer {
 
+struct sparf_params;
+struct sparf_counters;
+
 using chunk_id = uint32_t;
 inline constexpr chunk_id kInvalidChunk = UINT32_MAX;
 using seq_id = uint64_t;
@@ -48,6 +51,10 @@ struct backend_config {
   uint32_t n_threads = 0;       // host-side compute threads; 0: hardware concurrency
   float scale = 0.0f;           // logit scale; 0: 1/sqrt(head_dim)
   float softcap = 0.0f;         // logit soft-cap; <= 0: off
+  // SparF is enabled (cache_options::sparf): a backend that runs SparF itself (runs_sparf())
+  // keeps the channel-indexed K copy, with column pages of this many channels (resolved, > 0).
+  bool sparf = false;
+  uint32_t sparf_channels_per_page = 0;
 
   chunk_layout layout() const noexcept { return chunk_layout::make(page, shape.n_kv_heads); }
 };
@@ -60,6 +67,15 @@ struct attend_item {
   const float* q = nullptr;          // [n_q_heads][head_dim]
   float* out = nullptr;              // [n_q_heads][head_dim]
   float* lse = nullptr;              // [n_q_heads] or null
+};
+
+// One page of a chunk to read (SparF's dual-step loading reads only the pages holding selected
+// tokens). page: chunk_layout::page_index(kind, kv_head); dst: page_bytes of host memory.
+struct page_read {
+  chunk_id chunk = kInvalidChunk;
+  uint32_t n_tokens = 0;  // tokens the chunk holds (as read_chunk's n_tokens)
+  uint32_t page = 0;
+  std::byte* dst = nullptr;
 };
 
 // Counters; fields a backend has no notion of stay zero.
@@ -105,12 +121,30 @@ class backend {
   // Read the first n tokens of a chunk into host memory laid out as a chunk (chunk_bytes() bytes).
   virtual status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept = 0;
 
+  // Read single pages of chunks, as one batch. kUnsupported: the caller falls back to read_chunk
+  // (the default). A failure leaves the destinations unspecified and the cache unchanged.
+  virtual status read_pages(std::span<const page_read> /*reads*/) noexcept {
+    return {errc::kUnsupported, "this backend reads whole chunks only"};
+  }
+
   // Host address of a chunk's bytes when the backend keeps chunks in this process's memory
   // (host backend); null otherwise (callers then use read_chunk).
   virtual const std::byte* chunk_address(chunk_id /*id*/) const noexcept { return nullptr; }
 
   // Decode attention of one layer for a batch of sequences.
   virtual status attend(uint32_t layer, std::span<const attend_item> batch) noexcept = 0;
+
+  // SparF next to the data: a backend that returns true keeps the channel-indexed K copy and the V
+  // running means itself (from write_tokens, through forks and truncations) and answers
+  // attend_sparse; the manager then keeps no host-side index. Others: the manager runs SparF on
+  // the host, reading the pages it needs through chunk_address / read_pages / read_chunk.
+  virtual bool runs_sparf() const noexcept { return false; }
+  // SparF decode attention of one layer (attention/sparf.hpp; same inputs and outputs as attend).
+  // params are validated by the caller; counters (optional) receive what the algorithm read.
+  virtual status attend_sparse(uint32_t /*layer*/, std::span<const attend_item> /*batch*/,
+                               const sparf_params& /*params*/, sparf_counters* /*counters*/) noexcept {
+    return {errc::kUnsupported, "this backend does not run SparF itself"};
+  }
 
   // Make every written token durable on the device (storage backends); no-op elsewhere.
   virtual status flush() noexcept { return {}; }

@@ -52,6 +52,10 @@ class csd_backend final : public backend {
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
   status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
+  // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
+  bool runs_sparf() const noexcept override;
+  status attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+                       sparf_counters* counters) noexcept override;
   void on_sequence_freed(seq_id seq) noexcept override;
   backend_stats stats() const noexcept override;
 
@@ -66,6 +70,8 @@ class csd_backend final : public backend {
  private:
   struct impl;
   explicit csd_backend(std::unique_ptr<impl> p);
+  status attend_batch(uint32_t layer, std::span<const attend_item> batch, const sparf_params* sparse,
+                      sparf_counters* counters) noexcept;
   std::unique_ptr<impl> impl_;
 };
 

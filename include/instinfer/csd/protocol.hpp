@@ -23,7 +23,7 @@
 
 namespace instinfer::csd {
 
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;  // 2: SparF in the drive
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -35,6 +35,7 @@ enum class opcode : uint8_t {
   kMap = 0x13,       // set a (seq, layer) page table: data = chunk ids
   kCopy = 0x14,      // copy the first n tokens of a chunk into a fresh chunk (fork of a tail)
   kRead = 0x15,      // read a chunk back: result = the chunk's bytes
+  kAttendSparse = 0x16,  // SparF: data = sparf_wire_params, attend_entry[n], q; result = out, lse, counters
   kStats = 0x20,     // result: device_stats
   kShutdown = 0x7f,  // the drive exits after completing this command
 };
@@ -50,6 +51,7 @@ constexpr const char* opcode_name(opcode op) noexcept {
     case opcode::kMap: return "map";
     case opcode::kCopy: return "copy";
     case opcode::kRead: return "read";
+    case opcode::kAttendSparse: return "attend-sparse";
     case opcode::kStats: return "stats";
     case opcode::kShutdown: return "shutdown";
   }
@@ -129,11 +131,12 @@ struct namespace_config {
   uint32_t head_dim = 0;
   uint32_t page_bytes = 0;  // must equal the drive's flash page
   uint8_t kv_dtype = 0;     // instinfer::dtype
-  uint8_t reserved0[3] = {};
+  uint8_t sparf = 0;        // 1: keep the channel-indexed K copy (SparF) in this namespace
+  uint8_t reserved0[2] = {};
   float scale = 0.0f;  // logit scale; 0 = 1/sqrt(head_dim)
   float softcap = 0.0f;
-  uint32_t kv_head_begin = 0;  // informational: first model kv head held here
-  uint32_t reserved1 = 0;
+  uint32_t kv_head_begin = 0;            // informational: first model kv head held here
+  uint32_t sparf_channels_per_page = 0;  // column page width (channel_layout), resolved by the host
   uint64_t capacity_chunks = 0;  // logical chunks wanted; 0 = what the flash can hold
 };
 static_assert(sizeof(namespace_config) == 48);
@@ -179,6 +182,36 @@ struct attend_entry {
   uint32_t reserved = 0;
 };
 static_assert(sizeof(attend_entry) == 16);
+
+// ---- attend sparse (SparF) ---------------------------------------------------------------------
+// args = attend_args. data = sparf_wire_params, then attend_entry[n_items], then q as for attend.
+// result = out, then lse (as for attend), then one sparf_wire_counters for the whole command.
+// The drive reads the chosen column pages of its channel-indexed K copy, selects tokens, then
+// reads only the K and V pages holding them (dual-step loading); its flash counters show it.
+struct sparf_wire_params {  // instinfer::sparf_params on the wire
+  double compression = 0.0;
+  double page_spread = 0.0;
+  uint32_t r = 0;
+  uint32_t k = 0;
+  uint8_t mode = 0;  // instinfer::sparf_mode
+  uint8_t whole_pages = 1;
+  uint8_t reserved[6] = {};
+};
+static_assert(sizeof(sparf_wire_params) == 32);
+static_assert(std::is_trivially_copyable_v<sparf_wire_params>);
+struct sparf_wire_counters {  // instinfer::sparf_counters on the wire
+  uint64_t token_pages_read = 0;
+  uint64_t channel_pages_read = 0;
+  uint64_t token_bytes_used = 0;
+  uint64_t channel_bytes_used = 0;
+  uint64_t buffered_channel_bytes = 0;
+  uint64_t dense_pages = 0;
+  uint64_t dense_bytes = 0;
+  uint64_t selected_tokens = 0;
+  uint64_t channels_used = 0;
+  uint64_t items = 0;
+};
+static_assert(sizeof(sparf_wire_counters) == 80);
 
 // ---- reclaim ------------------------------------------------------------------------------------
 enum class reclaim_mode : uint8_t {
@@ -245,9 +278,16 @@ struct device_stats {
   uint64_t modelled_link_ns = 0;
   uint64_t cpu_ns = 0;          // real CPU time of the drive's workers in attend
   uint64_t attend_wall_ns = 0;  // real wall time of attend commands
+  // SparF (flash pages are also in flash_pages_read / flash_pages_programmed above)
+  uint64_t sparse_attends = 0;            // attend-sparse commands completed
+  uint64_t column_pages_programmed = 0;   // channel-indexed K pages written
+  uint64_t column_pages_read = 0;         // of them, read by attend-sparse
+  uint64_t sparse_token_pages_read = 0;   // token-indexed K/V pages read from flash by attend-sparse
+  uint64_t column_rebuild_pages_read = 0;  // token pages read to rebuild column data after a fork or truncation
+  uint64_t column_blocks = 0;             // column blocks on flash now
 };
 static_assert(std::is_trivially_copyable_v<device_stats>);
-static_assert(sizeof(device_stats) == 20 * 8);
+static_assert(sizeof(device_stats) == 26 * 8);
 
 // Bytes a command costs on the link, as both sides count them.
 constexpr uint64_t link_bytes_in(uint32_t data_bytes) noexcept {

@@ -44,7 +44,8 @@ struct cache_stats {
   uint64_t shared_chunks = 0;  // chunks referenced by more than one sequence
   backend_stats backend{};
   sparf_counters sparf{};        // pages and bytes read by attend_sparse, beside the dense equivalent
-  uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held (sealed pages + tail buffers)
+  uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held on the host (sealed pages + tail
+                                    // buffers); 0 where the backend keeps it (csd: see its drive stats)
 };
 
 class kv_cache {
@@ -80,8 +81,10 @@ class kv_cache {
   status attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
 
   // SparF sparse decode attention (attention/sparf.hpp) of one layer; shapes as in attend. Needs
-  // cache_options::sparf. Reads only the chunks holding selected tokens (dual-step loading), from
-  // any backend: in place where the backend's chunks are host-addressable, through read_chunk otherwise.
+  // cache_options::sparf. Dual-step loading: only the K and V pages holding selected tokens are
+  // read: in place where the backend's chunks are host-addressable (host), as single pages through
+  // read_pages (ssd) or whole chunks through read_chunk otherwise; a backend that runs SparF itself
+  // (csd: next to its flash, from its own channel-indexed K copy) gets the call instead.
   status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                        const sparf_params& params = {});
 
@@ -107,7 +110,6 @@ class kv_cache {
   };
 
   kv_cache(backend_config config, std::unique_ptr<backend> b);
-  status init_sparf(const cache_options& options);
   result<std::unique_ptr<sparf_index>> new_sparf_index() const;
   status copy_sparf_index(const layer_table& from, layer_table& to) const;
   status check_layer(uint32_t layer) const;
@@ -135,6 +137,7 @@ class kv_cache {
   std::vector<attend_item> items_;
   // SparF state (empty when disabled).
   bool sparf_enabled_ = false;
+  bool sparf_native_ = false;  // the backend runs SparF itself (backend::runs_sparf)
   sparf_config sparf_config_{};
   sparf_workspace sparf_ws_;
   sparf_counters sparf_totals_{};

@@ -1,0 +1,228 @@
+// SparF inside the emulated drive: the drive keeps the channel-indexed K copy under its own L2P
+// table, and an attend-sparse command reads only the chosen column pages and the token pages
+// holding selected tokens. Checked against the host backend on the same values, with the drive's
+// own flash counters (not the algorithm's) for the page saving, across drives, forks, truncation
+// and reclaim.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "instinfer/attention/sparf_synthetic.hpp"
+#include "instinfer/backend/csd_backend.hpp"
+#include "instinfer/csd/protocol.hpp"
+#include "instinfer/kv/kv_cache.hpp"
+
+using namespace instinfer;
+
+namespace {
+
+constexpr const char* kFlash = "csd:?channels=4&dies=2&blocks_per_die=256&pages_per_block=16&cores=2";
+
+std::unique_ptr<kv_cache> make(const std::string& uri, const kv_shape& shape, bool sparf = true) {
+  cache_options o;
+  o.shape = shape;
+  o.page_bytes = 4096;
+  o.capacity_bytes = 48ull << 20;
+  o.n_threads = 1;
+  o.backend_uri = uri;
+  o.sparf = sparf;
+  auto c = kv_cache::create(o);
+  REQUIRE_MESSAGE(c.ok(), c.error().message());
+  return std::move(c).value();
+}
+
+csd::device_stats drive_stats(kv_cache& c, uint32_t drive = 0) {
+  csd::device_stats s{};
+  REQUIRE(dynamic_cast<csd_backend&>(c.storage()).drive_stats(drive, s).ok());
+  return s;
+}
+
+double rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    e = std::max(e, std::fabs(double(a[i]) - b[i]));
+    m = std::max(m, std::fabs(double(b[i])));
+  }
+  return m > 0 ? e / m : e;
+}
+
+synthetic::attention_workload workload(const kv_shape& shape, uint32_t n, uint64_t seed) {
+  synthetic::attention_workload_params wp;
+  wp.n_tokens = n;
+  wp.n_kv_heads = shape.n_kv_heads;
+  wp.group_size = shape.group_size();
+  wp.head_dim = shape.head_dim;
+  wp.seed = seed;
+  return synthetic::make_attention_workload(wp);
+}
+
+}  // namespace
+
+TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the dense flash pages") {
+  if (!csd_backend::available()) return;
+  const kv_shape shape{1, 8, 2, 128, dtype::kF16};
+  const uint32_t n = 8192;
+  const auto work = workload(shape, n, 7);
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
+  auto host = make("host", shape);
+  auto csd = make(kFlash, shape);
+  CHECK(csd->storage().runs_sparf());
+  CHECK_FALSE(host->storage().runs_sparf());
+  seq_id hs = host->create_sequence().value(), cs = csd->create_sequence().value();
+  // Prefill in pieces that do not line up with column blocks (512 tokens), then decode appends.
+  const size_t row = size_t{shape.n_kv_heads} * shape.head_dim;
+  for (uint32_t at = 0; at < n;) {
+    const uint32_t m = at < 7000 ? 700 : 1;
+    REQUIRE(host->append(hs, 0, m, work.k.data() + at * row, work.v.data() + at * row, dtype::kF32).ok());
+    REQUIRE(csd->append(cs, 0, m, work.k.data() + at * row, work.v.data() + at * row, dtype::kF32).ok());
+    at += m;
+    if (at >= 8000) break;
+  }
+  const csd::device_stats written = drive_stats(*csd);
+  // 8000 tokens: 15 column blocks of 512 tokens programmed, 2 heads x 32 column pages each.
+  CHECK(written.column_blocks == 15);
+  CHECK(written.column_pages_programmed == 15 * 2 * 32);
+  CHECK(written.column_rebuild_pages_read == 0);
+
+  std::vector<float> dense(nq), h_sparse(nq), c_sparse(nq), h_lse(shape.n_q_heads), c_lse(shape.n_q_heads);
+  const auto seqs_h = std::span<const seq_id>(&hs, 1), seqs_c = std::span<const seq_id>(&cs, 1);
+  REQUIRE(csd->attend(0, seqs_c, work.q.data(), dense.data(), nullptr).ok());
+  const csd::device_stats after_dense = drive_stats(*csd);
+  const uint64_t dense_flash = after_dense.flash_pages_read - written.flash_pages_read;
+  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(),
+                             sparf_params::with_compression(0.125))
+              .ok());
+  const csd::device_stats after_sparse = drive_stats(*csd);
+  const uint64_t sparse_flash = after_sparse.flash_pages_read - after_dense.flash_pages_read;
+  REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(),
+                              sparf_params::with_compression(0.125))
+              .ok());
+  MESSAGE("drive flash pages: dense " << dense_flash << ", SparF 1/8 " << sparse_flash << " ("
+                                      << double(sparse_flash) / double(dense_flash) << "), column "
+                                      << after_sparse.column_pages_read - after_dense.column_pages_read << ", token "
+                                      << after_sparse.sparse_token_pages_read - after_dense.sparse_token_pages_read);
+  CHECK(dense_flash > 0);
+  CHECK(sparse_flash * 4 <= dense_flash);  // the bar: at most 1/4 of the dense flash pages
+  CHECK(after_sparse.sparse_attends == 1);
+  CHECK(after_sparse.sparse_token_pages_read > 0);
+  CHECK(after_sparse.column_pages_read > 0);
+  CHECK(rel(c_sparse, h_sparse) <= 1e-6);  // same code, same stored values
+  CHECK(rel(c_lse, h_lse) <= 1e-6);
+  const double err = rel(c_sparse, dense);
+  MESSAGE("SparF 1/8 vs dense relative error " << err);
+  CHECK(err < 0.5);
+  // The algorithm's counters come back from the drive: same as the host's.
+  const cache_stats hst = host->stats(), cst = csd->stats();
+  CHECK(cst.sparf.channel_pages_read == hst.sparf.channel_pages_read);
+  CHECK(cst.sparf.token_pages_read == hst.sparf.token_pages_read);
+  CHECK(cst.sparf.dense_pages == hst.sparf.dense_pages);
+  // Nothing crossed the link but q in and out + lse + counters back.
+  CHECK(after_sparse.link_bytes_host_to_device - after_dense.link_bytes_host_to_device <
+        sizeof(csd::sq_entry) + 64 + nq * 4 + 64);
+
+  // Compression 1 is dense attention, in the drive too.
+  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), nullptr, sparf_params::with_compression(1.0))
+              .ok());
+  CHECK(rel(c_sparse, dense) <= 1e-5);
+}
+
+TEST_CASE("csd SparF across two drives, forks (shared column blocks), truncation and reclaim") {
+  if (!csd_backend::available()) return;
+  const kv_shape shape{2, 8, 4, 64, dtype::kF16};  // 4 kv heads: 2 per drive
+  const uint32_t n = 3000;
+  const auto work = workload(shape, n, 11);
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim, row = size_t{shape.n_kv_heads} * shape.head_dim;
+  auto host = make("host", shape);
+  auto csd = make(std::string(kFlash) + "&drives=2", shape);
+  seq_id hs = host->create_sequence().value(), cs = csd->create_sequence().value();
+  REQUIRE(host->append(hs, 1, n, work.k.data(), work.v.data(), dtype::kF32).ok());
+  REQUIRE(csd->append(cs, 1, n, work.k.data(), work.v.data(), dtype::kF32).ok());
+
+  auto compare = [&](seq_id h, seq_id c, double compression) {
+    std::vector<float> ho(nq), co(nq), hl(shape.n_q_heads), cl(shape.n_q_heads);
+    REQUIRE(host->attend_sparse(1, std::span<const seq_id>(&h, 1), work.q.data(), ho.data(), hl.data(),
+                                sparf_params::with_compression(compression))
+                .ok());
+    REQUIRE(csd->attend_sparse(1, std::span<const seq_id>(&c, 1), work.q.data(), co.data(), cl.data(),
+                               sparf_params::with_compression(compression))
+                .ok());
+    CHECK(rel(co, ho) <= 1e-6);
+    CHECK(rel(cl, hl) <= 1e-6);
+  };
+  compare(hs, cs, 0.125);
+  compare(hs, cs, 0.5);
+
+  // Fork: the child shares the full column blocks (no rebuild of them), its tail is rebuilt once.
+  const seq_id hf = host->fork_sequence(hs).value(), cf = csd->fork_sequence(cs).value();
+  const csd::device_stats before_fork = drive_stats(*csd);
+  compare(hf, cf, 0.125);
+  const csd::device_stats after_fork = drive_stats(*csd);
+  CHECK(after_fork.column_blocks == before_fork.column_blocks);  // shared, not copied
+  const uint64_t rebuilt = after_fork.column_rebuild_pages_read - before_fork.column_rebuild_pages_read;
+  // The tail: 3000 - 5 * 512 = 440 tokens = 28 chunks (27 on flash) x 2 heads x K and V at most.
+  CHECK(rebuilt <= 28 * 2 * 2);
+  // Diverge: different tokens after the fork point on each side, through a column-block boundary.
+  const uint32_t extra = 700;
+  REQUIRE(host->append(hf, 1, extra, work.k.data(), work.v.data(), dtype::kF32).ok());
+  REQUIRE(csd->append(cf, 1, extra, work.k.data(), work.v.data(), dtype::kF32).ok());
+  REQUIRE(host->append(hs, 1, extra, work.k.data() + row * 5, work.v.data() + row * 5, dtype::kF32).ok());
+  REQUIRE(csd->append(cs, 1, extra, work.k.data() + row * 5, work.v.data() + row * 5, dtype::kF32).ok());
+  compare(hs, cs, 0.125);
+  compare(hf, cf, 0.125);
+
+  // Truncation (end and interior), then re-append: stale columns are rebuilt, never reused.
+  REQUIRE(host->remove_range(hf, 1500, UINT64_MAX).ok());
+  REQUIRE(csd->remove_range(cf, 1500, UINT64_MAX).ok());
+  compare(hf, cf, 0.25);
+  REQUIRE(host->append(hf, 1, 600, work.k.data() + row * 9, work.v.data() + row * 9, dtype::kF32).ok());
+  REQUIRE(csd->append(cf, 1, 600, work.k.data() + row * 9, work.v.data() + row * 9, dtype::kF32).ok());
+  REQUIRE(host->remove_range(hf, 100, 612).ok());
+  REQUIRE(csd->remove_range(cf, 100, 612).ok());
+  compare(hf, cf, 0.125);
+  compare(hs, cs, 0.125);
+
+  // Freeing everything releases the column pages too (after the drives reclaim).
+  REQUIRE(host->free_sequence(hf).ok());
+  REQUIRE(csd->free_sequence(cf).ok());
+  REQUIRE(csd->free_sequence(cs).ok());
+  REQUIRE(dynamic_cast<csd_backend&>(csd->storage()).reclaim().ok());
+  for (uint32_t d = 0; d < 2; ++d) {
+    const csd::device_stats s = drive_stats(*csd, d);
+    CHECK(s.column_blocks == 0);
+    CHECK(s.valid_pages == 0);
+  }
+}
+
+TEST_CASE("csd SparF: bad parameters and a cache without SparF") {
+  if (!csd_backend::available()) return;
+  const kv_shape shape{1, 4, 4, 64, dtype::kF16};
+  const auto work = workload(shape, 600, 3);
+  auto csd = make(kFlash, shape);
+  seq_id s = csd->create_sequence().value();
+  REQUIRE(csd->append(s, 0, 600, work.k.data(), work.v.data(), dtype::kF32).ok());
+  std::vector<float> out(size_t{shape.n_q_heads} * shape.head_dim);
+  const auto seqs = std::span<const seq_id>(&s, 1);
+  CHECK(csd->attend_sparse(0, seqs, work.q.data(), out.data(), nullptr, sparf_params::with_compression(0.0)).code() ==
+        errc::kInvalidArgument);
+  CHECK(csd->attend_sparse(0, seqs, work.q.data(), out.data(), nullptr, sparf_params::with_rk(0, 4)).code() ==
+        errc::kInvalidArgument);
+  CHECK(csd->attend_sparse(0, seqs, work.q.data(), out.data(), nullptr, sparf_params::with_rk(8, 601)).code() ==
+        errc::kInvalidArgument);
+  seq_id unknown = 999;
+  CHECK(csd->attend_sparse(0, std::span<const seq_id>(&unknown, 1), work.q.data(), out.data(), nullptr).code() ==
+        errc::kUnknownSequence);
+  // The cache still works after the refusals.
+  CHECK(csd->attend_sparse(0, seqs, work.q.data(), out.data(), nullptr).ok());
+
+  // Without cache_options::sparf the drive keeps no column copy and refuses nothing else.
+  auto plain = make(kFlash, shape, false);
+  CHECK_FALSE(plain->storage().runs_sparf());
+  seq_id p = plain->create_sequence().value();
+  REQUIRE(plain->append(p, 0, 600, work.k.data(), work.v.data(), dtype::kF32).ok());
+  CHECK(plain->attend_sparse(0, std::span<const seq_id>(&p, 1), work.q.data(), out.data(), nullptr).code() ==
+        errc::kUnsupported);
+  CHECK(drive_stats(*plain).column_pages_programmed == 0);
+}
