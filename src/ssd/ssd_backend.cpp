@@ -20,6 +20,7 @@ namespace instinfer {
 namespace {
 
 // Completion tags (top two bits of user_data).
+constexpr uint64_t kTagPage = 0ull << 62;   // | page run of read_pages
 constexpr uint64_t kTagRead = 1ull << 62;   // | ring slot
 constexpr uint64_t kTagWrite = 2ull << 62;  // | group buffer index
 constexpr uint64_t kTagSync = 3ull << 62;   // a synchronous helper read or fsync
@@ -249,7 +250,8 @@ uint64_t ssd_backend::host_memory_bytes() const noexcept {
   uint64_t bytes = uint64_t{n_slots_} * request_bytes() + buffer_bytes_;
   bytes += allocated_.capacity() + extent_used_.capacity() * 4 + extent_owned_.capacity() +
            free_extents_.capacity() * 4 + plan_.capacity() * sizeof(read_request) +
-           prefetch_plan_.capacity() * sizeof(read_request) + buffer_of_.size() * 32 + streams_.size() * 48;
+           prefetch_plan_.capacity() * sizeof(read_request) + page_order_.capacity() * 4 +
+           page_runs_.capacity() * sizeof(page_run) + buffer_of_.size() * 32 + streams_.size() * 48;
   return bytes;
 }
 
@@ -496,6 +498,11 @@ status ssd_backend::reap(uint32_t min_complete) noexcept {
         g.write_result = res;
         g.writing = false;
       }
+    } else if (tag == kTagPage && index < page_runs_.size()) {
+      auto& run = page_runs_[index];
+      if (!run.done && page_pending_ > 0) --page_pending_;
+      run.result = res;
+      run.done = true;
     } else if (tag == kTagSync) {
       sync_result_ = res;
       sync_done_ = true;
@@ -736,6 +743,137 @@ status ssd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
   stats_.device_bytes_read += chunk_bytes_;
   std::memcpy(dst, staging, chunk_bytes_);
   return {};
+}
+
+status ssd_backend::read_pages(std::span<const page_read> reads) noexcept {
+  if (!configured_) return {errc::kInvalidArgument, "ssd backend is not configured"};
+  INSTINFER_TRY(check_thread());
+  const uint32_t tpp = layout_.tokens(), n_pages = layout_.pages_per_chunk();
+  const uint64_t page_bytes = layout_.page.page_bytes;
+  // Validate the whole batch first: an invalid request reads nothing.
+  if (reads.size() > UINT32_MAX) return {errc::kInvalidArgument, "read_pages: more than 2^32 reads in one batch"};
+  const auto bad = [](size_t i, const std::string& why) -> status {
+    return {errc::kInvalidArgument, "read_pages: read " + std::to_string(i) + ": " + why};
+  };
+  size_t on_device = 0;
+  for (size_t i = 0; i < reads.size(); ++i) {
+    const auto& r = reads[i];
+    if (r.chunk >= capacity_chunks_ || !allocated_[r.chunk])
+      return bad(i, "chunk " + std::to_string(r.chunk) + " is not allocated");
+    if (!r.dst) return bad(i, "null destination");
+    if (r.n_tokens > tpp)
+      return bad(i, std::to_string(r.n_tokens) + " tokens exceed a chunk of " + std::to_string(tpp));
+    if (r.page >= n_pages)
+      return bad(
+          i, "page " + std::to_string(r.page) + " >= " + std::to_string(n_pages) + " pages per chunk (2 x n_kv_heads)");
+    on_device += buffer_of_.count(r.chunk) == 0;
+  }
+  try {
+    page_order_.clear();
+    page_order_.reserve(on_device);
+    page_runs_.clear();
+    page_runs_.reserve(on_device);
+  } catch (...) {
+    return {errc::kOutOfMemory, "read_pages: plan of " + std::to_string(on_device) + " page reads"};
+  }
+
+  // Chunks still in group buffers (tails, unwritten sealed chunks) come from host memory.
+  for (uint32_t i = 0; i < reads.size(); ++i) {
+    const auto& r = reads[i];
+    if (auto it = buffer_of_.find(r.chunk); it != buffer_of_.end())
+      std::memcpy(r.dst, buffers_[it->second].data + r.page * page_bytes, page_bytes);
+    else
+      page_order_.push_back(i);
+  }
+  if (page_order_.empty()) return {};
+
+  cancel_prefetch();  // the staging ring is ours for this call
+  const auto device_offset = [&](uint32_t i) { return chunk_offset(reads[i].chunk) + reads[i].page * page_bytes; };
+  std::sort(page_order_.begin(), page_order_.end(),
+            [&](uint32_t a, uint32_t b) { return device_offset(a) < device_offset(b); });
+
+  // Runs: pages adjacent on the device (a chunk's K and V pages, or neighbouring chunks) become
+  // one read of up to one request. O_DIRECT needs aligned ranges: a page smaller than the
+  // device's alignment is read with its neighbours (a chunk is a multiple of it, so a page's
+  // aligned range never leaves its chunk).
+  const uint64_t align = file_->offset_align;
+  const uint64_t max_run = request_bytes();
+  for (uint32_t j = 0; j < page_order_.size(); ++j) {
+    const uint64_t off = device_offset(page_order_[j]);
+    const uint64_t begin = off / align * align, end = (off + page_bytes + align - 1) / align * align;
+    if (!page_runs_.empty()) {
+      auto& run = page_runs_.back();
+      const uint64_t run_end = run.offset + run.bytes;
+      if (begin <= run_end && std::max(end, run_end) - run.offset <= max_run) {
+        run.bytes = static_cast<uint32_t>(std::max(end, run_end) - run.offset);
+        ++run.count;
+        continue;
+      }
+    }
+    page_run run;
+    run.offset = begin;
+    run.bytes = static_cast<uint32_t>(end - begin);
+    run.first = j;
+    run.count = 1;
+    page_runs_.push_back(run);
+  }
+
+  // Rounds of as many runs as the queue and the staging pool hold, each submitted at once.
+  std::byte* const pool = engine_->staging().data();
+  const uint64_t pool_bytes = engine_->staging().size();
+  const uint64_t mem_align = std::max<uint64_t>(file_->mem_align, 1);
+  const uint32_t depth = std::max<uint32_t>(engine_->queue_depth(), 1);
+  const uint32_t n_runs = static_cast<uint32_t>(page_runs_.size());
+  uint64_t bytes_read = 0;
+  status failure;
+  for (uint32_t next = 0; next < n_runs && failure.ok();) {
+    uint32_t end = next;
+    uint64_t used = 0;
+    while (end < n_runs && end - next < depth) {
+      const uint64_t at = (used + mem_align - 1) / mem_align * mem_align;
+      if (at + page_runs_[end].bytes > pool_bytes) break;  // a run is at most one request: the pool holds two
+      page_runs_[end].staging = at;
+      page_runs_[end].done = false;
+      used = at + page_runs_[end].bytes;
+      ++end;
+    }
+    if (end == next) {
+      failure = {errc::kInternal, "read_pages: a read of " + std::to_string(page_runs_[next].bytes) +
+                                      " bytes does not fit the staging pool"};
+      break;
+    }
+    page_pending_ = 0;
+    for (uint32_t r = next; r < end && failure.ok(); ++r) {
+      failure = queue_io(static_cast<int>(io::io_op::kRead), pool + page_runs_[r].staging, page_runs_[r].bytes,
+                         page_runs_[r].offset, kTagPage | r);
+      if (failure.ok()) ++page_pending_;
+    }
+    if (failure.ok()) failure = engine_->submit();
+    while (failure.ok() && page_pending_ > 0) failure = reap(1);
+    if (!failure.ok()) {
+      engine_->drain();  // nothing of this round may land in the pool after we return
+      break;
+    }
+    for (uint32_t r = next; r < end; ++r) {
+      const auto& run = page_runs_[r];
+      if (run.result < 0) {
+        if (failure.ok())
+          failure = result_status(run.result, "read_pages: reading " + std::to_string(run.bytes) + " bytes at offset " +
+                                                  std::to_string(run.offset) + " of '" + options_.path + "'");
+        continue;
+      }
+      bytes_read += run.bytes;
+      for (uint32_t j = run.first; j < run.first + run.count; ++j) {
+        const uint32_t i = page_order_[j];
+        std::memcpy(reads[i].dst, pool + run.staging + (device_offset(i) - run.offset), page_bytes);
+      }
+    }
+    next = end;
+  }
+  page_runs_.clear();  // stray completions must not match a later call's runs
+  page_pending_ = 0;
+  stats_.device_bytes_read += bytes_read;
+  return failure;
 }
 
 status ssd_backend::flush() noexcept {

@@ -101,6 +101,9 @@ class ssd_backend final : public backend {
                       const std::byte* v) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
+  // Pages of buffered chunks are copied from host memory; the rest go out as one batch of
+  // direct reads (adjacent pages merged), in rounds that fit the queue depth and the staging ring.
+  status read_pages(std::span<const page_read> reads) noexcept override;
   status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
   status flush() noexcept override;
   void prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept override;
@@ -142,6 +145,15 @@ class ssd_backend final : public backend {
   struct write_run {
     uint32_t first = 0;  // index into write_order_ / iovecs_
     uint32_t count = 0;
+  };
+  struct page_run {        // read_pages: one device read covering adjacent pages
+    uint64_t offset = 0;   // aligned device range [offset, offset + bytes)
+    uint32_t bytes = 0;
+    uint32_t first = 0;    // its pages: page_order_[first, first + count)
+    uint32_t count = 0;
+    uint64_t staging = 0;  // where it lands in the staging pool
+    int32_t result = 0;
+    bool done = false;
   };
   struct ring_slot {
     int32_t result = 0;
@@ -216,6 +228,11 @@ class ssd_backend final : public backend {
   std::vector<float> tmp_o_;
   std::vector<softmax_stats> tmp_stats_;
   std::vector<const std::byte*> ptrs_;
+
+  // read_pages.
+  std::vector<uint32_t> page_order_;  // indices of the reads bound for the device, by device offset
+  std::vector<page_run> page_runs_;
+  uint32_t page_pending_ = 0;         // runs of the current round not yet completed
   int32_t sync_result_ = 0;
   bool sync_done_ = false;
 
