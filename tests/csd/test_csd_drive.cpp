@@ -46,8 +46,9 @@ struct harness {
     return {};
   }
 
-  status configure(uint32_t heads, uint32_t g, uint32_t dim, dtype t, uint32_t layers = 2) {
+  status configure(uint32_t heads, uint32_t g, uint32_t dim, dtype t, uint32_t layers = 2, bool sparf = false) {
     cfg = namespace_config{};
+    cfg.sparf = sparf ? 1 : 0;
     cfg.n_layers = layers;
     cfg.n_kv_heads = heads;
     cfg.group_size = g;
@@ -120,6 +121,31 @@ struct harness {
     lse.resize(items.size() * hq);
     std::memcpy(out.data(), area() + (4u << 20), qb);
     std::memcpy(lse.data(), area() + (4u << 20) + qb, lse.size() * 4);
+    return {};
+  }
+
+  // attend-sparse: wire params in front of the entries, counters after out and lse.
+  status attend_sparse(uint32_t layer, const std::vector<attend_entry>& items, const float* q,
+                       const sparf_wire_params& p, std::vector<float>& out, std::vector<float>& lse,
+                       sparf_wire_counters& counters) {
+    const uint32_t hq = cfg.n_kv_heads * cfg.group_size;
+    const uint64_t qb = items.size() * uint64_t{hq} * cfg.head_dim * 4;
+    std::memcpy(area(), &p, sizeof p);
+    std::memcpy(area() + sizeof p, items.data(), items.size() * sizeof(attend_entry));
+    std::memcpy(area() + sizeof p + items.size() * sizeof(attend_entry), q, qb);
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kAttendSparse);
+    e.nsid = ns.nsid;
+    e.data_bytes = static_cast<uint32_t>(sizeof p + items.size() * sizeof(attend_entry) + qb);
+    e.result_offset = 4u << 20;
+    e.result_bytes = static_cast<uint32_t>(qb + items.size() * hq * 4 + sizeof counters);
+    set_args(e, attend_args{layer, static_cast<uint32_t>(items.size())});
+    INSTINFER_TRY(run(e));
+    out.resize(qb / 4);
+    lse.resize(items.size() * hq);
+    std::memcpy(out.data(), area() + (4u << 20), qb);
+    std::memcpy(lse.data(), area() + (4u << 20) + qb, lse.size() * 4);
+    std::memcpy(&counters, area() + (4u << 20) + qb + lse.size() * 4, sizeof counters);
     return {};
   }
 
@@ -303,6 +329,76 @@ TEST_CASE("drive attention matches the float64 reference across page and block b
     CHECK(st.flash_pages_read > 0);
     CHECK(st.modelled_ns > 0);
   }
+}
+
+TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1/4 of the dense flash pages") {
+  drive_options o = small_flash(16);
+  o.flash.blocks_per_die = 32;
+  harness h = make(o);
+  REQUIRE(h.configure(2, 2, 64, dtype::kF16, 1, true).ok());
+  const uint32_t n = 1500;  // 2 column blocks of 512 tokens on flash + a 476-token tail in DRAM
+  std::mt19937 rng(99);
+  kv_model model{2, 64, dtype::kF16, {}, {}};
+  const auto k = csd_test::random_rows(rng, n, 2, 64, dtype::kF16);
+  const auto v = csd_test::random_rows(rng, n, 2, 64, dtype::kF16);
+  REQUIRE(h.append(7, 0, 0, k.data(), v.data(), 1000, 333).ok());
+  for (uint32_t i = 1000; i < n; ++i)
+    REQUIRE(h.append(7, 0, i, k.data() + uint64_t{i} * 2 * h.row(), v.data() + uint64_t{i} * 2 * h.row(), 1, 1).ok());
+  model.append(k.data(), v.data(), n);
+  const device_stats written = h.stats();
+  CHECK(written.column_blocks == 2);
+  CHECK(written.column_pages_programmed == 2 * 2 * 16);  // blocks x heads x channel groups
+  const std::vector<float> q = csd_test::random_q(rng, 4 * 64);
+  const std::vector<attend_entry> items{{7, n, 0}};
+  std::vector<float> out, lse;
+  sparf_wire_counters c{};
+  sparf_wire_params dense_params{};
+  dense_params.compression = 1.0;
+  dense_params.page_spread = 2.0;
+  REQUIRE(h.attend_sparse(0, items, q.data(), dense_params, out, lse, c).ok());
+  std::vector<double> want, want_lse;
+  model.attend(q.data(), 2, n, 1.0 / std::sqrt(64.0), want, want_lse);
+  CHECK(reference::relative_error(std::span<const float>(out), want) < 1e-5);
+  CHECK(csd_test::lse_error(std::span<const float>(lse), want_lse) < 1e-5);
+  CHECK(c.items == 2);
+  CHECK(c.selected_tokens == 2 * n);
+
+  const device_stats before_dense = h.stats();
+  std::vector<float> dense_out, dense_lse;
+  REQUIRE(h.attend(0, items, q.data(), dense_out, dense_lse).ok());
+  const device_stats after_dense = h.stats();
+  sparf_wire_params eighth = dense_params;
+  eighth.compression = 0.125;
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, c).ok());
+  const device_stats after_sparse = h.stats();
+  const uint64_t dense_pages = after_dense.flash_pages_read - before_dense.flash_pages_read;
+  const uint64_t sparse_pages = after_sparse.flash_pages_read - after_dense.flash_pages_read;
+  MESSAGE("flash pages: dense " << dense_pages << ", SparF 1/8 " << sparse_pages);
+  CHECK(dense_pages > 0);
+  CHECK(sparse_pages * 4 <= dense_pages);
+  CHECK(after_sparse.column_pages_read > before_dense.column_pages_read);
+  for (float x : out) CHECK(std::isfinite(x));
+
+  // Malformed SparF commands are refused; the namespace keeps serving.
+  sparf_wire_params bad = eighth;
+  bad.mode = 9;
+  CHECK(h.attend_sparse(0, items, q.data(), bad, out, lse, c).code() == errc::kInvalidArgument);
+  bad = eighth;
+  bad.compression = 0.0;
+  CHECK(h.attend_sparse(0, items, q.data(), bad, out, lse, c).code() == errc::kInvalidArgument);
+  bad = eighth;
+  bad.mode = 1;  // explicit r, k
+  bad.r = 8;
+  bad.k = n + 1;
+  CHECK(h.attend_sparse(0, items, q.data(), bad, out, lse, c).code() == errc::kInvalidArgument);
+  CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, c).ok());
+
+  // A namespace without SparF has no column copy: attend-sparse is unsupported there.
+  harness plain = make(small_flash());
+  REQUIRE(plain.configure(2, 2, 64, dtype::kF16, 1, false).ok());
+  REQUIRE(plain.append(1, 0, 0, k.data(), v.data(), 100, 100).ok());
+  CHECK(plain.attend_sparse(0, {{1, 100, 0}}, q.data(), eighth, out, lse, c).code() == errc::kUnsupported);
+  CHECK(plain.stats().column_pages_programmed == 0);
 }
 
 TEST_CASE("reclaim frees and erases whole blocks; reused chunks hold the new data") {
