@@ -9,6 +9,11 @@
 //   alpha        approximate softmax mass of the chosen tokens
 //   page_frac    (token pages + column pages read) / token pages dense attention reads
 //   byte_frac    bytes used (after the in-page filter) / dense K+V bytes
+// With --csd (default: an emulated RAM-flash drive when the drive binary is found; --csd off to
+// skip) the same stored values also go into a csd kv_cache, and the drive runs dense attend and
+// SparF itself; from its own flash counters:
+//   csd_flash_page_frac   flash pages SparF read / flash pages dense attend read (same data)
+//   csd_vs_host_rel_max   max relative difference of the drive's SparF output from the host's
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +26,9 @@
 #include "bench_common.hpp"
 #include "instinfer/attention/sparf.hpp"
 #include "instinfer/attention/sparf_synthetic.hpp"
+#include "instinfer/backend/csd_backend.hpp"
+#include "instinfer/csd/protocol.hpp"
+#include "instinfer/kv/kv_cache.hpp"
 
 namespace instinfer::bench {
 namespace {
@@ -89,12 +97,13 @@ int run(int argc, char** argv) {
   const bool whole = f.u64("whole-pages", 1) != 0;
   const std::string structure = f.str("structure", "realistic");
   const double logit_std = f.f64("logit-std", 3.0);
+  std::string csd_uri = f.str("csd", "auto");
   if (f.has("help")) {
     std::printf(
         "instinfer-bench sparf-accuracy [--tokens 1024,4096] [--head-dim 128] [--kv-heads 8] [--group 1]\n"
         "  [--seeds 3] [--page-bytes 4096] [--channels-per-page 0(auto)] [--dtype f16]\n"
         "  [--compression 1,1/2,1/4,1/8,1/16] [--page-spread 2] [--whole-pages 1]\n"
-        "  [--structure realistic|random] [--logit-std 3]\n");
+        "  [--structure realistic|random] [--logit-std 3] [--csd auto|off|URI]\n");
     return 0;
   }
   if (!f.ok()) {
@@ -119,10 +128,15 @@ int run(int argc, char** argv) {
   }
   const sparf_config cfg = cfg_r.value();
   const uint32_t hq = cfg.n_q_heads();
+  if (csd_uri == "auto") csd_uri = csd_backend::available() ? "csd:" : "off";
   sparf_workspace ws;
   for (uint64_t n64 : contexts) {
     const uint32_t n = static_cast<uint32_t>(n64);
+    // One drive cache per seed, filled once, reused over the compressions.
+    std::vector<std::unique_ptr<kv_cache>> drives(seeds + 1);
     for (double c : comps) {
+      uint64_t drive_dense_pages = 0, drive_sparse_pages = 0;
+      double drive_vs_host = 0.0;
       sparf_params p = sparf_params::with_compression(c);
       p.page_spread = spread;
       p.whole_pages = whole;
@@ -167,6 +181,53 @@ int run(int argc, char** argv) {
         if (!st.ok()) {
           std::fprintf(stderr, "sparf-accuracy: %s\n", st.to_string().c_str());
           return 1;
+        }
+        if (csd_uri != "off") {  // the same values in the drive: dense vs SparF by its flash counters
+          const seq_id seq = 1;
+          if (!drives[seed]) {
+            cache_options o;
+            o.shape = kv_shape{1, hq, kv_heads, d, *t};
+            o.page_bytes = page_bytes;
+            o.backend_uri = csd_uri;
+            o.sparf = true;
+            o.sparf_channels_per_page = cfg.columns.channels_per_page;
+            auto cache = kv_cache::create(o);
+            status fill = cache.ok() ? status{} : cache.error();
+            if (fill.ok()) {
+              auto created = cache.value()->create_sequence();
+              if (!created.ok())
+                fill = created.error();
+              else if (created.value() != seq)
+                fill = {errc::kInternal, "unexpected sequence id"};
+            }
+            if (fill.ok()) fill = cache.value()->append(seq, 0, n, wl.k.data(), wl.v.data(), dtype::kF32);
+            if (!fill.ok()) {
+              std::fprintf(stderr, "sparf-accuracy: csd: %s\n", fill.to_string().c_str());
+              return 1;
+            }
+            drives[seed] = std::move(cache).value();
+          }
+          kv_cache& dc = *drives[seed];
+          auto& drive = dynamic_cast<csd_backend&>(dc.storage());
+          std::vector<float> dout(size_t{hq} * d);
+          csd::device_stats s0{}, s1{}, s2{};
+          status ds = drive.drive_stats(0, s0);
+          if (ds.ok()) ds = dc.attend(0, std::span<const seq_id>(&seq, 1), wl.q.data(), dout.data(), nullptr);
+          if (ds.ok()) ds = drive.drive_stats(0, s1);
+          if (ds.ok()) ds = dc.attend_sparse(0, std::span<const seq_id>(&seq, 1), wl.q.data(), dout.data(), nullptr, p);
+          if (ds.ok()) ds = drive.drive_stats(0, s2);
+          if (!ds.ok()) {
+            std::fprintf(stderr, "sparf-accuracy: csd: %s\n", ds.to_string().c_str());
+            return 1;
+          }
+          drive_dense_pages += s1.flash_pages_read - s0.flash_pages_read;
+          drive_sparse_pages += s2.flash_pages_read - s1.flash_pages_read;
+          double e = 0.0, m = 0.0;
+          for (size_t i = 0; i < dout.size(); ++i) {
+            e = std::max(e, std::fabs(double{dout[i]} - out[i]));
+            m = std::max(m, std::fabs(double{out[i]}));
+          }
+          drive_vs_host = std::max(drive_vs_host, m > 0 ? e / m : e);
         }
         // Dense float64 reference and true top-k per query head.
         const double scale = cfg.effective_scale();
@@ -220,8 +281,8 @@ int run(int argc, char** argv) {
           ++samples;
         }
       }
-      json_line()
-          .add("bench", "sparf-accuracy")
+      json_line line;
+      line.add("bench", "sparf-accuracy")
           .add("kind", "measured")
           .add("structure", structure)
           .add("tokens", n)
@@ -247,8 +308,16 @@ int run(int argc, char** argv) {
           .add("token_page_frac", counters.dense_pages ? static_cast<double>(counters.token_pages_read) /
                                                              static_cast<double>(counters.dense_pages)
                                                        : 0.0)
-          .add("byte_frac", counters.byte_fraction())
-          .print();
+          .add("byte_frac", counters.byte_fraction());
+      if (csd_uri != "off") {
+        line.add("csd_dense_flash_pages", drive_dense_pages)
+            .add("csd_sparse_flash_pages", drive_sparse_pages)
+            .add("csd_flash_page_frac",
+                 drive_dense_pages ? static_cast<double>(drive_sparse_pages) / static_cast<double>(drive_dense_pages)
+                                   : 0.0)
+            .add("csd_vs_host_rel_max", drive_vs_host);
+      }
+      line.print();
     }
   }
   return 0;

@@ -1322,16 +1322,19 @@ class drive_impl final : public drive {
         ws.scratch.resize(d);
         const sparf_channel_choice choice =
             sparf_choose_channels(cfg, plan, params.whole_pages, qh, ws.channels.data(), ws.weight.data(), ws.scratch.data());
-        // Dual-step loading, step one: the chosen column pages of every column block.
-        if (!ensure(ws.col_stage, ws.col_stage_bytes, uint64_t{n_cblocks} * groups * page)) {
+        // Dual-step loading, step one: the chosen column pages of every column block (none when
+        // every token is kept: sparf_attend_head then skips the approximate scores).
+        const bool keep_all = plan.k >= n;
+        if (!ensure(ws.col_stage, ws.col_stage_bytes, uint64_t{keep_all ? 1 : n_cblocks} * groups * page)) {
           s = {errc::kOutOfMemory, "SparF column staging"};
           break;
         }
         ws.col_ptrs.resize(n_cblocks);
         const std::vector<uint32_t>& blks = item_blocks[i];
         for (uint32_t b = 0; b < n_cblocks && s.ok(); ++b) {
-          std::byte* blk = ws.col_stage.get() + uint64_t{b} * groups * page;
+          std::byte* blk = ws.col_stage.get() + (keep_all ? 0 : uint64_t{b} * groups * page);
           ws.col_ptrs[b] = blk;
+          if (keep_all) continue;
           for (uint32_t j = 0; j < choice.n_channels && s.ok(); ++j) {
             const uint32_t gr = cl.group_of(ws.channels[j]);
             if (j > 0 && cl.group_of(ws.channels[j - 1]) == gr) continue;

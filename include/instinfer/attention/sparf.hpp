@@ -459,57 +459,62 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
   const uint32_t n_pages_per_block = choice.pages_per_block;
   c.channels_used += n_channels;
 
-  // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).
-  for (uint32_t g = 0; g < G; ++g) {
-    const float* qg = q + size_t{g} * d;
-    float all = 0.0f, sel = 0.0f;
-    for (uint32_t i = 0; i < d; ++i) all += std::fabs(qg[i]);
-    for (uint32_t j = 0; j < n_channels; ++j) sel += std::fabs(qg[channels[j]]);
-    ws.head_scale_[g] = (sel > 0.0f && all > 0.0f && n_channels < d) ? scale / std::sqrt(sel / all) : scale;
-  }
-
-  // 2. approximate logits from the chosen channels' columns only.
+  // Every token kept (k >= n, e.g. compression 1): nothing to rank, so no approximate scores and
+  // no column pages are read; alpha is 1 and this is dense attention.
+  const bool keep_all = plan.k >= n;
   float* approx = ws.approx_.data();  // [G][n]
-  std::fill(approx, approx + size_t{G} * n, 0.0f);
-  float* col = ws.row_.data();
-  for (uint32_t b = 0; b < w.n_column_blocks; ++b) {
-    const uint32_t first = b * cl.tokens_per_page;
-    const uint32_t count = std::min(cl.tokens_per_page, n - first);
-    for (uint32_t j = 0; j < n_channels; ++j) {
-      const uint32_t ch = channels[j];
-      sparf_detail::to_float(w.column_blocks[b] + cl.offset(kv_head, 0, ch), t, col, count);
-      for (uint32_t g = 0; g < G; ++g) {
-        const float qv = q[size_t{g} * d + ch];
-        float* a = approx + size_t{g} * n + first;
-        for (uint32_t i = 0; i < count; ++i) a[i] += qv * col[i];
+  if (!keep_all) {
+    // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).
+    for (uint32_t g = 0; g < G; ++g) {
+      const float* qg = q + size_t{g} * d;
+      float all = 0.0f, sel = 0.0f;
+      for (uint32_t i = 0; i < d; ++i) all += std::fabs(qg[i]);
+      for (uint32_t j = 0; j < n_channels; ++j) sel += std::fabs(qg[channels[j]]);
+      ws.head_scale_[g] = (sel > 0.0f && all > 0.0f && n_channels < d) ? scale / std::sqrt(sel / all) : scale;
+    }
+
+    // 2. approximate logits from the chosen channels' columns only.
+    std::fill(approx, approx + size_t{G} * n, 0.0f);
+    float* col = ws.row_.data();
+    for (uint32_t b = 0; b < w.n_column_blocks; ++b) {
+      const uint32_t first = b * cl.tokens_per_page;
+      const uint32_t count = std::min(cl.tokens_per_page, n - first);
+      for (uint32_t j = 0; j < n_channels; ++j) {
+        const uint32_t ch = channels[j];
+        sparf_detail::to_float(w.column_blocks[b] + cl.offset(kv_head, 0, ch), t, col, count);
+        for (uint32_t g = 0; g < G; ++g) {
+          const float qv = q[size_t{g} * d + ch];
+          float* a = approx + size_t{g} * n + first;
+          for (uint32_t i = 0; i < count; ++i) a[i] += qv * col[i];
+        }
+      }
+      if (count == cl.tokens_per_page) {  // a written block: pages read from storage
+        c.channel_pages_read += n_pages_per_block;
+        c.channel_bytes_used += uint64_t{n_channels} * count * es;
+      } else {  // the tail block: still in the group buffer
+        c.buffered_channel_bytes += uint64_t{n_channels} * count * es;
       }
     }
-    if (count == cl.tokens_per_page) {  // a written block: pages read from storage
-      c.channel_pages_read += n_pages_per_block;
-      c.channel_bytes_used += uint64_t{n_channels} * count * es;
-    } else {  // the tail block: still in the group buffer
-      c.buffered_channel_bytes += uint64_t{n_channels} * count * es;
-    }
-  }
 
-  // Approximate softmax per query head: logits, stats, then probabilities in place.
-  float* p_scratch = ws.logits_.data();
-  for (uint32_t g = 0; g < G; ++g) {
-    float* a = approx + size_t{g} * n;
-    const float hs = ws.head_scale_[g];
-    for (uint32_t i = 0; i < n; ++i) a[i] = apply_softcap(a[i] * hs, cfg.softcap);
-    if (G == 1) std::copy(a, a + n, ws.rank_.data());  // rank by logit: exp underflow makes no ties
-    softmax_stats s;
-    for (uint32_t i0 = 0; i0 < n; i0 += kB)
-      merge_state(s, nullptr, sparf_detail::block_stats(a + i0, p_scratch, std::min(kB, n - i0)), nullptr, 0);
-    const float inv = s.empty() ? 0.0f : 1.0f / s.d;
-    for (uint32_t i = 0; i < n; ++i) a[i] = expf(a[i] - s.m) * inv;
-  }
-  if (G > 1) {
-    float* rank = ws.rank_.data();
-    std::fill(rank, rank + n, 0.0f);
-    for (uint32_t g = 0; g < G; ++g)
-      for (uint32_t i = 0; i < n; ++i) rank[i] += approx[size_t{g} * n + i];
+    // Approximate softmax per query head: logits, stats, then probabilities in place.
+    float* p_scratch = ws.logits_.data();
+    for (uint32_t g = 0; g < G; ++g) {
+      float* a = approx + size_t{g} * n;
+      const float hs = ws.head_scale_[g];
+      for (uint32_t i = 0; i < n; ++i) a[i] = apply_softcap(a[i] * hs, cfg.softcap);
+      if (G == 1) std::copy(a, a + n, ws.rank_.data());  // rank by logit: exp underflow makes no ties
+      softmax_stats s;
+      for (uint32_t i0 = 0; i0 < n; i0 += kB)
+        merge_state(s, nullptr, sparf_detail::block_stats(a + i0, p_scratch, std::min(kB, n - i0)), nullptr, 0);
+      const float inv = s.empty() ? 0.0f : 1.0f / s.d;
+      for (uint32_t i = 0; i < n; ++i) a[i] = expf(a[i] - s.m) * inv;
+    }
+    if (G > 1) {
+      float* rank = ws.rank_.data();
+      std::fill(rank, rank + n, 0.0f);
+      for (uint32_t g = 0; g < G; ++g)
+        for (uint32_t i = 0; i < n; ++i) rank[i] += approx[size_t{g} * n + i];
+    }
   }
 
   // 3. tokens: the top k, then in token order (page order for the reads).
