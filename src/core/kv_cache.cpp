@@ -59,6 +59,7 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     cache->sparf_config_ = sparf;
     cache->sparf_enabled_ = true;
     cache->sparf_native_ = cache->backend_->runs_sparf();
+    cache->sparf_store_columns_ = !cache->sparf_native_ && !cache->backend_->host_addressable();
   }
   return cache;
 }
@@ -134,6 +135,8 @@ void kv_cache::release(chunk_id id) noexcept {
 
 void kv_cache::release_table(layer_table& t) noexcept {
   for (chunk_id id : t.chunks) release(id);
+  for (chunk_id id : t.column_chunks) release(id);
+  t.column_chunks.clear();
   t.chunks.clear();
   t.n_tokens = 0;
 }
@@ -208,6 +211,14 @@ result<seq_id> kv_cache::fork_sequence(seq_id src) {
       }
     }
     if (s.ok()) s = copy_sparf_index(a, b);
+    if (s.ok()) {  // stored column blocks are immutable: shared like full chunks
+      try {
+        b.column_chunks = a.column_chunks;
+        for (chunk_id cid : b.column_chunks) retain(cid);
+      } catch (const std::bad_alloc&) {
+        s = status{errc::kOutOfMemory, "fork column blocks"};
+      }
+    }
     if (!s.ok()) {
       for (auto& t : copy.layers) release_table(t);
       return s;
@@ -335,7 +346,71 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
     placed += w;
   }
   t.n_tokens += n;
+  store_sealed_columns(seq, layer, t);
   return {};
+}
+
+// SparF on a storage backend: sealed column blocks go to the device as whole chunks (the column
+// pages packed into chunk pages), the host keeps the tail block and the V sums. Best effort: a
+// block that cannot be stored now stays in host memory and is tried again on the next append.
+void kv_cache::store_sealed_columns(seq_id seq, uint32_t layer, layer_table& t) noexcept {
+  if (!sparf_store_columns_ || !t.sparf) return;
+  const channel_layout& cl = sparf_config_.columns;
+  const chunk_layout lay = layout();
+  const uint32_t per_block = column_store_chunks();
+  const uint32_t tpp = lay.tokens(), H = config_.shape.n_kv_heads;
+  const uint64_t row = config_.page.row_bytes(), page = lay.page.page_bytes;
+  try {
+    std::vector<std::byte> k(uint64_t{tpp} * H * row), v(k.size());
+    for (uint32_t b = static_cast<uint32_t>(t.column_chunks.size() / per_block); b < t.sparf->sealed_blocks(); ++b) {
+      const std::byte* blk = t.sparf->block(b);
+      if (blk == nullptr) break;
+      std::vector<chunk_id> ids;
+      status s;
+      for (uint32_t j = 0; j < per_block && s.ok(); ++j) {
+        // Chunk page P holds column page j * 2H + P: as token rows, K page h = rows of head h.
+        std::fill(k.begin(), k.end(), std::byte{0});
+        std::fill(v.begin(), v.end(), std::byte{0});
+        for (uint32_t p = 0; p < 2 * H; ++p) {
+          const uint64_t cp = uint64_t{j} * 2 * H + p;
+          if (cp >= cl.pages_per_block()) break;
+          std::byte* dst = p < H ? k.data() : v.data();
+          const uint32_t h = p % H;
+          for (uint32_t r = 0; r < tpp; ++r)
+            std::memcpy(dst + (uint64_t{r} * H + h) * row, blk + cp * page + uint64_t{r} * row, row);
+        }
+        const chunk_hint hint{seq | kColumnStream, layer, static_cast<uint32_t>(t.column_chunks.size() + j)};
+        auto id = backend_->allocate_chunk(hint);
+        if (!id.ok()) {
+          s = id.error();
+          break;
+        }
+        s = track(id.value());
+        if (s.ok()) s = backend_->write_tokens(id.value(), hint, 0, tpp, k.data(), v.data());
+        if (!s.ok()) {
+          backend_->release_chunk(id.value());
+          break;
+        }
+        ids.push_back(id.value());
+      }
+      if (!s.ok()) {
+        for (chunk_id id : ids) backend_->release_chunk(id);
+        return;
+      }
+      for (chunk_id id : ids) {
+        refcount_[id] = 1;
+        sealed_[id] = 1;
+        t.column_chunks.push_back(id);
+      }
+      t.sparf->drop_block_memory(b);
+    }
+  } catch (const std::bad_alloc&) {
+  }
+}
+
+uint32_t kv_cache::column_store_chunks() const noexcept {
+  const uint32_t per_chunk = layout().pages_per_chunk();
+  return (sparf_config_.columns.pages_per_block() + per_chunk - 1) / per_chunk;
 }
 
 status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v,
@@ -449,7 +524,18 @@ status kv_cache::remove_range(seq_id seq, uint64_t begin, uint64_t end) {
       const uint32_t block = sparf_config_.columns.tokens_per_page;
       std::vector<std::byte> tail_k, tail_v;
       if (failure.ok() && b % block != 0) failure = read_layer(seq, l, t, b - b % block, b, tail_k, tail_v);
-      if (failure.ok()) failure = nt.sparf->truncate(b, b % block ? tail_v.data() : nullptr);
+      if (failure.ok())
+        failure = nt.sparf->truncate(b, b % block ? tail_v.data() : nullptr, b % block ? tail_k.data() : nullptr);
+      if (failure.ok() && !t.column_chunks.empty()) {  // stored blocks wholly before b stay shared
+        const size_t keep_blocks = std::min<size_t>(b / block, t.column_chunks.size() / column_store_chunks());
+        try {
+          nt.column_chunks.assign(t.column_chunks.begin(),
+                                  t.column_chunks.begin() + static_cast<ptrdiff_t>(keep_blocks * column_store_chunks()));
+          for (chunk_id cid : nt.column_chunks) retain(cid);
+        } catch (const std::bad_alloc&) {
+          failure = {errc::kOutOfMemory, "remove_range column blocks"};
+        }
+      }
       if (!failure.ok()) break;
     }
     if (e < t.n_tokens) {
@@ -556,6 +642,10 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
     w.lse = lse ? lse + i * shape.n_q_heads : nullptr;
     w.selected = selected.data();
     w.n_selected = n_selected.data();
+    std::vector<const std::byte*> column_pages;
+    if (!t.column_chunks.empty() && t.sparf)
+      INSTINFER_TRY(fetch_column_pages(t, *plan, params, w.q, column_pages));
+    if (!column_pages.empty()) w.column_pages = column_pages.data();
     if (t.n_tokens > 0) INSTINFER_TRY(sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_));
     // Per chunk, which kv heads selected a token in it (the K and V pages of those heads are needed).
     const uint32_t H = shape.n_kv_heads;
@@ -611,6 +701,69 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
   return {};
 }
 
+// Dual-step loading for column blocks stored on the device: per kv head, only the column pages of
+// the channels SparF will choose (sparf_choose_channels, the algorithm's own step one), read as one
+// batch; resident blocks (the tail, blocks not stored yet) are used in place. pages: one pointer
+// per column page of every block, as sparf_work::column_pages. Keep-all plans read nothing.
+status kv_cache::fetch_column_pages(const layer_table& t, const sparf_plan& plan, const sparf_params& params,
+                                    const float* q, std::vector<const std::byte*>& pages) {
+  const channel_layout& cl = sparf_config_.columns;
+  const chunk_layout lay = layout();
+  const uint32_t ppb = cl.pages_per_block(), per_block = column_store_chunks(), per_chunk = lay.pages_per_chunk();
+  const uint32_t H = config_.shape.n_kv_heads, d = config_.shape.head_dim, G = config_.shape.group_size();
+  const uint64_t page = lay.page.page_bytes;
+  const uint32_t n_blocks = t.sparf->n_blocks();
+  const uint32_t stored = static_cast<uint32_t>(t.column_chunks.size() / per_block);
+  std::vector<page_read> reads;
+  std::vector<uint32_t> channels(d);
+  std::vector<float> weight(d), scratch(d);
+  try {
+    pages.assign(size_t{n_blocks} * ppb, nullptr);
+    for (uint32_t b = 0; b < n_blocks; ++b)
+      if (const std::byte* blk = t.sparf->block(b))
+        for (uint32_t p = 0; p < ppb; ++p) pages[size_t{b} * ppb + p] = blk + p * page;
+    if (plan.k >= plan.n_tokens || stored == 0) return {};
+    std::vector<uint32_t> chosen;  // column page indices inside a block
+    for (uint32_t h = 0; h < H; ++h) {
+      const sparf_channel_choice c = sparf_choose_channels(sparf_config_, plan, params.whole_pages,
+                                                           q + size_t{h} * G * d, channels.data(), weight.data(),
+                                                           scratch.data());
+      for (uint32_t j = 0; j < c.n_channels; ++j)
+        if (j == 0 || cl.group_of(channels[j]) != cl.group_of(channels[j - 1]))
+          chosen.push_back(cl.page_index(h, cl.group_of(channels[j])));
+    }
+    const size_t need = size_t{stored} * chosen.size() * page;
+    if (sparf_column_staging_.size() < need) sparf_column_staging_.resize(need);
+    std::byte* dst = sparf_column_staging_.data();
+    for (uint32_t b = 0; b < stored; ++b)
+      for (uint32_t p : chosen) {
+        const chunk_id id = t.column_chunks[size_t{b} * per_block + p / per_chunk];
+        reads.push_back({id, lay.tokens(), p % per_chunk, dst});
+        pages[size_t{b} * ppb + p] = dst;
+        dst += page;
+      }
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "SparF column pages"};
+  }
+  status s = backend_->read_pages(reads);
+  if (s.code() != errc::kUnsupported) return s;
+  // Whole chunks, then: each stored chunk read once, its chosen pages copied out.
+  try {
+    if (sparf_staging_.size() < lay.chunk_bytes()) sparf_staging_.resize(lay.chunk_bytes());
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "SparF staging"};
+  }
+  chunk_id loaded = kInvalidChunk;
+  for (const page_read& r : reads) {  // grouped by chunk: built block by block, page by page
+    if (r.chunk != loaded) {
+      INSTINFER_TRY(backend_->read_chunk(r.chunk, r.n_tokens, sparf_staging_.data()));
+      loaded = r.chunk;
+    }
+    std::memcpy(r.dst, sparf_staging_.data() + uint64_t{r.page} * page, page);
+  }
+  return {};
+}
+
 void kv_cache::prefetch(uint32_t layer, std::span<const seq_id> seqs) {
   std::lock_guard lock(mutex_);
   if (layer >= config_.shape.n_layers || seqs.empty()) return;
@@ -662,7 +815,7 @@ cache_stats kv_cache::stats() const {
   s.sparf = sparf_totals_;
   for (const auto& [id, seq] : sequences_)
     for (const auto& t : seq.layers)
-      if (t.sparf) s.sparf_column_bytes += t.sparf->stored_bytes() + t.sparf->buffered_bytes();
+      if (t.sparf) s.sparf_column_bytes += t.sparf->resident_bytes();
   return s;
 }
 

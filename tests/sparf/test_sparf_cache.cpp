@@ -64,7 +64,7 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
   const auto work = synthetic::make_attention_workload(wp);
   const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
 
-  std::vector<float> first_sparse;
+  std::vector<float> first_sparse, first_fork_sparse;
   for (const std::string& uri : backends_to_try()) {
     CAPTURE(uri);
     auto cache = make(uri, shape);
@@ -79,23 +79,39 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
     REQUIRE(cache->append(s, 1, 2000, work.k.data() + 1000 * row, work.v.data() + 1000 * row, dtype::kF32).ok());
 
     std::vector<float> dense(nq), dense_lse(shape.n_q_heads), sparse(nq), sparse_lse(shape.n_q_heads);
+    REQUIRE(cache->flush().ok());
+    const uint64_t read0 = cache->stats().backend.device_bytes_read;
     REQUIRE(cache->attend(1, std::span<const seq_id>(&s, 1), work.q.data(), dense.data(), dense_lse.data()).ok());
+    const uint64_t read_dense = cache->stats().backend.device_bytes_read - read0;
     REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
                                  sparf_params::with_compression(1.0))
                 .ok());
     CHECK(rel(sparse, dense) <= 1e-5);
 
+    const uint64_t read1 = cache->stats().backend.device_bytes_read;
     REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
                                  sparf_params::with_compression(0.125))
                 .ok());
+    const uint64_t read_sparse = cache->stats().backend.device_bytes_read - read1;
+    if (read_dense > 0) {  // a storage backend: only the chosen column pages and selected K/V pages
+      MESSAGE(uri << ": bytes read from the device, SparF 1/8 / dense = " << double(read_sparse) / double(read_dense));
+      CHECK(read_sparse * 4 <= read_dense);
+    }
     const double err = rel(sparse, dense);
     MESSAGE(uri << ": SparF 1/8 vs dense relative error " << err);
     CHECK(err < 1.0);  // an approximation, but not garbage
     const cache_stats st = cache->stats();
     CHECK(st.sparf.dense_pages > 0);
     CHECK(st.sparf.pages_read() < st.sparf.dense_pages * 2);  // two calls: dense-equivalent once each
-    // The column copy is on the host, or in the drive for a backend that runs SparF itself.
-    CHECK((st.sparf_column_bytes > 0) != cache->storage().runs_sparf());
+    // The column copy is on the host (host backend), on the device but for the tail block (ssd), or
+    // all in the drive (csd runs SparF itself).
+    const uint64_t block_bytes = channel_layout::make(4096, 128, dtype::kF16, 0, shape.n_kv_heads)->block_bytes();
+    if (cache->storage().runs_sparf())
+      CHECK(st.sparf_column_bytes == 0);
+    else if (cache->storage().host_addressable())
+      CHECK(st.sparf_column_bytes == 6 * block_bytes);  // 3000 tokens: 5 sealed blocks + the tail
+    else
+      CHECK(st.sparf_column_bytes == block_bytes);
     if (first_sparse.empty()) {
       first_sparse = sparse;
     } else {
@@ -112,6 +128,14 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
                                  sparf_params::with_compression(1.0))
                 .ok());
     CHECK(rel(sparse, dense) <= 1e-5);
+    // Below 1 as well, the fork's SparF is the same on every backend (its column copy follows).
+    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&f, 1), work.q.data(), sparse.data(), nullptr,
+                                 sparf_params::with_compression(0.125))
+                .ok());
+    if (first_fork_sparse.empty())
+      first_fork_sparse = sparse;
+    else
+      CHECK(rel(sparse, first_fork_sparse) <= 1e-6);
 
     // Bad parameters are clear errors.
     float out[8 * 128];

@@ -242,6 +242,10 @@ struct sparf_work {
   const std::byte* const* column_blocks = nullptr;  // ceil(n_tokens / columns.tokens_per_page) blocks;
                                                     // a last, partial one is the tail buffer
   uint32_t n_column_blocks = 0;
+  // Alternative to column_blocks, for column data fetched page by page from storage: one pointer
+  // per column page, [n_column_blocks][columns.pages_per_block()] (channel_layout::page_index);
+  // only the pages of the channels SparF chooses are dereferenced (null elsewhere is fine).
+  const std::byte* const* column_pages = nullptr;
   const float* v_mean = nullptr;  // [n_kv_heads][head_dim]: mean of V over the n_tokens tokens
   const float* q = nullptr;       // [n_q_heads][head_dim]
   float* out = nullptr;           // [n_q_heads][head_dim], normalised
@@ -481,7 +485,12 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
       const uint32_t count = std::min(cl.tokens_per_page, n - first);
       for (uint32_t j = 0; j < n_channels; ++j) {
         const uint32_t ch = channels[j];
-        sparf_detail::to_float(w.column_blocks[b] + cl.offset(kv_head, 0, ch), t, col, count);
+        const std::byte* src =
+            w.column_pages
+                ? w.column_pages[size_t{b} * cl.pages_per_block() + cl.page_index(kv_head, cl.group_of(ch))] +
+                      cl.in_page_offset(ch, 0)
+                : w.column_blocks[b] + cl.offset(kv_head, 0, ch);
+        sparf_detail::to_float(src, t, col, count);
         for (uint32_t g = 0; g < G; ++g) {
           const float qv = q[size_t{g} * d + ch];
           float* a = approx + size_t{g} * n + first;
@@ -644,7 +653,7 @@ inline status run_batch(const sparf_config& cfg, const sparf_params& params, std
         return {errc::kInvalidArgument, where + std::to_string(w.n_tokens) + " tokens need " +
                                             std::to_string((w.n_tokens + ctp - 1) / ctp) + " column blocks, got " +
                                             std::to_string(w.n_column_blocks)};
-      if (w.q == nullptr || (w.n_tokens > 0 && w.column_blocks == nullptr))
+      if (w.q == nullptr || (w.n_tokens > 0 && w.column_blocks == nullptr && w.column_pages == nullptr))
         return {errc::kInvalidArgument, where + "null q or column blocks"};
       if (select_only) {
         if (w.selected == nullptr || w.n_selected == nullptr)
@@ -736,6 +745,20 @@ class sparf_index {
   // Blocks that are full (written to storage); the rest (0 or 1) is the tail buffer.
   uint32_t sealed_blocks() const noexcept { return tp() ? n_tokens_ / tp() : 0; }
   const std::byte* block(uint32_t b) const noexcept { return blocks_[b].data(); }
+  // Storage backends keep sealed blocks on the device: the host copy of block b (sealed) can be
+  // dropped; its V sums stay. block(b) / block_pointers() are then null for it.
+  void drop_block_memory(uint32_t b) noexcept {
+    if (b >= sealed_blocks()) return;
+    std::vector<std::byte>().swap(blocks_[b]);
+    pointers_[b] = nullptr;
+  }
+  bool block_resident(uint32_t b) const noexcept { return b < blocks_.size() && !blocks_[b].empty(); }
+  // Column bytes held in this process (resident sealed blocks and the tail buffer).
+  uint64_t resident_bytes() const noexcept {
+    uint64_t bytes = 0;
+    for (const auto& blk : blocks_) bytes += blk.size();
+    return bytes;
+  }
   // n_blocks() pointers, for sparf_work::column_blocks; valid until the next append or truncate.
   const std::byte* const* block_pointers() const noexcept { return pointers_.data(); }
   // [n_kv_heads][head_dim] mean of the stored V rows (zeros when empty).
@@ -782,8 +805,9 @@ class sparf_index {
   // Keep the first n tokens (remove_range to the end). v_tail: the stored V rows of the tokens of
   // the new partial block, [n % tokens_per_page][n_kv_heads][head_dim] in the layout dtype (the
   // caller reads them from its chunks); null when n is a multiple of tokens_per_page. A block that
-  // was sealed and becomes partial again is the tail buffer again (a drive re-reads it into DRAM).
-  status truncate(uint32_t n, const std::byte* v_tail) noexcept {
+  // was sealed and becomes partial again is the tail buffer again: its columns are rewritten from
+  // k_tail (same shape as v_tail) when given, which they must be if the block's memory was dropped.
+  status truncate(uint32_t n, const std::byte* v_tail, const std::byte* k_tail = nullptr) noexcept {
     if (n > n_tokens_)
       return {errc::kInvalidArgument, "sparf_index::truncate: " + std::to_string(n) + " > " + std::to_string(n_tokens_) +
                                           " tokens"};
@@ -792,9 +816,27 @@ class sparf_index {
     if (partial > 0 && v_tail == nullptr)
       return {errc::kInvalidArgument, "sparf_index::truncate: the V rows of the new tail block are needed"};
     const size_t keep = (size_t{n} + tp() - 1) / tp();
+    if (partial > 0 && k_tail == nullptr && !block_resident(static_cast<uint32_t>(keep - 1)))
+      return {errc::kInvalidArgument, "sparf_index::truncate: the new tail block was dropped; its K rows are needed"};
+    if (partial > 0 && !block_resident(static_cast<uint32_t>(keep - 1))) {
+      try {
+        blocks_[keep - 1].assign(layout_.block_bytes(), std::byte{0});
+      } catch (const std::bad_alloc&) {
+        return {errc::kOutOfMemory, "sparf_index::truncate: tail block"};
+      }
+      pointers_[keep - 1] = blocks_[keep - 1].data();
+    }
     blocks_.resize(keep);
     block_sum_.resize(keep);
     pointers_.resize(keep);
+    if (partial > 0 && k_tail != nullptr) {
+      const uint32_t H = layout_.n_kv_heads, d = layout_.head_dim, es = layout_.elem_bytes();
+      std::byte* blk = blocks_[keep - 1].data();
+      for (uint32_t i = 0; i < partial; ++i)
+        for (uint32_t h = 0; h < H; ++h)
+          for (uint32_t ch = 0; ch < d; ++ch)
+            std::memcpy(blk + layout_.offset(h, i, ch), k_tail + ((size_t{i} * H + h) * d + ch) * es, es);
+    }
     if (partial > 0) {
       std::vector<double>& bs = block_sum_[keep - 1];
       std::fill(bs.begin(), bs.end(), 0.0);
@@ -844,7 +886,7 @@ class sparf_index {
 
   void rebuild_pointers() {
     pointers_.clear();
-    for (const auto& b : blocks_) pointers_.push_back(b.data());
+    for (const auto& b : blocks_) pointers_.push_back(b.empty() ? nullptr : b.data());
   }
 
   channel_layout layout_{};

@@ -130,6 +130,9 @@ class backend {
   // Host address of a chunk's bytes when the backend keeps chunks in this process's memory
   // (host backend); null otherwise (callers then use read_chunk).
   virtual const std::byte* chunk_address(chunk_id /*id*/) const noexcept { return nullptr; }
+  // chunk_address is non-null for every chunk (the manager then keeps SparF's column copy in host
+  // memory too; elsewhere it stores sealed column blocks as chunks of this backend).
+  virtual bool host_addressable() const noexcept { return false; }
 
   // Decode attention of one layer for a batch of sequences.
   virtual status attend(uint32_t layer, std::span<const attend_item> batch) noexcept = 0;

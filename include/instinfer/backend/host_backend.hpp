@@ -45,6 +45,7 @@ class host_backend final : public backend {
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
   status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
+  bool host_addressable() const noexcept override { return true; }
   const std::byte* chunk_address(chunk_id id) const noexcept override {
     return valid_id(id) ? chunk_data(id) : nullptr;
   }

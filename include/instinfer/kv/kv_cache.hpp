@@ -44,8 +44,9 @@ struct cache_stats {
   uint64_t shared_chunks = 0;  // chunks referenced by more than one sequence
   backend_stats backend{};
   sparf_counters sparf{};        // pages and bytes read by attend_sparse, beside the dense equivalent
-  uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held on the host (sealed pages + tail
-                                    // buffers); 0 where the backend keeps it (csd: see its drive stats)
+  uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held in host memory: all of it on the
+                                    // host backend; tail blocks only where sealed blocks are on the
+                                    // device (ssd); 0 where the backend runs SparF (csd: drive stats)
 };
 
 class kv_cache {
@@ -104,6 +105,8 @@ class kv_cache {
     std::vector<chunk_id> chunks;
     uint32_t n_tokens = 0;
     std::unique_ptr<sparf_index> sparf;  // only with cache_options::sparf
+    // Sealed column blocks stored on a storage backend: column_store_chunks() chunks per block.
+    std::vector<chunk_id> column_chunks;
   };
   struct sequence {
     std::vector<layer_table> layers;
@@ -123,6 +126,12 @@ class kv_cache {
   status append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n_tokens, const std::byte* k,
                          const std::byte* v);
   void release_table(layer_table& t) noexcept;
+  void store_sealed_columns(seq_id seq, uint32_t layer, layer_table& t) noexcept;
+  uint32_t column_store_chunks() const noexcept;
+  status fetch_column_pages(const layer_table& t, const sparf_plan& plan, const sparf_params& params, const float* q,
+                            std::vector<const std::byte*>& pages);
+  // Placement hint for column chunks: their own stream beside the sequence's token chunks.
+  static constexpr seq_id kColumnStream = seq_id{1} << 63;
   status read_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
                     std::vector<std::byte>& k, std::vector<std::byte>& v);
 
@@ -138,10 +147,12 @@ class kv_cache {
   // SparF state (empty when disabled).
   bool sparf_enabled_ = false;
   bool sparf_native_ = false;  // the backend runs SparF itself (backend::runs_sparf)
+  bool sparf_store_columns_ = false;  // sealed column blocks live on the (storage) backend
   sparf_config sparf_config_{};
   sparf_workspace sparf_ws_;
   sparf_counters sparf_totals_{};
   std::vector<std::byte> sparf_staging_;  // read-back chunks for backends without host addresses
+  std::vector<std::byte> sparf_column_staging_;  // column pages read from a storage backend
 };
 
 }  // namespace instinfer
