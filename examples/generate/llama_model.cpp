@@ -152,7 +152,7 @@ uint64_t llama_model::workspace_bytes() const noexcept {
                  normed_out_.size() + output_norm_.size() + 2ull * layers_.size() * hp_.n_embd);
 }
 
-cache_options llama_model::kv_options(const std::string& backend_uri, dtype kv_dtype) const {
+cache_options llama_model::kv_options(const std::string& backend_uri, dtype kv_dtype, bool sparf) const {
   cache_options o;
   o.shape.n_layers = hp_.n_layers;
   o.shape.n_q_heads = hp_.n_head;
@@ -162,6 +162,7 @@ cache_options llama_model::kv_options(const std::string& backend_uri, dtype kv_d
   o.n_threads = pool_.size();
   o.scale = 1.0f / std::sqrt(static_cast<float>(hp_.head_dim));
   o.backend_uri = backend_uri;
+  o.sparf = sparf;
   return o;
 }
 
@@ -205,6 +206,12 @@ void llama_model::rope(float* x, uint32_t n_heads, uint32_t pos) const noexcept 
 }
 
 status llama_model::forward(kv_cache& cache, std::span<const forward_item> items, std::vector<float>& logits) {
+  return run(cache, items, logits, true);
+}
+
+status llama_model::run(kv_cache& cache, std::span<const forward_item> items, std::vector<float>& logits,
+                        bool allow_sparse) {
+  const bool sparse = allow_sparse && sparse_.has_value();
   const uint32_t T = static_cast<uint32_t>(items.size());
   if (T == 0) return {};
   if (T > max_batch_) return {errc::kInvalidArgument, "forward: " + std::to_string(T) + " items exceed max_batch " + std::to_string(max_batch_)};
@@ -249,7 +256,12 @@ status llama_model::forward(kv_cache& cache, std::span<const forward_item> items
         group_seqs_.push_back(items[g1++].seq);
       for (uint32_t t = g0; t < g1; ++t)
         INSTINFER_TRY(cache.append(items[t].seq, l, 1, &k_[size_t{t} * kv_dim], &v_[size_t{t} * kv_dim], dtype::kF32));
-      INSTINFER_TRY(cache.attend(l, group_seqs_, &q_[size_t{g0} * q_dim], &att_[size_t{g0} * q_dim], nullptr));
+      const float* q = &q_[size_t{g0} * q_dim];
+      if (observer_) observer_(attention_call{l, group_seqs_, q, sparse});
+      if (sparse)
+        INSTINFER_TRY(cache.attend_sparse(l, group_seqs_, q, &att_[size_t{g0} * q_dim], nullptr, *sparse_));
+      else
+        INSTINFER_TRY(cache.attend(l, group_seqs_, q, &att_[size_t{g0} * q_dim], nullptr));
       g0 = g1;
     }
     if (l + 1 < hp.n_layers) {
@@ -288,7 +300,7 @@ status llama_model::prefill(kv_cache& cache, seq_id seq, std::span<const token_i
     items.clear();
     for (size_t i = b; i < e; ++i)
       items.push_back({seq, static_cast<uint32_t>(start + i), tokens[i], i + 1 == tokens.size()});
-    INSTINFER_TRY(forward(cache, items, last_logits));
+    INSTINFER_TRY(run(cache, items, last_logits, false));  // prefill is dense (see set_sparse_attention)
   }
   return {};
 }

@@ -11,10 +11,16 @@
 // (sequence, position, token); tokens of different sequences are attended together in one
 // attend call per layer (decode batch), tokens of the same sequence one after another (prefill:
 // token t is appended, then attended over positions [0, t]), which is exact causal attention.
+//
+// Options for experiments: set_sparse_attention routes forward()'s attention through
+// kv_cache::attend_sparse (SparF; prefill() stays dense), and set_attention_observer sees every
+// attention call's post-RoPE queries (sparf_model.cpp captures real attention with it).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -61,6 +67,16 @@ struct forward_item {
   bool want_logits = false;
 };
 
+// One attention call of a forward pass, as the observer sees it: the K/V of these tokens are
+// already appended to the cache, the attend call follows.
+struct attention_call {
+  uint32_t layer = 0;
+  std::span<const seq_id> seqs;  // distinct sequences, one query token each
+  const float* q = nullptr;      // [seqs.size()][n_head][head_dim], after RoPE
+  bool sparse = false;           // answered by kv_cache::attend_sparse (else kv_cache::attend)
+};
+using attention_observer = std::function<void(const attention_call&)>;
+
 struct model_options {
   uint32_t n_threads = 0;   // 0: hardware concurrency
   uint32_t max_batch = 64;  // most tokens in one forward call (prefill chunk or decode batch)
@@ -80,7 +96,17 @@ class llama_model {
   uint32_t n_threads() const noexcept { return pool_.size(); }
 
   // The cache options this model needs (shape and dtype); backend and page size come from the caller.
-  cache_options kv_options(const std::string& backend_uri, dtype kv_dtype) const;
+  // sparf: keep the SparF index (needed by set_sparse_attention).
+  cache_options kv_options(const std::string& backend_uri, dtype kv_dtype, bool sparf = false) const;
+
+  // SparF decode attention: forward() answers its queries with kv_cache::attend_sparse(params)
+  // (the cache needs cache_options::sparf); prefill() stays dense, as SparQ/SparF evaluate it.
+  // nullopt (the default): dense kv_cache::attend everywhere.
+  void set_sparse_attention(std::optional<sparf_params> params) noexcept { sparse_ = params; }
+  const std::optional<sparf_params>& sparse_attention() const noexcept { return sparse_; }
+  // Called once per attention call (every layer of every forward, prefill included), right
+  // before the attend. Empty (the default): nothing is called.
+  void set_attention_observer(attention_observer observer) { observer_ = std::move(observer); }
 
   // Run items (at most max_batch) through the model. logits: one row of n_vocab floats per item
   // with want_logits, in item order. The cache must have been created with kv_options().
@@ -104,6 +130,7 @@ class llama_model {
   };
 
   llama_model(const model_options& options) : pool_(options.n_threads), isa_(options.isa), max_batch_(options.max_batch) {}
+  status run(kv_cache& cache, std::span<const forward_item> items, std::vector<float>& logits, bool allow_sparse);
   void matmul(std::initializer_list<matmul_job> jobs);
   void rope(float* x, uint32_t n_heads, uint32_t pos) const noexcept;
 
@@ -119,6 +146,8 @@ class llama_model {
   // Workspace, sized for max_batch tokens at load: the forward pass does not allocate.
   std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, normed_out_;
   std::vector<seq_id> group_seqs_;
+  std::optional<sparf_params> sparse_;
+  attention_observer observer_;
 };
 
 }  // namespace instinfer::model

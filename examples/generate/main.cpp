@@ -47,6 +47,7 @@ struct options {
   bool scalar = false;
   bool quiet = false;
   bool verbose = false;
+  double sparf = 0.0;  // SparF compression in (0, 1]; 0: dense attention
 };
 
 void usage(FILE* out) {
@@ -68,6 +69,8 @@ void usage(FILE* out) {
                "  --batch N           offline mode: decode N sequences together, prompts from --prompts\n"
                "  --prompts FILE      one prompt per line (with --batch)\n"
                "  --ignore-eos        keep generating after the end-of-generation token\n"
+               "  --sparf C           SparF sparse decode attention at compression C in (0, 1] (0.125 or 1/8;\n"
+               "                      1 = dense through the SparF path); the prompt is prefilled densely\n"
                "  --scalar            use the scalar kernels (no SIMD)\n"
                "  --quiet             no streaming text (stats only)\n"
                "  --verbose           print the prompt's token ids\n"
@@ -86,6 +89,19 @@ bool parse_float(const char* s, float& out) {
   char* end = nullptr;
   out = std::strtof(s, &end);
   return end != s && !*end && std::isfinite(out);
+}
+// A fraction in (0, 1], as a decimal ("0.125") or a ratio ("1/8").
+bool parse_fraction(const char* s, double& out) {
+  char* end = nullptr;
+  out = std::strtod(s, &end);
+  if (end == s) return false;
+  if (*end == '/') {
+    const char* d = end + 1;
+    const double den = std::strtod(d, &end);
+    if (end == d || !(den > 0.0)) return false;
+    out /= den;
+  }
+  return !*end && out > 0.0 && out <= 1.0;  // also rejects NaN and infinities
 }
 
 int fail(const std::string& msg) {
@@ -125,6 +141,9 @@ void print_stats(const timing& t, const kv_cache& cache, const llama_model& m, c
     std::fprintf(stderr, " | link h2d %.2f MiB, d2h %.2f MiB", b.link_bytes_host_to_device / 1048576.0,
                  b.link_bytes_device_to_host / 1048576.0);
   if (b.modelled_device_seconds > 0) std::fprintf(stderr, " | modelled device time %.3f s", b.modelled_device_seconds);
+  if (s.sparf.items)
+    std::fprintf(stderr, " | SparF read %.1f%% of the dense pages, used %.1f%% of the dense bytes",
+                 100.0 * s.sparf.page_fraction(), 100.0 * s.sparf.byte_fraction());
   std::fprintf(stderr, " | weights %.1f MiB mapped, peak RSS %.1f MiB | %u threads, %s kernels\n",
                m.weight_bytes() / 1048576.0, peak_rss_mib(), m.n_threads(), std::string(kernel_isa_name(m.isa())).c_str());
 }
@@ -320,6 +339,7 @@ int main(int argc, char** argv) {
     else if (a == "--batch") { const char* v = need("a number"); if (!parse_u32(v, o.batch) || o.batch == 0 || o.batch > 1024) bad(v); }
     else if (a == "--prompts") o.prompts_file = need("a file");
     else if (a == "--ignore-eos") o.ignore_eos = true;
+    else if (a == "--sparf") { const char* v = need("a compression in (0, 1]"); if (!parse_fraction(v, o.sparf)) bad(v); }
     else if (a == "--scalar") o.scalar = true;
     else if (a == "--quiet") o.quiet = true;
     else if (a == "--verbose") o.verbose = true;
@@ -346,7 +366,8 @@ int main(int argc, char** argv) {
   if (o.scalar) mo.isa = kernel_isa::kScalar;
   auto m = llama_model::load(**file, mo);
   if (!m.ok()) return fail(m.error().to_string());
-  cache_options co = (*m)->kv_options(o.kv, o.kv_dtype);
+  cache_options co = (*m)->kv_options(o.kv, o.kv_dtype, o.sparf > 0.0);
+  if (o.sparf > 0.0) (*m)->set_sparse_attention(sparf_params::with_compression(o.sparf));
   co.page_bytes = o.page_bytes;
   auto cache = kv_cache::create(co);
   if (!cache.ok()) {
@@ -355,9 +376,11 @@ int main(int argc, char** argv) {
     return fail("KV cache on '" + o.kv + "': " + msg + (msg.find(avail) == std::string::npos ? " (built: " + avail + ")" : ""));
   }
   const auto& hp = (*m)->hparams();
-  std::fprintf(stderr, "[model] %s: %u layers, %u heads (%u kv), head %u, vocab %u, %s output | kv %s %s, page %u B\n",
+  std::fprintf(stderr, "[model] %s: %u layers, %u heads (%u kv), head %u, vocab %u, %s output | kv %s %s, page %u B",
                o.model.c_str(), hp.n_layers, hp.n_head, hp.n_kv_head, hp.head_dim, hp.n_vocab,
                hp.tied_output ? "tied" : "separate", o.kv.c_str(), std::string(dtype_name(o.kv_dtype)).c_str(),
                (*cache)->page().page_bytes);
+  if (o.sparf > 0.0) std::fprintf(stderr, " | SparF decode attention, compression %g", o.sparf);
+  std::fprintf(stderr, "\n");
   return o.batch ? run_batch(o, **tok, **m, **cache) : run_single(o, **tok, **m, **cache);
 }
