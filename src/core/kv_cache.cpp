@@ -563,6 +563,14 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
   INSTINFER_TRY(check_layer(layer));
   if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  INSTINFER_TRY(fill_items(layer, seqs, q, out, lse, nullptr));
+  return backend_->attend(layer, std::span<const attend_item>(items_.data(), seqs.size()));
+}
+
+// items_ for a batch of one layer; with `sparse`, each sequence's SparF plan is checked first
+// (k > tokens is refused here, before anything reaches the backend).
+status kv_cache::fill_items(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
+                            const sparf_params* sparse) {
   const size_t q_stride = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
   try {
     items_.resize(seqs.size());
@@ -573,10 +581,14 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
     auto found = find(seqs[i]);
     if (!found.ok()) return found.error();
     const layer_table& t = found.value()->layers[layer];
+    if (sparse) {
+      auto plan = sparf_resolve(*sparse, config_.shape.head_dim, t.n_tokens);
+      if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
+    }
     items_[i] = attend_item{seqs[i], std::span<const chunk_id>(t.chunks), t.n_tokens, q + i * q_stride,
                             out + i * q_stride, lse ? lse + i * config_.shape.n_q_heads : nullptr};
   }
-  return backend_->attend(layer, std::span<const attend_item>(items_.data(), seqs.size()));
+  return {};
 }
 
 status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
@@ -594,20 +606,7 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
   sparf_counters counters;
 
   if (sparf_native_) {  // the backend keeps the index and runs SparF next to its data
-    try {
-      items_.resize(seqs.size());
-    } catch (const std::bad_alloc&) {
-      return {errc::kOutOfMemory, "attend batch"};
-    }
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      auto found = find(seqs[i]);
-      if (!found.ok()) return found.error();
-      const layer_table& t = found.value()->layers[layer];
-      auto plan = sparf_resolve(params, shape.head_dim, t.n_tokens);  // k > tokens: refused here
-      if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
-      items_[i] = attend_item{seqs[i], std::span<const chunk_id>(t.chunks), t.n_tokens, q + i * q_stride,
-                              out + i * q_stride, lse ? lse + i * shape.n_q_heads : nullptr};
-    }
+    INSTINFER_TRY(fill_items(layer, seqs, q, out, lse, &params));
     INSTINFER_TRY(
         backend_->attend_sparse(layer, std::span<const attend_item>(items_.data(), seqs.size()), params, &counters));
     sparf_totals_.add(counters);

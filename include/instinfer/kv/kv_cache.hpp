@@ -128,6 +128,8 @@ class kv_cache {
   void release_table(layer_table& t) noexcept;
   void store_sealed_columns(seq_id seq, uint32_t layer, layer_table& t) noexcept;
   uint32_t column_store_chunks() const noexcept;
+  status fill_items(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
+                    const sparf_params* sparse);
   status fetch_column_pages(const layer_table& t, const sparf_plan& plan, const sparf_params& params, const float* q,
                             std::vector<const std::byte*>& pages);
   // Placement hint for column chunks: their own stream beside the sequence's token chunks.
