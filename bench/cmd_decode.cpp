@@ -143,8 +143,11 @@ int run_decode(int argc, char** argv) {
     for (float& x : q) x = u(rng);
     std::vector<decode_work> work(batch);
     for (uint32_t s = 0; s < batch; ++s)
-      work[s] = {chunk_ptrs.data() + size_t{s} * n_chunks, n_chunks, static_cast<uint32_t>(ctx),
-                 q.data() + size_t{s} * q_heads * head_dim, out.data() + size_t{s} * q_heads * head_dim,
+      work[s] = {chunk_ptrs.data() + size_t{s} * n_chunks,
+                 n_chunks,
+                 static_cast<uint32_t>(ctx),
+                 q.data() + size_t{s} * q_heads * head_dim,
+                 out.data() + size_t{s} * q_heads * head_dim,
                  lse.data() + size_t{s} * q_heads};
     // Bytes the kernel must read: K and V of every valid token (the last page's padding excluded).
     const uint64_t kv_bytes = uint64_t{batch} * ctx * kv_heads * 2 * params.layout.page.row_bytes();

@@ -92,7 +92,8 @@ int run(int argc, char** argv) {
   const uint32_t file = eng.add_file(f->fd).value();
   // Fill the region once (large sequential writes).
   std::vector<read_req> fill;
-  for (uint64_t off = 0; off + request <= n_chunks * chunk; off += request) fill.push_back({off, static_cast<uint32_t>(request)});
+  for (uint64_t off = 0; off + request <= n_chunks * chunk; off += request)
+    fill.push_back({off, static_cast<uint32_t>(request)});
   std::fill(eng.staging().begin(), eng.staging().end(), std::byte{0x5a});
   {
     std::vector<uint32_t> free_slots;
@@ -127,7 +128,8 @@ int run(int argc, char** argv) {
   std::vector<pattern> patterns;
   {
     pattern p{"layer-seq", {}};
-    for (uint64_t off = 0; off + request <= region; off += request) p.reqs.push_back({off, static_cast<uint32_t>(request)});
+    for (uint64_t off = 0; off + request <= region; off += request)
+      p.reqs.push_back({off, static_cast<uint32_t>(request)});
     patterns.push_back(std::move(p));
   }
   {
@@ -171,8 +173,8 @@ int run(int argc, char** argv) {
   return 0;
 }
 
-const command_registrar kRegister("kv-access", "KV storage access patterns (sequential, strided, random, many sequences)",
-                                  run);
+const command_registrar kRegister("kv-access",
+                                  "KV storage access patterns (sequential, strided, random, many sequences)", run);
 
 }  // namespace
 }  // namespace instinfer::bench

@@ -63,8 +63,10 @@ class sparf_meter {
     for (uint32_t tok = 0; tok < n; ++tok)
       for (uint32_t h = 0; h < H; ++h) {
         const size_t src = (size_t{tok} * H + h) * d * 2;
-        std::copy_n(kb.data() + src, d * 2, chunks[tok / tpp].data() + cfg->tokens.offset(kv_kind::kKey, h, tok % tpp, 0));
-        std::copy_n(vb.data() + src, d * 2, chunks[tok / tpp].data() + cfg->tokens.offset(kv_kind::kValue, h, tok % tpp, 0));
+        std::copy_n(kb.data() + src, d * 2,
+                    chunks[tok / tpp].data() + cfg->tokens.offset(kv_kind::kKey, h, tok % tpp, 0));
+        std::copy_n(vb.data() + src, d * 2,
+                    chunks[tok / tpp].data() + cfg->tokens.offset(kv_kind::kValue, h, tok % tpp, 0));
       }
     std::vector<const std::byte*> ptrs;
     for (const auto& c : chunks) ptrs.push_back(c.data());
@@ -173,8 +175,10 @@ class harness {
       sum.link_s += st.link_s * n_steps;
       sum.total_s += st.total_s * n_steps;
     }
-    o.tokens_per_s = o.fits && total > 0.0 ? static_cast<double>(pt.batch) * static_cast<double>(pt.output) / total : 0.0;
-    o.avg = {sum.gpu_s / steps, sum.transfer_s / steps, sum.device_s / steps, sum.link_s / steps, sum.total_s / steps, 0};
+    o.tokens_per_s =
+        o.fits && total > 0.0 ? static_cast<double>(pt.batch) * static_cast<double>(pt.output) / total : 0.0;
+    o.avg = {sum.gpu_s / steps,  sum.transfer_s / steps, sum.device_s / steps,
+             sum.link_s / steps, sum.total_s / steps,    0};
     o.page_frac = grid.empty() ? (meth == method::kCsdDense ? 1.0 : 0.0) : pages / steps;
     return o;
   }
@@ -213,12 +217,13 @@ class harness {
         .add("speedup_vs_flexgen", speedup)
         .print();
     if (csv_) {
-      std::fprintf(csv_, "%s,%s,%s,%u,%u,%llu,%llu,%.6g,%u,%.6g,%.6g,%.6g,%d,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,modelled\n",
-                   pt.sweep.c_str(), m_.name.c_str(), paper::method_name(meth), s.drives, pt.batch,
-                   static_cast<unsigned long long>(pt.input), static_cast<unsigned long long>(pt.output),
-                   s.flash.internal_gbps(), s.flash.channels, s.link.gbps, s.host_link_gbps, pt.compression, o.fits ? 1 : 0,
-                   o.fits ? o.tokens_per_s : NAN, o.avg.total_s * 1e3, o.avg.gpu_s * 1e3, o.avg.transfer_s * 1e3,
-                   o.avg.device_s * 1e3, o.avg.link_s * 1e3, o.page_frac, speedup);
+      std::fprintf(
+          csv_, "%s,%s,%s,%u,%u,%llu,%llu,%.6g,%u,%.6g,%.6g,%.6g,%d,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,modelled\n",
+          pt.sweep.c_str(), m_.name.c_str(), paper::method_name(meth), s.drives, pt.batch,
+          static_cast<unsigned long long>(pt.input), static_cast<unsigned long long>(pt.output),
+          s.flash.internal_gbps(), s.flash.channels, s.link.gbps, s.host_link_gbps, pt.compression, o.fits ? 1 : 0,
+          o.fits ? o.tokens_per_s : NAN, o.avg.total_s * 1e3, o.avg.gpu_s * 1e3, o.avg.transfer_s * 1e3,
+          o.avg.device_s * 1e3, o.avg.link_s * 1e3, o.page_frac, speedup);
     }
     return {};
   }
@@ -259,7 +264,8 @@ int run(int argc, char** argv) {
         "instinfer-bench paper [--model opt-13b|llama-2-13b] [--batch 1,2,4,...,128] [--input 1024] [--output 1024]\n"
         "  GPU:   [--gpu-mem-gbps 768] [--gpu-tflops 155] [--gpu-mem-gb 48] [--gpu-mem-eff 0.8] [--gpu-flop-eff 0.6]\n"
         "  links: [--host-link-gbps 32] [--link-gbps 7] [--host-mem-gb 256]\n"
-        "  flash: [--channels 8] [--channel-gbps 1.4] [--dies 8] [--page-bytes 4096] [--read-us 20] [--program-us 200]\n"
+        "  flash: [--channels 8] [--channel-gbps 1.4] [--dies 8] [--page-bytes 4096] [--read-us 20] [--program-us "
+        "200]\n"
         "  CSD:   [--drives 1,2,4,8] [--compression 1/8] [--channels-per-page 0(auto)] [--page-spread 2]\n"
         "         [--bus-filter 1] [--csd-gflops 0(unlimited)] [--overlap 1] [--flexgen-eff 1] [--host-eff 1]\n"
         "  out:   [--csv PATH] [--sweeps 1] [--sweep-batch 64] [--step-stride 8] [--sparf-heads 4] [--seed 1]\n");
@@ -324,7 +330,9 @@ int run(int argc, char** argv) {
   if (!(compression > 0.0 && compression <= 1.0) || !(sys.host_link_gbps > 0.0) || !(sys.gpu.mem_gbps > 0.0) ||
       !(sys.gpu.tflops > 0.0) || !(sys.flexgen_eff > 0.0 && sys.flexgen_eff <= 1.0) ||
       !(sys.host_eff > 0.0 && sys.host_eff <= 1.0) || output == 0) {
-    std::fprintf(stderr, "paper: compression, --flexgen-eff and --host-eff must be in (0, 1], bandwidths and rates > 0, output > 0\n");
+    std::fprintf(
+        stderr,
+        "paper: compression, --flexgen-eff and --host-eff must be in (0, 1], bandwidths and rates > 0, output > 0\n");
     return 2;
   }
   std::unique_ptr<FILE, int (*)(FILE*)> csv(nullptr, &std::fclose);

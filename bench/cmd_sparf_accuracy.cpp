@@ -42,7 +42,8 @@ std::vector<double> parse_doubles(const std::string& s) {
     const std::string tok = s.substr(pos, comma - pos);
     const size_t slash = tok.find('/');
     if (slash != std::string::npos)
-      out.push_back(std::strtod(tok.substr(0, slash).c_str(), nullptr) / std::strtod(tok.substr(slash + 1).c_str(), nullptr));
+      out.push_back(std::strtod(tok.substr(0, slash).c_str(), nullptr) /
+                    std::strtod(tok.substr(slash + 1).c_str(), nullptr));
     else
       out.push_back(std::strtod(tok.c_str(), nullptr));
     pos = comma + 1;
@@ -264,7 +265,8 @@ int run(int argc, char** argv) {
           err_max = std::max(err_max, err);
           std::iota(idx.begin(), idx.end(), 0u);
           const uint32_t k = plan->k;
-          std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](uint32_t a, uint32_t b) { return l[a] > l[b]; });
+          std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                            [&](uint32_t a, uint32_t b) { return l[a] > l[b]; });
           std::vector<char> truth(n, 0);
           double top_mass = 0.0;
           for (uint32_t j = 0; j < k; ++j) {

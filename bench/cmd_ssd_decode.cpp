@@ -66,8 +66,8 @@ double raw_read_gbps(const std::string& path, uint64_t bytes, uint64_t request, 
       while (issued < n_req && !free_slots.empty()) {
         const uint32_t s = free_slots.back();
         free_slots.pop_back();
-        if (!eng.queue(io::io_op::kRead, h.value(), eng.staging().data() + s * request,
-                       static_cast<uint32_t>(request), issued * request, s)
+        if (!eng.queue(io::io_op::kRead, h.value(), eng.staging().data() + s * request, static_cast<uint32_t>(request),
+                       issued * request, s)
                  .ok())
           return 0.0;
         ++issued;

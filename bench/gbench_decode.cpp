@@ -77,8 +77,8 @@ void bm_host_decode(benchmark::State& state) {
 
 void decode_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"ctx", "dtype", "threads"});
-  for (int64_t t : {static_cast<int64_t>(dtype::kF32), static_cast<int64_t>(dtype::kF16),
-                    static_cast<int64_t>(dtype::kBF16)})
+  for (int64_t t :
+       {static_cast<int64_t>(dtype::kF32), static_cast<int64_t>(dtype::kF16), static_cast<int64_t>(dtype::kBF16)})
     for (int64_t ctx : {1024, 4096, 16384, 32768, 131072})
       for (int64_t threads : {1, 2}) b->Args({ctx, t, threads});
 }

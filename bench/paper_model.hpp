@@ -63,12 +63,12 @@ struct model_shape {
 
 struct gpu_model {
   std::string name = "A6000";
-  double mem_gbps = 768.0;    // HBM/GDDR bandwidth, 1e9 B/s
-  double tflops = 155.0;      // fp16 tensor peak (dense), 1e12 flop/s
-  double mem_gb = 48.0;       // memory, 1e9 B
-  double mem_eff = 0.8;       // achieved fraction of bandwidth
-  double flop_eff = 0.6;      // achieved fraction of peak in decode GEMMs
-  double reserve_gb = 2.0;    // activations, workspace, CUDA context
+  double mem_gbps = 768.0;  // HBM/GDDR bandwidth, 1e9 B/s
+  double tflops = 155.0;    // fp16 tensor peak (dense), 1e12 flop/s
+  double mem_gb = 48.0;     // memory, 1e9 B
+  double mem_eff = 0.8;     // achieved fraction of bandwidth
+  double flop_eff = 0.6;    // achieved fraction of peak in decode GEMMs
+  double reserve_gb = 2.0;  // activations, workspace, CUDA context
 
   double linear_s(uint64_t params, uint32_t batch, uint32_t elem) const {
     const double bytes = static_cast<double>(params) * elem;
@@ -115,10 +115,10 @@ struct sparf_fractions {
 
 // Seconds per decode step, split by resource (each summed over layers), and the step total.
 struct step_time {
-  double gpu_s = 0.0;        // GPU linear (+ GPU attention for a, b, c)
-  double transfer_s = 0.0;   // KV over host link / SSD path (b, c)
-  double device_s = 0.0;     // in-storage attention: flash (d, e), per drive in parallel
-  double link_s = 0.0;       // q, k, v, out and commands over the drive links (d, e)
+  double gpu_s = 0.0;       // GPU linear (+ GPU attention for a, b, c)
+  double transfer_s = 0.0;  // KV over host link / SSD path (b, c)
+  double device_s = 0.0;    // in-storage attention: flash (d, e), per drive in parallel
+  double link_s = 0.0;      // q, k, v, out and commands over the drive links (d, e)
   double total_s = 0.0;
   double flash_pages = 0.0;  // flash pages read per step, all drives (d, e)
 };
@@ -153,9 +153,7 @@ inline step_time decode_step(method meth, const model_shape& m, const system_mod
   double gpu_layer = gpu_lin, kv_layer = 0.0;
   const double N = std::max(1u, sys.drives);
   switch (meth) {
-    case method::kGpu:
-      gpu_layer += sys.gpu.read_s(kv_bytes_layer);
-      break;
+    case method::kGpu: gpu_layer += sys.gpu.read_s(kv_bytes_layer); break;
     case method::kHost:
       gpu_layer += sys.gpu.read_s(kv_bytes_layer);
       kv_layer = (kv_bytes_layer + new_kv_layer) / (sys.host_link_gbps * sys.host_eff * 1e9);

@@ -30,12 +30,18 @@ bool parse(int argc, char** argv, args& a) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) return false;
     const char* value = argv[++i];
-    if (flag == "--ctx") a.ctx = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
-    else if (flag == "--layers") a.layers = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
-    else if (flag == "--steps") a.steps = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
-    else if (flag == "--threads") a.threads = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
-    else if (flag == "--kv") a.kv = value;
-    else return false;
+    if (flag == "--ctx")
+      a.ctx = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
+    else if (flag == "--layers")
+      a.layers = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
+    else if (flag == "--steps")
+      a.steps = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
+    else if (flag == "--threads")
+      a.threads = static_cast<uint32_t>(std::strtoul(value, nullptr, 10));
+    else if (flag == "--kv")
+      a.kv = value;
+    else
+      return false;
   }
   return a.ctx > 0 && a.layers > 0 && a.steps > 0;
 }
@@ -106,7 +112,8 @@ int main(int argc, char** argv) {
   uint64_t kv_bytes_read = 0;
   for (uint32_t step = 0; step < a.steps; ++step) {
     for (uint32_t l = 0; l < a.layers; ++l) {
-      for (auto& x : q) x = static_cast<float>(static_cast<int32_t>((rng = rng * 6364136223846793005ull + 1) >> 32)) * 1e-9f;
+      for (auto& x : q)
+        x = static_cast<float>(static_cast<int32_t>((rng = rng * 6364136223846793005ull + 1) >> 32)) * 1e-9f;
       fill_random_f16(k1, rng);
       fill_random_f16(v1, rng);
       if (status s = cache.append(seq, l, 1, k1.data(), v1.data(), dtype::kF16); !s.ok()) {
@@ -128,7 +135,8 @@ int main(int argc, char** argv) {
   std::printf("decode attention: %u steps x %u layers, %.1f ms per step (attention only), %.2f steps/s\n", a.steps,
               a.layers, attend_seconds / a.steps * 1e3, a.steps / attend_seconds);
   std::printf("KV bandwidth: %.2f GB/s read by the decode kernel (output checksum %.6f)\n", gbps, checksum);
-  std::printf("for the kernel's bandwidth as a ratio of this machine's memory bandwidth, run:\n"
-              "  build/bin/instinfer-bench decode --ctx 32768 --q-heads 32 --kv-heads 8 --head-dim 128 --dtype f16\n");
+  std::printf(
+      "for the kernel's bandwidth as a ratio of this machine's memory bandwidth, run:\n"
+      "  build/bin/instinfer-bench decode --ctx 32768 --q-heads 32 --kv-heads 8 --head-dim 128 --dtype f16\n");
   return 0;
 }

@@ -115,7 +115,7 @@ struct name_space {
     uint32_t block = 0;  // column block index in the (seq, layer): tokens from block * tokens_per_page
     uint32_t n = 0;      // tokens held (< tokens per column page)
     std::vector<uint32_t> chunks, gens;
-    aligned_bytes k;     // one column block, channel_layout order
+    aligned_bytes k;  // one column block, channel_layout order
     std::vector<double> v_sum;
   };
   bool sparf = false;
@@ -372,11 +372,11 @@ class drive_impl final : public drive {
     ns->pages_per_chunk = 2 * c.n_kv_heads;
     ns->chunk_bytes = uint64_t{c.page_bytes} * ns->pages_per_chunk;
     if (c.sparf) {
-      auto cols = channel_layout::make(c.page_bytes, c.head_dim, shape.kv_dtype, c.sparf_channels_per_page,
-                                       c.n_kv_heads);
+      auto cols =
+          channel_layout::make(c.page_bytes, c.head_dim, shape.kv_dtype, c.sparf_channels_per_page, c.n_kv_heads);
       if (!cols.ok()) return cols.error();
-      auto one = sparf_config::make(chunk_layout::make(*geo, 1), cols->channels_per_page, c.group_size, c.scale,
-                                    c.softcap);
+      auto one =
+          sparf_config::make(chunk_layout::make(*geo, 1), cols->channels_per_page, c.group_size, c.scale, c.softcap);
       if (!one.ok()) return one.error();
       ns->sparf = true;
       ns->columns = *cols;
@@ -738,7 +738,9 @@ class drive_impl final : public drive {
   }
 
   // ---- SparF: the channel-indexed K copy (second L2P table) ------------------------------------
-  uint32_t gen_of(const name_space& ns, uint32_t chunk) const noexcept { return ns.gen[chunk - ns.base]; }
+  uint32_t gen_of(const name_space& ns, uint32_t chunk) const noexcept {
+    return ns.gen[chunk - ns.base];
+  }
 
   void drop_column_block(name_space& ns, uint32_t b) noexcept {
     name_space::column_block& cb = ns.cblocks[b];
@@ -769,8 +771,7 @@ class drive_impl final : public drive {
     for (uint32_t b : it->second) {
       const name_space::column_block& cb = ns.cblocks[b];
       bool same = cb.live && cb.chunks.size() == C;
-      for (uint32_t j = 0; same && j < C; ++j)
-        same = cb.chunks[j] == chunks[j] && cb.gens[j] == gen_of(ns, chunks[j]);
+      for (uint32_t j = 0; same && j < C; ++j) same = cb.chunks[j] == chunks[j] && cb.gens[j] == gen_of(ns, chunks[j]);
       if (same) return b;
     }
     return UINT32_MAX;
@@ -906,8 +907,8 @@ class drive_impl final : public drive {
       tl.chunks.clear();
       tl.gens.clear();
     } else if (!(tl.valid && uint64_t{tl.block} * ctp + tl.n == p0 &&
-                 (first_token == 0 || (!tl.chunks.empty() && tl.chunks.back() == ids[0] &&
-                                       tl.gens.back() == gen_of(ns, ids[0]))))) {
+                 (first_token == 0 ||
+                  (!tl.chunks.empty() && tl.chunks.back() == ids[0] && tl.gens.back() == gen_of(ns, ids[0]))))) {
       tl.valid = false;
       return;
     }
@@ -1003,9 +1004,10 @@ class drive_impl final : public drive {
           return {errc::kInvalidArgument, "page table of sequence " + std::to_string(items[i].seq) + " has a hole"};
         const uint32_t need = c + 1 < n_chunks ? tpp : items[i].n_tokens - static_cast<uint32_t>(c) * tpp;
         if (ns.chunks[id - ns.base].n_tokens < need)
-          return {errc::kInvalidArgument,
-                  "chunk " + std::to_string(id) + " of sequence " + std::to_string(items[i].seq) + " holds " +
-                      std::to_string(ns.chunks[id - ns.base].n_tokens) + " tokens, attend needs " + std::to_string(need)};
+          return {errc::kInvalidArgument, "chunk " + std::to_string(id) + " of sequence " +
+                                              std::to_string(items[i].seq) + " holds " +
+                                              std::to_string(ns.chunks[id - ns.base].n_tokens) +
+                                              " tokens, attend needs " + std::to_string(need)};
       }
       tabs[i] = &it->second;
     }
@@ -1207,8 +1209,7 @@ class drive_impl final : public drive {
   status do_attend_sparse(name_space& ns, const sq_entry& e, const std::byte* data, std::byte* res,
                           command_outcome& out) {
     const int64_t wall0 = wall_ns();
-    if (!ns.sparf)
-      return {errc::kUnsupported, "namespace " + std::to_string(ns.nsid) + " was created without SparF"};
+    if (!ns.sparf) return {errc::kUnsupported, "namespace " + std::to_string(ns.nsid) + " was created without SparF"};
     const auto a = get_args<attend_args>(e);
     INSTINFER_TRY(check_layer(ns, a.layer));
     const uint32_t hq = ns.q_heads(), d = ns.cfg.head_dim, G = ns.cfg.group_size, H = ns.cfg.n_kv_heads;
@@ -1296,107 +1297,108 @@ class drive_impl final : public drive {
         return buf != nullptr;
       };
       for (;;) try {
-        const uint32_t ti = next.fetch_add(1, std::memory_order_relaxed);
-        if (ti >= n_tasks || !s.ok()) break;
-        const uint32_t i = ti / H, h = ti % H;
-        const uint32_t n = items[i].n_tokens;
-        const sparf_plan& plan = plans[i];
-        const uint32_t n_chunks = (n + tpp - 1) / tpp, n_cblocks = (n + ctp - 1) / ctp;
-        const float* qh = q + (uint64_t{i} * hq + uint64_t{h} * G) * d;
-        sparf_work w;
-        w.n_tokens = n;
-        w.n_chunks = n_chunks;
-        w.n_column_blocks = n_cblocks;
-        w.v_mean = v_mean.data() + (uint64_t{i} * H + h) * d;
-        w.q = qh;
-        w.out = out_o + (uint64_t{i} * hq + uint64_t{h} * G) * d;
-        w.lse = out_lse + uint64_t{i} * hq + uint64_t{h} * G;
-        s = ws.sparf.reserve(std::max(n, 1u), d, G, ctp);
-        if (!s.ok()) break;
-        if (n == 0) {
-          sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine);
-          continue;
-        }
-        ws.channels.resize(d);
-        ws.weight.resize(d);
-        ws.scratch.resize(d);
-        const sparf_channel_choice choice =
-            sparf_choose_channels(cfg, plan, params.whole_pages, qh, ws.channels.data(), ws.weight.data(), ws.scratch.data());
-        // Dual-step loading, step one: the chosen column pages of every column block (none when
-        // every token is kept: sparf_attend_head then skips the approximate scores).
-        const bool keep_all = plan.k >= n;
-        if (!ensure(ws.col_stage, ws.col_stage_bytes, uint64_t{keep_all ? 1 : n_cblocks} * groups * page)) {
-          s = {errc::kOutOfMemory, "SparF column staging"};
-          break;
-        }
-        ws.col_ptrs.resize(n_cblocks);
-        const std::vector<uint32_t>& blks = item_blocks[i];
-        for (uint32_t b = 0; b < n_cblocks && s.ok(); ++b) {
-          std::byte* blk = ws.col_stage.get() + (keep_all ? 0 : uint64_t{b} * groups * page);
-          ws.col_ptrs[b] = blk;
-          if (keep_all) continue;
-          for (uint32_t j = 0; j < choice.n_channels && s.ok(); ++j) {
-            const uint32_t gr = cl.group_of(ws.channels[j]);
-            if (j > 0 && cl.group_of(ws.channels[j - 1]) == gr) continue;
-            if (b < blks.size()) {
-              const uint32_t ppn = ns.cblocks[blks[b]].pages[uint64_t{h} * groups + gr];
-              s = ws.reader->queue(ppn, blk + uint64_t{gr} * page);
-              my_col.push_back(ppn);
-            } else {  // the tail: DRAM
-              std::memcpy(blk + uint64_t{gr} * page, item_tail[i]->k.get() + (uint64_t{h} * groups + gr) * page, page);
+          const uint32_t ti = next.fetch_add(1, std::memory_order_relaxed);
+          if (ti >= n_tasks || !s.ok()) break;
+          const uint32_t i = ti / H, h = ti % H;
+          const uint32_t n = items[i].n_tokens;
+          const sparf_plan& plan = plans[i];
+          const uint32_t n_chunks = (n + tpp - 1) / tpp, n_cblocks = (n + ctp - 1) / ctp;
+          const float* qh = q + (uint64_t{i} * hq + uint64_t{h} * G) * d;
+          sparf_work w;
+          w.n_tokens = n;
+          w.n_chunks = n_chunks;
+          w.n_column_blocks = n_cblocks;
+          w.v_mean = v_mean.data() + (uint64_t{i} * H + h) * d;
+          w.q = qh;
+          w.out = out_o + (uint64_t{i} * hq + uint64_t{h} * G) * d;
+          w.lse = out_lse + uint64_t{i} * hq + uint64_t{h} * G;
+          s = ws.sparf.reserve(std::max(n, 1u), d, G, ctp);
+          if (!s.ok()) break;
+          if (n == 0) {
+            sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine);
+            continue;
+          }
+          ws.channels.resize(d);
+          ws.weight.resize(d);
+          ws.scratch.resize(d);
+          const sparf_channel_choice choice = sparf_choose_channels(
+              cfg, plan, params.whole_pages, qh, ws.channels.data(), ws.weight.data(), ws.scratch.data());
+          // Dual-step loading, step one: the chosen column pages of every column block (none when
+          // every token is kept: sparf_attend_head then skips the approximate scores).
+          const bool keep_all = plan.k >= n;
+          if (!ensure(ws.col_stage, ws.col_stage_bytes, uint64_t{keep_all ? 1 : n_cblocks} * groups * page)) {
+            s = {errc::kOutOfMemory, "SparF column staging"};
+            break;
+          }
+          ws.col_ptrs.resize(n_cblocks);
+          const std::vector<uint32_t>& blks = item_blocks[i];
+          for (uint32_t b = 0; b < n_cblocks && s.ok(); ++b) {
+            std::byte* blk = ws.col_stage.get() + (keep_all ? 0 : uint64_t{b} * groups * page);
+            ws.col_ptrs[b] = blk;
+            if (keep_all) continue;
+            for (uint32_t j = 0; j < choice.n_channels && s.ok(); ++j) {
+              const uint32_t gr = cl.group_of(ws.channels[j]);
+              if (j > 0 && cl.group_of(ws.channels[j - 1]) == gr) continue;
+              if (b < blks.size()) {
+                const uint32_t ppn = ns.cblocks[blks[b]].pages[uint64_t{h} * groups + gr];
+                s = ws.reader->queue(ppn, blk + uint64_t{gr} * page);
+                my_col.push_back(ppn);
+              } else {  // the tail: DRAM
+                std::memcpy(blk + uint64_t{gr} * page, item_tail[i]->k.get() + (uint64_t{h} * groups + gr) * page,
+                            page);
+              }
             }
           }
-        }
-        if (s.ok()) s = ws.reader->submit();
-        if (s.ok()) s = ws.reader->wait_all();
-        if (!s.ok()) break;
-        w.column_blocks = ws.col_ptrs.data();
-        ws.tok_ptrs.assign(n_chunks, nullptr);
-        w.chunks = ws.tok_ptrs.data();
-        ws.selected.resize(std::max(plan.k, 1u));
-        uint32_t n_sel = 0;
-        w.selected = ws.selected.data();
-        w.n_selected = &n_sel;
-        sparf_counters scratch_counters;
-        sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, scratch_counters, true);
-        w.selected = nullptr;
-        w.n_selected = nullptr;
-        // Step two: the K and V pages of this head holding selected tokens.
-        uint32_t n_need = 0;
-        for (uint32_t j = 0; j < n_sel; ++j)
-          if (j == 0 || ws.selected[j] / tpp != ws.selected[j - 1] / tpp) ++n_need;
-        if (!ensure(ws.tok_stage, ws.tok_stage_bytes, std::max<uint64_t>(1, n_need) * 2 * page)) {
-          s = {errc::kOutOfMemory, "SparF token staging"};
+          if (s.ok()) s = ws.reader->submit();
+          if (s.ok()) s = ws.reader->wait_all();
+          if (!s.ok()) break;
+          w.column_blocks = ws.col_ptrs.data();
+          ws.tok_ptrs.assign(n_chunks, nullptr);
+          w.chunks = ws.tok_ptrs.data();
+          ws.selected.resize(std::max(plan.k, 1u));
+          uint32_t n_sel = 0;
+          w.selected = ws.selected.data();
+          w.n_selected = &n_sel;
+          sparf_counters scratch_counters;
+          sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, scratch_counters, true);
+          w.selected = nullptr;
+          w.n_selected = nullptr;
+          // Step two: the K and V pages of this head holding selected tokens.
+          uint32_t n_need = 0;
+          for (uint32_t j = 0; j < n_sel; ++j)
+            if (j == 0 || ws.selected[j] / tpp != ws.selected[j - 1] / tpp) ++n_need;
+          if (!ensure(ws.tok_stage, ws.tok_stage_bytes, std::max<uint64_t>(1, n_need) * 2 * page)) {
+            s = {errc::kOutOfMemory, "SparF token staging"};
+            break;
+          }
+          uint32_t slot = 0;
+          for (uint32_t j = 0; j < n_sel && s.ok(); ++j) {
+            const uint32_t c = ws.selected[j] / tpp;
+            if (j > 0 && ws.selected[j - 1] / tpp == c) continue;
+            std::byte* dst = ws.tok_stage.get() + uint64_t{slot++} * 2 * page;
+            ws.tok_ptrs[c] = dst;
+            const uint32_t id = (*tabs[i])[c];
+            const chunk_entry& ce = ns.entry(id);
+            if (ce.slot != kNoSlot) {
+              const std::byte* src = ns.slot_mem[ce.slot].get();
+              std::memcpy(dst, src + uint64_t{h} * page, page);
+              std::memcpy(dst + page, src + uint64_t{H + h} * page, page);
+            } else {
+              const uint32_t* pages = ns.pages(id);
+              s = ws.reader->queue(pages[h], dst);
+              if (s.ok()) s = ws.reader->queue(pages[H + h], dst + page);
+              my_tok.push_back(pages[h]);
+              my_tok.push_back(pages[H + h]);
+            }
+          }
+          if (s.ok()) s = ws.reader->submit();
+          if (s.ok()) s = ws.reader->wait_all();
+          if (!s.ok()) break;
+          sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine);
+        } catch (const std::bad_alloc&) {
+          s = {errc::kOutOfMemory, "SparF worker"};
           break;
         }
-        uint32_t slot = 0;
-        for (uint32_t j = 0; j < n_sel && s.ok(); ++j) {
-          const uint32_t c = ws.selected[j] / tpp;
-          if (j > 0 && ws.selected[j - 1] / tpp == c) continue;
-          std::byte* dst = ws.tok_stage.get() + uint64_t{slot++} * 2 * page;
-          ws.tok_ptrs[c] = dst;
-          const uint32_t id = (*tabs[i])[c];
-          const chunk_entry& ce = ns.entry(id);
-          if (ce.slot != kNoSlot) {
-            const std::byte* src = ns.slot_mem[ce.slot].get();
-            std::memcpy(dst, src + uint64_t{h} * page, page);
-            std::memcpy(dst + page, src + uint64_t{H + h} * page, page);
-          } else {
-            const uint32_t* pages = ns.pages(id);
-            s = ws.reader->queue(pages[h], dst);
-            if (s.ok()) s = ws.reader->queue(pages[H + h], dst + page);
-            my_tok.push_back(pages[h]);
-            my_tok.push_back(pages[H + h]);
-          }
-        }
-        if (s.ok()) s = ws.reader->submit();
-        if (s.ok()) s = ws.reader->wait_all();
-        if (!s.ok()) break;
-        sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine);
-      } catch (const std::bad_alloc&) {
-        s = {errc::kOutOfMemory, "SparF worker"};
-        break;
-      }
       if (!s.ok() && ws.reader) (void)ws.reader->wait_all();
       cpu.fetch_add(thread_cpu_ns() - cpu0, std::memory_order_relaxed);
       std::lock_guard lock(mu);
@@ -1411,12 +1413,19 @@ class drive_impl final : public drive {
     stats_.column_pages_read += col_ppns.size();
     stats_.sparse_token_pages_read += tok_ppns.size();
     const double t_columns = timeline_.read_batch(col_ppns.data(), col_ppns.size(), now_ns_);
-    flash_end_ = std::max({flash_end_, t_columns,
-                           timeline_.read_batch(tok_ppns.data(), tok_ppns.size(), std::max(now_ns_, t_columns))});
+    flash_end_ = std::max(
+        {flash_end_, t_columns, timeline_.read_batch(tok_ppns.data(), tok_ppns.size(), std::max(now_ns_, t_columns))});
     if (!first_error.ok()) return first_error;
-    const sparf_wire_counters wc{total.token_pages_read, total.channel_pages_read, total.token_bytes_used,
-                                 total.channel_bytes_used, total.buffered_channel_bytes, total.dense_pages,
-                                 total.dense_bytes, total.selected_tokens, total.channels_used, total.items};
+    const sparf_wire_counters wc{total.token_pages_read,
+                                 total.channel_pages_read,
+                                 total.token_bytes_used,
+                                 total.channel_bytes_used,
+                                 total.buffered_channel_bytes,
+                                 total.dense_pages,
+                                 total.dense_bytes,
+                                 total.selected_tokens,
+                                 total.channels_used,
+                                 total.items};
     std::memcpy(res + out_bytes, &wc, sizeof wc);
     out.result_bytes = out_bytes + sizeof wc;
     ++stats_.sparse_attends;

@@ -109,13 +109,13 @@ bool parse_args(int argc, char** argv, options& o) {
   return true;
 }
 
-#define BENCH_CHECK(expr)                                                                     \
-  do {                                                                                        \
-    const cudaError_t bench_e_ = (expr);                                                      \
-    if (bench_e_ != cudaSuccess) {                                                            \
+#define BENCH_CHECK(expr)                                                                          \
+  do {                                                                                             \
+    const cudaError_t bench_e_ = (expr);                                                           \
+    if (bench_e_ != cudaSuccess) {                                                                 \
       std::fprintf(stderr, "instinfer-cuda-bench: %s: %s\n", #expr, cudaGetErrorString(bench_e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
+      std::exit(1);                                                                                \
+    }                                                                                              \
   } while (0)
 
 template <class T>
@@ -225,8 +225,8 @@ int main(int argc, char** argv) {
       BENCH_CHECK(cudaMemcpy(d_q, q.data(), q.size() * 4, cudaMemcpyHostToDevice));
 
       cuda::decode_launch args;
-      args.kv = cuda::paged_kv_desc{static_cast<const std::byte*>(pool), cl.chunk_bytes(), cl.page.page_bytes,
-                                    o.kv_heads, o.head_dim, o.t, tpp};
+      args.kv = cuda::paged_kv_desc{
+          static_cast<const std::byte*>(pool), cl.chunk_bytes(), cl.page.page_bytes, o.kv_heads, o.head_dim, o.t, tpp};
       args.table = page_table_view{d_indptr, d_ids, d_last, batch, tpp};
       args.group_size = o.group;
       args.scale = 1.0f / std::sqrt(static_cast<float>(o.head_dim));
@@ -270,11 +270,12 @@ int main(int argc, char** argv) {
                   o.head_dim, o.kv_heads, o.group, ctx, batch, plan->split.max_splits, median_s * 1e6, kv_gbps,
                   kv_gbps / copy);
       if (o.json)
-        std::printf("{\"bench\":\"cuda_decode\",\"device\":\"%s\",\"dtype\":\"%s\",\"head_dim\":%u,\"kv_heads\":%u,"
-                    "\"group\":%u,\"context\":%u,\"batch\":%u,\"splits\":%u,\"time_us\":%.2f,\"kv_gbps\":%.2f,"
-                    "\"copy_gbps\":%.2f,\"ratio\":%.4f}\n",
-                    prop.name, std::string(dtype_name(o.t)).c_str(), o.head_dim, o.kv_heads, o.group, ctx, batch,
-                    plan->split.max_splits, median_s * 1e6, kv_gbps, copy, kv_gbps / copy);
+        std::printf(
+            "{\"bench\":\"cuda_decode\",\"device\":\"%s\",\"dtype\":\"%s\",\"head_dim\":%u,\"kv_heads\":%u,"
+            "\"group\":%u,\"context\":%u,\"batch\":%u,\"splits\":%u,\"time_us\":%.2f,\"kv_gbps\":%.2f,"
+            "\"copy_gbps\":%.2f,\"ratio\":%.4f}\n",
+            prop.name, std::string(dtype_name(o.t)).c_str(), o.head_dim, o.kv_heads, o.group, ctx, batch,
+            plan->split.max_splits, median_s * 1e6, kv_gbps, copy, kv_gbps / copy);
       (void)cudaEventDestroy(e0);
       (void)cudaEventDestroy(e1);
       (void)cudaFree(ws);

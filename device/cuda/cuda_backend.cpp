@@ -18,7 +18,9 @@ namespace {
 
 using cuda::cuda_status;
 
-constexpr size_t align_up(size_t x, size_t a) noexcept { return (x + a - 1) / a * a; }
+constexpr size_t align_up(size_t x, size_t a) noexcept {
+  return (x + a - 1) / a * a;
+}
 
 // Grow-only CUDA allocation (device memory or pinned host memory, by the allocator pair): the
 // hot path reuses it once it has reached the largest batch seen; pinned host buffers make uploads
@@ -123,8 +125,8 @@ struct cuda_backend::impl {
   }
   status check_chunk(chunk_id id, const char* what) const {
     if (id >= capacity || !in_use[id])
-      return {errc::kInvalidArgument, std::string("cuda backend: ") + what + ": chunk " + std::to_string(id) +
-                                          " is not an allocated chunk"};
+      return {errc::kInvalidArgument,
+              std::string("cuda backend: ") + what + ": chunk " + std::to_string(id) + " is not an allocated chunk"};
     return {};
   }
   // Wait for the stream; a kernel fault surfaces here.
@@ -142,8 +144,8 @@ struct cuda_backend::impl {
     INSTINFER_TRY(check_chunk(id, "write_tokens"));
     if (first != filled[id])
       return {errc::kInvalidArgument, "cuda backend: chunks are append-only: write at token " + std::to_string(first) +
-                                          " but chunk " + std::to_string(id) + " holds " +
-                                          std::to_string(filled[id]) + " tokens"};
+                                          " but chunk " + std::to_string(id) + " holds " + std::to_string(filled[id]) +
+                                          " tokens"};
     if (n > layout.tokens() - first)
       return {errc::kInvalidArgument, "cuda backend: writing " + std::to_string(n) + " tokens at " +
                                           std::to_string(first) + " overflows a chunk of " +
@@ -163,7 +165,9 @@ cuda_backend::cuda_backend(cuda_backend_options options) : impl_(std::make_uniqu
 }
 cuda_backend::~cuda_backend() = default;
 
-int cuda_backend::device() const noexcept { return impl_->options.device; }
+int cuda_backend::device() const noexcept {
+  return impl_->options.device;
+}
 
 status cuda_backend::configure(const backend_config& config) {
   impl& s = *impl_;
@@ -196,8 +200,8 @@ status cuda_backend::configure(const backend_config& config) {
   uint64_t chunks = bytes / layout.chunk_bytes();
   chunks = std::min<uint64_t>(chunks, kInvalidChunk - 1);
   if (chunks == 0)
-    return {errc::kInvalidArgument, "cuda backend: capacity of " + std::to_string(bytes) +
-                                        " bytes holds no chunk of " + std::to_string(layout.chunk_bytes()) + " bytes"};
+    return {errc::kInvalidArgument, "cuda backend: capacity of " + std::to_string(bytes) + " bytes holds no chunk of " +
+                                        std::to_string(layout.chunk_bytes()) + " bytes"};
 
   cudaStream_t stream = nullptr;
   if (const cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) {
@@ -216,8 +220,12 @@ status cuda_backend::configure(const backend_config& config) {
   s.stream = stream;
   s.pool = static_cast<std::byte*>(pool);
   s.capacity = chunks;
-  s.desc = cuda::paged_kv_desc{s.pool,        layout.chunk_bytes(),    layout.page.page_bytes,
-                               layout.n_kv_heads, layout.page.head_dim, layout.page.kv_dtype,
+  s.desc = cuda::paged_kv_desc{s.pool,
+                               layout.chunk_bytes(),
+                               layout.page.page_bytes,
+                               layout.n_kv_heads,
+                               layout.page.head_dim,
+                               layout.page.kv_dtype,
                                layout.tokens()};
   s.free_list.resize(chunks);
   for (uint64_t i = 0; i < chunks; ++i) s.free_list[i] = static_cast<chunk_id>(chunks - 1 - i);  // low ids first
@@ -228,8 +236,12 @@ status cuda_backend::configure(const backend_config& config) {
   return {};
 }
 
-uint64_t cuda_backend::capacity_chunks() const noexcept { return impl_->capacity; }
-uint64_t cuda_backend::free_chunks() const noexcept { return impl_->free_list.size(); }
+uint64_t cuda_backend::capacity_chunks() const noexcept {
+  return impl_->capacity;
+}
+uint64_t cuda_backend::free_chunks() const noexcept {
+  return impl_->free_list.size();
+}
 
 std::byte* cuda_backend::chunk_device_ptr(chunk_id id) const noexcept {
   if (!impl_->configured || id >= impl_->capacity) return nullptr;
@@ -300,17 +312,15 @@ status cuda_backend::copy_tokens(chunk_id dst, const chunk_hint& /*dst_hint*/, c
   INSTINFER_TRY(s.check_chunk(dst, "copy_tokens (destination)"));
   INSTINFER_TRY(s.check_chunk(src, "copy_tokens (source)"));
   if (dst == src) return {errc::kInvalidArgument, "cuda backend: copy_tokens with dst == src"};
-  if (s.filled[dst] != 0)
-    return {errc::kInvalidArgument, "cuda backend: copy_tokens needs a fresh destination chunk"};
+  if (s.filled[dst] != 0) return {errc::kInvalidArgument, "cuda backend: copy_tokens needs a fresh destination chunk"};
   if (n > s.filled[src])
-    return {errc::kInvalidArgument, "cuda backend: copy_tokens of " + std::to_string(n) + " tokens from a chunk holding " +
-                                        std::to_string(s.filled[src])};
+    return {errc::kInvalidArgument, "cuda backend: copy_tokens of " + std::to_string(n) +
+                                        " tokens from a chunk holding " + std::to_string(s.filled[src])};
   if (n == 0) return {};
   const size_t pitch = s.layout.page.page_bytes;
-  const cudaError_t e =
-      cudaMemcpy2DAsync(chunk_device_ptr(dst), pitch, chunk_device_ptr(src), pitch,
-                        size_t{n} * s.layout.page.row_bytes(), s.layout.pages_per_chunk(), cudaMemcpyDeviceToDevice,
-                        s.stream);
+  const cudaError_t e = cudaMemcpy2DAsync(chunk_device_ptr(dst), pitch, chunk_device_ptr(src), pitch,
+                                          size_t{n} * s.layout.page.row_bytes(), s.layout.pages_per_chunk(),
+                                          cudaMemcpyDeviceToDevice, s.stream);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     return cuda_status(e, "cudaMemcpy2DAsync (copy_tokens)");
@@ -332,9 +342,9 @@ status cuda_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
   if (n_tokens == 0) return {};
   if (dst == nullptr) return {errc::kInvalidArgument, "cuda backend: read_chunk into a null buffer"};
   const size_t pitch = s.layout.page.page_bytes;
-  const cudaError_t e = cudaMemcpy2DAsync(dst, pitch, chunk_device_ptr(id), pitch,
-                                          size_t{n_tokens} * s.layout.page.row_bytes(), s.layout.pages_per_chunk(),
-                                          cudaMemcpyDeviceToHost, s.stream);
+  const cudaError_t e =
+      cudaMemcpy2DAsync(dst, pitch, chunk_device_ptr(id), pitch, size_t{n_tokens} * s.layout.page.row_bytes(),
+                        s.layout.pages_per_chunk(), cudaMemcpyDeviceToHost, s.stream);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     return cuda_status(e, "cudaMemcpy2DAsync (read_chunk)");
@@ -455,8 +465,9 @@ status cuda_backend::import_chunks(backend& src, std::span<const chunk_id> src_i
   impl& s = *impl_;
   INSTINFER_TRY(s.ready());
   if (src_ids.size() != n_tokens.size() || src_ids.size() != dst_ids.size())
-    return {errc::kInvalidArgument, "cuda backend: import_chunks needs as many source ids, token counts and "
-                                    "destination ids"};
+    return {errc::kInvalidArgument,
+            "cuda backend: import_chunks needs as many source ids, token counts and "
+            "destination ids"};
   if (static_cast<const backend*>(&src) == this)
     return {errc::kInvalidArgument, "cuda backend: import_chunks from itself (use copy_tokens)"};
   for (size_t i = 0; i < dst_ids.size(); ++i) {
@@ -469,8 +480,8 @@ status cuda_backend::import_chunks(backend& src, std::span<const chunk_id> src_i
                                           " tokens into a chunk of " + std::to_string(s.layout.tokens())};
     for (size_t j = 0; j < i; ++j)
       if (dst_ids[j] == dst_ids[i])
-        return {errc::kInvalidArgument, "cuda backend: import_chunks names destination chunk " +
-                                            std::to_string(dst_ids[i]) + " twice"};
+        return {errc::kInvalidArgument,
+                "cuda backend: import_chunks names destination chunk " + std::to_string(dst_ids[i]) + " twice"};
   }
   if (dst_ids.empty()) return {};
 
@@ -547,7 +558,8 @@ result<std::unique_ptr<backend>> make_cuda_backend(const backend_uri& uri) {
     const char* e = b + uri.path.size();
     auto [p, ec] = std::from_chars(b, e, dev);
     if (ec != std::errc{} || p != e || dev < 0)
-      return status{errc::kInvalidArgument, "cuda backend: device must be a non-negative integer, got '" + uri.path + "'"};
+      return status{errc::kInvalidArgument,
+                    "cuda backend: device must be a non-negative integer, got '" + uri.path + "'"};
     options.device = dev;
   }
   for (const auto& [key, value] : uri.options)

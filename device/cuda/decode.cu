@@ -29,7 +29,9 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool f
   const int src_bytes = full ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
@@ -95,8 +97,8 @@ struct kernel_params {
   const float* q;
   float* out;
   float* lse;
-  float* ws_o;                // [batch][n_q_heads][max_splits][head_dim]
-  softmax_stats* ws_stats;    // [batch][n_q_heads][max_splits]
+  float* ws_o;              // [batch][n_q_heads][max_splits][head_dim]
+  softmax_stats* ws_stats;  // [batch][n_q_heads][max_splits]
   decode_split_plan split;
 };
 
@@ -137,16 +139,18 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
   for (uint32_t g = 0; g < G; ++g) {
     const float* qrow = p.q + (size_t{b} * n_q_heads + q_head0 + g) * HeadDim;
     INSTINFER_UNROLL
-    for (uint32_t v = 0; v < tr::kVecsPerLane; ++v)
+    for (uint32_t v = 0; v < tr::kVecsPerLane; ++v) {
       INSTINFER_UNROLL
       for (uint32_t e = 0; e < tr::kVecElems; ++e) q[g][v * tr::kVecElems + e] = qrow[tr::lane_elem(lane, v) + e];
+    }
   }
   softmax_stats st[G];
   float o[G][E];
   INSTINFER_UNROLL
-  for (uint32_t g = 0; g < G; ++g)
+  for (uint32_t g = 0; g < G; ++g) {
     INSTINFER_UNROLL
     for (uint32_t e = 0; e < E; ++e) o[g][e] = 0.0f;
+  }
 
   const uint32_t n_tiles = (tok_end - tok_begin + T - 1) / T;
   const auto load_tile = [&](uint32_t tile, uint32_t stage) {
@@ -224,10 +228,11 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
     INSTINFER_UNROLL
     for (uint32_t g = 0; g < G; ++g) {
       INSTINFER_UNROLL
-      for (uint32_t v = 0; v < tr::kVecsPerLane; ++v)
+      for (uint32_t v = 0; v < tr::kVecsPerLane; ++v) {
         INSTINFER_UNROLL
         for (uint32_t e = 0; e < tr::kVecElems; ++e)
           merge_o[(ty * G + g) * HeadDim + tr::lane_elem(lane, v) + e] = o[g][v * tr::kVecElems + e];
+      }
       if (lane == 0) group_stats[ty][g] = st[g];
     }
   }
@@ -238,10 +243,11 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
     for (uint32_t g = 0; g < G; ++g) {
       float other[E];
       INSTINFER_UNROLL
-      for (uint32_t v = 0; v < tr::kVecsPerLane; ++v)
+      for (uint32_t v = 0; v < tr::kVecsPerLane; ++v) {
         INSTINFER_UNROLL
         for (uint32_t e = 0; e < tr::kVecElems; ++e)
           other[v * tr::kVecElems + e] = merge_o[(r * G + g) * HeadDim + tr::lane_elem(lane, v) + e];
+      }
       merge_state(st[g], o[g], group_stats[r][g], other, E);
     }
   }
@@ -259,9 +265,10 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
       if (lane == 0) p.ws_stats[slot] = st[g];
     }
     INSTINFER_UNROLL
-    for (uint32_t v = 0; v < tr::kVecsPerLane; ++v)
+    for (uint32_t v = 0; v < tr::kVecsPerLane; ++v) {
       INSTINFER_UNROLL
       for (uint32_t e = 0; e < tr::kVecElems; ++e) dst[tr::lane_elem(lane, v) + e] = o[g][v * tr::kVecElems + e];
+    }
   }
 }
 
@@ -348,8 +355,8 @@ int resident_blocks_per_sm() {
   if constexpr (tr::kSmemBytes > kSmemOptInBytes) {
     if (!opt_in_shared_memory<D, DT, G>().ok()) return 2;
   }
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, paged_decode_kernel<D, DT, G>, tr::kThreads,
-                                                    tr::kSmemBytes) != cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, paged_decode_kernel<D, DT, G>, tr::kThreads, tr::kSmemBytes) !=
+          cudaSuccess ||
       n <= 0) {
     (void)cudaGetLastError();
     n = 4;  // a safe guess; only the split granularity depends on it
@@ -396,8 +403,8 @@ result<decode_plan> plan_decode(const paged_kv_desc& kv, uint32_t group_size, ui
   if (kv.n_kv_heads == 0 || group_size == 0)
     return status{errc::kInvalidArgument, "CUDA decode: n_kv_heads and group_size must be positive"};
   if (kv.tokens_per_page == 0 || (kv.tokens_per_page & (kv.tokens_per_page - 1)) != 0)
-    return status{errc::kInvalidArgument, "CUDA decode: tokens_per_page must be a power of two, got " +
-                                              std::to_string(kv.tokens_per_page)};
+    return status{errc::kInvalidArgument,
+                  "CUDA decode: tokens_per_page must be a power of two, got " + std::to_string(kv.tokens_per_page)};
   if (batch > 65535) return status{errc::kInvalidArgument, "CUDA decode: batch is limited to 65535 sequences"};
   const uint32_t group_tile = group_tile_for(group_size);
   if (uint64_t{kv.n_kv_heads} * (group_size / group_tile) > 65535)

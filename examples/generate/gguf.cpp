@@ -38,15 +38,24 @@ status corrupt(uint64_t at, const std::string& what) {
 
 uint64_t scalar_size(gguf_type t) noexcept {
   switch (t) {
-    case gguf_type::kU8: case gguf_type::kI8: case gguf_type::kBool: return 1;
-    case gguf_type::kU16: case gguf_type::kI16: return 2;
-    case gguf_type::kU32: case gguf_type::kI32: case gguf_type::kF32: return 4;
-    case gguf_type::kU64: case gguf_type::kI64: case gguf_type::kF64: return 8;
+    case gguf_type::kU8:
+    case gguf_type::kI8:
+    case gguf_type::kBool: return 1;
+    case gguf_type::kU16:
+    case gguf_type::kI16: return 2;
+    case gguf_type::kU32:
+    case gguf_type::kI32:
+    case gguf_type::kF32: return 4;
+    case gguf_type::kU64:
+    case gguf_type::kI64:
+    case gguf_type::kF64: return 8;
     default: return 0;
   }
 }
 
-bool valid_type(uint32_t t) noexcept { return t <= static_cast<uint32_t>(gguf_type::kF64); }
+bool valid_type(uint32_t t) noexcept {
+  return t <= static_cast<uint32_t>(gguf_type::kF64);
+}
 
 // A bounds-checked little-endian reader over the mapped bytes.
 class cursor {
@@ -88,16 +97,70 @@ class cursor {
 
 status read_scalar(cursor& c, gguf_kv& kv, gguf_type t) {
   switch (t) {
-    case gguf_type::kU8: { uint8_t v{}; INSTINFER_TRY(c.read(v, "a u8 value")); kv.u = v; kv.i = v; break; }
-    case gguf_type::kI8: { int8_t v{}; INSTINFER_TRY(c.read(v, "an i8 value")); kv.i = v; break; }
-    case gguf_type::kU16: { uint16_t v{}; INSTINFER_TRY(c.read(v, "a u16 value")); kv.u = v; kv.i = v; break; }
-    case gguf_type::kI16: { int16_t v{}; INSTINFER_TRY(c.read(v, "an i16 value")); kv.i = v; break; }
-    case gguf_type::kU32: { uint32_t v{}; INSTINFER_TRY(c.read(v, "a u32 value")); kv.u = v; kv.i = v; break; }
-    case gguf_type::kI32: { int32_t v{}; INSTINFER_TRY(c.read(v, "an i32 value")); kv.i = v; break; }
-    case gguf_type::kU64: { uint64_t v{}; INSTINFER_TRY(c.read(v, "a u64 value")); kv.u = v; kv.i = static_cast<int64_t>(v); break; }
-    case gguf_type::kI64: { int64_t v{}; INSTINFER_TRY(c.read(v, "an i64 value")); kv.i = v; break; }
-    case gguf_type::kF32: { float v{}; INSTINFER_TRY(c.read(v, "an f32 value")); kv.f = v; break; }
-    case gguf_type::kF64: { double v{}; INSTINFER_TRY(c.read(v, "an f64 value")); kv.f = v; break; }
+    case gguf_type::kU8: {
+      uint8_t v{};
+      INSTINFER_TRY(c.read(v, "a u8 value"));
+      kv.u = v;
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kI8: {
+      int8_t v{};
+      INSTINFER_TRY(c.read(v, "an i8 value"));
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kU16: {
+      uint16_t v{};
+      INSTINFER_TRY(c.read(v, "a u16 value"));
+      kv.u = v;
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kI16: {
+      int16_t v{};
+      INSTINFER_TRY(c.read(v, "an i16 value"));
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kU32: {
+      uint32_t v{};
+      INSTINFER_TRY(c.read(v, "a u32 value"));
+      kv.u = v;
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kI32: {
+      int32_t v{};
+      INSTINFER_TRY(c.read(v, "an i32 value"));
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kU64: {
+      uint64_t v{};
+      INSTINFER_TRY(c.read(v, "a u64 value"));
+      kv.u = v;
+      kv.i = static_cast<int64_t>(v);
+      break;
+    }
+    case gguf_type::kI64: {
+      int64_t v{};
+      INSTINFER_TRY(c.read(v, "an i64 value"));
+      kv.i = v;
+      break;
+    }
+    case gguf_type::kF32: {
+      float v{};
+      INSTINFER_TRY(c.read(v, "an f32 value"));
+      kv.f = v;
+      break;
+    }
+    case gguf_type::kF64: {
+      double v{};
+      INSTINFER_TRY(c.read(v, "an f64 value"));
+      kv.f = v;
+      break;
+    }
     case gguf_type::kBool: {
       uint8_t v;
       INSTINFER_TRY(c.read(v, "a bool value"));
@@ -134,8 +197,8 @@ result<std::unique_ptr<gguf_file>> gguf_file::open(const std::string& path) {
   }
   if (st.st_size < 24) {
     ::close(fd);
-    return status{errc::kCorruptData, "GGUF: '" + path + "' is too short to be a GGUF file (" +
-                                          std::to_string(st.st_size) + " bytes)"};
+    return status{errc::kCorruptData,
+                  "GGUF: '" + path + "' is too short to be a GGUF file (" + std::to_string(st.st_size) + " bytes)"};
   }
   void* map = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
   const int err = errno;
@@ -168,7 +231,8 @@ status gguf_file::parse_all() {
   INSTINFER_TRY(c.read(n_tensors, "the tensor count"));
   INSTINFER_TRY(c.read(n_kv, "the metadata count"));
   // Each entry takes at least 8 (+ 4 + 1) bytes, so a count beyond the file is a lie: check before reserving.
-  if (n_kv > c.left() / 13) return corrupt(16, "metadata count " + std::to_string(n_kv) + " exceeds what the file can hold");
+  if (n_kv > c.left() / 13)
+    return corrupt(16, "metadata count " + std::to_string(n_kv) + " exceeds what the file can hold");
   if (n_tensors > c.left() / 32)
     return corrupt(8, "tensor count " + std::to_string(n_tensors) + " exceeds what the file can hold");
 
@@ -182,7 +246,8 @@ status gguf_file::parse_all() {
     if (!keys.insert(kv.key).second) return corrupt(at, "duplicate metadata key '" + std::string(kv.key) + "'");
     uint32_t t = 0;
     INSTINFER_TRY(c.read(t, "a metadata type"));
-    if (!valid_type(t)) return corrupt(c.pos() - 4, "unknown metadata type " + std::to_string(t) + " for '" + std::string(kv.key) + "'");
+    if (!valid_type(t))
+      return corrupt(c.pos() - 4, "unknown metadata type " + std::to_string(t) + " for '" + std::string(kv.key) + "'");
     kv.type = static_cast<gguf_type>(t);
     if (kv.type != gguf_type::kArray) {
       INSTINFER_TRY(read_scalar(c, kv, kv.type));
@@ -191,16 +256,21 @@ status gguf_file::parse_all() {
       INSTINFER_TRY(c.read(et, "an array element type"));
       if (!valid_type(et)) return corrupt(c.pos() - 4, "unknown array element type " + std::to_string(et));
       kv.elem_type = static_cast<gguf_type>(et);
-      if (kv.elem_type == gguf_type::kArray) return corrupt(c.pos() - 4, "nested arrays are not supported ('" + std::string(kv.key) + "')");
+      if (kv.elem_type == gguf_type::kArray)
+        return corrupt(c.pos() - 4, "nested arrays are not supported ('" + std::string(kv.key) + "')");
       INSTINFER_TRY(c.read(kv.count, "an array length"));
       const uint64_t begin = c.pos();
       if (kv.elem_type == gguf_type::kString) {
-        if (kv.count > c.left() / 8) return corrupt(begin - 8, "string array '" + std::string(kv.key) + "' claims " + std::to_string(kv.count) + " elements, more than the file holds");
+        if (kv.count > c.left() / 8)
+          return corrupt(begin - 8, "string array '" + std::string(kv.key) + "' claims " + std::to_string(kv.count) +
+                                        " elements, more than the file holds");
         kv.strings.resize(kv.count);
         for (auto& s : kv.strings) INSTINFER_TRY(c.read_string(s, "an array string"));
       } else {
         const uint64_t es = scalar_size(kv.elem_type);
-        if (kv.count > c.left() / es) return corrupt(begin - 8, "array '" + std::string(kv.key) + "' of " + std::to_string(kv.count) + " elements runs past the end of the file");
+        if (kv.count > c.left() / es)
+          return corrupt(begin - 8, "array '" + std::string(kv.key) + "' of " + std::to_string(kv.count) +
+                                        " elements runs past the end of the file");
         INSTINFER_TRY(c.skip(kv.count * es, "an array"));
       }
       kv.raw = c.slice(begin, c.pos());
@@ -237,12 +307,14 @@ status gguf_file::parse_all() {
     INSTINFER_TRY(c.read(type, "a tensor type"));
     const auto gt = to_ggml_type(type);
     if (!gt)
-      return {errc::kUnsupported, "GGUF: tensor '" + name + "' has type " + std::string(ggml_type_name(type)) + " (id " +
-                                      std::to_string(type) + "), which is not supported (f32, f16, bf16, q4_0, q4_1, q8_0)"};
+      return {errc::kUnsupported, "GGUF: tensor '" + name + "' has type " + std::string(ggml_type_name(type)) +
+                                      " (id " + std::to_string(type) +
+                                      "), which is not supported (f32, f16, bf16, q4_0, q4_1, q8_0)"};
     t.type = *gt;
     if (t.ne[0] % ggml_block_size(t.type) != 0)
-      return corrupt(c.pos() - 4, "tensor '" + name + "' row of " + std::to_string(t.ne[0]) + " weights is not a multiple of the " +
-                                      std::string(ggml_type_name(type)) + " block size");
+      return corrupt(c.pos() - 4, "tensor '" + name + "' row of " + std::to_string(t.ne[0]) +
+                                      " weights is not a multiple of the " + std::string(ggml_type_name(type)) +
+                                      " block size");
     INSTINFER_TRY(c.read(t.offset, "a tensor offset"));
     t.n_bytes = t.row_bytes() * t.n_rows();
     tensors_.push_back(t);
@@ -253,10 +325,13 @@ status gguf_file::parse_all() {
   const uint64_t data_size = bytes_.size() > data_start ? bytes_.size() - data_start : 0;
   for (auto& t : tensors_) {
     if (t.offset % alignment_ != 0)
-      return corrupt(data_start, "tensor '" + std::string(t.name) + "' offset " + std::to_string(t.offset) + " is not aligned to " + std::to_string(alignment_));
+      return corrupt(data_start, "tensor '" + std::string(t.name) + "' offset " + std::to_string(t.offset) +
+                                     " is not aligned to " + std::to_string(alignment_));
     if (t.offset > data_size || t.n_bytes > data_size - t.offset)
-      return corrupt(data_start + std::min(t.offset, data_size), "tensor '" + std::string(t.name) + "' (" + std::to_string(t.n_bytes) + " bytes at offset " +
-                                    std::to_string(t.offset) + ") lies outside the file's " + std::to_string(data_size) + " data bytes");
+      return corrupt(data_start + std::min(t.offset, data_size),
+                     "tensor '" + std::string(t.name) + "' (" + std::to_string(t.n_bytes) + " bytes at offset " +
+                         std::to_string(t.offset) + ") lies outside the file's " + std::to_string(data_size) +
+                         " data bytes");
     t.data = bytes_.data() + data_start + t.offset;
   }
   return {};
@@ -275,7 +350,9 @@ const gguf_tensor* gguf_file::tensor(std::string_view name) const noexcept {
 }
 
 namespace {
-status missing(std::string_view key) { return {errc::kCorruptData, "GGUF: metadata key '" + std::string(key) + "' is missing"}; }
+status missing(std::string_view key) {
+  return {errc::kCorruptData, "GGUF: metadata key '" + std::string(key) + "' is missing"};
+}
 status wrong(const gguf_kv& kv, const char* want) {
   return {errc::kCorruptData, "GGUF: metadata key '" + std::string(kv.key) + "' has type " +
                                   std::string(gguf_type_name(kv.type)) + ", expected " + want};
@@ -328,13 +405,48 @@ result<std::vector<int64_t>> gguf_file::get_int_array(std::string_view key) cons
   for (uint64_t i = 0; i < kv->count; ++i) {
     const std::byte* p = kv->raw.data() + i * es;
     switch (kv->elem_type) {
-      case gguf_type::kU8: { uint8_t v; std::memcpy(&v, p, 1); out[i] = v; break; }
-      case gguf_type::kI8: { int8_t v; std::memcpy(&v, p, 1); out[i] = v; break; }
-      case gguf_type::kU16: { uint16_t v; std::memcpy(&v, p, 2); out[i] = v; break; }
-      case gguf_type::kI16: { int16_t v; std::memcpy(&v, p, 2); out[i] = v; break; }
-      case gguf_type::kU32: { uint32_t v; std::memcpy(&v, p, 4); out[i] = v; break; }
-      case gguf_type::kI32: { int32_t v; std::memcpy(&v, p, 4); out[i] = v; break; }
-      default: { int64_t v; std::memcpy(&v, p, 8); out[i] = v; break; }
+      case gguf_type::kU8: {
+        uint8_t v;
+        std::memcpy(&v, p, 1);
+        out[i] = v;
+        break;
+      }
+      case gguf_type::kI8: {
+        int8_t v;
+        std::memcpy(&v, p, 1);
+        out[i] = v;
+        break;
+      }
+      case gguf_type::kU16: {
+        uint16_t v;
+        std::memcpy(&v, p, 2);
+        out[i] = v;
+        break;
+      }
+      case gguf_type::kI16: {
+        int16_t v;
+        std::memcpy(&v, p, 2);
+        out[i] = v;
+        break;
+      }
+      case gguf_type::kU32: {
+        uint32_t v;
+        std::memcpy(&v, p, 4);
+        out[i] = v;
+        break;
+      }
+      case gguf_type::kI32: {
+        int32_t v;
+        std::memcpy(&v, p, 4);
+        out[i] = v;
+        break;
+      }
+      default: {
+        int64_t v;
+        std::memcpy(&v, p, 8);
+        out[i] = v;
+        break;
+      }
     }
   }
   return out;

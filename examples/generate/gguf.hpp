@@ -47,13 +47,13 @@ std::string_view gguf_type_name(gguf_type t) noexcept;
 struct gguf_kv {
   std::string_view key;
   gguf_type type = gguf_type::kU8;
-  gguf_type elem_type = gguf_type::kU8;  // arrays only
-  uint64_t count = 0;                    // arrays only
-  uint64_t u = 0;                        // unsigned / bool scalars
-  int64_t i = 0;                         // signed scalars
-  double f = 0.0;                        // float scalars
-  std::string_view str;                  // string scalars
-  std::span<const std::byte> raw;        // arrays: the encoded elements
+  gguf_type elem_type = gguf_type::kU8;   // arrays only
+  uint64_t count = 0;                     // arrays only
+  uint64_t u = 0;                         // unsigned / bool scalars
+  int64_t i = 0;                          // signed scalars
+  double f = 0.0;                         // float scalars
+  std::string_view str;                   // string scalars
+  std::span<const std::byte> raw;         // arrays: the encoded elements
   std::vector<std::string_view> strings;  // arrays of strings, decoded once
 };
 

@@ -8,15 +8,17 @@ namespace instinfer::model {
 
 namespace {
 
-status bad(const std::string& what) { return {errc::kCorruptData, "model: " + what}; }
+status bad(const std::string& what) {
+  return {errc::kCorruptData, "model: " + what};
+}
 
 result<weight> get_weight(const gguf_file& f, const std::string& name, uint64_t n_cols, uint64_t n_rows) {
   const gguf_tensor* t = f.tensor(name);
   if (!t) return bad("tensor '" + name + "' is missing");
   if (t->ne[0] != n_cols || t->n_rows() != n_rows || t->ne[2] != 1 || t->ne[3] != 1)
     return bad("tensor '" + name + "' has shape [" + std::to_string(t->ne[0]) + ", " + std::to_string(t->ne[1]) + ", " +
-               std::to_string(t->ne[2]) + ", " + std::to_string(t->ne[3]) + "], expected [" + std::to_string(n_cols) + ", " +
-               std::to_string(n_rows) + "]");
+               std::to_string(t->ne[2]) + ", " + std::to_string(t->ne[3]) + "], expected [" + std::to_string(n_cols) +
+               ", " + std::to_string(n_rows) + "]");
   return weight{t->data, t->type, static_cast<uint32_t>(n_cols), static_cast<uint32_t>(n_rows), t->row_bytes()};
 }
 
@@ -42,14 +44,17 @@ result<std::unique_ptr<llama_model>> llama_model::load(const gguf_file& f, const
   if (!arch.ok()) return arch.error();
   if (*arch != "llama")
     return status{errc::kUnsupported, "model: architecture '" + std::string(*arch) + "' is not supported (llama)"};
-  if (options.max_batch == 0 || options.max_batch > 4096) return status{errc::kInvalidArgument, "model: max_batch must be in [1, 4096]"};
+  if (options.max_batch == 0 || options.max_batch > 4096)
+    return status{errc::kInvalidArgument, "model: max_batch must be in [1, 4096]"};
   std::unique_ptr<llama_model> m(new llama_model(options));
   llama_hparams& hp = m->hp_;
   const std::string a(*arch);
   auto u32 = [&](const std::string& key, uint32_t& out, uint64_t lo, uint64_t hi) -> status {
     auto v = f.get_u64(a + "." + key);
     if (!v.ok()) return v.error();
-    if (*v < lo || *v > hi) return bad(a + "." + key + " = " + std::to_string(*v) + " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    if (*v < lo || *v > hi)
+      return bad(a + "." + key + " = " + std::to_string(*v) + " is out of range [" + std::to_string(lo) + ", " +
+                 std::to_string(hi) + "]");
     out = static_cast<uint32_t>(*v);
     return {};
   };
@@ -57,10 +62,14 @@ result<std::unique_ptr<llama_model>> llama_model::load(const gguf_file& f, const
   INSTINFER_TRY(u32("embedding_length", hp.n_embd, 1, 65536));
   INSTINFER_TRY(u32("feed_forward_length", hp.n_ff, 1, 1u << 18));
   INSTINFER_TRY(u32("attention.head_count", hp.n_head, 1, 1024));
-  if (f.find(a + ".attention.head_count_kv")) INSTINFER_TRY(u32("attention.head_count_kv", hp.n_kv_head, 1, 1024));
-  else hp.n_kv_head = hp.n_head;
-  if (f.find(a + ".context_length")) INSTINFER_TRY(u32("context_length", hp.n_ctx_train, 1, 1u << 24));
-  else hp.n_ctx_train = 4096;
+  if (f.find(a + ".attention.head_count_kv"))
+    INSTINFER_TRY(u32("attention.head_count_kv", hp.n_kv_head, 1, 1024));
+  else
+    hp.n_kv_head = hp.n_head;
+  if (f.find(a + ".context_length"))
+    INSTINFER_TRY(u32("context_length", hp.n_ctx_train, 1, 1u << 24));
+  else
+    hp.n_ctx_train = 4096;
   if (hp.n_embd % hp.n_head) return bad("embedding_length is not a multiple of head_count");
   if (hp.n_head % hp.n_kv_head) return bad("head_count is not a multiple of head_count_kv");
   hp.head_dim = hp.n_embd / hp.n_head;
@@ -68,17 +77,21 @@ result<std::unique_ptr<llama_model>> llama_model::load(const gguf_file& f, const
   if (f.find(a + ".attention.key_length")) {
     uint32_t kl = 0;
     INSTINFER_TRY(u32("attention.key_length", kl, 1, 1024));
-    if (kl != hp.head_dim) return status{errc::kUnsupported, "model: key_length != embedding_length / head_count is not supported"};
+    if (kl != hp.head_dim)
+      return status{errc::kUnsupported, "model: key_length != embedding_length / head_count is not supported"};
   }
   hp.rope_dim = hp.head_dim;
   if (f.find(a + ".rope.dimension_count")) INSTINFER_TRY(u32("rope.dimension_count", hp.rope_dim, 2, hp.head_dim));
   if (hp.rope_dim % 2) return bad("rope.dimension_count must be even");
   if (auto v = f.get_f64(a + ".rope.freq_base"); v.ok()) hp.rope_theta = static_cast<float>(*v);
-  if (!(hp.rope_theta > 1.0f) || !std::isfinite(hp.rope_theta)) return bad("rope.freq_base must be a finite number > 1");
+  if (!(hp.rope_theta > 1.0f) || !std::isfinite(hp.rope_theta))
+    return bad("rope.freq_base must be a finite number > 1");
   if (auto v = f.get_f64(a + ".attention.layer_norm_rms_epsilon"); v.ok()) hp.rms_eps = static_cast<float>(*v);
   if (!(hp.rms_eps > 0.0f) || hp.rms_eps > 1.0f) return bad("layer_norm_rms_epsilon must be in (0, 1]");
   if (auto st = f.get_string(a + ".rope.scaling.type"); st.ok() && *st != "none") {
-    if (*st != "linear") return status{errc::kUnsupported, "model: rope scaling '" + std::string(*st) + "' is not supported (none, linear)"};
+    if (*st != "linear")
+      return status{errc::kUnsupported,
+                    "model: rope scaling '" + std::string(*st) + "' is not supported (none, linear)"};
     auto fac = f.get_f64(a + ".rope.scaling.factor");
     if (!fac.ok() || !(*fac >= 1.0) || *fac > 1024.0) return bad("rope.scaling.factor must be in [1, 1024]");
     hp.rope_scale = static_cast<float>(*fac);
@@ -114,11 +127,14 @@ result<std::unique_ptr<llama_model>> llama_model::load(const gguf_file& f, const
     auto fn = get_vector(f, p + "ffn_norm.weight", hp.n_embd);
     if (!fn.ok()) return fn.error();
     L.ffn_norm = std::move(*fn);
-    struct { weight* w; const char* name; uint32_t cols, rows; } specs[] = {
-        {&L.wq, "attn_q.weight", hp.n_embd, q_dim},      {&L.wk, "attn_k.weight", hp.n_embd, kv_dim},
-        {&L.wv, "attn_v.weight", hp.n_embd, kv_dim},     {&L.wo, "attn_output.weight", q_dim, hp.n_embd},
-        {&L.w_gate, "ffn_gate.weight", hp.n_embd, hp.n_ff}, {&L.w_up, "ffn_up.weight", hp.n_embd, hp.n_ff},
-        {&L.w_down, "ffn_down.weight", hp.n_ff, hp.n_embd}};
+    struct {
+      weight* w;
+      const char* name;
+      uint32_t cols, rows;
+    } specs[] = {{&L.wq, "attn_q.weight", hp.n_embd, q_dim},         {&L.wk, "attn_k.weight", hp.n_embd, kv_dim},
+                 {&L.wv, "attn_v.weight", hp.n_embd, kv_dim},        {&L.wo, "attn_output.weight", q_dim, hp.n_embd},
+                 {&L.w_gate, "ffn_gate.weight", hp.n_embd, hp.n_ff}, {&L.w_up, "ffn_up.weight", hp.n_embd, hp.n_ff},
+                 {&L.w_down, "ffn_down.weight", hp.n_ff, hp.n_embd}};
     for (auto& s : specs) {
       auto w = get_weight(f, p + s.name, s.cols, s.rows);
       if (!w.ok()) return w.error();
@@ -169,7 +185,11 @@ cache_options llama_model::kv_options(const std::string& backend_uri, dtype kv_d
 void llama_model::matmul(std::initializer_list<matmul_job> jobs) {
   // Split every job's rows into blocks of ~kRows and hand the blocks out dynamically.
   constexpr uint32_t kMaxTasks = 256;
-  struct task { const matmul_job* job; matmul_fn fn; uint32_t r0, r1; };
+  struct task {
+    const matmul_job* job;
+    matmul_fn fn;
+    uint32_t r0, r1;
+  };
   task tasks[kMaxTasks + 8];
   uint64_t total = 0;
   for (const matmul_job& j : jobs) total += j.w->n_rows;
@@ -214,7 +234,9 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
   const bool sparse = allow_sparse && sparse_.has_value();
   const uint32_t T = static_cast<uint32_t>(items.size());
   if (T == 0) return {};
-  if (T > max_batch_) return {errc::kInvalidArgument, "forward: " + std::to_string(T) + " items exceed max_batch " + std::to_string(max_batch_)};
+  if (T > max_batch_)
+    return {errc::kInvalidArgument,
+            "forward: " + std::to_string(T) + " items exceed max_batch " + std::to_string(max_batch_)};
   const llama_hparams& hp = hp_;
   const uint32_t E = hp.n_embd, q_dim = hp.n_head * hp.head_dim, kv_dim = hp.n_kv_head * hp.head_dim;
   uint32_t n_out = 0;
@@ -232,16 +254,19 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
     for (uint32_t j = 0; j < i; ++j)
       if (items[j].seq == items[i].seq) expect = items[j].pos + 1;
     if (items[i].pos != expect)
-      return {errc::kInvalidArgument, "forward: item " + std::to_string(i) + " has position " + std::to_string(items[i].pos) +
-                                          ", the sequence continues at " + std::to_string(expect)};
+      return {errc::kInvalidArgument, "forward: item " + std::to_string(i) + " has position " +
+                                          std::to_string(items[i].pos) + ", the sequence continues at " +
+                                          std::to_string(expect)};
   }
 
   for (uint32_t t = 0; t < T; ++t)
-    dequantize_row(tok_embd_.type, tok_embd_.data + static_cast<uint64_t>(items[t].token) * tok_embd_.row_bytes, &x_[size_t{t} * E], E);
+    dequantize_row(tok_embd_.type, tok_embd_.data + static_cast<uint64_t>(items[t].token) * tok_embd_.row_bytes,
+                   &x_[size_t{t} * E], E);
 
   for (uint32_t l = 0; l < hp.n_layers; ++l) {
     const layer& L = layers_[l];
-    for (uint32_t t = 0; t < T; ++t) rmsnorm(&x_[size_t{t} * E], L.attn_norm.data(), &xn_[size_t{t} * E], E, hp.rms_eps);
+    for (uint32_t t = 0; t < T; ++t)
+      rmsnorm(&x_[size_t{t} * E], L.attn_norm.data(), &xn_[size_t{t} * E], E, hp.rms_eps);
     matmul({{&L.wq, xn_.data(), q_.data(), T}, {&L.wk, xn_.data(), k_.data(), T}, {&L.wv, xn_.data(), v_.data(), T}});
     for (uint32_t t = 0; t < T; ++t) {
       rope(&q_[size_t{t} * q_dim], hp.n_head, items[t].pos);
@@ -267,7 +292,8 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
     if (l + 1 < hp.n_layers) {
       group_seqs_.clear();
       for (const auto& it : items)
-        if (std::find(group_seqs_.begin(), group_seqs_.end(), it.seq) == group_seqs_.end()) group_seqs_.push_back(it.seq);
+        if (std::find(group_seqs_.begin(), group_seqs_.end(), it.seq) == group_seqs_.end())
+          group_seqs_.push_back(it.seq);
       cache.prefetch(l + 1, group_seqs_);
     }
     matmul({{&L.wo, att_.data(), xn_.data(), T}});
@@ -285,7 +311,8 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
   logits.resize(size_t{n_out} * hp.n_vocab);
   uint32_t o = 0;
   for (uint32_t t = 0; t < T; ++t)
-    if (items[t].want_logits) rmsnorm(&x_[size_t{t} * E], output_norm_.data(), &normed_out_[size_t{o++} * E], E, hp.rms_eps);
+    if (items[t].want_logits)
+      rmsnorm(&x_[size_t{t} * E], output_norm_.data(), &normed_out_[size_t{o++} * E], E, hp.rms_eps);
   if (n_out) matmul({{&output_, normed_out_.data(), logits.data(), n_out}});
   return {};
 }

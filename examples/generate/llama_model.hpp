@@ -124,12 +124,13 @@ class llama_model {
   };
   struct matmul_job {
     const weight* w;
-    const float* x;   // [n_vec][w->n_cols]
-    float* y;         // [n_vec][w->n_rows]
+    const float* x;  // [n_vec][w->n_cols]
+    float* y;        // [n_vec][w->n_rows]
     uint32_t n_vec;
   };
 
-  llama_model(const model_options& options) : pool_(options.n_threads), isa_(options.isa), max_batch_(options.max_batch) {}
+  llama_model(const model_options& options)
+      : pool_(options.n_threads), isa_(options.isa), max_batch_(options.max_batch) {}
   status run(kv_cache& cache, std::span<const forward_item> items, std::vector<float>& logits, bool allow_sparse);
   void matmul(std::initializer_list<matmul_job> jobs);
   void rope(float* x, uint32_t n_heads, uint32_t pos) const noexcept;

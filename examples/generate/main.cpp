@@ -129,14 +129,16 @@ struct timing {
 void print_stats(const timing& t, const kv_cache& cache, const llama_model& m, const std::string& kv) {
   const cache_stats s = cache.stats();
   const auto& b = s.backend;
-  std::fprintf(stderr, "\n[stats] prefill %llu tok in %.3f s (%.1f tok/s) | decode %llu tok in %.3f s (%.1f tok/s) | "
-                       "kv %s: %.2f MiB appended, peak %.2f MiB in %llu chunks, device written %.2f MiB, read %.2f MiB",
-               static_cast<unsigned long long>(t.prefill_tokens), t.prefill_s, t.prefill_s > 0 ? t.prefill_tokens / t.prefill_s : 0.0,
-               static_cast<unsigned long long>(t.decode_tokens), t.decode_s, t.decode_s > 0 ? t.decode_tokens / t.decode_s : 0.0,
-               kv.c_str(), b.kv_bytes_appended / 1048576.0,
-               static_cast<double>(std::max(t.peak_chunks, b.used_chunks)) * static_cast<double>(s.chunk_bytes) / 1048576.0,
-               static_cast<unsigned long long>(std::max(t.peak_chunks, b.used_chunks)),
-               b.device_bytes_written / 1048576.0, b.device_bytes_read / 1048576.0);
+  std::fprintf(
+      stderr,
+      "\n[stats] prefill %llu tok in %.3f s (%.1f tok/s) | decode %llu tok in %.3f s (%.1f tok/s) | "
+      "kv %s: %.2f MiB appended, peak %.2f MiB in %llu chunks, device written %.2f MiB, read %.2f MiB",
+      static_cast<unsigned long long>(t.prefill_tokens), t.prefill_s,
+      t.prefill_s > 0 ? t.prefill_tokens / t.prefill_s : 0.0, static_cast<unsigned long long>(t.decode_tokens),
+      t.decode_s, t.decode_s > 0 ? t.decode_tokens / t.decode_s : 0.0, kv.c_str(), b.kv_bytes_appended / 1048576.0,
+      static_cast<double>(std::max(t.peak_chunks, b.used_chunks)) * static_cast<double>(s.chunk_bytes) / 1048576.0,
+      static_cast<unsigned long long>(std::max(t.peak_chunks, b.used_chunks)), b.device_bytes_written / 1048576.0,
+      b.device_bytes_read / 1048576.0);
   if (b.link_bytes_host_to_device || b.link_bytes_device_to_host)
     std::fprintf(stderr, " | link h2d %.2f MiB, d2h %.2f MiB", b.link_bytes_host_to_device / 1048576.0,
                  b.link_bytes_device_to_host / 1048576.0);
@@ -145,7 +147,8 @@ void print_stats(const timing& t, const kv_cache& cache, const llama_model& m, c
     std::fprintf(stderr, " | SparF read %.1f%% of the dense pages, used %.1f%% of the dense bytes",
                  100.0 * s.sparf.page_fraction(), 100.0 * s.sparf.byte_fraction());
   std::fprintf(stderr, " | weights %.1f MiB mapped, peak RSS %.1f MiB | %u threads, %s kernels\n",
-               m.weight_bytes() / 1048576.0, peak_rss_mib(), m.n_threads(), std::string(kernel_isa_name(m.isa())).c_str());
+               m.weight_bytes() / 1048576.0, peak_rss_mib(), m.n_threads(),
+               std::string(kernel_isa_name(m.isa())).c_str());
 }
 
 std::string render(const tokenizer& tok, const options& o, const std::string& text) {
@@ -221,7 +224,8 @@ int run_batch(const options& o, const tokenizer& tok, llama_model& m, kv_cache& 
   std::vector<slot> slots(o.batch);
   std::vector<std::vector<token_id>> outputs(prompts.size());
   std::vector<sampler> samplers;
-  for (size_t i = 0; i < prompts.size(); ++i) samplers.emplace_back(sampler_options{o.sampling.temperature, o.sampling.top_p, o.sampling.seed + i});
+  for (size_t i = 0; i < prompts.size(); ++i)
+    samplers.emplace_back(sampler_options{o.sampling.temperature, o.sampling.top_p, o.sampling.seed + i});
   size_t next_prompt = 0, done = 0;
   timing t;
   std::vector<float> logits;
@@ -243,7 +247,8 @@ int run_batch(const options& o, const tokenizer& tok, llama_model& m, kv_cache& 
     const double el = now_s() - start;
     std::fprintf(stderr, "%s[%.*s%*s] %zu/%zu sequences, %llu tokens, %.1f tok/s%s", tty ? "\r" : "", filled,
                  "########################################", width - filled, "", done, prompts.size(),
-                 static_cast<unsigned long long>(t.decode_tokens), el > 0 ? t.decode_tokens / el : 0.0, tty ? " " : "\n");
+                 static_cast<unsigned long long>(t.decode_tokens), el > 0 ? t.decode_tokens / el : 0.0,
+                 tty ? " " : "\n");
   };
   // Continuous batching: a finished sequence's slot takes the next prompt (prefilled alone), and
   // all active slots decode together, one attend call per layer.
@@ -289,7 +294,9 @@ int run_batch(const options& o, const tokenizer& tok, llama_model& m, kv_cache& 
     t.sample(cache);
     size_t k = 0;
     for (auto& s : slots)
-      if (s.active) s.next = samplers[s.prompt].sample(std::span<const float>(logits).subspan(k++ * m.hparams().n_vocab, m.hparams().n_vocab));
+      if (s.active)
+        s.next = samplers[s.prompt].sample(
+            std::span<const float>(logits).subspan(k++ * m.hparams().n_vocab, m.hparams().n_vocab));
     progress(false);
   }
   progress(true);
@@ -299,8 +306,10 @@ int run_batch(const options& o, const tokenizer& tok, llama_model& m, kv_cache& 
     for (size_t i = 0; i < prompts.size(); ++i)
       std::printf("=== %zu: %s\n%s\n", i + 1, prompts[i].c_str(), tok.decode(outputs[i]).c_str());
   print_stats(t, cache, m, o.kv);
-  std::fprintf(stderr, "[batch] %zu sequences, batch %u: %llu generated tokens in %.3f s = %.1f tok/s overall (prefill included)\n",
-               prompts.size(), o.batch, static_cast<unsigned long long>(t.decode_tokens), total, t.decode_tokens / total);
+  std::fprintf(
+      stderr,
+      "[batch] %zu sequences, batch %u: %llu generated tokens in %.3f s = %.1f tok/s overall (prefill included)\n",
+      prompts.size(), o.batch, static_cast<unsigned long long>(t.decode_tokens), total, t.decode_tokens / total);
   return 0;
 }
 
@@ -321,28 +330,66 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "instinfer-generate: bad value '%s' for %s\n", v, a.c_str());
       std::exit(2);
     };
-    if (a == "--help" || a == "-h") { usage(stdout); return 0; }
-    else if (a == "--list-backends") { std::printf("%s\n", describe_backends().c_str()); return 0; }
-    else if (a == "--model") o.model = need("a path");
-    else if (a == "--prompt") o.prompt = need("text");
-    else if (a == "--system") o.system = need("text");
-    else if (a == "--chat") o.chat = true;
-    else if (a == "--max-tokens") { const char* v = need("a number"); if (!parse_u32(v, o.max_tokens)) bad(v); }
-    else if (a == "--temperature") { const char* v = need("a number"); if (!parse_float(v, o.sampling.temperature) || o.sampling.temperature < 0) bad(v); }
-    else if (a == "--top-p") { const char* v = need("a number"); if (!parse_float(v, o.sampling.top_p) || o.sampling.top_p <= 0 || o.sampling.top_p > 1) bad(v); }
-    else if (a == "--seed") { const char* v = need("a number"); char* e = nullptr; o.sampling.seed = std::strtoull(v, &e, 10); if (e == v || *e) bad(v); }
-    else if (a == "--kv") o.kv = need("a backend URI");
-    else if (a == "--kv-dtype") { const char* v = need("f16, bf16 or f32"); auto d = parse_dtype(v); if (!d) bad(v); o.kv_dtype = *d; }
-    else if (a == "--page-bytes") { const char* v = need("a number"); if (!parse_u32(v, o.page_bytes)) bad(v); }
-    else if (a == "--threads") { const char* v = need("a number"); if (!parse_u32(v, o.threads) || o.threads > 256) bad(v); }
-    else if (a == "--chunk") { const char* v = need("a number"); if (!parse_u32(v, o.chunk) || o.chunk == 0 || o.chunk > 1024) bad(v); }
-    else if (a == "--batch") { const char* v = need("a number"); if (!parse_u32(v, o.batch) || o.batch == 0 || o.batch > 1024) bad(v); }
-    else if (a == "--prompts") o.prompts_file = need("a file");
-    else if (a == "--ignore-eos") o.ignore_eos = true;
-    else if (a == "--sparf") { const char* v = need("a compression in (0, 1]"); if (!parse_fraction(v, o.sparf)) bad(v); }
-    else if (a == "--scalar") o.scalar = true;
-    else if (a == "--quiet") o.quiet = true;
-    else if (a == "--verbose") o.verbose = true;
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    } else if (a == "--list-backends") {
+      std::printf("%s\n", describe_backends().c_str());
+      return 0;
+    } else if (a == "--model")
+      o.model = need("a path");
+    else if (a == "--prompt")
+      o.prompt = need("text");
+    else if (a == "--system")
+      o.system = need("text");
+    else if (a == "--chat")
+      o.chat = true;
+    else if (a == "--max-tokens") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.max_tokens)) bad(v);
+    } else if (a == "--temperature") {
+      const char* v = need("a number");
+      if (!parse_float(v, o.sampling.temperature) || o.sampling.temperature < 0) bad(v);
+    } else if (a == "--top-p") {
+      const char* v = need("a number");
+      if (!parse_float(v, o.sampling.top_p) || o.sampling.top_p <= 0 || o.sampling.top_p > 1) bad(v);
+    } else if (a == "--seed") {
+      const char* v = need("a number");
+      char* e = nullptr;
+      o.sampling.seed = std::strtoull(v, &e, 10);
+      if (e == v || *e) bad(v);
+    } else if (a == "--kv")
+      o.kv = need("a backend URI");
+    else if (a == "--kv-dtype") {
+      const char* v = need("f16, bf16 or f32");
+      auto d = parse_dtype(v);
+      if (!d) bad(v);
+      o.kv_dtype = *d;
+    } else if (a == "--page-bytes") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.page_bytes)) bad(v);
+    } else if (a == "--threads") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.threads) || o.threads > 256) bad(v);
+    } else if (a == "--chunk") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.chunk) || o.chunk == 0 || o.chunk > 1024) bad(v);
+    } else if (a == "--batch") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.batch) || o.batch == 0 || o.batch > 1024) bad(v);
+    } else if (a == "--prompts")
+      o.prompts_file = need("a file");
+    else if (a == "--ignore-eos")
+      o.ignore_eos = true;
+    else if (a == "--sparf") {
+      const char* v = need("a compression in (0, 1]");
+      if (!parse_fraction(v, o.sparf)) bad(v);
+    } else if (a == "--scalar")
+      o.scalar = true;
+    else if (a == "--quiet")
+      o.quiet = true;
+    else if (a == "--verbose")
+      o.verbose = true;
     else {
       std::fprintf(stderr, "instinfer-generate: unknown option '%s'\n", a.c_str());
       usage(stderr);
@@ -355,7 +402,8 @@ int main(int argc, char** argv) {
   auto file = gguf_file::open(o.model);
   if (!file.ok()) {
     std::string hint;
-    if (file.error().code() == errc::kIoError) hint = "\n  (fetch the default model with scripts/fetch-model, or pass --model PATH)";
+    if (file.error().code() == errc::kIoError)
+      hint = "\n  (fetch the default model with scripts/fetch-model, or pass --model PATH)";
     return fail(file.error().to_string() + hint);
   }
   auto tok = tokenizer::from_gguf(**file);
@@ -373,7 +421,8 @@ int main(int argc, char** argv) {
   if (!cache.ok()) {
     const std::string msg = cache.error().to_string();
     const std::string avail = describe_backends();
-    return fail("KV cache on '" + o.kv + "': " + msg + (msg.find(avail) == std::string::npos ? " (built: " + avail + ")" : ""));
+    return fail("KV cache on '" + o.kv + "': " + msg +
+                (msg.find(avail) == std::string::npos ? " (built: " + avail + ")" : ""));
   }
   const auto& hp = (*m)->hparams();
   std::fprintf(stderr, "[model] %s: %u layers, %u heads (%u kv), head %u, vocab %u, %s output | kv %s %s, page %u B",

@@ -13,10 +13,10 @@ matmul_fn matmul_kernel_avx2(ggml_type t) noexcept;  // quant_avx2.cpp, built wi
 
 std::string_view ggml_type_name(uint32_t id) noexcept {
   static constexpr std::string_view names[] = {
-      "f32",  "f16",  "q4_0", "q4_1", "q4_2 (removed)", "q4_3 (removed)", "q5_0", "q5_1", "q8_0",
-      "q8_1", "q2_K", "q3_K", "q4_K", "q5_K",           "q6_K",           "q8_K", "iq2_xxs", "iq2_xs",
-      "iq3_xxs", "iq1_s", "iq4_nl", "iq3_s", "iq2_s", "iq4_xs", "i8", "i16", "i32", "i64", "f64",
-      "iq1_m", "bf16"};
+      "f32",     "f16",   "q4_0",   "q4_1",  "q4_2 (removed)", "q4_3 (removed)", "q5_0", "q5_1",    "q8_0",
+      "q8_1",    "q2_K",  "q3_K",   "q4_K",  "q5_K",           "q6_K",           "q8_K", "iq2_xxs", "iq2_xs",
+      "iq3_xxs", "iq1_s", "iq4_nl", "iq3_s", "iq2_s",          "iq4_xs",         "i8",   "i16",     "i32",
+      "i64",     "f64",   "iq1_m",  "bf16"};
   if (id < std::size(names)) return names[id];
   return "unknown";
 }

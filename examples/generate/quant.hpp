@@ -33,15 +33,20 @@ std::optional<ggml_type> to_ggml_type(uint32_t id) noexcept;
 
 constexpr uint32_t ggml_block_size(ggml_type t) noexcept {
   switch (t) {
-    case ggml_type::kF32: case ggml_type::kF16: case ggml_type::kBF16: return 1;
-    case ggml_type::kQ4_0: case ggml_type::kQ4_1: case ggml_type::kQ8_0: return 32;
+    case ggml_type::kF32:
+    case ggml_type::kF16:
+    case ggml_type::kBF16: return 1;
+    case ggml_type::kQ4_0:
+    case ggml_type::kQ4_1:
+    case ggml_type::kQ8_0: return 32;
   }
   return 1;
 }
 constexpr uint32_t ggml_block_bytes(ggml_type t) noexcept {
   switch (t) {
     case ggml_type::kF32: return 4;
-    case ggml_type::kF16: case ggml_type::kBF16: return 2;
+    case ggml_type::kF16:
+    case ggml_type::kBF16: return 2;
     case ggml_type::kQ4_0: return 18;
     case ggml_type::kQ4_1: return 20;
     case ggml_type::kQ8_0: return 34;

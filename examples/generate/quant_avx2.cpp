@@ -18,7 +18,9 @@ inline float hsum(__m256 v) noexcept {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 u8x8_to_ps(__m128i v) noexcept { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 u8x8_to_ps(__m128i v) noexcept {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
 
 // Expand one 32-weight block into w[4] (weights 0-7, 8-15, 16-23, 24-31).
 template <ggml_type T>
@@ -88,14 +90,16 @@ void matmul_avx2(const std::byte* w, uint64_t row_bytes, uint32_t n_cols, uint64
         uint32_t c = 0;
         for (; c + 8 <= n_cols; c += 8) {
           const __m256 wv = load8<T>(row, c);
-          for (uint32_t v = 0; v < nv; ++v) acc[v][c & 8 ? 1 : 0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[v] + c), acc[v][c & 8 ? 1 : 0]);
+          for (uint32_t v = 0; v < nv; ++v)
+            acc[v][c & 8 ? 1 : 0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[v] + c), acc[v][c & 8 ? 1 : 0]);
         }
         for (; c < n_cols; ++c) {
           const float wc = detail::load_weight(T, row, c);
           for (uint32_t v = 0; v < nv; ++v) tail[v] += wc * xs[v][c];
         }
       }
-      for (uint32_t v = 0; v < nv; ++v) y[(v0 + v) * y_stride + r] = hsum(_mm256_add_ps(acc[v][0], acc[v][1])) + tail[v];
+      for (uint32_t v = 0; v < nv; ++v)
+        y[(v0 + v) * y_stride + r] = hsum(_mm256_add_ps(acc[v][0], acc[v][1])) + tail[v];
     }
   }
 }

@@ -43,8 +43,9 @@ class sampler {
     if (o_.top_p < 1.0f) {
       size_t k = std::min<size_t>(64, order_.size());
       for (;;) {
-        std::partial_sort(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(k), order_.end(),
-                          [&](int32_t a, int32_t b) { return probs_[a] > probs_[b] || (probs_[a] == probs_[b] && a < b); });
+        std::partial_sort(
+            order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(k), order_.end(),
+            [&](int32_t a, int32_t b) { return probs_[a] > probs_[b] || (probs_[a] == probs_[b] && a < b); });
         double acc = 0.0;
         size_t i = 0;
         for (; i < k && acc < o_.top_p * sum; ++i) acc += probs_[order_[i]];

@@ -53,21 +53,22 @@ struct options {
 };
 
 void usage(FILE* out) {
-  std::fprintf(out,
-               "usage: instinfer-sparf-model [options]\n"
-               "  --model PATH          GGUF file (default %s, in the working directory or the source tree)\n"
-               "  --text FILE           prompt text instead of the built-in one (the instruction is appended)\n"
-               "  --steps N             decode steps whose attention is captured (default 4)\n"
-               "  --gen-tokens N        greedy tokens compared end to end (default 32; 0: skip)\n"
-               "  --compression LIST    comma-separated, each in (0, 1], as 0.125 or 1/8 (default 1,1/2,1/4,1/8,1/16)\n"
-               "  --kv-dtype T          f16 | bf16 | f32 (default f16)\n"
-               "  --page-bytes N        KV page size (default: the host backend's)\n"
-               "  --threads N           compute threads (default: all cores)\n"
-               "  --page-spread X       token pages that may be read, x the fewest holding k tokens (default 2; 0: no limit)\n"
-               "  --whole-pages 0|1     choose whole column pages of channels (default 1) or single channels\n"
-               "  --per-layer           also print the mean relative error of every layer\n"
-               "  --json                JSON lines (one per compression) instead of tables\n",
-               kDefaultModel);
+  std::fprintf(
+      out,
+      "usage: instinfer-sparf-model [options]\n"
+      "  --model PATH          GGUF file (default %s, in the working directory or the source tree)\n"
+      "  --text FILE           prompt text instead of the built-in one (the instruction is appended)\n"
+      "  --steps N             decode steps whose attention is captured (default 4)\n"
+      "  --gen-tokens N        greedy tokens compared end to end (default 32; 0: skip)\n"
+      "  --compression LIST    comma-separated, each in (0, 1], as 0.125 or 1/8 (default 1,1/2,1/4,1/8,1/16)\n"
+      "  --kv-dtype T          f16 | bf16 | f32 (default f16)\n"
+      "  --page-bytes N        KV page size (default: the host backend's)\n"
+      "  --threads N           compute threads (default: all cores)\n"
+      "  --page-spread X       token pages that may be read, x the fewest holding k tokens (default 2; 0: no limit)\n"
+      "  --whole-pages 0|1     choose whole column pages of channels (default 1) or single channels\n"
+      "  --per-layer           also print the mean relative error of every layer\n"
+      "  --json                JSON lines (one per compression) instead of tables\n",
+      kDefaultModel);
 }
 
 int fail(const std::string& msg) {
@@ -107,7 +108,9 @@ bool parse_compressions(const std::string& list, std::vector<double>& values, st
   return !values.empty();
 }
 
-double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 std::string model_path(const options& o) {
   if (!o.model.empty()) return o.model;
@@ -180,15 +183,17 @@ summary summarize(const std::vector<se::call_metrics>& calls, uint32_t n_layers)
 }
 
 struct agreement {
-  double identical = 0.0;  // fraction of positions with the same token
+  double identical = 0.0;     // fraction of positions with the same token
   int first_divergence = -1;  // first differing position, -1: none
 };
 agreement compare(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
   agreement g;
   size_t same = 0;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    if (a[i] == b[i]) ++same;
-    else if (g.first_divergence < 0) g.first_divergence = static_cast<int>(i);
+    if (a[i] == b[i])
+      ++same;
+    else if (g.first_divergence < 0)
+      g.first_divergence = static_cast<int>(i);
   }
   g.identical = a.empty() ? 1.0 : static_cast<double>(same) / static_cast<double>(a.size());
   return g;
@@ -238,28 +243,46 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "instinfer-sparf-model: bad value '%s' for %s\n", v, a.c_str());
       std::exit(2);
     };
-    if (a == "--help" || a == "-h") { usage(stdout); return 0; }
-    else if (a == "--model") o.model = need("a path");
-    else if (a == "--text") o.text_file = need("a file");
-    else if (a == "--steps") { const char* v = need("a number"); if (!parse_u32(v, o.steps) || o.steps == 0 || o.steps > 256) bad(v); }
-    else if (a == "--gen-tokens") { const char* v = need("a number"); if (!parse_u32(v, o.gen_tokens) || o.gen_tokens > 4096) bad(v); }
-    else if (a == "--compression") { const char* v = need("a list such as 1,1/2,1/8"); if (!parse_compressions(v, o.compressions, o.compression_labels)) bad(v); }
-    else if (a == "--kv-dtype") { const char* v = need("f16, bf16 or f32"); auto d = parse_dtype(v); if (!d) bad(v); o.kv_dtype = *d; }
-    else if (a == "--page-bytes") { const char* v = need("a number"); if (!parse_u32(v, o.page_bytes)) bad(v); }
-    else if (a == "--threads") { const char* v = need("a number"); if (!parse_u32(v, o.threads) || o.threads > 256) bad(v); }
-    else if (a == "--page-spread") {
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    } else if (a == "--model")
+      o.model = need("a path");
+    else if (a == "--text")
+      o.text_file = need("a file");
+    else if (a == "--steps") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.steps) || o.steps == 0 || o.steps > 256) bad(v);
+    } else if (a == "--gen-tokens") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.gen_tokens) || o.gen_tokens > 4096) bad(v);
+    } else if (a == "--compression") {
+      const char* v = need("a list such as 1,1/2,1/8");
+      if (!parse_compressions(v, o.compressions, o.compression_labels)) bad(v);
+    } else if (a == "--kv-dtype") {
+      const char* v = need("f16, bf16 or f32");
+      auto d = parse_dtype(v);
+      if (!d) bad(v);
+      o.kv_dtype = *d;
+    } else if (a == "--page-bytes") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.page_bytes)) bad(v);
+    } else if (a == "--threads") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.threads) || o.threads > 256) bad(v);
+    } else if (a == "--page-spread") {
       const char* v = need("0 or a number in [1, 1e6]");
       char* e = nullptr;
       o.page_spread = std::strtod(v, &e);
       if (e == v || *e || !(o.page_spread == 0.0 || (o.page_spread >= 1.0 && o.page_spread <= 1e6))) bad(v);
-    }
-    else if (a == "--whole-pages") {
+    } else if (a == "--whole-pages") {
       const std::string v = need("0 or 1");
       if (v != "0" && v != "1") bad(v.c_str());
       o.whole_pages = v == "1";
-    }
-    else if (a == "--per-layer") o.per_layer = true;
-    else if (a == "--json") o.json = true;
+    } else if (a == "--per-layer")
+      o.per_layer = true;
+    else if (a == "--json")
+      o.json = true;
     else {
       std::fprintf(stderr, "instinfer-sparf-model: unknown option '%s'\n", a.c_str());
       usage(stderr);
@@ -272,8 +295,9 @@ int main(int argc, char** argv) {
   const std::string path = model_path(o);
   auto file = gguf_file::open(path);
   if (!file.ok())
-    return fail(file.error().to_string() +
-                (file.error().code() == errc::kIoError ? "\n  (fetch it with scripts/fetch-model, or pass --model PATH)" : ""));
+    return fail(file.error().to_string() + (file.error().code() == errc::kIoError
+                                                ? "\n  (fetch it with scripts/fetch-model, or pass --model PATH)"
+                                                : ""));
   auto tok = tokenizer::from_gguf(**file);
   if (!tok.ok()) return fail(tok.error().to_string());
   model_options mo;
@@ -324,11 +348,12 @@ int main(int argc, char** argv) {
   if (!prompt_seq.ok()) return fail(prompt_seq.error().to_string());
   std::vector<float> prefill_logits;
   double t0 = now_s();
-  if (status s = m.prefill(cache, *prompt_seq, ids, 0, prefill_logits); !s.ok()) return fail("prefill: " + s.to_string());
+  if (status s = m.prefill(cache, *prompt_seq, ids, 0, prefill_logits); !s.ok())
+    return fail("prefill: " + s.to_string());
   const double prefill_s = now_s() - t0;
   const uint32_t prompt_len = static_cast<uint32_t>(ids.size());
-  std::fprintf(stderr, "[prompt] %u tokens (chat template: text + instruction), prefilled densely in %.1f s\n", prompt_len,
-               prefill_s);
+  std::fprintf(stderr, "[prompt] %u tokens (chat template: text + instruction), prefilled densely in %.1f s\n",
+               prompt_len, prefill_s);
 
   // Dense greedy run; the observer evaluates SparF on the first o.steps decode steps.
   bool capturing = false;
@@ -360,12 +385,14 @@ int main(int argc, char** argv) {
       results[i].group.push_back((*group)[i]);
       results[i].per_head.push_back((*head)[i]);
       // The library's own SparF on the same call must give the same output.
-      if (status s = cache.attend_sparse(call.layer, call.seqs, call.q, library_out.data(), nullptr, settings[i]); !s.ok()) {
+      if (status s = cache.attend_sparse(call.layer, call.seqs, call.q, library_out.data(), nullptr, settings[i]);
+          !s.ok()) {
         capture_error = s;
         return;
       }
       for (size_t j = 0; j < library_out.size(); ++j)
-        library_max_diff = std::max(library_max_diff, static_cast<double>(std::fabs(library_out[j] - offline_out[i][j])));
+        library_max_diff =
+            std::max(library_max_diff, static_cast<double>(std::fabs(library_out[j] - offline_out[i][j])));
       ++library_checks;
     }
   });
@@ -378,8 +405,9 @@ int main(int argc, char** argv) {
   if (!st.ok()) return fail("dense decode: " + st.to_string());
   const double capture_s = now_s() - t0;
   dense_tokens_out.resize(o.gen_tokens);
-  std::fprintf(stderr, "[capture] %u decode steps x %u layers evaluated in %.1f s (with the dense decode); "
-                       "kv_cache::attend_sparse vs offline SparF: max |diff| %.3g over %llu calls\n",
+  std::fprintf(stderr,
+               "[capture] %u decode steps x %u layers evaluated in %.1f s (with the dense decode); "
+               "kv_cache::attend_sparse vs offline SparF: max |diff| %.3g over %llu calls\n",
                o.steps, hp.n_layers, capture_s, library_max_diff, static_cast<unsigned long long>(library_checks));
 
   // End to end: the same greedy continuation with attend_sparse at each compression.
@@ -406,43 +434,50 @@ int main(int argc, char** argv) {
   const uint32_t G = shape.group_size();
   const uint32_t ctx_first = prompt_len + 1, ctx_last = prompt_len + o.steps;
   if (!o.json) {
-    std::printf("\nSparF on attention captured from %s (measured on this machine): prompt %u tokens, %u decode steps "
-                "(context %u..%u), %u layers x %u query heads (%u kv heads, GQA group %u), head_dim %u, %s KV, %u B "
-                "pages (%u tokens), column pages %u channels x %u tokens, page spread %g, whole column pages %s; dense "
-                "reference in float64.\n\n",
-                std::filesystem::path(path).filename().c_str(), prompt_len, o.steps, ctx_first, ctx_last, hp.n_layers,
-                hp.n_head, hp.n_kv_head, G, hp.head_dim, std::string(dtype_name(o.kv_dtype)).c_str(),
-                cache.page().page_bytes, cache.page().tokens_per_page, cfg_group->columns.channels_per_page,
-                cfg_group->columns.tokens_per_page, o.page_spread, o.whole_pages ? "yes" : "no");
-    std::printf("| compression | r | k | rel. error mean (max) | worst layer (its mean) | top-k recall | exact mass of "
-                "chosen / of true top-k | pages read / dense | bytes used / dense |\n");
+    std::printf(
+        "\nSparF on attention captured from %s (measured on this machine): prompt %u tokens, %u decode steps "
+        "(context %u..%u), %u layers x %u query heads (%u kv heads, GQA group %u), head_dim %u, %s KV, %u B "
+        "pages (%u tokens), column pages %u channels x %u tokens, page spread %g, whole column pages %s; dense "
+        "reference in float64.\n\n",
+        std::filesystem::path(path).filename().c_str(), prompt_len, o.steps, ctx_first, ctx_last, hp.n_layers,
+        hp.n_head, hp.n_kv_head, G, hp.head_dim, std::string(dtype_name(o.kv_dtype)).c_str(), cache.page().page_bytes,
+        cache.page().tokens_per_page, cfg_group->columns.channels_per_page, cfg_group->columns.tokens_per_page,
+        o.page_spread, o.whole_pages ? "yes" : "no");
+    std::printf(
+        "| compression | r | k | rel. error mean (max) | worst layer (its mean) | top-k recall | exact mass of "
+        "chosen / of true top-k | pages read / dense | bytes used / dense |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");
     for (size_t i = 0; i < settings.size(); ++i) {
       const summary s = summarize(results[i].group, hp.n_layers);
-      const std::string k = s.k_min == s.k_max ? std::to_string(s.k_min) : std::to_string(s.k_min) + "-" + std::to_string(s.k_max);
-      std::printf("| %s | %u | %s | %s (%s) | %u (%s) | %.3f | %.3f / %.3f | %.3f | %.3f |\n", o.compression_labels[i].c_str(),
-                  s.r, k.c_str(), fmt("%.2g", s.err_mean).c_str(), fmt("%.2g", s.err_max).c_str(), s.worst_layer,
-                  fmt("%.2g", s.worst_layer_err).c_str(), s.recall, s.chosen_mass, s.topk_mass, s.counters.page_fraction(),
-                  s.counters.byte_fraction());
+      const std::string k =
+          s.k_min == s.k_max ? std::to_string(s.k_min) : std::to_string(s.k_min) + "-" + std::to_string(s.k_max);
+      std::printf("| %s | %u | %s | %s (%s) | %u (%s) | %.3f | %.3f / %.3f | %.3f | %.3f |\n",
+                  o.compression_labels[i].c_str(), s.r, k.c_str(), fmt("%.2g", s.err_mean).c_str(),
+                  fmt("%.2g", s.err_max).c_str(), s.worst_layer, fmt("%.2g", s.worst_layer_err).c_str(), s.recall,
+                  s.chosen_mass, s.topk_mass, s.counters.page_fraction(), s.counters.byte_fraction());
     }
-    std::printf("\nFor comparison, not SparF: selection per query head (each of the %u heads of a group picks its own "
-                "channels and tokens; on flash the group reads the union of their token pages and the sum of their "
-                "column pages):\n\n",
-                G);
-    std::printf("| compression | rel. error mean (max) | top-k recall | exact mass of chosen | pages read / dense (union) |\n");
+    std::printf(
+        "\nFor comparison, not SparF: selection per query head (each of the %u heads of a group picks its own "
+        "channels and tokens; on flash the group reads the union of their token pages and the sum of their "
+        "column pages):\n\n",
+        G);
+    std::printf(
+        "| compression | rel. error mean (max) | top-k recall | exact mass of chosen | pages read / dense (union) |\n");
     std::printf("|---|---|---|---|---|\n");
     for (size_t i = 0; i < settings.size(); ++i) {
       const summary s = summarize(results[i].per_head, hp.n_layers);
       // Dense pages of the replicated rows are G times the real ones.
       const double dense = static_cast<double>(s.counters.dense_pages) / G;
       const double pages = static_cast<double>(s.token_pages_union + s.counters.channel_pages_read);
-      std::printf("| %s | %s (%s) | %.3f | %.3f | %.3f |\n", o.compression_labels[i].c_str(), fmt("%.2g", s.err_mean).c_str(),
-                  fmt("%.2g", s.err_max).c_str(), s.recall, s.chosen_mass, dense > 0 ? pages / dense : 0.0);
+      std::printf("| %s | %s (%s) | %.3f | %.3f | %.3f |\n", o.compression_labels[i].c_str(),
+                  fmt("%.2g", s.err_mean).c_str(), fmt("%.2g", s.err_max).c_str(), s.recall, s.chosen_mass,
+                  dense > 0 ? pages / dense : 0.0);
     }
     if (o.gen_tokens > 0) {
-      std::printf("\nGreedy generation of %u tokens after the prompt (end-of-text ignored; prefill dense), "
-                  "kv_cache::attend_sparse vs dense kv_cache::attend:\n\n",
-                  o.gen_tokens);
+      std::printf(
+          "\nGreedy generation of %u tokens after the prompt (end-of-text ignored; prefill dense), "
+          "kv_cache::attend_sparse vs dense kv_cache::attend:\n\n",
+          o.gen_tokens);
       std::printf("| compression | identical tokens | first divergence | pages read / dense while decoding |\n");
       std::printf("|---|---|---|---|\n");
       for (size_t i = 0; i < settings.size(); ++i) {
@@ -477,22 +512,24 @@ int main(int argc, char** argv) {
     const summary h = summarize(results[i].per_head, hp.n_layers);
     const double dense_h = static_cast<double>(h.counters.dense_pages) / G;
     const agreement g = compare(dense_tokens_out, results[i].tokens);
-    std::printf("{\"bench\":\"sparf-model\",\"kind\":\"measured\",\"model\":\"%s\",\"prompt_tokens\":%u,\"steps\":%u,"
-                "\"layers\":%u,\"q_heads\":%u,\"kv_heads\":%u,\"group\":%u,\"head_dim\":%u,\"dtype\":\"%s\","
-                "\"page_bytes\":%u,\"channels_per_page\":%u,\"column_tokens_per_page\":%u,\"page_spread\":%g,\"whole_pages\":%s,\"compression\":%.17g,"
-                "\"r\":%u,\"k_min\":%u,\"k_max\":%u,\"rel_err_mean\":%.6g,\"rel_err_max\":%.6g,\"worst_layer\":%u,"
-                "\"worst_layer_rel_err_mean\":%.6g,\"recall_mean\":%.6g,\"chosen_exact_mass_mean\":%.6g,"
-                "\"true_topk_mass_mean\":%.6g,\"page_frac\":%.6g,\"byte_frac\":%.6g,\"library_max_abs_diff\":%.3g,"
-                "\"per_head_rel_err_mean\":%.6g,\"per_head_recall_mean\":%.6g,\"per_head_page_frac_union\":%.6g,"
-                "\"gen_tokens\":%u,\"greedy_identical_frac\":%.6g,\"greedy_first_divergence\":%d,\"decode_page_frac\":%.6g,",
-                std::filesystem::path(path).filename().c_str(), prompt_len, o.steps, hp.n_layers, hp.n_head, hp.n_kv_head, G,
-                hp.head_dim, std::string(dtype_name(o.kv_dtype)).c_str(), cache.page().page_bytes,
-                cfg_group->columns.channels_per_page, cfg_group->columns.tokens_per_page, o.page_spread,
-                o.whole_pages ? "true" : "false", o.compressions[i], s.r, s.k_min,
-                s.k_max, s.err_mean, s.err_max, s.worst_layer, s.worst_layer_err, s.recall, s.chosen_mass, s.topk_mass,
-                s.counters.page_fraction(), s.counters.byte_fraction(), library_max_diff, h.err_mean, h.recall,
-                dense_h > 0 ? static_cast<double>(h.token_pages_union + h.counters.channel_pages_read) / dense_h : 0.0,
-                o.gen_tokens, g.identical, g.first_divergence, results[i].decode_counters.page_fraction());
+    std::printf(
+        "{\"bench\":\"sparf-model\",\"kind\":\"measured\",\"model\":\"%s\",\"prompt_tokens\":%u,\"steps\":%u,"
+        "\"layers\":%u,\"q_heads\":%u,\"kv_heads\":%u,\"group\":%u,\"head_dim\":%u,\"dtype\":\"%s\","
+        "\"page_bytes\":%u,\"channels_per_page\":%u,\"column_tokens_per_page\":%u,\"page_spread\":%g,\"whole_pages\":%"
+        "s,\"compression\":%.17g,"
+        "\"r\":%u,\"k_min\":%u,\"k_max\":%u,\"rel_err_mean\":%.6g,\"rel_err_max\":%.6g,\"worst_layer\":%u,"
+        "\"worst_layer_rel_err_mean\":%.6g,\"recall_mean\":%.6g,\"chosen_exact_mass_mean\":%.6g,"
+        "\"true_topk_mass_mean\":%.6g,\"page_frac\":%.6g,\"byte_frac\":%.6g,\"library_max_abs_diff\":%.3g,"
+        "\"per_head_rel_err_mean\":%.6g,\"per_head_recall_mean\":%.6g,\"per_head_page_frac_union\":%.6g,"
+        "\"gen_tokens\":%u,\"greedy_identical_frac\":%.6g,\"greedy_first_divergence\":%d,\"decode_page_frac\":%.6g,",
+        std::filesystem::path(path).filename().c_str(), prompt_len, o.steps, hp.n_layers, hp.n_head, hp.n_kv_head, G,
+        hp.head_dim, std::string(dtype_name(o.kv_dtype)).c_str(), cache.page().page_bytes,
+        cfg_group->columns.channels_per_page, cfg_group->columns.tokens_per_page, o.page_spread,
+        o.whole_pages ? "true" : "false", o.compressions[i], s.r, s.k_min, s.k_max, s.err_mean, s.err_max,
+        s.worst_layer, s.worst_layer_err, s.recall, s.chosen_mass, s.topk_mass, s.counters.page_fraction(),
+        s.counters.byte_fraction(), library_max_diff, h.err_mean, h.recall,
+        dense_h > 0 ? static_cast<double>(h.token_pages_union + h.counters.channel_pages_read) / dense_h : 0.0,
+        o.gen_tokens, g.identical, g.first_divergence, results[i].decode_counters.page_fraction());
     auto print_layers = [&](const char* key, const std::vector<double>& v, const char* end) {
       std::printf("\"%s\":[", key);
       for (uint32_t l = 0; l < hp.n_layers; ++l) std::printf("%s%.4g", l ? "," : "", v[l]);

@@ -13,11 +13,16 @@ namespace {
 
 bool in_ranges(const code_point_range* r, size_t n, uint32_t cp) noexcept {
   const code_point_range* end = r + n;
-  const code_point_range* it = std::upper_bound(r, end, cp, [](uint32_t v, const code_point_range& x) { return v < x.first; });
+  const code_point_range* it =
+      std::upper_bound(r, end, cp, [](uint32_t v, const code_point_range& x) { return v < x.first; });
   return it != r && cp <= (it - 1)->last;
 }
-bool is_letter(uint32_t cp) noexcept { return in_ranges(kLetterRanges, std::size(kLetterRanges), cp); }
-bool is_number(uint32_t cp) noexcept { return in_ranges(kNumberRanges, std::size(kNumberRanges), cp); }
+bool is_letter(uint32_t cp) noexcept {
+  return in_ranges(kLetterRanges, std::size(kLetterRanges), cp);
+}
+bool is_number(uint32_t cp) noexcept {
+  return in_ranges(kNumberRanges, std::size(kNumberRanges), cp);
+}
 // The Unicode White_Space property (what \s means in the tokenizers' regex engines).
 bool is_space(uint32_t cp) noexcept {
   return (cp >= 0x09 && cp <= 0x0d) || cp == 0x20 || cp == 0x85 || cp == 0xa0 || cp == 0x1680 ||
@@ -29,34 +34,61 @@ constexpr uint32_t kInvalid = 0xffffffffu;  // a byte that is not valid UTF-8: a
 // Decode one code point at s[i]; len is its byte length (1 for invalid bytes).
 uint32_t next_cp(std::string_view s, size_t i, size_t& len) noexcept {
   const auto b0 = static_cast<uint8_t>(s[i]);
-  if (b0 < 0x80) { len = 1; return b0; }
+  if (b0 < 0x80) {
+    len = 1;
+    return b0;
+  }
   int n = 0;
   uint32_t cp = 0;
-  if ((b0 & 0xe0) == 0xc0) { n = 2; cp = b0 & 0x1f; }
-  else if ((b0 & 0xf0) == 0xe0) { n = 3; cp = b0 & 0x0f; }
-  else if ((b0 & 0xf8) == 0xf0) { n = 4; cp = b0 & 0x07; }
-  else { len = 1; return kInvalid; }
-  if (i + static_cast<size_t>(n) > s.size()) { len = 1; return kInvalid; }
+  if ((b0 & 0xe0) == 0xc0) {
+    n = 2;
+    cp = b0 & 0x1f;
+  } else if ((b0 & 0xf0) == 0xe0) {
+    n = 3;
+    cp = b0 & 0x0f;
+  } else if ((b0 & 0xf8) == 0xf0) {
+    n = 4;
+    cp = b0 & 0x07;
+  } else {
+    len = 1;
+    return kInvalid;
+  }
+  if (i + static_cast<size_t>(n) > s.size()) {
+    len = 1;
+    return kInvalid;
+  }
   for (int k = 1; k < n; ++k) {
     const auto b = static_cast<uint8_t>(s[i + static_cast<size_t>(k)]);
-    if ((b & 0xc0) != 0x80) { len = 1; return kInvalid; }
+    if ((b & 0xc0) != 0x80) {
+      len = 1;
+      return kInvalid;
+    }
     cp = (cp << 6) | (b & 0x3f);
   }
   static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-  if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) { len = 1; return kInvalid; }
+  if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+    len = 1;
+    return kInvalid;
+  }
   len = static_cast<size_t>(n);
   return cp;
 }
 
 void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) out += static_cast<char>(cp);
-  else if (cp < 0x800) { out += static_cast<char>(0xc0 | (cp >> 6)); out += static_cast<char>(0x80 | (cp & 0x3f)); }
-  else if (cp < 0x10000) {
-    out += static_cast<char>(0xe0 | (cp >> 12)); out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
+  if (cp < 0x80)
+    out += static_cast<char>(cp);
+  else if (cp < 0x800) {
+    out += static_cast<char>(0xc0 | (cp >> 6));
+    out += static_cast<char>(0x80 | (cp & 0x3f));
+  } else if (cp < 0x10000) {
+    out += static_cast<char>(0xe0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
     out += static_cast<char>(0x80 | (cp & 0x3f));
   } else {
-    out += static_cast<char>(0xf0 | (cp >> 18)); out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f)); out += static_cast<char>(0x80 | (cp & 0x3f));
+    out += static_cast<char>(0xf0 | (cp >> 18));
+    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
+    out += static_cast<char>(0x80 | (cp & 0x3f));
   }
 }
 
@@ -98,7 +130,11 @@ cls classify(uint32_t cp) noexcept {
 // Split `text` with GPT-2's pre-tokenizer rule, preceded by SmolLM2's "every digit alone" split.
 template <class Emit>
 void pretokenize(std::string_view text, Emit&& emit) {
-  struct cpi { uint32_t cp; size_t pos, len; cls c; };
+  struct cpi {
+    uint32_t cp;
+    size_t pos, len;
+    cls c;
+  };
   std::vector<cpi> cps;
   for (size_t i = 0; i < text.size();) {
     size_t len = 1;
@@ -107,7 +143,9 @@ void pretokenize(std::string_view text, Emit&& emit) {
     i += len;
   }
   const size_t n = cps.size();
-  auto span_of = [&](size_t a, size_t b) { return text.substr(cps[a].pos, cps[b - 1].pos + cps[b - 1].len - cps[a].pos); };
+  auto span_of = [&](size_t a, size_t b) {
+    return text.substr(cps[a].pos, cps[b - 1].pos + cps[b - 1].len - cps[a].pos);
+  };
   size_t i = 0;
   while (i < n) {
     const cpi& c = cps[i];
@@ -121,8 +159,10 @@ void pretokenize(std::string_view text, Emit&& emit) {
       const uint32_t a = cps[i + 1].cp;
       const uint32_t b = i + 2 < n ? cps[i + 2].cp : 0;
       size_t take = 0;
-      if (a == 's' || a == 't' || a == 'm' || a == 'd') take = 2;
-      else if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) take = 3;
+      if (a == 's' || a == 't' || a == 'm' || a == 'd')
+        take = 2;
+      else if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l'))
+        take = 3;
       if (take) {
         emit(span_of(i, i + take));
         i += take;
@@ -156,22 +196,30 @@ result<std::unique_ptr<tokenizer>> tokenizer::from_gguf(const gguf_file& f) {
   std::unique_ptr<tokenizer> t(new tokenizer());
   auto model = f.get_string("tokenizer.ggml.model");
   if (!model.ok()) return model.error();
-  if (*model == "gpt2") t->kind_ = kind::kByteLevelBpe;
-  else if (*model == "llama") t->kind_ = kind::kSentencePiece;
-  else return status{errc::kUnsupported, "tokenizer model '" + std::string(*model) + "' is not supported (gpt2 or llama)"};
+  if (*model == "gpt2")
+    t->kind_ = kind::kByteLevelBpe;
+  else if (*model == "llama")
+    t->kind_ = kind::kSentencePiece;
+  else
+    return status{errc::kUnsupported, "tokenizer model '" + std::string(*model) + "' is not supported (gpt2 or llama)"};
   if (t->kind_ == kind::kByteLevelBpe) {
-    if (auto pre = f.get_string("tokenizer.ggml.pre"); pre.ok() && *pre != "smollm" && *pre != "default" && *pre != "gpt2")
+    if (auto pre = f.get_string("tokenizer.ggml.pre");
+        pre.ok() && *pre != "smollm" && *pre != "default" && *pre != "gpt2")
       return status{errc::kUnsupported, "pre-tokenizer '" + std::string(*pre) + "' is not supported (smollm)"};
   }
 
   auto toks = f.get_string_array("tokenizer.ggml.tokens");
   if (!toks.ok()) return toks.error();
-  if (toks->empty() || toks->size() > (1u << 24)) return status{errc::kCorruptData, "tokenizer: vocabulary size " + std::to_string(toks->size()) + " is out of range"};
+  if (toks->empty() || toks->size() > (1u << 24))
+    return status{errc::kCorruptData,
+                  "tokenizer: vocabulary size " + std::to_string(toks->size()) + " is out of range"};
   const size_t nv = toks->size();
   t->tokens_.reserve(nv);
   for (auto s : *toks) t->tokens_.emplace_back(s);
   if (auto types = f.get_int_array("tokenizer.ggml.token_type"); types.ok()) {
-    if (types->size() != nv) return status{errc::kCorruptData, "tokenizer: token_type has " + std::to_string(types->size()) + " entries for " + std::to_string(nv) + " tokens"};
+    if (types->size() != nv)
+      return status{errc::kCorruptData, "tokenizer: token_type has " + std::to_string(types->size()) + " entries for " +
+                                            std::to_string(nv) + " tokens"};
     t->types_.assign(types->begin(), types->end());
   } else {
     t->types_.assign(nv, 1);
@@ -188,22 +236,29 @@ result<std::unique_ptr<tokenizer>> tokenizer::from_gguf(const gguf_file& f) {
   auto id_of = [&](const char* key, token_id& out) -> status {
     auto v = f.get_u64(key);
     if (!v.ok()) return {};
-    if (*v >= nv) return {errc::kCorruptData, std::string("tokenizer: ") + key + " = " + std::to_string(*v) + " is not a token id"};
+    if (*v >= nv)
+      return {errc::kCorruptData, std::string("tokenizer: ") + key + " = " + std::to_string(*v) + " is not a token id"};
     out = static_cast<token_id>(*v);
     return {};
   };
   INSTINFER_TRY(id_of("tokenizer.ggml.bos_token_id", t->bos_));
   INSTINFER_TRY(id_of("tokenizer.ggml.eos_token_id", t->eos_));
   INSTINFER_TRY(id_of("tokenizer.ggml.eot_token_id", t->eot_));
-  if (auto b = f.get_bool("tokenizer.ggml.add_bos_token"); b.ok()) t->add_bos_ = *b;
-  else t->add_bos_ = t->kind_ == kind::kSentencePiece;
-  if (auto b = f.get_bool("tokenizer.ggml.add_space_prefix"); b.ok()) t->add_space_prefix_ = *b;
-  else t->add_space_prefix_ = t->kind_ == kind::kSentencePiece;
+  if (auto b = f.get_bool("tokenizer.ggml.add_bos_token"); b.ok())
+    t->add_bos_ = *b;
+  else
+    t->add_bos_ = t->kind_ == kind::kSentencePiece;
+  if (auto b = f.get_bool("tokenizer.ggml.add_space_prefix"); b.ok())
+    t->add_space_prefix_ = *b;
+  else
+    t->add_space_prefix_ = t->kind_ == kind::kSentencePiece;
   if (auto it = t->vocab_.find("<|im_end|>"); it != t->vocab_.end()) t->im_end_ = it->second;
 
   for (size_t i = 0; i < nv; ++i)
-    if ((t->types_[i] == 3 || t->types_[i] == 4) && !t->tokens_[i].empty()) t->specials_.emplace_back(t->tokens_[i], static_cast<token_id>(i));
-  std::stable_sort(t->specials_.begin(), t->specials_.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    if ((t->types_[i] == 3 || t->types_[i] == 4) && !t->tokens_[i].empty())
+      t->specials_.emplace_back(t->tokens_[i], static_cast<token_id>(i));
+  std::stable_sort(t->specials_.begin(), t->specials_.end(),
+                   [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
 
   if (t->kind_ == kind::kByteLevelBpe) {
     const auto& bm = bytes_map();
@@ -220,15 +275,18 @@ result<std::unique_ptr<tokenizer>> tokenizer::from_gguf(const gguf_file& f) {
     for (size_t r = 0; r < merges->size(); ++r) {
       const std::string_view m = (*merges)[r];
       const size_t sp = m.find(' ', 1);  // byte-level tokens never contain ' ' (it maps to U+0120)
-      if (sp == std::string_view::npos) return status{errc::kCorruptData, "tokenizer: merge " + std::to_string(r) + " has no separator"};
+      if (sp == std::string_view::npos)
+        return status{errc::kCorruptData, "tokenizer: merge " + std::to_string(r) + " has no separator"};
       const auto a = t->vocab_.find(std::string(m.substr(0, sp)));
       const auto b = t->vocab_.find(std::string(m.substr(sp + 1)));
       joined.assign(m.substr(0, sp));
       joined.append(m.substr(sp + 1));
       const auto c = t->vocab_.find(joined);
       if (a == t->vocab_.end() || b == t->vocab_.end() || c == t->vocab_.end())
-        return status{errc::kCorruptData, "tokenizer: merge " + std::to_string(r) + " ('" + std::string(m) + "') refers to tokens not in the vocabulary"};
-      const uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(a->second)) << 32) | static_cast<uint32_t>(b->second);
+        return status{errc::kCorruptData, "tokenizer: merge " + std::to_string(r) + " ('" + std::string(m) +
+                                              "') refers to tokens not in the vocabulary"};
+      const uint64_t key =
+          (static_cast<uint64_t>(static_cast<uint32_t>(a->second)) << 32) | static_cast<uint32_t>(b->second);
       t->merges_.emplace(key, merge_rule{static_cast<uint32_t>(r), c->second});  // first (best) rank wins
     }
   } else {
@@ -308,8 +366,10 @@ void tokenizer::encode_text_spm(std::string_view text, bool at_start, std::vecto
   std::string s;
   if (at_start && add_space_prefix_) s = "\xe2\x96\x81";
   for (char ch : text) {
-    if (ch == ' ') s += "\xe2\x96\x81";
-    else s += ch;
+    if (ch == ' ')
+      s += "\xe2\x96\x81";
+    else
+      s += ch;
   }
   // Symbols: UTF-8 characters; merge the adjacent pair with the best score while one exists.
   std::vector<std::string> sym;
@@ -352,8 +412,10 @@ std::vector<token_id> tokenizer::encode(std::string_view text, bool parse_specia
   bool at_start = true;
   auto plain = [&](std::string_view seg) {
     if (seg.empty()) return;
-    if (kind_ == kind::kByteLevelBpe) encode_text_gpt2(seg, out);
-    else encode_text_spm(seg, at_start, out);
+    if (kind_ == kind::kByteLevelBpe)
+      encode_text_gpt2(seg, out);
+    else
+      encode_text_spm(seg, at_start, out);
     at_start = false;
   };
   // Next occurrence of each special token at or after pos, refreshed only once pos passes it,
@@ -393,20 +455,30 @@ std::string tokenizer::decode_token(token_id id) const {
     for (size_t i = 0; i < t.size();) {
       size_t len = 1;
       const uint32_t cp = next_cp(t, i, len);
-      if (cp < 512 && bm.dec[cp] >= 0) out += static_cast<char>(bm.dec[cp]);
-      else out.append(t, i, len);  // not in the byte alphabet: keep as is
+      if (cp < 512 && bm.dec[cp] >= 0)
+        out += static_cast<char>(bm.dec[cp]);
+      else
+        out.append(t, i, len);  // not in the byte alphabet: keep as is
       i += len;
     }
     return out;
   }
   if (type == 6 && t.size() == 6 && t.starts_with("<0x") && t[5] == '>') {
-    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1; };
+    auto hex = [](char c) {
+      return c >= '0' && c <= '9'   ? c - '0'
+             : c >= 'A' && c <= 'F' ? c - 'A' + 10
+             : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                    : -1;
+    };
     const int hi = hex(t[3]), lo = hex(t[4]);
     if (hi >= 0 && lo >= 0) return std::string(1, static_cast<char>(hi * 16 + lo));
   }
   for (size_t i = 0; i < t.size();) {
-    if (t.compare(i, 3, "\xe2\x96\x81") == 0) { out += ' '; i += 3; }
-    else out += t[i++];
+    if (t.compare(i, 3, "\xe2\x96\x81") == 0) {
+      out += ' ';
+      i += 3;
+    } else
+      out += t[i++];
   }
   return out;
 }

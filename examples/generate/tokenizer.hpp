@@ -73,7 +73,7 @@ class tokenizer {
     token_id merged;
   };
   std::unordered_map<uint64_t, merge_rule> merges_;
-  token_id byte_token_[256] = {};  // byte-level: id of the single mapped byte; spm: <0xXX>
+  token_id byte_token_[256] = {};                           // byte-level: id of the single mapped byte; spm: <0xXX>
   std::vector<std::pair<std::string, token_id>> specials_;  // longest first
   token_id bos_ = -1, eos_ = -1, eot_ = -1, im_end_ = -1;
   bool add_bos_ = false;

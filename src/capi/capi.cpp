@@ -60,7 +60,7 @@ int raw_dtype(const instinfer_dtype& t) noexcept {
   return v;
 }
 
-#define CHECK_CACHE(cache)                                                          \
+#define CHECK_CACHE(cache) \
   if (!(cache) || !(cache)->cache) return fail(errc::kInvalidArgument, "cache is NULL")
 
 }  // namespace
@@ -76,7 +76,9 @@ const char* instinfer_status_name(instinfer_status s) {
   return instinfer::errc_name(static_cast<errc>(s));
 }
 
-const char* instinfer_last_error(void) { return g_last_error.c_str(); }
+const char* instinfer_last_error(void) {
+  return g_last_error.c_str();
+}
 
 void instinfer_config_init(instinfer_config* config) {
   if (!config) return;

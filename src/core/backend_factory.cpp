@@ -66,8 +66,8 @@ result<std::unique_ptr<backend>> make_backend(std::string_view text) {
     return not_built(uri.scheme);
 #endif
   }
-  return status{errc::kInvalidArgument,
-                "unknown backend scheme '" + uri.scheme + "' in '" + std::string(text) + "' (known: " + describe_backends() + ")"};
+  return status{errc::kInvalidArgument, "unknown backend scheme '" + uri.scheme + "' in '" + std::string(text) +
+                                            "' (known: " + describe_backends() + ")"};
 }
 
 std::string describe_backends() {

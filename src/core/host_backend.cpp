@@ -12,7 +12,9 @@ namespace instinfer {
 namespace {
 constexpr size_t kHugePage = 2u << 20;
 
-size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+size_t round_up(size_t v, size_t a) {
+  return (v + a - 1) / a * a;
+}
 }  // namespace
 
 uint64_t default_host_capacity_bytes() noexcept {
@@ -47,8 +49,8 @@ status host_backend::configure(const backend_config& config) {
   }
   if (mem == MAP_FAILED) {
     // Over-reserve by one huge page so the pool can start on a 2 MiB boundary (THP-eligible).
-    void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                     -1, 0);
+    void* raw =
+        mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (raw == MAP_FAILED)
       return {errc::kOutOfMemory, "cannot reserve " + std::to_string(bytes) + " bytes for the host KV pool"};
     auto* base = static_cast<std::byte*>(raw);
@@ -57,12 +59,11 @@ status host_backend::configure(const backend_config& config) {
     const size_t tail = static_cast<size_t>((base + bytes + kHugePage) - (aligned + bytes));
     if (tail) munmap(aligned + bytes, tail);
     mem = aligned;
-    memory_kind_ = madvise(mem, bytes, MADV_HUGEPAGE) == 0 ? host_memory_kind::kTransparentHuge
-                                                           : host_memory_kind::kAligned4k;
+    memory_kind_ =
+        madvise(mem, bytes, MADV_HUGEPAGE) == 0 ? host_memory_kind::kTransparentHuge : host_memory_kind::kAligned4k;
   }
   pool_ = static_cast<std::byte*>(mem);
   pool_bytes_ = bytes;
-
 
   decode_params params;
   params.layout = layout_;

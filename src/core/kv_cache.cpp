@@ -10,9 +10,13 @@ namespace instinfer {
 namespace {
 constexpr uint32_t kMaxTokensPerLayer = 1u << 30;  // keeps every token index far from overflow
 
-uint32_t ceil_div(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+uint32_t ceil_div(uint64_t a, uint64_t b) {
+  return static_cast<uint32_t>((a + b - 1) / b);
+}
 
-std::string seq_name(seq_id seq) { return "sequence " + std::to_string(seq); }
+std::string seq_name(seq_id seq) {
+  return "sequence " + std::to_string(seq);
+}
 }  // namespace
 
 result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options) {
@@ -124,7 +128,9 @@ status kv_cache::track(chunk_id id) {
   return {};
 }
 
-void kv_cache::retain(chunk_id id) noexcept { ++refcount_[id]; }
+void kv_cache::retain(chunk_id id) noexcept {
+  ++refcount_[id];
+}
 
 void kv_cache::release(chunk_id id) noexcept {
   if (--refcount_[id] == 0) {
@@ -141,7 +147,9 @@ void kv_cache::release_table(layer_table& t) noexcept {
   t.n_tokens = 0;
 }
 
-bool kv_cache::writable(chunk_id id) const noexcept { return refcount_[id] == 1 && !sealed_[id]; }
+bool kv_cache::writable(chunk_id id) const noexcept {
+  return refcount_[id] == 1 && !sealed_[id];
+}
 
 bool kv_cache::contains(seq_id seq) const {
   std::lock_guard lock(mutex_);
@@ -305,8 +313,8 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
   for (size_t i = next_fresh; i < fresh.size(); ++i) {
     const uint32_t w = std::min(tpp, n - written);
     const uint32_t index = first_index + (has_partial ? 1 : 0) + static_cast<uint32_t>(i - next_fresh);
-    status s = backend_->write_tokens(fresh[i], {seq, layer, index}, 0, w, k + written * row_stride,
-                                      v + written * row_stride);
+    status s =
+        backend_->write_tokens(fresh[i], {seq, layer, index}, 0, w, k + written * row_stride, v + written * row_stride);
     if (!s.ok()) {
       if (has_partial && !cow) sealed_[tail] = 1;
       return undo(s);
@@ -320,8 +328,10 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
     status s;
     if (!t.sparf) {
       auto fresh_index = new_sparf_index();
-      if (fresh_index.ok()) t.sparf = std::move(fresh_index).value();
-      else s = fresh_index.error();
+      if (fresh_index.ok())
+        t.sparf = std::move(fresh_index).value();
+      else
+        s = fresh_index.error();
     }
     if (s.ok()) s = t.sparf->append(n, k, v);
     if (!s.ok()) {
@@ -413,8 +423,7 @@ uint32_t kv_cache::column_store_chunks() const noexcept {
   return (sparf_config_.columns.pages_per_block() + per_chunk - 1) / per_chunk;
 }
 
-status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v,
-                        dtype src_dtype) {
+status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v, dtype src_dtype) {
   std::lock_guard lock(mutex_);
   INSTINFER_TRY(check_layer(layer));
   auto found = find(seq);
@@ -529,8 +538,9 @@ status kv_cache::remove_range(seq_id seq, uint64_t begin, uint64_t end) {
       if (failure.ok() && !t.column_chunks.empty()) {  // stored blocks wholly before b stay shared
         const size_t keep_blocks = std::min<size_t>(b / block, t.column_chunks.size() / column_store_chunks());
         try {
-          nt.column_chunks.assign(t.column_chunks.begin(),
-                                  t.column_chunks.begin() + static_cast<ptrdiff_t>(keep_blocks * column_store_chunks()));
+          nt.column_chunks.assign(
+              t.column_chunks.begin(),
+              t.column_chunks.begin() + static_cast<ptrdiff_t>(keep_blocks * column_store_chunks()));
           for (chunk_id cid : nt.column_chunks) retain(cid);
         } catch (const std::bad_alloc&) {
           failure = {errc::kOutOfMemory, "remove_range column blocks"};
@@ -585,8 +595,12 @@ status kv_cache::fill_items(uint32_t layer, std::span<const seq_id> seqs, const 
       auto plan = sparf_resolve(*sparse, config_.shape.head_dim, t.n_tokens);
       if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
     }
-    items_[i] = attend_item{seqs[i], std::span<const chunk_id>(t.chunks), t.n_tokens, q + i * q_stride,
-                            out + i * q_stride, lse ? lse + i * config_.shape.n_q_heads : nullptr};
+    items_[i] = attend_item{seqs[i],
+                            std::span<const chunk_id>(t.chunks),
+                            t.n_tokens,
+                            q + i * q_stride,
+                            out + i * q_stride,
+                            lse ? lse + i * config_.shape.n_q_heads : nullptr};
   }
   return {};
 }
@@ -642,10 +656,10 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
     w.selected = selected.data();
     w.n_selected = n_selected.data();
     std::vector<const std::byte*> column_pages;
-    if (!t.column_chunks.empty() && t.sparf)
-      INSTINFER_TRY(fetch_column_pages(t, *plan, params, w.q, column_pages));
+    if (!t.column_chunks.empty() && t.sparf) INSTINFER_TRY(fetch_column_pages(t, *plan, params, w.q, column_pages));
     if (!column_pages.empty()) w.column_pages = column_pages.data();
-    if (t.n_tokens > 0) INSTINFER_TRY(sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_));
+    if (t.n_tokens > 0)
+      INSTINFER_TRY(sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_));
     // Per chunk, which kv heads selected a token in it (the K and V pages of those heads are needed).
     const uint32_t H = shape.n_kv_heads;
     std::vector<uint8_t> head_needs(t.chunks.size() * H, 0);
@@ -724,9 +738,9 @@ status kv_cache::fetch_column_pages(const layer_table& t, const sparf_plan& plan
     if (plan.k >= plan.n_tokens || stored == 0) return {};
     std::vector<uint32_t> chosen;  // column page indices inside a block
     for (uint32_t h = 0; h < H; ++h) {
-      const sparf_channel_choice c = sparf_choose_channels(sparf_config_, plan, params.whole_pages,
-                                                           q + size_t{h} * G * d, channels.data(), weight.data(),
-                                                           scratch.data());
+      const sparf_channel_choice c =
+          sparf_choose_channels(sparf_config_, plan, params.whole_pages, q + size_t{h} * G * d, channels.data(),
+                                weight.data(), scratch.data());
       for (uint32_t j = 0; j < c.n_channels; ++j)
         if (j == 0 || cl.group_of(channels[j]) != cl.group_of(channels[j - 1]))
           chosen.push_back(cl.page_index(h, cl.group_of(channels[j])));
@@ -791,7 +805,8 @@ status kv_cache::page_table(uint32_t layer, std::span<const seq_id> seqs, csr_pa
       const layer_table& t = found.value()->layers[layer];
       out.indices.insert(out.indices.end(), t.chunks.begin(), t.chunks.end());
       out.indptr.push_back(static_cast<uint32_t>(out.indices.size()));
-      out.last_page_len.push_back(t.n_tokens == 0 ? 0 : t.n_tokens - (static_cast<uint32_t>(t.chunks.size()) - 1) * tpp);
+      out.last_page_len.push_back(t.n_tokens == 0 ? 0
+                                                  : t.n_tokens - (static_cast<uint32_t>(t.chunks.size()) - 1) * tpp);
     }
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "page table"};

@@ -541,7 +541,7 @@ status csd_backend::attend_batch(uint32_t layer, std::span<const attend_item> ba
       wp.mode = static_cast<uint8_t>(sparse->mode);
       wp.whole_pages = sparse->whole_pages ? 1 : 0;
     }
-    const uint64_t head = sparse ? sizeof wp : 0;         // payload before the entries
+    const uint64_t head = sparse ? sizeof wp : 0;                    // payload before the entries
     const uint64_t tail = sparse ? sizeof(sparf_wire_counters) : 0;  // result after out and lse
     // Items per command: what fits in the smallest data area.
     uint64_t per_item = 0;
@@ -590,8 +590,8 @@ status csd_backend::attend_batch(uint32_t layer, std::span<const attend_item> ba
           sparf_wire_counters wc;
           std::memcpy(&wc, r + nb * uint64_t{hq} * (dim + 1) * 4, sizeof wc);
           counters->add(sparf_counters{wc.token_pages_read, wc.channel_pages_read, wc.token_bytes_used,
-                                       wc.channel_bytes_used, wc.buffered_channel_bytes, wc.dense_pages,
-                                       wc.dense_bytes, wc.selected_tokens, wc.channels_used, wc.items});
+                                       wc.channel_bytes_used, wc.buffered_channel_bytes, wc.dense_pages, wc.dense_bytes,
+                                       wc.selected_tokens, wc.channels_used, wc.items});
         }
       }
     }

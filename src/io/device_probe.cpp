@@ -234,8 +234,8 @@ result<device_probe_result> probe_device(const std::string& path) {
 std::string device_probe_result::report() const {
   std::ostringstream o;
   o << "path:               " << path << "\n";
-  o << "kind:               " << storage_kind_name(kind) << (filesystem_note.empty() ? "" : " (" + filesystem_note + ")")
-    << "\n";
+  o << "kind:               " << storage_kind_name(kind)
+    << (filesystem_note.empty() ? "" : " (" + filesystem_note + ")") << "\n";
   o << "dio alignment:      memory " << dio_mem_align << " B, offset " << dio_offset_align << " B\n";
   o << "logical block:      " << logical_block_bytes << " B\n";
   o << "physical block:     " << physical_block_bytes << " B\n";

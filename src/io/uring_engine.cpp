@@ -45,8 +45,14 @@ std::string engine_features::describe() const {
 // ---- files ----------------------------------------------------------------------------------
 
 storage_file::storage_file(storage_file&& o) noexcept
-    : fd(o.fd), direct(o.direct), block_device(o.block_device), created(o.created), mem_align(o.mem_align),
-      offset_align(o.offset_align), size_bytes(o.size_bytes), path(std::move(o.path)) {
+    : fd(o.fd),
+      direct(o.direct),
+      block_device(o.block_device),
+      created(o.created),
+      mem_align(o.mem_align),
+      offset_align(o.offset_align),
+      size_bytes(o.size_bytes),
+      path(std::move(o.path)) {
   o.fd = -1;
 }
 
@@ -173,7 +179,7 @@ struct uring_engine::impl {
   io_uring ring{};
   bool ring_live = false;
   bool buffers_on_ring = false;  // register_all ran on this ring (staging registration attempted)
-  std::vector<int> fds;  // registered (or plain) descriptors by handle
+  std::vector<int> fds;          // registered (or plain) descriptors by handle
   struct slot {
     uint64_t user_data = 0;
     uint32_t requested = 0;
@@ -202,16 +208,17 @@ result<std::unique_ptr<uring_engine>> uring_engine::create(const engine_options&
     return status{errc::kInvalidArgument,
                   "queue_depth must be in [1, 4096], got " + std::to_string(options.queue_depth)};
   if (options.staging_bytes % 4096 != 0)
-    return status{errc::kInvalidArgument, "staging size must be a multiple of 4096 bytes, got " +
-                                              std::to_string(options.staging_bytes)};
+    return status{errc::kInvalidArgument,
+                  "staging size must be a multiple of 4096 bytes, got " + std::to_string(options.staging_bytes)};
   if (options.staging_bytes > (1ull << 30))
-    return status{errc::kInvalidArgument, "staging size must be at most 1 GiB, got " +
-                                              std::to_string(options.staging_bytes)};
+    return status{errc::kInvalidArgument,
+                  "staging size must be at most 1 GiB, got " + std::to_string(options.staging_bytes)};
   std::unique_ptr<uring_engine> e(new (std::nothrow) uring_engine(options));
   if (!e) return status{errc::kOutOfMemory, "io engine"};
   if (options.staging_bytes) {
     void* p = ::mmap(nullptr, options.staging_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return errno_status(errno, "staging pool of " + std::to_string(options.staging_bytes) + " bytes");
+    if (p == MAP_FAILED)
+      return errno_status(errno, "staging pool of " + std::to_string(options.staging_bytes) + " bytes");
     e->staging_ = static_cast<std::byte*>(p);
     e->staging_bytes_ = options.staging_bytes;
   }
@@ -247,7 +254,8 @@ status uring_engine::setup_ring(bool with_iopoll) {
     return f;
   };
   if (options_.sqpoll) {
-    if (options_.single_issuer) tries.push_back({IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER | poll, feat(true, false, true)});
+    if (options_.single_issuer)
+      tries.push_back({IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER | poll, feat(true, false, true)});
     tries.push_back({IORING_SETUP_SQPOLL | poll, feat(false, false, true)});
   }
   if (options_.single_issuer) {
@@ -305,8 +313,9 @@ status uring_engine::ensure_owner_thread() noexcept {
   auto& im = *impl_;
   if (!features_.single_issuer || std::this_thread::get_id() == im.owner) return {};
   if (!idle())
-    return {errc::kBusy, "the io_uring ring is single-issuer and has I/O in flight from another thread; "
-                         "drive it from one thread or open it with single_issuer=0"};
+    return {errc::kBusy,
+            "the io_uring ring is single-issuer and has I/O in flight from another thread; "
+            "drive it from one thread or open it with single_issuer=0"};
   try {
     const bool poll = features_.iopoll;
     const bool fell_back = features_.iopoll_fell_back;
@@ -386,8 +395,7 @@ status uring_engine::queue_impl(io_op op, uint32_t file, void* buf, const iovec*
   if (file >= im.fds.size()) return {errc::kInvalidArgument, "unknown file handle " + std::to_string(file)};
   if (queued_ + in_flight_ + synthetic_count_ >= features_.queue_depth)
     return {errc::kBusy, "io queue full (" + std::to_string(features_.queue_depth) + " requests)"};
-  if (op == io_op::kFsync && features_.iopoll)
-    return {errc::kUnsupported, "fsync cannot go through an IOPOLL ring"};
+  if (op == io_op::kFsync && features_.iopoll) return {errc::kUnsupported, "fsync cannot go through an IOPOLL ring"};
   const int k = static_cast<int>(op);
   ++op_counts_[k];
   uint32_t short_bytes = UINT32_MAX;
@@ -407,8 +415,7 @@ status uring_engine::queue_impl(io_op op, uint32_t file, void* buf, const iovec*
     sqe = io_uring_get_sqe(&im.ring);
     if (!sqe) return {errc::kBusy, "io_uring submission queue full"};
   }
-  const ops::file_ref f{features_.registered_files ? static_cast<int>(file) : im.fds[file],
-                        features_.registered_files};
+  const ops::file_ref f{features_.registered_files ? static_cast<int>(file) : im.fds[file], features_.registered_files};
   auto* p = static_cast<std::byte*>(buf);
   const bool in_staging = p && staging_ && p >= staging_ && p + len <= staging_ + staging_bytes_;
   const ops::buffer_ref b{buf, (in_staging && features_.registered_staging) ? 0 : -1};
@@ -450,9 +457,9 @@ result<uint32_t> uring_engine::wait(std::span<completion> out, uint32_t min_comp
   }
   min_complete = std::min<uint32_t>(min_complete, n + in_flight_);
   while (n < out.size() && in_flight_ > 0) {
-    unsigned got = io_uring_peek_batch_cqe(&im.ring, im.cqes.data(),
-                                           std::min<unsigned>(static_cast<unsigned>(out.size() - n),
-                                                              static_cast<unsigned>(im.cqes.size())));
+    unsigned got = io_uring_peek_batch_cqe(
+        &im.ring, im.cqes.data(),
+        std::min<unsigned>(static_cast<unsigned>(out.size() - n), static_cast<unsigned>(im.cqes.size())));
     if (got == 0) {
       if (n >= min_complete) {
         if (!features_.defer_taskrun && !features_.iopoll) break;

@@ -29,14 +29,14 @@ enum class io_op : uint8_t { kRead = 0, kWrite = 1, kFsync = 2 };
 std::string_view io_op_name(io_op op) noexcept;
 
 struct engine_options {
-  uint32_t queue_depth = 32;               // SQ entries = most requests in flight (1..4096)
-  uint64_t staging_bytes = 8ull << 20;     // the staging pool; 0: none (callers bring buffers)
-  bool register_staging = true;            // register the pool (falls back to plain on ENOMEM)
-  bool register_files = true;              // registered file table
-  bool single_issuer = true;               // SINGLE_ISSUER | DEFER_TASKRUN when the kernel has them
-  bool sqpoll = false;                     // kernel submission thread (SINGLE_ISSUER, no DEFER_TASKRUN)
+  uint32_t queue_depth = 32;            // SQ entries = most requests in flight (1..4096)
+  uint64_t staging_bytes = 8ull << 20;  // the staging pool; 0: none (callers bring buffers)
+  bool register_staging = true;         // register the pool (falls back to plain on ENOMEM)
+  bool register_files = true;           // registered file table
+  bool single_issuer = true;            // SINGLE_ISSUER | DEFER_TASKRUN when the kernel has them
+  bool sqpoll = false;                  // kernel submission thread (SINGLE_ISSUER, no DEFER_TASKRUN)
   uint32_t sqpoll_idle_ms = 100;
-  bool iopoll = false;                     // polled completions; probed at the first file, falls back
+  bool iopoll = false;  // polled completions; probed at the first file, falls back
   // Test seam: pretend the kernel refused to register the staging pool with this errno.
   int simulate_register_error = 0;
 };
@@ -46,11 +46,11 @@ struct engine_features {
   bool single_issuer = false;
   bool defer_taskrun = false;
   bool sqpoll = false;
-  bool iopoll = false;              // polled completions in use
-  bool iopoll_fell_back = false;    // asked for, failed at the first I/O, running without
+  bool iopoll = false;            // polled completions in use
+  bool iopoll_fell_back = false;  // asked for, failed at the first I/O, running without
   bool registered_staging = false;
   bool registered_files = false;
-  int staging_register_errno = 0;   // why the pool is not registered (0: it is, or none asked)
+  int staging_register_errno = 0;  // why the pool is not registered (0: it is, or none asked)
   uint32_t queue_depth = 0;
   std::string describe() const;
 };
@@ -75,12 +75,12 @@ struct completion {
 // A file opened for the engine. Owns the descriptor.
 struct storage_file {
   int fd = -1;
-  bool direct = false;         // O_DIRECT in effect
+  bool direct = false;  // O_DIRECT in effect
   bool block_device = false;
-  bool created = false;        // the open created it
-  uint32_t mem_align = 4096;   // buffer alignment O_DIRECT needs (statx DIOALIGN, else 4096)
+  bool created = false;          // the open created it
+  uint32_t mem_align = 4096;     // buffer alignment O_DIRECT needs (statx DIOALIGN, else 4096)
   uint32_t offset_align = 4096;  // offset/length alignment
-  uint64_t size_bytes = 0;     // file size / device capacity at open
+  uint64_t size_bytes = 0;       // file size / device capacity at open
   std::string path;
 
   storage_file() = default;
@@ -160,7 +160,7 @@ class uring_engine {
   std::byte* staging_ = nullptr;
   uint64_t staging_bytes_ = 0;
   uint32_t queued_ = 0;
-  uint32_t in_flight_ = 0;       // submitted to the kernel, completion not yet reaped
+  uint32_t in_flight_ = 0;        // submitted to the kernel, completion not yet reaped
   uint32_t synthetic_count_ = 0;  // injected failures waiting to be reported
   uint64_t op_counts_[3] = {0, 0, 0};
   fault_plan fault_{};

@@ -2,8 +2,8 @@
 // traits type beside it (cutlass's mma_sm80 / mma_traits split). Internal: includes liburing.
 #pragma once
 
-#include <cstdint>
 #include <liburing.h>
+#include <cstdint>
 
 namespace instinfer::io::ops {
 

@@ -111,8 +111,7 @@ status decode_params::validate() const {
   if (!is_valid_dtype(g.kv_dtype))
     return {errc::kInvalidArgument, "unknown KV dtype (code " + std::to_string(static_cast<int>(g.kv_dtype)) + ")"};
   if (!kv_shape::is_supported_head_dim(g.head_dim))
-    return {errc::kUnsupported,
-            "decode kernels support head_dim 64, 128 or 256, got " + std::to_string(g.head_dim)};
+    return {errc::kUnsupported, "decode kernels support head_dim 64, 128 or 256, got " + std::to_string(g.head_dim)};
   if (const errc e = page_geometry::check(g.page_bytes, g.head_dim, g.kv_dtype); e != errc::kOk)
     return page_geometry::make(g.page_bytes, g.head_dim, g.kv_dtype).error();
   if (g.tokens_per_page != g.page_bytes / g.row_bytes())
@@ -120,16 +119,16 @@ status decode_params::validate() const {
                                         ") does not match page_bytes / row bytes (" +
                                         std::to_string(g.page_bytes / g.row_bytes()) + ")"};
   if (layout.n_kv_heads == 0 || layout.n_kv_heads > kv_shape::kMaxHeads)
-    return {errc::kInvalidArgument, "n_kv_heads must be in [1, " + std::to_string(kv_shape::kMaxHeads) +
-                                        "], got " + std::to_string(layout.n_kv_heads)};
+    return {errc::kInvalidArgument, "n_kv_heads must be in [1, " + std::to_string(kv_shape::kMaxHeads) + "], got " +
+                                        std::to_string(layout.n_kv_heads)};
   if (group_size == 0 || uint64_t{group_size} * layout.n_kv_heads > kv_shape::kMaxHeads)
-    return {errc::kInvalidArgument, "group_size must be >= 1 with group_size * n_kv_heads <= " +
-                                        std::to_string(kv_shape::kMaxHeads) + ", got group_size " +
-                                        std::to_string(group_size) + " for " +
-                                        std::to_string(layout.n_kv_heads) + " kv heads"};
+    return {errc::kInvalidArgument,
+            "group_size must be >= 1 with group_size * n_kv_heads <= " + std::to_string(kv_shape::kMaxHeads) +
+                ", got group_size " + std::to_string(group_size) + " for " + std::to_string(layout.n_kv_heads) +
+                " kv heads"};
   if (!std::isfinite(scale) || scale < 0.0f)
-    return {errc::kInvalidArgument, "scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got " +
-                                        std::to_string(scale)};
+    return {errc::kInvalidArgument,
+            "scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got " + std::to_string(scale)};
   if (!std::isfinite(softcap))
     return {errc::kInvalidArgument, "softcap must be finite (<= 0 disables it), got " + std::to_string(softcap)};
   return {};
@@ -145,8 +144,8 @@ result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& 
           .one_head;
   if (fn == nullptr)
     return status{errc::kUnsupported, "no decode kernel for head_dim " + std::to_string(params.layout.page.head_dim) +
-                                          ", dtype " + std::string(dtype_name(params.layout.page.kv_dtype)) +
-                                          " on " + std::string(cpu_isa_name(isa))};
+                                          ", dtype " + std::string(dtype_name(params.layout.page.kv_dtype)) + " on " +
+                                          std::string(cpu_isa_name(isa))};
   return fn;
 }
 

@@ -20,9 +20,9 @@
 #include <thread>
 #include <vector>
 
+#include "decode_isa.hpp"
 #include "instinfer/attention/decode.hpp"
 #include "instinfer/core/thread_pool.hpp"
-#include "decode_isa.hpp"
 
 namespace instinfer {
 
@@ -129,16 +129,14 @@ class host_decoder_impl final : public host_decoder {
         remaining_cap_ = groups_.size();
       }
     } catch (const std::bad_alloc&) {
-      return {errc::kOutOfMemory, "host_decoder: cannot grow the workspace for a batch of " +
-                                      std::to_string(batch.size()) + " sequences"};
+      return {errc::kOutOfMemory,
+              "host_decoder: cannot grow the workspace for a batch of " + std::to_string(batch.size()) + " sequences"};
     }
     for (size_t g = 0; g < groups_.size(); ++g) remaining_[g].store(groups_[g].n_items, std::memory_order_relaxed);
     return {};
   }
 
-  float* group_out(const head_group& g) const noexcept {
-    return batch_[g.seq].out;
-  }
+  float* group_out(const head_group& g) const noexcept { return batch_[g.seq].out; }
 
   void work() noexcept {
     const uint32_t G = params_.n_q_heads();  // states per item
@@ -214,8 +212,8 @@ result<std::unique_ptr<host_decoder>> host_decoder::create(const decode_params& 
   try {
     return std::unique_ptr<host_decoder>(std::make_unique<host_decoder_impl>(params, n_threads, isa, k.head_range));
   } catch (const std::system_error& e) {
-    return status{errc::kOutOfMemory, "host_decoder: cannot start " + std::to_string(n_threads) +
-                                          " threads: " + e.what()};
+    return status{errc::kOutOfMemory,
+                  "host_decoder: cannot start " + std::to_string(n_threads) + " threads: " + e.what()};
   } catch (const std::bad_alloc&) {
     return status{errc::kOutOfMemory, "host_decoder: out of memory"};
   }

@@ -30,10 +30,12 @@ constexpr uint8_t kSlotFree = 0, kSlotInFlight = 1, kSlotDone = 2;
 constexpr int32_t kShortTransfer = INT32_MIN;  // stored result of a transfer that moved too few bytes
 
 constexpr uint64_t kDefaultMaxCapacity = 64ull << 30;
-constexpr uint64_t kExtentBytes = 4ull << 20;  // a stream's contiguous run on the device
+constexpr uint64_t kExtentBytes = 4ull << 20;    // a stream's contiguous run on the device
 constexpr uint64_t kMaxWriteBytes = 4ull << 20;  // largest gathered write
 
-uint64_t stream_key(seq_id seq, uint32_t layer) noexcept { return (seq << 12) ^ layer; }
+uint64_t stream_key(seq_id seq, uint32_t layer) noexcept {
+  return (seq << 12) ^ layer;
+}
 
 }  // namespace
 
@@ -43,8 +45,8 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   if (uri.scheme != "ssd") return status{errc::kInvalidArgument, "not an ssd URI (scheme '" + uri.scheme + "')"};
   if (uri.path.empty())
     return status{errc::kInvalidArgument, "ssd backend needs a path: ssd:/path/to/file?queue_depth=32"};
-  static constexpr std::string_view kKeys[] = {"queue_depth", "staging", "request", "capacity",
-                                               "write_batch", "buffered", "sqpoll", "iopoll",
+  static constexpr std::string_view kKeys[] = {"queue_depth",   "staging",  "request",     "capacity",
+                                               "write_batch",   "buffered", "sqpoll",      "iopoll",
                                                "single_issuer", "register", "preallocate", "keep"};
   for (const auto& [key, value] : uri.options) {
     if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys))
@@ -62,8 +64,8 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   auto staging = uri.option_u64("staging", o.staging_bytes);
   if (!staging.ok()) return staging.error();
   if (staging.value() == 0 || staging.value() % 4096 != 0 || staging.value() > (1ull << 30))
-    return status{errc::kInvalidArgument, "staging must be a non-zero multiple of 4096 bytes up to 1G, got " +
-                                              std::to_string(staging.value())};
+    return status{errc::kInvalidArgument,
+                  "staging must be a non-zero multiple of 4096 bytes up to 1G, got " + std::to_string(staging.value())};
   o.staging_bytes = staging.value();
   auto req = uri.option_u64("request", o.request_bytes);
   if (!req.ok()) return req.error();
@@ -334,10 +336,12 @@ status ssd_backend::reserve_extent(uint32_t e) noexcept {
   // up here, as a clean kNoSpace from allocate_chunk, before any KV is accepted.
   if (!fallocate_ok_ || extent_reserved_[e]) return {};
   const uint64_t off = uint64_t{e} * extent_chunks_ * chunk_bytes_;
-  const uint64_t len = std::min<uint64_t>(uint64_t{extent_chunks_} * chunk_bytes_, capacity_chunks_ * chunk_bytes_ - off);
+  const uint64_t len =
+      std::min<uint64_t>(uint64_t{extent_chunks_} * chunk_bytes_, capacity_chunks_ * chunk_bytes_ - off);
   if (::fallocate(file_->fd, 0, static_cast<off_t>(off), static_cast<off_t>(len)) != 0) {
     if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG)
-      return io::errno_status(errno, "ssd backend: reserving " + std::to_string(len) + " bytes of '" + options_.path + "'");
+      return io::errno_status(errno,
+                              "ssd backend: reserving " + std::to_string(len) + " bytes of '" + options_.path + "'");
     fallocate_ok_ = false;  // not supported here: writes fill holes instead
     return {};
   }
@@ -391,8 +395,9 @@ void ssd_backend::on_sequence_freed(seq_id seq) noexcept {
 
 status ssd_backend::check_thread() const noexcept {
   if (engine_ && !engine_->can_drive())
-    return {errc::kBusy, "ssd backend: its single-issuer io_uring ring has reads in flight from another thread "
-                         "(a prefetch); call from that thread, or open the backend with single_issuer=0"};
+    return {errc::kBusy,
+            "ssd backend: its single-issuer io_uring ring has reads in flight from another thread "
+            "(a prefetch); call from that thread, or open the backend with single_issuer=0"};
   return {};
 }
 
@@ -633,8 +638,8 @@ status ssd_backend::write_tokens(chunk_id id, const chunk_hint& /*hint*/, uint32
                                         std::to_string(first + n) + ") exceed a chunk of " + std::to_string(tpp)};
   auto it = buffer_of_.find(id);
   if (it == buffer_of_.end() && first != 0)
-    return {errc::kInvalidArgument, "write_tokens: chunk " + std::to_string(id) +
-                                        " is sealed or was never started; chunks are append-only"};
+    return {errc::kInvalidArgument,
+            "write_tokens: chunk " + std::to_string(id) + " is sealed or was never started; chunks are append-only"};
   if (it != buffer_of_.end() && (buffers_[it->second].sealed || buffers_[it->second].n_tokens != first))
     return {errc::kInvalidArgument, "write_tokens: chunk " + std::to_string(id) + " holds " +
                                         std::to_string(buffers_[it->second].n_tokens) +
@@ -682,12 +687,13 @@ status ssd_backend::copy_tokens(chunk_id dst, const chunk_hint& /*dst_hint*/, ch
   INSTINFER_TRY(check_chunk(src, "copy_tokens (source)"));
   const uint32_t tpp = layout_.tokens();
   if (n == 0 || n > tpp)
-    return {errc::kInvalidArgument, "copy_tokens: n must be in [1, " + std::to_string(tpp) + "], got " + std::to_string(n)};
+    return {errc::kInvalidArgument,
+            "copy_tokens: n must be in [1, " + std::to_string(tpp) + "], got " + std::to_string(n)};
   if (dst == src) return {errc::kInvalidArgument, "copy_tokens: source and destination are the same chunk"};
   if (buffer_of_.count(dst)) return {errc::kInvalidArgument, "copy_tokens: destination chunk is not fresh"};
   if (auto it = buffer_of_.find(src); it != buffer_of_.end() && buffers_[it->second].n_tokens < n)
-    return {errc::kInvalidArgument, "copy_tokens: source chunk holds only " +
-                                        std::to_string(buffers_[it->second].n_tokens) + " tokens"};
+    return {errc::kInvalidArgument,
+            "copy_tokens: source chunk holds only " + std::to_string(buffers_[it->second].n_tokens) + " tokens"};
   const bool seals = n == tpp;
   if (seals && sealed_pending_.size() >= write_batch_) INSTINFER_TRY(write_sealed_batch());
   if (seals) {
@@ -916,8 +922,8 @@ status ssd_backend::validate_batch(std::span<const attend_item> batch) const noe
     if (!it.q || !it.out) return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " has a null q or out"};
     for (chunk_id id : it.chunks)
       if (id >= capacity_chunks_ || !allocated_[id])
-        return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " names unallocated chunk " +
-                                            std::to_string(id)};
+        return {errc::kInvalidArgument,
+                "attend: item " + std::to_string(b) + " names unallocated chunk " + std::to_string(id)};
   }
   return {};
 }
@@ -997,8 +1003,8 @@ void ssd_backend::prefetch(uint32_t layer, std::span<const attend_item> batch) n
   if (!validate_batch(batch).ok()) return;
   if (!plan_reads(batch, prefetch_plan_).ok()) return;
   uint32_t next = 0;
-  const auto window = std::span<const read_request>(prefetch_plan_).first(
-      std::min<size_t>(prefetch_plan_.size(), std::min(n_slots_, engine_->queue_depth())));
+  const auto window = std::span<const read_request>(prefetch_plan_)
+                          .first(std::min<size_t>(prefetch_plan_.size(), std::min(n_slots_, engine_->queue_depth())));
   if (!issue_reads(window, next).ok()) {
     cancel_prefetch();
     return;
@@ -1023,8 +1029,8 @@ status ssd_backend::attend(uint32_t layer, std::span<const attend_item> batch) n
   if (!configured_) return {errc::kInvalidArgument, "ssd backend is not configured"};
   INSTINFER_TRY(check_thread());
   if (layer >= config_.shape.n_layers)
-    return {errc::kLayerOutOfRange, "attend: layer " + std::to_string(layer) + " >= " +
-                                        std::to_string(config_.shape.n_layers)};
+    return {errc::kLayerOutOfRange,
+            "attend: layer " + std::to_string(layer) + " >= " + std::to_string(config_.shape.n_layers)};
   if (status s = validate_batch(batch); !s.ok()) {
     cancel_prefetch();
     return s;
@@ -1087,9 +1093,9 @@ status ssd_backend::attend(uint32_t layer, std::span<const attend_item> batch) n
     if (!failure.ok()) break;
     const auto& r = plan_[consumed];
     if (slots_[slot].result < 0) {
-      failure = result_status(slots_[slot].result, "attend: reading chunks " + std::to_string(r.first) + ".." +
-                                                       std::to_string(r.first + r.count - 1) + " of '" +
-                                                       options_.path + "'");
+      failure =
+          result_status(slots_[slot].result, "attend: reading chunks " + std::to_string(r.first) + ".." +
+                                                 std::to_string(r.first + r.count - 1) + " of '" + options_.path + "'");
       break;
     }
     const auto& it = batch[r.item];

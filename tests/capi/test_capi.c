@@ -10,22 +10,22 @@
 
 static int g_passed, g_failed;
 
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (cond) {                                                        \
-      ++g_passed;                                                      \
-    } else {                                                           \
-      ++g_failed;                                                      \
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    if (cond) {                                                                \
+      ++g_passed;                                                              \
+    } else {                                                                   \
+      ++g_failed;                                                              \
       fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-    }                                                                  \
+    }                                                                          \
   } while (0)
 
 /* A failing call returns the expected code and leaves a message naming the problem. */
-#define CHECK_ERR(call, code)                                               \
-  do {                                                                      \
-    instinfer_status s_ = (call);                                           \
-    CHECK(s_ == (code));                                                    \
-    CHECK(strlen(instinfer_last_error()) > 0);                              \
+#define CHECK_ERR(call, code)                                                             \
+  do {                                                                                    \
+    instinfer_status s_ = (call);                                                         \
+    CHECK(s_ == (code));                                                                  \
+    CHECK(strlen(instinfer_last_error()) > 0);                                            \
     if (s_ != (code)) fprintf(stderr, "  got %d: %s\n", (int)s_, instinfer_last_error()); \
   } while (0)
 
@@ -206,8 +206,8 @@ static void test_bad_configs(void) {
   instinfer_cache_destroy(NULL);
   CHECK(strcmp(instinfer_status_name(INSTINFER_E_OUT_OF_PAGES), "out of KV pages") == 0);
   CHECK(strcmp(instinfer_status_name(12345), "unknown status") == 0);
-  CHECK(instinfer_version() == INSTINFER_VERSION_MAJOR * 10000 + INSTINFER_VERSION_MINOR * 100 +
-                                   INSTINFER_VERSION_PATCH);
+  CHECK(instinfer_version() ==
+        INSTINFER_VERSION_MAJOR * 10000 + INSTINFER_VERSION_MINOR * 100 + INSTINFER_VERSION_PATCH);
 }
 
 int main(void) {

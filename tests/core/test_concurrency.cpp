@@ -40,7 +40,8 @@ std::vector<float> client(kv_cache& cache, uint32_t id) {
       k[i] = dist(rng);
       v[i] = dist(rng);
     }
-    for (uint32_t l = 0; l < kShape.n_layers; ++l) REQUIRE(cache.append(seq, l, n, k.data(), v.data(), dtype::kF32).ok());
+    for (uint32_t l = 0; l < kShape.n_layers; ++l)
+      REQUIRE(cache.append(seq, l, n, k.data(), v.data(), dtype::kF32).ok());
     if (step % 7 == 3) {  // fork, keep the fork, drop the original
       const seq_id child = cache.fork_sequence(seq).value();
       REQUIRE(cache.free_sequence(seq).ok());
@@ -59,8 +60,7 @@ TEST_CASE("concurrent clients on one cache match a sequential replay") {
   auto shared = make_cache();
   std::vector<std::vector<float>> concurrent(kThreads);
   std::vector<std::thread> threads;
-  for (uint32_t t = 0; t < kThreads; ++t)
-    threads.emplace_back([&, t] { concurrent[t] = client(*shared, t); });
+  for (uint32_t t = 0; t < kThreads; ++t) threads.emplace_back([&, t] { concurrent[t] = client(*shared, t); });
   for (auto& th : threads) th.join();
   CHECK(shared->stats().n_sequences == 0);
   CHECK(shared->stats().backend.used_chunks == 0);

@@ -13,7 +13,9 @@ using namespace instinfer;
 
 namespace {
 
-kv_shape small_shape(dtype t = dtype::kF32) { return kv_shape{3, 4, 2, 64, t}; }
+kv_shape small_shape(dtype t = dtype::kF32) {
+  return kv_shape{3, 4, 2, 64, t};
+}
 
 // Random rows [n][n_kv_heads][head_dim] in f32.
 std::vector<float> random_rows(std::mt19937& rng, uint32_t n, const kv_shape& s) {

@@ -92,9 +92,9 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
   REQUIRE(csd->attend(0, seqs_c, work.q.data(), dense.data(), nullptr).ok());
   const csd::device_stats after_dense = drive_stats(*csd);
   const uint64_t dense_flash = after_dense.flash_pages_read - written.flash_pages_read;
-  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(),
-                             sparf_params::with_compression(0.125))
-              .ok());
+  REQUIRE(
+      csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(), sparf_params::with_compression(0.125))
+          .ok());
   const csd::device_stats after_sparse = drive_stats(*csd);
   const uint64_t sparse_flash = after_sparse.flash_pages_read - after_dense.flash_pages_read;
   REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(),
@@ -124,8 +124,8 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
         sizeof(csd::sq_entry) + 64 + nq * 4 + 64);
 
   // Compression 1 is dense attention, in the drive too.
-  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), nullptr, sparf_params::with_compression(1.0))
-              .ok());
+  REQUIRE(
+      csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), nullptr, sparf_params::with_compression(1.0)).ok());
   CHECK(rel(c_sparse, dense) <= 1e-5);
 }
 

@@ -27,9 +27,8 @@ struct emulated_sequence {
 // One (sequence, kv head, query-head tile) over all its splits, as the kernel's blocks and the
 // merge kernel compute it. pool: chunks of cl.chunk_bytes() bytes at pool + id * chunk_bytes.
 template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G>
-void emulate_head_tile(const chunk_layout& cl, const std::byte* pool, const emulated_sequence& seq,
-                       uint32_t group_size, uint32_t kv_head, uint32_t q_tile, float scale, float softcap,
-                       cuda::decode_split_plan plan) {
+void emulate_head_tile(const chunk_layout& cl, const std::byte* pool, const emulated_sequence& seq, uint32_t group_size,
+                       uint32_t kv_head, uint32_t q_tile, float scale, float softcap, cuda::decode_split_plan plan) {
   using tr = cuda::decode_traits<HeadDim, ElemBytes, G>;
   constexpr uint32_t T = tr::kTileTokens;
   const dtype t = cl.page.kv_dtype;

@@ -147,7 +147,8 @@ void check_batch(gpu_cache& g, std::mt19937& rng, const std::vector<uint32_t>& l
   std::vector<decode_work> work(b);
   for (size_t i = 0; i < b; ++i) {
     for (const auto& m : seqs[i].mirror) ptrs[i].push_back(m.data());
-    work[i] = decode_work{ptrs[i].data(), static_cast<uint32_t>(ptrs[i].size()), seqs[i].n_tokens, &q[i * n_q * hd],
+    work[i] = decode_work{ptrs[i].data(),          static_cast<uint32_t>(ptrs[i].size()),
+                          seqs[i].n_tokens,        &q[i * n_q * hd],
                           &host_out[i * n_q * hd], &host_lse[i * n_q]};
   }
   const status hs = (*dec)->run(work);
@@ -377,13 +378,13 @@ TEST_CASE("kv_cache over cuda:0 matches kv_cache over host") {
   const size_t per = size_t{o.shape.n_q_heads} * o.shape.head_dim;
   std::vector<float> q(gs.size() * per);
   for (float& x : q) x = dist(rng);
-  std::vector<float> out_g(q.size()), out_h(q.size()), lse_g(gs.size() * o.shape.n_q_heads),
-      lse_h(lse_g.size());
+  std::vector<float> out_g(q.size()), out_h(q.size()), lse_g(gs.size() * o.shape.n_q_heads), lse_h(lse_g.size());
   REQUIRE(gpu->attend(1, gs, q.data(), out_g.data(), lse_g.data()).ok());
   REQUIRE(host->attend(1, hs, q.data(), out_h.data(), lse_h.data()).ok());
   std::vector<double> want(out_h.begin(), out_h.end());
   CHECK(reference::relative_error(out_g, want) <= 1e-5);
-  for (size_t i = 0; i < lse_g.size(); ++i) CHECK(std::fabs(lse_g[i] - lse_h[i]) <= 1e-5 * std::max(1.0f, std::fabs(lse_h[i])));
+  for (size_t i = 0; i < lse_g.size(); ++i)
+    CHECK(std::fabs(lse_g[i] - lse_h[i]) <= 1e-5 * std::max(1.0f, std::fabs(lse_h[i])));
   const cache_stats st = gpu->stats();
   CHECK(st.backend.used_chunks > 0);
   CHECK(st.backend.kv_bytes_appended > 0);

@@ -129,8 +129,8 @@ TEST_CASE("kv_row_offset agrees with chunk_layout") {
         for (int i = 0; i < 200; ++i) {
           const uint32_t token = tok(rng), h = head(rng), c = chunk(rng);
           for (uint32_t kind = 0; kind < 2; ++kind) {
-            const uint64_t want = uint64_t{c} * cl.chunk_bytes() +
-                                  cl.offset(static_cast<kv_kind>(kind), h, token % cl.tokens(), 0);
+            const uint64_t want =
+                uint64_t{c} * cl.chunk_bytes() + cl.offset(static_cast<kv_kind>(kind), h, token % cl.tokens(), 0);
             CHECK(cuda::kv_row_offset(c, cl.chunk_bytes(), page_bytes, 5, kind, h, token, log2_tpp,
                                       cl.page.row_bytes()) == want);
           }

@@ -41,7 +41,6 @@ inline float nonzero_uniform(float a) {
   }
 }
 
-
 // The chunks of one batch: every sequence gets its own chunks, placed in shuffled order in one
 // pool so that neighbouring chunks of a sequence are not neighbours in memory. Rows past a
 // sequence's last token hold NaN: a kernel that reads them produces NaN and fails the check.
@@ -127,8 +126,8 @@ struct paged_batch {
   }
 };
 
-inline decode_params make_params(uint32_t head_dim, dtype t, uint32_t group, uint32_t n_kv_heads,
-                                 uint32_t page_bytes, float softcap = 0.0f) {
+inline decode_params make_params(uint32_t head_dim, dtype t, uint32_t group, uint32_t n_kv_heads, uint32_t page_bytes,
+                                 float softcap = 0.0f) {
   decode_params p;
   p.layout = chunk_layout::make(page_geometry::unchecked(page_bytes, head_dim, t), n_kv_heads);
   p.group_size = group;

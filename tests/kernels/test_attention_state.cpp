@@ -28,7 +28,9 @@ std::mt19937& rng() {
   return g;
 }
 
-float uniform(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng()); }
+float uniform(float a, float b) {
+  return std::uniform_real_distribution<float>(a, b)(rng());
+}
 
 // A partial over explicit (logit, value) pairs, built the way a kernel does.
 partial make_partial(const std::vector<float>& logits, const std::vector<std::vector<float>>& values) {

@@ -133,7 +133,8 @@ TEST_CASE("long contexts: ~70k tokens, split over threads and merged by lse") {
     for (size_t i = 0; i < outs.size(); i += 2) {
       INFO("run " << i / 2);
       CHECK(reference::relative_error(outs[i], ref) <= kTolerance);
-      for (uint32_t h = 0; h < p.n_q_heads(); ++h) CHECK(std::fabs(outs[i + 1][h] - ref_lse[h]) <= kTolerance * std::fabs(ref_lse[h]) + kTolerance);
+      for (uint32_t h = 0; h < p.n_q_heads(); ++h)
+        CHECK(std::fabs(outs[i + 1][h] - ref_lse[h]) <= kTolerance * std::fabs(ref_lse[h]) + kTolerance);
     }
   }
 }
@@ -172,8 +173,7 @@ TEST_CASE("the kernel function: partial states over chunk ranges merge to the wh
       merge_state(sa[h], part_a.data() + h * 64, sb[h], part_b.data() + h * 64, 64);
       CHECK(sa[h].m == doctest::Approx(sw[h].m));
       CHECK(sa[h].d == doctest::Approx(sw[h].d).epsilon(1e-5));
-      for (uint32_t d = 0; d < 64; ++d)
-        CHECK(part_a[h * 64 + d] == doctest::Approx(whole[h * 64 + d]).epsilon(1e-5));
+      for (uint32_t d = 0; d < 64; ++d) CHECK(part_a[h * 64 + d] == doctest::Approx(whole[h * 64 + d]).epsilon(1e-5));
     }
     // No chunks: empty states and zero outputs.
     fn.value()(p, b.chunks[0].data(), 0, 0, kvh, q, part_a.data(), sa);

@@ -5,8 +5,8 @@
 
 #include <atomic>
 #include <cmath>
-#include <string>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "decode_test_util.hpp"

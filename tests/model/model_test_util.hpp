@@ -19,8 +19,7 @@ namespace model_test {
 inline std::vector<std::string> backend_uris() {
   const std::string dir = std::filesystem::temp_directory_path().string();
   const std::string tag = std::to_string(::getpid());
-  return {"host", "host:?hugepages=0", "ssd:" + dir + "/instinfer-model-test-" + tag + ".kv",
-          "csd:", "cuda:0"};
+  return {"host", "host:?hugepages=0", "ssd:" + dir + "/instinfer-model-test-" + tag + ".kv", "csd:", "cuda:0"};
 }
 
 inline void remove_backend_files(const std::string& uri) {
@@ -49,6 +48,8 @@ inline instinfer::status greedy(instinfer::model::llama_model& m, instinfer::kv_
 }
 
 // |a - b| <= rel · max(|b|, 1): relative, with an absolute floor for logits near zero.
-inline bool close(double a, double b, double rel) { return std::fabs(a - b) <= rel * std::max(std::fabs(b), 1.0); }
+inline bool close(double a, double b, double rel) {
+  return std::fabs(a - b) <= rel * std::max(std::fabs(b), 1.0);
+}
 
 }  // namespace model_test

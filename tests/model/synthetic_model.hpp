@@ -5,15 +5,15 @@
 // independently of examples/generate/quant_blocks.hpp.
 #pragma once
 
+#include <unistd.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <stdexcept>
-#include <unistd.h>
 #include <fstream>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -47,10 +47,13 @@ struct tensor {
   std::vector<double> values;  // the exact weights the data decodes to (row-major, ne[0] fastest)
 };
 
-inline double f16d(uint16_t bits) { return instinfer::f16_to_float(instinfer::f16_t{bits}); }
+inline double f16d(uint16_t bits) {
+  return instinfer::f16_to_float(instinfer::f16_t{bits});
+}
 
 // Random weights of a type, with `values` holding what they decode to per the format spec.
-inline tensor make_tensor(std::mt19937_64& rng, std::string name, std::vector<uint64_t> ne, uint32_t type, double scale) {
+inline tensor make_tensor(std::mt19937_64& rng, std::string name, std::vector<uint64_t> ne, uint32_t type,
+                          double scale) {
   tensor t{std::move(name), ne, type, {}, {}};
   uint64_t n = 1;
   for (auto d : ne) n *= d;
@@ -124,7 +127,8 @@ inline std::string byte_char(int b) {
     cp = 256 + n;
   }
   std::string s;
-  if (cp < 0x80) s += static_cast<char>(cp);
+  if (cp < 0x80)
+    s += static_cast<char>(cp);
   else {
     s += static_cast<char>(0xc0 | (cp >> 6));
     s += static_cast<char>(0x80 | (cp & 0x3f));
@@ -172,9 +176,12 @@ inline model make_model(const config& cfg = {}) {
     m.types.push_back(1);
   }
   // Merges chosen so that a wrong pre-tokenizer would merge across piece boundaries.
-  const char* pairs[][2] = {{"h", "e"}, {"\xc4\xa0", "t"}, {"\xc4\xa0t", "he"}, {"i", "n"}, {"a", "1"}, {"t", "'"},
-                            {"'", "s"}, {".", "\xc4\xa0"}, {"\xc4\xa0", "\xc4\xa0"}, {"e", "r"}, {"\xc4\xa0", "w"},
-                            {"\xc4\xa0w", "in"}, {"1", "2"}, {"o", "r"}, {"w", "or"}, {"l", "d"}, {"wor", "ld"}};
+  const char* pairs[][2] = {{"h", "e"}, {"\xc4\xa0", "t"}, {"\xc4\xa0t", "he"},
+                            {"i", "n"}, {"a", "1"},        {"t", "'"},
+                            {"'", "s"}, {".", "\xc4\xa0"}, {"\xc4\xa0", "\xc4\xa0"},
+                            {"e", "r"}, {"\xc4\xa0", "w"}, {"\xc4\xa0w", "in"},
+                            {"1", "2"}, {"o", "r"},        {"w", "or"},
+                            {"l", "d"}, {"wor", "ld"}};
   for (auto& p : pairs) {
     m.merges.push_back(std::string(p[0]) + " " + p[1]);
     m.tokens.push_back(std::string(p[0]) + p[1]);
@@ -227,9 +234,21 @@ inline model make_model(const config& cfg = {}) {
   w.put<uint64_t>(m.tensors.size());
   const uint64_t n_kv = 17;
   w.put<uint64_t>(n_kv);
-  auto kv_u32 = [&](const std::string& k, uint32_t v) { w.str(k); w.put<uint32_t>(kU32); w.put<uint32_t>(v); };
-  auto kv_f32 = [&](const std::string& k, float v) { w.str(k); w.put<uint32_t>(kF32); w.put<float>(v); };
-  auto kv_str = [&](const std::string& k, const std::string& v) { w.str(k); w.put<uint32_t>(kString); w.str(v); };
+  auto kv_u32 = [&](const std::string& k, uint32_t v) {
+    w.str(k);
+    w.put<uint32_t>(kU32);
+    w.put<uint32_t>(v);
+  };
+  auto kv_f32 = [&](const std::string& k, float v) {
+    w.str(k);
+    w.put<uint32_t>(kF32);
+    w.put<float>(v);
+  };
+  auto kv_str = [&](const std::string& k, const std::string& v) {
+    w.str(k);
+    w.put<uint32_t>(kString);
+    w.str(v);
+  };
   kv_str("general.architecture", "llama");
   kv_u32("general.alignment", 32);
   kv_u32("llama.block_count", cfg.n_layers);
@@ -258,7 +277,9 @@ inline model make_model(const config& cfg = {}) {
   w.put<uint64_t>(m.merges.size());
   for (auto& s : m.merges) w.str(s);
   kv_u32("tokenizer.ggml.eos_token_id", 2);
-  kv_str("tokenizer.chat_template", "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}");
+  kv_str("tokenizer.chat_template",
+         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+         "'\n'}}{% endfor %}");
   uint64_t off = 0;
   for (auto& t : m.tensors) {
     w.str(t.name);
@@ -294,8 +315,13 @@ struct reference {
   std::vector<std::vector<std::vector<double>>> k, v;  // [layer][pos][kv*hd]
 
   explicit reference(const model& mm)
-      : m(mm), E(mm.cfg.n_embd), hd(mm.cfg.n_embd / mm.cfg.n_head), H(mm.cfg.n_head), KV(mm.cfg.n_kv_head),
-        k(mm.cfg.n_layers), v(mm.cfg.n_layers) {}
+      : m(mm),
+        E(mm.cfg.n_embd),
+        hd(mm.cfg.n_embd / mm.cfg.n_head),
+        H(mm.cfg.n_head),
+        KV(mm.cfg.n_kv_head),
+        k(mm.cfg.n_layers),
+        v(mm.cfg.n_layers) {}
 
   std::vector<double> matvec(const tensor& w, const std::vector<double>& x) const {
     const uint64_t cols = w.ne[0], rows = w.values.size() / cols;

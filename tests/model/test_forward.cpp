@@ -43,7 +43,8 @@ std::unique_ptr<kv_cache> make_cache(const llama_model& m, const std::string& ur
   return std::move(*c);
 }
 
-const std::vector<int32_t> kPrompt = {1, 3 + 't', 3 + 'h', 3 + 'e', 270, 5, 9, 261, 3 + ' ', 3 + 'w', 100, 101, 102, 103, 2, 3 + '\n', 1, 44, 45, 46};
+const std::vector<int32_t> kPrompt = {1,   3 + 't', 3 + 'h', 3 + 'e', 270, 5,        9, 261, 3 + ' ', 3 + 'w',
+                                      100, 101,     102,     103,     2,   3 + '\n', 1, 44,  45,      46};
 
 }  // namespace
 
@@ -70,7 +71,8 @@ TEST_CASE("forward: logits match the float64 reference (untied and tied output)"
       for (size_t i = 0; i < r.size(); ++i) {
         if (r[i] > r[best]) best = i;
         worst = std::max(worst, std::fabs(logits[s][i] - r[i]) / std::max(std::fabs(r[i]), 1.0));
-        if (!model_test::close(logits[s][i], r[i], 1e-3)) FAIL("step " << s << " logit " << i << ": " << logits[s][i] << " vs " << r[i]);
+        if (!model_test::close(logits[s][i], r[i], 1e-3))
+          FAIL("step " << s << " logit " << i << ": " << logits[s][i] << " vs " << r[i]);
       }
       CHECK(static_cast<size_t>(out[s]) == best);
       r = ref.step(out[s]);
@@ -82,9 +84,12 @@ TEST_CASE("forward: logits match the float64 reference (untied and tied output)"
 TEST_CASE("forward: chunk size, thread count and ISA do not change the result") {
   std::vector<int32_t> base;
   std::vector<std::vector<float>> base_logits;
-  struct variant { uint32_t batch, threads; kernel_isa isa; };
-  for (variant v : {variant{64, 0, best_kernel_isa()}, variant{1, 1, best_kernel_isa()}, variant{5, 2, best_kernel_isa()},
-                    variant{7, 2, kernel_isa::kScalar}}) {
+  struct variant {
+    uint32_t batch, threads;
+    kernel_isa isa;
+  };
+  for (variant v : {variant{64, 0, best_kernel_isa()}, variant{1, 1, best_kernel_isa()},
+                    variant{5, 2, best_kernel_isa()}, variant{7, 2, kernel_isa::kScalar}}) {
     model_options mo;
     mo.max_batch = v.batch;
     mo.n_threads = v.threads;
@@ -107,13 +112,15 @@ TEST_CASE("forward: chunk size, thread count and ISA do not change the result") 
 
 TEST_CASE("forward: a decode batch equals the sequences decoded one by one") {
   auto l = load({});
-  const std::vector<std::vector<int32_t>> prompts = {kPrompt, {1, 50, 60, 70}, {3 + 'x', 3 + 'y', 3 + 'z', 3 + '1', 3 + '2', 3 + '3', 3 + '4'}};
+  const std::vector<std::vector<int32_t>> prompts = {
+      kPrompt, {1, 50, 60, 70}, {3 + 'x', 3 + 'y', 3 + 'z', 3 + '1', 3 + '2', 3 + '3', 3 + '4'}};
   const uint32_t steps = 10;
   std::vector<std::vector<int32_t>> alone(prompts.size());
   std::vector<std::vector<std::vector<float>>> alone_logits(prompts.size());
   {
     auto cache = make_cache(*l->model, "host", dtype::kF16);
-    for (size_t p = 0; p < prompts.size(); ++p) REQUIRE(model_test::greedy(*l->model, *cache, prompts[p], steps, alone[p], &alone_logits[p]).ok());
+    for (size_t p = 0; p < prompts.size(); ++p)
+      REQUIRE(model_test::greedy(*l->model, *cache, prompts[p], steps, alone[p], &alone_logits[p]).ok());
   }
   auto cache = make_cache(*l->model, "host", dtype::kF16);
   std::vector<seq_id> seqs;
@@ -205,10 +212,10 @@ TEST_CASE("tokenizer: synthetic vocabulary, pre-tokenizer boundaries and round t
   const std::string G = "\xc4\xa0";  // GPT-2's stand-in for ' '
   CHECK(t.encode("the") == std::vector<int32_t>{id("t"), id("he")});
   CHECK(t.encode(" the") == std::vector<int32_t>{id(G + "the")});
-  CHECK(t.encode("  the") == std::vector<int32_t>{id(G), id(G + "the")});  // \s+(?!\S) leaves one space
-  CHECK(t.encode("a1") == std::vector<int32_t>{id("a"), id("1")});          // digits are split off
-  CHECK(t.encode("12") == std::vector<int32_t>{id("1"), id("2")});          // one digit per piece
-  CHECK(t.encode("it's") == std::vector<int32_t>{id("i"), id("t"), id("'s")});  // contraction piece
+  CHECK(t.encode("  the") == std::vector<int32_t>{id(G), id(G + "the")});             // \s+(?!\S) leaves one space
+  CHECK(t.encode("a1") == std::vector<int32_t>{id("a"), id("1")});                    // digits are split off
+  CHECK(t.encode("12") == std::vector<int32_t>{id("1"), id("2")});                    // one digit per piece
+  CHECK(t.encode("it's") == std::vector<int32_t>{id("i"), id("t"), id("'s")});        // contraction piece
   CHECK(t.encode("x. y") == std::vector<int32_t>{id("x"), id("."), id(G), id("y")});  // no ". " merge across pieces
   CHECK(t.encode(" world") == std::vector<int32_t>{id(G + "w"), id("or"), id("ld")});
   CHECK(t.encode("<|im_start|>the<|im_end|>") == std::vector<int32_t>{1, id("t"), id("he"), 2});
@@ -217,7 +224,8 @@ TEST_CASE("tokenizer: synthetic vocabulary, pre-tokenizer boundaries and round t
   CHECK(t.apply_chat_template({{"user", "hi"}}) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
   // Round trips over random UTF-8, including invalid sequences (bytes are carried one by one).
   std::mt19937_64 rng(9);
-  const char* pieces[] = {"a", " ", "  ", "\n", "\t", "1", "é", "中", "😀", "'s", "'", ".", "\xff", "\xc3", "<|im_end|>", "the", "\xe2\x80\x83"};
+  const char* pieces[] = {"a",  " ", "  ", "\n",   "\t",   "1",          "é",   "中",          "😀",
+                          "'s", "'", ".",  "\xff", "\xc3", "<|im_end|>", "the", "\xe2\x80\x83"};
   for (int trial = 0; trial < 500; ++trial) {
     std::string s;
     const int n = static_cast<int>(rng() % 12);
@@ -240,7 +248,7 @@ TEST_CASE("tokenizer: the SentencePiece (llama) variant merges by score and fall
     types.push_back(6);
     scores.push_back(0);
   }
-  const std::pair<std::string, float> pieces[] = {{sp, -1}, {"t", -10}, {"h", -10}, {"e", -10}, {"x", -10},
+  const std::pair<std::string, float> pieces[] = {{sp, -1},       {"t", -10}, {"h", -10},       {"e", -10}, {"x", -10},
                                                   {sp + "t", -3}, {"he", -2}, {sp + "the", -1}, {"th", -20}};
   for (const auto& [p, s] : pieces) {
     toks.push_back(p);
@@ -279,8 +287,10 @@ TEST_CASE("tokenizer: the SentencePiece (llama) variant merges by score and fall
   REQUIRE_MESSAGE(tk.ok(), tk.error().to_string());
   const tokenizer& t = **tk;
   CHECK(t.model() == tokenizer::kind::kSentencePiece);
-  auto id = [&](const std::string& s) { return static_cast<int32_t>(std::find(toks.begin(), toks.end(), s) - toks.begin()); };
-  CHECK(t.encode("the") == std::vector<int32_t>{1, id(sp + "the")});              // he, then ▁t + he
+  auto id = [&](const std::string& s) {
+    return static_cast<int32_t>(std::find(toks.begin(), toks.end(), s) - toks.begin());
+  };
+  CHECK(t.encode("the") == std::vector<int32_t>{1, id(sp + "the")});  // he, then ▁t + he
   CHECK(t.encode("the the") == std::vector<int32_t>{1, id(sp + "the"), id(sp + "the")});
   CHECK(t.encode("\xc3\xa9") == std::vector<int32_t>{1, id(sp), id("<0xC3>"), id("<0xA9>")});  // byte fallback
   for (const char* s : {"the", "the the", "x\xc3\xa9 th", "  x", "\xe4\xb8\xad"}) CHECK(t.decode(t.encode(s)) == s);

@@ -15,14 +15,17 @@ using namespace instinfer::model;
 
 namespace {
 
-std::span<const std::byte> view(const std::vector<std::byte>& v) { return {v.data(), v.size()}; }
+std::span<const std::byte> view(const std::vector<std::byte>& v) {
+  return {v.data(), v.size()};
+}
 
 // Offset just past the tensor infos (where the header ends), found by parsing the valid image.
 uint64_t header_end(const synth::model& m) {
   auto f = gguf_file::parse(view(m.image));
   REQUIRE(f.ok());
   uint64_t first = UINT64_MAX;
-  for (const auto& t : (*f)->tensors()) first = std::min<uint64_t>(first, static_cast<uint64_t>(t.data - m.image.data()));
+  for (const auto& t : (*f)->tensors())
+    first = std::min<uint64_t>(first, static_cast<uint64_t>(t.data - m.image.data()));
   return first;
 }
 
@@ -145,8 +148,10 @@ TEST_CASE("gguf: bit flips in the header fail cleanly or load consistently") {
       const uint64_t at = rng() % hdr;
       img[at] ^= std::byte(1u << (rng() % 8));
     }
-    if (load_all(view(img))) ++accepted;
-    else ++rejected;
+    if (load_all(view(img)))
+      ++accepted;
+    else
+      ++rejected;
   }
   MESSAGE("bit-flip trials: " << rejected << " rejected, " << accepted << " still valid (flips in text)");
   CHECK(rejected > 1000);  // most header bytes are structure: flips there must be caught
@@ -200,7 +205,8 @@ TEST_CASE("gguf: hostile headers get specific errors") {
   }
   SUBCASE("nested array") {
     auto img = m.image;
-    const uint64_t at = find_bytes(img, "tokenizer.ggml.token_type") + std::string("tokenizer.ggml.token_type").size() + 4;
+    const uint64_t at =
+        find_bytes(img, "tokenizer.ggml.token_type") + std::string("tokenizer.ggml.token_type").size() + 4;
     poke<uint32_t>(img, at, 9);
     expect(img, errc::kCorruptData, "nested");
   }

@@ -198,8 +198,10 @@ TEST_CASE("golden: the prompts decoded together as one batch give the golden ids
     if (s + 1 == g.prompts[0].steps.size()) break;
     REQUIRE(f.model->forward(cache, items, logits).ok());
     for (size_t i = 0; i < n; ++i) {
-      std::vector<float> row(logits.begin() + static_cast<std::ptrdiff_t>(i * V), logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
-      worst = std::max(worst, check_step(row, g.prompts[i].steps[s + 1], g.fixed_ids, "batched prompt " + std::to_string(i)));
+      std::vector<float> row(logits.begin() + static_cast<std::ptrdiff_t>(i * V),
+                             logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
+      worst = std::max(worst,
+                       check_step(row, g.prompts[i].steps[s + 1], g.fixed_ids, "batched prompt " + std::to_string(i)));
       next[i] = sampler::argmax(row);
     }
   }
@@ -219,7 +221,8 @@ TEST_CASE("golden: every available KV backend (f16 and f32) gives the same greed
     // each other (host first).
     std::vector<int32_t> base = d == dtype::kF32 ? want : std::vector<int32_t>{};
     for (const std::string& uri : model_test::backend_uris()) {
-      if (uri.find("hugepages") != std::string::npos) continue;  // host with and without huge pages: test_model covers it
+      if (uri.find("hugepages") != std::string::npos)
+        continue;  // host with and without huge pages: test_model covers it
       CAPTURE(uri);
       auto c = kv_cache::create(f.model->kv_options(uri, d));
       if (!c.ok()) {

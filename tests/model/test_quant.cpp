@@ -51,8 +51,8 @@ TEST_CASE("quant: dequantize_row and every kernel match the float64 reference") 
           for (size_t i = 0; i < y.size(); ++i) {
             const double tol = 1e-6 * mag[i] + 1e-7;  // f32 accumulation error bound, scaled by Σ|w·x|
             if (std::fabs(y[i] - ref[i]) > tol)
-              FAIL("type " << ggml_type_name(tid) << " isa " << kernel_isa_name(isa) << " cols " << cols << " n_vec " << n_vec
-                           << " i " << i << ": " << y[i] << " vs " << ref[i]);
+              FAIL("type " << ggml_type_name(tid) << " isa " << kernel_isa_name(isa) << " cols " << cols << " n_vec "
+                           << n_vec << " i " << i << ": " << y[i] << " vs " << ref[i]);
           }
         }
       }

@@ -130,7 +130,8 @@ TEST_CASE("captured real attention: SparF at 1 equals dense, at 1/8 bounded erro
     }
     per_layer.push_back(*m);
     for (size_t i = 0; i < settings.size(); ++i) {
-      if (status s = cache.attend_sparse(call.layer, call.seqs, call.q, library.data(), nullptr, settings[i]); !s.ok()) {
+      if (status s = cache.attend_sparse(call.layer, call.seqs, call.q, library.data(), nullptr, settings[i]);
+          !s.ok()) {
         failure = s;
         return;
       }

@@ -25,10 +25,12 @@ struct aligned_allocator {
   aligned_allocator() = default;
   template <class U>
   aligned_allocator(const aligned_allocator<U>&) noexcept {}  // NOLINT
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
-  void deallocate(T* p, size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+  T* allocate(size_t n) { return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) noexcept { ::operator delete (p, std::align_val_t{64}); }
   template <class U>
-  bool operator==(const aligned_allocator<U>&) const noexcept { return true; }
+  bool operator==(const aligned_allocator<U>&) const noexcept {
+    return true;
+  }
 };
 using page_buffer = std::vector<std::byte, aligned_allocator<std::byte>>;
 

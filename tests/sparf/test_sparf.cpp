@@ -86,13 +86,19 @@ TEST_CASE("sparf: bad parameters are clear errors and write nothing") {
     const char* what;
   };
   const double nan = std::nan("");
-  for (const bad& b : {bad{sparf_params::with_rk(0, 10), "r (channels)"}, bad{sparf_params::with_rk(129, 10), "r (channels)"},
-                       bad{sparf_params::with_rk(8, 0), "k (tokens)"}, bad{sparf_params::with_rk(8, 301), "exceeds"},
-                       bad{sparf_params::with_compression(0.0), "compression"},
-                       bad{sparf_params::with_compression(-0.5), "compression"},
-                       bad{sparf_params::with_compression(1.5), "compression"},
-                       bad{sparf_params::with_compression(nan), "compression"},
-                       bad{[] { auto p = sparf_params{}; p.page_spread = 0.5; return p; }(), "page_spread"}}) {
+  for (const bad& b :
+       {bad{sparf_params::with_rk(0, 10), "r (channels)"}, bad{sparf_params::with_rk(129, 10), "r (channels)"},
+        bad{sparf_params::with_rk(8, 0), "k (tokens)"}, bad{sparf_params::with_rk(8, 301), "exceeds"},
+        bad{sparf_params::with_compression(0.0), "compression"},
+        bad{sparf_params::with_compression(-0.5), "compression"},
+        bad{sparf_params::with_compression(1.5), "compression"},
+        bad{sparf_params::with_compression(nan), "compression"},
+        bad{[] {
+              auto p = sparf_params{};
+              p.page_spread = 0.5;
+              return p;
+            }(),
+            "page_spread"}}) {
     CAPTURE(b.what);
     const run_result r = run(s, b.p, q.data());
     CHECK(r.st.code() == errc::kInvalidArgument);
@@ -175,10 +181,10 @@ TEST_CASE("sparf: compression < 1 matches the float64 SparF reference") {
     double c;
     double spread = 2.0;
   };
-  for (const shape& sh : {shape{128, 2, 1, 4, true, 0.125}, shape{128, 2, 1, 4, false, 0.125},
-                          shape{128, 2, 1, 4, true, 0.125, 0.0}, shape{128, 1, 4, 4, true, 0.125, 0.0},
-                          shape{128, 1, 4, 8, true, 0.25}, shape{64, 2, 2, 2, false, 0.5},
-                          shape{128, 1, 1, 2, true, 1.0 / 16}}) {
+  for (const shape& sh :
+       {shape{128, 2, 1, 4, true, 0.125}, shape{128, 2, 1, 4, false, 0.125}, shape{128, 2, 1, 4, true, 0.125, 0.0},
+        shape{128, 1, 4, 4, true, 0.125, 0.0}, shape{128, 1, 4, 8, true, 0.25}, shape{64, 2, 2, 2, false, 0.5},
+        shape{128, 1, 1, 2, true, 1.0 / 16}}) {
     CAPTURE(sh.group);
     CAPTURE(sh.whole);
     CAPTURE(sh.c);
@@ -230,7 +236,7 @@ TEST_CASE("sparf: dual-step loading reads at most 1/4 of dense pages at compress
       const sparf_counters& c = r.counters;
       CHECK(c.page_fraction() <= 0.25);
       CHECK(c.token_pages_read < c.dense_pages);  // whole pages were skipped
-      CHECK(c.byte_fraction() <= 0.125 + 1e-9);    // only the selected entries are used
+      CHECK(c.byte_fraction() <= 0.125 + 1e-9);   // only the selected entries are used
       CHECK(c.channel_pages_read > 0);
       MESSAGE("n=" << n << " pages " << c.page_fraction() << " bytes " << c.byte_fraction());
     }

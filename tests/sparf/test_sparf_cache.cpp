@@ -3,10 +3,10 @@
 // fork and truncation; bad parameters are rejected.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
 #include <cmath>
 #include <cstdio>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 #include "instinfer/attention/reference.hpp"
@@ -83,14 +83,16 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
     const uint64_t read0 = cache->stats().backend.device_bytes_read;
     REQUIRE(cache->attend(1, std::span<const seq_id>(&s, 1), work.q.data(), dense.data(), dense_lse.data()).ok());
     const uint64_t read_dense = cache->stats().backend.device_bytes_read - read0;
-    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
-                                 sparf_params::with_compression(1.0))
+    REQUIRE(cache
+                ->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
+                                sparf_params::with_compression(1.0))
                 .ok());
     CHECK(rel(sparse, dense) <= 1e-5);
 
     const uint64_t read1 = cache->stats().backend.device_bytes_read;
-    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
-                                 sparf_params::with_compression(0.125))
+    REQUIRE(cache
+                ->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), sparse.data(), sparse_lse.data(),
+                                sparf_params::with_compression(0.125))
                 .ok());
     const uint64_t read_sparse = cache->stats().backend.device_bytes_read - read1;
     if (read_dense > 0) {  // a storage backend: only the chosen column pages and selected K/V pages
@@ -124,13 +126,15 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
     REQUIRE(cache->append(f, 1, 7, work.k.data(), work.v.data(), dtype::kF32).ok());
     REQUIRE(cache->remove_range(f, 100, 300).ok());
     REQUIRE(cache->attend(1, std::span<const seq_id>(&f, 1), work.q.data(), dense.data(), nullptr).ok());
-    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&f, 1), work.q.data(), sparse.data(), nullptr,
-                                 sparf_params::with_compression(1.0))
+    REQUIRE(cache
+                ->attend_sparse(1, std::span<const seq_id>(&f, 1), work.q.data(), sparse.data(), nullptr,
+                                sparf_params::with_compression(1.0))
                 .ok());
     CHECK(rel(sparse, dense) <= 1e-5);
     // Below 1 as well, the fork's SparF is the same on every backend (its column copy follows).
-    REQUIRE(cache->attend_sparse(1, std::span<const seq_id>(&f, 1), work.q.data(), sparse.data(), nullptr,
-                                 sparf_params::with_compression(0.125))
+    REQUIRE(cache
+                ->attend_sparse(1, std::span<const seq_id>(&f, 1), work.q.data(), sparse.data(), nullptr,
+                                sparf_params::with_compression(0.125))
                 .ok());
     if (first_fork_sparse.empty())
       first_fork_sparse = sparse;
@@ -139,17 +143,21 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
 
     // Bad parameters are clear errors.
     float out[8 * 128];
-    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
-                               sparf_params::with_compression(0.0))
+    CHECK(cache
+              ->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                              sparf_params::with_compression(0.0))
               .code() == errc::kInvalidArgument);
-    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
-                               sparf_params::with_compression(1.5))
+    CHECK(cache
+              ->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                              sparf_params::with_compression(1.5))
               .code() == errc::kInvalidArgument);
-    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
-                               sparf_params::with_rk(0, 10))
+    CHECK(cache
+              ->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                              sparf_params::with_rk(0, 10))
               .code() == errc::kInvalidArgument);
-    CHECK(cache->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
-                               sparf_params::with_rk(8, 100000))
+    CHECK(cache
+              ->attend_sparse(1, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr,
+                              sparf_params::with_rk(8, 100000))
               .code() == errc::kInvalidArgument);
     CHECK(cache->attend_sparse(2, std::span<const seq_id>(&s, 1), work.q.data(), out, nullptr).code() ==
           errc::kLayerOutOfRange);

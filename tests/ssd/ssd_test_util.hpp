@@ -30,7 +30,9 @@ inline const std::string& scratch_dir() {
   return dir;
 }
 
-inline std::string scratch_file(const std::string& name) { return scratch_dir() + "/" + name; }
+inline std::string scratch_file(const std::string& name) {
+  return scratch_dir() + "/" + name;
+}
 
 // Whether the scratch directory's filesystem accepts O_DIRECT (otherwise: skip, exit 77).
 inline bool direct_io_works() {

@@ -11,7 +11,9 @@
 using namespace instinfer;
 
 namespace {
-bool pow2(uint64_t v) { return v && (v & (v - 1)) == 0; }
+bool pow2(uint64_t v) {
+  return v && (v & (v - 1)) == 0;
+}
 }  // namespace
 
 TEST_CASE("page policy: >= 4 KiB, a multiple of the granularity, within one transfer") {

@@ -137,8 +137,9 @@ struct harness {
 
 TEST_CASE("URI options are parsed and checked") {
   auto opts = [](const std::string& u) { return ssd_backend_options::from_uri(backend_uri::parse(u).value()); };
-  auto o = opts("ssd:/x/y?queue_depth=64&staging=16M&request=1M&capacity=2G&write_batch=8&buffered=1&sqpoll=1"
-                "&iopoll=1&single_issuer=0&register=0&preallocate=1&keep=1");
+  auto o = opts(
+      "ssd:/x/y?queue_depth=64&staging=16M&request=1M&capacity=2G&write_batch=8&buffered=1&sqpoll=1"
+      "&iopoll=1&single_issuer=0&register=0&preallocate=1&keep=1");
   REQUIRE(o.ok());
   CHECK(o->path == "/x/y");
   CHECK(o->queue_depth == 64);
@@ -366,7 +367,7 @@ TEST_CASE("fault injection at every I/O call site leaves every sequence readable
       CHECK((s.code() == errc::kNoSpace || s.code() == errc::kIoError));
       CHECK(appended >= 32);
       REQUIRE(h.attend_and_check(0, {4, 1}).ok());  // the unwritten chunks are served from memory
-      REQUIRE(h.append(4, 0, 16).ok());              // and retried
+      REQUIRE(h.append(4, 0, 16).ok());             // and retried
       REQUIRE(h.b->flush().ok());
       CHECK(h.b->buffered_chunks() == open_tails);
       REQUIRE(h.attend_and_check(0, {4}).ok());

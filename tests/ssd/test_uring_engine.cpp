@@ -60,9 +60,9 @@ void roundtrip(fixture& fx, uint32_t n, uint32_t block, uint32_t salt) {
   REQUIRE(staging.size() >= uint64_t{n} * block);
   for (uint32_t i = 0; i < n; ++i) {
     pattern(staging.data() + uint64_t{i} * block, block, uint64_t{i} * block, salt);
-    REQUIRE(fx.engine->queue(io_op::kWrite, fx.handle, staging.data() + uint64_t{i} * block, block,
-                             uint64_t{i} * block, i)
-                .ok());
+    REQUIRE(
+        fx.engine->queue(io_op::kWrite, fx.handle, staging.data() + uint64_t{i} * block, block, uint64_t{i} * block, i)
+            .ok());
   }
   std::vector<completion> done(n);
   uint32_t got = 0;
@@ -74,9 +74,10 @@ void roundtrip(fixture& fx, uint32_t n, uint32_t block, uint32_t salt) {
   for (const auto& c : done) CHECK(check_completion(c, "write").ok());
   std::memset(staging.data(), 0, uint64_t{n} * block);
   for (uint32_t i = 0; i < n; ++i)
-    REQUIRE(fx.engine->queue(io_op::kRead, fx.handle, staging.data() + uint64_t{i} * block, block,
-                             uint64_t{i} * block, 100 + i)
-                .ok());
+    REQUIRE(
+        fx.engine
+            ->queue(io_op::kRead, fx.handle, staging.data() + uint64_t{i} * block, block, uint64_t{i} * block, 100 + i)
+            .ok());
   got = 0;
   while (got < n) {
     auto r = fx.engine->wait(std::span(done).subspan(got), n - got);

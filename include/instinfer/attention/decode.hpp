@@ -54,7 +54,7 @@ result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& 
 struct decode_work {
   const std::byte* const* chunks = nullptr;  // n_chunks chunk base pointers, in token order
   uint32_t n_chunks = 0;
-  uint32_t n_tokens = 0;    // tokens in the sequence: (n_chunks - 1) * tokens_per_page < n <= n_chunks * tpp
+  uint32_t n_tokens = 0;     // tokens in the sequence: (n_chunks - 1) * tokens_per_page < n <= n_chunks * tpp
   const float* q = nullptr;  // [n_q_heads][head_dim]
   float* out = nullptr;      // [n_q_heads][head_dim], normalised
   float* lse = nullptr;      // [n_q_heads] natural-log sum-exp, or null

@@ -44,20 +44,20 @@ concept logits_variant = requires {
 };
 
 struct logit_constants {
-  float scale;          // logit = scale * q.k
-  float cap;            // soft-cap (softcapped_logits only)
+  float scale;  // logit = scale * q.k
+  float cap;    // soft-cap (softcapped_logits only)
   float scale_over_cap;
 };
 
 template <logits_variant Variant, class Ops>
-  requires(!Variant::kSoftcap)
-INSTINFER_INLINE typename Ops::vec finish_logits(typename Ops::vec dot, const logit_constants& c) noexcept {
+requires(!Variant::kSoftcap) INSTINFER_INLINE typename Ops::vec
+    finish_logits(typename Ops::vec dot, const logit_constants& c) noexcept {
   return dot * Ops::broadcast(c.scale);
 }
 
 template <logits_variant Variant, class Ops>
-  requires(Variant::kSoftcap)
-INSTINFER_INLINE typename Ops::vec finish_logits(typename Ops::vec dot, const logit_constants& c) noexcept {
+requires(Variant::kSoftcap) INSTINFER_INLINE typename Ops::vec
+    finish_logits(typename Ops::vec dot, const logit_constants& c) noexcept {
   return Ops::broadcast(c.cap) * Ops::tanh(dot * Ops::broadcast(c.scale_over_cap));
 }
 
@@ -78,7 +78,8 @@ struct kernel_shape {
   // Accumulator registers for the value tile (AVX2 has 16 vector registers, the others 32).
   static constexpr uint32_t kValueAccumulators = kLanes == 8 ? 8 : 16;
   // Tokens per block: about 16 KiB of K (and of V) so that a block stays in L1/L2 for all head tiles.
-  static constexpr uint32_t kBlockTokens = 16384 / kRowBytes < 16 ? 16 : (16384 / kRowBytes > 64 ? 64 : 16384 / kRowBytes);
+  static constexpr uint32_t kBlockTokens =
+      16384 / kRowBytes < 16 ? 16 : (16384 / kRowBytes > 64 ? 64 : 16384 / kRowBytes);
 
   static_assert(HeadDim % kLanes == 0, "head_dim must be a multiple of the vector width");
   static_assert(kBlockTokens % kLanes == 0, "a block must hold whole score tiles");
@@ -185,8 +186,8 @@ INSTINFER_INLINE void value_block(const std::byte* v, uint32_t n, const float* s
   constexpr uint32_t L = Shape::kLanes;
   constexpr uint32_t D = Shape::kHeadDim;
   constexpr uint32_t TT = L / HT;
-  constexpr uint32_t DB = Shape::kValueAccumulators / HT < Shape::kVecsPerRow ? Shape::kValueAccumulators / HT
-                                                                               : Shape::kVecsPerRow;
+  constexpr uint32_t DB =
+      Shape::kValueAccumulators / HT < Shape::kVecsPerRow ? Shape::kValueAccumulators / HT : Shape::kVecsPerRow;
   static_assert(DB >= 1 && Shape::kVecsPerRow % DB == 0);
   for (uint32_t g = 0; g < Shape::kVecsPerRow; g += DB) {
     vec acc[HT][DB];
@@ -370,8 +371,8 @@ void decode_chunks(const decode_params& params, const std::byte* const* chunks, 
 
 // A range of kv heads at once (used by host_decoder for its sequential sweeps).
 using decode_heads_fn = void (*)(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
-                                 uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q,
-                                 float* o, softmax_stats* stats) noexcept;
+                                 uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
+                                 softmax_stats* stats) noexcept;
 
 struct decode_kernel_pair {
   decode_chunks_fn one_head = nullptr;

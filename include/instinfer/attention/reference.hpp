@@ -22,9 +22,8 @@ namespace instinfer::reference {
 //   k, v: [n_tokens][head_dim] stored as `t`; q: [n_heads][head_dim] f32
 //   out: [n_heads][head_dim] (zeros when n_tokens == 0); lse: [n_heads] (-inf when empty), may be null
 // scale: logit scale (> 0); softcap > 0 applies cap * tanh(logit / cap).
-inline void attend_rows(const void* k, const void* v, dtype t, uint64_t n_tokens, uint32_t head_dim,
-                        const float* q, uint32_t n_heads, double scale, double softcap, double* out,
-                        double* lse) {
+inline void attend_rows(const void* k, const void* v, dtype t, uint64_t n_tokens, uint32_t head_dim, const float* q,
+                        uint32_t n_heads, double scale, double softcap, double* out, double* lse) {
   const size_t row = size_t{head_dim} * dtype_size(t);
   const auto* kb = static_cast<const std::byte*>(k);
   const auto* vb = static_cast<const std::byte*>(v);

@@ -98,14 +98,14 @@ struct sparf_params {
               "SparF page_spread must be 0 (off) or in [1, 1e6], got " + std::to_string(page_spread)};
     if (mode == sparf_mode::kCompression) {
       if (!(compression > 0.0 && compression <= 1.0))  // also rejects NaN
-        return {errc::kInvalidArgument,
-                "SparF compression must be in (0, 1] (fraction of dense K+V traffic), got " + std::to_string(compression)};
+        return {errc::kInvalidArgument, "SparF compression must be in (0, 1] (fraction of dense K+V traffic), got " +
+                                            std::to_string(compression)};
       return {};
     }
     if (mode != sparf_mode::kExplicit) return {errc::kInvalidArgument, "unknown SparF mode"};
     if (r == 0 || r > head_dim)
-      return {errc::kInvalidArgument,
-              "SparF r (channels) must be in [1, head_dim = " + std::to_string(head_dim) + "], got " + std::to_string(r)};
+      return {errc::kInvalidArgument, "SparF r (channels) must be in [1, head_dim = " + std::to_string(head_dim) +
+                                          "], got " + std::to_string(r)};
     if (k == 0) return {errc::kInvalidArgument, "SparF k (tokens) must be >= 1, got 0"};
     return {};
   }
@@ -286,14 +286,14 @@ class sparf_workspace {
 
   static constexpr uint32_t kBlock = 64;  // selected tokens per exact-softmax block
 
-  std::vector<float> approx_;    // [group][n_tokens] approximate logits, then probabilities
-  std::vector<float> rank_;      // [n_tokens] ranking score
-  std::vector<uint32_t> order_;  // token indices; the first k are the selection
+  std::vector<float> approx_;         // [group][n_tokens] approximate logits, then probabilities
+  std::vector<float> rank_;           // [n_tokens] ranking score
+  std::vector<uint32_t> order_;       // token indices; the first k are the selection
   std::vector<float> page_score_;     // [n_chunks] approximate mass per token page
   std::vector<uint32_t> page_order_;  // [n_chunks]
   std::vector<uint8_t> page_pick_;    // [n_chunks] candidate page
-  std::vector<float> row_;       // one converted K row or column
-  std::vector<float> vrow_;      // one converted V row
+  std::vector<float> row_;            // one converted K row or column
+  std::vector<float> vrow_;           // one converted V row
   std::vector<uint32_t> channels_;
   std::vector<float> weight_;
   std::vector<float> head_scale_;
@@ -578,8 +578,8 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
 
   float* kv_row = ws.row_.data();
   float* v_row = ws.vrow_.data();
-  float* o = ws.o_.data();    // [G][d] running unnormalised output
-  float* ob = ws.ob_.data();  // [G][d] block output
+  float* o = ws.o_.data();            // [G][d] running unnormalised output
+  float* ob = ws.ob_.data();          // [G][d] block output
   float* logits = ws.logits_.data();  // [G][kB]
   std::fill(o, o + size_t{G} * d, 0.0f);
   for (uint32_t g = 0; g < G; ++g) ws.stats_[g] = softmax_stats{};
@@ -607,7 +607,8 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
         for (uint32_t i = 0; i < d; ++i) obg[i] += pj * v_row[i];
       }
     }
-    for (uint32_t g = 0; g < G; ++g) merge_state(ws.stats_[g], o + size_t{g} * d, ws.stats_block_[g], ob + size_t{g} * d, d);
+    for (uint32_t g = 0; g < G; ++g)
+      merge_state(ws.stats_[g], o + size_t{g} * d, ws.stats_block_[g], ob + size_t{g} * d, d);
   }
   for (uint32_t g = 0; g < G; ++g) {
     float* og = o + size_t{g} * d;
@@ -711,10 +712,16 @@ class sparf_index {
  public:
   sparf_index() = default;
   explicit sparf_index(const channel_layout& layout)
-      : layout_(layout), sealed_sum_(size_t{layout.n_kv_heads} * layout.head_dim, 0.0), v_mean_(sealed_sum_.size(), 0.0f) {}
+      : layout_(layout),
+        sealed_sum_(size_t{layout.n_kv_heads} * layout.head_dim, 0.0),
+        v_mean_(sealed_sum_.size(), 0.0f) {}
   sparf_index(const sparf_index& o)
-      : layout_(o.layout_), n_tokens_(o.n_tokens_), blocks_(o.blocks_), block_sum_(o.block_sum_),
-        sealed_sum_(o.sealed_sum_), v_mean_(o.v_mean_) {
+      : layout_(o.layout_),
+        n_tokens_(o.n_tokens_),
+        blocks_(o.blocks_),
+        block_sum_(o.block_sum_),
+        sealed_sum_(o.sealed_sum_),
+        v_mean_(o.v_mean_) {
     rebuild_pointers();
   }
   sparf_index& operator=(const sparf_index& o) {
@@ -809,8 +816,8 @@ class sparf_index {
   // k_tail (same shape as v_tail) when given, which they must be if the block's memory was dropped.
   status truncate(uint32_t n, const std::byte* v_tail, const std::byte* k_tail = nullptr) noexcept {
     if (n > n_tokens_)
-      return {errc::kInvalidArgument, "sparf_index::truncate: " + std::to_string(n) + " > " + std::to_string(n_tokens_) +
-                                          " tokens"};
+      return {errc::kInvalidArgument,
+              "sparf_index::truncate: " + std::to_string(n) + " > " + std::to_string(n_tokens_) + " tokens"};
     if (n == n_tokens_) return {};
     const uint32_t partial = n % tp();
     if (partial > 0 && v_tail == nullptr)
@@ -844,7 +851,8 @@ class sparf_index {
       for (uint32_t i = 0; i < partial; ++i)
         for (uint32_t h = 0; h < H; ++h)
           for (uint32_t ch = 0; ch < d; ++ch)
-            bs[size_t{h} * d + ch] += static_cast<double>(load_as_float(v_tail + (size_t{i} * H + h) * d * es, layout_.kv_dtype, ch));
+            bs[size_t{h} * d + ch] +=
+                static_cast<double>(load_as_float(v_tail + (size_t{i} * H + h) * d * es, layout_.kv_dtype, ch));
     }
     std::fill(sealed_sum_.begin(), sealed_sum_.end(), 0.0);
     for (uint32_t b = 0; b < n / tp(); ++b)

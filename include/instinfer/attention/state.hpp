@@ -17,7 +17,7 @@ namespace instinfer {
 
 struct softmax_stats {
   float m = -std::numeric_limits<float>::infinity();  // max logit seen; -inf when empty
-  float d = 0.0f;                                      // sum of exp(logit - m)
+  float d = 0.0f;                                     // sum of exp(logit - m)
 
   INSTINFER_HOST_DEVICE constexpr bool empty() const noexcept { return d == 0.0f; }
 };
@@ -38,8 +38,8 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE merge_factors merge_factors_for(softmax_s
 }
 
 // a := a (+) b for the stats and the unnormalised outputs (n elements each).
-INSTINFER_HOST_DEVICE INSTINFER_INLINE void merge_state(softmax_stats& a, float* o_a, softmax_stats b,
-                                                        const float* o_b, uint32_t n) noexcept {
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void merge_state(softmax_stats& a, float* o_a, softmax_stats b, const float* o_b,
+                                                        uint32_t n) noexcept {
   const merge_factors f = merge_factors_for(a, b);
   for (uint32_t i = 0; i < n; ++i) o_a[i] = o_a[i] * f.scale_a + o_b[i] * f.scale_b;
   a.d = a.d * f.scale_a + b.d * f.scale_b;

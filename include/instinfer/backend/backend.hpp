@@ -82,7 +82,7 @@ struct page_read {
 struct backend_stats {
   uint64_t capacity_chunks = 0;
   uint64_t used_chunks = 0;
-  uint64_t kv_bytes_appended = 0;    // K+V bytes handed to write_tokens
+  uint64_t kv_bytes_appended = 0;     // K+V bytes handed to write_tokens
   uint64_t device_bytes_written = 0;  // bytes that reached storage (write amplification numerator)
   uint64_t device_bytes_read = 0;
   uint64_t link_bytes_host_to_device = 0;  // CSD / GPU: bytes over the host link
@@ -93,8 +93,7 @@ struct backend_stats {
   double modelled_device_seconds = 0.0;  // CSD: from the flash and link models, not wall-clock
 
   double write_amplification() const noexcept {
-    return kv_bytes_appended ? static_cast<double>(device_bytes_written) / static_cast<double>(kv_bytes_appended)
-                             : 0.0;
+    return kv_bytes_appended ? static_cast<double>(device_bytes_written) / static_cast<double>(kv_bytes_appended) : 0.0;
   }
 };
 

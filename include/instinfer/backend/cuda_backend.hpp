@@ -35,7 +35,9 @@ struct cuda_backend_options {
 #if defined(INSTINFER_WITH_CUDA) && INSTINFER_WITH_CUDA
 int cuda_device_count() noexcept;
 #else
-inline int cuda_device_count() noexcept { return 0; }
+inline int cuda_device_count() noexcept {
+  return 0;
+}
 #endif
 
 class cuda_backend final : public backend {
@@ -49,14 +51,18 @@ class cuda_backend final : public backend {
 #endif
   }
   // Probed at run time: a driver and at least one device.
-  static bool available() noexcept { return compiled_in() && cuda_device_count() > 0; }
+  static bool available() noexcept {
+    return compiled_in() && cuda_device_count() > 0;
+  }
 
   explicit cuda_backend(cuda_backend_options options = {});
   ~cuda_backend() override;
   cuda_backend(const cuda_backend&) = delete;
   cuda_backend& operator=(const cuda_backend&) = delete;
 
-  std::string_view name() const noexcept override { return kScheme; }
+  std::string_view name() const noexcept override {
+    return kScheme;
+  }
   status configure(const backend_config& config) override;
 
   uint64_t capacity_chunks() const noexcept override;

@@ -66,7 +66,7 @@ class host_backend final : public backend {
   size_t pool_bytes_ = 0;
   host_memory_kind memory_kind_ = host_memory_kind::kAligned4k;
   uint64_t capacity_chunks_ = 0;
-  uint64_t next_fresh_ = 0;         // ids below this have been handed out at least once
+  uint64_t next_fresh_ = 0;          // ids below this have been handed out at least once
   std::vector<chunk_id> free_list_;  // released ids, reused first
   std::unique_ptr<host_decoder> decoder_;
   std::vector<const std::byte*> chunk_ptrs_;  // attend workspace: grows, never shrinks

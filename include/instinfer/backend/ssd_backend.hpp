@@ -56,11 +56,11 @@ struct ssd_backend_options {
   uint32_t write_batch = 0;               // sealed chunks gathered per batched write; 0: queue_depth
   bool buffered = false;                  // explicit opt-in to page-cache I/O when O_DIRECT is refused
   bool sqpoll = false;
-  bool iopoll = false;                    // falls back (reported) when the device has no poll queues
-  bool single_issuer = true;              // SINGLE_ISSUER | DEFER_TASKRUN: drive from one thread
+  bool iopoll = false;        // falls back (reported) when the device has no poll queues
+  bool single_issuer = true;  // SINGLE_ISSUER | DEFER_TASKRUN: drive from one thread
   bool register_buffers = true;
-  bool preallocate = false;               // fallocate the whole capacity up front (no ENOSPC later)
-  bool keep_file = false;                 // keep a file this backend created (default: unlink at close)
+  bool preallocate = false;  // fallocate the whole capacity up front (no ENOSPC later)
+  bool keep_file = false;    // keep a file this backend created (default: unlink at close)
 
   // Keys: queue_depth staging request capacity write_batch buffered sqpoll iopoll single_issuer
   // register preallocate keep. Unknown keys are an error.
@@ -129,7 +129,7 @@ class ssd_backend final : public backend {
     uint32_t n_tokens = 0;
     uint32_t durable_tokens = 0;  // tokens already on the device (flush of a partial tail)
     bool sealed = false;
-    int32_t write_result = 0;     // completion of the batched write in flight
+    int32_t write_result = 0;  // completion of the batched write in flight
     bool writing = false;
   };
   struct stream {
@@ -137,19 +137,19 @@ class ssd_backend final : public backend {
     uint32_t next = 0;  // next slot index inside the extent
   };
   struct read_request {
-    uint32_t item = 0;       // index in the batch
-    uint32_t position = 0;   // first chunk position in the item's page table
-    uint32_t count = 0;      // chunks (contiguous slots)
+    uint32_t item = 0;      // index in the batch
+    uint32_t position = 0;  // first chunk position in the item's page table
+    uint32_t count = 0;     // chunks (contiguous slots)
     chunk_id first = kInvalidChunk;
   };
   struct write_run {
     uint32_t first = 0;  // index into write_order_ / iovecs_
     uint32_t count = 0;
   };
-  struct page_run {        // read_pages: one device read covering adjacent pages
-    uint64_t offset = 0;   // aligned device range [offset, offset + bytes)
+  struct page_run {       // read_pages: one device read covering adjacent pages
+    uint64_t offset = 0;  // aligned device range [offset, offset + bytes)
     uint32_t bytes = 0;
-    uint32_t first = 0;    // its pages: page_order_[first, first + count)
+    uint32_t first = 0;  // its pages: page_order_[first, first + count)
     uint32_t count = 0;
     uint64_t staging = 0;  // where it lands in the staging pool
     int32_t result = 0;
@@ -195,25 +195,25 @@ class ssd_backend final : public backend {
   uint64_t capacity_chunks_ = 0;
   uint64_t free_count_ = 0;
   uint32_t extent_chunks_ = 1;
-  std::vector<uint8_t> allocated_;         // per slot
-  std::vector<uint32_t> extent_used_;      // allocated slots per extent
-  std::vector<uint8_t> extent_owned_;      // held by a stream
-  std::vector<uint8_t> extent_reserved_;   // blocks allocated (fallocate) in the file
+  std::vector<uint8_t> allocated_;        // per slot
+  std::vector<uint32_t> extent_used_;     // allocated slots per extent
+  std::vector<uint8_t> extent_owned_;     // held by a stream
+  std::vector<uint8_t> extent_reserved_;  // blocks allocated (fallocate) in the file
   bool fallocate_ok_ = true;
-  std::vector<uint32_t> free_extents_;     // wholly free, not held (stack)
-  uint32_t scan_extent_ = 0;               // where the slot-by-slot fallback resumes
+  std::vector<uint32_t> free_extents_;            // wholly free, not held (stack)
+  uint32_t scan_extent_ = 0;                      // where the slot-by-slot fallback resumes
   std::unordered_map<uint64_t, stream> streams_;  // key: seq * 2^16 + layer... (see key())
 
   // Group buffers.
   std::vector<group_buffer> buffers_;
-  std::vector<uint32_t> free_buffers_;     // allocated, unused
-  std::vector<uint32_t> dead_buffers_;     // entries whose memory was given back
+  std::vector<uint32_t> free_buffers_;  // allocated, unused
+  std::vector<uint32_t> dead_buffers_;  // entries whose memory was given back
   std::unordered_map<chunk_id, uint32_t> buffer_of_;
-  std::vector<uint32_t> sealed_pending_;   // buffer indices, in sealing order
+  std::vector<uint32_t> sealed_pending_;  // buffer indices, in sealing order
   uint64_t buffer_bytes_ = 0;
-  std::vector<uint32_t> write_order_;      // the batch being written, by slot
+  std::vector<uint32_t> write_order_;  // the batch being written, by slot
   std::vector<iovec> iovecs_;
-  std::vector<write_run> write_runs_;      // completions name a run
+  std::vector<write_run> write_runs_;  // completions name a run
 
   // Decode.
   decode_chunks_fn kernel_ = nullptr;
@@ -232,7 +232,7 @@ class ssd_backend final : public backend {
   // read_pages.
   std::vector<uint32_t> page_order_;  // indices of the reads bound for the device, by device offset
   std::vector<page_run> page_runs_;
-  uint32_t page_pending_ = 0;         // runs of the current round not yet completed
+  uint32_t page_pending_ = 0;  // runs of the current round not yet completed
   int32_t sync_result_ = 0;
   bool sync_done_ = false;
 

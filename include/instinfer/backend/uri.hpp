@@ -32,9 +32,12 @@ struct backend_uri {
     uint64_t mult = 1;
     if (!s.empty()) {
       switch (s.back()) {
-        case 'k': case 'K': mult = 1ull << 10; break;
-        case 'm': case 'M': mult = 1ull << 20; break;
-        case 'g': case 'G': mult = 1ull << 30; break;
+        case 'k':
+        case 'K': mult = 1ull << 10; break;
+        case 'm':
+        case 'M': mult = 1ull << 20; break;
+        case 'g':
+        case 'G': mult = 1ull << 30; break;
         default: break;
       }
       if (mult != 1) s.remove_suffix(1);
@@ -42,8 +45,8 @@ struct backend_uri {
     uint64_t n = 0;
     auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), n);
     if (ec != std::errc{} || p != s.data() + s.size() || s.empty() || (n != 0 && mult > UINT64_MAX / n))
-      return status{errc::kInvalidArgument, "option '" + std::string(key) + "' is not an unsigned integer: '" +
-                                                std::string(*v) + "'"};
+      return status{errc::kInvalidArgument,
+                    "option '" + std::string(key) + "' is not an unsigned integer: '" + std::string(*v) + "'"};
     return n * mult;
   }
 
@@ -56,7 +59,8 @@ struct backend_uri {
       if (used == v->size()) return d;
     } catch (...) {
     }
-    return status{errc::kInvalidArgument, "option '" + std::string(key) + "' is not a number: '" + std::string(*v) + "'"};
+    return status{errc::kInvalidArgument,
+                  "option '" + std::string(key) + "' is not a number: '" + std::string(*v) + "'"};
   }
 
   bool option_bool(std::string_view key, bool fallback) const noexcept {

@@ -15,7 +15,9 @@ namespace instinfer {
 
 enum class dtype : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-constexpr uint32_t dtype_size(dtype t) noexcept { return t == dtype::kF32 ? 4u : 2u; }
+constexpr uint32_t dtype_size(dtype t) noexcept {
+  return t == dtype::kF32 ? 4u : 2u;
+}
 
 constexpr std::string_view dtype_name(dtype t) noexcept {
   switch (t) {
@@ -91,7 +93,7 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE f16_t float_to_f16(float f) noexcept {
   const uint32_t u = float_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (abs > 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | 0x7e00u)};   // NaN
   if (abs >= 0x477ff000u) return f16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
   if (abs < 0x38800000u) {
     // Result is subnormal or zero: shift the implicit-one mantissa into place with RNE.

@@ -76,7 +76,7 @@ class [[nodiscard]] status {
 template <class T>
 class [[nodiscard]] result {
  public:
-  result(T v) : storage_(std::in_place_index<0>, std::move(v)) {}         // NOLINT: implicit
+  result(T v) : storage_(std::in_place_index<0>, std::move(v)) {}                   // NOLINT: implicit
   result(status failure) : storage_(std::in_place_index<1>, std::move(failure)) {}  // NOLINT: implicit
 
   bool ok() const noexcept { return storage_.index() == 0; }
@@ -97,8 +97,8 @@ class [[nodiscard]] result {
 }  // namespace instinfer
 
 // Propagate a failed status out of the enclosing function.
-#define INSTINFER_TRY(expr)                       \
-  do {                                            \
-    ::instinfer::status instinfer_try_s_ = (expr); \
+#define INSTINFER_TRY(expr)                              \
+  do {                                                   \
+    ::instinfer::status instinfer_try_s_ = (expr);       \
     if (!instinfer_try_s_.ok()) return instinfer_try_s_; \
   } while (0)

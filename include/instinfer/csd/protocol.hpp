@@ -29,15 +29,15 @@ enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
   kConfig = 0x02,    // create a namespace: data = namespace_config; result: namespace_info
   kDeleteNamespace = 0x03,
-  kWriteKv = 0x10,   // data = chunk ids, then K, then V (see write_kv_args)
-  kAttend = 0x11,    // data = attend_entry[n], then q; result = out, then lse
-  kReclaim = 0x12,   // free chunks / a sequence / a range of a sequence's page table; erase
-  kMap = 0x13,       // set a (seq, layer) page table: data = chunk ids
-  kCopy = 0x14,      // copy the first n tokens of a chunk into a fresh chunk (fork of a tail)
-  kRead = 0x15,      // read a chunk back: result = the chunk's bytes
+  kWriteKv = 0x10,       // data = chunk ids, then K, then V (see write_kv_args)
+  kAttend = 0x11,        // data = attend_entry[n], then q; result = out, then lse
+  kReclaim = 0x12,       // free chunks / a sequence / a range of a sequence's page table; erase
+  kMap = 0x13,           // set a (seq, layer) page table: data = chunk ids
+  kCopy = 0x14,          // copy the first n tokens of a chunk into a fresh chunk (fork of a tail)
+  kRead = 0x15,          // read a chunk back: result = the chunk's bytes
   kAttendSparse = 0x16,  // SparF: data = sparf_wire_params, attend_entry[n], q; result = out, lse, counters
-  kStats = 0x20,     // result: device_stats
-  kShutdown = 0x7f,  // the drive exits after completing this command
+  kStats = 0x20,         // result: device_stats
+  kShutdown = 0x7f,      // the drive exits after completing this command
 };
 
 constexpr const char* opcode_name(opcode op) noexcept {
@@ -137,7 +137,7 @@ struct namespace_config {
   float softcap = 0.0f;
   uint32_t kv_head_begin = 0;            // informational: first model kv head held here
   uint32_t sparf_channels_per_page = 0;  // column page width (channel_layout), resolved by the host
-  uint64_t capacity_chunks = 0;  // logical chunks wanted; 0 = what the flash can hold
+  uint64_t capacity_chunks = 0;          // logical chunks wanted; 0 = what the flash can hold
 };
 static_assert(sizeof(namespace_config) == 48);
 static_assert(std::is_trivially_copyable_v<namespace_config>);
@@ -279,12 +279,12 @@ struct device_stats {
   uint64_t cpu_ns = 0;          // real CPU time of the drive's workers in attend
   uint64_t attend_wall_ns = 0;  // real wall time of attend commands
   // SparF (flash pages are also in flash_pages_read / flash_pages_programmed above)
-  uint64_t sparse_attends = 0;            // attend-sparse commands completed
-  uint64_t column_pages_programmed = 0;   // channel-indexed K pages written
-  uint64_t column_pages_read = 0;         // of them, read by attend-sparse
-  uint64_t sparse_token_pages_read = 0;   // token-indexed K/V pages read from flash by attend-sparse
+  uint64_t sparse_attends = 0;             // attend-sparse commands completed
+  uint64_t column_pages_programmed = 0;    // channel-indexed K pages written
+  uint64_t column_pages_read = 0;          // of them, read by attend-sparse
+  uint64_t sparse_token_pages_read = 0;    // token-indexed K/V pages read from flash by attend-sparse
   uint64_t column_rebuild_pages_read = 0;  // token pages read to rebuild column data after a fork or truncation
-  uint64_t column_blocks = 0;             // column blocks on flash now
+  uint64_t column_blocks = 0;              // column blocks on flash now
 };
 static_assert(std::is_trivially_copyable_v<device_stats>);
 static_assert(sizeof(device_stats) == 26 * 8);

@@ -31,10 +31,10 @@ struct paged_kv_desc {
 
 struct decode_launch {
   paged_kv_desc kv{};
-  page_table_view table{};  // device arrays; table.tokens_per_page == kv.tokens_per_page
-  uint32_t group_size = 1;  // query heads per kv head (query head h uses kv head h / group_size)
-  float scale = 0.0f;       // logit scale (already resolved: not 0)
-  float softcap = 0.0f;     // <= 0: off
+  page_table_view table{};   // device arrays; table.tokens_per_page == kv.tokens_per_page
+  uint32_t group_size = 1;   // query heads per kv head (query head h uses kv head h / group_size)
+  float scale = 0.0f;        // logit scale (already resolved: not 0)
+  float softcap = 0.0f;      // <= 0: off
   const float* q = nullptr;  // [batch][n_kv_heads * group_size][head_dim]
   float* out = nullptr;      // [batch][n_kv_heads * group_size][head_dim], normalised
   float* lse = nullptr;      // [batch][n_kv_heads * group_size] natural-log sum-exp, or null
@@ -42,9 +42,9 @@ struct decode_launch {
 
 struct decode_plan {
   decode_split_plan split{};
-  uint32_t group_tile = 1;      // query heads per block (group_tile_for(group_size))
-  uint32_t tile_tokens = 0;     // the kernel's tile (split_tokens is a multiple of it)
-  size_t workspace_bytes = 0;   // partial states when split.max_splits > 1; 0 otherwise
+  uint32_t group_tile = 1;     // query heads per block (group_tile_for(group_size))
+  uint32_t tile_tokens = 0;    // the kernel's tile (split_tokens is a multiple of it)
+  size_t workspace_bytes = 0;  // partial states when split.max_splits > 1; 0 otherwise
 };
 
 // kUnsupported for a head_dim / dtype the kernels are not instantiated for; kInvalidArgument for
@@ -54,8 +54,7 @@ result<decode_plan> plan_decode(const paged_kv_desc& kv, uint32_t group_size, ui
 
 // Enqueue decode attention for the batch. `workspace` (device, 256-byte aligned) holds at least
 // plan.workspace_bytes. Errors are launch errors; kernel faults surface at the next synchronisation.
-status launch_decode(const decode_launch& args, const decode_plan& plan, void* workspace,
-                     cudaStream_t stream) noexcept;
+status launch_decode(const decode_launch& args, const decode_plan& plan, void* workspace, cudaStream_t stream) noexcept;
 
 // Store n token rows into chunk `chunk` at token `first`: k, v are device rows
 // [n][n_kv_heads][head_dim] of kv_dtype, 16-byte aligned. Precondition: first + n <= tokens_per_page.

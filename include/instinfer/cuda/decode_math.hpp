@@ -29,9 +29,9 @@
 namespace instinfer::cuda {
 
 inline constexpr uint32_t kDecodeThreads = 128;
-inline constexpr uint32_t kDecodeStages = 4;      // cp.async pipeline depth
+inline constexpr uint32_t kDecodeStages = 4;            // cp.async pipeline depth
 inline constexpr uint32_t kSmemOptInBytes = 48 * 1024;  // above this, the launch opts in to more shared memory
-inline constexpr uint32_t kMinSplitTokens = 256;    // never split a sequence finer than this
+inline constexpr uint32_t kMinSplitTokens = 256;        // never split a sequence finer than this
 
 template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t GroupTile>
 struct decode_traits {
@@ -56,10 +56,9 @@ struct decode_traits {
   static constexpr uint32_t kTokensPerGroup = kTileTokens / kRowGroups;
   static constexpr uint32_t kStages = kDecodeStages;
   static constexpr uint32_t kStageBytes = 2 * kTileTokens * kRowBytes;  // K tile, then V tile
-  static constexpr uint32_t kCopiesPerStage = kStageBytes / 16;          // 16-byte cp.async per stage
+  static constexpr uint32_t kCopiesPerStage = kStageBytes / 16;         // 16-byte cp.async per stage
   static constexpr uint32_t kMergeBytes = kRowGroups * GroupTile * HeadDim * 4;
-  static constexpr uint32_t kSmemBytes =
-      kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
+  static constexpr uint32_t kSmemBytes = kStages * kStageBytes > kMergeBytes ? kStages* kStageBytes : kMergeBytes;
 
   static_assert(kLanesPerRow * kRowGroups == kThreads);
   static_assert(32 % kLanesPerRow == 0, "a row's lanes must sit in one warp (shuffle reduction)");
@@ -88,24 +87,24 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE float decode_logit(float dot, float scale
 template <uint32_t Tokens, uint32_t Group, uint32_t Elems>
 INSTINFER_HOST_DEVICE INSTINFER_INLINE void fold_tile(const float (&s)[Tokens][Group], const float (&v)[Tokens][Elems],
                                                       softmax_stats (&st)[Group], float (&o)[Group][Elems]) noexcept {
-INSTINFER_UNROLL
+  INSTINFER_UNROLL
   for (uint32_t g = 0; g < Group; ++g) {
     softmax_stats local{};
-INSTINFER_UNROLL
+    INSTINFER_UNROLL
     for (uint32_t j = 0; j < Tokens; ++j) local.m = s[j][g] > local.m ? s[j][g] : local.m;
     float p[Tokens];
     const bool any = local.m > -INFINITY;
-INSTINFER_UNROLL
+    INSTINFER_UNROLL
     for (uint32_t j = 0; j < Tokens; ++j) {
       p[j] = any ? expf(s[j][g] - local.m) : 0.0f;  // an out-of-range token (-inf) gives exactly 0
       local.d += p[j];
     }
     if (!any) continue;  // nothing to merge: the running state stays as it was
     float lo[Elems];
-INSTINFER_UNROLL
+    INSTINFER_UNROLL
     for (uint32_t e = 0; e < Elems; ++e) {
       float acc = 0.0f;
-INSTINFER_UNROLL
+      INSTINFER_UNROLL
       for (uint32_t j = 0; j < Tokens; ++j) acc += p[j] * v[j][e];
       lo[e] = acc;
     }
@@ -122,13 +121,12 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE uint32_t seq_tokens(uint32_t n_chunks, ui
 // Byte offset in the pool of row `token` of (kind, kv_head) for the chunk holding it, with the
 // chunk laid out as chunk_layout says ([K|V][n_kv_heads][tokens_per_page][head_dim]).
 //   kind: 0 = K, 1 = V; log2_tpp: log2(tokens_per_page) (tokens_per_page is a power of two).
-INSTINFER_HOST_DEVICE INSTINFER_INLINE uint64_t kv_row_offset(uint32_t chunk, uint64_t chunk_bytes,
-                                                              uint32_t page_bytes, uint32_t n_kv_heads,
-                                                              uint32_t kind, uint32_t kv_head, uint32_t token,
-                                                              uint32_t log2_tpp, uint32_t row_bytes) noexcept {
+INSTINFER_HOST_DEVICE INSTINFER_INLINE uint64_t kv_row_offset(uint32_t chunk, uint64_t chunk_bytes, uint32_t page_bytes,
+                                                              uint32_t n_kv_heads, uint32_t kind, uint32_t kv_head,
+                                                              uint32_t token, uint32_t log2_tpp,
+                                                              uint32_t row_bytes) noexcept {
   const uint32_t row = token & ((1u << log2_tpp) - 1u);
-  return uint64_t{chunk} * chunk_bytes + uint64_t{kind * n_kv_heads + kv_head} * page_bytes +
-         uint64_t{row} * row_bytes;
+  return uint64_t{chunk} * chunk_bytes + uint64_t{kind * n_kv_heads + kv_head} * page_bytes + uint64_t{row} * row_bytes;
 }
 
 // How a batch is split over token ranges. Sequence b uses splits_for(len_b) splits of
@@ -202,7 +200,7 @@ static_assert(traits_f16_64_1::kLanesPerRow == 8 && traits_f16_64_1::kRowGroups 
 static_assert(traits_f16_64_1::kTileTokens == 64);
 static_assert(plan_decode_splits(32768, 1056, 528, 16).max_splits == 1);  // two full waves already
 static_assert(plan_decode_splits(32768, 128, 396, 32).max_splits == 3);   // 384 of 396 slots, one wave
-static_assert(plan_decode_splits(32768, 8, 528, 16).max_splits == 63);  // 504 of 528 slots; 64 is < 2 % better
+static_assert(plan_decode_splits(32768, 8, 528, 16).max_splits == 63);    // 504 of 528 slots; 64 is < 2 % better
 static_assert(plan_decode_splits(100, 1, 528, 16).split_tokens == 112);
 static_assert(group_tile_for(6) == 2 && group_tile_for(7) == 1 && group_tile_for(16) == 8);
 }  // namespace detail

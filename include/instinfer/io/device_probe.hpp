@@ -20,10 +20,10 @@ namespace instinfer {
 enum class storage_kind : uint8_t { kNvme = 0, kBlockDevice = 1, kFile = 2, kUnknown = 3 };
 
 struct device_probe_result {
-  std::string path;               // what was asked about
+  std::string path;  // what was asked about
   storage_kind kind = storage_kind::kUnknown;
-  std::string block_device;       // kernel name of the device underneath ("nvme0n1", "vda"), if any
-  std::string filesystem_note;    // "file on vda", "block device", ...
+  std::string block_device;     // kernel name of the device underneath ("nvme0n1", "vda"), if any
+  std::string filesystem_note;  // "file on vda", "block device", ...
 
   // Direct I/O alignment (statx STATX_DIOALIGN); 0 when the kernel did not say.
   uint32_t dio_mem_align = 0;
@@ -36,7 +36,7 @@ struct device_probe_result {
   uint32_t optimal_io_bytes = 0;
   uint64_t max_transfer_bytes = 0;  // max_sectors_kb (or MDTS)
   bool rotational = false;
-  bool poll_queues = false;         // queue/io_poll: IOPOLL can work
+  bool poll_queues = false;  // queue/io_poll: IOPOLL can work
 
   // NVMe namespace facts (libnvme); 0 when not NVMe, not reported, or not marked valid.
   bool nvme_identified = false;

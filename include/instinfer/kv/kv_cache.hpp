@@ -43,7 +43,7 @@ struct cache_stats {
   uint64_t chunk_bytes = 0;
   uint64_t shared_chunks = 0;  // chunks referenced by more than one sequence
   backend_stats backend{};
-  sparf_counters sparf{};        // pages and bytes read by attend_sparse, beside the dense equivalent
+  sparf_counters sparf{};           // pages and bytes read by attend_sparse, beside the dense equivalent
   uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held in host memory: all of it on the
                                     // host backend; tail blocks only where sealed blocks are on the
                                     // device (ssd); 0 where the backend runs SparF (csd: drive stats)
@@ -148,12 +148,12 @@ class kv_cache {
   std::vector<attend_item> items_;
   // SparF state (empty when disabled).
   bool sparf_enabled_ = false;
-  bool sparf_native_ = false;  // the backend runs SparF itself (backend::runs_sparf)
+  bool sparf_native_ = false;         // the backend runs SparF itself (backend::runs_sparf)
   bool sparf_store_columns_ = false;  // sealed column blocks live on the (storage) backend
   sparf_config sparf_config_{};
   sparf_workspace sparf_ws_;
   sparf_counters sparf_totals_{};
-  std::vector<std::byte> sparf_staging_;  // read-back chunks for backends without host addresses
+  std::vector<std::byte> sparf_staging_;         // read-back chunks for backends without host addresses
   std::vector<std::byte> sparf_column_staging_;  // column pages read from a storage backend
 };
 

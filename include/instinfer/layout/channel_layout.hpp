@@ -119,8 +119,8 @@ struct channel_layout {
   }
 
   std::string to_string() const {
-    return "channel_layout(page=" + std::to_string(page_bytes) + "B, " + std::to_string(channels_per_page) +
-           " ch x " + std::to_string(tokens_per_page) + " tok, head_dim=" + std::to_string(head_dim) + ", " +
+    return "channel_layout(page=" + std::to_string(page_bytes) + "B, " + std::to_string(channels_per_page) + " ch x " +
+           std::to_string(tokens_per_page) + " tok, head_dim=" + std::to_string(head_dim) + ", " +
            std::string(dtype_name(kv_dtype)) + ", kv_heads=" + std::to_string(n_kv_heads) + ")";
   }
 };
@@ -141,8 +141,8 @@ static_assert(kPaperColumns.in_page_offset(5, 7) == (1 * 512 + 7) * 2);
 static_assert(kPaperColumns.offset(2, 7, 5) == (2ull * 32 + 1) * 4096 + (1 * 512 + 7) * 2);
 static_assert(kPaperColumns.offset(39, 511, 127) + 2 == kPaperColumns.block_bytes());
 static_assert(kPaperColumns.stored_bytes(1023) == kPaperColumns.block_bytes());
-static_assert(kPaperColumns.stored_bytes(1024) * 2 == kPaperColumns.kv_bytes(1024));  // copy = K = half of KV
-static_assert(channel_layout::check(4096, 128, dtype::kF16, 3, 1) == errc::kInvalidArgument);    // not a power of two
+static_assert(kPaperColumns.stored_bytes(1024) * 2 == kPaperColumns.kv_bytes(1024));           // copy = K = half of KV
+static_assert(channel_layout::check(4096, 128, dtype::kF16, 3, 1) == errc::kInvalidArgument);  // not a power of two
 static_assert(channel_layout::check(4096, 128, dtype::kF16, 256, 1) == errc::kInvalidArgument);  // > head_dim
 static_assert(channel_layout::check(4096, 128, dtype::kF16, 0, 1) == errc::kInvalidArgument);
 static_assert(channel_layout::check(512, 256, dtype::kF32, 256, 1) == errc::kInvalidArgument);  // 1 KiB > page

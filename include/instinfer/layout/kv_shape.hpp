@@ -25,16 +25,14 @@ struct kv_shape {
   }
 
   // Head dims the kernels are instantiated for (see attention/dispatch.hpp).
-  static constexpr bool is_supported_head_dim(uint32_t d) noexcept {
-    return d == 64 || d == 128 || d == 256;
-  }
+  static constexpr bool is_supported_head_dim(uint32_t d) noexcept { return d == 64 || d == 128 || d == 256; }
   static constexpr uint32_t kMaxLayers = 4096;
   static constexpr uint32_t kMaxHeads = 1024;
 
   status validate() const {
     if (n_layers == 0 || n_layers > kMaxLayers)
-      return {errc::kInvalidArgument, "n_layers must be in [1, " + std::to_string(kMaxLayers) + "], got " +
-                                          std::to_string(n_layers)};
+      return {errc::kInvalidArgument,
+              "n_layers must be in [1, " + std::to_string(kMaxLayers) + "], got " + std::to_string(n_layers)};
     if (n_q_heads == 0 || n_q_heads > kMaxHeads || n_kv_heads == 0 || n_kv_heads > kMaxHeads)
       return {errc::kInvalidArgument, "head counts must be in [1, " + std::to_string(kMaxHeads) + "], got q=" +
                                           std::to_string(n_q_heads) + " kv=" + std::to_string(n_kv_heads)};

@@ -48,12 +48,12 @@ struct page_geometry {
   static result<page_geometry> make(uint32_t page_bytes, uint32_t head_dim, dtype t) {
     if (check(page_bytes, head_dim, t) == errc::kOk) return unchecked(page_bytes, head_dim, t);
     if (page_bytes < kMinPageBytes || page_bytes > kMaxPageBytes || (page_bytes & (page_bytes - 1)) != 0)
-      return status{errc::kInvalidArgument, "page_bytes must be a power of two in [512, 65536], got " +
-                                                std::to_string(page_bytes)};
-    return status{errc::kInvalidArgument,
-                  "a page of " + std::to_string(page_bytes) + " bytes does not hold a whole number of rows of " +
-                      std::to_string(head_dim) + " x " + std::string(dtype_name(t)) + " (" +
-                      std::to_string(head_dim * dtype_size(t)) + " bytes)"};
+      return status{errc::kInvalidArgument,
+                    "page_bytes must be a power of two in [512, 65536], got " + std::to_string(page_bytes)};
+    return status{errc::kInvalidArgument, "a page of " + std::to_string(page_bytes) +
+                                              " bytes does not hold a whole number of rows of " +
+                                              std::to_string(head_dim) + " x " + std::string(dtype_name(t)) + " (" +
+                                              std::to_string(head_dim * dtype_size(t)) + " bytes)"};
   }
 };
 
@@ -63,7 +63,7 @@ static_assert(page_geometry::unchecked(16384, 128, dtype::kF16).tokens_per_page 
 static_assert(page_geometry::unchecked(512, 128, dtype::kF32).tokens_per_page == 1);
 static_assert(page_geometry::unchecked(4096, 64, dtype::kF16).offset(3, 5) == 3 * 128 + 10);
 static_assert(page_geometry::check(4096, 256, dtype::kF32) == errc::kOk);
-static_assert(page_geometry::check(512, 256, dtype::kF32) == errc::kInvalidArgument);  // row > page
+static_assert(page_geometry::check(512, 256, dtype::kF32) == errc::kInvalidArgument);   // row > page
 static_assert(page_geometry::check(3000, 128, dtype::kF16) == errc::kInvalidArgument);  // not a power of two
 static_assert(page_geometry::check(128 * 1024, 128, dtype::kF16) == errc::kInvalidArgument);
 
