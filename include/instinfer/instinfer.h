@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 1
+#define INSTINFER_VERSION_MINOR 2
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -69,7 +69,21 @@ typedef struct instinfer_config {
   float scale;             /* logit scale; 0 = 1/sqrt(head_dim) */
   float logit_softcap;     /* cap*tanh(logit/cap); 0 = off */
   const char* backend;     /* "host", "ssd:PATH", "csd:PATH", "cuda:N"; NULL = "host" */
+  /* Since 0.2: SparF (instinfer_attend_sparse) keeps a channel-indexed copy of K (1.5x the KV). */
+  uint32_t sparf;                   /* 1: enable; 0: off (instinfer_attend_sparse is unsupported) */
+  uint32_t sparf_channels_per_page; /* column page width; 0 = the default for the page size */
 } instinfer_config;
+
+/* SparF parameters (flash-aware sparse decode attention). Initialise with
+ * instinfer_sparf_params_init(): compression 1/8, whole column pages, page spread 2. */
+typedef struct instinfer_sparf_params {
+  uint32_t struct_size; /* sizeof(instinfer_sparf_params), set by instinfer_sparf_params_init */
+  uint32_t r;           /* with k: explicit channels and tokens (then compression is ignored); 0 = use compression */
+  uint32_t k;
+  uint32_t whole_pages; /* 1: choose whole column pages of channels; 0: single channels */
+  double compression;   /* target fraction of dense K+V traffic, in (0, 1]; 1 = dense attention */
+  double page_spread;   /* token pages read, as a multiple of the fewest holding k tokens; 0 = no limit */
+} instinfer_sparf_params;
 
 typedef struct instinfer_stats {
   uint32_t struct_size; /* set by the caller to sizeof(instinfer_stats) */
@@ -88,6 +102,10 @@ typedef struct instinfer_stats {
   uint64_t flash_pages_erased;
   double write_amplification;
   double modelled_device_seconds; /* modelled, not measured (CSD) */
+  /* Since 0.2: what instinfer_attend_sparse read, beside what dense attention would have. */
+  uint64_t sparf_pages_read;   /* token + column pages */
+  uint64_t sparf_dense_pages;  /* token pages dense attention reads */
+  uint64_t sparf_column_bytes; /* channel-indexed K copy held in host memory */
 } instinfer_stats;
 
 /* Library version as MAJOR*10000 + MINOR*100 + PATCH. */
@@ -123,6 +141,15 @@ instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uin
  * lse [n_seq][n_q_heads] or NULL. A sequence with no tokens yields zeros and lse = -inf. */
 instinfer_status instinfer_attend(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
                                   const float* q, float* out, float* lse);
+
+void instinfer_sparf_params_init(instinfer_sparf_params* params);
+/* SparF decode attention (needs config.sparf = 1): shapes as instinfer_attend. Reads only the
+ * chosen column pages and the pages holding the selected tokens (on a CSD: inside the drive).
+ * params NULL = the defaults. Bad parameters (r > head_dim, k > a sequence's tokens, compression
+ * outside (0, 1]) are INSTINFER_E_INVALID_ARGUMENT. */
+instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer, size_t n_seq,
+                                         const instinfer_seq* seqs, const float* q, float* out, float* lse,
+                                         const instinfer_sparf_params* params);
 
 /* Hint: layer `layer` of these sequences is attended next (storage backends start reading). */
 instinfer_status instinfer_prefetch(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs);

@@ -1,4 +1,5 @@
 // The C API over kv_cache: validates raw pointers, converts statuses, never lets an exception out.
+#include <cstddef>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -93,10 +94,14 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     if (!out_cache) return fail(errc::kInvalidArgument, "out_cache is NULL");
     *out_cache = nullptr;
     if (!config) return fail(errc::kInvalidArgument, "config is NULL");
-    if (config->struct_size != sizeof(instinfer_config))
+    // 0.1 callers pass the shorter struct (no SparF fields): accepted, SparF off.
+    const size_t v01 = offsetof(instinfer_config, sparf);
+    if (config->struct_size != sizeof(instinfer_config) && config->struct_size != v01)
       return fail(errc::kInvalidArgument, "config->struct_size is " + std::to_string(config->struct_size) +
                                               ", expected " + std::to_string(sizeof(instinfer_config)) +
                                               " (initialise it with instinfer_config_init)");
+    const bool has_sparf = config->struct_size >= sizeof(instinfer_config);
+    if (has_sparf && config->sparf > 1) return fail(errc::kInvalidArgument, "config->sparf must be 0 or 1");
     const int dt = raw_dtype(config->kv_dtype);
     if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "kv_dtype " + std::to_string(dt) + " is not a dtype");
     instinfer::cache_options o;
@@ -108,6 +113,10 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     o.scale = config->scale;
     o.softcap = config->logit_softcap;
     o.backend_uri = config->backend ? config->backend : "host";
+    if (has_sparf) {
+      o.sparf = config->sparf == 1;
+      o.sparf_channels_per_page = config->sparf_channels_per_page;
+    }
     auto created = instinfer::kv_cache::create(o);
     if (!created.ok()) return report(created.error());
     auto handle = std::make_unique<instinfer_cache>();
@@ -128,7 +137,8 @@ instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* 
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out) return fail(errc::kInvalidArgument, "out_stats is NULL");
-    if (out->struct_size != sizeof(instinfer_stats))
+    const size_t v01 = offsetof(instinfer_stats, sparf_pages_read);  // 0.1 callers: no SparF fields
+    if (out->struct_size != sizeof(instinfer_stats) && out->struct_size != v01)
       return fail(errc::kInvalidArgument, "out_stats->struct_size must be sizeof(instinfer_stats)");
     const instinfer::cache_stats s = cache->cache->stats();
     out->n_sequences = s.n_sequences;
@@ -146,6 +156,11 @@ instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* 
     out->flash_pages_erased = s.backend.flash_pages_erased;
     out->write_amplification = s.backend.write_amplification();
     out->modelled_device_seconds = s.backend.modelled_device_seconds;
+    if (out->struct_size >= sizeof(instinfer_stats)) {
+      out->sparf_pages_read = s.sparf.pages_read();
+      out->sparf_dense_pages = s.sparf.dense_pages;
+      out->sparf_column_bytes = s.sparf_column_bytes;
+    }
     return INSTINFER_OK;
   });
 }
@@ -224,6 +239,42 @@ instinfer_status instinfer_attend(instinfer_cache* cache, uint32_t layer, size_t
       return fail(errc::kInvalidArgument, "n_seq " + std::to_string(n_seq) + " exceeds " + std::to_string(kMaxBatch));
     if (!seqs || !q || !out) return fail(errc::kInvalidArgument, "seqs, q and out must not be NULL");
     return report(cache->cache->attend(layer, std::span<const instinfer::seq_id>(seqs, n_seq), q, out, lse));
+  });
+}
+
+void instinfer_sparf_params_init(instinfer_sparf_params* params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof *params);
+  params->struct_size = sizeof *params;
+  params->compression = instinfer::sparf_params::kDefaultCompression;
+  params->whole_pages = 1;
+  params->page_spread = instinfer::sparf_params{}.page_spread;
+}
+
+instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer, size_t n_seq,
+                                         const instinfer_seq* seqs, const float* q, float* out, float* lse,
+                                         const instinfer_sparf_params* params) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (n_seq == 0) return fail(errc::kInvalidArgument, "n_seq must be > 0");
+    if (n_seq > kMaxBatch)
+      return fail(errc::kInvalidArgument, "n_seq " + std::to_string(n_seq) + " exceeds " + std::to_string(kMaxBatch));
+    if (!seqs || !q || !out) return fail(errc::kInvalidArgument, "seqs, q and out must not be NULL");
+    instinfer::sparf_params p;
+    if (params) {
+      if (params->struct_size != sizeof(instinfer_sparf_params))
+        return fail(errc::kInvalidArgument,
+                    "params->struct_size must be sizeof(instinfer_sparf_params)"
+                    " (initialise it with instinfer_sparf_params_init)");
+      if (params->whole_pages > 1) return fail(errc::kInvalidArgument, "params->whole_pages must be 0 or 1");
+      if ((params->r == 0) != (params->k == 0))
+        return fail(errc::kInvalidArgument, "params->r and params->k are given together (or both 0)");
+      p = params->r ? instinfer::sparf_params::with_rk(params->r, params->k)
+                    : instinfer::sparf_params::with_compression(params->compression);
+      p.whole_pages = params->whole_pages == 1;
+      p.page_spread = params->page_spread;
+    }
+    return report(cache->cache->attend_sparse(layer, std::span<const instinfer::seq_id>(seqs, n_seq), q, out, lse, p));
   });
 }
 

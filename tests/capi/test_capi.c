@@ -1,6 +1,7 @@
 /* The C API from plain C11: a round trip (append, attend checked against a float64 reference
  * computed here from the same stored values) and every kind of bad input. */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -210,9 +211,121 @@ static void test_bad_configs(void) {
         INSTINFER_VERSION_MAJOR * 10000 + INSTINFER_VERSION_MINOR * 100 + INSTINFER_VERSION_PATCH);
 }
 
+/* SparF through the C API: compression 1 equals dense attend; 1/8 reads fewer pages than dense;
+ * bad parameters and a cache without SparF are clear errors; a 0.1-sized config still works. */
+static void test_sparf(void) {
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  CHECK(cfg.sparf == 0 && cfg.sparf_channels_per_page == 0);
+  cfg.n_layers = 1;
+  cfg.n_q_heads = HQ;
+  cfg.n_kv_heads = HKV;
+  cfg.head_dim = D;
+  cfg.kv_dtype = INSTINFER_DTYPE_F16;
+  cfg.page_bytes = 4096;
+  cfg.capacity_bytes = 8u << 20;
+  cfg.n_threads = 1;
+  cfg.sparf = 1;
+  instinfer_cache* cache = NULL;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (!cache) return;
+  enum { NS = 2000 };
+  float* k = malloc(sizeof(float) * NS * HKV * D);
+  float* v = malloc(sizeof(float) * NS * HKV * D);
+  float q[HQ * D], dense[HQ * D], sparse[HQ * D], lse_d[HQ], lse_s[HQ];
+  for (int i = 0; i < NS * HKV * D; ++i) {
+    k[i] = frand();
+    v[i] = frand();
+  }
+  for (int i = 0; i < HQ * D; ++i) q[i] = 3.0f * frand();
+  instinfer_seq seq = 0;
+  CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+  CHECK(instinfer_append(cache, seq, 0, NS, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+  CHECK(instinfer_attend(cache, 0, 1, &seq, q, dense, lse_d) == INSTINFER_OK);
+
+  instinfer_sparf_params p;
+  instinfer_sparf_params_init(&p);
+  CHECK(p.compression == 0.125 && p.whole_pages == 1 && p.page_spread == 2.0 && p.r == 0 && p.k == 0);
+  p.compression = 1.0;
+  CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, lse_s, &p) == INSTINFER_OK);
+  double num = 0.0, den = 0.0;
+  for (int i = 0; i < HQ * D; ++i) {
+    num += ((double)sparse[i] - dense[i]) * ((double)sparse[i] - dense[i]);
+    den += (double)dense[i] * dense[i];
+  }
+  printf("C API SparF at compression 1 vs dense: relative error %.3g\n", sqrt(num / den));
+  CHECK(sqrt(num / den) <= 1e-5);
+  for (int h = 0; h < HQ; ++h) CHECK(fabsf(lse_s[h] - lse_d[h]) <= 1e-4f * fabsf(lse_d[h]) + 1e-5f);
+
+  instinfer_stats st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
+  const uint64_t pages1 = st.sparf_pages_read, dense1 = st.sparf_dense_pages;
+  CHECK(pages1 == dense1 && dense1 > 0);
+  CHECK(st.sparf_column_bytes > 0); /* host backend: the copy is in memory */
+  CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, NULL) == INSTINFER_OK); /* defaults: 1/8 */
+  for (int i = 0; i < HQ * D; ++i) CHECK(isfinite(sparse[i]));
+  CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
+  CHECK((st.sparf_pages_read - pages1) * 4 <= st.sparf_dense_pages - dense1);
+
+  /* Bad parameters. */
+  instinfer_sparf_params bad;
+  instinfer_sparf_params_init(&bad);
+  bad.compression = 0.0;
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  bad.compression = 1.5;
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  instinfer_sparf_params_init(&bad);
+  bad.r = 8; /* k missing */
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  bad.k = NS + 1; /* more tokens than the sequence holds */
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  bad.r = D + 1;
+  bad.k = 10;
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  instinfer_sparf_params_init(&bad);
+  bad.struct_size = 3;
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  instinfer_sparf_params_init(&bad);
+  bad.whole_pages = 7;
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &bad), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_sparse(cache, 1, 1, &seq, q, sparse, NULL, NULL), INSTINFER_E_LAYER_OUT_OF_RANGE);
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, NULL, sparse, NULL, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_sparse(NULL, 0, 1, &seq, q, sparse, NULL, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  /* The cache still serves after the refusals. */
+  CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, NULL) == INSTINFER_OK);
+  instinfer_cache_destroy(cache);
+
+  /* Without SparF: unsupported. A config of the 0.1 size (no SparF fields) is still accepted. */
+  cfg.sparf = 0;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (cache) {
+    CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+    CHECK(instinfer_append(cache, seq, 0, 100, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+    CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, NULL), INSTINFER_E_UNSUPPORTED);
+    instinfer_cache_destroy(cache);
+  }
+  cfg.sparf = 2;
+  CHECK_ERR(instinfer_cache_create(&cfg, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  cfg.sparf = 1;
+  cfg.struct_size = (uint32_t)offsetof(instinfer_config, sparf);
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (cache) {
+    CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+    CHECK(instinfer_append(cache, seq, 0, 100, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+    /* the old-size config carries no SparF fields: SparF is off */
+    CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, NULL), INSTINFER_E_UNSUPPORTED);
+    instinfer_cache_destroy(cache);
+  }
+  free(k);
+  free(v);
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
+  test_sparf();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
