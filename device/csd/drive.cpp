@@ -117,6 +117,7 @@ struct name_space {
     std::vector<uint32_t> chunks, gens;
     aligned_bytes k;  // one column block, channel_layout order
     std::vector<double> v_sum;
+    uint64_t use = 0;  // LRU stamp: tails beyond the DRAM budget are dropped, least recent first
   };
   bool sparf = false;
   channel_layout columns{};
@@ -127,6 +128,7 @@ struct name_space {
   std::vector<uint32_t> free_cblocks;
   std::unordered_map<uint32_t, std::vector<uint32_t>> cblocks_of_chunk;
   std::unordered_map<table_key, column_tail, table_key_hash> tails;
+  uint64_t tail_bytes = 0;  // DRAM held by column tails (budget: the drive's buffer_bytes)
 
   uint32_t q_heads() const noexcept { return cfg.n_kv_heads * cfg.group_size; }
   bool owns(uint64_t chunk) const noexcept { return chunk >= base && chunk - base < count; }
@@ -660,7 +662,10 @@ class drive_impl final : public drive {
       case reclaim_mode::kSequence:
         for (uint32_t l = 0; l < ns.cfg.n_layers; ++l) {
           ns.tables.erase(table_key{a.seq, l});
-          ns.tails.erase(table_key{a.seq, l});
+          if (auto t = ns.tails.find(table_key{a.seq, l}); t != ns.tails.end()) {
+            if (t->second.k) ns.tail_bytes -= ns.columns.block_bytes();
+            ns.tails.erase(t);
+          }
         }
         break;
       case reclaim_mode::kRange: {
@@ -879,10 +884,26 @@ class drive_impl final : public drive {
     return {};
   }
 
-  status ensure_tail_memory(name_space& ns, name_space::column_tail& tl) {
+  // DRAM for a column tail. Over the budget (the group buffer's size), the write path first drops
+  // the least recently used other tails (they are rebuilt from token pages if attended again); the
+  // attend path (may_evict false) never drops a tail another item of the same command holds.
+  status ensure_tail_memory(name_space& ns, name_space::column_tail& tl, bool may_evict) {
+    tl.use = ++use_clock_;
     if (!tl.k) {
-      tl.k = alloc_aligned(ns.columns.block_bytes());
+      const uint64_t bytes = ns.columns.block_bytes();
+      while (may_evict && ns.tail_bytes + bytes > o_.buffer_bytes) {
+        name_space::column_tail* victim = nullptr;
+        for (auto& [key, other] : ns.tails)
+          if (other.k && &other != &tl && (!victim || other.use < victim->use)) victim = &other;
+        if (!victim) break;
+        victim->k.reset();
+        victim->valid = false;
+        ns.tail_bytes -= bytes;
+        ++stats_.column_tail_evictions;
+      }
+      tl.k = alloc_aligned(bytes);
       if (!tl.k) return {errc::kOutOfMemory, "SparF column tail buffer"};
+      ns.tail_bytes += bytes;
     }
     tl.v_sum.assign(uint64_t{ns.cfg.n_kv_heads} * ns.cfg.head_dim, 0.0);
     return {};
@@ -900,7 +921,7 @@ class drive_impl final : public drive {
     const uint64_t p0 = uint64_t{first_index} * tpp + first_token;
     name_space::column_tail& tl = ns.tails[table_key{seq, layer}];
     if (p0 % ctp == 0) {  // a block boundary: start fresh whatever came before
-      if (!ensure_tail_memory(ns, tl).ok()) return void(tl.valid = false);
+      if (!ensure_tail_memory(ns, tl, true).ok()) return void(tl.valid = false);
       tl.valid = true;
       tl.block = static_cast<uint32_t>(p0 / ctp);
       tl.n = 0;
@@ -912,6 +933,7 @@ class drive_impl final : public drive {
       tl.valid = false;
       return;
     }
+    tl.use = ++use_clock_;
     for (uint32_t i = 0; i < n; ++i) {
       const uint32_t id = ids[(first_token + i) / tpp];
       if ((p0 + i) % tpp == 0) {
@@ -970,7 +992,7 @@ class drive_impl final : public drive {
     for (uint32_t j = 0; ok && j < tail_chunks; ++j) ok = tl.chunks[j] == ids[j] && tl.gens[j] == gen_of(ns, ids[j]);
     if (!ok) {
       tl.valid = false;
-      INSTINFER_TRY(ensure_tail_memory(ns, tl));
+      INSTINFER_TRY(ensure_tail_memory(ns, tl, false));
       INSTINFER_TRY(build_columns(ns, ids, n_tail, tl.k.get(), tl.v_sum));
       tl.chunks.assign(ids, ids + tail_chunks);
       tl.gens.resize(tail_chunks);
@@ -979,6 +1001,7 @@ class drive_impl final : public drive {
       tl.n = n_tail;
       tl.valid = true;
     }
+    tl.use = ++use_clock_;
     tail_out = &tl;
     return {};
   }

@@ -226,3 +226,43 @@ TEST_CASE("csd SparF: bad parameters and a cache without SparF") {
         errc::kUnsupported);
   CHECK(drive_stats(*plain).column_pages_programmed == 0);
 }
+
+TEST_CASE("csd SparF: column tails over the drive's DRAM budget are dropped and rebuilt, results unchanged") {
+  if (!csd_backend::available()) return;
+  const kv_shape shape{1, 4, 2, 128, dtype::kF16};  // a column tail block: 2 heads x 32 pages = 256 KiB
+  const uint32_t n_seq = 8, n = 700;                // 8 tails: 2 MiB over a 1 MiB budget
+  const auto work = workload(shape, n, 21);
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim, row = size_t{shape.n_kv_heads} * shape.head_dim;
+  auto host = make("host", shape);
+  auto csd = make(std::string(kFlash) + "&buffer_mb=1", shape);
+  std::vector<seq_id> hs, cs;
+  for (uint32_t i = 0; i < n_seq; ++i) {
+    hs.push_back(host->create_sequence().value());
+    cs.push_back(csd->create_sequence().value());
+    const uint32_t shift = 7 * i;  // different values per sequence
+    REQUIRE(host->append(hs.back(), 0, n - shift, work.k.data() + shift * row, work.v.data() + shift * row, dtype::kF32)
+                .ok());
+    REQUIRE(csd->append(cs.back(), 0, n - shift, work.k.data() + shift * row, work.v.data() + shift * row, dtype::kF32)
+                .ok());
+  }
+  std::vector<float> q(n_seq * nq);
+  for (uint32_t i = 0; i < n_seq; ++i) std::copy(work.q.begin(), work.q.end(), q.begin() + i * nq);
+  std::vector<float> ho(n_seq * nq), co(n_seq * nq);
+  for (int round = 0; round < 2; ++round) {  // twice: the second attend finds rebuilt tails
+    REQUIRE(host->attend_sparse(0, hs, q.data(), ho.data(), nullptr, sparf_params::with_compression(0.125)).ok());
+    REQUIRE(csd->attend_sparse(0, cs, q.data(), co.data(), nullptr, sparf_params::with_compression(0.125)).ok());
+    CHECK(rel(co, ho) <= 1e-6);
+  }
+  const csd::device_stats st = drive_stats(*csd);
+  MESSAGE("tail evictions " << st.column_tail_evictions << ", rebuild pages " << st.column_rebuild_pages_read);
+  CHECK(st.column_tail_evictions > 0);
+  CHECK(st.column_rebuild_pages_read > 0);
+  // Appends keep working for evicted tails (they continue once rebuilt).
+  for (uint32_t i = 0; i < n_seq; ++i) {
+    REQUIRE(host->append(hs[i], 0, 1, work.k.data(), work.v.data(), dtype::kF32).ok());
+    REQUIRE(csd->append(cs[i], 0, 1, work.k.data(), work.v.data(), dtype::kF32).ok());
+  }
+  REQUIRE(host->attend_sparse(0, hs, q.data(), ho.data(), nullptr, sparf_params::with_compression(0.25)).ok());
+  REQUIRE(csd->attend_sparse(0, cs, q.data(), co.data(), nullptr, sparf_params::with_compression(0.25)).ok());
+  CHECK(rel(co, ho) <= 1e-6);
+}

@@ -101,8 +101,9 @@ TEST_CASE("SparF with column blocks stored on an opaque backend equals the host'
     REQUIRE(host->attend_sparse(0, std::span<const seq_id>(&hs, 1), work.q.data(), ho.data(), hl.data(),
                                 sparf_params::with_compression(c))
                 .ok());
-    REQUIRE(cache->attend_sparse(0, std::span<const seq_id>(&cs, 1), work.q.data(), co.data(), cl.data(),
-                                 sparf_params::with_compression(c))
+    REQUIRE(cache
+                ->attend_sparse(0, std::span<const seq_id>(&cs, 1), work.q.data(), co.data(), cl.data(),
+                                sparf_params::with_compression(c))
                 .ok());
     CHECK(rel(co, ho) <= 1e-6);
     CHECK(rel(cl, hl) <= 1e-6);

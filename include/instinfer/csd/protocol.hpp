@@ -285,9 +285,10 @@ struct device_stats {
   uint64_t sparse_token_pages_read = 0;    // token-indexed K/V pages read from flash by attend-sparse
   uint64_t column_rebuild_pages_read = 0;  // token pages read to rebuild column data after a fork or truncation
   uint64_t column_blocks = 0;              // column blocks on flash now
+  uint64_t column_tail_evictions = 0;      // column tails dropped from DRAM (over the buffer budget)
 };
 static_assert(std::is_trivially_copyable_v<device_stats>);
-static_assert(sizeof(device_stats) == 26 * 8);
+static_assert(sizeof(device_stats) == 27 * 8);
 
 // Bytes a command costs on the link, as both sides count them.
 constexpr uint64_t link_bytes_in(uint32_t data_bytes) noexcept {
