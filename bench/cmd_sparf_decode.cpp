@@ -1,0 +1,161 @@
+// instinfer-bench sparf-decode: dense decode attention vs SparF on the same cache, measured in the
+// same run, on a storage backend (default ssd:) or any other (--kv host, --kv csd:).
+//
+// The cache holds seeded structured inputs (attention/sparf_synthetic.hpp) for `batch` sequences
+// of one layer; dense attend and attend_sparse alternate `reps` times (interleaved, so a noisy
+// disk or a busy machine hits both alike). One JSON line per context, all measured here:
+//   dense_ms, sparf_ms        median wall time of one layer's attend over the batch
+//   speedup                   dense_ms / sparf_ms
+//   bytes_frac                device bytes read by SparF / by dense (ssd: file bytes; csd: flash)
+//   modelled_speedup          csd only: the drive's modelled time, dense / SparF
+//   rel_err                   max relative difference of the SparF output from dense (a sanity bound)
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+#include "instinfer/attention/sparf_synthetic.hpp"
+#include "instinfer/kv/kv_cache.hpp"
+
+namespace instinfer::bench {
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+int run(int argc, char** argv) {
+  flags f(argc, argv);
+  const char* tmp = std::getenv("TMPDIR");
+  const std::string default_kv = std::string("ssd:") + (tmp && *tmp ? tmp : "/tmp") + "/instinfer-sparf-decode.bin";
+  const std::string kv = f.str("kv", default_kv);
+  const std::vector<uint64_t> contexts = f.u64_list("ctx", {16384, 65536});
+  const uint32_t batch = static_cast<uint32_t>(f.u64("batch", 1));
+  const uint32_t kv_heads = static_cast<uint32_t>(f.u64("kv-heads", 8));
+  const uint32_t group = static_cast<uint32_t>(f.u64("group", 1));
+  const uint32_t d = static_cast<uint32_t>(f.u64("head-dim", 128));
+  const uint32_t reps = static_cast<uint32_t>(f.u64("reps", 5));
+  const uint32_t threads = static_cast<uint32_t>(f.u64("threads", 0));
+  const double compression = f.f64("compression", 0.125);
+  if (f.has("help")) {
+    std::printf(
+        "instinfer-bench sparf-decode [--kv ssd:PATH|csd:|host] [--ctx 16384,65536] [--batch 1]\n"
+        "  [--kv-heads 8] [--group 1] [--head-dim 128] [--reps 5] [--threads 0] [--compression 0.125]\n");
+    return 0;
+  }
+  if (!f.ok()) {
+    std::fprintf(stderr, "sparf-decode: %s\n", f.error().c_str());
+    return 2;
+  }
+  if (!f.finish()) return 2;
+  if (batch == 0 || reps == 0) {
+    std::fprintf(stderr, "sparf-decode: --batch and --reps must be >= 1\n");
+    return 2;
+  }
+  const sparf_params params = sparf_params::with_compression(compression);
+  for (uint64_t ctx64 : contexts) {
+    const uint32_t n = static_cast<uint32_t>(ctx64);
+    cache_options o;
+    o.shape = kv_shape{1, kv_heads * group, kv_heads, d, dtype::kF16};
+    o.backend_uri = kv;
+    o.n_threads = threads;
+    o.sparf = true;
+    o.capacity_bytes = uint64_t{batch} * n * o.shape.token_bytes_per_layer() * 2 + (64ull << 20);
+    auto created = kv_cache::create(o);
+    if (!created.ok()) {
+      std::fprintf(stderr, "sparf-decode: %s\n", created.error().to_string().c_str());
+      return 1;
+    }
+    kv_cache& cache = *created.value();
+    std::vector<seq_id> seqs;
+    std::vector<float> q;
+    for (uint32_t b = 0; b < batch; ++b) {
+      synthetic::attention_workload_params wp;
+      wp.n_tokens = n;
+      wp.n_kv_heads = kv_heads;
+      wp.group_size = group;
+      wp.head_dim = d;
+      wp.seed = 100 + b;
+      const synthetic::attention_workload wl = synthetic::make_attention_workload(wp);
+      seqs.push_back(cache.create_sequence().value());
+      const size_t row = size_t{kv_heads} * d;
+      for (uint32_t at = 0; at < n; at += 4096) {  // prefill in pieces
+        const uint32_t m = std::min(4096u, n - at);
+        const status s =
+            cache.append(seqs.back(), 0, m, wl.k.data() + at * row, wl.v.data() + at * row, dtype::kF32);
+        if (!s.ok()) {
+          std::fprintf(stderr, "sparf-decode: %s\n", s.to_string().c_str());
+          return 1;
+        }
+      }
+      q.insert(q.end(), wl.q.begin(), wl.q.end());
+    }
+    if (const status s = cache.flush(); !s.ok()) {
+      std::fprintf(stderr, "sparf-decode: %s\n", s.to_string().c_str());
+      return 1;
+    }
+    std::vector<float> dense(q.size()), sparse(q.size());
+    std::vector<double> t_dense, t_sparse;
+    uint64_t bytes_dense = 0, bytes_sparse = 0;
+    double model_dense = 0.0, model_sparse = 0.0;
+    for (uint32_t r = 0; r <= reps; ++r) {  // round 0 warms up (buffers, tails), not counted
+      cache_stats s0 = cache.stats();
+      double t0 = now_seconds();
+      status st = cache.attend(0, seqs, q.data(), dense.data(), nullptr);
+      const double t1 = now_seconds();
+      cache_stats s1 = cache.stats();
+      if (st.ok()) st = cache.attend_sparse(0, seqs, q.data(), sparse.data(), nullptr, params);
+      const double t2 = now_seconds();
+      cache_stats s2 = cache.stats();
+      if (!st.ok()) {
+        std::fprintf(stderr, "sparf-decode: %s\n", st.to_string().c_str());
+        return 1;
+      }
+      if (r == 0) continue;
+      t_dense.push_back(t1 - t0);
+      t_sparse.push_back(t2 - t1);
+      bytes_dense += s1.backend.device_bytes_read - s0.backend.device_bytes_read;
+      bytes_sparse += s2.backend.device_bytes_read - s1.backend.device_bytes_read;
+      model_dense += s1.backend.modelled_device_seconds - s0.backend.modelled_device_seconds;
+      model_sparse += s2.backend.modelled_device_seconds - s1.backend.modelled_device_seconds;
+    }
+    double e = 0.0, m = 0.0;
+    for (size_t i = 0; i < dense.size(); ++i) {
+      e = std::max(e, std::fabs(double{sparse[i]} - dense[i]));
+      m = std::max(m, std::fabs(double{dense[i]}));
+    }
+    const double dm = median(t_dense), sm = median(t_sparse);
+    json_line line;
+    line.add("bench", "sparf-decode")
+        .add("kind", "measured")
+        .add("kv", kv)
+        .add("ctx", n)
+        .add("batch", batch)
+        .add("kv_heads", kv_heads)
+        .add("group", group)
+        .add("head_dim", d)
+        .add("compression", compression)
+        .add("reps", reps)
+        .add("dense_ms", dm * 1e3)
+        .add("sparf_ms", sm * 1e3)
+        .add("speedup", sm > 0 ? dm / sm : 0.0)
+        .add("bytes_frac", bytes_dense ? static_cast<double>(bytes_sparse) / static_cast<double>(bytes_dense) : 0.0)
+        .add("rel_err", m > 0 ? e / m : e);
+    if (model_sparse > 0) line.add("modelled_speedup", model_dense / model_sparse);
+    line.print();
+    created.value().reset();
+    if (kv.rfind("ssd:", 0) == 0) std::remove(kv.substr(4, kv.find('?') - 4).c_str());  // the bench's own file
+  }
+  return 0;
+}
+
+const command_registrar kRegister("sparf-decode", "dense decode vs SparF on one cache (ssd by default), interleaved",
+                                  run);
+
+}  // namespace
+}  // namespace instinfer::bench
