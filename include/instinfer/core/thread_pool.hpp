@@ -43,26 +43,41 @@ class thread_pool {
     }
     call_ = [](void* ctx, uint32_t index) noexcept { (*static_cast<F*>(ctx))(index); };
     ctx_ = &fn;
-    closed_.store(false);
-    generation_.fetch_add(1, std::memory_order_release);
+    const uint64_t run_id = generation_.load(std::memory_order_relaxed) + 1;  // only this thread writes it
+    state_.store(run_id << 32, std::memory_order_release);  // open, nobody inside; publishes call_, ctx_
+    generation_.store(run_id, std::memory_order_release);
     generation_.notify_all();
     fn(0u);
-    // Close the run, then wait for the workers that joined it. seq_cst on closed_/active_: either
-    // a late worker sees the run closed, or this thread sees it active.
-    closed_.store(true);
-    for (uint32_t a = active_.load(); a != 0; a = active_.load()) active_.wait(a);
+    // Close the run and learn, in the same atomic step, how many workers joined it; wait for them.
+    uint64_t st = state_.fetch_or(kClosed, std::memory_order_acq_rel) | kClosed;
+    while ((st & kCount) != 0) {
+      state_.wait(st, std::memory_order_acquire);
+      st = state_.load(std::memory_order_acquire);
+    }
   }
 
  private:
+  // state_ = [run id : 32][closed : 1][workers inside : 31]. One word, so joining checks the run
+  // and its openness and counts in one compare-exchange, and closing reads the count in the same
+  // step: no ordering between separate flags is relied on (such a pair raced under qemu-user), and
+  // a worker joins each run at most once (it joins only the run whose generation woke it).
+  static constexpr uint64_t kClosed = uint64_t{1} << 31;
+  static constexpr uint64_t kCount = kClosed - 1;
+
   void worker_loop(uint32_t index) noexcept {
     uint64_t seen = 0;
     for (;;) {
       generation_.wait(seen, std::memory_order_acquire);
       seen = generation_.load(std::memory_order_acquire);
       if (stop_.load(std::memory_order_acquire)) return;
-      active_.fetch_add(1);
-      if (!closed_.load()) call_(ctx_, index);
-      if (active_.fetch_sub(1) == 1) active_.notify_all();
+      uint64_t st = state_.load(std::memory_order_relaxed);
+      const auto joinable = [&](uint64_t v) { return (v >> 32) == (seen & 0xffffffffu) && (v & kClosed) == 0; };
+      while (joinable(st) &&
+             !state_.compare_exchange_weak(st, st + 1, std::memory_order_acquire, std::memory_order_relaxed)) {
+      }
+      if (!joinable(st)) continue;  // too late for that run
+      call_(ctx_, index);
+      if ((state_.fetch_sub(1, std::memory_order_release) & (kClosed | kCount)) == (kClosed | 1)) state_.notify_all();
     }
   }
 
@@ -77,8 +92,7 @@ class thread_pool {
 
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<uint32_t> active_{0};  // workers inside the current run
-  std::atomic<bool> closed_{true};
+  std::atomic<uint64_t> state_{kClosed};
   std::atomic<bool> stop_{false};
   void (*call_)(void*, uint32_t) noexcept = nullptr;
   void* ctx_ = nullptr;
