@@ -86,8 +86,7 @@ int run(int argc, char** argv) {
       const size_t row = size_t{kv_heads} * d;
       for (uint32_t at = 0; at < n; at += 4096) {  // prefill in pieces
         const uint32_t m = std::min(4096u, n - at);
-        const status s =
-            cache.append(seqs.back(), 0, m, wl.k.data() + at * row, wl.v.data() + at * row, dtype::kF32);
+        const status s = cache.append(seqs.back(), 0, m, wl.k.data() + at * row, wl.v.data() + at * row, dtype::kF32);
         if (!s.ok()) {
           std::fprintf(stderr, "sparf-decode: %s\n", s.to_string().c_str());
           return 1;
