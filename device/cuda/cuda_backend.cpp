@@ -485,9 +485,18 @@ status cuda_backend::import_chunks(backend& src, std::span<const chunk_id> src_i
   }
   if (dst_ids.empty()) return {};
 
-  // Two pinned bounce slots: slot i % 2 is refilled only after its previous upload completed.
+  // Two pinned bounce slots of up to kGroup chunks: slot g % 2 is refilled only after its previous
+  // uploads completed. A source with read_pages (ssd) reads a whole group as one batch of page
+  // reads (one io_uring submission); others fall back to read_chunk per chunk.
+  constexpr size_t kGroup = 8;
   const size_t chunk = s.layout.chunk_bytes();
-  INSTINFER_TRY(s.host_in.reserve(2 * chunk));
+  INSTINFER_TRY(s.host_in.reserve(2 * kGroup * chunk));
+  std::vector<page_read> reads;
+  try {
+    reads.reserve(kGroup * s.layout.pages_per_chunk());
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "cuda backend: import_chunks read plan"};
+  }
   cudaEvent_t done[2] = {nullptr, nullptr};
   for (auto& e : done)
     if (const cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming); err != cudaSuccess) {
@@ -499,33 +508,41 @@ status cuda_backend::import_chunks(backend& src, std::span<const chunk_id> src_i
   status failed;
   size_t enqueued = 0;  // chunks whose upload is on the stream
   const size_t pitch = s.layout.page.page_bytes;
-  for (size_t i = 0; i < dst_ids.size(); ++i) {
-    std::byte* slot = s.host_in.data() + (i % 2) * chunk;
-    if (i >= 2) {
-      if (const cudaError_t err = cudaEventSynchronize(done[i % 2]); err != cudaSuccess) {
+  for (size_t g0 = 0, g = 0; g0 < dst_ids.size(); g0 += kGroup, ++g) {
+    const size_t g1 = std::min(dst_ids.size(), g0 + kGroup);
+    std::byte* slot = s.host_in.data() + (g % 2) * kGroup * chunk;
+    if (g >= 2) {
+      if (const cudaError_t err = cudaEventSynchronize(done[g % 2]); err != cudaSuccess) {
         (void)cudaGetLastError();
         failed = cuda_status(err, "import_chunks (upload)");
         break;
       }
     }
-    if (n_tokens[i] > 0) {
-      failed = src.read_chunk(src_ids[i], n_tokens[i], slot);
-      if (!failed.ok()) break;
-      cudaError_t err = cudaMemcpy2DAsync(chunk_device_ptr(dst_ids[i]), pitch, slot, pitch,
-                                          size_t{n_tokens[i]} * s.layout.page.row_bytes(), s.layout.pages_per_chunk(),
-                                          cudaMemcpyHostToDevice, s.stream);
-      if (err == cudaSuccess) err = cudaEventRecord(done[i % 2], s.stream);
-      if (err != cudaSuccess) {
-        (void)cudaGetLastError();
-        failed = cuda_status(err, "import_chunks (upload)");
-        break;
-      }
-    } else if (const cudaError_t err = cudaEventRecord(done[i % 2], s.stream); err != cudaSuccess) {
+    reads.clear();
+    for (size_t i = g0; i < g1; ++i)
+      if (n_tokens[i] > 0)
+        for (uint32_t p = 0; p < s.layout.pages_per_chunk(); ++p)
+          reads.push_back({src_ids[i], n_tokens[i], p, slot + (i - g0) * chunk + size_t{p} * pitch});
+    failed = reads.empty() ? status{} : src.read_pages(reads);
+    if (failed.code() == errc::kUnsupported) {
+      failed = {};
+      for (size_t i = g0; i < g1 && failed.ok(); ++i)
+        if (n_tokens[i] > 0) failed = src.read_chunk(src_ids[i], n_tokens[i], slot + (i - g0) * chunk);
+    }
+    if (!failed.ok()) break;
+    cudaError_t err = cudaSuccess;
+    for (size_t i = g0; i < g1 && err == cudaSuccess; ++i)
+      if (n_tokens[i] > 0)
+        err = cudaMemcpy2DAsync(chunk_device_ptr(dst_ids[i]), pitch, slot + (i - g0) * chunk, pitch,
+                                size_t{n_tokens[i]} * s.layout.page.row_bytes(), s.layout.pages_per_chunk(),
+                                cudaMemcpyHostToDevice, s.stream);
+    if (err == cudaSuccess) err = cudaEventRecord(done[g % 2], s.stream);
+    if (err != cudaSuccess) {
       (void)cudaGetLastError();
-      failed = cuda_status(err, "import_chunks (event)");
+      failed = cuda_status(err, "import_chunks (upload)");
       break;
     }
-    enqueued = i + 1;
+    enqueued = g1;
   }
   // Drain: every enqueued upload completes before the bounce slots can be reused; only then do
   // the imported chunks count as written.

@@ -84,9 +84,11 @@ class cuda_backend final : public backend {
                              const void* v_device) noexcept;
 
   // Storage to GPU, one path for every source backend (ssd, csd, host): chunk src_ids[i] of `src`
-  // (n_tokens[i] tokens, read with src.read_chunk) lands in the fresh chunk dst_ids[i] of this
-  // backend. Reads go into pinned bounce buffers and each upload overlaps the next read. On a
-  // failure, chunks before the failing one are imported and the rest stay fresh (unwritten).
+  // (n_tokens[i] tokens) lands in the fresh chunk dst_ids[i] of this backend. Groups of 8 chunks
+  // are read into pinned bounce buffers, as one batch of page reads where the source has
+  // read_pages (ssd: one io_uring submission), else with read_chunk; each group's upload overlaps
+  // the next group's reads. On a failure, the groups before the failing one are imported and the
+  // rest stay fresh (unwritten).
   // (GPUDirect Storage via cuFile would replace the bounce for sealed SSD chunks; not built yet.)
   status import_chunks(backend& src, std::span<const chunk_id> src_ids, std::span<const uint32_t> n_tokens,
                        std::span<const chunk_id> dst_ids) noexcept;
