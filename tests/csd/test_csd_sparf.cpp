@@ -14,6 +14,7 @@
 #include "instinfer/backend/csd_backend.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "sparf/sparf_test_util.hpp"
 
 using namespace instinfer;
 
@@ -40,14 +41,7 @@ csd::device_stats drive_stats(kv_cache& c, uint32_t drive = 0) {
   return s;
 }
 
-double rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double e = 0, m = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    e = std::max(e, std::fabs(double(a[i]) - b[i]));
-    m = std::max(m, std::fabs(double(b[i])));
-  }
-  return m > 0 ? e / m : e;
-}
+const auto rel = sparf_test::max_rel_diff;
 
 synthetic::attention_workload workload(const kv_shape& shape, uint32_t n, uint64_t seed) {
   synthetic::attention_workload_params wp;

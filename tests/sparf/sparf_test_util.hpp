@@ -18,6 +18,16 @@ namespace sparf_test {
 
 using namespace instinfer;
 
+// max |a - b| / max |b|: how far one backend's output is from another's (or from dense).
+inline double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    e = std::max(e, std::fabs(double(a[i]) - b[i]));
+    m = std::max(m, std::fabs(double(b[i])));
+  }
+  return m > 0 ? e / m : e;
+}
+
 // 64-byte aligned bytes, like the backends' pages.
 template <class T>
 struct aligned_allocator {

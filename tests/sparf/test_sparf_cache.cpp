@@ -12,6 +12,7 @@
 #include "instinfer/attention/reference.hpp"
 #include "instinfer/attention/sparf_synthetic.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "sparf_test_util.hpp"
 
 using namespace instinfer;
 
@@ -42,14 +43,7 @@ std::unique_ptr<kv_cache> make(const std::string& uri, const kv_shape& shape) {
   return std::move(c).value();
 }
 
-double rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double e = 0, m = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    e = std::max(e, std::fabs(double(a[i]) - b[i]));
-    m = std::max(m, std::fabs(double(b[i])));
-  }
-  return m > 0 ? e / m : e;
-}
+const auto rel = sparf_test::max_rel_diff;
 
 }  // namespace
 
