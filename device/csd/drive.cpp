@@ -1051,7 +1051,7 @@ class drive_impl final : public drive {
     uint64_t col_stage_bytes = 0, tok_stage_bytes = 0;
     std::vector<const std::byte*> col_ptrs, tok_ptrs;
     std::vector<uint32_t> channels, selected;
-    std::vector<float> weight, scratch;
+    std::vector<float> weight, scratch, alpha;
   };
 
   status do_attend(name_space& ns, const sq_entry& e, const std::byte* data, std::byte* res, command_outcome& out) {
@@ -1382,10 +1382,10 @@ class drive_impl final : public drive {
           uint32_t n_sel = 0;
           w.selected = ws.selected.data();
           w.n_selected = &n_sel;
-          sparf_counters scratch_counters;
-          sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, scratch_counters, true);
-          w.selected = nullptr;
-          w.n_selected = nullptr;
+          ws.alpha.resize(G);  // the group's query heads
+          w.alpha = ws.alpha.data();
+          sparf_attend_head(cfg, plan, params.whole_pages, params.page_spread, w, 0, ws.sparf, mine, true);
+          w.preselected = true;  // the exact pass below reuses this selection and alpha
           // Step two: the K and V pages of this head holding selected tokens.
           uint32_t n_need = 0;
           for (uint32_t j = 0; j < n_sel; ++j)

@@ -653,13 +653,17 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
     w.q = q + i * q_stride;
     w.out = out + i * q_stride;
     w.lse = lse ? lse + i * shape.n_q_heads : nullptr;
+    std::vector<float> alpha(shape.n_q_heads, 1.0f);
     w.selected = selected.data();
     w.n_selected = n_selected.data();
+    w.alpha = alpha.data();
     std::vector<const std::byte*> column_pages;
     if (!t.column_chunks.empty() && t.sparf) INSTINFER_TRY(fetch_column_pages(t, *plan, params, w.q, column_pages));
     if (!column_pages.empty()) w.column_pages = column_pages.data();
+    sparf_counters select_counters;  // added only once the attend succeeded
     if (t.n_tokens > 0)
-      INSTINFER_TRY(sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_));
+      INSTINFER_TRY(
+          sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &select_counters));
     // Per chunk, which kv heads selected a token in it (the K and V pages of those heads are needed).
     const uint32_t H = shape.n_kv_heads;
     std::vector<uint8_t> head_needs(t.chunks.size() * H, 0);
@@ -706,9 +710,9 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
       }
       INSTINFER_TRY(s);
     }
-    w.selected = nullptr;
-    w.n_selected = nullptr;
+    w.preselected = true;  // the exact pass reuses the selection (and alpha) made above
     INSTINFER_TRY(sparf_attend(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &counters));
+    counters.add(select_counters);
   }
   sparf_totals_.add(counters);
   return {};

@@ -335,3 +335,54 @@ TEST_CASE("sparf: dual-step loading: select, read only the needed token pages, a
   bad.selected = nullptr;
   CHECK(sparf_select(cfg, p, std::span<const sparf_work>(&bad, 1), ws).code() == errc::kInvalidArgument);
 }
+
+TEST_CASE("sparf: a preselected attend reuses sparf_select's tokens and alpha, bit for bit, and checks them") {
+  const sparf_config cfg = make_cfg(4096, 128, dtype::kF16, 2, 3, 4);
+  synthetic::attention_workload_params wp;
+  wp.n_tokens = 3000;
+  wp.n_kv_heads = 2;
+  wp.group_size = 3;
+  wp.seed = 41;
+  const auto wl = synthetic::make_attention_workload(wp);
+  const stored_layer s = store(cfg, wl.k, wl.v, wp.n_tokens);
+  for (double c : {1.0, 0.25, 0.125}) {
+    CAPTURE(c);
+    const sparf_params p = sparf_params::with_compression(c);
+    const sparf_plan plan = sparf_resolve(p, 128, wp.n_tokens).value();
+    std::vector<uint32_t> sel(size_t{2} * plan.k), nsel(2);
+    std::vector<float> alpha(6), full(wl.q.size()), pre(wl.q.size()), full_lse(6), pre_lse(6);
+    sparf_workspace ws;
+    sparf_counters once, select_part, attend_part;
+    sparf_work w = s.work(wl.q.data(), full.data(), full_lse.data());
+    REQUIRE(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws, &once).ok());
+    w.out = pre.data();
+    w.lse = pre_lse.data();
+    w.selected = sel.data();
+    w.n_selected = nsel.data();
+    w.alpha = alpha.data();
+    REQUIRE(sparf_select(cfg, p, std::span<const sparf_work>(&w, 1), ws, &select_part).ok());
+    w.preselected = true;
+    REQUIRE(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws, &attend_part).ok());
+    CHECK(std::memcmp(full.data(), pre.data(), full.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(full_lse.data(), pre_lse.data(), full_lse.size() * sizeof(float)) == 0);
+    select_part.add(attend_part);  // the two calls together count what one full attend counts
+    CHECK(select_part.pages_read() == once.pages_read());
+    CHECK(select_part.dense_pages == once.dense_pages);
+    CHECK(select_part.items == once.items);
+    CHECK(select_part.selected_tokens == once.selected_tokens);
+    if (c < 1.0) {
+      // A selection that sparf_select could not have produced is refused, not trusted.
+      std::swap(sel[0], sel[1]);
+      CHECK(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws).code() == errc::kInvalidArgument);
+      std::swap(sel[0], sel[1]);
+      const uint32_t keep = sel[0];
+      sel[0] = wp.n_tokens;
+      CHECK(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws).code() == errc::kInvalidArgument);
+      sel[0] = keep;
+      nsel[1] = plan.k + 1;
+      CHECK(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws).code() == errc::kInvalidArgument);
+      w.alpha = nullptr;
+      CHECK(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws).code() == errc::kInvalidArgument);
+    }
+  }
+}

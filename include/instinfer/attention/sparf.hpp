@@ -254,6 +254,13 @@ struct sparf_work {
   // (plan k from sparf_resolve), and how many were chosen per kv head ([n_kv_heads]; <= plan k).
   uint32_t* selected = nullptr;
   uint32_t* n_selected = nullptr;
+  // Dual-step loading without selecting twice: sparf_select also writes each query head's alpha
+  // (the approximate softmax mass of its group's chosen tokens) here, [n_q_heads]; sparf_attend
+  // with `preselected` then takes selected, n_selected and alpha as inputs and skips steps 1-3 (the
+  // output is the same as selecting again). Counters: the select call counts the items, dense
+  // pages and columns, the preselected attend only the token pages and bytes.
+  float* alpha = nullptr;
+  bool preselected = false;
 };
 
 // Reusable scratch: grows to the largest (n_tokens, group) seen, then the hot path allocates nothing.
@@ -443,11 +450,14 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
   float* lse = w.lse ? w.lse + size_t{kv_head} * G : nullptr;
   const float scale = cfg.effective_scale();
 
-  ++c.items;
-  c.dense_pages += 2ull * w.n_chunks;
-  c.dense_bytes += 2ull * n * d * es;
+  const bool reuse = w.preselected && !select_only;  // steps 1-3 were done by sparf_select
+  if (!reuse) {
+    ++c.items;
+    c.dense_pages += 2ull * w.n_chunks;
+    c.dense_bytes += 2ull * n * d * es;
+  }
   if (n == 0) {
-    if (w.n_selected) w.n_selected[kv_head] = 0;
+    if (w.n_selected && !reuse) w.n_selected[kv_head] = 0;
     if (select_only) return;
     for (uint32_t i = 0; i < G * d; ++i) out[i] = 0.0f;
     if (lse)
@@ -455,115 +465,135 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
     return;
   }
 
-  // 1. channels (see sparf_choose_channels).
-  uint32_t* channels = ws.channels_.data();
-  const sparf_channel_choice choice =
-      sparf_choose_channels(cfg, plan, whole_pages, q, channels, ws.weight_.data(), ws.row_.data());
-  const uint32_t n_channels = choice.n_channels;
-  const uint32_t n_pages_per_block = choice.pages_per_block;
-  c.channels_used += n_channels;
+  uint32_t* order = ws.order_.data();
+  uint32_t k = 0;
+  float* head_alpha = ws.head_scale_.data();  // [G]: reused once the temperatures are spent
+  if (reuse) {
+    order = w.selected + size_t{kv_head} * plan.k;
+    k = w.n_selected[kv_head];
+    for (uint32_t g = 0; g < G; ++g) head_alpha[g] = w.alpha[size_t{kv_head} * G + g];
+  } else {
+    // 1. channels (see sparf_choose_channels).
+    uint32_t* channels = ws.channels_.data();
+    const sparf_channel_choice choice =
+        sparf_choose_channels(cfg, plan, whole_pages, q, channels, ws.weight_.data(), ws.row_.data());
+    const uint32_t n_channels = choice.n_channels;
+    const uint32_t n_pages_per_block = choice.pages_per_block;
+    c.channels_used += n_channels;
 
-  // Every token kept (k >= n, e.g. compression 1): nothing to rank, so no approximate scores and
-  // no column pages are read; alpha is 1 and this is dense attention.
-  const bool keep_all = plan.k >= n;
-  float* approx = ws.approx_.data();  // [G][n]
-  if (!keep_all) {
-    // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).
-    for (uint32_t g = 0; g < G; ++g) {
-      const float* qg = q + size_t{g} * d;
-      float all = 0.0f, sel = 0.0f;
-      for (uint32_t i = 0; i < d; ++i) all += std::fabs(qg[i]);
-      for (uint32_t j = 0; j < n_channels; ++j) sel += std::fabs(qg[channels[j]]);
-      ws.head_scale_[g] = (sel > 0.0f && all > 0.0f && n_channels < d) ? scale / std::sqrt(sel / all) : scale;
-    }
+    // Every token kept (k >= n, e.g. compression 1): nothing to rank, so no approximate scores and
+    // no column pages are read; alpha is 1 and this is dense attention.
+    const bool keep_all = plan.k >= n;
+    float* approx = ws.approx_.data();  // [G][n]
+    if (!keep_all) {
+      // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).
+      for (uint32_t g = 0; g < G; ++g) {
+        const float* qg = q + size_t{g} * d;
+        float all = 0.0f, sel = 0.0f;
+        for (uint32_t i = 0; i < d; ++i) all += std::fabs(qg[i]);
+        for (uint32_t j = 0; j < n_channels; ++j) sel += std::fabs(qg[channels[j]]);
+        ws.head_scale_[g] = (sel > 0.0f && all > 0.0f && n_channels < d) ? scale / std::sqrt(sel / all) : scale;
+      }
 
-    // 2. approximate logits from the chosen channels' columns only.
-    std::fill(approx, approx + size_t{G} * n, 0.0f);
-    float* col = ws.row_.data();
-    for (uint32_t b = 0; b < w.n_column_blocks; ++b) {
-      const uint32_t first = b * cl.tokens_per_page;
-      const uint32_t count = std::min(cl.tokens_per_page, n - first);
-      for (uint32_t j = 0; j < n_channels; ++j) {
-        const uint32_t ch = channels[j];
-        const std::byte* src =
-            w.column_pages
-                ? w.column_pages[size_t{b} * cl.pages_per_block() + cl.page_index(kv_head, cl.group_of(ch))] +
-                      cl.in_page_offset(ch, 0)
-                : w.column_blocks[b] + cl.offset(kv_head, 0, ch);
-        sparf_detail::to_float(src, t, col, count);
-        for (uint32_t g = 0; g < G; ++g) {
-          const float qv = q[size_t{g} * d + ch];
-          float* a = approx + size_t{g} * n + first;
-          for (uint32_t i = 0; i < count; ++i) a[i] += qv * col[i];
+      // 2. approximate logits from the chosen channels' columns only.
+      std::fill(approx, approx + size_t{G} * n, 0.0f);
+      float* col = ws.row_.data();
+      for (uint32_t b = 0; b < w.n_column_blocks; ++b) {
+        const uint32_t first = b * cl.tokens_per_page;
+        const uint32_t count = std::min(cl.tokens_per_page, n - first);
+        for (uint32_t j = 0; j < n_channels; ++j) {
+          const uint32_t ch = channels[j];
+          const std::byte* src =
+              w.column_pages
+                  ? w.column_pages[size_t{b} * cl.pages_per_block() + cl.page_index(kv_head, cl.group_of(ch))] +
+                        cl.in_page_offset(ch, 0)
+                  : w.column_blocks[b] + cl.offset(kv_head, 0, ch);
+          sparf_detail::to_float(src, t, col, count);
+          for (uint32_t g = 0; g < G; ++g) {
+            const float qv = q[size_t{g} * d + ch];
+            float* a = approx + size_t{g} * n + first;
+            for (uint32_t i = 0; i < count; ++i) a[i] += qv * col[i];
+          }
+        }
+        if (count == cl.tokens_per_page) {  // a written block: pages read from storage
+          c.channel_pages_read += n_pages_per_block;
+          c.channel_bytes_used += uint64_t{n_channels} * count * es;
+        } else {  // the tail block: still in the group buffer
+          c.buffered_channel_bytes += uint64_t{n_channels} * count * es;
         }
       }
-      if (count == cl.tokens_per_page) {  // a written block: pages read from storage
-        c.channel_pages_read += n_pages_per_block;
-        c.channel_bytes_used += uint64_t{n_channels} * count * es;
-      } else {  // the tail block: still in the group buffer
-        c.buffered_channel_bytes += uint64_t{n_channels} * count * es;
+
+      // Approximate softmax per query head: logits, stats, then probabilities in place.
+      float* p_scratch = ws.logits_.data();
+      for (uint32_t g = 0; g < G; ++g) {
+        float* a = approx + size_t{g} * n;
+        const float hs = ws.head_scale_[g];
+        for (uint32_t i = 0; i < n; ++i) a[i] = apply_softcap(a[i] * hs, cfg.softcap);
+        if (G == 1) std::copy(a, a + n, ws.rank_.data());  // rank by logit: exp underflow makes no ties
+        softmax_stats s;
+        for (uint32_t i0 = 0; i0 < n; i0 += kB)
+          merge_state(s, nullptr, sparf_detail::block_stats(a + i0, p_scratch, std::min(kB, n - i0)), nullptr, 0);
+        const float inv = s.empty() ? 0.0f : 1.0f / s.d;
+        for (uint32_t i = 0; i < n; ++i) a[i] = expf(a[i] - s.m) * inv;
+      }
+      if (G > 1) {
+        float* rank = ws.rank_.data();
+        std::fill(rank, rank + n, 0.0f);
+        for (uint32_t g = 0; g < G; ++g)
+          for (uint32_t i = 0; i < n; ++i) rank[i] += approx[size_t{g} * n + i];
       }
     }
 
-    // Approximate softmax per query head: logits, stats, then probabilities in place.
-    float* p_scratch = ws.logits_.data();
+    // 3. tokens: the top k, then in token order (page order for the reads).
+    k = std::min(plan.k, n);
+    uint32_t n_cand = n;
+    const uint32_t n_pages = w.n_chunks;
+    const uint32_t max_pages =
+        page_spread > 0.0
+            ? static_cast<uint32_t>(std::min<double>(n_pages, std::ceil(page_spread * ((k + tpp - 1) / tpp))))
+            : n_pages;
+    if (k < n && max_pages < n_pages) {
+      // Candidate pages: the max_pages token pages of largest approximate mass.
+      const float* mass = G == 1 ? approx : ws.rank_.data();
+      float* ps = ws.page_score_.data();
+      uint32_t* po = ws.page_order_.data();
+      uint8_t* pick = ws.page_pick_.data();
+      for (uint32_t pg = 0; pg < n_pages; ++pg) {
+        float s = 0.0f;
+        for (uint32_t i = pg * tpp, e = std::min(n, i + tpp); i < e; ++i) s += mass[i];
+        ps[pg] = s;
+        po[pg] = pg;
+        pick[pg] = 0;
+      }
+      std::nth_element(po, po + max_pages, po + n_pages, sparf_detail::by_score{ps});
+      for (uint32_t j = 0; j < max_pages; ++j) pick[po[j]] = 1;
+      n_cand = 0;
+      for (uint32_t i = 0; i < n; ++i)
+        if (pick[i / tpp]) order[n_cand++] = i;
+      k = std::min(k, n_cand);
+    } else {
+      for (uint32_t i = 0; i < n; ++i) order[i] = i;
+    }
+    if (k < n_cand) {
+      std::nth_element(order, order + k, order + n_cand, sparf_detail::by_score{ws.rank_.data()});
+      std::sort(order, order + k);
+    }
+    c.selected_tokens += k;
+    if (w.selected) std::copy(order, order + k, w.selected + size_t{kv_head} * plan.k);
+    if (w.n_selected) w.n_selected[kv_head] = k;
+    // alpha per query head: the approximate mass of the chosen tokens (1 when all are kept).
     for (uint32_t g = 0; g < G; ++g) {
-      float* a = approx + size_t{g} * n;
-      const float hs = ws.head_scale_[g];
-      for (uint32_t i = 0; i < n; ++i) a[i] = apply_softcap(a[i] * hs, cfg.softcap);
-      if (G == 1) std::copy(a, a + n, ws.rank_.data());  // rank by logit: exp underflow makes no ties
-      softmax_stats s;
-      for (uint32_t i0 = 0; i0 < n; i0 += kB)
-        merge_state(s, nullptr, sparf_detail::block_stats(a + i0, p_scratch, std::min(kB, n - i0)), nullptr, 0);
-      const float inv = s.empty() ? 0.0f : 1.0f / s.d;
-      for (uint32_t i = 0; i < n; ++i) a[i] = expf(a[i] - s.m) * inv;
-    }
-    if (G > 1) {
-      float* rank = ws.rank_.data();
-      std::fill(rank, rank + n, 0.0f);
-      for (uint32_t g = 0; g < G; ++g)
-        for (uint32_t i = 0; i < n; ++i) rank[i] += approx[size_t{g} * n + i];
+      float alpha = 1.0f;
+      if (k < n) {
+        const float* pg = ws.approx_.data() + size_t{g} * n;
+        float mass = 0.0f;
+        for (uint32_t j = 0; j < k; ++j) mass += pg[order[j]];
+        alpha = std::clamp(mass, 0.0f, 1.0f);
+      }
+      head_alpha[g] = alpha;
+      if (w.alpha) w.alpha[size_t{kv_head} * G + g] = alpha;
     }
   }
-
-  // 3. tokens: the top k, then in token order (page order for the reads).
-  uint32_t* order = ws.order_.data();
-  uint32_t k = std::min(plan.k, n);
-  uint32_t n_cand = n;
-  const uint32_t n_pages = w.n_chunks;
-  const uint32_t max_pages =
-      page_spread > 0.0
-          ? static_cast<uint32_t>(std::min<double>(n_pages, std::ceil(page_spread * ((k + tpp - 1) / tpp))))
-          : n_pages;
-  if (k < n && max_pages < n_pages) {
-    // Candidate pages: the max_pages token pages of largest approximate mass.
-    const float* mass = G == 1 ? approx : ws.rank_.data();
-    float* ps = ws.page_score_.data();
-    uint32_t* po = ws.page_order_.data();
-    uint8_t* pick = ws.page_pick_.data();
-    for (uint32_t pg = 0; pg < n_pages; ++pg) {
-      float s = 0.0f;
-      for (uint32_t i = pg * tpp, e = std::min(n, i + tpp); i < e; ++i) s += mass[i];
-      ps[pg] = s;
-      po[pg] = pg;
-      pick[pg] = 0;
-    }
-    std::nth_element(po, po + max_pages, po + n_pages, sparf_detail::by_score{ps});
-    for (uint32_t j = 0; j < max_pages; ++j) pick[po[j]] = 1;
-    n_cand = 0;
-    for (uint32_t i = 0; i < n; ++i)
-      if (pick[i / tpp]) order[n_cand++] = i;
-    k = std::min(k, n_cand);
-  } else {
-    for (uint32_t i = 0; i < n; ++i) order[i] = i;
-  }
-  if (k < n_cand) {
-    std::nth_element(order, order + k, order + n_cand, sparf_detail::by_score{ws.rank_.data()});
-    std::sort(order, order + k);
-  }
-  c.selected_tokens += k;
-  if (w.selected) std::copy(order, order + k, w.selected + size_t{kv_head} * plan.k);
-  if (w.n_selected) w.n_selected[kv_head] = k;
   if (select_only) return;
 
   // 4. exact attention over the chosen tokens, per query head; alpha from the approximate mass.
@@ -614,13 +644,7 @@ inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, b
     float* og = o + size_t{g} * d;
     const softmax_stats s = ws.stats_[g];
     normalize_state(s, og, d);
-    float alpha = 1.0f;
-    if (k < n) {
-      const float* pg = approx + size_t{g} * n;
-      float mass = 0.0f;
-      for (uint32_t j = 0; j < k; ++j) mass += pg[order[j]];
-      alpha = std::clamp(mass, 0.0f, 1.0f);
-    }
+    const float alpha = head_alpha[g];
     float* outg = out + size_t{g} * d;
     if (alpha >= 1.0f) {
       std::copy(og, og + d, outg);
@@ -656,6 +680,17 @@ inline status run_batch(const sparf_config& cfg, const sparf_params& params, std
                                             std::to_string(w.n_column_blocks)};
       if (w.q == nullptr || (w.n_tokens > 0 && w.column_blocks == nullptr && w.column_pages == nullptr))
         return {errc::kInvalidArgument, where + "null q or column blocks"};
+      if (w.preselected && !select_only) {
+        if (w.selected == nullptr || w.n_selected == nullptr || w.alpha == nullptr)
+          return {errc::kInvalidArgument, where + "a preselected attend needs selected, n_selected and alpha"};
+        for (uint32_t h = 0; h < cfg.n_kv_heads(); ++h) {  // sparf_select's output, or a clear error
+          if (w.n_selected[h] > plan->k) return {errc::kInvalidArgument, where + "n_selected exceeds the plan's k"};
+          const uint32_t* sel = w.selected + size_t{h} * plan->k;
+          for (uint32_t j = 0; j < w.n_selected[h]; ++j)
+            if (sel[j] >= w.n_tokens || (j > 0 && sel[j] <= sel[j - 1]))
+              return {errc::kInvalidArgument, where + "selected tokens must be ascending and < n_tokens"};
+        }
+      }
       if (select_only) {
         if (w.selected == nullptr || w.n_selected == nullptr)
           return {errc::kInvalidArgument, where + "sparf_select needs selected and n_selected"};
