@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cli.hpp"
 #include "gguf.hpp"
 #include "llama_model.hpp"
 #include "sampler.hpp"
@@ -28,6 +29,11 @@ using namespace instinfer;
 using namespace instinfer::model;
 
 namespace {
+
+using cli::now_s;
+using cli::parse_float;
+using cli::parse_fraction;
+using cli::parse_u32;
 
 struct options {
   std::string model = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -77,40 +83,9 @@ void usage(FILE* out) {
                "  --list-backends     print the KV backends built into this binary and exit\n");
 }
 
-bool parse_u32(const char* s, uint32_t& out) {
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long v = std::strtoul(s, &end, 10);
-  if (errno || end == s || *end || v > 0xffffffffUL || s[0] == '-') return false;
-  out = static_cast<uint32_t>(v);
-  return true;
-}
-bool parse_float(const char* s, float& out) {
-  char* end = nullptr;
-  out = std::strtof(s, &end);
-  return end != s && !*end && std::isfinite(out);
-}
-// A fraction in (0, 1], as a decimal ("0.125") or a ratio ("1/8").
-bool parse_fraction(const char* s, double& out) {
-  char* end = nullptr;
-  out = std::strtod(s, &end);
-  if (end == s) return false;
-  if (*end == '/') {
-    const char* d = end + 1;
-    const double den = std::strtod(d, &end);
-    if (end == d || !(den > 0.0)) return false;
-    out /= den;
-  }
-  return !*end && out > 0.0 && out <= 1.0;  // also rejects NaN and infinities
-}
-
 int fail(const std::string& msg) {
   std::fprintf(stderr, "instinfer-generate: %s\n", msg.c_str());
   return 1;
-}
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 double peak_rss_mib() {
@@ -317,19 +292,11 @@ int run_batch(const options& o, const tokenizer& tok, llama_model& m, kv_cache& 
 
 int main(int argc, char** argv) {
   options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto need = [&](const char* what) -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "instinfer-generate: %s needs %s\n", a.c_str(), what);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    auto bad = [&](const char* v) {
-      std::fprintf(stderr, "instinfer-generate: bad value '%s' for %s\n", v, a.c_str());
-      std::exit(2);
-    };
+  cli::flags args("instinfer-generate", argc, argv);
+  while (args.next()) {
+    const std::string& a = args.flag();
+    const auto need = [&](const char* what) { return args.need(what); };
+    const auto bad = [&](const char* v) { args.bad(v); };
     if (a == "--help" || a == "-h") {
       usage(stdout);
       return 0;

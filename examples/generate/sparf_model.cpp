@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cli.hpp"
 #include "gguf.hpp"
 #include "llama_model.hpp"
 #include "sampler.hpp"
@@ -33,6 +34,9 @@ using namespace instinfer::model;
 namespace se = instinfer::model::sparf_eval;
 
 namespace {
+
+using cli::now_s;
+using cli::parse_u32;
 
 constexpr const char* kDefaultModel = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -76,40 +80,18 @@ int fail(const std::string& msg) {
   return 1;
 }
 
-bool parse_u32(const char* s, uint32_t& out) {
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long v = std::strtoul(s, &end, 10);
-  if (errno || end == s || *end || v > 0xffffffffUL || s[0] == '-') return false;
-  out = static_cast<uint32_t>(v);
-  return true;
-}
-
 // "1,1/2,0.25": fractions in (0, 1]; labels keep the spelling for the tables.
 bool parse_compressions(const std::string& list, std::vector<double>& values, std::vector<std::string>& labels) {
   values.clear();
   labels.clear();
   std::stringstream ss(list);
   for (std::string item; std::getline(ss, item, ',');) {
-    const char* s = item.c_str();
-    char* end = nullptr;
-    double v = std::strtod(s, &end);
-    if (end == s) return false;
-    if (*end == '/') {
-      const char* d = end + 1;
-      const double den = std::strtod(d, &end);
-      if (end == d || !(den > 0.0)) return false;
-      v /= den;
-    }
-    if (*end || !(v > 0.0 && v <= 1.0)) return false;
+    double v = 0.0;
+    if (!cli::parse_fraction(item.c_str(), v)) return false;
     values.push_back(v);
     labels.push_back(item);
   }
   return !values.empty();
-}
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 std::string model_path(const options& o) {
@@ -230,19 +212,11 @@ status generate(llama_model& m, kv_cache& cache, seq_id prompt_seq, uint32_t pro
 
 int main(int argc, char** argv) {
   options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto need = [&](const char* what) -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "instinfer-sparf-model: %s needs %s\n", a.c_str(), what);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    auto bad = [&](const char* v) {
-      std::fprintf(stderr, "instinfer-sparf-model: bad value '%s' for %s\n", v, a.c_str());
-      std::exit(2);
-    };
+  cli::flags args("instinfer-sparf-model", argc, argv);
+  while (args.next()) {
+    const std::string& a = args.flag();
+    const auto need = [&](const char* what) { return args.need(what); };
+    const auto bad = [&](const char* v) { args.bad(v); };
     if (a == "--help" || a == "-h") {
       usage(stdout);
       return 0;

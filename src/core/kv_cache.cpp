@@ -627,92 +627,96 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
     return {};
   }
 
-  // One sequence at a time: select, fetch just the pages holding selected tokens, attend.
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    auto found = find(seqs[i]);
-    if (!found.ok()) return found.error();
-    const layer_table& t = found.value()->layers[layer];
-    auto plan = sparf_resolve(params, shape.head_dim, t.n_tokens);
-    if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
-    const uint32_t k_stride = std::max<uint32_t>(plan->k, 1);
-    std::vector<uint32_t> selected(size_t{shape.n_kv_heads} * k_stride), n_selected(shape.n_kv_heads, 0);
-    std::vector<const std::byte*> ptrs(t.chunks.size(), nullptr);
-    sparf_work w;
-    w.chunks = ptrs.data();
-    w.n_chunks = static_cast<uint32_t>(t.chunks.size());
-    w.n_tokens = t.n_tokens;
-    w.column_blocks = t.sparf ? t.sparf->block_pointers() : nullptr;
-    w.n_column_blocks = t.sparf ? t.sparf->n_blocks() : 0;
-    std::vector<float> zero_mean;
-    if (t.sparf) {
-      w.v_mean = t.sparf->v_mean();
-    } else {
-      zero_mean.assign(size_t{shape.n_kv_heads} * shape.head_dim, 0.0f);  // an empty layer
-      w.v_mean = zero_mean.data();
-    }
-    w.q = q + i * q_stride;
-    w.out = out + i * q_stride;
-    w.lse = lse ? lse + i * shape.n_q_heads : nullptr;
-    std::vector<float> alpha(shape.n_q_heads, 1.0f);
-    w.selected = selected.data();
-    w.n_selected = n_selected.data();
-    w.alpha = alpha.data();
-    std::vector<const std::byte*> column_pages;
-    if (!t.column_chunks.empty() && t.sparf) INSTINFER_TRY(fetch_column_pages(t, *plan, params, w.q, column_pages));
-    if (!column_pages.empty()) w.column_pages = column_pages.data();
-    sparf_counters select_counters;  // added only once the attend succeeded
-    if (t.n_tokens > 0)
-      INSTINFER_TRY(
-          sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &select_counters));
-    // Per chunk, which kv heads selected a token in it (the K and V pages of those heads are needed).
-    const uint32_t H = shape.n_kv_heads;
-    std::vector<uint8_t> head_needs(t.chunks.size() * H, 0);
-    std::vector<uint32_t> slot(t.chunks.size(), UINT32_MAX);  // staging slot of a needed chunk
-    uint32_t n_needed = 0;
-    for (uint32_t h = 0; h < H; ++h)
-      for (uint32_t j = 0; j < n_selected[h]; ++j) {
-        const uint32_t c = selected[size_t{h} * k_stride + j] / lay.tokens();
-        if (c >= t.chunks.size()) continue;
-        head_needs[size_t{c} * H + h] = 1;
-        if (slot[c] == UINT32_MAX) slot[c] = n_needed++;
+  // One sequence at a time: select, fetch just the pages holding selected tokens, attend. The
+  // per-call arrays live in sparf_scratch_ and only grow: the steady state allocates nothing.
+  sparf_scratch& sc = sparf_scratch_;
+  const uint32_t H = shape.n_kv_heads;
+  try {
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      auto found = find(seqs[i]);
+      if (!found.ok()) return found.error();
+      const layer_table& t = found.value()->layers[layer];
+      auto plan = sparf_resolve(params, shape.head_dim, t.n_tokens);
+      if (!plan.ok()) return {plan.error().code(), seq_name(seqs[i]) + ": " + plan.error().message()};
+      const uint32_t k_stride = std::max<uint32_t>(plan->k, 1);
+      sc.selected.assign(size_t{H} * k_stride, 0);
+      sc.n_selected.assign(H, 0);
+      sc.ptrs.assign(t.chunks.size(), nullptr);
+      sc.alpha.assign(shape.n_q_heads, 1.0f);
+      sparf_work w;
+      w.chunks = sc.ptrs.data();
+      w.n_chunks = static_cast<uint32_t>(t.chunks.size());
+      w.n_tokens = t.n_tokens;
+      w.column_blocks = t.sparf ? t.sparf->block_pointers() : nullptr;
+      w.n_column_blocks = t.sparf ? t.sparf->n_blocks() : 0;
+      if (t.sparf) {
+        w.v_mean = t.sparf->v_mean();
+      } else {
+        sc.zero_mean.assign(size_t{H} * shape.head_dim, 0.0f);  // an empty layer
+        w.v_mean = sc.zero_mean.data();
       }
-    const bool in_place = !t.chunks.empty() && backend_->chunk_address(t.chunks[0]) != nullptr;
-    if (in_place) {
-      for (size_t c = 0; c < t.chunks.size(); ++c)
-        if (slot[c] != UINT32_MAX) ptrs[c] = backend_->chunk_address(t.chunks[c]);
-    } else if (n_needed > 0) {
-      std::vector<page_read> reads;
-      try {
+      w.q = q + i * q_stride;
+      w.out = out + i * q_stride;
+      w.lse = lse ? lse + i * shape.n_q_heads : nullptr;
+      w.selected = sc.selected.data();
+      w.n_selected = sc.n_selected.data();
+      w.alpha = sc.alpha.data();
+      if (!t.column_chunks.empty() && t.sparf) {
+        INSTINFER_TRY(fetch_column_pages(t, *plan, params, w.q, sc.column_pages));
+        w.column_pages = sc.column_pages.data();
+      }
+      sparf_counters select_counters;  // added only once the attend succeeded
+      if (t.n_tokens > 0)
+        INSTINFER_TRY(
+            sparf_select(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &select_counters));
+      // Per chunk, which kv heads selected a token in it (the K and V pages of those heads are needed).
+      sc.head_needs.assign(t.chunks.size() * H, 0);
+      sc.slot.assign(t.chunks.size(), UINT32_MAX);  // staging slot of a needed chunk
+      uint32_t n_needed = 0;
+      for (uint32_t h = 0; h < H; ++h)
+        for (uint32_t j = 0; j < sc.n_selected[h]; ++j) {
+          const uint32_t c = sc.selected[size_t{h} * k_stride + j] / lay.tokens();
+          if (c >= t.chunks.size()) continue;
+          sc.head_needs[size_t{c} * H + h] = 1;
+          if (sc.slot[c] == UINT32_MAX) sc.slot[c] = n_needed++;
+        }
+      const bool in_place = !t.chunks.empty() && backend_->chunk_address(t.chunks[0]) != nullptr;
+      if (in_place) {
+        for (size_t c = 0; c < t.chunks.size(); ++c)
+          if (sc.slot[c] != UINT32_MAX) sc.ptrs[c] = backend_->chunk_address(t.chunks[c]);
+      } else if (n_needed > 0) {
         if (sparf_staging_.size() < n_needed * lay.chunk_bytes()) sparf_staging_.resize(n_needed * lay.chunk_bytes());
+        sc.reads.clear();
         for (size_t c = 0; c < t.chunks.size(); ++c) {
-          if (slot[c] == UINT32_MAX) continue;
-          std::byte* dst = sparf_staging_.data() + size_t{slot[c]} * lay.chunk_bytes();
-          ptrs[c] = dst;
+          if (sc.slot[c] == UINT32_MAX) continue;
+          std::byte* dst = sparf_staging_.data() + size_t{sc.slot[c]} * lay.chunk_bytes();
+          sc.ptrs[c] = dst;
           const uint32_t in_chunk =
               std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
           for (uint32_t h = 0; h < H; ++h)
-            if (head_needs[c * H + h])
+            if (sc.head_needs[c * H + h])
               for (kv_kind kind : {kv_kind::kKey, kv_kind::kValue})
-                reads.push_back({t.chunks[c], in_chunk, lay.page_index(kind, h), dst + lay.page_offset(kind, h)});
+                sc.reads.push_back({t.chunks[c], in_chunk, lay.page_index(kind, h), dst + lay.page_offset(kind, h)});
         }
-      } catch (const std::bad_alloc&) {
-        return {errc::kOutOfMemory, "SparF staging"};
-      }
-      status s = backend_->read_pages(reads);
-      if (s.code() == errc::kUnsupported) {  // whole chunks, then
-        s = {};
-        for (size_t c = 0; c < t.chunks.size() && s.ok(); ++c) {
-          if (slot[c] == UINT32_MAX) continue;
-          const uint32_t in_chunk =
-              std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
-          s = backend_->read_chunk(t.chunks[c], in_chunk, sparf_staging_.data() + size_t{slot[c]} * lay.chunk_bytes());
+        status s = backend_->read_pages(sc.reads);
+        if (s.code() == errc::kUnsupported) {  // whole chunks, then
+          s = {};
+          for (size_t c = 0; c < t.chunks.size() && s.ok(); ++c) {
+            if (sc.slot[c] == UINT32_MAX) continue;
+            const uint32_t in_chunk =
+                std::min<uint32_t>(lay.tokens(), t.n_tokens - static_cast<uint32_t>(c) * lay.tokens());
+            s = backend_->read_chunk(t.chunks[c], in_chunk,
+                                     sparf_staging_.data() + size_t{sc.slot[c]} * lay.chunk_bytes());
+          }
         }
+        INSTINFER_TRY(s);
       }
-      INSTINFER_TRY(s);
+      w.preselected = true;  // the exact pass reuses the selection (and alpha) made above
+      INSTINFER_TRY(sparf_attend(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &counters));
+      counters.add(select_counters);
     }
-    w.preselected = true;  // the exact pass reuses the selection (and alpha) made above
-    INSTINFER_TRY(sparf_attend(sparf_config_, params, std::span<const sparf_work>(&w, 1), sparf_ws_, &counters));
-    counters.add(select_counters);
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "attend_sparse: host scratch"};
   }
   sparf_totals_.add(counters);
   return {};
@@ -731,23 +735,27 @@ status kv_cache::fetch_column_pages(const layer_table& t, const sparf_plan& plan
   const uint64_t page = lay.page.page_bytes;
   const uint32_t n_blocks = t.sparf->n_blocks();
   const uint32_t stored = static_cast<uint32_t>(t.column_chunks.size() / per_block);
-  std::vector<page_read> reads;
-  std::vector<uint32_t> channels(d);
-  std::vector<float> weight(d), scratch(d);
+  sparf_scratch& sc = sparf_scratch_;
+  std::vector<page_read>& reads = sc.column_reads;
   try {
+    reads.clear();
+    sc.channels.resize(d);
+    sc.weight.resize(d);
+    sc.channel_scratch.resize(d);
     pages.assign(size_t{n_blocks} * ppb, nullptr);
     for (uint32_t b = 0; b < n_blocks; ++b)
       if (const std::byte* blk = t.sparf->block(b))
         for (uint32_t p = 0; p < ppb; ++p) pages[size_t{b} * ppb + p] = blk + p * page;
     if (plan.k >= plan.n_tokens || stored == 0) return {};
-    std::vector<uint32_t> chosen;  // column page indices inside a block
+    std::vector<uint32_t>& chosen = sc.chosen;  // column page indices inside a block
+    chosen.clear();
     for (uint32_t h = 0; h < H; ++h) {
       const sparf_channel_choice c =
-          sparf_choose_channels(sparf_config_, plan, params.whole_pages, q + size_t{h} * G * d, channels.data(),
-                                weight.data(), scratch.data());
+          sparf_choose_channels(sparf_config_, plan, params.whole_pages, q + size_t{h} * G * d, sc.channels.data(),
+                                sc.weight.data(), sc.channel_scratch.data());
       for (uint32_t j = 0; j < c.n_channels; ++j)
-        if (j == 0 || cl.group_of(channels[j]) != cl.group_of(channels[j - 1]))
-          chosen.push_back(cl.page_index(h, cl.group_of(channels[j])));
+        if (j == 0 || cl.group_of(sc.channels[j]) != cl.group_of(sc.channels[j - 1]))
+          chosen.push_back(cl.page_index(h, cl.group_of(sc.channels[j])));
     }
     const size_t need = size_t{stored} * chosen.size() * page;
     if (sparf_column_staging_.size() < need) sparf_column_staging_.resize(need);

@@ -4,15 +4,56 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "gguf.hpp"
 #include "llama_model.hpp"
 #include "sampler.hpp"
+#include "tokenizer.hpp"
 
 namespace model_test {
+
+// The real model file: $INSTINFER_MODEL, else the path scripts/fetch-model writes.
+inline std::string model_path() {
+  if (const char* p = std::getenv("INSTINFER_MODEL"); p && *p) return p;
+  return INSTINFER_MODEL_PATH;
+}
+
+// The file, its tokenizer and the model, loaded once per test binary (REQUIREs on failure).
+struct loaded_model {
+  std::unique_ptr<instinfer::model::gguf_file> file;
+  std::unique_ptr<instinfer::model::tokenizer> tok;
+  std::unique_ptr<instinfer::model::llama_model> model;
+};
+inline loaded_model load_model() {
+  using namespace instinfer::model;
+  loaded_model x;
+  auto g = gguf_file::open(model_path());
+  REQUIRE_MESSAGE(g.ok(), g.error().to_string());
+  x.file = std::move(*g);
+  auto t = tokenizer::from_gguf(*x.file);
+  REQUIRE_MESSAGE(t.ok(), t.error().to_string());
+  x.tok = std::move(*t);
+  auto m = llama_model::load(*x.file);
+  REQUIRE_MESSAGE(m.ok(), m.error().to_string());
+  x.model = std::move(*m);
+  return x;
+}
+
+// main() of a test binary that needs the real model: exit 77 (skipped) without it.
+inline int run_with_model(int argc, char** argv) {
+  if (!std::filesystem::exists(model_path())) {
+    std::printf("SKIP: %s is absent (run scripts/fetch-model, or set INSTINFER_MODEL)\n", model_path().c_str());
+    return 77;
+  }
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
 
 // Every backend URI worth trying here; the ones not built or not usable on this machine are
 // reported and skipped by the callers (kv_cache::create fails for them).

@@ -20,10 +20,7 @@ using namespace instinfer::model;
 
 namespace {
 
-std::string model_path() {
-  if (const char* p = std::getenv("INSTINFER_MODEL"); p && *p) return p;
-  return INSTINFER_MODEL_PATH;
-}
+using model_test::model_path;
 
 std::string unhex(const std::string& h) {
   if (h == "-") return {};
@@ -97,15 +94,10 @@ struct fixture {
 fixture& the_model() {
   static fixture f = [] {
     fixture x;
-    auto g = gguf_file::open(model_path());
-    REQUIRE_MESSAGE(g.ok(), g.error().to_string());
-    x.file = std::move(*g);
-    auto t = tokenizer::from_gguf(*x.file);
-    REQUIRE_MESSAGE(t.ok(), t.error().to_string());
-    x.tok = std::move(*t);
-    auto m = llama_model::load(*x.file);
-    REQUIRE_MESSAGE(m.ok(), m.error().to_string());
-    x.model = std::move(*m);
+    model_test::loaded_model loaded = model_test::load_model();
+    x.file = std::move(loaded.file);
+    x.tok = std::move(loaded.tok);
+    x.model = std::move(loaded.model);
     return x;
   }();
   return f;
@@ -244,10 +236,5 @@ TEST_CASE("golden: every available KV backend (f16 and f32) gives the same greed
 }
 
 int main(int argc, char** argv) {
-  if (!std::filesystem::exists(model_path())) {
-    std::printf("SKIP: %s is absent (run scripts/fetch-model, or set INSTINFER_MODEL)\n", model_path().c_str());
-    return 77;
-  }
-  doctest::Context ctx(argc, argv);
-  return ctx.run();
+  return model_test::run_with_model(argc, argv);
 }

@@ -32,10 +32,7 @@ namespace se = instinfer::model::sparf_eval;
 
 namespace {
 
-std::string model_path() {
-  if (const char* p = std::getenv("INSTINFER_MODEL"); p && *p) return p;
-  return INSTINFER_MODEL_PATH;
-}
+using model_test::model_path;
 
 // The model and one cache holding the prefilled prompt; each test forks the prompt's sequence.
 struct fixture {
@@ -51,15 +48,10 @@ struct fixture {
 fixture& the_model() {
   static fixture f = [] {
     fixture x;
-    auto g = gguf_file::open(model_path());
-    REQUIRE_MESSAGE(g.ok(), g.error().to_string());
-    x.file = std::move(*g);
-    auto t = tokenizer::from_gguf(*x.file);
-    REQUIRE_MESSAGE(t.ok(), t.error().to_string());
-    x.tok = std::move(*t);
-    auto m = llama_model::load(*x.file);
-    REQUIRE_MESSAGE(m.ok(), m.error().to_string());
-    x.model = std::move(*m);
+    model_test::loaded_model loaded = model_test::load_model();
+    x.file = std::move(loaded.file);
+    x.tok = std::move(loaded.tok);
+    x.model = std::move(loaded.model);
     auto c = kv_cache::create(x.model->kv_options("host", dtype::kF16, true));
     REQUIRE_MESSAGE(c.ok(), c.error().to_string());
     x.cache = std::move(*c);
@@ -192,10 +184,5 @@ TEST_CASE("greedy tokens through attend_sparse at compression 1 (--sparf 1) equa
 }
 
 int main(int argc, char** argv) {
-  if (!std::filesystem::exists(model_path())) {
-    std::printf("SKIP: %s is absent (run scripts/fetch-model, or set INSTINFER_MODEL)\n", model_path().c_str());
-    return 77;
-  }
-  doctest::Context ctx(argc, argv);
-  return ctx.run();
+  return model_test::run_with_model(argc, argv);
 }

@@ -12,6 +12,11 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <doctest/doctest.h>
+
+#include <memory>
+
+#include "instinfer/backend/ssd_backend.hpp"
 #include "instinfer/core/dtype.hpp"
 
 namespace ssd_test {
@@ -64,6 +69,31 @@ inline std::vector<std::byte> to_dtype(const std::vector<float>& f, instinfer::d
   std::vector<std::byte> out(f.size() * instinfer::dtype_size(t));
   instinfer::convert_elements(f.data(), instinfer::dtype::kF32, out.data(), t, f.size());
   return out;
+}
+
+// An ssd backend for `uri` ("ssd:PATH?options"), configured; REQUIREs on failure.
+inline std::unique_ptr<instinfer::ssd_backend> open_backend(const std::string& uri,
+                                                            const instinfer::backend_config& cfg) {
+  auto parsed = instinfer::backend_uri::parse(uri);
+  REQUIRE(parsed.ok());
+  auto o = instinfer::ssd_backend_options::from_uri(parsed.value());
+  REQUIRE_MESSAGE(o.ok(), o.error().to_string());
+  auto b = std::make_unique<instinfer::ssd_backend>(o.value());
+  const instinfer::status s = b->configure(cfg);
+  REQUIRE_MESSAGE(s.ok(), s.to_string());
+  return b;
+}
+
+// main() of an SSD test binary: exit 77 (skipped) where the scratch directory refuses O_DIRECT.
+inline int run_tests(int argc, char** argv) {
+  if (!direct_io_works()) {
+    std::fprintf(stderr, "skipped: %s does not support O_DIRECT\n", scratch_dir().c_str());
+    return 77;
+  }
+  doctest::Context ctx(argc, argv);
+  const int rc = ctx.run();
+  remove_scratch();
+  return rc;
 }
 
 }  // namespace ssd_test

@@ -31,16 +31,7 @@ std::string uri_for(const std::string& name, const std::string& options = "") {
   return "ssd:" + ssd_test::scratch_file(name) + (options.empty() ? "" : "?" + options);
 }
 
-std::unique_ptr<ssd_backend> open_backend(const std::string& uri, const backend_config& cfg) {
-  auto parsed = backend_uri::parse(uri);
-  REQUIRE(parsed.ok());
-  auto o = ssd_backend_options::from_uri(parsed.value());
-  REQUIRE_MESSAGE(o.ok(), o.error().to_string());
-  auto b = std::make_unique<ssd_backend>(o.value());
-  const status s = b->configure(cfg);
-  REQUIRE_MESSAGE(s.ok(), s.to_string());
-  return b;
-}
+using ssd_test::open_backend;
 
 // A tiny KV manager: page tables plus a mirror of the stored rows for the reference.
 struct harness {
@@ -497,12 +488,5 @@ TEST_CASE("single issuer: another thread is refused while this thread's prefetch
 }
 
 int main(int argc, char** argv) {
-  if (!ssd_test::direct_io_works()) {
-    std::fprintf(stderr, "skipped: %s does not support O_DIRECT\n", ssd_test::scratch_dir().c_str());
-    return 77;
-  }
-  doctest::Context ctx(argc, argv);
-  const int rc = ctx.run();
-  ssd_test::remove_scratch();
-  return rc;
+  return ssd_test::run_tests(argc, argv);
 }

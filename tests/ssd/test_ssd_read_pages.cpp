@@ -31,14 +31,7 @@ backend_config make_config(uint32_t page_bytes = 4096) {
 
 std::unique_ptr<ssd_backend> open_backend(const std::string& name, const std::string& options,
                                           const backend_config& cfg) {
-  auto parsed = backend_uri::parse("ssd:" + ssd_test::scratch_file(name) + "?" + options);
-  REQUIRE(parsed.ok());
-  auto o = ssd_backend_options::from_uri(parsed.value());
-  REQUIRE_MESSAGE(o.ok(), o.error().to_string());
-  auto b = std::make_unique<ssd_backend>(o.value());
-  const status s = b->configure(cfg);
-  REQUIRE_MESSAGE(s.ok(), s.to_string());
-  return b;
+  return ssd_test::open_backend("ssd:" + ssd_test::scratch_file(name) + "?" + options, cfg);
 }
 
 // Sequences of random f16 tokens appended straight to the backend, with every chunk's
@@ -289,12 +282,5 @@ TEST_CASE("an injected I/O error fails the batch cleanly; later reads work") {
 }
 
 int main(int argc, char** argv) {
-  if (!ssd_test::direct_io_works()) {
-    std::fprintf(stderr, "skipped: %s does not support O_DIRECT\n", ssd_test::scratch_dir().c_str());
-    return 77;
-  }
-  doctest::Context ctx(argc, argv);
-  const int rc = ctx.run();
-  ssd_test::remove_scratch();
-  return rc;
+  return ssd_test::run_tests(argc, argv);
 }

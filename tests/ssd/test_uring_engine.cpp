@@ -275,12 +275,5 @@ TEST_CASE("fault seam: nth read/write fails with an errno or comes back short") 
 }
 
 int main(int argc, char** argv) {
-  if (!ssd_test::direct_io_works()) {
-    std::fprintf(stderr, "skipped: %s does not support O_DIRECT\n", ssd_test::scratch_dir().c_str());
-    return 77;
-  }
-  doctest::Context ctx(argc, argv);
-  const int rc = ctx.run();
-  ssd_test::remove_scratch();
-  return rc;
+  return ssd_test::run_tests(argc, argv);
 }

@@ -155,6 +155,14 @@ class kv_cache {
   sparf_counters sparf_totals_{};
   std::vector<std::byte> sparf_staging_;         // read-back chunks for backends without host addresses
   std::vector<std::byte> sparf_column_staging_;  // column pages read from a storage backend
+  struct sparf_scratch {                         // attend_sparse's per-call arrays, grow-only
+    std::vector<uint32_t> selected, n_selected, slot, channels, chosen;
+    std::vector<float> alpha, zero_mean, weight, channel_scratch;
+    std::vector<uint8_t> head_needs;
+    std::vector<const std::byte*> ptrs, column_pages;
+    std::vector<page_read> reads, column_reads;
+  };
+  sparf_scratch sparf_scratch_;
 };
 
 }  // namespace instinfer
