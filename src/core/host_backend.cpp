@@ -101,30 +101,16 @@ status host_backend::write_tokens(chunk_id id, const chunk_hint&, uint32_t first
                                   const std::byte* v) noexcept {
   if (!valid_id(id)) return {errc::kInvalidArgument, "chunk id out of range"};
   if (!k || !v) return {errc::kInvalidArgument, "null K or V rows"};
-  if (n == 0 || first >= layout_.tokens() || n > layout_.tokens() - first)
-    return {errc::kInvalidArgument, "token range does not fit in a chunk"};
-  std::byte* chunk = chunk_ptr(id);
-  const uint32_t row = layout_.page.row_bytes();
-  const uint32_t heads = layout_.n_kv_heads;
-  for (uint32_t t = 0; t < n; ++t) {
-    for (uint32_t h = 0; h < heads; ++h) {
-      const uint64_t src = (uint64_t{t} * heads + h) * row;
-      std::memcpy(chunk + layout_.offset(kv_kind::kKey, h, first + t, 0), k + src, row);
-      std::memcpy(chunk + layout_.offset(kv_kind::kValue, h, first + t, 0), v + src, row);
-    }
-  }
-  kv_bytes_appended_ += 2ull * n * heads * row;
+  if (!layout_.fits(first, n)) return {errc::kInvalidArgument, "token range does not fit in a chunk"};
+  layout_.scatter_rows(chunk_ptr(id), first, n, k, v);
+  kv_bytes_appended_ += 2ull * n * layout_.n_kv_heads * layout_.page.row_bytes();
   return {};
 }
 
 status host_backend::copy_tokens(chunk_id dst, const chunk_hint&, chunk_id src, uint32_t n) noexcept {
   if (!valid_id(dst) || !valid_id(src)) return {errc::kInvalidArgument, "chunk id out of range"};
   if (n > layout_.tokens()) return {errc::kInvalidArgument, "token count exceeds a chunk"};
-  const uint64_t bytes = uint64_t{n} * layout_.page.row_bytes();
-  for (uint32_t p = 0; p < layout_.pages_per_chunk(); ++p) {
-    const uint64_t off = uint64_t{p} * layout_.page.page_bytes;
-    std::memcpy(chunk_ptr(dst) + off, chunk_ptr(src) + off, bytes);
-  }
+  layout_.copy_prefix(chunk_ptr(dst), chunk_ptr(src), n);
   return {};
 }
 
@@ -132,11 +118,7 @@ status host_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
   if (!valid_id(id)) return {errc::kInvalidArgument, "chunk id out of range"};
   if (!dst) return {errc::kInvalidArgument, "null destination"};
   if (n_tokens > layout_.tokens()) return {errc::kInvalidArgument, "token count exceeds a chunk"};
-  const uint64_t bytes = uint64_t{n_tokens} * layout_.page.row_bytes();
-  for (uint32_t p = 0; p < layout_.pages_per_chunk(); ++p) {
-    const uint64_t off = uint64_t{p} * layout_.page.page_bytes;
-    std::memcpy(dst + off, chunk_ptr(id) + off, bytes);
-  }
+  layout_.copy_prefix(dst, chunk_ptr(id), n_tokens);
   return {};
 }
 

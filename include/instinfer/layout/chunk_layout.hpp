@@ -10,7 +10,9 @@
 // chunks of a sequence can be laid out contiguously on storage.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "instinfer/layout/kv_shape.hpp"
 #include "instinfer/layout/page_geometry.hpp"
@@ -42,6 +44,45 @@ struct chunk_layout {
 
   static constexpr chunk_layout make(const page_geometry& g, uint32_t n_kv_heads) noexcept {
     return chunk_layout{g, n_kv_heads};
+  }
+
+  // Tokens [first, first + n) fit one chunk (n >= 1): the write-range rule every backend enforces.
+  constexpr bool fits(uint32_t first, uint32_t n) const noexcept {
+    return n != 0 && first < tokens() && n <= tokens() - first;
+  }
+
+  // The byte transforms between an engine's row layout and a chunk live here, beside the layout,
+  // so every backend (host, ssd, the drive, cuda staging) uses the same ones.
+  //
+  // rows -> chunk: tokens [first, first + n) from k, v rows [n][n_kv_heads][head_dim] (cache dtype).
+  // The caller checks fits(first, n).
+  void scatter_rows(std::byte* chunk, uint32_t first, uint32_t n, const std::byte* k,
+                    const std::byte* v) const noexcept {
+    const uint32_t row = page.row_bytes();
+    for (uint32_t t = 0; t < n; ++t)
+      for (uint32_t h = 0; h < n_kv_heads; ++h) {
+        const uint64_t src = (uint64_t{t} * n_kv_heads + h) * row;
+        std::memcpy(chunk + offset(kv_kind::kKey, h, first + t, 0), k + src, row);
+        std::memcpy(chunk + offset(kv_kind::kValue, h, first + t, 0), v + src, row);
+      }
+  }
+  // chunk -> rows: tokens [first, first + n) of the chunk into k, v rows [n][n_kv_heads][head_dim].
+  void gather_rows(const std::byte* chunk, uint32_t first, uint32_t n, std::byte* k, std::byte* v) const noexcept {
+    const uint32_t row = page.row_bytes();
+    for (uint32_t t = 0; t < n; ++t)
+      for (uint32_t h = 0; h < n_kv_heads; ++h) {
+        const uint64_t dst = (uint64_t{t} * n_kv_heads + h) * row;
+        std::memcpy(k + dst, chunk + offset(kv_kind::kKey, h, first + t, 0), row);
+        std::memcpy(v + dst, chunk + offset(kv_kind::kValue, h, first + t, 0), row);
+      }
+  }
+  // The first n tokens of every page of src into dst (fork of a partial tail, copy-on-write).
+  void copy_prefix(std::byte* dst, const std::byte* src, uint32_t n) const noexcept {
+    const uint64_t bytes = uint64_t{n} * page.row_bytes();
+    for (uint32_t p = 0; p < pages_per_chunk(); ++p) {
+      const uint64_t off = uint64_t{p} * page.page_bytes;
+      std::memcpy(dst + off, src + off, bytes);
+    }
   }
 };
 
