@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include "instinfer/backend/backend.hpp"
+#include "instinfer/backend/registry.hpp"
 #include "instinfer/backend/uri.hpp"
 
 using namespace instinfer;
@@ -37,6 +38,24 @@ TEST_CASE("make_backend: unknown schemes and bad host options") {
   CHECK(make_backend("host:/somewhere").error().code() == errc::kInvalidArgument);
   CHECK(make_backend("host:?colour=blue").error().code() == errc::kInvalidArgument);
   CHECK(make_backend("host").ok());
+}
+
+TEST_CASE("registry: one entry per scheme, from the kv_backend concept") {
+  const auto entries = registered_backends();
+  REQUIRE(entries.size() == 4);
+  CHECK(entries[0].scheme == "host");
+  for (const backend_entry& e : entries) {
+    CHECK(find_backend(e.scheme) == &e);
+    CHECK(static_cast<bool>(e.make));
+    CHECK(static_cast<bool>(e.available));
+    // A scheme that is not compiled in refuses with kUnsupported, never a crash.
+    if (!e.compiled_in) CHECK(make_backend(std::string(e.scheme) + ":0").error().code() == errc::kUnsupported);
+    // describe_backends lists exactly the compiled-in schemes and marks the unusable ones.
+    const std::string d = describe_backends();
+    CHECK((d.find(e.usage) != std::string::npos) == e.compiled_in);
+  }
+  CHECK(find_backend("tape") == nullptr);
+  CHECK(find_backend("host")->available());
 }
 
 TEST_CASE("status: codes, names and messages") {
