@@ -209,6 +209,10 @@ static void test_bad_configs(void) {
   CHECK(strcmp(instinfer_status_name(12345), "unknown status") == 0);
   CHECK(instinfer_version() ==
         INSTINFER_VERSION_MAJOR * 10000 + INSTINFER_VERSION_MINOR * 100 + INSTINFER_VERSION_PATCH);
+#ifdef INSTINFER_TEST_PROJECT_VERSION
+  /* The library's version is project()'s (one number: tests/capi/check_version.cmake). */
+  CHECK(instinfer_version() == INSTINFER_TEST_PROJECT_VERSION);
+#endif
 }
 
 /* SparF through the C API: compression 1 equals dense attend; 1/8 reads fewer pages than dense;
