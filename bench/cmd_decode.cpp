@@ -4,7 +4,6 @@
 // sequence's chunks are consecutive chunks of the pool. The host_decoder runs the batch `reps`
 // times after a warm-up; the best run is reported next to a streaming read of a buffer of the
 // same size with the same thread count, measured in the same process right before.
-#pragma GCC diagnostic ignored "-Wshadow"  // status.hpp: result(T value) vs value() for function pointers
 
 #include <sys/mman.h>
 

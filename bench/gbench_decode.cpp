@@ -2,7 +2,6 @@
 // Every result is a bandwidth (bytes of K and V read per second). Shape: 8 query heads over
 // 2 KV heads (GQA group 4), head_dim 128, 4 KiB pages; the KV pool is page-aligned and random.
 //   build/bin/instinfer-gbench-decode --benchmark_filter='f16'
-#pragma GCC diagnostic ignored "-Wshadow"  // status.hpp: result(T value) vs value() for function pointers
 
 #include <sys/mman.h>
 

@@ -1,8 +1,5 @@
 // Runtime dispatch of the decode kernels: which ISAs this build has and this CPU runs, and the
 // validation of decode_params shared by every backend.
-// status.hpp's result(T value) shadows result::value() when T is a function pointer (gcc -Wshadow);
-// remove this once the parameter is renamed there.
-#pragma GCC diagnostic ignored "-Wshadow"
 
 #include <cmath>
 #include <string>
@@ -134,19 +131,35 @@ status decode_params::validate() const {
   return {};
 }
 
-result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& params) {
+namespace {
+
+// The kernels for (isa, params) after validating both; a kernel may still be null.
+result<kernels::decode_kernel_pair> checked_kernels(cpu_isa isa, const decode_params& params) {
   INSTINFER_TRY(params.validate());
   if (!cpu_isa_available(isa))
     return status{errc::kUnsupported, "decode ISA '" + std::string(cpu_isa_name(isa)) +
                                           "' is not built into this library or not supported by this CPU"};
-  decode_chunks_fn fn =
-      kernels::lookup_kernels(isa, params.layout.page.head_dim, params.layout.page.kv_dtype, params.softcap > 0.0f)
-          .one_head;
-  if (fn == nullptr)
+  const kernels::decode_kernel_pair k =
+      kernels::lookup_kernels(isa, params.layout.page.head_dim, params.layout.page.kv_dtype, params.softcap > 0.0f);
+  if (k.one_head == nullptr || k.head_range == nullptr)
     return status{errc::kUnsupported, "no decode kernel for head_dim " + std::to_string(params.layout.page.head_dim) +
                                           ", dtype " + std::string(dtype_name(params.layout.page.kv_dtype)) + " on " +
                                           std::string(cpu_isa_name(isa))};
-  return fn;
+  return k;
+}
+
+}  // namespace
+
+result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& params) {
+  auto k = checked_kernels(isa, params);
+  if (!k.ok()) return k.error();
+  return k->one_head;
+}
+
+result<decode_heads_fn> select_decode_heads_kernel(cpu_isa isa, const decode_params& params) {
+  auto k = checked_kernels(isa, params);
+  if (!k.ok()) return k.error();
+  return k->head_range;
 }
 
 }  // namespace instinfer

@@ -1,6 +1,5 @@
 // Decode kernels of one ISA (INSTINFER_TEST_ISA, set per binary in CMakeLists.txt) against the
 // float64 reference. Exits 77 (skipped) when this build or CPU lacks the ISA.
-#pragma GCC diagnostic ignored "-Wshadow"  // status.hpp: result(T value) vs value() for function pointers
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 

@@ -1,5 +1,4 @@
 // Dispatch and host_decoder contracts: ISA probing, parameter validation, bad batches.
-#pragma GCC diagnostic ignored "-Wshadow"  // status.hpp: result(T value) vs value() for function pointers
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 

@@ -47,8 +47,17 @@ using decode_chunks_fn = void (*)(const decode_params& params, const std::byte* 
                                   uint32_t last_chunk_tokens, uint32_t kv_head, const float* q, float* o,
                                   softmax_stats* stats) noexcept;
 
+// The same over the query heads of kv heads [kv_begin, kv_begin + n_kv) at once: each chunk is swept
+// once for all of them (K pages of every head, then V pages).
+//   q, o: [n_kv][group_size][head_dim] (kv_begin's heads first); stats: [n_kv][group_size]
+using decode_heads_fn = void (*)(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                                 uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
+                                 softmax_stats* stats) noexcept;
+
 // The kernel for (isa, head_dim, dtype); kUnsupported if that combination is not instantiated.
 result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& params);
+// The head-range kernel (what decode_driver runs), with the same validation.
+result<decode_heads_fn> select_decode_heads_kernel(cpu_isa isa, const decode_params& params);
 
 // One sequence of a decode batch.
 struct decode_work {
@@ -60,10 +69,11 @@ struct decode_work {
   float* lse = nullptr;      // [n_q_heads] natural-log sum-exp, or null
 };
 
-// Plans and runs batched decode on host threads. Work is split over (sequence, chunk range) items
-// covering every kv head of those chunks (one sequential pass per chunk keeps the hardware
-// prefetchers streaming; walking one head's pages 64 KiB apart halved DRAM bandwidth), split finely
-// enough that all threads stay busy even for one long sequence; partials merge exactly by lse.
+// Batched decode over chunks in host memory, on host threads: attention/decode_driver.hpp with the
+// in-memory chunk source. Work is split over (sequence, chunk range) items covering every kv head
+// of those chunks (one sequential pass per chunk keeps the hardware prefetchers streaming; walking
+// one head's pages 64 KiB apart halved DRAM bandwidth), split finely enough that all threads stay
+// busy even for one long sequence; partials merge exactly by lse, in token order.
 // The hot path allocates nothing once the workspace has grown to the largest batch seen.
 class host_decoder {
  public:

@@ -267,6 +267,7 @@ INSTINFER_INLINE void value_tile(uint32_t ht, const std::byte* v, uint32_t n, co
 // Partial attention of the query heads of kv heads [kv_begin, kv_begin + n_kv) over a chunk range:
 // the contract of decode_chunks_fn, widened to a range of kv heads.
 //   q, o: [n_kv][group_size][HeadDim] (the heads of kv_begin first); stats: [n_kv][group_size]
+// (decode_heads_fn in attention/decode.hpp, the kernel decode_driver runs)
 // Blocks never cross a page, and within a block the K pages of every head in the range are read
 // before their V pages: with the chunk layout [K|V][kv_head][token][dim] and small pages that is
 // one sequential sweep over each chunk, which the hardware prefetchers follow at full speed
@@ -368,11 +369,6 @@ void decode_chunks(const decode_params& params, const std::byte* const* chunks, 
   decode_chunks_heads<Arch, HeadDim, KvType, Variant>(params, chunks, n_chunks, last_chunk_tokens, kv_head, 1, q, o,
                                                       stats);
 }
-
-// A range of kv heads at once (used by host_decoder for its sequential sweeps).
-using decode_heads_fn = void (*)(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
-                                 uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
-                                 softmax_stats* stats) noexcept;
 
 struct decode_kernel_pair {
   decode_chunks_fn one_head = nullptr;

@@ -4,7 +4,8 @@
 // denominator d = sum exp(s_i - m), and the *unnormalised* output o = sum exp(s_i - m) v_i.
 // Partials over disjoint token sets merge exactly in any order; `normalize` gives o / d and
 // lse = m + log(d). Host kernels, the CSD engine and CUDA kernels all use these functions
-// (they are host-and-device), and results from different tiers merge through `merge_normalized`.
+// (they are host-and-device). Decode drivers merge a row's partials with `merge_partials` and write
+// results with `write_normalized`; results from different tiers merge through `merge_normalized`.
 #pragma once
 
 #include <cmath>
@@ -55,6 +56,58 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE float state_lse(softmax_stats s) noexcept
 INSTINFER_HOST_DEVICE INSTINFER_INLINE void normalize_state(softmax_stats s, float* o, uint32_t n) noexcept {
   const float inv = s.empty() ? 0.0f : 1.0f / s.d;
   for (uint32_t i = 0; i < n; ++i) o[i] *= inv;
+}
+
+// Merges partials [first, last) in that order into one row: `n_states` states of `head_dim` each.
+//   stats: [..][n_states], o: [..][n_states][head_dim], both indexed by partial
+//   out_stats: [n_states]; out: [n_states][head_dim] unnormalised (written, not accumulated)
+// The first partial is copied and the rest merged into it, so the order (token order, in every
+// driver) fixes the rounding. An empty range gives empty states and zeros.
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void merge_partial_range(const softmax_stats* stats, const float* o,
+                                                                uint32_t first, uint32_t last, uint32_t n_states,
+                                                                uint32_t head_dim, softmax_stats* out_stats,
+                                                                float* out) noexcept {
+  const uint64_t row_floats = uint64_t{n_states} * head_dim;
+  if (first >= last) {
+    for (uint32_t h = 0; h < n_states; ++h) out_stats[h] = softmax_stats{};
+    for (uint64_t i = 0; i < row_floats; ++i) out[i] = 0.0f;
+    return;
+  }
+  const float* o_first = o + uint64_t{first} * row_floats;
+  for (uint64_t i = 0; i < row_floats; ++i) out[i] = o_first[i];
+  for (uint32_t h = 0; h < n_states; ++h) out_stats[h] = stats[uint64_t{first} * n_states + h];
+  for (uint32_t p = first + 1; p < last; ++p) {
+    const float* op = o + uint64_t{p} * row_floats;
+    const softmax_stats* sp = stats + uint64_t{p} * n_states;
+    for (uint32_t h = 0; h < n_states; ++h)
+      merge_state(out_stats[h], out + uint64_t{h} * head_dim, sp[h], op + uint64_t{h} * head_dim, head_dim);
+  }
+}
+
+// Merges a CSR of partials: output row r is partials [indptr[r], indptr[r + 1]) in order (as
+// FlashInfer's VariableLengthMergeStates). out_stats: [n_rows][n_states]; out: [n_rows][n_states][head_dim].
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void merge_partials(const uint32_t* indptr, uint32_t n_rows,
+                                                           const softmax_stats* stats, const float* o,
+                                                           uint32_t n_states, uint32_t head_dim,
+                                                           softmax_stats* out_stats, float* out) noexcept {
+  for (uint32_t r = 0; r < n_rows; ++r)
+    merge_partial_range(stats, o, indptr[r], indptr[r + 1], n_states, head_dim, out_stats + uint64_t{r} * n_states,
+                        out + uint64_t{r} * n_states * head_dim);
+}
+
+// The one writer of final results: out = o / d per state (zeros when empty) and, when lse is not
+// null, lse = m + log(d) (-inf when empty). out may alias o.
+//   stats: [n_states]; o, out: [n_states][head_dim]; lse: [n_states] or null
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void write_normalized(const softmax_stats* stats, const float* o,
+                                                             uint32_t n_states, uint32_t head_dim, float* out,
+                                                             float* lse) noexcept {
+  for (uint32_t h = 0; h < n_states; ++h) {
+    const float inv = stats[h].empty() ? 0.0f : 1.0f / stats[h].d;
+    const float* oh = o + uint64_t{h} * head_dim;
+    float* dst = out + uint64_t{h} * head_dim;
+    for (uint32_t i = 0; i < head_dim; ++i) dst[i] = oh[i] * inv;
+    if (lse != nullptr) lse[h] = state_lse(stats[h]);
+  }
 }
 
 // Merge two normalised partials (o, lse) over disjoint token sets into (out, out_lse).

@@ -5,7 +5,7 @@
 // shared dynamically (e.g. an atomic item counter), never assigned to a fixed index: on a busy
 // machine a sleeping worker then costs nothing, instead of a scheduler time slice per run.
 // Workers sleep on an atomic (futex) between runs; a run allocates nothing. One run at a time:
-// callers serialise (host_decoder holds a mutex).
+// callers serialise (decode_driver holds a mutex).
 #pragma once
 
 #include <atomic>

@@ -1,0 +1,381 @@
+// The batch decode driver, written once: plan -> run items on chunk windows -> merge -> write.
+//
+//   1. plan (attention/decode_plan.hpp): work items (sequence, kv-head range, chunk range) and a
+//      CSR of partials per output row (a sequence's kv-head range), in token order;
+//   2. run: workers of core/thread_pool take items dynamically; for each item they ask a
+//      `chunk_source` for windows of its chunks (pointers in memory; a source may wait on I/O or
+//      stage copies per worker) and call the head-range decode kernel on each window, merging
+//      windows in order;
+//   3. merge: a row of one item wrote its output in place; for a split row, the worker that
+//      finishes the row's last item merges its partials in token order (state.hpp's
+//      merge_partial_range), so merges run in parallel and close to the data;
+//   4. write: state.hpp's write_normalized gives out = o / d and lse.
+// The hot path allocates nothing once the workspace has grown to the largest batch seen.
+//
+// A chunk_source serves the chunks; the driver never knows where they live:
+//   layout()            the chunk_layout of the chunks it hands out (may hold fewer kv heads than
+//                       the problem, e.g. one staged head);
+//   max_window_chunks() the most chunks one window may hold (0: an item's whole range at once);
+//   prepare(plan, n)    before the workers start, with the plan and the worker count: size
+//                       per-worker state (readers, staging buffers), start the first reads;
+//   acquire(w, item, first, n)  worker w wants chunks [first, first + n) of the item's sequence
+//                       (within the item's range, n <= max_window_chunks): returns the pointers and
+//                       the index, in layout(), of the item's first kv head; may block; may fail;
+//   release(w, item, window)    worker w is done with that window (its buffer may be reused).
+// A worker holds at most one window at a time and windows of an item come in token order.
+//
+// How the other tiers plug in (a follow-up; today they still drive the kernel themselves):
+//  - SSD (src/ssd): one thread owns the io_uring engine and its staging ring; chunks arrive in
+//    plan order. Plan with the host policy and make the source's max_window_chunks() the ring's
+//    request size. prepare() turns plan.items() into read runs in item order (one run per window;
+//    chunks still in host group buffers are not read) and issues the first ring's worth. acquire()
+//    returns group-buffer pointers for buffered chunks, else reaps until the window's ring slot has
+//    landed and returns pointers into it; release() frees the slot and issues the next read. With
+//    several workers, acquire() hands the reaping to whichever worker holds the engine's lock, so
+//    only one thread touches the ring at a time. ssd_backend's compute(), acc_o_/acc_stats_ and
+//    its normalise loop go away.
+//  - CSD (device/csd): plan with per_kv_head_policy (items per (sequence, kv head, chunk range)),
+//    `decode_driver` replaces worker_pool. The page-reader source keeps per-worker state sized in
+//    prepare(): a page_reader and two staging buffers of W chunks x [K page][V page] of one head.
+//    layout() is the one-head chunk_layout (so window.first_kv_head = 0); acquire() waits for the
+//    buffer of this window (queued by the previous acquire, or now for the item's first window)
+//    and queues the item's next window into the other buffer before returning: double buffering.
+//    The drive's part_o/part_s and its merge loop go away; its result buffer is the output
+//    ([n_items][n_q_heads][head_dim], lse after it).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <span>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/decode_plan.hpp"
+#include "instinfer/attention/state.hpp"
+#include "instinfer/core/status.hpp"
+#include "instinfer/core/thread_pool.hpp"
+#include "instinfer/layout/chunk_layout.hpp"
+
+namespace instinfer {
+
+// One sequence of a batch as the driver sees it; where its chunks live is the source's business.
+struct decode_sequence {
+  uint32_t n_chunks = 0;
+  uint32_t n_tokens = 0;     // (n_chunks - 1) * tokens_per_page < n_tokens <= n_chunks * tokens_per_page
+  const float* q = nullptr;  // [n_q_heads][head_dim]
+  float* out = nullptr;      // [n_q_heads][head_dim], normalised
+  float* lse = nullptr;      // [n_q_heads] natural-log sum-exp, or null
+
+  constexpr decode_sequence_shape shape() const noexcept { return {n_chunks, n_tokens}; }
+};
+
+// A window of an item's chunks, served by a chunk_source.
+struct chunk_window {
+  const std::byte* const* chunks = nullptr;  // the window's chunk pointers, token order, in the source's layout()
+  uint32_t first_kv_head = 0;                // index, in that layout, of the item's kv_head_begin
+};
+
+template <class S>
+concept chunk_source = requires(S& source, const S& csource, const decode_plan& plan, uint32_t worker,
+                                const decode_work_item& item, uint32_t first, const chunk_window& window) {
+  { csource.layout() }
+  noexcept->std::convertible_to<chunk_layout>;
+  { csource.max_window_chunks() }
+  noexcept->std::convertible_to<uint32_t>;
+  { source.prepare(plan, worker) }
+  noexcept->std::same_as<status>;
+  { source.acquire(worker, item, first, first) }
+  noexcept->std::same_as<result<chunk_window>>;
+  { source.release(worker, item, window) }
+  noexcept;
+};
+
+// Chunks already in host memory: decode_work's pointers, served whole (no copies, no waiting).
+class memory_chunk_source {
+ public:
+  memory_chunk_source(const chunk_layout& layout, std::span<const decode_work> batch) noexcept
+      : layout_(layout), batch_(batch) {}
+
+  chunk_layout layout() const noexcept { return layout_; }
+  uint32_t max_window_chunks() const noexcept { return 0; }
+  status prepare(const decode_plan&, uint32_t) noexcept { return {}; }
+  result<chunk_window> acquire(uint32_t, const decode_work_item& item, uint32_t first, uint32_t) noexcept {
+    return chunk_window{batch_[item.seq].chunks + first, item.kv_head_begin};
+  }
+  void release(uint32_t, const decode_work_item&, const chunk_window&) noexcept {}
+
+ private:
+  chunk_layout layout_;
+  std::span<const decode_work> batch_;
+};
+static_assert(chunk_source<memory_chunk_source>);
+
+struct decode_driver_options {
+  uint32_t n_threads = 1;          // workers, the calling thread included
+  uint32_t items_per_worker = 4;   // see decode_plan_options
+  uint32_t min_item_tokens = 512;  //
+  uint32_t kv_heads_per_item = 0;  // 0: items cover all kv heads (host sweep); 1: one head (drive)
+  static constexpr uint32_t kMaxThreads = 1024;
+};
+
+class decode_driver {
+ public:
+  // `kernel` is the head-range kernel for `params` (select_decode_heads_kernel). Validates the
+  // params and the thread count, and starts the workers.
+  static result<std::unique_ptr<decode_driver>> create(const decode_params& params, decode_heads_fn kernel,
+                                                       const decode_driver_options& options) {
+    INSTINFER_TRY(params.validate());
+    if (kernel == nullptr) return status{errc::kInvalidArgument, "decode_driver: no kernel"};
+    if (options.n_threads == 0 || options.n_threads > decode_driver_options::kMaxThreads)
+      return status{errc::kInvalidArgument, "decode_driver: n_threads must be in [1, " +
+                                                std::to_string(decode_driver_options::kMaxThreads) + "], got " +
+                                                std::to_string(options.n_threads)};
+    try {
+      return std::unique_ptr<decode_driver>(new decode_driver(params, kernel, options));
+    } catch (const std::system_error& e) {
+      return status{errc::kOutOfMemory,
+                    "decode_driver: cannot start " + std::to_string(options.n_threads) + " threads: " + e.what()};
+    } catch (const std::bad_alloc&) {
+      return status{errc::kOutOfMemory, "decode_driver: out of memory"};
+    }
+  }
+
+  // Attention of every sequence of `batch` over the chunks `source` serves. Runs are serialised.
+  // On failure (a bad batch: nothing is written; a source error: outputs are unspecified) returns
+  // the first error.
+  template <chunk_source Source>
+  status run(std::span<const decode_sequence> batch, Source& source) noexcept {
+    std::lock_guard<std::mutex> lock(run_mutex_);
+    INSTINFER_TRY(check_batch(batch));
+    const chunk_layout staged = source.layout();
+    INSTINFER_TRY(check_source_layout(staged));
+    decode_plan_options po{params_.layout.tokens(),   params_.layout.n_kv_heads, pool_.size(),
+                           options_.items_per_worker, options_.min_item_tokens,  options_.kv_heads_per_item};
+    INSTINFER_TRY(plan_.build(
+        static_cast<uint32_t>(batch.size()), [batch](uint32_t s) noexcept { return batch[s].shape(); }, po));
+    INSTINFER_TRY(grow_workspace());
+    INSTINFER_TRY(source.prepare(plan_, pool_.size()));
+
+    decode_params kernel_params = params_;
+    kernel_params.layout = staged;
+    const uint32_t window = source.max_window_chunks();
+    next_item_.store(0, std::memory_order_relaxed);
+    failed_.store(false, std::memory_order_relaxed);
+    auto body = [&](uint32_t worker) noexcept { work(worker, batch, source, kernel_params, window); };
+    pool_.run(body);
+    if (failed_.load(std::memory_order_acquire)) return std::move(first_error_);
+    return {};
+  }
+
+  const decode_params& params() const noexcept { return params_; }
+  uint32_t n_threads() const noexcept { return pool_.size(); }
+  // The plan of the last run (valid until the next run starts).
+  const decode_plan& plan() const noexcept { return plan_; }
+
+ private:
+  decode_driver(const decode_params& params, decode_heads_fn kernel, const decode_driver_options& options)
+      : params_(params),
+        kernel_(kernel),
+        options_(options),
+        max_states_(widest_item_states(params, options)),
+        pool_(options.n_threads) {}
+
+  uint32_t head_dim() const noexcept { return params_.layout.page.head_dim; }
+  // States (query heads) of the widest item.
+  static uint32_t widest_item_states(const decode_params& params, const decode_driver_options& options) noexcept {
+    const decode_plan_options po{params.layout.tokens(), params.layout.n_kv_heads, 1, 1, 0, options.kv_heads_per_item};
+    return po.heads_per_item() * params.group_size;
+  }
+
+  status check_batch(std::span<const decode_sequence> batch) const {
+    const uint32_t tpp = params_.layout.tokens();
+    if (batch.size() >= UINT32_MAX) return {errc::kInvalidArgument, "decode batch is too large"};
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const decode_sequence& s = batch[i];
+      // Messages are built only on failure: a valid batch allocates nothing.
+      const auto where = [i] { return "decode batch entry " + std::to_string(i) + ": "; };
+      if (s.q == nullptr || s.out == nullptr) return {errc::kInvalidArgument, where() + "q and out must not be null"};
+      const uint64_t lo = s.n_chunks == 0 ? 0 : uint64_t{s.n_chunks - 1} * tpp + 1;
+      const uint64_t hi = uint64_t{s.n_chunks} * tpp;
+      if (s.n_tokens < lo || s.n_tokens > hi)
+        return {errc::kInvalidArgument, where() + std::to_string(s.n_tokens) + " tokens do not fit " +
+                                            std::to_string(s.n_chunks) + " chunks of " + std::to_string(tpp) +
+                                            " tokens (every chunk but the last must be full)"};
+    }
+    return {};
+  }
+
+  // The source may stage fewer kv heads per chunk (e.g. one), but the same pages.
+  status check_source_layout(const chunk_layout& staged) const {
+    const page_geometry& a = staged.page;
+    const page_geometry& b = params_.layout.page;
+    if (a.page_bytes != b.page_bytes || a.head_dim != b.head_dim || a.kv_dtype != b.kv_dtype ||
+        a.tokens_per_page != b.tokens_per_page)
+      return {errc::kInvalidArgument, "decode_driver: the chunk source's pages differ from the decode parameters'"};
+    if (staged.n_kv_heads * params_.group_size < max_states_)
+      return {errc::kInvalidArgument, "decode_driver: the chunk source's chunks hold " +
+                                          std::to_string(staged.n_kv_heads) + " kv heads, fewer than an item covers"};
+    return {};
+  }
+
+  status grow_workspace() noexcept {
+    const uint64_t states = max_states_;
+    const uint64_t workers = pool_.size();
+    try {
+      const auto grow = [](auto& v, uint64_t n) {
+        if (v.size() < n) v.resize(n);
+      };
+      grow(partial_o_, uint64_t{plan_.n_partials()} * states * head_dim());
+      grow(stats_, plan_.items().size() * states);
+      grow(window_o_, workers * states * head_dim());
+      grow(window_stats_, workers * states);
+      grow(merge_stats_, workers * states);
+      if (remaining_capacity_ < plan_.n_rows()) {
+        remaining_ = std::make_unique<std::atomic<uint32_t>[]>(plan_.n_rows());
+        remaining_capacity_ = plan_.n_rows();
+      }
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory,
+              "decode_driver: cannot grow the workspace for " + std::to_string(plan_.items().size()) + " work items"};
+    }
+    const auto indptr = plan_.indptr();
+    for (uint32_t r = 0; r < plan_.n_rows(); ++r)
+      remaining_[r].store(indptr[r + 1] - indptr[r], std::memory_order_relaxed);
+    return {};
+  }
+
+  // Where item i keeps its states and output. Within a row, partials are packed at the row's
+  // own width, so the row's slots form the [partial][states][head_dim] block merge_partial_range reads.
+  softmax_stats* item_stats(uint32_t i, const decode_work_item& it) noexcept {
+    const uint32_t first = plan_.indptr()[it.row];
+    const uint64_t n_states = uint64_t{it.n_kv_heads()} * params_.group_size;
+    return stats_.data() + uint64_t{first} * max_states_ + (i - first) * n_states;
+  }
+  float* row_partials(const decode_work_item& first_of_row) noexcept {
+    return partial_o_.data() + uint64_t{first_of_row.partial} * max_states_ * head_dim();
+  }
+  float* item_output(const decode_work_item& it, const decode_sequence& seq) noexcept {
+    const uint64_t n_states = uint64_t{it.n_kv_heads()} * params_.group_size;
+    if (it.partial == decode_work_item::kNoPartial)
+      return seq.out + uint64_t{it.kv_head_begin} * params_.group_size * head_dim();
+    const decode_work_item& first = plan_.items()[plan_.indptr()[it.row]];
+    return row_partials(first) + uint64_t{it.partial - first.partial} * n_states * head_dim();
+  }
+
+  template <chunk_source Source>
+  void work(uint32_t worker, std::span<const decode_sequence> batch, Source& source, const decode_params& kernel_params,
+            uint32_t window) noexcept {
+    const auto items = plan_.items();
+    for (;;) {
+      if (failed_.load(std::memory_order_relaxed)) return;
+      const size_t i = next_item_.fetch_add(1, std::memory_order_relaxed);
+      if (i >= items.size()) return;
+      const decode_work_item& it = items[i];
+      const decode_sequence& seq = batch[it.seq];
+      softmax_stats* st = item_stats(static_cast<uint32_t>(i), it);
+      float* o = item_output(it, seq);
+      if (status s = run_item(worker, it, seq, source, kernel_params, window, st, o); !s.ok()) {
+        fail(std::move(s));
+        return;
+      }
+      finish_item(worker, it, seq, st, o);
+    }
+  }
+
+  // The kernel over the item's chunks, window by window; the first window writes (st, o), later
+  // ones go through the worker's window buffers and merge in token order.
+  template <chunk_source Source>
+  status run_item(uint32_t worker, const decode_work_item& it, const decode_sequence& seq, Source& source,
+                  const decode_params& kernel_params, uint32_t window, softmax_stats* st, float* o) noexcept {
+    const uint32_t G = params_.group_size;
+    const uint32_t D = head_dim();
+    const uint32_t n_kv = it.n_kv_heads();
+    const float* q = seq.q + uint64_t{it.kv_head_begin} * G * D;
+    if (it.n_chunks == 0) {  // an empty sequence: empty states, zero output
+      kernel_(kernel_params, nullptr, 0, it.last_chunk_tokens, 0, n_kv, q, o, st);
+      return {};
+    }
+    const uint32_t w = window == 0 ? it.n_chunks : window;
+    const uint32_t tpp = params_.layout.tokens();
+    const uint64_t states = max_states_;
+    for (uint32_t c = it.chunk_begin; c < it.chunk_end(); c += w) {
+      const uint32_t n = std::min(w, it.chunk_end() - c);
+      result<chunk_window> got = source.acquire(worker, it, c, n);
+      if (!got.ok()) return got.error();
+      const chunk_window& cw = got.value();
+      if (cw.first_kv_head + n_kv > kernel_params.layout.n_kv_heads) {
+        source.release(worker, it, cw);
+        return {errc::kInternal, "decode_driver: a chunk window's kv heads lie outside the source's layout"};
+      }
+      const uint32_t last = c + n == it.chunk_end() ? it.last_chunk_tokens : tpp;
+      if (c == it.chunk_begin) {
+        kernel_(kernel_params, cw.chunks, n, last, cw.first_kv_head, n_kv, q, o, st);
+      } else {
+        float* wo = window_o_.data() + worker * states * D;
+        softmax_stats* ws = window_stats_.data() + worker * states;
+        kernel_(kernel_params, cw.chunks, n, last, cw.first_kv_head, n_kv, q, wo, ws);
+        for (uint32_t h = 0; h < n_kv * G; ++h) merge_state(st[h], o + uint64_t{h} * D, ws[h], wo + uint64_t{h} * D, D);
+      }
+      source.release(worker, it, cw);
+    }
+    return {};
+  }
+
+  // An unsplit row is final now; a split row is merged by whoever finishes its last item.
+  void finish_item(uint32_t worker, const decode_work_item& it, const decode_sequence& seq, const softmax_stats* st,
+                   float* o) noexcept {
+    const uint32_t G = params_.group_size;
+    const uint32_t D = head_dim();
+    const uint32_t n_states = it.n_kv_heads() * G;
+    float* lse = seq.lse == nullptr ? nullptr : seq.lse + uint64_t{it.kv_head_begin} * G;
+    if (it.partial == decode_work_item::kNoPartial) {
+      write_normalized(st, o, n_states, D, o, lse);
+      return;
+    }
+    if (remaining_[it.row].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    const uint32_t first = plan_.indptr()[it.row];
+    const uint32_t last = plan_.indptr()[it.row + 1];
+    const decode_work_item& head = plan_.items()[first];
+    float* out = seq.out + uint64_t{it.kv_head_begin} * G * D;
+    softmax_stats* acc = merge_stats_.data() + uint64_t{worker} * max_states_;
+    merge_partial_range(item_stats(first, head), row_partials(head), 0, last - first, n_states, D, acc, out);
+    write_normalized(acc, out, n_states, D, out, lse);
+  }
+
+  void fail(status s) noexcept {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (!failed_.load(std::memory_order_relaxed)) first_error_ = std::move(s);
+    failed_.store(true, std::memory_order_release);
+  }
+
+  decode_params params_;
+  decode_heads_fn kernel_;
+  decode_driver_options options_;
+  uint32_t max_states_;  // states (query heads) of the widest item
+  thread_pool pool_;
+  std::mutex run_mutex_;
+
+  // Workspace: grows to the largest batch seen, then the hot path allocates nothing.
+  decode_plan plan_;
+  std::vector<float> partial_o_;                        // [n_partials][max states][head_dim], packed per row
+  std::vector<softmax_stats> stats_;                    // [n_items][max states], packed per row
+  std::vector<float> window_o_;                         // [workers][max states][head_dim]
+  std::vector<softmax_stats> window_stats_;             // [workers][max states]
+  std::vector<softmax_stats> merge_stats_;              // [workers][max states]
+  std::unique_ptr<std::atomic<uint32_t>[]> remaining_;  // items left per row
+  uint32_t remaining_capacity_ = 0;
+  std::atomic<size_t> next_item_{0};
+  std::atomic<bool> failed_{false};
+  std::mutex error_mutex_;
+  status first_error_;
+};
+
+}  // namespace instinfer
