@@ -10,7 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "io/uring_engine.hpp"
+#include "instinfer/io/uring_engine.hpp"
 #include "ssd_test_util.hpp"
 
 using namespace instinfer;
