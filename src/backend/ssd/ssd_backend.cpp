@@ -9,12 +9,9 @@
 #include "instinfer/backend/ssd_backend.hpp"
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 
-#include <fcntl.h>
 #include <liburing.h>
-#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "group_buffers.hpp"
@@ -25,10 +22,6 @@
 #include "stream_decode.hpp"
 
 namespace instinfer {
-
-namespace {
-constexpr uint64_t kDefaultMaxCapacity = 64ull << 30;
-}  // namespace
 
 struct ssd_backend::impl {
   ssd_backend_options options;
@@ -52,7 +45,6 @@ struct ssd_backend::impl {
   ~impl();
   status check_chunk(chunk_id id, const char* what) const noexcept;
   status check_batch(std::span<const attend_item> batch) const noexcept;
-  result<uint64_t> size_file();
   status open_engine(uint64_t staging_bytes);
 };
 
@@ -92,43 +84,6 @@ uint32_t ssd_backend::preferred_page_bytes() const noexcept {
   return impl_->preferred_page;
 }
 
-result<uint64_t> ssd_backend::impl::size_file() {
-  // Capacity in chunks; the file gets its final size (or all its blocks) now.
-  const auto& file = io.file();
-  uint64_t cap = options.capacity_bytes ? options.capacity_bytes : config.capacity_bytes;
-  if (cap == 0) {
-    if (file.block_device) {
-      cap = file.size_bytes;
-    } else {
-      struct statvfs vfs {};
-      cap = kDefaultMaxCapacity;
-      if (::fstatvfs(file.fd, &vfs) == 0) {
-        const uint64_t avail = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize / 10 * 9 + file.size_bytes;
-        cap = std::min(cap, avail);
-      }
-    }
-  }
-  if (file.block_device && cap > file.size_bytes)
-    return status{errc::kInvalidArgument, "ssd backend: capacity " + std::to_string(cap) + " exceeds the device (" +
-                                              std::to_string(file.size_bytes) + " bytes)"};
-  const uint64_t capacity_chunks = std::min<uint64_t>(cap / chunk_bytes, UINT32_MAX - 1);
-  if (capacity_chunks == 0)
-    return status{errc::kInvalidArgument, "ssd backend: capacity " + std::to_string(cap) +
-                                              " bytes is smaller than one chunk (" + std::to_string(chunk_bytes) + ")"};
-  const uint64_t file_bytes = capacity_chunks * chunk_bytes;
-  if (!file.block_device) {
-    if (options.preallocate) {
-      const int rc = ::posix_fallocate(file.fd, 0, static_cast<off_t>(file_bytes));
-      if (rc != 0) return io::errno_status(rc, "ssd backend: preallocating " + std::to_string(file_bytes) + " bytes");
-    } else if (file.size_bytes < file_bytes) {
-      // Sparse: the file has its final size, so appends never extend it (cheaper direct writes).
-      if (::ftruncate(file.fd, static_cast<off_t>(file_bytes)) != 0)
-        return io::errno_status(errno, "ssd backend: sizing '" + options.path + "'");
-    }
-  }
-  return capacity_chunks;
-}
-
 status ssd_backend::impl::open_engine(uint64_t staging_bytes) {
   io::engine_options eo;
   eo.queue_depth = options.queue_depth;
@@ -159,7 +114,8 @@ status ssd_backend::configure(const backend_config& config) {
     return {errc::kUnsupported, "ssd backend: a chunk of " + std::to_string(m.chunk_bytes) +
                                     " bytes is not a multiple of the device's direct-I/O alignment (" +
                                     std::to_string(file.offset_align) + " bytes); use larger pages"};
-  auto capacity = m.size_file();
+  auto capacity = m.io.size_file(m.options.capacity_bytes ? m.options.capacity_bytes : config.capacity_bytes,
+                                 m.chunk_bytes, m.options.preallocate);
   if (!capacity.ok()) return capacity.error();
 
   // Requests shrink to fit two in the staging ring before the ring grows past what was asked.

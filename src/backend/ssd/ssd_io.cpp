@@ -1,8 +1,11 @@
 #include "ssd_io.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <new>
 
+#include <fcntl.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 namespace instinfer::ssd {
@@ -15,6 +18,47 @@ status result_status(int32_t result, const std::string& what) {
   if (result == kShortTransfer) return {errc::kIoError, what + ": short transfer"};
   if (result < 0) return io::errno_status(-result, what);
   return {};
+}
+
+namespace {
+constexpr uint64_t kDefaultMaxCapacity = 64ull << 30;
+}  // namespace
+
+result<uint64_t> ssd_io::size_file(uint64_t capacity_bytes, uint64_t chunk_bytes, bool preallocate) {
+  // Capacity in chunks; the file gets its final size (or all its blocks) now.
+  const auto& file = *file_;
+  uint64_t cap = capacity_bytes;
+  if (cap == 0) {
+    if (file.block_device) {
+      cap = file.size_bytes;
+    } else {
+      struct statvfs vfs {};
+      cap = kDefaultMaxCapacity;
+      if (::fstatvfs(file.fd, &vfs) == 0) {
+        const uint64_t avail = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize / 10 * 9 + file.size_bytes;
+        cap = std::min(cap, avail);
+      }
+    }
+  }
+  if (file.block_device && cap > file.size_bytes)
+    return status{errc::kInvalidArgument, "ssd backend: capacity " + std::to_string(cap) + " exceeds the device (" +
+                                              std::to_string(file.size_bytes) + " bytes)"};
+  const uint64_t capacity_chunks = std::min<uint64_t>(cap / chunk_bytes, UINT32_MAX - 1);
+  if (capacity_chunks == 0)
+    return status{errc::kInvalidArgument, "ssd backend: capacity " + std::to_string(cap) +
+                                              " bytes is smaller than one chunk (" + std::to_string(chunk_bytes) + ")"};
+  const uint64_t file_bytes = capacity_chunks * chunk_bytes;
+  if (!file.block_device) {
+    if (preallocate) {
+      const int rc = ::posix_fallocate(file.fd, 0, static_cast<off_t>(file_bytes));
+      if (rc != 0) return io::errno_status(rc, "ssd backend: preallocating " + std::to_string(file_bytes) + " bytes");
+    } else if (file.size_bytes < file_bytes) {
+      // Sparse: the file has its final size, so appends never extend it (cheaper direct writes).
+      if (::ftruncate(file.fd, static_cast<off_t>(file_bytes)) != 0)
+        return io::errno_status(errno, "ssd backend: sizing '" + file.path + "'");
+    }
+  }
+  return capacity_chunks;
 }
 
 ssd_io::~ssd_io() {

@@ -41,6 +41,10 @@ class ssd_io final : private io::completion_handler {
   // when configuration fails later).
   void adopt(io::storage_file file);
   bool has_file() const noexcept { return file_ != nullptr; }
+  // Capacity in chunks of the adopted file for `capacity_bytes` (0: a block device's size, else
+  // min(64 GiB, 90% of free space)); the file gets its final size (sparse) or, with
+  // `preallocate`, all its blocks now.
+  result<uint64_t> size_file(uint64_t capacity_bytes, uint64_t chunk_bytes, bool preallocate);
   // Builds the engine on the adopted file and registers the file.
   status open(const io::engine_options& options, uint64_t chunk_bytes);
   bool is_open() const noexcept { return engine_ != nullptr; }
