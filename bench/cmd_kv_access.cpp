@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "bench_common.hpp"
-#include "io/uring_engine.hpp"
+#include "instinfer/io/uring_engine.hpp"
 
 namespace instinfer::bench {
 namespace {

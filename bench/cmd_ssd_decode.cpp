@@ -17,8 +17,8 @@
 
 #include "bench_common.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
+#include "instinfer/io/uring_engine.hpp"
 #include "instinfer/kv/kv_cache.hpp"
-#include "io/uring_engine.hpp"
 
 namespace instinfer::bench {
 namespace {

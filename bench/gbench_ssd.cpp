@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "instinfer/backend/ssd_backend.hpp"
-#include "io/uring_engine.hpp"
+#include "instinfer/io/uring_engine.hpp"
 
 using namespace instinfer;
 

@@ -7,7 +7,7 @@
 #include <mutex>
 #include <vector>
 
-#include "io/uring_engine.hpp"
+#include "instinfer/io/uring_engine.hpp"
 
 namespace instinfer::csd {
 namespace {

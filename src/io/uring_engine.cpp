@@ -1,4 +1,4 @@
-#include "uring_engine.hpp"
+#include "instinfer/io/uring_engine.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -489,6 +489,24 @@ result<uint32_t> uring_engine::wait(std::span<completion> out, uint32_t min_comp
     io_uring_cq_advance(&im.ring, got);
   }
   return n;
+}
+
+result<uint32_t> uring_engine::add_handler(completion_handler& handler) noexcept {
+  if (n_handlers_ >= kMaxHandlers)
+    return status{errc::kInvalidArgument, "io engine: more than " + std::to_string(kMaxHandlers) + " handlers"};
+  handlers_[++n_handlers_] = &handler;
+  return n_handlers_;
+}
+
+result<uint32_t> uring_engine::dispatch(uint32_t min_complete) noexcept {
+  completion done[64];
+  auto r = wait(done, min_complete);
+  if (!r.ok()) return r;
+  for (uint32_t i = 0; i < r.value(); ++i) {
+    const uint32_t h = done[i].handler();
+    if (h != 0 && h <= n_handlers_) handlers_[h]->on_completion(done[i]);
+  }
+  return r;
 }
 
 void uring_engine::drain() noexcept {

@@ -1,15 +1,26 @@
-// A small io_uring engine: one ring, registered files, a registered staging pool, batched
-// submissions and a fault-injection seam. It knows nothing about KV caches: the SSD backend and
-// the emulated CSD's flash both sit on it.
+// instinfer's io_uring engine (public): one ring, registered files, a registered staging pool,
+// batched submissions, per-component completion handlers and a fault-injection seam. It knows
+// nothing about KV caches: the SSD backend and the emulated CSD's flash both sit on it, and the
+// benchmarks drive it directly.
 //
 // Usage: create() once, add_file() the files, queue() reads/writes (into the staging pool or any
-// suitably aligned buffer), submit() once per batch, wait() for completions. Completions carry
-// the caller's user_data and the kernel's result (bytes, or -errno); callers turn them into a
-// status with check_completion().
+// suitably aligned buffer), submit() once per batch, then collect completions in one of two ways
+// (pick one per engine):
+//   - wait(): the caller gets the raw completions (user_data, result) and sorts them out itself;
+//   - dispatch(): every component that queues I/O registers a completion_handler once and tags
+//     its requests with handler_tag(handler, payload); dispatch() hands each completion to the
+//     handler that queued it. Whoever blocks for a completion may so reap another component's
+//     I/O, and that component's own bookkeeping still sees it.
+// Completions carry the kernel's result (bytes, or -errno); check_completion() turns one into a
+// status.
 //
-// Threading: with SINGLE_ISSUER (the default when the kernel has it) only one thread may drive
-// the ring. When another thread calls in while nothing is in flight, the ring is rebuilt for that
+// Threading: one engine is driven by one thread at a time; it is not internally locked. With
+// SINGLE_ISSUER (the default when the kernel has it) the ring belongs to the thread that set it
+// up. When another thread calls in while nothing is in flight, the ring is rebuilt for that
 // thread (files and buffers re-registered); with I/O in flight it is an error (kBusy).
+// Handlers run on the driving thread, inside dispatch().
+//
+// Errors: every call that can fail returns a status (hot paths are noexcept); nothing throws.
 #pragma once
 
 #include <cstddef>
@@ -65,11 +76,43 @@ struct fault_plan {
   uint32_t short_bytes = 0;
 };
 
+// user_data of a request routed by dispatch(): the handler's id in the top kHandlerBits bits,
+// the owner's own payload (a slot, a run index) below. Id 0 names no handler.
+inline constexpr unsigned kHandlerBits = 8;
+inline constexpr unsigned kPayloadBits = 64 - kHandlerBits;
+inline constexpr uint64_t kMaxPayload = (uint64_t{1} << kPayloadBits) - 1;
+inline constexpr uint32_t kMaxHandlers = (1u << kHandlerBits) - 1;
+constexpr uint64_t handler_tag(uint32_t handler, uint64_t payload) noexcept {
+  return (uint64_t{handler} << kPayloadBits) | (payload & kMaxPayload);
+}
+
 struct completion {
   uint64_t user_data = 0;
   int32_t result = 0;      // bytes transferred, or -errno
   uint32_t requested = 0;  // bytes asked for (0 for fsync)
   io_op op = io_op::kRead;
+
+  uint32_t handler() const noexcept { return static_cast<uint32_t>(user_data >> kPayloadBits); }
+  uint64_t payload() const noexcept { return user_data & kMaxPayload; }
+  // The transfer moved fewer bytes than asked (an fsync never is short).
+  bool short_transfer() const noexcept {
+    return result >= 0 && op != io_op::kFsync && static_cast<uint32_t>(result) < requested;
+  }
+};
+static_assert(handler_tag(3, 5) >> kPayloadBits == 3 && (handler_tag(3, 5) & kMaxPayload) == 5);
+
+// The owner of some of an engine's requests. Registered once (add_handler); must outlive the
+// engine's use of it (drain() the engine before a handler dies). on_completion runs on the thread
+// that drives the engine, inside dispatch(); it must not call dispatch() or drain() itself.
+class completion_handler {
+ public:
+  virtual void on_completion(const completion& c) noexcept = 0;
+
+ protected:
+  completion_handler() = default;
+  completion_handler(const completion_handler&) = default;
+  completion_handler& operator=(const completion_handler&) = default;
+  ~completion_handler() = default;
 };
 
 // A file opened for the engine. Owns the descriptor.
@@ -127,7 +170,13 @@ class uring_engine {
   // Submit what is queued, then collect completions into `out`, blocking until at least
   // min(min_complete, in_flight) have arrived. Returns how many were written.
   result<uint32_t> wait(std::span<completion> out, uint32_t min_complete) noexcept;
-  // Wait for and discard everything in flight (error paths, teardown).
+  // Register a handler for dispatch(); the id goes into handler_tag(). At most kMaxHandlers.
+  result<uint32_t> add_handler(completion_handler& handler) noexcept;
+  // wait(), then hand each completion to the handler its tag names (a completion whose tag names
+  // no registered handler is dropped). Returns how many completions arrived.
+  result<uint32_t> dispatch(uint32_t min_complete) noexcept;
+  // Wait for and discard everything in flight (error paths, teardown); handlers are not called:
+  // the caller resets what it was waiting for.
   void drain() noexcept;
 
   // Convenience: one synchronous op (queue, submit, wait), checked: short transfers are errors.
@@ -163,6 +212,8 @@ class uring_engine {
   uint32_t in_flight_ = 0;        // submitted to the kernel, completion not yet reaped
   uint32_t synthetic_count_ = 0;  // injected failures waiting to be reported
   uint64_t op_counts_[3] = {0, 0, 0};
+  completion_handler* handlers_[kMaxHandlers + 1] = {};  // by id; [0] stays empty
+  uint32_t n_handlers_ = 0;
   fault_plan fault_{};
   uint64_t fault_base_ = 0;
 };

@@ -1,0 +1,332 @@
+// The ssd:PATH backend: the `backend` interface over four components that share one device
+// context (ssd_io: file, io_uring engine, staging pool):
+//   slot_allocator   where chunks live on the device (extents per (sequence, layer) stream);
+//   group_buffers    tails and sealed chunks in host memory, batched writes, flush;
+//   page_reader      read_pages (SparF's page loads);
+//   stream_decode    attend: the staging ring (chunk source, prefetch) and the compute.
+// Each component completes its own I/O through its engine handler. This file checks the calls
+// and routes them; it owns the order of teardown.
+#include "instinfer/backend/ssd_backend.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include <liburing.h>
+#include <unistd.h>
+
+#include "group_buffers.hpp"
+#include "instinfer/io/device_probe.hpp"
+#include "page_reads.hpp"
+#include "slot_allocator.hpp"
+#include "ssd_io.hpp"
+#include "stream_decode.hpp"
+
+namespace instinfer {
+
+struct ssd_backend::impl {
+  ssd_backend_options options;
+  backend_config config{};
+  chunk_layout layout{};
+  uint64_t chunk_bytes = 0;
+  uint32_t request_chunks = 1;
+  uint32_t n_slots = 0;
+  uint32_t write_batch = 0;
+  uint32_t preferred_page = 0;
+  bool configured = false;
+
+  // Declared in dependency order: destroyed users first, the device context last.
+  ssd::ssd_io io;
+  ssd::slot_allocator slots;
+  ssd::group_buffers buffers;
+  ssd::page_reader pages;
+  ssd::stream_decode decode;
+
+  explicit impl(ssd_backend_options o) : options(std::move(o)) {}
+  ~impl();
+  status check_chunk(chunk_id id, const char* what) const noexcept;
+  status check_batch(std::span<const attend_item> batch) const noexcept;
+  status open_engine(uint64_t staging_bytes);
+};
+
+ssd_backend::impl::~impl() {
+  if (configured) decode.ring().cancel_prefetch();
+  io.close();
+  if (!io.has_file()) return;
+  const auto& f = io.file();
+  if (f.created && !f.block_device && !options.keep_file) ::unlink(f.path.c_str());
+}
+
+bool ssd_backend::available() noexcept {
+  static const bool ok = [] {
+    io_uring ring{};
+    if (io_uring_queue_init(1, &ring, 0) != 0) return false;
+    io_uring_queue_exit(&ring);
+    return true;
+  }();
+  return ok;
+}
+
+// ---- lifetime and configuration ------------------------------------------------------------
+
+ssd_backend::ssd_backend(ssd_backend_options options) : impl_(std::make_unique<impl>(std::move(options))) {}
+
+ssd_backend::~ssd_backend() = default;
+
+uint32_t ssd_backend::preferred_page_bytes() const noexcept {
+  if (impl_->preferred_page == 0) {
+    impl_->preferred_page = page_geometry::kDefaultPageBytes;
+    try {
+      auto p = probe_device(impl_->options.path);
+      if (p.ok()) impl_->preferred_page = p->page_bytes;
+    } catch (...) {
+    }
+  }
+  return impl_->preferred_page;
+}
+
+status ssd_backend::impl::open_engine(uint64_t staging_bytes) {
+  io::engine_options eo;
+  eo.queue_depth = options.queue_depth;
+  eo.staging_bytes = staging_bytes;
+  eo.register_staging = options.register_buffers;
+  eo.single_issuer = options.single_issuer;
+  eo.sqpoll = options.sqpoll;
+  eo.iopoll = options.iopoll;
+  return io.open(eo, chunk_bytes);
+}
+
+status ssd_backend::configure(const backend_config& config) {
+  auto& m = *impl_;
+  if (m.configured) return {errc::kInvalidArgument, "ssd backend: configure called twice"};
+  INSTINFER_TRY(config.shape.validate());
+  if (page_geometry::check(config.page.page_bytes, config.page.head_dim, config.page.kv_dtype) != errc::kOk ||
+      config.page.head_dim != config.shape.head_dim || config.page.kv_dtype != config.shape.kv_dtype)
+    return {errc::kInvalidArgument, "ssd backend: page geometry does not match the shape"};
+  m.config = config;
+  m.layout = config.layout();
+  m.chunk_bytes = m.layout.chunk_bytes();
+
+  auto f = io::open_storage_file(m.options.path, true, m.options.buffered);
+  if (!f.ok()) return f.error();
+  m.io.adopt(std::move(f.value()));
+  const auto& file = m.io.file();
+  if (m.chunk_bytes % file.offset_align != 0)
+    return {errc::kUnsupported, "ssd backend: a chunk of " + std::to_string(m.chunk_bytes) +
+                                    " bytes is not a multiple of the device's direct-I/O alignment (" +
+                                    std::to_string(file.offset_align) + " bytes); use larger pages"};
+  auto capacity = m.io.size_file(m.options.capacity_bytes ? m.options.capacity_bytes : config.capacity_bytes,
+                                 m.chunk_bytes, m.options.preallocate);
+  if (!capacity.ok()) return capacity.error();
+
+  // Requests shrink to fit two in the staging ring before the ring grows past what was asked.
+  const uint64_t request_cap = std::min(m.options.request_bytes, m.options.staging_bytes / 2);
+  m.request_chunks = static_cast<uint32_t>(std::max<uint64_t>(1, request_cap / m.chunk_bytes));
+  const uint64_t request = m.request_chunks * m.chunk_bytes;
+  const uint64_t staging = std::max<uint64_t>(m.options.staging_bytes / request, 2) * request;
+  m.n_slots = static_cast<uint32_t>(staging / request);
+  m.write_batch = m.options.write_batch ? m.options.write_batch : m.options.queue_depth;
+
+  INSTINFER_TRY(m.open_engine(staging));
+  INSTINFER_TRY(m.slots.configure(
+      {capacity.value(), m.chunk_bytes, file.block_device ? -1 : file.fd, m.options.preallocate, m.options.path}));
+  INSTINFER_TRY(m.buffers.configure(m.io, m.layout, m.write_batch));
+  INSTINFER_TRY(m.pages.configure(m.io, m.slots, m.buffers, m.layout, request_bytes()));
+  INSTINFER_TRY(m.decode.configure(m.io, m.buffers, config, m.layout, m.request_chunks, m.n_slots));
+  m.configured = true;
+  return {};
+}
+
+std::string ssd_backend::describe() const {
+  const auto& m = *impl_;
+  std::string s = "ssd:" + m.options.path;
+  if (!m.configured) return s + " (not configured)";
+  s += m.io.file().direct ? " O_DIRECT" : " buffered";
+  s += " chunk=" + std::to_string(m.chunk_bytes) + "B request=" + std::to_string(request_bytes()) +
+       "B staging=" + std::to_string(uint64_t{m.n_slots} * request_bytes()) + "B slots=" + std::to_string(m.n_slots) +
+       " capacity=" + std::to_string(m.slots.capacity()) + " chunks extent=" + std::to_string(m.slots.extent_chunks()) +
+       " chunks write_batch=" + std::to_string(m.write_batch) + " io[" + m.io.engine().features().describe() + "]";
+  return s;
+}
+
+uint64_t ssd_backend::host_memory_bytes() const noexcept {
+  const auto& m = *impl_;
+  return m.decode.ring().memory_bytes() + m.buffers.memory_bytes() + m.slots.memory_bytes() + m.pages.memory_bytes();
+}
+
+void ssd_backend::inject_fault(const ssd_fault& fault) noexcept {
+  if (!impl_->io.is_open()) return;
+  io::fault_plan p;
+  p.op = static_cast<io::io_op>(fault.kind);
+  p.nth = fault.nth;
+  p.error_errno = fault.error_errno;
+  p.short_bytes = fault.short_bytes;
+  impl_->io.engine().set_fault(p);
+}
+
+uint64_t ssd_backend::capacity_chunks() const noexcept {
+  return impl_->slots.capacity();
+}
+uint64_t ssd_backend::free_chunks() const noexcept {
+  return impl_->slots.free_count();
+}
+uint32_t ssd_backend::buffered_chunks() const noexcept {
+  return impl_->buffers.count();
+}
+uint64_t ssd_backend::chunk_offset(chunk_id id) const noexcept {
+  return uint64_t{id} * impl_->chunk_bytes;
+}
+uint64_t ssd_backend::request_bytes() const noexcept {
+  return impl_->request_chunks * impl_->chunk_bytes;
+}
+uint32_t ssd_backend::queue_depth() const noexcept {
+  return impl_->options.queue_depth;
+}
+const std::string& ssd_backend::path() const noexcept {
+  return impl_->options.path;
+}
+
+backend_stats ssd_backend::stats() const noexcept {
+  const auto& m = *impl_;
+  backend_stats s;
+  s.capacity_chunks = m.slots.capacity();
+  s.used_chunks = m.slots.capacity() - m.slots.free_count();
+  s.kv_bytes_appended = m.buffers.kv_bytes_appended();
+  s.device_bytes_written = m.io.bytes_written;
+  s.device_bytes_read = m.io.bytes_read;
+  return s;
+}
+
+// ---- checks ----------------------------------------------------------------------------------
+
+status ssd_backend::impl::check_chunk(chunk_id id, const char* what) const noexcept {
+  if (!configured) return {errc::kInvalidArgument, "ssd backend is not configured"};
+  if (!slots.allocated(id))
+    return {errc::kInvalidArgument, std::string(what) + ": chunk " + std::to_string(id) + " is not allocated"};
+  return {};
+}
+
+status ssd_backend::impl::check_batch(std::span<const attend_item> batch) const noexcept {
+  const uint32_t tpp = layout.tokens();
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const auto& it = batch[b];
+    const uint64_t need = (uint64_t{it.n_tokens} + tpp - 1) / tpp;
+    if (it.chunks.size() != need)
+      return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " has " + std::to_string(it.n_tokens) +
+                                          " tokens but " + std::to_string(it.chunks.size()) + " chunks"};
+    if (!it.q || !it.out) return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " has a null q or out"};
+    for (chunk_id id : it.chunks)
+      if (!slots.allocated(id))
+        return {errc::kInvalidArgument,
+                "attend: item " + std::to_string(b) + " names unallocated chunk " + std::to_string(id)};
+  }
+  return {};
+}
+
+// ---- slots -----------------------------------------------------------------------------------
+
+result<chunk_id> ssd_backend::allocate_chunk(const chunk_hint& hint) noexcept {
+  if (!impl_->configured) return status{errc::kInvalidArgument, "ssd backend is not configured"};
+  return impl_->slots.allocate(hint.seq, hint.layer);
+}
+
+void ssd_backend::release_chunk(chunk_id id) noexcept {
+  auto& m = *impl_;
+  if (!m.configured || !m.slots.allocated(id)) return;
+  // A prefetched read of this slot would be stale once it is reused: drop it, or, when another
+  // thread owns the ring's reads, make sure it is never adopted.
+  if (m.io.check_thread().ok())
+    m.decode.ring().cancel_prefetch();
+  else
+    m.decode.ring().poison_prefetch();
+  m.buffers.drop(id);
+  m.slots.release(id);
+}
+
+void ssd_backend::on_sequence_freed(seq_id seq) noexcept {
+  impl_->slots.on_sequence_freed(seq, impl_->config.shape.n_layers);
+}
+
+// ---- KV in and out ---------------------------------------------------------------------------
+
+status ssd_backend::write_tokens(chunk_id id, const chunk_hint& /*hint*/, uint32_t first, uint32_t n,
+                                 const std::byte* k, const std::byte* v) noexcept {
+  auto& m = *impl_;
+  INSTINFER_TRY(m.io.check_thread());
+  INSTINFER_TRY(m.check_chunk(id, "write_tokens"));
+  if (n == 0) return {};
+  if (!k || !v) return {errc::kInvalidArgument, "write_tokens: null K or V"};
+  if (!m.layout.fits(first, n))
+    return {errc::kInvalidArgument, "write_tokens: tokens [" + std::to_string(first) + ", " +
+                                        std::to_string(uint64_t{first} + n) + ") exceed a chunk of " +
+                                        std::to_string(m.layout.tokens())};
+  return m.buffers.append(id, first, n, k, v);
+}
+
+status ssd_backend::copy_tokens(chunk_id dst, const chunk_hint& /*dst_hint*/, chunk_id src, uint32_t n) noexcept {
+  auto& m = *impl_;
+  INSTINFER_TRY(m.io.check_thread());
+  INSTINFER_TRY(m.check_chunk(dst, "copy_tokens (destination)"));
+  INSTINFER_TRY(m.check_chunk(src, "copy_tokens (source)"));
+  if (!m.layout.fits(0, n))
+    return {errc::kInvalidArgument,
+            "copy_tokens: n must be in [1, " + std::to_string(m.layout.tokens()) + "], got " + std::to_string(n)};
+  if (dst == src) return {errc::kInvalidArgument, "copy_tokens: source and destination are the same chunk"};
+  return m.buffers.copy(dst, src, n);
+}
+
+status ssd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept {
+  auto& m = *impl_;
+  INSTINFER_TRY(m.io.check_thread());
+  INSTINFER_TRY(m.check_chunk(id, "read_chunk"));
+  if (!dst) return {errc::kInvalidArgument, "read_chunk: null destination"};
+  if (n_tokens > m.layout.tokens())
+    return {errc::kInvalidArgument, "read_chunk: " + std::to_string(n_tokens) + " tokens exceed a chunk"};
+  if (const std::byte* buffered = m.buffers.find(id)) {
+    std::memcpy(dst, buffered, m.chunk_bytes);
+    return {};
+  }
+  m.io.claim_staging();
+  std::byte* staging = m.io.staging();
+  INSTINFER_TRY(m.io.read_sync(staging, static_cast<uint32_t>(m.chunk_bytes), m.io.chunk_offset(id)));
+  m.io.bytes_read += m.chunk_bytes;
+  std::memcpy(dst, staging, m.chunk_bytes);
+  return {};
+}
+
+status ssd_backend::read_pages(std::span<const page_read> reads) noexcept {
+  if (!impl_->configured) return {errc::kInvalidArgument, "ssd backend is not configured"};
+  INSTINFER_TRY(impl_->io.check_thread());
+  return impl_->pages.read(reads);
+}
+
+status ssd_backend::flush() noexcept {
+  if (!impl_->configured) return {};
+  INSTINFER_TRY(impl_->io.check_thread());
+  return impl_->buffers.flush();
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+void ssd_backend::prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept {
+  auto& m = *impl_;
+  if (!m.configured || layer >= m.config.shape.n_layers || !m.io.check_thread().ok()) return;
+  m.decode.ring().cancel_prefetch();
+  if (!m.check_batch(batch).ok()) return;
+  m.decode.ring().prefetch(layer, batch);
+}
+
+status ssd_backend::attend(uint32_t layer, std::span<const attend_item> batch) noexcept {
+  auto& m = *impl_;
+  if (!m.configured) return {errc::kInvalidArgument, "ssd backend is not configured"};
+  INSTINFER_TRY(m.io.check_thread());
+  if (layer >= m.config.shape.n_layers)
+    return {errc::kLayerOutOfRange,
+            "attend: layer " + std::to_string(layer) + " >= " + std::to_string(m.config.shape.n_layers)};
+  if (status s = m.check_batch(batch); !s.ok()) {
+    m.decode.ring().cancel_prefetch();
+    return s;
+  }
+  return m.decode.attend(layer, batch);
+}
+
+}  // namespace instinfer
