@@ -1,7 +1,8 @@
 // The emulated drive's firmware, independent of how commands arrive: namespaces, the KV FTL
 // (token-indexed L2P, DRAM group buffer, block allocator), validation of every command, and the
-// in-storage attention engine. The process (main.cpp) feeds it from the shared-memory queue
-// pairs; tests feed it directly.
+// in-storage attention engine (dispatch.cpp composes token_ftl, group_buffer, column_ftl and
+// attend_engine). queue_server.hpp feeds it from the shared-memory queue pairs; tests feed it
+// directly.
 #pragma once
 
 #include <cstddef>

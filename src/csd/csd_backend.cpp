@@ -13,23 +13,14 @@
 #include "instinfer/csd/client.hpp"
 #include "instinfer/csd/models.hpp"
 #include "instinfer/csd/protocol.hpp"
+#include "instinfer/csd/protocol_codec.hpp"
+#include "instinfer/csd/seq_layer_key.hpp"
 
 namespace instinfer {
 
 using namespace csd;
 
 namespace {
-
-struct mirror_key {
-  seq_id seq;
-  uint32_t layer;
-  bool operator==(const mirror_key&) const = default;
-};
-struct mirror_hash {
-  size_t operator()(const mirror_key& k) const noexcept {
-    return std::hash<uint64_t>{}(k.seq * 0x9e3779b97f4a7c15ull ^ k.layer);
-  }
-};
 
 struct drive_slot {
   std::unique_ptr<connection> conn;
@@ -50,7 +41,7 @@ struct csd_backend::impl {
   uint64_t capacity = 0;
   std::vector<chunk_id> free_list;
   std::vector<chunk_id> pending_release;
-  std::unordered_map<mirror_key, std::vector<chunk_id>, mirror_hash> mirror;  // what the drives hold
+  std::unordered_map<seq_layer_key, std::vector<chunk_id>, seq_layer_hash> mirror;  // what the drives hold
   uint64_t kv_bytes_appended = 0;
   double modelled_ns = 0.0;
   mutable std::mutex stats_mutex;
@@ -119,7 +110,7 @@ struct csd_backend::impl {
 
   // Make the drives' copy of a (seq, layer) page table equal the manager's.
   status sync_table(seq_id seq, uint32_t layer, std::span<const chunk_id> chunks) {
-    auto& m = mirror[mirror_key{seq, layer}];
+    auto& m = mirror[seq_layer_key{seq, layer}];
     if (m.size() == chunks.size() && std::equal(m.begin(), m.end(), chunks.begin())) return {};
     for (const auto& d : drives)
       if (chunks.size() * 4 > d.conn->area_bytes())
@@ -137,7 +128,7 @@ struct csd_backend::impl {
   }
 
   void note_position(seq_id seq, uint32_t layer, uint32_t index, chunk_id id) {
-    auto& m = mirror[mirror_key{seq, layer}];
+    auto& m = mirror[seq_layer_key{seq, layer}];
     if (m.size() <= index) m.resize(uint64_t{index} + 1, kInvalidChunk);
     m[index] = id;
   }
@@ -411,7 +402,7 @@ status csd_backend::write_tokens(chunk_id id, const chunk_hint& hint, uint32_t f
   impl& m = *impl_;
   if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
   if (id >= m.capacity) return {errc::kInvalidArgument, "chunk id " + std::to_string(id) + " out of range"};
-  if (n == 0 || first >= m.layout.tokens() || n > m.layout.tokens() - first)
+  if (!m.layout.fits(first, n))
     return {errc::kInvalidArgument, "write of tokens [" + std::to_string(first) + ", +" + std::to_string(n) +
                                         ") does not fit a chunk of " + std::to_string(m.layout.tokens())};
   if (!k || !v) return {errc::kInvalidArgument, "null K or V"};
@@ -532,66 +523,50 @@ status csd_backend::attend_batch(uint32_t layer, std::span<const attend_item> ba
       if (it.chunks.size() < need) return {errc::kInvalidArgument, "attend item has fewer chunks than its tokens need"};
       if (it.n_tokens) INSTINFER_TRY(m.sync_table(it.seq, layer, it.chunks));
     }
-    sparf_wire_params wp{};
-    if (sparse) {
-      wp.compression = sparse->compression;
-      wp.page_spread = sparse->page_spread;
-      wp.r = sparse->r;
-      wp.k = sparse->k;
-      wp.mode = static_cast<uint8_t>(sparse->mode);
-      wp.whole_pages = sparse->whole_pages ? 1 : 0;
-    }
-    const uint64_t head = sparse ? sizeof wp : 0;                    // payload before the entries
-    const uint64_t tail = sparse ? sizeof(sparf_wire_counters) : 0;  // result after out and lse
+    const bool is_sparse = sparse != nullptr;
+    const sparf_wire_params wp = is_sparse ? encode_sparf_params(*sparse) : sparf_wire_params{};
     // Items per command: what fits in the smallest data area.
-    uint64_t per_item = 0;
-    for (const drive_slot& ds : m.drives) {
-      const uint64_t hq = uint64_t{ds.n_heads} * g;
-      per_item = std::max(per_item, sizeof(attend_entry) + hq * dim * 4 + hq * dim * 4 + hq * 4);
-    }
-    uint64_t fit = m.drives.front().conn->area_bytes();
-    for (const drive_slot& ds : m.drives) fit = std::min(fit, ds.conn->area_bytes());
-    if (fit < head + tail + 128 + per_item) return {errc::kInvalidArgument, "data area too small for one attend item"};
-    const size_t max_items = static_cast<size_t>(std::max<uint64_t>(1, (fit - head - tail - 128) / per_item));
+    uint32_t max_items = kMaxAttendItems;
+    for (const drive_slot& ds : m.drives)
+      max_items = std::min(max_items, attend_max_items(ds.conn->area_bytes(), ds.n_heads * g, dim, is_sparse));
+    if (max_items == 0) return {errc::kInvalidArgument, "data area too small for one attend item"};
     for (size_t b0 = 0; b0 < batch.size(); b0 += max_items) {
-      const size_t nb = std::min(max_items, batch.size() - b0);
+      const uint32_t nb = static_cast<uint32_t>(std::min<size_t>(max_items, batch.size() - b0));
       INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
         const drive_slot& ds = m.drives[d];
         const uint32_t hq = ds.n_heads * g;
+        const attend_wire_layout wire = attend_wire_layout::make(nb, hq, dim, is_sparse);
         std::byte* p = ds.conn->area();
-        if (sparse) std::memcpy(p, &wp, sizeof wp);
-        auto* ent = reinterpret_cast<attend_entry*>(p + head);
-        auto* q = reinterpret_cast<float*>(p + head + nb * sizeof(attend_entry));
+        if (is_sparse) std::memcpy(p, &wp, sizeof wp);
+        auto* ent = reinterpret_cast<attend_entry*>(p + wire.entries_offset);
+        auto* q = reinterpret_cast<float*>(p + wire.q_offset);
         for (size_t i = 0; i < nb; ++i) {
           const attend_item& it = batch[b0 + i];
           ent[i] = attend_entry{it.seq, it.n_tokens, 0};
           std::memcpy(q + i * hq * dim, it.q + uint64_t{ds.head_begin} * g * dim, uint64_t{hq} * dim * 4);
         }
-        const uint64_t in = head + nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
-        e.opcode = static_cast<uint8_t>(sparse ? opcode::kAttendSparse : opcode::kAttend);
-        e.data_bytes = static_cast<uint32_t>(in);
-        e.result_offset = (in + 63) / 64 * 64;
-        e.result_bytes = static_cast<uint32_t>(nb * uint64_t{hq} * (dim + 1) * 4 + tail);
-        set_args(e, attend_args{layer, static_cast<uint32_t>(nb)});
+        e.opcode = static_cast<uint8_t>(is_sparse ? opcode::kAttendSparse : opcode::kAttend);
+        e.data_bytes = static_cast<uint32_t>(wire.data_bytes);
+        e.result_offset = wire.result_offset;
+        e.result_bytes = static_cast<uint32_t>(wire.result_bytes);
+        set_args(e, attend_args{layer, nb});
         return {};
       }));
       for (const drive_slot& ds : m.drives) {
         const uint32_t hq = ds.n_heads * g;
-        const uint64_t in = head + nb * sizeof(attend_entry) + nb * uint64_t{hq} * dim * 4;
-        const std::byte* r = ds.conn->area() + (in + 63) / 64 * 64;
+        const attend_wire_layout wire = attend_wire_layout::make(nb, hq, dim, is_sparse);
+        const std::byte* r = ds.conn->area() + wire.result_offset;
         const auto* o = reinterpret_cast<const float*>(r);
-        const auto* lse = reinterpret_cast<const float*>(r + nb * uint64_t{hq} * dim * 4);
+        const auto* lse = reinterpret_cast<const float*>(r + wire.lse_offset);
         for (size_t i = 0; i < nb; ++i) {
           const attend_item& it = batch[b0 + i];
           std::memcpy(it.out + uint64_t{ds.head_begin} * g * dim, o + i * hq * dim, uint64_t{hq} * dim * 4);
           if (it.lse) std::memcpy(it.lse + uint64_t{ds.head_begin} * g, lse + i * hq, uint64_t{hq} * 4);
         }
-        if (sparse && counters) {
+        if (is_sparse && counters) {
           sparf_wire_counters wc;
-          std::memcpy(&wc, r + nb * uint64_t{hq} * (dim + 1) * 4, sizeof wc);
-          counters->add(sparf_counters{wc.token_pages_read, wc.channel_pages_read, wc.token_bytes_used,
-                                       wc.channel_bytes_used, wc.buffered_channel_bytes, wc.dense_pages, wc.dense_bytes,
-                                       wc.selected_tokens, wc.channels_used, wc.items});
+          std::memcpy(&wc, r + wire.counters_offset, sizeof wc);
+          counters->add(decode_sparf_counters(wc));
         }
       }
     }
@@ -605,7 +580,7 @@ void csd_backend::on_sequence_freed(seq_id seq) noexcept {
   impl& m = *impl_;
   if (!m.configured) return;
   try {
-    for (uint32_t l = 0; l < m.config.shape.n_layers; ++l) m.mirror.erase(mirror_key{seq, l});
+    for (uint32_t l = 0; l < m.config.shape.n_layers; ++l) m.mirror.erase(seq_layer_key{seq, l});
     (void)m.flush_releases();
     (void)m.run_all([&](uint32_t, sq_entry& e) -> status {
       e.opcode = static_cast<uint8_t>(opcode::kReclaim);

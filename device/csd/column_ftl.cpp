@@ -1,0 +1,260 @@
+#include "column_ftl.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "instinfer/core/dtype.hpp"
+
+namespace instinfer::csd {
+
+namespace {
+
+// One token into column position `col` of a column block: its K row of every head (head h's at
+// k + h * head_stride) transposed into channel order, its V rows added to v_sum [n_kv_heads][head_dim].
+void column_token(const kv_namespace& ns, std::byte* block, uint32_t col, const std::byte* k, uint64_t k_head_stride,
+                  const std::byte* v, uint64_t v_head_stride, std::vector<double>& v_sum) noexcept {
+  const uint32_t H = ns.cfg.n_kv_heads, d = ns.cfg.head_dim;
+  const dtype t = ns.geo.kv_dtype;
+  const uint32_t es = dtype_size(t);
+  for (uint32_t h = 0; h < H; ++h) {
+    const std::byte* krow = k + h * k_head_stride;
+    const std::byte* vrow = v + h * v_head_stride;
+    for (uint32_t ch = 0; ch < d; ++ch) {
+      std::memcpy(block + ns.columns.offset(h, col, ch), krow + uint64_t{ch} * es, es);
+      v_sum[uint64_t{h} * d + ch] += static_cast<double>(load_as_float(vrow, t, ch));
+    }
+  }
+}
+
+}  // namespace
+
+void column_ftl::drop_block(kv_namespace& ns, uint32_t b) noexcept {
+  kv_namespace::column_block& cb = ns.cblocks[b];
+  if (!cb.live) return;
+  for (uint32_t p : cb.pages) ctx_.blocks.invalidate(p);
+  for (uint32_t c : cb.chunks) {
+    auto it = ns.cblocks_of_chunk.find(c);
+    if (it == ns.cblocks_of_chunk.end()) continue;
+    std::vector<uint32_t>& v = it->second;
+    v.erase(std::remove(v.begin(), v.end(), b), v.end());
+    if (v.empty()) ns.cblocks_of_chunk.erase(it);
+  }
+  cb.live = false;
+  ns.free_cblocks.push_back(b);  // capacity reserved when the block was created: cannot throw
+  --ctx_.stats.column_blocks;
+}
+
+void column_ftl::chunk_reset(kv_namespace& ns, uint32_t chunk) noexcept {
+  ++ns.gen[chunk - ns.base];
+  for (auto it = ns.cblocks_of_chunk.find(chunk); it != ns.cblocks_of_chunk.end(); it = ns.cblocks_of_chunk.find(chunk))
+    drop_block(ns, it->second.back());
+}
+
+void column_ftl::forget_tail(kv_namespace& ns, uint64_t seq, uint32_t layer) noexcept {
+  if (auto it = ns.tails.find(seq_layer_key{seq, layer}); it != ns.tails.end()) it->second.valid = false;
+}
+
+void column_ftl::drop_sequence(kv_namespace& ns, uint64_t seq) noexcept {
+  for (uint32_t l = 0; l < ns.cfg.n_layers; ++l)
+    if (auto t = ns.tails.find(seq_layer_key{seq, l}); t != ns.tails.end()) {
+      if (t->second.k) ns.tail_bytes -= ns.columns.block_bytes();
+      ns.tails.erase(t);
+    }
+}
+
+// The live column block built from exactly these chunks (current generations), or UINT32_MAX.
+uint32_t column_ftl::find_block(const kv_namespace& ns, const uint32_t* chunks) noexcept {
+  auto it = ns.cblocks_of_chunk.find(chunks[0]);
+  if (it == ns.cblocks_of_chunk.end()) return UINT32_MAX;
+  const uint32_t C = ns.chunks_per_column_block;
+  for (uint32_t b : it->second) {
+    const kv_namespace::column_block& cb = ns.cblocks[b];
+    bool same = cb.live && cb.chunks.size() == C;
+    for (uint32_t j = 0; same && j < C; ++j) same = cb.chunks[j] == chunks[j] && cb.gens[j] == gen_of(ns, chunks[j]);
+    if (same) return b;
+  }
+  return UINT32_MAX;
+}
+
+// Program one column block (`src`: channel_layout order) built from `chunks` and register it. Its
+// pages of one head go to consecutive lanes, so a SparF read of a few of them runs in parallel.
+result<uint32_t> column_ftl::add_block(kv_namespace& ns, const uint32_t* chunks, const std::byte* src,
+                                       const std::vector<double>& v_sum, uint64_t lane0) {
+  uint32_t b;
+  if (!ns.free_cblocks.empty()) {
+    b = ns.free_cblocks.back();
+    ns.free_cblocks.pop_back();
+  } else {
+    b = static_cast<uint32_t>(ns.cblocks.size());
+    ns.cblocks.emplace_back();
+    ns.free_cblocks.reserve(ns.cblocks.size());
+  }
+  kv_namespace::column_block& cb = ns.cblocks[b];
+  const uint32_t C = ns.chunks_per_column_block;
+  try {
+    cb.pages.assign(ns.columns.pages_per_block(), kNoPage);
+    cb.chunks.assign(chunks, chunks + C);
+    cb.gens.resize(C);
+    for (uint32_t j = 0; j < C; ++j) cb.gens[j] = gen_of(ns, chunks[j]);
+    cb.v_sum = v_sum;
+    for (uint32_t j = 0; j < C; ++j) ns.cblocks_of_chunk[chunks[j]].reserve(4);
+  } catch (...) {
+    ns.free_cblocks.push_back(b);
+    throw;
+  }
+  const uint32_t n_pages = ns.columns.pages_per_block();
+  if (status s = ftl_.program_striped(src, ns.geo.page_bytes, n_pages, lane0, cb.pages.data()); !s.ok()) {
+    ns.free_cblocks.push_back(b);
+    return s;
+  }
+  ctx_.stats.column_pages_programmed += n_pages;
+  cb.live = true;
+  for (uint32_t j = 0; j < C; ++j) ns.cblocks_of_chunk[chunks[j]].push_back(b);
+  ++ctx_.stats.column_blocks;
+  return b;
+}
+
+// Column data (channel_layout order) and V sums of the first n tokens of a run of token chunks,
+// read from the group buffer or flash: how a column block or tail is rebuilt.
+status column_ftl::build_columns(kv_namespace& ns, const uint32_t* chunks, uint32_t n, std::byte* dst,
+                                 std::vector<double>& v_sum) {
+  const uint32_t tpp = ns.geo.tokens_per_page, H = ns.cfg.n_kv_heads;
+  const uint64_t page = ns.geo.page_bytes, row = ns.geo.row_bytes();
+  std::fill(v_sum.begin(), v_sum.end(), 0.0);
+  aligned_bytes tmp;
+  for (uint32_t j = 0; uint64_t{j} * tpp < n; ++j) {
+    const uint32_t id = chunks[j];
+    const uint32_t count = std::min(tpp, n - j * tpp);
+    if (ns.entry(id).n_tokens < count)
+      return {errc::kInvalidArgument, "chunk " + std::to_string(id) + " holds too few tokens"};
+    const std::byte* src = ns.resident(id);
+    if (!src) {
+      if (!tmp) tmp = alloc_aligned(ns.chunk_bytes);
+      if (!tmp) return {errc::kOutOfMemory, "column rebuild buffer"};
+      const uint32_t* pages = ns.pages(id);
+      for (uint32_t h = 0; h < H; ++h) {  // K and V pages of every head (V for the running mean)
+        for (uint32_t p : {h, H + h}) {
+          INSTINFER_TRY(ctx_.store->read(pages[p], tmp.get() + uint64_t{p} * page));
+          ctx_.note_read(pages[p]);
+          ++ctx_.stats.column_rebuild_pages_read;
+        }
+      }
+      src = tmp.get();
+    }
+    for (uint32_t i = 0; i < count; ++i)
+      column_token(ns, dst, j * tpp + i, src + uint64_t{i} * row, page, src + uint64_t{H} * page + uint64_t{i} * row,
+                   page, v_sum);
+  }
+  return {};
+}
+
+// DRAM for a column tail. Over the budget (the group buffer's size), the write path first drops
+// the least recently used other tails (they are rebuilt from token pages if attended again); the
+// attend path (may_evict false) never drops a tail another item of the same command holds.
+status column_ftl::ensure_tail_memory(kv_namespace& ns, column_tail& tl, bool may_evict) {
+  tl.use = ++ctx_.use_clock;
+  if (!tl.k) {
+    const uint64_t bytes = ns.columns.block_bytes();
+    while (may_evict && ns.tail_bytes + bytes > ctx_.o.buffer_bytes) {
+      column_tail* victim = nullptr;
+      for (auto& [key, other] : ns.tails)
+        if (other.k && &other != &tl && (!victim || other.use < victim->use)) victim = &other;
+      if (!victim) break;
+      victim->k.reset();
+      victim->valid = false;
+      ns.tail_bytes -= bytes;
+      ++ctx_.stats.column_tail_evictions;
+    }
+    tl.k = alloc_aligned(bytes);
+    if (!tl.k) return {errc::kOutOfMemory, "SparF column tail buffer"};
+    ns.tail_bytes += bytes;
+  }
+  tl.v_sum.assign(uint64_t{ns.cfg.n_kv_heads} * ns.cfg.head_dim, 0.0);
+  return {};
+}
+
+void column_ftl::append(kv_namespace& ns, uint64_t seq, uint32_t layer, uint32_t first_index, uint32_t first_token,
+                        const uint32_t* ids, const std::byte* k, const std::byte* v, uint32_t n) {
+  const uint32_t tpp = ns.geo.tokens_per_page, ctp = ns.columns.tokens_per_page;
+  const uint64_t p0 = uint64_t{first_index} * tpp + first_token;
+  column_tail& tl = ns.tails[seq_layer_key{seq, layer}];
+  if (p0 % ctp == 0) {  // a block boundary: start fresh whatever came before
+    if (!ensure_tail_memory(ns, tl, true).ok()) return void(tl.valid = false);
+    tl.valid = true;
+    tl.block = static_cast<uint32_t>(p0 / ctp);
+    tl.n = 0;
+    tl.chunks.clear();
+    tl.gens.clear();
+  } else if (!(tl.valid && uint64_t{tl.block} * ctp + tl.n == p0 &&
+               (first_token == 0 ||
+                (!tl.chunks.empty() && tl.chunks.back() == ids[0] && tl.gens.back() == gen_of(ns, ids[0]))))) {
+    tl.valid = false;  // the tail does not end where these tokens start (fork, truncation)
+    return;
+  }
+  tl.use = ++ctx_.use_clock;
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint32_t id = ids[(first_token + i) / tpp];
+    if ((p0 + i) % tpp == 0) {
+      tl.chunks.push_back(id);
+      tl.gens.push_back(gen_of(ns, id));
+    }
+    const uint64_t token = uint64_t{i} * ns.cfg.n_kv_heads * ns.geo.row_bytes();  // rows [n][n_kv_heads]
+    column_token(ns, tl.k.get(), tl.n, k + token, ns.geo.row_bytes(), v + token, ns.geo.row_bytes(), tl.v_sum);
+    if (++tl.n == ctp) {  // sealed: program the block, continue with a fresh tail
+      auto b = add_block(ns, tl.chunks.data(), tl.k.get(), tl.v_sum, token_ftl::stripe(seq, layer) + tl.block * 7ull);
+      if (!b.ok()) return void(tl.valid = false);  // rebuilt from the token pages when attended
+      ++tl.block;
+      tl.n = 0;
+      tl.chunks.clear();
+      tl.gens.clear();
+      std::fill(tl.v_sum.begin(), tl.v_sum.end(), 0.0);
+    }
+  }
+}
+
+status column_ftl::ensure(kv_namespace& ns, uint64_t seq, uint32_t layer, const page_table& tab, uint32_t n,
+                          std::vector<uint32_t>& blocks_out, const column_tail*& tail_out) {
+  const uint32_t tpp = ns.geo.tokens_per_page, ctp = ns.columns.tokens_per_page, C = ns.chunks_per_column_block;
+  const uint32_t sealed = n / ctp, n_tail = n % ctp;
+  blocks_out.clear();
+  aligned_bytes tmp;
+  std::vector<double> vs;
+  for (uint32_t b = 0; b < sealed; ++b) {
+    const uint32_t* ids = tab.data() + uint64_t{b} * C;
+    uint32_t idx = find_block(ns, ids);
+    if (idx == UINT32_MAX) {
+      if (!tmp) tmp = alloc_aligned(ns.columns.block_bytes());
+      if (!tmp) return {errc::kOutOfMemory, "column rebuild buffer"};
+      vs.assign(uint64_t{ns.cfg.n_kv_heads} * ns.cfg.head_dim, 0.0);
+      INSTINFER_TRY(build_columns(ns, ids, ctp, tmp.get(), vs));
+      auto added = add_block(ns, ids, tmp.get(), vs, token_ftl::stripe(seq, layer) + b * 7ull);
+      if (!added.ok()) return added.error();
+      idx = *added;
+    }
+    blocks_out.push_back(idx);
+  }
+  tail_out = nullptr;
+  if (n_tail == 0) return {};
+  column_tail& tl = ns.tails[seq_layer_key{seq, layer}];
+  const uint32_t tail_chunks = (n_tail + tpp - 1) / tpp;
+  const uint32_t* ids = tab.data() + uint64_t{sealed} * C;
+  bool ok = tl.valid && tl.block == sealed && tl.n == n_tail && tl.chunks.size() == tail_chunks;
+  for (uint32_t j = 0; ok && j < tail_chunks; ++j) ok = tl.chunks[j] == ids[j] && tl.gens[j] == gen_of(ns, ids[j]);
+  if (!ok) {
+    tl.valid = false;
+    INSTINFER_TRY(ensure_tail_memory(ns, tl, false));
+    INSTINFER_TRY(build_columns(ns, ids, n_tail, tl.k.get(), tl.v_sum));
+    tl.chunks.assign(ids, ids + tail_chunks);
+    tl.gens.resize(tail_chunks);
+    for (uint32_t j = 0; j < tail_chunks; ++j) tl.gens[j] = gen_of(ns, ids[j]);
+    tl.block = sealed;
+    tl.n = n_tail;
+    tl.valid = true;
+  }
+  tl.use = ++ctx_.use_clock;
+  tail_out = &tl;
+  return {};
+}
+
+}  // namespace instinfer::csd
