@@ -383,15 +383,9 @@ status kv_cache::read_layer(const layer_table& t, uint32_t begin, uint32_t end, 
   for (uint32_t c = begin / tpp; c < ceil_div(end, tpp); ++c) {
     const uint32_t in_chunk = std::min(tpp, t.n_tokens - c * tpp);
     INSTINFER_TRY(backend_->read_chunk(t.chunks[c], in_chunk, chunk.data()));
-    for (uint32_t i = 0; i < in_chunk; ++i) {
-      const uint32_t pos = c * tpp + i;
-      if (pos < begin || pos >= end) continue;
-      for (uint32_t h = 0; h < heads; ++h) {
-        const size_t dst = (size_t{pos - begin} * heads + h) * row;
-        std::memcpy(k.data() + dst, chunk.data() + lay.offset(kv_kind::kKey, h, i, 0), row);
-        std::memcpy(v.data() + dst, chunk.data() + lay.offset(kv_kind::kValue, h, i, 0), row);
-      }
-    }
+    const uint32_t first = std::max(begin, c * tpp), last = std::min(end, c * tpp + in_chunk);
+    const size_t dst = size_t{first - begin} * heads * row;
+    lay.gather_rows(chunk.data(), first - c * tpp, last - first, k.data() + dst, v.data() + dst);
   }
   return {};
 }

@@ -67,7 +67,7 @@ struct by_score {
 // Step 1 for one GQA group: the channels whose K columns are read, ascending, and the column
 // pages per column block that costs. The top r of |q| summed over the group's query heads, or,
 // with whole_pages, the top ceil(r / channels_per_page) column pages by summed |q|. Separate from
-// sparf_attend_head so a drive can read just those column pages before it runs the rest.
+// sparf_select_head so a drive can read just those column pages before it scores the tokens.
 // q: [group_size][head_dim]; channels, weight, scratch: head_dim entries each.
 struct sparf_channel_choice {
   uint32_t n_channels = 0;
