@@ -153,3 +153,61 @@ TEST_CASE("sparf_index: truncate then re-append gives the index of the same toke
       CHECK(std::memcmp(idx.block(b), full.block(b), cfg.columns.block_bytes()) == 0);
   }
 }
+
+TEST_CASE("channel_layout::transpose_rows: engine rows and chunk pages give the same block and V sums") {
+  const auto g = page_geometry::make(4096, 128, dtype::kF16).value();
+  const chunk_layout chunks = chunk_layout::make(g, 2);
+  const channel_layout cols = channel_layout::make(4096, 128, dtype::kF16, 4, 2).value();
+  const uint32_t n = chunks.tokens(), H = 2, d = 128;
+  std::vector<std::byte> k(size_t{n} * H * d * 2), v(k.size());
+  convert_elements(random_values(size_t{n} * H * d, 7).data(), dtype::kF32, k.data(), dtype::kF16, size_t{n} * H * d);
+  convert_elements(random_values(size_t{n} * H * d, 8).data(), dtype::kF32, v.data(), dtype::kF16, size_t{n} * H * d);
+  std::vector<std::byte> chunk(chunks.chunk_bytes());
+  chunks.scatter_rows(chunk.data(), 0, n, k.data(), v.data());
+  std::vector<std::byte> from_rows(cols.block_bytes()), from_chunk(cols.block_bytes());
+  std::vector<double> sum_rows(size_t{H} * d, 0.0), sum_chunk(sum_rows.size(), 0.0);
+  cols.transpose_rows(from_rows.data(), 3, n, k.data(), v.data(), sum_rows.data());
+  cols.transpose_rows(from_chunk.data(), 3, n, chunk.data() + chunks.offset(kv_kind::kKey, 0, 0, 0),
+                      chunk.data() + chunks.offset(kv_kind::kValue, 0, 0, 0), g.row_bytes(), g.page_bytes,
+                      sum_chunk.data());
+  CHECK(std::memcmp(from_rows.data(), from_chunk.data(), from_rows.size()) == 0);
+  CHECK(sum_rows == sum_chunk);
+  // K[token][head][channel] lands at offset(head, first + token, channel).
+  CHECK(std::memcmp(from_rows.data() + cols.offset(1, 3 + 5, 77), k.data() + ((5 * H + 1) * d + 77) * 2, 2) == 0);
+}
+
+TEST_CASE("sparf: sparf_select_head then sparf_exact_head give sparf_attend's output, and the selection is a value") {
+  const auto g = page_geometry::make(4096, 128, dtype::kF16).value();
+  const sparf_config cfg = sparf_config::make(chunk_layout::make(g, 2), 4, 2).value();
+  const uint32_t n = 1500, H = 2, G = 2, d = 128;
+  const auto k = random_values(size_t{n} * H * d, 11), v = random_values(k.size(), 12);
+  const auto q = random_values(size_t{H} * G * d, 13);
+  const stored_layer s = store(cfg, k, v, n);
+  const sparf_params p = sparf_params::with_compression(0.125);
+  const sparf_plan plan = sparf_resolve(p, d, n).value();
+  std::vector<float> batch_out(size_t{H} * G * d), batch_lse(H * G), out(batch_out.size()), lse(batch_lse.size());
+  sparf_workspace ws;
+  sparf_counters batch_c, c;
+  const sparf_work w = s.work(q.data(), batch_out.data(), batch_lse.data());
+  REQUIRE(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws, &batch_c).ok());
+  REQUIRE(ws.reserve(n, d, G, cfg.columns.tokens_per_page).ok());
+  const sparf_columns cols{s.index.block_pointers(), nullptr, s.index.n_blocks()};
+  std::vector<uint32_t> tokens(plan.k);
+  std::vector<float> alpha(G);
+  for (uint32_t h = 0; h < H; ++h) {
+    const float* qh = q.data() + size_t{h} * G * d;
+    const sparf_selection sel = sparf_select_head(cfg, plan, p, cols, n, static_cast<uint32_t>(s.chunk_ptrs.size()), qh,
+                                                  h, ws, c, tokens.data(), alpha.data());
+    REQUIRE(sel.n == plan.k);
+    CHECK(std::is_sorted(sel.tokens, sel.tokens + sel.n));
+    CHECK(sel.alpha[0] > 0.0f);
+    CHECK(sel.alpha[0] < 1.0f);
+    REQUIRE(sparf_exact_head(cfg, sel, s.chunk_ptrs.data(), s.index.v_mean() + size_t{h} * d, qh,
+                             out.data() + size_t{h} * G * d, lse.data() + size_t{h} * G, h, ws, c)
+                .ok());
+  }
+  CHECK(out == batch_out);
+  CHECK(lse == batch_lse);
+  CHECK(c.token_pages_read == batch_c.token_pages_read);
+  CHECK(c.channel_pages_read == batch_c.channel_pages_read);
+}

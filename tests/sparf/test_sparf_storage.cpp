@@ -31,8 +31,9 @@ class opaque_backend final : public backend {
   void release_chunk(chunk_id id) noexcept override { inner_.release_chunk(id); }
   status write_tokens(chunk_id id, const chunk_hint& h, uint32_t first, uint32_t n, const std::byte* k,
                       const std::byte* v) noexcept override {
-    if (fail_column_writes && (h.seq >> 63) != 0) return {errc::kIoError, "injected column write failure"};
-    if ((h.seq >> 63) != 0) ++column_writes;
+    const bool column = h.stream == chunk_stream::kColumns;
+    if (fail_column_writes && column) return {errc::kIoError, "injected column write failure"};
+    if (column) ++column_writes;
     return inner_.write_tokens(id, h, first, n, k, v);
   }
   status copy_tokens(chunk_id dst, const chunk_hint& h, chunk_id src, uint32_t n) noexcept override {

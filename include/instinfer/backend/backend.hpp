@@ -36,11 +36,20 @@ using chunk_id = uint32_t;
 inline constexpr chunk_id kInvalidChunk = UINT32_MAX;
 using seq_id = uint64_t;
 
+// What a chunk holds. Each (seq, layer, stream) is its own placement stream: a storage backend
+// keeps a stream's chunks together and apart from the other streams of the same (seq, layer).
+enum class chunk_stream : uint8_t {
+  kTokens = 0,   // token-indexed K and V rows (chunk_layout): the page table's chunks
+  kColumns = 1,  // SparF's channel-indexed K copy: a sealed column block's pages packed into
+                 // chunk pages (src/sparf), written once, read back page by page (read_pages)
+};
+
 // Where a chunk sits: lets storage backends place a layer's chunks of a sequence contiguously.
 struct chunk_hint {
   seq_id seq = 0;
   uint32_t layer = 0;
-  uint32_t index = 0;  // position of the chunk in the (seq, layer) page table
+  uint32_t index = 0;  // position of the chunk in its stream of (seq, layer)
+  chunk_stream stream = chunk_stream::kTokens;
 };
 
 // Everything a backend needs to know, fixed at cache creation.

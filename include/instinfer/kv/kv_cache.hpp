@@ -19,11 +19,13 @@
 #include <unordered_map>
 #include <vector>
 
-#include "instinfer/attention/sparf.hpp"
+#include "instinfer/attention/sparf/params.hpp"  // sparf_params, sparf_counters: plain values, no algorithm
 #include "instinfer/backend/backend.hpp"
 #include "instinfer/kv/page_table.hpp"
 
 namespace instinfer {
+
+class sparse_attender;  // src/sparf: the sparse policy beside the page tables
 
 struct cache_options {
   kv_shape shape{};
@@ -82,10 +84,11 @@ class kv_cache {
   status attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
 
   // SparF sparse decode attention (attention/sparf.hpp) of one layer; shapes as in attend. Needs
-  // cache_options::sparf. Dual-step loading: only the K and V pages holding selected tokens are
-  // read: in place where the backend's chunks are host-addressable (host), as single pages through
-  // read_pages (ssd) or whole chunks through read_chunk otherwise; a backend that runs SparF itself
-  // (csd: next to its flash, from its own channel-indexed K copy) gets the call instead.
+  // cache_options::sparf. Runs in the sparse attender (src/sparf): dual-step loading reads only
+  // the K and V pages holding selected tokens: in place where the backend's chunks are
+  // host-addressable (host), as single pages through read_pages (ssd) or whole chunks through
+  // read_chunk otherwise; a backend that runs SparF itself (csd: next to its flash, from its own
+  // channel-indexed K copy) gets the call instead.
   status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                        const sparf_params& params = {});
 
@@ -104,17 +107,12 @@ class kv_cache {
   struct layer_table {
     std::vector<chunk_id> chunks;
     uint32_t n_tokens = 0;
-    std::unique_ptr<sparf_index> sparf;  // only with cache_options::sparf
-    // Sealed column blocks stored on a storage backend: column_store_chunks() chunks per block.
-    std::vector<chunk_id> column_chunks;
   };
   struct sequence {
     std::vector<layer_table> layers;
   };
 
   kv_cache(backend_config config, std::unique_ptr<backend> b);
-  result<std::unique_ptr<sparf_index>> new_sparf_index() const;
-  status copy_sparf_index(const layer_table& from, layer_table& to) const;
   status check_layer(uint32_t layer) const;
   result<sequence*> find(seq_id seq);
   result<const sequence*> find(seq_id seq) const;
@@ -123,22 +121,22 @@ class kv_cache {
   void release(chunk_id id) noexcept;
   bool writable(chunk_id id) const noexcept;
   // Append rows already in the cache dtype to one table; on failure the table is unchanged.
+  // notify: tell the sparse attender (not for a table remove_range is rebuilding: it gets
+  // on_truncate with the same rows instead).
   status append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n_tokens, const std::byte* k,
-                         const std::byte* v);
+                         const std::byte* v, bool notify = true);
   void release_table(layer_table& t) noexcept;
-  void store_sealed_columns(seq_id seq, uint32_t layer, layer_table& t) noexcept;
-  uint32_t column_store_chunks() const noexcept;
-  status fill_items(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
-                    const sparf_params* sparse);
-  status fetch_column_pages(const layer_table& t, const sparf_plan& plan, const sparf_params& params, const float* q,
-                            std::vector<const std::byte*>& pages);
-  // Placement hint for column chunks: their own stream beside the sequence's token chunks.
-  static constexpr seq_id kColumnStream = seq_id{1} << 63;
-  status read_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
-                    std::vector<std::byte>& k, std::vector<std::byte>& v);
+  status fill_items(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
+  status read_layer(const layer_table& t, uint32_t begin, uint32_t end, std::vector<std::byte>& k,
+                    std::vector<std::byte>& v);
+  status rebuild_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
+                       layer_table& rebuilt);
 
   backend_config config_;
   std::unique_ptr<backend> backend_;
+  // With cache_options::sparf; declared after backend_ so it is destroyed first (it releases the
+  // column chunks it stored on the backend).
+  std::unique_ptr<sparse_attender> attender_;
   mutable std::mutex mutex_;
   std::unordered_map<seq_id, sequence> sequences_;
   seq_id next_seq_ = 1;
@@ -146,23 +144,7 @@ class kv_cache {
   std::vector<uint8_t> sealed_;     // per chunk id: was ever full
   std::vector<std::byte> convert_buffer_;
   std::vector<attend_item> items_;
-  // SparF state (empty when disabled).
-  bool sparf_enabled_ = false;
-  bool sparf_native_ = false;         // the backend runs SparF itself (backend::runs_sparf)
-  bool sparf_store_columns_ = false;  // sealed column blocks live on the (storage) backend
-  sparf_config sparf_config_{};
-  sparf_workspace sparf_ws_;
   sparf_counters sparf_totals_{};
-  std::vector<std::byte> sparf_staging_;         // read-back chunks for backends without host addresses
-  std::vector<std::byte> sparf_column_staging_;  // column pages read from a storage backend
-  struct sparf_scratch {                         // attend_sparse's per-call arrays, grow-only
-    std::vector<uint32_t> selected, n_selected, slot, channels, chosen;
-    std::vector<float> alpha, zero_mean, weight, channel_scratch;
-    std::vector<uint8_t> head_needs;
-    std::vector<const std::byte*> ptrs, column_pages;
-    std::vector<page_read> reads, column_reads;
-  };
-  sparf_scratch sparf_scratch_;
 };
 
 }  // namespace instinfer

@@ -19,7 +19,9 @@
 // stored KV 1.5x the token-indexed KV (K + V + K copy = 3 of 2).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "instinfer/core/dtype.hpp"
@@ -116,6 +118,32 @@ struct channel_layout {
                                               std::to_string(head_dim) + " whose values fit one " +
                                               std::to_string(page_bytes) + "-byte page, got " +
                                               std::to_string(channels_per_page)};
+  }
+
+  // The one K->column transform, beside the layout (the host index and the drive use it):
+  // tokens [first, first + n) of a column block (first + n <= tokens_per_page) from K and V rows,
+  // K values into their column pages, V values added to v_sum [n_kv_heads][head_dim] in double,
+  // token by token (so every copy of the index sums in the same order and agrees bit for bit).
+  // Rows are strided: element ch of (token i, head h) is at k + i * token_stride + h * head_stride
+  // + ch * elem_bytes() (engine rows [n][n_kv_heads][head_dim]: token_stride = n_kv_heads *
+  // head_stride, head_stride = head_dim * elem_bytes(); a chunk page: the reverse).
+  void transpose_rows(std::byte* block, uint32_t first, uint32_t n, const std::byte* k, const std::byte* v,
+                      uint64_t token_stride, uint64_t head_stride, double* v_sum) const noexcept {
+    const uint32_t es = elem_bytes();
+    for (uint32_t i = 0; i < n; ++i)
+      for (uint32_t h = 0; h < n_kv_heads; ++h) {
+        const std::byte* krow = k + i * token_stride + h * head_stride;
+        const std::byte* vrow = v + i * token_stride + h * head_stride;
+        for (uint32_t ch = 0; ch < head_dim; ++ch) std::memcpy(block + offset(h, first + i, ch), krow + ch * es, es);
+        double* vs = v_sum + uint64_t{h} * head_dim;
+        for (uint32_t ch = 0; ch < head_dim; ++ch) vs[ch] += static_cast<double>(load_as_float(vrow, kv_dtype, ch));
+      }
+  }
+  // Engine rows [n][n_kv_heads][head_dim] (the append path).
+  void transpose_rows(std::byte* block, uint32_t first, uint32_t n, const std::byte* k, const std::byte* v,
+                      double* v_sum) const noexcept {
+    const uint64_t row = uint64_t{head_dim} * elem_bytes();
+    transpose_rows(block, first, n, k, v, row * n_kv_heads, row, v_sum);
   }
 
   std::string to_string() const {

@@ -1,0 +1,130 @@
+// SparF step 4 for one kv head: exact attention over the selected tokens only, blended with the
+// mean of V,
+//     out = alpha * softmax(scale * q K_T^T) V_T + (1 - alpha) * mean(V)
+// with alpha the approximate softmax mass of the chosen tokens (per query head, from select.hpp).
+//
+// There is one decode algorithm: the selected tokens' K and V rows are gathered into staged
+// pseudo-chunks (full pages of one kv head, laid out as chunk_layout says, the last one partial)
+// and handed to the decode kernel (attention/decode.hpp) a stage at a time; the stages' partial
+// states merge and normalise through attention/state.hpp. The returned lse is that of the chosen
+// tokens' exact logits minus log(alpha): the estimate of the full log-sum-exp that lets a SparF
+// partial merge with other tiers (exact when alpha = 1).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/sparf/params.hpp"
+#include "instinfer/attention/sparf/select.hpp"
+#include "instinfer/attention/sparf/workspace.hpp"
+#include "instinfer/attention/state.hpp"
+
+namespace instinfer {
+
+// The decode kernel's view of the exact pass's pseudo-chunks: cfg's page geometry, one kv head.
+inline decode_params sparf_exact_params(const sparf_config& cfg) noexcept {
+  decode_params p;
+  p.layout = chunk_layout::make(cfg.tokens.page, 1);
+  p.group_size = cfg.group_size;
+  p.scale = cfg.scale;
+  p.softcap = cfg.softcap;
+  return p;
+}
+
+namespace sparf_detail {
+
+// Largest number of pseudo-chunks one stage holds (smallest pages).
+inline constexpr uint32_t kMaxStagedChunks =
+    static_cast<uint32_t>(sparf_workspace::kStageBytes / (2 * page_geometry::kMinPageBytes));
+
+// Copies tokens sel[first, first + n) of kv_head (K and V rows) into consecutive pseudo-chunks
+// at stage; ptrs receives the pseudo-chunk bases. Counts the token pages the rows came from.
+inline void stage_rows(const sparf_config& cfg, const std::byte* const* chunks, const uint32_t* sel, uint32_t n,
+                       uint32_t kv_head, std::byte* stage, const std::byte** ptrs) noexcept {
+  const chunk_layout& src = cfg.tokens;
+  const chunk_layout dst = chunk_layout::make(cfg.tokens.page, 1);
+  const uint32_t tpp = src.tokens(), row = src.page.row_bytes();
+  for (uint32_t j = 0; j < n; ++j) {
+    std::byte* chunk = stage + uint64_t{j / tpp} * dst.chunk_bytes();
+    if (j % tpp == 0) ptrs[j / tpp] = chunk;
+    const uint32_t tok = sel[j];
+    const std::byte* from = chunks[tok / tpp];
+    std::memcpy(chunk + dst.offset(kv_kind::kKey, 0, j % tpp, 0),
+                from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0), row);
+    std::memcpy(chunk + dst.offset(kv_kind::kValue, 0, j % tpp, 0),
+                from + src.offset(kv_kind::kValue, kv_head, tok % tpp, 0), row);
+  }
+}
+
+}  // namespace sparf_detail
+
+// Step 4 for kv head `kv_head`: fills out [group_size][head_dim] (normalised) and lse
+// [group_size] (optional) of the group's query heads q [group_size][head_dim].
+// chunks: the sequence's token-indexed chunks in token order; only those holding a selected
+// token are dereferenced. v_mean: this kv head's mean of V over all tokens, [head_dim].
+// kernel: the decode kernel for sparf_exact_params(cfg), or null to look it up (kept in ws).
+// Preconditions: cfg validated, ws reserved, sel from sparf_select_head (ascending tokens).
+// Counters: the token pages holding a selected token (K and V) and the bytes of the rows used.
+inline status sparf_exact_head(const sparf_config& cfg, const sparf_selection& sel, const std::byte* const* chunks,
+                               const float* v_mean, const float* q, float* out, float* lse, uint32_t kv_head,
+                               sparf_workspace& ws, sparf_counters& c, decode_chunks_fn kernel = nullptr) noexcept {
+  const uint32_t d = cfg.head_dim(), G = cfg.group_size;
+  const uint32_t tpp = cfg.tokens.page.tokens_per_page;
+  if (sel.n == 0) {
+    std::fill(out, out + size_t{G} * d, 0.0f);
+    if (lse) std::fill(lse, lse + G, -std::numeric_limits<float>::infinity());
+    return {};
+  }
+  const decode_params p = sparf_exact_params(cfg);
+  if (kernel == nullptr) {
+    auto found = ws.kernel(p);
+    if (!found.ok()) return found.error();
+    kernel = found.value();
+  }
+  uint32_t last_chunk = UINT32_MAX;
+  for (uint32_t j = 0; j < sel.n; ++j) {
+    const uint32_t chunk = sel.tokens[j] / tpp;
+    if (chunk != last_chunk) c.token_pages_read += 2;  // the K page and the V page of this head
+    last_chunk = chunk;
+  }
+  c.token_bytes_used += 2ull * sel.n * d * dtype_size(cfg.tokens.page.kv_dtype);
+
+  // A stage at a time: gather, run the kernel, merge its partial state into the running one.
+  const uint32_t per_stage = std::min<uint32_t>(
+      sparf_detail::kMaxStagedChunks, static_cast<uint32_t>(sparf_workspace::kStageBytes / p.layout.chunk_bytes()));
+  const uint32_t stage_tokens = per_stage * tpp;
+  const std::byte* ptrs[sparf_detail::kMaxStagedChunks];
+  float* o = ws.o_.data();
+  softmax_stats* stats = ws.stats_.data();
+  for (uint32_t j0 = 0; j0 < sel.n; j0 += stage_tokens) {
+    const uint32_t m = std::min(stage_tokens, sel.n - j0);
+    const uint32_t n_chunks = (m + tpp - 1) / tpp;
+    sparf_detail::stage_rows(cfg, chunks, sel.tokens + j0, m, kv_head, ws.stage(), ptrs);
+    const bool first = j0 == 0;
+    float* o_dst = first ? o : ws.o_part_.data();
+    softmax_stats* s_dst = first ? stats : ws.stats_part_.data();
+    kernel(p, ptrs, n_chunks, m - (n_chunks - 1) * tpp, 0, q, o_dst, s_dst);
+    if (!first)
+      for (uint32_t g = 0; g < G; ++g) merge_state(stats[g], o + size_t{g} * d, s_dst[g], o_dst + size_t{g} * d, d);
+  }
+  for (uint32_t g = 0; g < G; ++g) {
+    float* og = o + size_t{g} * d;
+    normalize_state(stats[g], og, d);
+    const float alpha = sel.alpha[g];
+    float* outg = out + size_t{g} * d;
+    if (alpha >= 1.0f) {
+      std::copy(og, og + d, outg);
+    } else {
+      for (uint32_t i = 0; i < d; ++i) outg[i] = alpha * og[i] + (1.0f - alpha) * v_mean[i];
+    }
+    if (lse) lse[g] = alpha > 0.0f ? state_lse(stats[g]) - std::log(alpha) : state_lse(stats[g]);
+  }
+  return {};
+}
+
+}  // namespace instinfer
