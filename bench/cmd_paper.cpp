@@ -21,7 +21,7 @@
 
 #include "bench_common.hpp"
 #include "instinfer/attention/sparf.hpp"
-#include "instinfer/attention/sparf_synthetic.hpp"
+#include "instinfer/testing/sparf_synthetic.hpp"
 #include "paper_model.hpp"
 
 namespace instinfer::bench {

@@ -1,6 +1,6 @@
 // instinfer-bench sparf-accuracy: how close SparF is to dense attention, and what it reads.
 //
-// Inputs come from attention/sparf_synthetic.hpp (seeded; outlier channels, topic spans, sinks,
+// Inputs come from testing/sparf_synthetic.hpp (seeded; outlier channels, topic spans, sinks,
 // a recent window; --structure random gives unstructured uniform data for contrast). Per
 // (context, compression) and over seeds x query heads it reports, as JSON lines (all *measured*
 // on this run's data, nothing modelled):
@@ -26,10 +26,10 @@
 
 #include "bench_common.hpp"
 #include "instinfer/attention/sparf.hpp"
-#include "instinfer/attention/sparf_synthetic.hpp"
 #include "instinfer/backend/csd_backend.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "instinfer/testing/sparf_synthetic.hpp"
 
 namespace instinfer::bench {
 namespace {

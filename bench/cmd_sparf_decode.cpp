@@ -1,7 +1,7 @@
 // instinfer-bench sparf-decode: dense decode attention vs SparF on the same cache, measured in the
 // same run, on a storage backend (default ssd:) or any other (--kv host, --kv csd:).
 //
-// The cache holds seeded structured inputs (attention/sparf_synthetic.hpp) for `batch` sequences
+// The cache holds seeded structured inputs (testing/sparf_synthetic.hpp) for `batch` sequences
 // of one layer; dense attend and attend_sparse alternate `reps` times (interleaved, so a noisy
 // disk or a busy machine hits both alike). One JSON line per context, all measured here:
 //   dense_ms, sparf_ms        median wall time of one layer's attend over the batch
@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "bench_common.hpp"
-#include "instinfer/attention/sparf_synthetic.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "instinfer/testing/sparf_synthetic.hpp"
 
 namespace instinfer::bench {
 namespace {

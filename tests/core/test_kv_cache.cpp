@@ -8,28 +8,19 @@
 
 #include "instinfer/backend/host_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "support/forwarding_backend.hpp"
+#include "support/kv_test_util.hpp"
 
 using namespace instinfer;
+using test_support::expect_layer;
+using test_support::random_rows;
+using test_support::reference_attend;
+using test_support::stored_bytes;
 
 namespace {
 
 kv_shape small_shape(dtype t = dtype::kF32) {
   return kv_shape{3, 4, 2, 64, t};
-}
-
-// Random rows [n][n_kv_heads][head_dim] in f32.
-std::vector<float> random_rows(std::mt19937& rng, uint32_t n, const kv_shape& s) {
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> rows(size_t{n} * s.n_kv_heads * s.head_dim);
-  for (auto& x : rows) x = dist(rng);
-  return rows;
-}
-
-// The cache-dtype bytes that f32 rows become when stored.
-std::vector<std::byte> stored_bytes(const std::vector<float>& rows, dtype t) {
-  std::vector<std::byte> out(rows.size() * dtype_size(t));
-  convert_elements(rows.data(), dtype::kF32, out.data(), t, rows.size());
-  return out;
 }
 
 std::unique_ptr<kv_cache> make_cache(const kv_shape& shape, uint32_t page_bytes, uint64_t capacity_chunks,
@@ -44,53 +35,6 @@ std::unique_ptr<kv_cache> make_cache(const kv_shape& shape, uint32_t page_bytes,
   REQUIRE_MESSAGE(c.ok(), c.error().to_string());
   return std::move(c).value();
 }
-
-// Reference model of a sequence: per layer, the stored K and V bytes in token order.
-struct model_seq {
-  std::vector<std::vector<std::byte>> k, v;
-};
-
-void expect_layer(kv_cache& cache, seq_id seq, uint32_t layer, const std::vector<std::byte>& k,
-                  const std::vector<std::byte>& v) {
-  std::vector<std::byte> got_k, got_v;
-  REQUIRE(cache.read_tokens(seq, layer, got_k, got_v).ok());
-  REQUIRE(got_k.size() == k.size());
-  CHECK(std::memcmp(got_k.data(), k.data(), k.size()) == 0);
-  CHECK(std::memcmp(got_v.data(), v.data(), v.size()) == 0);
-}
-
-// A host backend whose Nth write or copy fails: exercises the manager's rollback paths.
-class failing_backend final : public backend {
- public:
-  explicit failing_backend(int fail_at) : fail_at_(fail_at) {}
-  std::string_view name() const noexcept override { return "failing"; }
-  status configure(const backend_config& c) override { return inner_.configure(c); }
-  uint64_t capacity_chunks() const noexcept override { return inner_.capacity_chunks(); }
-  uint64_t free_chunks() const noexcept override { return inner_.free_chunks(); }
-  result<chunk_id> allocate_chunk(const chunk_hint& h) noexcept override { return inner_.allocate_chunk(h); }
-  void release_chunk(chunk_id id) noexcept override { inner_.release_chunk(id); }
-  status write_tokens(chunk_id id, const chunk_hint& h, uint32_t first, uint32_t n, const std::byte* k,
-                      const std::byte* v) noexcept override {
-    if (++calls_ == fail_at_) return {errc::kIoError, "injected write failure"};
-    return inner_.write_tokens(id, h, first, n, k, v);
-  }
-  status copy_tokens(chunk_id dst, const chunk_hint& h, chunk_id src, uint32_t n) noexcept override {
-    if (++calls_ == fail_at_) return {errc::kIoError, "injected copy failure"};
-    return inner_.copy_tokens(dst, h, src, n);
-  }
-  status read_chunk(chunk_id id, uint32_t n, std::byte* dst) noexcept override { return inner_.read_chunk(id, n, dst); }
-  status attend(uint32_t layer, std::span<const attend_item> b) noexcept override { return inner_.attend(layer, b); }
-  backend_stats stats() const noexcept override { return inner_.stats(); }
-  void reset(int fail_at) {
-    calls_ = 0;
-    fail_at_ = fail_at;
-  }
-
- private:
-  host_backend inner_;
-  int fail_at_;
-  int calls_ = 0;
-};
 
 }  // namespace
 
@@ -270,8 +214,9 @@ TEST_CASE("a failing backend write leaves the cache as it was") {
   std::mt19937 rng(17);
   for (int fail_at = 1; fail_at <= 4; ++fail_at) {
     CAPTURE(fail_at);
-    auto owned = std::make_unique<failing_backend>(1000);
-    failing_backend* fb = owned.get();
+    // A host backend whose Nth write or copy fails: exercises the manager's rollback paths.
+    auto owned = std::make_unique<test_support::forwarding_backend>(std::make_unique<host_backend>());
+    test_support::forwarding_backend* fb = owned.get();
     auto cache = make_cache(shape, 1024, 32, std::move(owned));
     const uint32_t tpp = cache->page().tokens_per_page;
     auto s = cache->create_sequence().value();
@@ -279,7 +224,7 @@ TEST_CASE("a failing backend write leaves the cache as it was") {
     REQUIRE(cache->append(s, 0, tpp + 3, k.data(), v.data(), dtype::kF32).ok());
     auto other = cache->fork_sequence(s).value();
     const uint64_t used = cache->stats().backend.used_chunks;
-    fb->reset(fail_at);
+    fb->fail_nth(test_support::call_mask(test_support::call::kWrite, test_support::call::kCopy), fail_at);
     auto k2 = random_rows(rng, 2 * tpp + 2, shape);
     status st = cache->append(s, 0, 2 * tpp + 2, k2.data(), k2.data(), dtype::kF32);
     CHECK(st.code() == errc::kIoError);
@@ -288,7 +233,7 @@ TEST_CASE("a failing backend write leaves the cache as it was") {
     expect_layer(*cache, s, 0, stored_bytes(k, shape.kv_dtype), stored_bytes(v, shape.kv_dtype));
     expect_layer(*cache, other, 0, stored_bytes(k, shape.kv_dtype), stored_bytes(v, shape.kv_dtype));
     // The cache keeps working after the failure.
-    fb->reset(1000);
+    fb->disarm();
     REQUIRE(cache->append(s, 0, 1, k2.data(), k2.data(), dtype::kF32).ok());
     CHECK(cache->length(s, 0).value() == tpp + 4);
   }
@@ -331,33 +276,6 @@ TEST_CASE("bad inputs: unknown sequence, layer out of range, null rows, zero siz
   o.backend_uri = "nvme-of://x";
   CHECK(kv_cache::create(o).error().code() == errc::kInvalidArgument);
 }
-
-#include "instinfer/attention/reference.hpp"
-
-namespace {
-// Float64 attention of every query head of `seq` at `layer`, from the values the cache stored.
-void reference_attend(kv_cache& cache, seq_id seq, uint32_t layer, const float* q, std::vector<double>& out,
-                      std::vector<double>& lse) {
-  const kv_shape& s = cache.shape();
-  std::vector<std::byte> k, v;
-  REQUIRE(cache.read_tokens(seq, layer, k, v).ok());
-  const size_t row = size_t{s.head_dim} * dtype_size(s.kv_dtype);
-  const size_t n = k.size() / (row * s.n_kv_heads);
-  out.assign(size_t{s.n_q_heads} * s.head_dim, 0.0);
-  lse.assign(s.n_q_heads, 0.0);
-  std::vector<std::byte> kh(n * row), vh(n * row);
-  for (uint32_t h = 0; h < s.n_kv_heads; ++h) {
-    for (size_t t = 0; t < n; ++t) {
-      std::memcpy(kh.data() + t * row, k.data() + (t * s.n_kv_heads + h) * row, row);
-      std::memcpy(vh.data() + t * row, v.data() + (t * s.n_kv_heads + h) * row, row);
-    }
-    const uint32_t g = s.group_size();
-    reference::attend_rows(kh.data(), vh.data(), s.kv_dtype, n, s.head_dim, q + size_t{h} * g * s.head_dim, g,
-                           1.0 / std::sqrt(double(s.head_dim)), 0.0, out.data() + size_t{h} * g * s.head_dim,
-                           lse.data() + size_t{h} * g);
-  }
-}
-}  // namespace
 
 TEST_CASE("attend through the cache matches the float64 reference after fork and truncation") {
   for (dtype t : {dtype::kF32, dtype::kF16, dtype::kBF16}) {

@@ -8,8 +8,8 @@
 #include <span>
 #include <vector>
 
-#include "instinfer/attention/reference.hpp"
 #include "instinfer/core/dtype.hpp"
+#include "instinfer/testing/reference.hpp"
 
 namespace csd_test {
 

@@ -2,7 +2,6 @@
 // backend and the float64 reference (1 and several drives, page/block crossings, fork, truncation,
 // reclaim and reuse), link bytes per decode step are context-independent, a killed or stopped drive
 // gives an error in bounded time, and attached drives keep namespaces apart.
-#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
 #include <spawn.h>

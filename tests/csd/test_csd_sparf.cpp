@@ -2,7 +2,7 @@
 // table, and an attend-sparse command reads only the chosen column pages and the token pages
 // holding selected tokens. Checked against the host backend on the same values, with the drive's
 // own flash counters (not the algorithm's) for the page saving, across drives, forks, truncation
-// and reclaim.
+// and reclaim. Without the drive binary the whole binary is skipped (exit 77, test_main.cpp).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
-#include "instinfer/attention/sparf_synthetic.hpp"
 #include "instinfer/backend/csd_backend.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "sparf/sparf_test_util.hpp"
+#include "support/kv_test_util.hpp"
 
 using namespace instinfer;
 
@@ -23,12 +23,7 @@ namespace {
 constexpr const char* kFlash = "csd:?channels=4&dies=2&blocks_per_die=256&pages_per_block=16&cores=2";
 
 std::unique_ptr<kv_cache> make(const std::string& uri, const kv_shape& shape, bool sparf = true) {
-  cache_options o;
-  o.shape = shape;
-  o.page_bytes = 4096;
-  o.capacity_bytes = 48ull << 20;
-  o.n_threads = 1;
-  o.backend_uri = uri;
+  cache_options o = test_support::sparf_cache_options(shape, uri, 48ull << 20);
   o.sparf = sparf;
   auto c = kv_cache::create(o);
   REQUIRE_MESSAGE(c.ok(), c.error().message());
@@ -43,20 +38,11 @@ csd::device_stats drive_stats(kv_cache& c, uint32_t drive = 0) {
 
 const auto rel = sparf_test::max_rel_diff;
 
-synthetic::attention_workload workload(const kv_shape& shape, uint32_t n, uint64_t seed) {
-  synthetic::attention_workload_params wp;
-  wp.n_tokens = n;
-  wp.n_kv_heads = shape.n_kv_heads;
-  wp.group_size = shape.group_size();
-  wp.head_dim = shape.head_dim;
-  wp.seed = seed;
-  return synthetic::make_attention_workload(wp);
-}
+using test_support::workload;
 
 }  // namespace
 
 TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the dense flash pages") {
-  if (!csd_backend::available()) return;
   const kv_shape shape{1, 8, 2, 128, dtype::kF16};
   const uint32_t n = 8192;
   const auto work = workload(shape, n, 7);
@@ -124,7 +110,6 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
 }
 
 TEST_CASE("csd SparF across two drives, forks (shared column blocks), truncation and reclaim") {
-  if (!csd_backend::available()) return;
   const kv_shape shape{2, 8, 4, 64, dtype::kF16};  // 4 kv heads: 2 per drive
   const uint32_t n = 3000;
   const auto work = workload(shape, n, 11);
@@ -191,7 +176,6 @@ TEST_CASE("csd SparF across two drives, forks (shared column blocks), truncation
 }
 
 TEST_CASE("csd SparF: bad parameters and a cache without SparF") {
-  if (!csd_backend::available()) return;
   const kv_shape shape{1, 4, 4, 64, dtype::kF16};
   const auto work = workload(shape, 600, 3);
   auto csd = make(kFlash, shape);
@@ -222,7 +206,6 @@ TEST_CASE("csd SparF: bad parameters and a cache without SparF") {
 }
 
 TEST_CASE("csd SparF: column tails over the drive's DRAM budget are dropped and rebuilt, results unchanged") {
-  if (!csd_backend::available()) return;
   const kv_shape shape{1, 4, 2, 128, dtype::kF16};  // a column tail block: 2 heads x 32 pages = 256 KiB
   const uint32_t n_seq = 8, n = 700;                // 8 tails: 2 MiB over a 1 MiB budget
   const auto work = workload(shape, n, 21);

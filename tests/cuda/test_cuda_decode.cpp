@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "instinfer/attention/decode.hpp"
-#include "instinfer/attention/reference.hpp"
 #include "instinfer/backend/cuda_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "instinfer/testing/reference.hpp"
 
 using namespace instinfer;
 

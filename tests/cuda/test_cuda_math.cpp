@@ -11,10 +11,10 @@
 #include <vector>
 
 #include "emulate_decode.hpp"
-#include "instinfer/attention/reference.hpp"
 #include "instinfer/attention/state.hpp"
 #include "instinfer/backend/cuda_backend.hpp"
 #include "instinfer/cuda/decode_math.hpp"
+#include "instinfer/testing/reference.hpp"
 
 using namespace instinfer;
 

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "instinfer/attention/decode.hpp"
-#include "instinfer/attention/reference.hpp"
+#include "instinfer/testing/reference.hpp"
 
 namespace instinfer::test {
 

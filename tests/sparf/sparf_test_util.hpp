@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "instinfer/attention/sparf.hpp"
-#include "instinfer/attention/sparf_synthetic.hpp"
+#include "instinfer/testing/sparf_synthetic.hpp"
 
 namespace sparf_test {
 

@@ -9,10 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "instinfer/attention/reference.hpp"
-#include "instinfer/attention/sparf_synthetic.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "sparf_test_util.hpp"
+#include "support/kv_test_util.hpp"
 
 using namespace instinfer;
 
@@ -31,14 +30,7 @@ std::vector<std::string> backends_to_try() {
 }
 
 std::unique_ptr<kv_cache> make(const std::string& uri, const kv_shape& shape) {
-  cache_options o;
-  o.shape = shape;
-  o.page_bytes = 4096;
-  o.capacity_bytes = 64ull << 20;
-  o.n_threads = 1;
-  o.backend_uri = uri;
-  o.sparf = true;
-  auto c = kv_cache::create(o);
+  auto c = kv_cache::create(test_support::sparf_cache_options(shape, uri, 64ull << 20));
   if (!c.ok()) return nullptr;  // e.g. O_DIRECT refused by this filesystem
   return std::move(c).value();
 }
@@ -49,13 +41,7 @@ const auto rel = sparf_test::max_rel_diff;
 
 TEST_CASE("attend_sparse on every backend: dense at compression 1, identical across backends below 1") {
   const kv_shape shape{2, 8, 2, 128, dtype::kF16};
-  synthetic::attention_workload_params wp;
-  wp.n_tokens = 3000;
-  wp.n_kv_heads = shape.n_kv_heads;
-  wp.group_size = shape.group_size();
-  wp.head_dim = shape.head_dim;
-  wp.seed = 42;
-  const auto work = synthetic::make_attention_workload(wp);
+  const auto work = test_support::workload(shape, 3000, 42);
   const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
 
   std::vector<float> first_sparse, first_fork_sparse;

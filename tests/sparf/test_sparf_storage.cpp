@@ -10,59 +10,15 @@
 #include <string>
 #include <vector>
 
-#include "instinfer/attention/sparf_synthetic.hpp"
 #include "instinfer/backend/host_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "sparf_test_util.hpp"
+#include "support/forwarding_backend.hpp"
+#include "support/kv_test_util.hpp"
 
 using namespace instinfer;
 
 namespace {
-
-// A host backend seen through an opaque interface (no chunk addresses, no read_pages), whose
-// writes into column chunks can be made to fail.
-class opaque_backend final : public backend {
- public:
-  std::string_view name() const noexcept override { return "opaque"; }
-  status configure(const backend_config& c) override { return inner_.configure(c); }
-  uint64_t capacity_chunks() const noexcept override { return inner_.capacity_chunks(); }
-  uint64_t free_chunks() const noexcept override { return inner_.free_chunks(); }
-  result<chunk_id> allocate_chunk(const chunk_hint& h) noexcept override { return inner_.allocate_chunk(h); }
-  void release_chunk(chunk_id id) noexcept override { inner_.release_chunk(id); }
-  status write_tokens(chunk_id id, const chunk_hint& h, uint32_t first, uint32_t n, const std::byte* k,
-                      const std::byte* v) noexcept override {
-    const bool column = h.stream == chunk_stream::kColumns;
-    if (fail_column_writes && column) return {errc::kIoError, "injected column write failure"};
-    if (column) ++column_writes;
-    return inner_.write_tokens(id, h, first, n, k, v);
-  }
-  status copy_tokens(chunk_id dst, const chunk_hint& h, chunk_id src, uint32_t n) noexcept override {
-    return inner_.copy_tokens(dst, h, src, n);
-  }
-  status read_chunk(chunk_id id, uint32_t n, std::byte* dst) noexcept override {
-    ++chunk_reads;
-    return inner_.read_chunk(id, n, dst);
-  }
-  status attend(uint32_t layer, std::span<const attend_item> b) noexcept override { return inner_.attend(layer, b); }
-  backend_stats stats() const noexcept override { return inner_.stats(); }
-
-  bool fail_column_writes = false;
-  uint64_t column_writes = 0;
-  uint64_t chunk_reads = 0;
-
- private:
-  host_backend inner_;
-};
-
-cache_options options(const kv_shape& shape) {
-  cache_options o;
-  o.shape = shape;
-  o.page_bytes = 4096;
-  o.capacity_bytes = 32ull << 20;
-  o.n_threads = 1;
-  o.sparf = true;
-  return o;
-}
 
 const auto rel = sparf_test::max_rel_diff;
 
@@ -70,19 +26,27 @@ const auto rel = sparf_test::max_rel_diff;
 
 TEST_CASE("SparF with column blocks stored on an opaque backend equals the host's, through failures") {
   const kv_shape shape{1, 4, 2, 128, dtype::kF16};
-  synthetic::attention_workload_params wp;
-  wp.n_tokens = 4000;
-  wp.n_kv_heads = shape.n_kv_heads;
-  wp.group_size = shape.group_size();
-  wp.head_dim = shape.head_dim;
-  wp.seed = 5;
-  const auto work = synthetic::make_attention_workload(wp);
+  const auto work = test_support::workload(shape, 4000, 5);
   const size_t row = size_t{shape.n_kv_heads} * shape.head_dim, nq = size_t{shape.n_q_heads} * shape.head_dim;
 
-  auto host = kv_cache::create(options(shape)).value();
-  auto owned = std::make_unique<opaque_backend>();
-  opaque_backend& opaque = *owned;
-  auto cache = kv_cache::create(options(shape), std::move(owned)).value();
+  auto host = kv_cache::create(test_support::sparf_cache_options(shape)).value();
+  // A host backend seen through an opaque interface (no chunk addresses, no read_pages), whose
+  // writes into column chunks (chunk_stream::kColumns in the hint) can be made to fail.
+  test_support::hidden_capabilities opaque_view;
+  opaque_view.chunk_address = true;
+  opaque_view.read_pages = true;
+  auto owned =
+      std::make_unique<test_support::forwarding_backend>(std::make_unique<host_backend>(), opaque_view, "opaque");
+  test_support::forwarding_backend& opaque = *owned;
+  bool fail_column_writes = false;
+  uint64_t column_writes = 0;
+  opaque.set_hook([&](test_support::call c, const chunk_hint* h) -> status {
+    if (c != test_support::call::kWrite || h->stream != chunk_stream::kColumns) return {};
+    if (fail_column_writes) return {errc::kIoError, "injected column write failure"};
+    ++column_writes;
+    return {};
+  });
+  auto cache = kv_cache::create(test_support::sparf_cache_options(shape), std::move(owned)).value();
   CHECK_FALSE(cache->storage().host_addressable());
   const uint64_t capacity = opaque.free_chunks();
   const uint64_t block = channel_layout::make(4096, 128, dtype::kF16, 0, shape.n_kv_heads)->block_bytes();
@@ -108,12 +72,12 @@ TEST_CASE("SparF with column blocks stored on an opaque backend equals the host'
   append(hs, cs, 0, 1500);
   append(hs, cs, 1500, 1);
   append(hs, cs, 1501, 1100);  // 2601 tokens: 5 sealed column blocks of 512, tail of 41
-  CHECK(opaque.column_writes > 0);
+  CHECK(column_writes > 0);
   CHECK(cache->stats().sparf_column_bytes == block);  // only the tail block is in host memory
   CHECK(host->stats().sparf_column_bytes == 6 * block);
-  const uint64_t reads_before = opaque.chunk_reads;
+  const uint64_t reads_before = opaque.calls(test_support::call::kReadChunk);
   compare(hs, cs, 0.125);
-  CHECK(opaque.chunk_reads > reads_before);  // column pages came from the backend
+  CHECK(opaque.calls(test_support::call::kReadChunk) > reads_before);  // column pages came from the backend
   compare(hs, cs, 0.25);
   compare(hs, cs, 1.0);
 
@@ -130,12 +94,12 @@ TEST_CASE("SparF with column blocks stored on an opaque backend equals the host'
   compare(hs, cs, 0.125);  // the parent is untouched
 
   // Column stores failing: appends still succeed, the blocks stay in host memory, results hold.
-  opaque.fail_column_writes = true;
+  fail_column_writes = true;
   append(hs, cs, 2601, 1100);
   // 3701 tokens: blocks 5 and 6 could not be stored; with both tails (the fork's too): 4 blocks.
   CHECK(cache->stats().sparf_column_bytes == 4 * block);
   compare(hs, cs, 0.125);
-  opaque.fail_column_writes = false;
+  fail_column_writes = false;
   append(hs, cs, 3701, 1);  // the pending blocks are stored now
   CHECK(cache->stats().sparf_column_bytes == 2 * block);
   compare(hs, cs, 0.125);

@@ -10,8 +10,8 @@
 #include <thread>
 #include <vector>
 
-#include "instinfer/attention/reference.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
+#include "instinfer/testing/reference.hpp"
 #include "ssd_test_util.hpp"
 
 using namespace instinfer;

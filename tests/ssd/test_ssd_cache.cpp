@@ -6,9 +6,9 @@
 #include <cmath>
 #include <vector>
 
-#include "instinfer/attention/reference.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "instinfer/testing/reference.hpp"
 #include "ssd_test_util.hpp"
 
 using namespace instinfer;

@@ -1,0 +1,867 @@
+// The backend contract, checked the same way on every backend through the public kv_cache API.
+//
+// One binary, one ctest per backend: `instinfer-test-backend-conformance SCHEME [doctest options]`
+// with SCHEME host, ssd, csd or cuda (or INSTINFER_CONFORMANCE_BACKEND). ssd and csd get scratch
+// files under $TMPDIR (or /tmp). A backend that cannot run here (not built in, no GPU, no
+// instinfer-csd binary, no O_DIRECT for ssd) exits 77: skipped, never passed.
+//
+// Every check runs for f32, f16 and bf16 caches on fresh random inputs (never zeros) and compares
+// with the float64 reference computed from the values the cache actually stored (read_tokens);
+// the largest relative errors are reported per check at the end of the run.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "instinfer/backend/csd_backend.hpp"
+#include "instinfer/backend/cuda_backend.hpp"
+#include "instinfer/kv/kv_cache.hpp"
+#include "sparf/sparf_test_util.hpp"
+#include "support/forwarding_backend.hpp"
+#include "support/kv_test_util.hpp"
+
+using namespace instinfer;
+using test_support::call;
+using test_support::call_bit;
+using test_support::layer_model;
+
+namespace {
+
+// ---- the backend under test ------------------------------------------------------------------
+
+struct target {
+  std::string scheme;   // host, ssd, csd, cuda
+  std::string scratch;  // directory for ssd / csd files
+  std::string csd_io;   // extra csd option ("&buffered=1" where O_DIRECT is refused)
+  uint32_t serial = 0;
+
+  // A URI for one new cache whose pages are `page_bytes` (the csd drive's flash page must match).
+  std::string uri(uint32_t page_bytes) {
+    const std::string file = scratch + "/" + scheme + "-" + std::to_string(serial++) + ".bin";
+    if (scheme == "ssd") return "ssd:" + file;
+    if (scheme == "csd")
+      return "csd:" + file +
+             "?channels=4&dies=2&blocks_per_die=128&pages_per_block=8&cores=2&page=" + std::to_string(page_bytes) +
+             csd_io;
+    if (scheme == "cuda") return "cuda:0";
+    return "host";
+  }
+  // Page sizes to cover (each holds a whole number of rows of every shape used here).
+  std::vector<uint32_t> page_sizes() const {
+    // A drive process per cache: two are enough; its flash file wants pages of the direct-I/O
+    // alignment (4 KiB) or more.
+    if (scheme == "csd") return {4096, 16384};
+    return {1024, 4096, 16384};
+  }
+};
+
+target& the_target() {
+  static target t;
+  return t;
+}
+
+// Largest relative errors seen, per check (printed at the end of the run).
+std::map<std::string, double>& error_report() {
+  static std::map<std::string, double> r;
+  return r;
+}
+void report(const std::string& check, double err) {
+  double& e = error_report()[check];
+  e = std::max(e, err);
+}
+
+constexpr double kAttendTol = 1e-5;     // dense decode vs float64, relative (as the kernel tests)
+constexpr double kSparfRefTol = 1e-4;   // SparF vs the float64 SparF reference (tests/sparf/test_sparf.cpp)
+constexpr double kSparfDenseTol = 0.5;  // SparF 1/8 vs dense on peaked inputs (same test)
+
+template <dtype T>
+struct dt {
+  static constexpr dtype value = T;
+};
+#define CONFORMANCE_DTYPES dt<dtype::kF32>, dt<dtype::kF16>, dt<dtype::kBF16>
+
+kv_shape small_shape(dtype t) {
+  return kv_shape{2, 4, 2, 64, t};  // 2 layers, GQA group 2
+}
+
+struct cache_spec {
+  kv_shape shape{};
+  uint32_t page_bytes = 4096;
+  uint64_t capacity_chunks = 256;
+  bool sparf = false;
+  float scale = 0.0f;
+  float softcap = 0.0f;
+};
+
+cache_options options_for(const cache_spec& spec) {
+  cache_options o;
+  o.shape = spec.shape;
+  o.page_bytes = spec.page_bytes;
+  o.capacity_bytes = spec.capacity_chunks * 2ull * spec.shape.n_kv_heads * spec.page_bytes;
+  o.n_threads = 2;
+  o.sparf = spec.sparf;
+  o.scale = spec.scale;
+  o.softcap = spec.softcap;
+  o.backend_uri = the_target().uri(spec.page_bytes);
+  return o;
+}
+
+// A cache of the backend under test plus a model of every (sequence, layer) it holds.
+struct harness {
+  std::unique_ptr<kv_cache> cache;
+  test_support::forwarding_backend* fwd = nullptr;  // set when built over a forwarding backend
+  cache_spec spec;
+  std::map<seq_id, std::vector<layer_model>> seqs;
+  std::mt19937 rng;
+  std::string label;
+
+  harness(const cache_spec& s, uint32_t seed, bool forwarding = false) : spec(s), rng(seed) {
+    const cache_options o = options_for(s);
+    label =
+        the_target().scheme + " " + std::string(dtype_name(s.shape.kv_dtype)) + " page " + std::to_string(s.page_bytes);
+    INFO("creating ", o.backend_uri);
+    if (forwarding) {
+      auto inner = make_backend(o.backend_uri);
+      REQUIRE_MESSAGE(inner.ok(), inner.error().to_string());
+      auto owned = std::make_unique<test_support::forwarding_backend>(std::move(inner).value());
+      fwd = owned.get();
+      auto c = kv_cache::create(o, std::move(owned));
+      REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+      cache = std::move(c).value();
+    } else {
+      auto c = kv_cache::create(o);
+      REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+      cache = std::move(c).value();
+    }
+  }
+
+  const kv_shape& shape() const { return spec.shape; }
+  uint32_t tpp() const { return cache->page().tokens_per_page; }
+
+  seq_id create() {
+    auto s = cache->create_sequence();
+    REQUIRE_MESSAGE(s.ok(), s.error().to_string());
+    seqs[s.value()].assign(shape().n_layers, layer_model(shape()));
+    return s.value();
+  }
+  seq_id fork(seq_id from) {
+    auto s = cache->fork_sequence(from);
+    REQUIRE_MESSAGE(s.ok(), s.error().to_string());
+    seqs[s.value()] = seqs.at(from);
+    return s.value();
+  }
+  void free(seq_id s) {
+    const status st = cache->free_sequence(s);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    seqs.erase(s);
+  }
+  void remove(seq_id s, uint64_t begin, uint64_t end) {
+    const status st = cache->remove_range(s, begin, end);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    for (auto& m : seqs.at(s)) m.remove(begin, end == UINT64_MAX ? SIZE_MAX : end);
+  }
+  // Fresh random rows appended as f32 or (cache_rows) already in the cache dtype.
+  status try_append(seq_id s, uint32_t layer, uint32_t n, bool cache_rows = false) {
+    const auto k = test_support::random_rows(rng, n, shape()), v = test_support::random_rows(rng, n, shape());
+    const auto kb = test_support::stored_bytes(k, shape().kv_dtype),
+               vb = test_support::stored_bytes(v, shape().kv_dtype);
+    const status st = cache_rows ? cache->append(s, layer, n, kb.data(), vb.data(), shape().kv_dtype)
+                                 : cache->append(s, layer, n, k.data(), v.data(), dtype::kF32);
+    if (st.ok()) seqs.at(s).at(layer).append(kb, vb);
+    return st;
+  }
+  void append(seq_id s, uint32_t layer, uint32_t n, bool cache_rows = false) {
+    const status st = try_append(s, layer, n, cache_rows);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+  }
+
+  // Every sequence reads back exactly as modelled; lengths agree.
+  void verify() {
+    for (const auto& [s, layers] : seqs)
+      for (uint32_t l = 0; l < layers.size(); ++l) {
+        CAPTURE(s);
+        CAPTURE(l);
+        auto len = cache->length(s, l);
+        REQUIRE(len.ok());
+        CHECK(len.value() == layers[l].n_tokens());
+        test_support::expect_layer(*cache, s, l, layers[l]);
+      }
+  }
+
+  // The backend's counters agree with the page tables: every chunk in use is in a table, and a
+  // chunk in several tables is counted as shared.
+  void check_stats() {
+    const cache_stats st = cache->stats();
+    CHECK(st.n_sequences == seqs.size());
+    std::map<chunk_id, uint32_t> refs;
+    std::vector<seq_id> all;
+    for (const auto& [s, layers] : seqs) all.push_back(s);
+    for (uint32_t l = 0; l < shape().n_layers; ++l) {
+      csr_page_table pt;
+      REQUIRE(cache->page_table(l, all, pt).ok());
+      const page_table_view view = pt.view();
+      for (uint32_t b = 0; b < view.batch; ++b) CHECK(view.n_tokens(b) == seqs.at(all[b])[l].n_tokens());
+      for (uint32_t id : pt.indices) ++refs[id];
+    }
+    uint64_t shared = 0;
+    for (const auto& [id, n] : refs) shared += n > 1;
+    CHECK(st.shared_chunks == shared);
+    CHECK(st.backend.capacity_chunks == cache->storage().capacity_chunks());
+    CHECK(st.backend.used_chunks + cache->storage().free_chunks() == st.backend.capacity_chunks);
+    // Column blocks of SparF on a storage backend are chunks too, outside the token page tables.
+    if (!spec.sparf) CHECK(st.backend.used_chunks == refs.size());
+  }
+
+  // attend over `batch` of one layer on fresh queries: float64 reference from read_tokens, empty
+  // sequences give zeros and lse -inf; with and without lse.
+  void check_attend(uint32_t layer, const std::vector<seq_id>& batch, const std::string& check) {
+    const kv_shape& s = shape();
+    const size_t per = size_t{s.n_q_heads} * s.head_dim;
+    const auto q = test_support::random_queries(rng, batch.size(), s);
+    std::vector<float> out(q.size(), 1e30f), lse(batch.size() * s.n_q_heads, 1e30f), out2(q.size(), 1e30f);
+    status st = cache->attend(layer, batch, q.data(), out.data(), lse.data());
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    st = cache->attend(layer, batch, q.data(), out2.data(), nullptr);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      CAPTURE(i);
+      CAPTURE(layer);
+      std::vector<double> want, want_lse;
+      test_support::reference_attend(*cache, batch[i], layer, q.data() + i * per, want, want_lse, spec.softcap,
+                                     spec.scale);
+      const std::span<const float> got(out.data() + i * per, per), got2(out2.data() + i * per, per);
+      const std::span<const float> got_lse(lse.data() + i * s.n_q_heads, s.n_q_heads);
+      if (seqs.at(batch[i])[layer].n_tokens() == 0) {
+        CHECK(std::all_of(got.begin(), got.end(), [](float x) { return x == 0.0f; }));
+        CHECK(std::all_of(got2.begin(), got2.end(), [](float x) { return x == 0.0f; }));
+        CHECK(std::all_of(got_lse.begin(), got_lse.end(), [](float x) { return std::isinf(x) && x < 0; }));
+        continue;
+      }
+      const double err = reference::relative_error(got, want), err2 = reference::relative_error(got2, want);
+      const double lerr = test_support::lse_error(got_lse, want_lse);
+      report(check + " (out)", std::max(err, err2));
+      report(check + " (lse)", lerr);
+      CHECK(err <= kAttendTol);
+      CHECK(err2 <= kAttendTol);
+      CHECK(lerr <= kAttendTol);
+    }
+  }
+  // All sequences, both layers.
+  void check_attend_all(const std::string& check) {
+    std::vector<seq_id> all;
+    for (const auto& [s, layers] : seqs) all.push_back(s);
+    if (all.empty()) return;
+    for (uint32_t l = 0; l < shape().n_layers; ++l) check_attend(l, all, check);
+  }
+
+  void free_all() {
+    while (!seqs.empty()) free(seqs.begin()->first);
+    const cache_stats st = cache->stats();
+    CHECK(st.n_sequences == 0);
+    CHECK(st.shared_chunks == 0);
+    CHECK(st.backend.used_chunks == 0);
+    CHECK(cache->storage().free_chunks() == st.backend.capacity_chunks);
+  }
+};
+
+}  // namespace
+
+// ---- append -----------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("append: f32 and cache-dtype rows, chunk-crossing lengths, every page size", D, CONFORMANCE_DTYPES) {
+  for (uint32_t page : the_target().page_sizes()) {
+    CAPTURE(page);
+    harness h({small_shape(D::value), page}, 100 + page);
+    const uint32_t tpp = h.tpp();
+    const seq_id a = h.create(), b = h.create();
+    uint64_t appended = 0;
+    const uint64_t before = h.cache->stats().backend.kv_bytes_appended;
+    bool cache_rows = false;
+    for (uint32_t n : {1u, tpp - 1, tpp, tpp + 1, 3u, 2 * tpp + 5, tpp == 1 ? 1u : tpp - 2}) {
+      if (n == 0) continue;
+      h.append(a, 0, n, cache_rows);
+      cache_rows = !cache_rows;
+      appended += n;
+    }
+    h.append(b, 1, 3 * tpp + 7, true);  // one long append in the cache dtype
+    h.append(b, 1, 1);
+    appended += 3 * tpp + 8;
+    h.verify();
+    h.check_stats();
+    // Counters: exactly the K and V bytes appended, or 0 for a backend that has no such counter.
+    const uint64_t bytes = h.cache->stats().backend.kv_bytes_appended - before;
+    const uint64_t want = 2 * appended * h.seqs.at(a)[0].token_bytes;
+    CHECK_MESSAGE((bytes == want || bytes == 0), "kv_bytes_appended " << bytes << ", expected " << want);
+    // b is empty on layer 0 and a on layer 1: zeros and lse -inf beside the others.
+    h.check_attend_all("append");
+    h.free_all();
+  }
+}
+
+// ---- fork -------------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("fork: shared prefix, then diverging appends on both", D, CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), 4096}, 7);
+  const uint32_t tpp = h.tpp();
+  const seq_id parent = h.create();
+  h.append(parent, 0, 2 * tpp + 3);  // two full chunks and a partial tail
+  h.append(parent, 1, tpp);          // exactly one full chunk
+  const uint64_t used = h.cache->stats().backend.used_chunks;
+  const seq_id child = h.fork(parent);
+  CHECK(h.cache->stats().backend.used_chunks == used + 1);  // only layer 0's partial tail is copied
+  CHECK(h.cache->stats().shared_chunks == 3);
+  h.verify();
+  h.check_stats();
+  h.check_attend(0, {parent, child}, "fork");
+
+  // Diverge: different tokens on each side, across chunk boundaries.
+  h.append(child, 0, tpp);
+  h.append(parent, 0, 1);
+  h.append(child, 1, 2, true);
+  h.append(parent, 1, tpp + 1);
+  const seq_id grandchild = h.fork(child);
+  h.append(grandchild, 0, tpp + 2);
+  h.append(child, 0, 3);
+  const seq_id empty = h.create();
+  const seq_id empty_fork = h.fork(empty);
+  h.append(empty_fork, 1, 2);
+  h.verify();
+  h.check_stats();
+  h.check_attend_all("fork");
+
+  // Freeing the parent keeps what the children share.
+  h.free(parent);
+  h.verify();
+  h.check_stats();
+  h.check_attend_all("fork");
+  h.free_all();
+}
+
+// ---- remove_range -------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("remove_range: truncation mid-chunk and at chunk boundaries, interior ranges, then append", D,
+                   CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), 4096}, 11);
+  const uint32_t tpp = h.tpp();
+  const seq_id base = h.create();
+  h.append(base, 0, 4 * tpp + 5);
+  h.append(base, 1, 3 * tpp);
+
+  const seq_id mid = h.fork(base);
+  h.remove(mid, tpp + 3, UINT64_MAX);  // into a shared, sealed chunk
+  h.verify();
+  h.append(mid, 0, 2 * tpp + 1);
+  h.append(mid, 1, 1);
+
+  const seq_id boundary = h.fork(base);
+  h.remove(boundary, 2 * tpp, UINT64_MAX);  // exactly at a chunk boundary
+  h.verify();
+  h.append(boundary, 0, tpp);
+  h.append(boundary, 1, tpp + 1, true);
+
+  const seq_id interior = h.fork(base);
+  h.remove(interior, tpp - 1, 2 * tpp + 2);  // interior, crossing two boundaries
+  h.verify();
+  h.append(interior, 0, 3);
+
+  const seq_id aligned = h.fork(base);
+  h.remove(aligned, tpp, 3 * tpp);  // interior, chunk-aligned on both ends
+  h.append(aligned, 1, 2);
+
+  const seq_id own = h.create();  // unshared, the first token
+  h.append(own, 0, 2 * tpp + 1);
+  h.remove(own, 0, 1);
+  h.append(own, 0, 2);
+
+  const seq_id cleared = h.fork(base);
+  h.remove(cleared, 0, UINT64_MAX);  // everything
+  h.append(cleared, 0, tpp + 1);
+
+  h.remove(base, 3, 3);                   // empty range: nothing
+  h.remove(base, 100 * tpp, UINT64_MAX);  // past the end: nothing
+  h.verify();
+  h.check_stats();
+  h.check_attend_all("remove_range");
+  h.free_all();
+}
+
+// The manager truncates into a chunk that is neither shared nor sealed: the chunk still holds the
+// removed tokens, so the next append must not write at the truncated length into it (backend.hpp:
+// "write_tokens(first, n) with first == tokens already written"); a copy is needed, as for a
+// sealed chunk.
+TEST_CASE_TEMPLATE("remove_range: truncating an unshared partial tail mid-chunk, then append", D, CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), 4096}, 13);
+  const uint32_t tpp = h.tpp();
+  const seq_id s = h.create();
+  h.append(s, 0, 2 * tpp - 1);       // a full chunk and a partial tail of tpp - 1 tokens
+  h.remove(s, tpp + 1, UINT64_MAX);  // keep 1 token of the tail
+  h.verify();
+  h.append(s, 0, 1);
+  h.append(s, 0, tpp);
+  h.verify();
+  h.check_stats();
+  h.check_attend_all("remove_range");
+  h.free_all();
+}
+
+// ---- attend -----------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("attend: a batch of different lengths with an empty sequence; scale and soft-cap", D,
+                   CONFORMANCE_DTYPES) {
+  for (int variant = 0; variant < 2; ++variant) {
+    CAPTURE(variant);
+    cache_spec spec{small_shape(D::value), 4096};
+    if (variant == 1) {  // the cache's logit options reach the backend
+      spec.scale = 0.3f;
+      spec.softcap = 5.0f;
+    }
+    harness h(spec, 21 + variant);
+    const uint32_t tpp = h.tpp();
+    std::vector<seq_id> batch;
+    for (uint32_t n : {0u, 1u, tpp - 1, tpp + 1, 3 * tpp + 2, 0u, 5u}) {
+      batch.push_back(h.create());
+      if (n) h.append(batch.back(), 1, n, n % 2 == 0);
+      if (n > 1) h.append(batch.back(), 0, n / 2);
+    }
+    const std::string check = variant ? "attend (scale, softcap)" : "attend";
+    h.check_attend(1, batch, check);
+    h.check_attend(0, batch, check);
+    h.check_attend(1, {batch[0]}, check);  // only an empty sequence
+    h.check_attend(1, {batch[4]}, check);
+    h.check_stats();
+    h.free_all();
+  }
+}
+
+// ---- attend_sparse ------------------------------------------------------------------------------
+
+namespace {
+// What SparF sees of one (sequence, layer): the stored values read back, indexed again.
+sparf_test::stored_layer stored_for_sparf(kv_cache& cache, seq_id s, uint32_t layer, const sparf_config& cfg) {
+  std::vector<std::byte> kb, vb;
+  REQUIRE(cache.read_tokens(s, layer, kb, vb).ok());
+  const kv_shape& sh = cache.shape();
+  const size_t elems = kb.size() / dtype_size(sh.kv_dtype);
+  std::vector<float> k(elems), v(elems);
+  convert_elements(kb.data(), sh.kv_dtype, k.data(), dtype::kF32, elems);
+  convert_elements(vb.data(), sh.kv_dtype, v.data(), dtype::kF32, elems);
+  const uint32_t n = static_cast<uint32_t>(elems / (size_t{sh.n_kv_heads} * sh.head_dim));
+  return sparf_test::store(cfg, k, v, n);
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("attend_sparse: compression 1 equals dense; 1/8 within the SparF bounds", D, CONFORMANCE_DTYPES) {
+  const kv_shape shape{2, 2, 2, 128, D::value};  // the inputs test_sparf.cpp bounds at 1/8
+  harness h({shape, 4096, 512, true}, 31);
+  const sparf_config cfg = sparf_config::make(h.cache->layout(), 0, shape.group_size()).value();
+  const uint32_t n = 1500;
+  const auto work = test_support::workload(shape, n, 7);
+  const size_t row = size_t{shape.n_kv_heads} * shape.head_dim, nq = size_t{shape.n_q_heads} * shape.head_dim;
+  const auto add = [&](seq_id s, uint32_t from, uint32_t count) {
+    REQUIRE(h.cache->append(s, 1, count, work.k.data() + from * row, work.v.data() + from * row, dtype::kF32).ok());
+  };
+  const seq_id s = h.create();
+  add(s, 0, 700);  // two appends: the column copy crosses a block boundary mid-append
+  add(s, 700, 800);
+  const seq_id f = h.cache->fork_sequence(s).value();
+  REQUIRE(h.cache->remove_range(f, 1000, UINT64_MAX).ok());
+  add(f, 200, 333);             // diverges from s
+  const seq_id e = h.create();  // empty on layer 1
+  const std::vector<seq_id> batch{s, f, e};
+  h.seqs[f].assign(shape.n_layers, layer_model(shape));  // (contents are checked through read_tokens below)
+
+  std::vector<float> q(batch.size() * nq);
+  for (size_t i = 0; i < batch.size(); ++i) std::copy(work.q.begin(), work.q.end(), q.begin() + i * nq);
+  std::vector<float> dense(q.size()), dense_lse(batch.size() * shape.n_q_heads);
+  REQUIRE(h.cache->attend(1, batch, q.data(), dense.data(), dense_lse.data()).ok());
+
+  for (double c : {1.0, 0.125}) {
+    CAPTURE(c);
+    std::vector<float> out(q.size(), 1e30f), lse(dense_lse.size(), 1e30f);
+    const cache_stats before = h.cache->stats();
+    const status st =
+        h.cache->attend_sparse(1, batch, q.data(), out.data(), lse.data(), sparf_params::with_compression(c));
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    const cache_stats after = h.cache->stats();
+    CHECK(after.sparf.dense_pages > before.sparf.dense_pages);
+    CHECK(after.sparf.items > before.sparf.items);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      CAPTURE(i);
+      const float* o = out.data() + i * nq;
+      const std::span<const float> got(o, nq), got_lse(lse.data() + i * shape.n_q_heads, shape.n_q_heads);
+      if (batch[i] == e) {
+        CHECK(std::all_of(got.begin(), got.end(), [](float x) { return x == 0.0f; }));
+        CHECK(std::all_of(got_lse.begin(), got_lse.end(), [](float x) { return std::isinf(x) && x < 0; }));
+        continue;
+      }
+      std::vector<double> want, want_lse;
+      test_support::reference_attend(*h.cache, batch[i], 1, q.data() + i * nq, want, want_lse, 0.0);
+      const double vs_dense = reference::relative_error(got, want);
+      if (c == 1.0) {
+        const double vs_kernel =
+            sparf_test::max_rel_diff(std::vector<float>(got.begin(), got.end()),
+                                     std::vector<float>(dense.begin() + i * nq, dense.begin() + (i + 1) * nq));
+        report("attend_sparse 1 vs float64 dense", vs_dense);
+        report("attend_sparse 1 vs attend", vs_kernel);
+        CHECK(vs_dense <= kAttendTol);
+        CHECK(vs_kernel <= kAttendTol);
+        const double lerr = test_support::lse_error(got_lse, want_lse);
+        report("attend_sparse 1 (lse)", lerr);
+        CHECK(lerr <= kAttendTol);
+      } else {
+        const sparf_test::stored_layer stored = stored_for_sparf(*h.cache, batch[i], 1, cfg);
+        std::vector<double> ref;
+        sparf_test::sparf_reference(stored, sparf_params::with_compression(c), q.data() + i * nq, ref);
+        const double vs_ref = sparf_test::max_rel_error(o, ref.data(), shape.n_q_heads, shape.head_dim);
+        const double dense_err = sparf_test::max_rel_error(o, want.data(), shape.n_q_heads, shape.head_dim);
+        report("attend_sparse 1/8 vs float64 SparF", vs_ref);
+        report("attend_sparse 1/8 vs float64 dense", dense_err);
+        CHECK(vs_ref < kSparfRefTol);
+        CHECK(dense_err > 1e-6);  // an approximation...
+        // ...close to dense on the peaked inputs (s holds them as generated; f's are spliced).
+        if (batch[i] == s) CHECK(dense_err < kSparfDenseTol);
+      }
+    }
+  }
+  h.free_all();  // column blocks stored on the backend are returned too
+}
+
+// ---- stats ------------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("stats: counters follow a random mix of operations; freeing everything returns every chunk", D,
+                   CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), the_target().page_sizes().front(), 512}, 51);
+  const uint32_t tpp = h.tpp();
+  std::mt19937 pick(61);
+  std::ostringstream log;  // the operations so far, to reproduce a failure
+  h.create();
+  for (int step = 0; step < 60; ++step) {
+    INFO("operations:", log.str());
+    std::vector<seq_id> ids;
+    for (const auto& [s, layers] : h.seqs) ids.push_back(s);
+    const seq_id s = ids[pick() % ids.size()];
+    const uint32_t layer = pick() % h.shape().n_layers;
+    const uint32_t len = static_cast<uint32_t>(h.seqs.at(s)[layer].n_tokens());
+    std::ostringstream on_text;
+    on_text << "(" << s << ", layer " << layer << ", length " << len << ")";
+    const std::string on = on_text.str();
+    switch (pick() % 6) {
+      case 0:
+      case 1: {
+        const uint32_t n = 1 + pick() % (3 * tpp);
+        log << " append " << n << on << ";";
+        h.append(s, layer, n, pick() % 2 == 0);
+        break;
+      }
+      case 2:
+        if (h.seqs.size() < 8) {
+          log << " fork" << on << " -> ";
+          log << h.fork(s) << ";";
+        }
+        break;
+      case 3:
+        if (len > 0) {
+          const uint32_t b = pick() % len;
+          const uint64_t e = pick() % 2 ? UINT64_MAX : b + 1 + pick() % (len - b);
+          log << " remove [" << b << ", " << (e == UINT64_MAX ? std::string("end") : std::to_string(e)) << ")" << on
+              << ";";
+          h.remove(s, b, e);
+        }
+        break;
+      case 4:
+        if (h.seqs.size() > 1) {
+          log << " free" << on << ";";
+          h.free(s);
+        }
+        break;
+      default:
+        log << " create -> ";
+        log << h.create() << ";";
+        break;
+    }
+    h.check_stats();
+  }
+  h.verify();
+  h.check_attend_all("random operations");
+  h.free_all();
+}
+
+// ---- failures ---------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("failures: out of capacity changes nothing, on the backend itself", D, CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), 4096, 8}, 71);
+  const uint32_t tpp = h.tpp();
+  const uint64_t capacity = h.cache->stats().backend.capacity_chunks;
+  REQUIRE(capacity >= 2);
+  REQUIRE(capacity <= 64);
+  const seq_id s = h.create();
+  h.append(s, 0, static_cast<uint32_t>(capacity * tpp - 3));  // every chunk, the last one partial
+  CHECK(h.cache->storage().free_chunks() == 0);
+  const cache_stats full = h.cache->stats();
+  const auto unchanged = [&] {
+    h.verify();
+    const cache_stats now = h.cache->stats();
+    CHECK(now.backend.used_chunks == full.backend.used_chunks);
+    CHECK(now.n_sequences == full.n_sequences);
+    CHECK(now.shared_chunks == full.shared_chunks);
+  };
+  status st = h.try_append(s, 0, 5);  // needs one more chunk
+  CHECK(st.code() == errc::kOutOfPages);
+  unchanged();
+  CHECK(h.try_append(s, 1, 1).code() == errc::kOutOfPages);
+  unchanged();
+  CHECK(h.cache->fork_sequence(s).error().code() == errc::kOutOfPages);  // the partial tail needs a copy
+  unchanged();
+  CHECK(h.cache->remove_range(s, 1, 2).code() == errc::kOutOfPages);  // the re-append needs a fresh tail
+  unchanged();
+  h.check_attend(0, {s}, "out of capacity");
+  h.append(s, 0, 3);  // fills the last chunk exactly
+  h.verify();
+  h.remove(s, (capacity - 1) * tpp - 1, UINT64_MAX);  // frees one chunk
+  h.append(s, 1, tpp / 2 + 1);
+  h.check_stats();
+  h.check_attend_all("out of capacity");
+  h.free_all();
+}
+
+TEST_CASE_TEMPLATE("failures: an injected backend failure in any call leaves the cache as it was", D,
+                   CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), 4096, 64}, 81, /*forwarding=*/true);
+  const uint32_t tpp = h.tpp();
+  // Each operation runs on (a, b), b a fork of a, after an un-armed `prepare`; only `run` is armed.
+  struct op {
+    const char* name;
+    std::function<void(harness&, seq_id, seq_id)> prepare;
+    std::function<status(harness&, seq_id, seq_id)> run;
+  };
+  const auto nothing = [](harness&, seq_id, seq_id) {};
+  const std::vector<op> ops{
+      {"append across chunks", nothing, [&](harness& x, seq_id a, seq_id) { return x.try_append(a, 0, 2 * tpp + 2); }},
+      {"append to a fork's own tail", nothing, [&](harness& x, seq_id, seq_id b) { return x.try_append(b, 1, tpp); }},
+      {"fork", nothing,
+       [&](harness& x, seq_id a, seq_id) {
+         auto f = x.cache->fork_sequence(a);
+         if (f.ok()) x.seqs[f.value()] = x.seqs.at(a);
+         return f.error();
+       }},
+      {"remove an interior range (re-append through copy-on-write)", nothing,
+       [&](harness& x, seq_id a, seq_id) {
+         status st = x.cache->remove_range(a, 1, tpp + 2);
+         if (st.ok())
+           for (auto& m : x.seqs.at(a)) m.remove(1, tpp + 2);
+         return st;
+       }},
+      {"append after truncating into a shared sealed chunk",
+       [&](harness& x, seq_id, seq_id b) { x.remove(b, tpp - 1, UINT64_MAX); },
+       [&](harness& x, seq_id, seq_id b) { return x.try_append(b, 0, 2); }},
+  };
+  uint64_t injected = 0;
+  for (const op& o : ops) {
+    for (call kind : {call::kAllocate, call::kWrite, call::kCopy, call::kReadChunk}) {
+      for (uint64_t nth = 1; nth <= 3; ++nth) {
+        CAPTURE(o.name);
+        CAPTURE(test_support::call_name(kind));
+        CAPTURE(nth);
+        const seq_id a = h.create();
+        h.append(a, 0, tpp + 3);
+        h.append(a, 1, 2 * tpp + 1, true);
+        const seq_id b = h.fork(a);
+        h.append(b, 1, 1);
+        o.prepare(h, a, b);
+        h.check_stats();
+        const cache_stats before = h.cache->stats();
+        const uint64_t failures = h.fwd->failures();
+        h.fwd->fail_nth(call_bit(kind), nth);
+        const status st = o.run(h, a, b);
+        h.fwd->disarm();
+        if (h.fwd->failures() == failures) {
+          REQUIRE_MESSAGE(st.ok(), st.to_string());  // this operation makes fewer such calls
+        } else {
+          ++injected;
+          CHECK(st.code() == errc::kIoError);
+          const cache_stats after = h.cache->stats();
+          CHECK(after.backend.used_chunks == before.backend.used_chunks);
+          CHECK(after.n_sequences == before.n_sequences);
+          CHECK(after.shared_chunks == before.shared_chunks);
+          // Work goes on: the same operation succeeds now.
+          const status again = o.run(h, a, b);
+          CHECK_MESSAGE(again.ok(), again.to_string());
+        }
+        h.verify();
+        h.check_stats();
+        h.check_attend_all("after injected failures");
+        h.free_all();  // nothing leaked
+      }
+    }
+  }
+  MESSAGE(the_target().scheme << ": " << injected << " injected failures");
+  CHECK(injected >= 20);
+}
+
+// ---- bad inputs -------------------------------------------------------------------------------
+
+TEST_CASE_TEMPLATE("bad inputs are refused with the right errc and change nothing", D, CONFORMANCE_DTYPES) {
+  harness h({small_shape(D::value), 4096, 16}, 91);
+  const uint32_t tpp = h.tpp();
+  const kv_shape& sh = h.shape();
+  const seq_id s = h.create();
+  h.append(s, 0, tpp + 1);
+  const seq_id unknown = 987654;
+  const auto rows = test_support::random_rows(h.rng, 2, sh);
+  const float* r = rows.data();
+  const dtype other = sh.kv_dtype == dtype::kF16 ? dtype::kBF16 : dtype::kF16;
+  CHECK(h.cache->append(unknown, 0, 1, r, r, dtype::kF32).code() == errc::kUnknownSequence);
+  CHECK(h.cache->append(s, sh.n_layers, 1, r, r, dtype::kF32).code() == errc::kLayerOutOfRange);
+  CHECK(h.cache->append(s, 0, 1, nullptr, r, dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append(s, 0, 1, r, nullptr, dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append(s, 0, 0, r, r, dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append(s, 0, 1, r, r, static_cast<dtype>(99)).code() == errc::kInvalidArgument);
+  if (sh.kv_dtype != dtype::kF32) CHECK(h.cache->append(s, 0, 1, r, r, other).code() == errc::kUnsupported);
+  CHECK(h.cache->append(s, 0, 0x7fffffffu, r, r, dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->fork_sequence(unknown).error().code() == errc::kUnknownSequence);
+  CHECK(h.cache->free_sequence(unknown).code() == errc::kUnknownSequence);
+  CHECK(h.cache->remove_range(unknown, 0, 1).code() == errc::kUnknownSequence);
+  CHECK(h.cache->remove_range(s, 3, 2).code() == errc::kInvalidArgument);
+  CHECK(h.cache->length(unknown, 0).error().code() == errc::kUnknownSequence);
+  CHECK(h.cache->length(s, sh.n_layers).error().code() == errc::kLayerOutOfRange);
+  std::vector<std::byte> k, v;
+  CHECK(h.cache->read_tokens(unknown, 0, k, v).code() == errc::kUnknownSequence);
+  CHECK(h.cache->read_tokens(s, sh.n_layers, k, v).code() == errc::kLayerOutOfRange);
+  csr_page_table pt;
+  const std::vector<seq_id> good{s}, bad{s, unknown};
+  CHECK(h.cache->page_table(sh.n_layers, good, pt).code() == errc::kLayerOutOfRange);
+  CHECK(h.cache->page_table(0, bad, pt).code() == errc::kUnknownSequence);
+  const auto q = test_support::random_queries(h.rng, 2, sh);
+  std::vector<float> out(q.size()), lse(2 * sh.n_q_heads);
+  CHECK(h.cache->attend(0, bad, q.data(), out.data(), lse.data()).code() == errc::kUnknownSequence);
+  CHECK(h.cache->attend(sh.n_layers, good, q.data(), out.data(), nullptr).code() == errc::kLayerOutOfRange);
+  CHECK(h.cache->attend(0, std::span<const seq_id>(), q.data(), out.data(), nullptr).code() == errc::kInvalidArgument);
+  CHECK(h.cache->attend(0, good, nullptr, out.data(), nullptr).code() == errc::kInvalidArgument);
+  CHECK(h.cache->attend(0, good, q.data(), nullptr, nullptr).code() == errc::kInvalidArgument);
+  // attend_sparse on a cache created without SparF.
+  CHECK(h.cache->attend_sparse(0, good, q.data(), out.data(), nullptr).code() == errc::kUnsupported);
+  // Out of capacity.
+  const uint64_t free = h.cache->storage().free_chunks();
+  CHECK(h.try_append(s, 1, static_cast<uint32_t>((free + 1) * tpp)).code() == errc::kOutOfPages);
+  h.verify();
+  h.check_stats();
+  h.check_attend_all("after bad inputs");
+
+  // attend_sparse's own refusals, on a SparF cache.
+  harness hs({kv_shape{1, 4, 2, 128, D::value}, 4096, 64, true}, 92);
+  const seq_id t = hs.create();
+  hs.append(t, 0, 40);
+  const std::vector<seq_id> one{t}, with_unknown{t, unknown};
+  const auto q2 = test_support::random_queries(hs.rng, 2, hs.shape());
+  std::vector<float> o2(q2.size());
+  CHECK(hs.cache->attend_sparse(0, with_unknown, q2.data(), o2.data(), nullptr).code() == errc::kUnknownSequence);
+  CHECK(hs.cache->attend_sparse(1, one, q2.data(), o2.data(), nullptr).code() == errc::kLayerOutOfRange);
+  CHECK(hs.cache->attend_sparse(0, one, nullptr, o2.data(), nullptr).code() == errc::kInvalidArgument);
+  CHECK(hs.cache->attend_sparse(0, one, q2.data(), nullptr, nullptr).code() == errc::kInvalidArgument);
+  CHECK(hs.cache->attend_sparse(0, std::span<const seq_id>(), q2.data(), o2.data(), nullptr).code() ==
+        errc::kInvalidArgument);
+  CHECK(hs.cache->attend_sparse(0, one, q2.data(), o2.data(), nullptr, sparf_params::with_compression(0.0)).code() ==
+        errc::kInvalidArgument);
+  CHECK(hs.cache->attend_sparse(0, one, q2.data(), o2.data(), nullptr, sparf_params::with_rk(8, 41)).code() ==
+        errc::kInvalidArgument);
+  CHECK(hs.cache->attend_sparse(0, one, q2.data(), o2.data(), nullptr).ok());  // still works
+  hs.verify();
+  hs.check_stats();
+  hs.free_all();
+  h.free_all();
+}
+
+// ---- main: pick the backend, or skip ------------------------------------------------------------
+
+namespace {
+
+bool direct_io_works(const std::string& dir) {
+  const std::string p = dir + "/probe-direct";
+  const int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
+  if (fd < 0) return false;
+  ::close(fd);
+  ::unlink(p.c_str());
+  return true;
+}
+
+std::string make_scratch_dir() {
+  const char* t = std::getenv("TMPDIR");
+  std::string tmpl = std::string((t && *t) ? t : "/tmp") + "/instinfer-conformance-XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  const char* d = ::mkdtemp(buf.data());
+  return d ? std::string(d) : std::string{};
+}
+
+// Why the backend cannot run here; empty when it can.
+std::string unavailable(target& t) {
+  if (t.scheme == "host") return {};
+  if (t.scheme == "cuda") {
+    if (!cuda_backend::compiled_in()) return "the cuda backend is not built into this instinfer";
+    if (!cuda_backend::available()) return "no CUDA device visible";
+    return {};
+  }
+  if (t.scheme == "csd" && !csd_backend::available())
+    return "instinfer-csd not found (next to this executable, or INSTINFER_CSD_DEVICE)";
+  t.scratch = make_scratch_dir();
+  if (t.scratch.empty()) return "cannot create a scratch directory under $TMPDIR";
+  if (!direct_io_works(t.scratch)) {
+    if (t.scheme == "ssd") return t.scratch + " does not support O_DIRECT";
+    t.csd_io = "&buffered=1";  // the emulated drive's flash file through the page cache
+  }
+  return {};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> args{argv[0]};
+  std::string scheme;
+  for (int i = 1; i < argc; ++i) {
+    if (argv[i][0] != '-' && scheme.empty())
+      scheme = argv[i];
+    else
+      args.push_back(argv[i]);
+  }
+  if (scheme.empty())
+    if (const char* e = std::getenv("INSTINFER_CONFORMANCE_BACKEND")) scheme = e;
+  if (scheme != "host" && scheme != "ssd" && scheme != "csd" && scheme != "cuda") {
+    std::fprintf(stderr, "usage: %s host|ssd|csd|cuda [doctest options] (or INSTINFER_CONFORMANCE_BACKEND)\n", argv[0]);
+    return 2;
+  }
+  target& t = the_target();
+  t.scheme = scheme;
+  if (const std::string why = unavailable(t); !why.empty()) {
+    std::fprintf(stderr, "skipped: %s: %s\n", scheme.c_str(), why.c_str());
+    if (!t.scratch.empty()) ::rmdir(t.scratch.c_str());
+    return 77;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  doctest::Context ctx(static_cast<int>(args.size()), args.data());
+  const int rc = ctx.run();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("conformance %s: %.1f s; largest relative errors against the float64 references:\n", scheme.c_str(),
+              secs);
+  for (const auto& [check, err] : error_report()) std::printf("  %-40s %.3g\n", check.c_str(), err);
+  if (!t.scratch.empty()) {
+    const std::string cmd = "rm -rf '" + t.scratch + "'";
+    if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", t.scratch.c_str());
+  }
+  return rc;
+}
