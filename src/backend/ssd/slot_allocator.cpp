@@ -13,8 +13,10 @@ namespace {
 
 constexpr uint64_t kExtentBytes = 4ull << 20;  // a stream's contiguous run on the device
 
-uint64_t stream_key(seq_id seq, uint32_t layer) noexcept {
-  return (seq << 12) ^ layer;
+// One placement stream per (seq, layer, chunk_stream): token chunks and SparF's column chunks of a
+// layer each fill their own extents, so a dense pass reads token chunks contiguously.
+uint64_t stream_key(seq_id seq, uint32_t layer, chunk_stream kind) noexcept {
+  return (seq << 13) ^ (uint64_t{layer} << 1) ^ static_cast<uint64_t>(kind);
 }
 
 }  // namespace
@@ -51,13 +53,13 @@ chunk_id slot_allocator::take(uint64_t slot) noexcept {
   return static_cast<chunk_id>(slot);
 }
 
-result<chunk_id> slot_allocator::allocate(seq_id seq, uint32_t layer) noexcept {
+result<chunk_id> slot_allocator::allocate(seq_id seq, uint32_t layer, chunk_stream kind) noexcept {
   if (free_count_ == 0)
     return status{errc::kOutOfPages,
                   "ssd backend: all " + std::to_string(capacity_) + " chunks of '" + geometry_.path + "' are in use"};
   stream* s = nullptr;
   try {
-    s = &streams_[stream_key(seq, layer)];
+    s = &streams_[stream_key(seq, layer, kind)];
   } catch (...) {
     s = nullptr;  // placement is only a preference
   }
@@ -140,16 +142,17 @@ bool slot_allocator::release(chunk_id id) noexcept {
 }
 
 void slot_allocator::on_sequence_freed(seq_id seq, uint32_t n_layers) noexcept {
-  for (uint32_t l = 0; l < n_layers; ++l) {
-    auto it = streams_.find(stream_key(seq, l));
-    if (it == streams_.end()) continue;
-    const uint32_t e = it->second.extent;
-    if (e != UINT32_MAX) {
-      extent_owned_[e] = 0;
-      if (extent_used_[e] == 0) give_back_extent(e);
+  for (uint32_t l = 0; l < n_layers; ++l)
+    for (const chunk_stream kind : {chunk_stream::kTokens, chunk_stream::kColumns}) {
+      auto it = streams_.find(stream_key(seq, l, kind));
+      if (it == streams_.end()) continue;
+      const uint32_t e = it->second.extent;
+      if (e != UINT32_MAX) {
+        extent_owned_[e] = 0;
+        if (extent_used_[e] == 0) give_back_extent(e);
+      }
+      streams_.erase(it);
     }
-    streams_.erase(it);
-  }
 }
 
 uint64_t slot_allocator::memory_bytes() const noexcept {

@@ -32,7 +32,7 @@ class slot_allocator {
 
   // A slot for the next chunk of the (seq, layer) stream: the stream's extent when it has room,
   // else a fresh extent (given blocks first), else any free slot.
-  result<chunk_id> allocate(seq_id seq, uint32_t layer) noexcept;
+  result<chunk_id> allocate(seq_id seq, uint32_t layer, chunk_stream kind = chunk_stream::kTokens) noexcept;
   // False when `id` was not allocated (nothing changes).
   bool release(chunk_id id) noexcept;
   // The sequence's streams give their extents back.

@@ -226,7 +226,7 @@ status ssd_backend::impl::check_batch(std::span<const attend_item> batch) const 
 
 result<chunk_id> ssd_backend::allocate_chunk(const chunk_hint& hint) noexcept {
   if (!impl_->configured) return status{errc::kInvalidArgument, "ssd backend is not configured"};
-  return impl_->slots.allocate(hint.seq, hint.layer);
+  return impl_->slots.allocate(hint.seq, hint.layer, hint.stream);
 }
 
 void ssd_backend::release_chunk(chunk_id id) noexcept {
