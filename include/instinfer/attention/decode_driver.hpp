@@ -83,20 +83,18 @@ struct chunk_window {
   uint32_t first_kv_head = 0;                // index, in that layout, of the item's kv_head_begin
 };
 
+// (clang-format 14 mangles `noexcept ->` in requires-expressions.)
+// clang-format off
 template <class S>
 concept chunk_source = requires(S& source, const S& csource, const decode_plan& plan, uint32_t worker,
                                 const decode_work_item& item, uint32_t first, const chunk_window& window) {
-  { csource.layout() }
-  noexcept->std::convertible_to<chunk_layout>;
-  { csource.max_window_chunks() }
-  noexcept->std::convertible_to<uint32_t>;
-  { source.prepare(plan, worker) }
-  noexcept->std::same_as<status>;
-  { source.acquire(worker, item, first, first) }
-  noexcept->std::same_as<result<chunk_window>>;
-  { source.release(worker, item, window) }
-  noexcept;
+  { csource.layout() } noexcept -> std::convertible_to<chunk_layout>;
+  { csource.max_window_chunks() } noexcept -> std::convertible_to<uint32_t>;
+  { source.prepare(plan, worker) } noexcept -> std::same_as<status>;
+  { source.acquire(worker, item, first, first) } noexcept -> std::same_as<result<chunk_window>>;
+  { source.release(worker, item, window) } noexcept;
 };
+// clang-format on
 
 // Chunks already in host memory: decode_work's pointers, served whole (no copies, no waiting).
 class memory_chunk_source {
@@ -120,8 +118,8 @@ static_assert(chunk_source<memory_chunk_source>);
 
 struct decode_driver_options {
   uint32_t n_threads = 1;          // workers, the calling thread included
-  uint32_t items_per_worker = 4;   // see decode_plan_options
-  uint32_t min_item_tokens = 512;  //
+  uint32_t items_per_worker = 4;   // aim for this many items per worker
+  uint32_t min_item_tokens = 512;  // split no finer than this (see decode_plan_options)
   uint32_t kv_heads_per_item = 0;  // 0: items cover all kv heads (host sweep); 1: one head (drive)
   static constexpr uint32_t kMaxThreads = 1024;
 };

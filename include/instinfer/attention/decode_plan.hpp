@@ -11,11 +11,12 @@
 // for all heads; `kv_heads_per_item = 0`) or a single kv head (the drive reads one head's flash
 // pages per task; `kv_heads_per_item = 1`), or any range size between.
 //
-// A sequence is split into several items only when that helps load balance: chunk-heads per item
-// are about total / (workers * items_per_worker), never below `min_item_tokens` worth of chunks, so
-// the merge stays negligible next to an item's work. One worker never splits. A sequence with no
-// tokens still gets one item of zero chunks, so its output (zeros, lse = -inf) is written like any
-// other. The planner is noexcept; its arrays grow to the largest batch seen, then stay.
+// A sequence is split into several items only when that helps load balance: the target is about
+// total chunk-heads / (workers * items_per_worker) chunks per item, raised to `min_item_tokens`
+// worth of chunks so that the merge stays negligible next to an item's work (even shares of a row
+// keep every item above half the target). One worker never splits. A sequence with no tokens still
+// gets one item of zero chunks, so its output (zeros, lse = -inf) is written like any other.
+// The planner is noexcept; its arrays grow to the largest batch seen, then stay.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +40,7 @@ struct decode_plan_options {
   uint32_t n_kv_heads = 1;
   uint32_t n_workers = 1;
   uint32_t items_per_worker = 4;   // aim for this many items per worker (dynamic balance)
-  uint32_t min_item_tokens = 512;  // never split an item below this many tokens
+  uint32_t min_item_tokens = 512;  // target at least this many tokens per item
   uint32_t kv_heads_per_item = 0;  // split granularity over kv heads: 0 = all kv heads of the sequence
 
   constexpr uint32_t heads_per_item() const noexcept {
