@@ -101,9 +101,11 @@ void BM_ssd_attend(benchmark::State& state) {
     return;
   }
   std::vector<float> q(kQHeads * kDim, 0.01f), out(q.size());
-  attend_item item{1, chunks, static_cast<uint32_t>(chunks.size() * tpp), q.data(), out.data(), nullptr};
+  attend_batch_builder batch;
+  batch.clear(tpp);
+  batch.add(1, chunks, static_cast<uint32_t>(chunks.size() * tpp));
   for (auto _ : state) {
-    if (!b->attend(0, std::span(&item, 1)).ok()) {
+    if (!b->attend(0, batch.view(q.data(), out.data(), nullptr, kQHeads, kDim)).ok()) {
       state.SkipWithError("attend failed");
       return;
     }

@@ -1,11 +1,21 @@
 # Installed export set: find_package(instinfer) gives instinfer::instinfer (headers),
-# instinfer::core (static C++ library) and instinfer::c (shared C API); instinfer.pc gives the
+# instinfer::core (static C++ library; links the components instinfer::cpu, ::uring, ::ssd, ::csd,
+# ::cuda that were built) and instinfer::c (shared C API); instinfer.pc gives the
 # C API to pkg-config users. tests/install/ builds a consumer against the installed tree both ways.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 install(DIRECTORY include/instinfer DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(TARGETS instinfer_headers instinfer_core instinfer EXPORT instinferTargets
+set(_instinfer_components instinfer_cpu instinfer_uring)
+foreach(component ssd csd cuda)
+  if(TARGET instinfer_${component})
+    list(APPEND _instinfer_components instinfer_${component})
+    set_target_properties(instinfer_${component} PROPERTIES EXPORT_NAME ${component})
+  endif()
+endforeach()
+set_target_properties(instinfer_cpu PROPERTIES EXPORT_NAME cpu)
+set_target_properties(instinfer_uring PROPERTIES EXPORT_NAME uring)
+install(TARGETS instinfer_headers instinfer_core ${_instinfer_components} instinfer EXPORT instinferTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 set_target_properties(instinfer_headers PROPERTIES EXPORT_NAME instinfer)

@@ -417,6 +417,10 @@ status kv_cache::rebuild_layer(seq_id seq, uint32_t layer, const layer_table& t,
   if (end < t.n_tokens) {
     INSTINFER_TRY(read_layer(t, end, t.n_tokens, k, v));
     INSTINFER_TRY(append_to_table(seq, layer, rebuilt, t.n_tokens - end, k.data(), v.data(), false));
+  } else if (begin % config_.page.tokens_per_page != 0) {
+    // The kept tail was cut inside: it still holds the removed rows on the device, so it must never
+    // be appended to in place (storage is append-only); the next append copies it first.
+    sealed_[rebuilt.chunks.back()] = 1;
   }
   if (!attender_) return {};
   const stored_rows_reader old_rows = [&](uint32_t lo, uint32_t hi, std::vector<std::byte>& rk,
@@ -468,30 +472,28 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
   INSTINFER_TRY(check_layer(layer));
   if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
-  INSTINFER_TRY(fill_items(layer, seqs, q, out, lse));
-  return backend_->attend(layer, std::span<const attend_item>(items_.data(), seqs.size()));
+  INSTINFER_TRY(fill_batch(layer, seqs));
+  return backend_->attend(layer, batch_view(q, out, lse));
 }
 
-// items_ for a batch of one layer: each sequence's page table and its rows of q, out and lse.
-status kv_cache::fill_items(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse) {
-  const size_t q_stride = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
+// batch_ for one layer: each sequence's page table, in CSR form (the view backends receive).
+status kv_cache::fill_batch(uint32_t layer, std::span<const seq_id> seqs) {
   try {
-    items_.resize(seqs.size());
+    batch_.clear(config_.page.tokens_per_page);
+    for (seq_id s : seqs) {
+      auto found = find(s);
+      if (!found.ok()) return found.error();
+      const layer_table& t = found.value()->layers[layer];
+      batch_.add(s, t.chunks, t.n_tokens);
+    }
   } catch (const std::bad_alloc&) {
-    return {errc::kOutOfMemory, "attend batch"};
-  }
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    auto found = find(seqs[i]);
-    if (!found.ok()) return found.error();
-    const layer_table& t = found.value()->layers[layer];
-    items_[i] = attend_item{seqs[i],
-                            std::span<const chunk_id>(t.chunks),
-                            t.n_tokens,
-                            q + i * q_stride,
-                            out + i * q_stride,
-                            lse ? lse + i * config_.shape.n_q_heads : nullptr};
+    return {errc::kOutOfMemory, "attend batch of " + std::to_string(seqs.size()) + " sequences"};
   }
   return {};
+}
+
+attend_batch kv_cache::batch_view(const float* q, float* out, float* lse) const noexcept {
+  return batch_.view(q, out, lse, config_.shape.n_q_heads, config_.shape.head_dim);
 }
 
 status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
@@ -502,10 +504,9 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
   if (seqs.empty()) return {errc::kInvalidArgument, "attend_sparse needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   INSTINFER_TRY(params.validate(config_.shape.head_dim));
-  INSTINFER_TRY(fill_items(layer, seqs, q, out, lse));
+  INSTINFER_TRY(fill_batch(layer, seqs));
   sparf_counters counters;
-  INSTINFER_TRY(
-      attender_->attend_sparse(layer, std::span<const attend_item>(items_.data(), seqs.size()), params, &counters));
+  INSTINFER_TRY(attender_->attend_sparse(layer, batch_view(q, out, lse), params, &counters));
   sparf_totals_.add(counters);
   return {};
 }
@@ -513,14 +514,8 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
 void kv_cache::prefetch(uint32_t layer, std::span<const seq_id> seqs) {
   std::lock_guard lock(mutex_);
   if (layer >= config_.shape.n_layers || seqs.empty()) return;
-  std::vector<attend_item> items;
-  for (seq_id s : seqs) {
-    auto found = find(s);
-    if (!found.ok()) return;
-    const layer_table& t = found.value()->layers[layer];
-    items.push_back(attend_item{s, std::span<const chunk_id>(t.chunks), t.n_tokens, nullptr, nullptr, nullptr});
-  }
-  backend_->prefetch(layer, items);
+  if (!fill_batch(layer, seqs).ok()) return;  // a hint: an unknown sequence cancels it
+  backend_->prefetch(layer, batch_view(nullptr, nullptr, nullptr));
 }
 
 status kv_cache::page_table(uint32_t layer, std::span<const seq_id> seqs, csr_page_table& out) const {

@@ -492,23 +492,23 @@ status csd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
   return {};
 }
 
-status csd_backend::attend(uint32_t layer, std::span<const attend_item> batch) noexcept {
-  return attend_batch(layer, batch, nullptr, nullptr);
+status csd_backend::attend(uint32_t layer, const attend_batch& batch) noexcept {
+  return send_attend(layer, batch, nullptr, nullptr);
 }
 
 bool csd_backend::runs_sparf() const noexcept {
   return impl_->configured && impl_->config.sparf;
 }
 
-status csd_backend::attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+status csd_backend::attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                                   sparf_counters* counters) noexcept {
   if (!runs_sparf()) return {errc::kUnsupported, "csd backend configured without SparF"};
-  return attend_batch(layer, batch, &params, counters);
+  return send_attend(layer, batch, &params, counters);
 }
 
 // Dense (sparse == null) or SparF attend: the same command layout, SparF adds its parameters in
 // front of the entries and its counters after the results.
-status csd_backend::attend_batch(uint32_t layer, std::span<const attend_item> batch, const sparf_params* sparse,
+status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const sparf_params* sparse,
                                  sparf_counters* counters) noexcept {
   impl& m = *impl_;
   if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};

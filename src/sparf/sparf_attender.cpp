@@ -11,7 +11,7 @@
 namespace instinfer {
 
 sparf_attender::sparf_attender(backend& b, const backend_config& config, const sparf_config& sparf)
-    : backend_(b), config_(config), cfg_(sparf), store_columns_(!b.host_addressable()) {}
+    : backend_(b), config_(config), cfg_(sparf), store_columns_(!b.host_view()) {}
 
 sparf_attender::~sparf_attender() {
   for (auto& [seq, staged] : staged_)
@@ -210,7 +210,7 @@ uint64_t sparf_attender::resident_bytes() const noexcept {
 
 // ---- attend -------------------------------------------------------------------------------------
 
-status sparf_attender::attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+status sparf_attender::attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                                      sparf_counters* counters) noexcept {
   try {
     for (const attend_item& it : batch)  // every plan first: nothing is written on a bad one
@@ -287,9 +287,9 @@ status sparf_attender::load_token_pages(const attend_item& it) {
       if (sc_.slot[c] == UINT32_MAX) sc_.slot[c] = n_needed++;
     }
   }
-  if (n_chunks > 0 && backend_.chunk_address(it.chunks[0]) != nullptr) {
+  if (const host_chunk_view resident = backend_.host_view()) {
     for (size_t c = 0; c < n_chunks; ++c)
-      if (sc_.slot[c] != UINT32_MAX) sc_.ptrs[c] = backend_.chunk_address(it.chunks[c]);
+      if (sc_.slot[c] != UINT32_MAX) sc_.ptrs[c] = resident.chunk(it.chunks[c]);
     return {};
   }
   if (n_needed == 0) return {};

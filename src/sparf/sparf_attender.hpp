@@ -34,7 +34,7 @@ class sparf_attender final : public sparse_attender {
                      const std::byte* suffix_k, const std::byte* suffix_v) noexcept override;
   void on_truncate_end(seq_id seq, bool commit) noexcept override;
   void on_free(seq_id seq) noexcept override;
-  status attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+  status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override;
   uint64_t resident_bytes() const noexcept override;
 

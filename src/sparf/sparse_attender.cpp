@@ -27,7 +27,7 @@ class backend_sparf_attender final : public sparse_attender {
   void on_truncate_end(seq_id, bool) noexcept override {}
   void on_free(seq_id) noexcept override {}
 
-  status attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+  status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override {
     try {
       for (const attend_item& it : batch)  // k > tokens is refused here, before the drive sees it

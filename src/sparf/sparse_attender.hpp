@@ -54,7 +54,7 @@ class sparse_attender {
   // shapes as backend::attend. kv_cache checked the layer, the pointers and params.validate();
   // the attender checks each sequence's plan before writing anything. counters (optional) get
   // what this call read.
-  virtual status attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+  virtual status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                                sparf_counters* counters) noexcept = 0;
 
   // Bytes of the policy's own data held in this process (cache_stats::sparf_column_bytes).

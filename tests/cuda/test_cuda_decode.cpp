@@ -16,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "support/batch_of.hpp"
 #include "instinfer/attention/decode.hpp"
 #include "instinfer/backend/cuda_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
@@ -132,7 +133,7 @@ void check_batch(gpu_cache& g, std::mt19937& rng, const std::vector<uint32_t>& l
   std::vector<attend_item> items(b);
   for (size_t i = 0; i < b; ++i)
     items[i] = attend_item{i, seqs[i].chunks, seqs[i].n_tokens, &q[i * n_q * hd], &out[i * n_q * hd], &lse[i * n_q]};
-  const status st = g.be->attend(0, items);
+  const status st = g.be->attend(0, test_support::batch_of(items, g.config.layout().tokens(), n_q, hd));
   REQUIRE_MESSAGE(st.ok(), st.to_string());
 
   decode_params dp;
@@ -287,14 +288,14 @@ TEST_CASE("backend contract: append-only, no damage on failure, pool exhaustion"
   std::vector<float> q(size_t{shape.n_q_heads} * shape.head_dim, 0.5f), out(q.size());
   const chunk_id one[1] = {id};
   attend_item bad{0, one, 17, q.data(), out.data(), nullptr};  // 17 tokens need 2 chunks
-  CHECK(b.attend(0, std::span<const attend_item>(&bad, 1)).code() == errc::kInvalidArgument);
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() == errc::kInvalidArgument);
   bad.n_tokens = 6;  // only 5 written
-  CHECK(b.attend(0, std::span<const attend_item>(&bad, 1)).code() == errc::kInvalidArgument);
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() == errc::kInvalidArgument);
   bad.n_tokens = 5;
   bad.q = nullptr;
-  CHECK(b.attend(0, std::span<const attend_item>(&bad, 1)).code() == errc::kInvalidArgument);
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() == errc::kInvalidArgument);
   bad.q = q.data();
-  CHECK(b.attend(0, std::span<const attend_item>(&bad, 1)).ok());
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).ok());
 
   const backend_stats st = b.stats();
   CHECK(st.capacity_chunks == 4);

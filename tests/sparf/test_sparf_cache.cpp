@@ -90,7 +90,7 @@ TEST_CASE("attend_sparse on every backend: dense at compression 1, identical acr
     const uint64_t block_bytes = channel_layout::make(4096, 128, dtype::kF16, 0, shape.n_kv_heads)->block_bytes();
     if (cache->storage().runs_sparf())
       CHECK(st.sparf_column_bytes == 0);
-    else if (cache->storage().host_addressable())
+    else if (cache->storage().host_view())
       CHECK(st.sparf_column_bytes == 6 * block_bytes);  // 3000 tokens: 5 sealed blocks + the tail
     else
       CHECK(st.sparf_column_bytes == block_bytes);

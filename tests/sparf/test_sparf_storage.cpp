@@ -33,7 +33,7 @@ TEST_CASE("SparF with column blocks stored on an opaque backend equals the host'
   // A host backend seen through an opaque interface (no chunk addresses, no read_pages), whose
   // writes into column chunks (chunk_stream::kColumns in the hint) can be made to fail.
   test_support::hidden_capabilities opaque_view;
-  opaque_view.chunk_address = true;
+  opaque_view.host_view = true;
   opaque_view.read_pages = true;
   auto owned =
       std::make_unique<test_support::forwarding_backend>(std::make_unique<host_backend>(), opaque_view, "opaque");
@@ -47,7 +47,7 @@ TEST_CASE("SparF with column blocks stored on an opaque backend equals the host'
     return {};
   });
   auto cache = kv_cache::create(test_support::sparf_cache_options(shape), std::move(owned)).value();
-  CHECK_FALSE(cache->storage().host_addressable());
+  CHECK_FALSE(cache->storage().host_view());
   const uint64_t capacity = opaque.free_chunks();
   const uint64_t block = channel_layout::make(4096, 128, dtype::kF16, 0, shape.n_kv_heads)->block_bytes();
 

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/batch_of.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
 #include "instinfer/testing/reference.hpp"
 #include "ssd_test_util.hpp"
@@ -85,16 +86,17 @@ struct harness {
   // Attend a batch and check every output against the float64 reference over the mirror.
   status attend_and_check(uint32_t layer, const std::vector<seq_id>& seqs, double tol = 2e-6, bool prefetch = false) {
     std::vector<attend_item> items(seqs.size());
-    std::vector<std::vector<float>> q(seqs.size()), out(seqs.size()), lse(seqs.size());
+    const size_t qrow = size_t{kQHeads} * kDim;
+    std::vector<float> q(seqs.size() * qrow), out(seqs.size() * qrow, NAN), lse(seqs.size() * kQHeads, NAN);
     for (size_t i = 0; i < seqs.size(); ++i) {
       auto& t = tables[{seqs[i], layer}];
-      q[i] = ssd_test::random_floats(size_t{kQHeads} * kDim, 1000 + static_cast<uint32_t>(i) + seed);
-      out[i].assign(size_t{kQHeads} * kDim, NAN);
-      lse[i].assign(kQHeads, NAN);
-      items[i] = {seqs[i], t.chunks, t.n, q[i].data(), out[i].data(), lse[i].data()};
+      const auto qi = ssd_test::random_floats(qrow, 1000 + static_cast<uint32_t>(i) + seed);
+      std::copy(qi.begin(), qi.end(), q.begin() + static_cast<std::ptrdiff_t>(i * qrow));
+      items[i] = {seqs[i], t.chunks, t.n, q.data() + i * qrow, out.data() + i * qrow, lse.data() + i * kQHeads};
     }
-    if (prefetch) b->prefetch(layer, items);
-    const status s = b->attend(layer, items);
+    const auto batch = test_support::batch_of(items, cfg.layout().tokens(), kQHeads, kDim);
+    if (prefetch) b->prefetch(layer, batch);
+    const status s = b->attend(layer, batch);
     if (!s.ok()) return s;
     const uint32_t g = kQHeads / kKvHeads;
     for (size_t i = 0; i < seqs.size(); ++i) {
@@ -107,16 +109,16 @@ struct harness {
           std::copy_n(t.v.data() + j * row_bytes() + h * hrow, hrow, vh.data() + j * hrow);
         }
         std::vector<double> want(size_t{g} * kDim), want_lse(g);
-        reference::attend_rows(kh.data(), vh.data(), cfg.shape.kv_dtype, t.n, kDim, q[i].data() + size_t{h} * g * kDim,
+        reference::attend_rows(kh.data(), vh.data(), cfg.shape.kv_dtype, t.n, kDim, q.data() + i * qrow + size_t{h} * g * kDim,
                                g, 1.0 / std::sqrt(double{kDim}), 0.0, want.data(), want_lse.data());
         const double err = reference::relative_error(
-            std::span<const float>(out[i].data() + size_t{h} * g * kDim, size_t{g} * kDim), want);
+            std::span<const float>(out.data() + i * qrow + size_t{h} * g * kDim, size_t{g} * kDim), want);
         CHECK_MESSAGE(err <= tol, "seq " << seqs[i] << " head " << h << " n " << t.n << " err " << err);
         for (uint32_t j = 0; j < g; ++j) {
           if (t.n == 0)
-            CHECK(std::isinf(lse[i][h * g + j]));
+            CHECK(std::isinf(lse[i * kQHeads + h * g + j]));
           else
-            CHECK(std::fabs(lse[i][h * g + j] - want_lse[j]) <= 1e-5 * std::max(1.0, std::fabs(want_lse[j])));
+            CHECK(std::fabs(lse[i * kQHeads + h * g + j] - want_lse[j]) <= 1e-5 * std::max(1.0, std::fabs(want_lse[j])));
         }
       }
     }
@@ -166,7 +168,7 @@ TEST_CASE("configure: bad configurations are clear errors") {
   CHECK(!missing_dir.configure(cfg).ok());
   ssd_backend unconfigured({ssd_test::scratch_file("u.bin")});
   CHECK(!unconfigured.allocate_chunk({}).ok());
-  CHECK(unconfigured.attend(0, {}).code() == errc::kInvalidArgument);
+  CHECK(unconfigured.attend(0, attend_batch{}).code() == errc::kInvalidArgument);
 }
 
 TEST_CASE("decode equals the float64 reference across page boundaries, batch submitted together") {
@@ -209,16 +211,16 @@ TEST_CASE("prefetch: adopted when it matches, discarded when it does not") {
   std::vector<float> q(kQHeads * kDim, 0.5f), out(kQHeads * kDim);
   auto& t = h.tables[{2, 1}];
   items.push_back({2, t.chunks, t.n, q.data(), out.data(), nullptr});
-  h.b->prefetch(1, items);
+  h.b->prefetch(1, test_support::batch_of(items, h.cfg.layout().tokens(), kQHeads, kDim));
   REQUIRE(h.attend_and_check(0, {3, 1}).ok());
   // A prefetch followed by a release of one of its chunks, then the attend that was hinted.
-  h.b->prefetch(1, items);
+  h.b->prefetch(1, test_support::batch_of(items, h.cfg.layout().tokens(), kQHeads, kDim));
   REQUIRE(h.append(4, 1, 20).ok());
   h.b->release_chunk(h.tables[{4, 1}].chunks.back());
   h.tables.erase({4, 1});
   REQUIRE(h.attend_and_check(1, {2}).ok());
   // Bad hints are ignored.
-  h.b->prefetch(99, items);
+  h.b->prefetch(99, test_support::batch_of(items, h.cfg.layout().tokens(), kQHeads, kDim));
   REQUIRE(h.attend_and_check(1, {2}).ok());
 }
 
@@ -444,14 +446,14 @@ TEST_CASE("bad inputs") {
   std::vector<float> q(kQHeads * kDim, 0.1f), out(kQHeads * kDim);
   const chunk_id ids[1] = {id.value()};
   attend_item wrong_count{1, std::span<const chunk_id>(ids), 40, q.data(), out.data(), nullptr};
-  CHECK(h.b->attend(0, std::span(&wrong_count, 1)).code() == errc::kInvalidArgument);
+  CHECK(h.b->attend(0, test_support::batch_of({&wrong_count, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kInvalidArgument);
   attend_item null_q{1, std::span<const chunk_id>(ids), 16, nullptr, out.data(), nullptr};
-  CHECK(h.b->attend(0, std::span(&null_q, 1)).code() == errc::kInvalidArgument);
+  CHECK(h.b->attend(0, test_support::batch_of({&null_q, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kInvalidArgument);
   attend_item ok_item{1, std::span<const chunk_id>(ids), 16, q.data(), out.data(), nullptr};
-  CHECK(h.b->attend(kLayers, std::span(&ok_item, 1)).code() == errc::kLayerOutOfRange);
-  CHECK(h.b->attend(0, std::span(&ok_item, 1)).ok());
+  CHECK(h.b->attend(kLayers, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kLayerOutOfRange);
+  CHECK(h.b->attend(0, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).ok());
   h.b->release_chunk(id.value());
-  CHECK(h.b->attend(0, std::span(&ok_item, 1)).code() == errc::kInvalidArgument);
+  CHECK(h.b->attend(0, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kInvalidArgument);
   h.b->release_chunk(id.value());  // double release is ignored
 }
 
@@ -476,9 +478,9 @@ TEST_CASE("single issuer: another thread is refused while this thread's prefetch
   auto& t = h.tables[{1, 0}];
   std::vector<float> q(kQHeads * kDim, 0.3f), out(kQHeads * kDim);
   attend_item item{1, t.chunks, t.n, q.data(), out.data(), nullptr};
-  h.b->prefetch(0, std::span(&item, 1));
+  h.b->prefetch(0, test_support::batch_of({&item, 1}, h.cfg.layout().tokens(), kQHeads, kDim));
   std::thread other([&] {
-    CHECK(h.b->attend(0, std::span(&item, 1)).code() == errc::kBusy);
+    CHECK(h.b->attend(0, test_support::batch_of({&item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kBusy);
     CHECK(h.b->flush().code() == errc::kBusy);
   });
   other.join();

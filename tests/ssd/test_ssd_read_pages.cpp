@@ -12,6 +12,7 @@
 #include <set>
 #include <vector>
 
+#include "support/batch_of.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
 #include "ssd_test_util.hpp"
 
@@ -207,13 +208,13 @@ TEST_CASE("a prefetch in flight is cancelled first; attend still works after") {
   for (const auto& c : f.chunks) ids.push_back(c.id);
   std::vector<float> q(kQHeads * kDim, 0.2f), out(kQHeads * kDim), out2(kQHeads * kDim);
   attend_item item{1, ids, 200, q.data(), out.data(), nullptr};
-  REQUIRE(f.b->attend(0, std::span(&item, 1)).ok());
-  f.b->prefetch(0, std::span(&item, 1));
+  REQUIRE(f.b->attend(0, test_support::batch_of({&item, 1}, f.cfg.layout().tokens(), kQHeads, kDim)).ok());
+  f.b->prefetch(0, test_support::batch_of({&item, 1}, f.cfg.layout().tokens(), kQHeads, kDim));
   std::mt19937 rng(3);
   const auto picks = f.random_picks(rng, 20);
   CHECK(f.read_and_check(picks) == f.pages_on_disk(picks) * f.page_bytes());
   item.out = out2.data();
-  REQUIRE(f.b->attend(0, std::span(&item, 1)).ok());
+  REQUIRE(f.b->attend(0, test_support::batch_of({&item, 1}, f.cfg.layout().tokens(), kQHeads, kDim)).ok());
   CHECK(out == out2);
 }
 

@@ -1,7 +1,7 @@
 // A test backend that forwards every call to a real backend, and can
 //  * fail calls: the nth call of some kinds from now on (fail_nth), or any call a hook refuses;
 //  * count calls per kind;
-//  * hide capabilities (chunk_address / host_addressable, read_pages, runs_sparf), so a
+//  * hide capabilities (host_view, read_pages, runs_sparf), so a
 //    host-memory backend looks like an opaque storage backend to the manager.
 // Used by the failure-atomicity tests of kv_cache and by the conformance suite (tests/backend/).
 #pragma once
@@ -61,7 +61,7 @@ constexpr const char* call_name(call c) noexcept {
 
 // Capabilities of the wrapped backend that the wrapper does not show.
 struct hidden_capabilities {
-  bool chunk_address = false;  // chunk_address() -> null, host_addressable() -> false
+  bool host_view = false;      // host_view() -> empty: chunks are not host-resident
   bool read_pages = false;     // read_pages() -> kUnsupported (the manager falls back to read_chunk)
   bool runs_sparf = false;     // runs_sparf() -> false (the manager runs SparF on the host)
 };
@@ -123,16 +123,15 @@ class forwarding_backend final : public backend {
     INSTINFER_TRY(enter(call::kReadPages, nullptr));
     return inner_->read_pages(reads);
   }
-  const std::byte* chunk_address(chunk_id id) const noexcept override {
-    return hidden_.chunk_address ? nullptr : inner_->chunk_address(id);
+  host_chunk_view host_view() const noexcept override {
+    return hidden_.host_view ? host_chunk_view{} : inner_->host_view();
   }
-  bool host_addressable() const noexcept override { return !hidden_.chunk_address && inner_->host_addressable(); }
-  status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override {
+  status attend(uint32_t layer, const attend_batch& batch) noexcept override {
     INSTINFER_TRY(enter(call::kAttend, nullptr));
     return inner_->attend(layer, batch);
   }
   bool runs_sparf() const noexcept override { return !hidden_.runs_sparf && inner_->runs_sparf(); }
-  status attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+  status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override {
     if (!runs_sparf()) return backend::attend_sparse(layer, batch, params, counters);
     INSTINFER_TRY(enter(call::kAttendSparse, nullptr));
@@ -142,7 +141,7 @@ class forwarding_backend final : public backend {
     INSTINFER_TRY(enter(call::kFlush, nullptr));
     return inner_->flush();
   }
-  void prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept override {
+  void prefetch(uint32_t layer, const attend_batch& batch) noexcept override {
     inner_->prefetch(layer, batch);
   }
   void on_sequence_freed(seq_id seq) noexcept override { inner_->on_sequence_freed(seq); }

@@ -33,9 +33,20 @@ struct device_stats;
 class csd_backend final : public backend {
  public:
   static constexpr std::string_view kScheme = "csd";
-  static constexpr bool compiled_in() noexcept { return true; }
+  // This component was built (INSTINFER_CSD=ON: instinfer::csd is linked).
+  static constexpr bool compiled_in() noexcept {
+#if defined(INSTINFER_WITH_CSD) && INSTINFER_WITH_CSD
+    return true;
+#else
+    return false;
+#endif
+  }
   // The drive binary can be found (INSTINFER_CSD_DEVICE or next to this executable).
+#if defined(INSTINFER_WITH_CSD) && INSTINFER_WITH_CSD
   static bool available() noexcept;
+#else
+  static bool available() noexcept { return false; }
+#endif
 
   static result<std::unique_ptr<csd_backend>> create(const backend_uri& uri);
   ~csd_backend() override;
@@ -51,10 +62,10 @@ class csd_backend final : public backend {
                       const std::byte* v) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
-  status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
+  status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
   bool runs_sparf() const noexcept override;
-  status attend_sparse(uint32_t layer, std::span<const attend_item> batch, const sparf_params& params,
+  status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override;
   void on_sequence_freed(seq_id seq) noexcept override;
   backend_stats stats() const noexcept override;
@@ -70,11 +81,17 @@ class csd_backend final : public backend {
  private:
   struct impl;
   explicit csd_backend(std::unique_ptr<impl> p);
-  status attend_batch(uint32_t layer, std::span<const attend_item> batch, const sparf_params* sparse,
+  status send_attend(uint32_t layer, const attend_batch& batch, const sparf_params* sparse,
                       sparf_counters* counters) noexcept;
   std::unique_ptr<impl> impl_;
 };
 
+#if defined(INSTINFER_WITH_CSD) && INSTINFER_WITH_CSD
 result<std::unique_ptr<backend>> make_csd_backend(const backend_uri& uri);
+#else
+inline result<std::unique_ptr<backend>> make_csd_backend(const backend_uri& /*uri*/) {
+  return status{errc::kUnsupported, "the csd backend is not built into this instinfer (INSTINFER_CSD=OFF)"};
+}
+#endif
 
 }  // namespace instinfer

@@ -75,7 +75,7 @@ class cuda_backend final : public backend {
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   // Copies the first n_tokens rows of every page of the chunk; rows beyond stay as they were in dst.
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
-  status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
+  status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   backend_stats stats() const noexcept override;
 
   // Same contract as write_tokens, with k and v in device memory of this backend's device

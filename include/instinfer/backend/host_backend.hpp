@@ -44,11 +44,8 @@ class host_backend final : public backend {
                       const std::byte* v) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
-  status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
-  bool host_addressable() const noexcept override { return true; }
-  const std::byte* chunk_address(chunk_id id) const noexcept override {
-    return valid_id(id) ? chunk_data(id) : nullptr;
-  }
+  status attend(uint32_t layer, const attend_batch& batch) noexcept override;
+  host_chunk_view host_view() const noexcept override { return {pool_, layout_.chunk_bytes()}; }
   backend_stats stats() const noexcept override;
 
   host_memory_kind memory_kind() const noexcept { return memory_kind_; }

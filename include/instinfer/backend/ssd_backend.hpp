@@ -69,9 +69,20 @@ struct ssd_fault {
 class ssd_backend final : public backend {
  public:
   static constexpr std::string_view kScheme = "ssd";
-  static constexpr bool compiled_in() noexcept { return true; }
+  // This component was built (INSTINFER_SSD=ON: instinfer::ssd is linked).
+  static constexpr bool compiled_in() noexcept {
+#if defined(INSTINFER_WITH_SSD) && INSTINFER_WITH_SSD
+    return true;
+#else
+    return false;
+#endif
+  }
   // io_uring can be set up by this process (kernel support, not disabled by policy).
+#if defined(INSTINFER_WITH_SSD) && INSTINFER_WITH_SSD
   static bool available() noexcept;
+#else
+  static bool available() noexcept { return false; }
+#endif
 
   explicit ssd_backend(ssd_backend_options options);
   ~ssd_backend() override;
@@ -93,9 +104,9 @@ class ssd_backend final : public backend {
   // Pages of buffered chunks are copied from host memory; the rest go out as one batch of
   // direct reads (adjacent pages merged), in rounds that fit the queue depth and the staging ring.
   status read_pages(std::span<const page_read> reads) noexcept override;
-  status attend(uint32_t layer, std::span<const attend_item> batch) noexcept override;
+  status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   status flush() noexcept override;
-  void prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept override;
+  void prefetch(uint32_t layer, const attend_batch& batch) noexcept override;
   void on_sequence_freed(seq_id seq) noexcept override;
   backend_stats stats() const noexcept override;
 
@@ -120,7 +131,13 @@ class ssd_backend final : public backend {
 };
 
 // Build an SSD backend from "ssd:PATH?...": options parsed and checked; the file opens in configure().
+#if defined(INSTINFER_WITH_SSD) && INSTINFER_WITH_SSD
 result<std::unique_ptr<backend>> make_ssd_backend(const backend_uri& uri);
+#else
+inline result<std::unique_ptr<backend>> make_ssd_backend(const backend_uri& /*uri*/) {
+  return status{errc::kUnsupported, "the ssd backend is not built into this instinfer (INSTINFER_SSD=OFF)"};
+}
+#endif
 
 static_assert(kv_backend<ssd_backend>);
 

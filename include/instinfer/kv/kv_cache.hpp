@@ -126,7 +126,8 @@ class kv_cache {
   status append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n_tokens, const std::byte* k,
                          const std::byte* v, bool notify = true);
   void release_table(layer_table& t) noexcept;
-  status fill_items(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
+  status fill_batch(uint32_t layer, std::span<const seq_id> seqs);
+  attend_batch batch_view(const float* q, float* out, float* lse) const noexcept;
   status read_layer(const layer_table& t, uint32_t begin, uint32_t end, std::vector<std::byte>& k,
                     std::vector<std::byte>& v);
   status rebuild_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
@@ -143,7 +144,7 @@ class kv_cache {
   std::vector<uint32_t> refcount_;  // per chunk id
   std::vector<uint8_t> sealed_;     // per chunk id: was ever full
   std::vector<std::byte> convert_buffer_;
-  std::vector<attend_item> items_;
+  attend_batch_builder batch_;  // the CSR workspace of attend calls, grow-only
   sparf_counters sparf_totals_{};
 };
 

@@ -355,7 +355,7 @@ status cuda_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
   return {};
 }
 
-status cuda_backend::attend(uint32_t /*layer*/, std::span<const attend_item> batch) noexcept {
+status cuda_backend::attend(uint32_t /*layer*/, const attend_batch& batch) noexcept {
   impl& s = *impl_;
   INSTINFER_TRY(s.ready());
   if (batch.empty()) return {};
@@ -364,6 +364,8 @@ status cuda_backend::attend(uint32_t /*layer*/, std::span<const attend_item> bat
   const uint32_t group = s.config.shape.group_size();
   const uint32_t n_q = s.config.shape.n_q_heads;
   if (batch.size() > 65535) return {errc::kInvalidArgument, "cuda backend: attend batch is limited to 65535"};
+  if (batch.n_q_heads != n_q || batch.head_dim != head_dim)
+    return {errc::kInvalidArgument, "cuda backend: attend batch rows are not [n_q_heads][head_dim] of this cache"};
   const auto n_batch = static_cast<uint32_t>(batch.size());
 
   // Validate everything before touching the device.
@@ -413,15 +415,12 @@ status cuda_backend::attend(uint32_t /*layer*/, std::span<const attend_item> bat
   uint32_t* h_indices = h_indptr + n_batch + 1;
   uint32_t* h_last = h_indices + total_chunks;
   auto* h_q = reinterpret_cast<float*>(s.host_in.data() + q_off);
-  uint32_t pos = 0;
-  for (uint32_t b = 0; b < n_batch; ++b) {
-    const attend_item& it = batch[b];
-    h_indptr[b] = pos;
-    for (const chunk_id id : it.chunks) h_indices[pos++] = id;
-    h_last[b] = it.n_tokens == 0 ? 0 : it.n_tokens - (static_cast<uint32_t>(it.chunks.size()) - 1) * tpp;
-    std::memcpy(h_q + size_t{b} * n_q * head_dim, it.q, size_t{n_q} * head_dim * sizeof(float));
-  }
-  h_indptr[n_batch] = pos;
+  // The batch's CSR view goes up as it is (rebased when it is a window of a larger table).
+  const page_table_view& pt = batch.pages;
+  for (uint32_t b = 0; b <= n_batch; ++b) h_indptr[b] = pt.indptr[b] - pt.indptr[0];
+  std::memcpy(h_indices, pt.indices + pt.indptr[0], total_chunks * sizeof(uint32_t));
+  std::memcpy(h_last, pt.last_page_len, size_t{n_batch} * sizeof(uint32_t));
+  std::memcpy(h_q, batch.q, q_bytes);
 
   const auto* d_indptr = reinterpret_cast<const uint32_t*>(s.in.data());
   cuda::decode_launch args;
@@ -449,11 +448,8 @@ status cuda_backend::attend(uint32_t /*layer*/, std::span<const attend_item> bat
 
   const auto* h_out = reinterpret_cast<const float*>(s.host_out.data());
   const auto* h_lse = reinterpret_cast<const float*>(s.host_out.data() + lse_off);
-  for (uint32_t b = 0; b < n_batch; ++b) {
-    const attend_item& it = batch[b];
-    std::memcpy(it.out, h_out + size_t{b} * n_q * head_dim, size_t{n_q} * head_dim * sizeof(float));
-    if (it.lse != nullptr) std::memcpy(it.lse, h_lse + size_t{b} * n_q, size_t{n_q} * sizeof(float));
-  }
+  std::memcpy(batch.out, h_out, q_bytes);
+  if (batch.lse != nullptr) std::memcpy(batch.lse, h_lse, lse_bytes);
   s.counters.link_bytes_host_to_device += q_off + q_bytes;
   s.counters.link_bytes_device_to_host += lse_off + lse_bytes;
   s.counters.device_bytes_read += kv_bytes;

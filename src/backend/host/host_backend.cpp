@@ -122,7 +122,7 @@ status host_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
   return {};
 }
 
-status host_backend::attend(uint32_t, std::span<const attend_item> batch) noexcept {
+status host_backend::attend(uint32_t, const attend_batch& batch) noexcept {
   size_t total = 0;
   for (const auto& item : batch) total += item.chunks.size();
   try {

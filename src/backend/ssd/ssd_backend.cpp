@@ -44,7 +44,7 @@ struct ssd_backend::impl {
   explicit impl(ssd_backend_options o) : options(std::move(o)) {}
   ~impl();
   status check_chunk(chunk_id id, const char* what) const noexcept;
-  status check_batch(std::span<const attend_item> batch) const noexcept;
+  status check_batch(const attend_batch& batch) const noexcept;
   status open_engine(uint64_t staging_bytes);
 };
 
@@ -205,7 +205,7 @@ status ssd_backend::impl::check_chunk(chunk_id id, const char* what) const noexc
   return {};
 }
 
-status ssd_backend::impl::check_batch(std::span<const attend_item> batch) const noexcept {
+status ssd_backend::impl::check_batch(const attend_batch& batch) const noexcept {
   const uint32_t tpp = layout.tokens();
   for (size_t b = 0; b < batch.size(); ++b) {
     const auto& it = batch[b];
@@ -307,7 +307,7 @@ status ssd_backend::flush() noexcept {
 
 // ---- decode ----------------------------------------------------------------------------------
 
-void ssd_backend::prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept {
+void ssd_backend::prefetch(uint32_t layer, const attend_batch& batch) noexcept {
   auto& m = *impl_;
   if (!m.configured || layer >= m.config.shape.n_layers || !m.io.check_thread().ok()) return;
   m.decode.ring().cancel_prefetch();
@@ -315,7 +315,7 @@ void ssd_backend::prefetch(uint32_t layer, std::span<const attend_item> batch) n
   m.decode.ring().prefetch(layer, batch);
 }
 
-status ssd_backend::attend(uint32_t layer, std::span<const attend_item> batch) noexcept {
+status ssd_backend::attend(uint32_t layer, const attend_batch& batch) noexcept {
   auto& m = *impl_;
   if (!m.configured) return {errc::kInvalidArgument, "ssd backend is not configured"};
   INSTINFER_TRY(m.io.check_thread());

@@ -60,7 +60,7 @@ bool staging_ring::any_in_flight() const noexcept {
 
 // ---- staging ring: planning, issuing, prefetch -----------------------------------------------
 
-status staging_ring::plan_reads(std::span<const attend_item> batch, std::vector<read_request>& out) noexcept {
+status staging_ring::plan_reads(const attend_batch& batch, std::vector<read_request>& out) noexcept {
   // Runs of contiguous stored slots of one item, at most request_chunks_ long; buffered chunks
   // (tails, unwritten sealed chunks) are not read. Two passes: count, reserve exactly, fill.
   const auto walk = [&](auto&& emit) {
@@ -126,7 +126,7 @@ void staging_ring::cancel_prefetch() noexcept {
   holding_slot_ = false;
 }
 
-void staging_ring::prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept {
+void staging_ring::prefetch(uint32_t layer, const attend_batch& batch) noexcept {
   cancel_prefetch();
   if (!plan_reads(batch, prefetch_plan_).ok()) return;
   uint32_t next = 0;
@@ -155,7 +155,7 @@ bool staging_ring::adopt_prefetch(uint32_t layer) noexcept {
 
 // ---- staging ring: the chunk source ----------------------------------------------------------
 
-status staging_ring::open(uint32_t layer, std::span<const attend_item> batch) noexcept {
+status staging_ring::open(uint32_t layer, const attend_batch& batch) noexcept {
   batch_ = batch;
   issued_ = 0;
   consumed_ = 0;
@@ -265,7 +265,7 @@ void decode_accumulator::add(const chunk_run& run, const attend_item& it) noexce
   }
 }
 
-void decode_accumulator::finish(std::span<const attend_item> batch) noexcept {
+void decode_accumulator::finish(const attend_batch& batch) noexcept {
   const uint32_t d = head_dim_;
   for (uint32_t b = 0; b < batch.size(); ++b) {
     const auto& it = batch[b];
@@ -287,7 +287,7 @@ status stream_decode::configure(ssd_io& io, const group_buffers& buffers, const 
   return ring_.configure(io, buffers, layout, request_chunks, n_slots);
 }
 
-status stream_decode::attend(uint32_t layer, std::span<const attend_item> batch) noexcept {
+status stream_decode::attend(uint32_t layer, const attend_batch& batch) noexcept {
   status failure = accumulator_.reset(batch.size());
   if (failure.ok()) failure = ring_.open(layer, batch);
   chunk_run run;

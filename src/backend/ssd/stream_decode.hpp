@@ -44,7 +44,7 @@ class staging_ring final : private io::completion_handler, private staging_holde
                    uint32_t n_slots);
 
   // Start streaming `batch` (checked by the caller) of `layer`: plan, adopt the prefetch, issue.
-  status open(uint32_t layer, std::span<const attend_item> batch) noexcept;
+  status open(uint32_t layer, const attend_batch& batch) noexcept;
   // The next run: buffered chunks first, then stored runs in plan order as they land (blocking).
   // The run stays valid until the next call; out.chunks empty: the batch is done.
   status next(chunk_run& out) noexcept;
@@ -53,7 +53,7 @@ class staging_ring final : private io::completion_handler, private staging_holde
   void abort() noexcept { cancel_prefetch(); }
 
   // Start reading `batch` (checked by the caller) for a later open() of `layer`.
-  void prefetch(uint32_t layer, std::span<const attend_item> batch) noexcept;
+  void prefetch(uint32_t layer, const attend_batch& batch) noexcept;
   void cancel_prefetch() noexcept;
   // A slot a prefetch may have read was released from another thread: never adopt it.
   void poison_prefetch() noexcept { prefetch_layer_ = kPoisoned; }
@@ -77,7 +77,7 @@ class staging_ring final : private io::completion_handler, private staging_holde
 
   void on_completion(const io::completion& c) noexcept override;
   void release_staging() noexcept override { cancel_prefetch(); }
-  status plan_reads(std::span<const attend_item> batch, std::vector<read_request>& out) noexcept;
+  status plan_reads(const attend_batch& batch, std::vector<read_request>& out) noexcept;
   status issue_reads(std::span<const read_request> plan, uint32_t& next) noexcept;
   bool adopt_prefetch(uint32_t layer) noexcept;
   bool any_in_flight() const noexcept;
@@ -99,7 +99,7 @@ class staging_ring final : private io::completion_handler, private staging_holde
   int64_t prefetch_layer_ = kNoPrefetch;
 
   // The open batch: where next() is.
-  std::span<const attend_item> batch_;
+  attend_batch batch_{};
   uint32_t issued_ = 0;         // requests of plan_ sent to the device
   uint32_t consumed_ = 0;       // requests of plan_ handed out and released
   bool holding_slot_ = false;   // the last run handed out is slot consumed_ % n_slots_
@@ -117,7 +117,7 @@ class decode_accumulator {
   // Attend the item's query over a run of chunks and merge the partials in.
   void add(const chunk_run& run, const attend_item& item) noexcept;
   // Normalise and write out, lse, for every item.
-  void finish(std::span<const attend_item> batch) noexcept;
+  void finish(const attend_batch& batch) noexcept;
 
  private:
   decode_chunks_fn kernel_ = nullptr;
@@ -136,7 +136,7 @@ class stream_decode {
   status configure(ssd_io& io, const group_buffers& buffers, const backend_config& config, const chunk_layout& layout,
                    uint32_t request_chunks, uint32_t n_slots);
   // `batch` is checked by the caller (page tables of allocated chunks, n_tokens, q and out set).
-  status attend(uint32_t layer, std::span<const attend_item> batch) noexcept;
+  status attend(uint32_t layer, const attend_batch& batch) noexcept;
   staging_ring& ring() noexcept { return ring_; }
   const staging_ring& ring() const noexcept { return ring_; }
 

@@ -1,0 +1,41 @@
+// The compute half of a backend: where decode attention runs.
+//
+// An attention_engine answers attention for a batch of sequences of one layer, handed over as an
+// attend_batch (a CSR page-table view plus q / out / lse rows). Host and SSD run the library's one
+// decode driver (attention/decode_driver.hpp) on host threads over chunks in memory or streamed
+// from storage; the CSD sends the batch to its drives, which run the same driver on their cores;
+// CUDA uploads the view and runs its kernel.
+#pragma once
+
+#include <cstdint>
+
+#include "instinfer/backend/attend_batch.hpp"
+#include "instinfer/core/status.hpp"
+
+namespace instinfer {
+
+struct sparf_params;
+struct sparf_counters;
+
+class attention_engine {
+ public:
+  virtual ~attention_engine() = default;
+
+  // Decode attention of one layer. For every sequence b: out[b] = softmax(q[b] K^T * scale) V over
+  // its tokens, lse[b] (if non-null) the natural-log sum of exponentials; no tokens: zeros, -inf.
+  virtual status attend(uint32_t layer, const attend_batch& batch) noexcept = 0;
+
+  // Sparse attention next to the data (optional). An engine that returns true keeps the
+  // channel-indexed K copy and the V running means itself (from write_tokens, through forks and
+  // truncations) and answers attend_sparse; otherwise the manager's host-side sparse attender
+  // (src/sparf) runs the policy, reading pages through the kv_store.
+  virtual bool runs_sparf() const noexcept { return false; }
+  // SparF decode attention of one layer (attention/sparf/; same inputs and outputs as attend).
+  // params are validated by the caller; counters (optional) receive what the algorithm read.
+  virtual status attend_sparse(uint32_t /*layer*/, const attend_batch& /*batch*/, const sparf_params& /*params*/,
+                               sparf_counters* /*counters*/) noexcept {
+    return {errc::kUnsupported, "this backend does not run SparF itself"};
+  }
+};
+
+}  // namespace instinfer
