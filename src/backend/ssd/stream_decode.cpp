@@ -253,8 +253,9 @@ status stream_decode::attend(uint32_t layer, const item_batch& batch) noexcept {
     const attend_item& it = batch[b];
     sequences_[b] = {static_cast<uint32_t>(it.chunks.size()), it.n_tokens, it.q, it.out, it.lse};
   }
-  ring_.bind(layer, batch);
+  ring_.bind(layer, &batch);
   status s = driver_->run(std::span<const decode_sequence>(sequences_.data(), batch.size()), ring_);
+  ring_.bind(layer, nullptr);
   if (!s.ok()) ring_.abort();  // waits for this call's reads too
   return s;
 }

@@ -43,10 +43,10 @@ class staging_ring final : private io::completion_handler, private staging_holde
   status configure(ssd_io& io, const group_buffers& buffers, const chunk_layout& layout, uint32_t request_chunks,
                    uint32_t n_slots, const decode_plan_options& prefetch_plan);
 
-  // The next prepare() serves `batch` (checked by the caller; it must outlive the run) of `layer`.
-  void bind(uint32_t layer, const item_batch& batch) noexcept {
+  // The next prepare() serves `batch` (checked by the caller) of `layer`; null after the run.
+  void bind(uint32_t layer, const item_batch* batch) noexcept {
     layer_ = layer;
-    batch_ = &batch;
+    batch_ = batch;
   }
 
   // chunk_source (one worker, windows in plan order).
