@@ -224,6 +224,32 @@ TEST_CASE("prefetch: adopted when it matches, discarded when it does not") {
   REQUIRE(h.attend_and_check(1, {2}).ok());
 }
 
+TEST_CASE("scattered page tables: several reads per staging slot, buffered chunks between stored ones") {
+  // Full chunks in any order make a valid page table (attention does not depend on token order),
+  // so a table interleaving another's chunks gives windows whose stored chunks are not adjacent on
+  // the device and whose buffered chunks sit between them.
+  harness h(uri_for("scatter.bin", "staging=128K&request=64K&queue_depth=4&write_batch=64"));
+  const uint32_t tpp = h.tpp();
+  REQUIRE(h.append(1, 0, 8 * tpp).ok());
+  REQUIRE(h.b->flush().ok());                 // chunks 0..7 stored
+  REQUIRE(h.append(1, 0, 6 * tpp + 5).ok());  // 8..13 sealed in group buffers, 14 a tail
+  REQUIRE(h.b->buffered_chunks() == 7);
+  const auto& src = h.tables[{1, 0}];
+  auto& dst = h.tables[{2, 0}];
+  for (uint32_t c : {7u, 8u, 6u, 9u, 5u, 10u, 4u, 11u, 3u, 12u, 2u, 13u, 1u, 0u, 14u}) {
+    dst.chunks.push_back(src.chunks[c]);
+    const size_t first = size_t{c} * tpp * h.row_bytes();
+    const size_t last = std::min<size_t>(size_t{c + 1} * tpp, src.n) * h.row_bytes();
+    dst.k.insert(dst.k.end(), src.k.begin() + first, src.k.begin() + last);
+    dst.v.insert(dst.v.end(), src.v.begin() + first, src.v.begin() + last);
+  }
+  dst.n = src.n;
+  const uint64_t read_before = h.b->stats().device_bytes_read;
+  REQUIRE(h.attend_and_check(0, {2, 1}).ok());
+  CHECK(h.b->stats().device_bytes_read - read_before == 2 * 8 * h.b->chunk_offset(1));  // stored chunks, once each
+  REQUIRE(h.attend_and_check(0, {2}, 2e-6, true).ok());
+}
+
 TEST_CASE("write amplification is exactly 1 for whole-chunk appends, and counted honestly otherwise") {
   harness h(uri_for("wa.bin", "write_batch=4"));
   for (seq_id s = 1; s <= 3; ++s)

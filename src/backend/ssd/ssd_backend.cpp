@@ -3,7 +3,7 @@
 //   slot_allocator   where chunks live on the device (extents per (sequence, layer) stream);
 //   group_buffers    tails and sealed chunks in host memory, batched writes, flush;
 //   page_reader      read_pages (SparF's page loads);
-//   stream_decode    attend: the staging ring (chunk source, prefetch) and the compute.
+//   stream_decode    attend: the staging ring (prefetch), a chunk source of the decode driver.
 // Each component completes its own I/O through its engine handler. This file checks the calls
 // and routes them; it owns the order of teardown.
 #include "instinfer/backend/ssd_backend.hpp"

@@ -1,36 +1,31 @@
-// Decode attention of the SSD backend, in two separate parts:
+// Decode attention of the SSD backend: the staging ring is a chunk source of the shared decode
+// driver (attention/decode_driver.hpp), which runs the kernel, merges and normalises.
 //
-//   staging_ring        a chunk source. A batch's stored chunks are planned into requests of up
-//                       to `request_chunks` contiguous slots, read into a ring of staging slots
-//                       (the engine's staging pool) and handed out, in plan order, as each lands
-//                       while later reads are in flight. Buffered chunks (tails, unwritten sealed
-//                       chunks) are handed out first, straight from their group buffers.
-//                       prefetch() starts the next layer's reads; open() adopts them when they are
-//                       exactly the start of its plan.
-//   decode_accumulator  the compute: the decode kernel per KV head over a run of chunks, partials
-//                       merged by lse per query head, normalised at the end.
-//
-// stream_decode::attend() joins the two. A shared decode driver can take the ring as one of its
-// chunk sources (open / next / abort) and bring its own compute. Internal to src/backend/ssd.
+//   staging_ring   the chunk source. prepare() turns the driver's plan into windows of up to
+//                  `request_chunks` chunks (the driver's window size) in plan order; each window
+//                  with stored chunks takes the next ring ticket (slot = ticket % n_slots) and its
+//                  stored chunks are read into that slot at their place in the window, one read
+//                  per run of contiguous device slots; buffered chunks (tails, unwritten sealed
+//                  chunks) are served from their group buffers. The first ring's worth goes out in
+//                  prepare(); acquire() reaps until the window's slot has landed (later reads stay
+//                  in flight, so compute overlaps I/O); release() frees the slot and issues more.
+//                  prefetch() starts the next layer's reads; prepare() adopts them when they are
+//                  exactly the start of its reads.
+//   stream_decode  a one-worker decode driver over the ring, on the calling thread: the backend's
+//                  single-issuer rule (one thread touches the engine) holds by construction.
+// Internal to src/backend/ssd.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "group_buffers.hpp"
-#include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/decode_driver.hpp"
 #include "ssd_io.hpp"
 
 namespace instinfer::ssd {
-
-// Consecutive chunks of one batch item, in host memory and ready for compute.
-struct chunk_run {
-  uint32_t item = 0;      // index in the batch
-  uint32_t position = 0;  // the first chunk's position in the item's page table
-  std::span<const std::byte* const> chunks;
-  uint32_t last_tokens = 0;  // tokens held by the run's last chunk
-};
 
 class staging_ring final : private io::completion_handler, private staging_holder {
  public:
@@ -38,21 +33,31 @@ class staging_ring final : private io::completion_handler, private staging_holde
   staging_ring(const staging_ring&) = delete;
   staging_ring& operator=(const staging_ring&) = delete;
 
-  // `io` and `buffers` must outlive this. The ring is n_slots requests of request_chunks chunks
-  // at the start of the staging pool. Registers the read handler and holds the staging pool.
+  // `io` and `buffers` must outlive this. The ring is n_slots slots of request_chunks chunks at
+  // the start of the staging pool. `prefetch_plan` plans a prefetched batch the way the driver
+  // will (same options, so that its reads can be adopted). Registers the read handler and holds
+  // the staging pool.
   status configure(ssd_io& io, const group_buffers& buffers, const chunk_layout& layout, uint32_t request_chunks,
-                   uint32_t n_slots);
+                   uint32_t n_slots, const decode_plan_options& prefetch_plan);
 
-  // Start streaming `batch` (checked by the caller) of `layer`: plan, adopt the prefetch, issue.
-  status open(uint32_t layer, const attend_batch& batch) noexcept;
-  // The next run: buffered chunks first, then stored runs in plan order as they land (blocking).
-  // The run stays valid until the next call; out.chunks empty: the batch is done.
-  status next(chunk_run& out) noexcept;
+  // The next prepare() serves `batch` (checked by the caller) of `layer`; null after the run.
+  void bind(uint32_t layer, const attend_batch* batch) noexcept {
+    layer_ = layer;
+    batch_ = batch;
+  }
+
+  // chunk_source (one worker, windows in plan order).
+  chunk_layout layout() const noexcept { return layout_; }
+  uint32_t max_window_chunks() const noexcept { return request_chunks_; }
+  status prepare(const decode_plan& plan, uint32_t n_workers) noexcept;
+  result<chunk_window> acquire(uint32_t worker, const decode_work_item& item, uint32_t first, uint32_t n) noexcept;
+  void release(uint32_t worker, const decode_work_item& item, const chunk_window& window) noexcept;
+
   // Wait for (or drop) every read in flight and free the ring: after a failure, or before another
   // user of the staging pool.
   void abort() noexcept { cancel_prefetch(); }
 
-  // Start reading `batch` (checked by the caller) for a later open() of `layer`.
+  // Start reading `batch` (checked by the caller) for a later attend of `layer`.
   void prefetch(uint32_t layer, const attend_batch& batch) noexcept;
   void cancel_prefetch() noexcept;
   // A slot a prefetch may have read was released from another thread: never adopt it.
@@ -63,72 +68,65 @@ class staging_ring final : private io::completion_handler, private staging_holde
   uint64_t memory_bytes() const noexcept;
 
  private:
-  struct read_request {
-    uint32_t item = 0;      // index in the batch
-    uint32_t position = 0;  // first chunk position in the item's page table
-    uint32_t count = 0;     // chunks (contiguous slots)
+  struct ring_window {      // one window the driver acquires, in plan order
+    uint32_t seq = 0;       // the item's sequence (index in the batch)
+    uint32_t first = 0;     // first chunk position in the sequence's page table
+    uint32_t count = 0;     // chunks
+    uint32_t ticket = 0;    // ring ticket (slot = ticket % n_slots), if it reads anything
+    uint32_t end_read = 0;  // reads [.., end_read) are this window's and earlier ones'
+    uint32_t stored = 0;    // chunks read from the device (0: all buffered, no ticket)
+  };
+  struct read_run {  // contiguous device slots into one ring slot
     chunk_id first = kInvalidChunk;
+    uint32_t count = 0;
+    uint32_t offset = 0;  // chunk index in the slot
+    uint32_t ticket = 0;
+    bool operator==(const read_run&) const noexcept = default;
+  };
+  struct ring_plan {
+    std::vector<ring_window> windows;
+    std::vector<read_run> reads;
   };
   struct ring_slot {
-    int32_t result = 0;
-    uint8_t state = 0;  // kSlotFree, kSlotInFlight, kSlotDone
+    uint32_t pending = 0;  // reads in flight
+    int32_t result = 0;    // first failed read's result (< 0), else 0
   };
   static constexpr int64_t kNoPrefetch = -1, kPoisoned = -2;
 
   void on_completion(const io::completion& c) noexcept override;
   void release_staging() noexcept override { cancel_prefetch(); }
-  status plan_reads(const attend_batch& batch, std::vector<read_request>& out) noexcept;
-  status issue_reads(std::span<const read_request> plan, uint32_t& next) noexcept;
-  bool adopt_prefetch(uint32_t layer) noexcept;
-  bool any_in_flight() const noexcept;
-  bool next_buffered(chunk_run& out) noexcept;
-  status next_stored(chunk_run& out) noexcept;
-  std::byte* slot_data(uint32_t slot) noexcept { return io_->staging() + uint64_t{slot} * request_bytes(); }
+  status plan_windows(std::span<const decode_work_item> items, const attend_batch& batch, ring_plan& out) noexcept;
+  status issue_reads(std::span<const read_run> reads) noexcept;
+  status wait_landed(const ring_window& w) noexcept;
+  bool adopt_prefetch() const noexcept;
+  std::byte* slot_data(uint32_t ticket) noexcept {
+    return io_->staging() + uint64_t{ticket % n_slots_} * request_bytes();
+  }
 
   ssd_io* io_ = nullptr;
   const group_buffers* buffers_ = nullptr;
-  uint32_t tokens_per_chunk_ = 0;
+  chunk_layout layout_{};
   uint64_t chunk_bytes_ = 0;
   uint32_t request_chunks_ = 1;
   uint32_t n_slots_ = 0;
   uint32_t handler_ = 0;
+  decode_plan_options prefetch_options_{};
   std::vector<ring_slot> slots_;
-  std::vector<read_request> plan_;
-  std::vector<read_request> prefetch_plan_;
-  uint32_t prefetch_issued_ = 0;  // requests of prefetch_plan_ in the ring (slots 0..n-1)
+  uint32_t in_flight_ = 0;                     // reads sent and not completed
+  std::vector<const std::byte*> window_ptrs_;  // the acquired window's chunks
+
+  // The reads of the ring: plan_ while a run is open, prefetch_ after a prefetch.
+  ring_plan plan_;
+  ring_plan prefetch_;
+  decode_plan prefetch_items_;
+  uint32_t issued_ = 0;    // reads of the current plan sent to the device
+  uint32_t released_ = 0;  // tickets handed out and released
+  uint32_t cursor_ = 0;    // the next window acquire() serves
   int64_t prefetch_layer_ = kNoPrefetch;
+  status failure_;  // a release() that could not issue: returned by the next acquire()
 
-  // The open batch: where next() is.
-  attend_batch batch_{};
-  uint32_t issued_ = 0;         // requests of plan_ sent to the device
-  uint32_t consumed_ = 0;       // requests of plan_ handed out and released
-  bool holding_slot_ = false;   // the last run handed out is slot consumed_ % n_slots_
-  uint32_t buffered_item_ = 0;  // the buffered-chunk walk
-  uint32_t buffered_position_ = 0;
-  const std::byte* buffered_chunk_ = nullptr;
-  std::vector<const std::byte*> ptrs_;
-};
-
-class decode_accumulator {
- public:
-  status configure(const backend_config& config, const chunk_layout& layout);
-  // Zeroed partials for a batch of n_items.
-  status reset(size_t n_items) noexcept;
-  // Attend the item's query over a run of chunks and merge the partials in.
-  void add(const chunk_run& run, const attend_item& item) noexcept;
-  // Normalise and write out, lse, for every item.
-  void finish(const attend_batch& batch) noexcept;
-
- private:
-  decode_chunks_fn kernel_ = nullptr;
-  decode_params params_{};
-  uint32_t head_dim_ = 0;
-  uint32_t n_q_heads_ = 0;
-  uint32_t n_kv_heads_ = 0;
-  std::vector<float> acc_o_;  // [item][n_q_heads][head_dim]
-  std::vector<softmax_stats> acc_stats_;
-  std::vector<float> tmp_o_;  // one KV head's group
-  std::vector<softmax_stats> tmp_stats_;
+  uint32_t layer_ = 0;
+  const attend_batch* batch_ = nullptr;
 };
 
 class stream_decode {
@@ -142,7 +140,8 @@ class stream_decode {
 
  private:
   staging_ring ring_;
-  decode_accumulator accumulator_;
+  std::unique_ptr<decode_driver> driver_;
+  std::vector<decode_sequence> sequences_;  // grows to the largest batch seen
 };
 
 }  // namespace instinfer::ssd
