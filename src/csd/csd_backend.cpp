@@ -509,7 +509,7 @@ status csd_backend::attend_sparse(uint32_t layer, const attend_batch& batch, con
 // Dense (sparse == null) or SparF attend: the same command layout, SparF adds its parameters in
 // front of the entries and its counters after the results.
 status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const sparf_params* sparse,
-                                 sparf_counters* counters) noexcept {
+                                sparf_counters* counters) noexcept {
   impl& m = *impl_;
   if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
   if (layer >= m.config.shape.n_layers) return {errc::kLayerOutOfRange, "layer out of range"};

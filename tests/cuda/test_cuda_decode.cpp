@@ -16,11 +16,11 @@
 #include <random>
 #include <vector>
 
-#include "support/batch_of.hpp"
 #include "instinfer/attention/decode.hpp"
 #include "instinfer/backend/cuda_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "instinfer/testing/reference.hpp"
+#include "support/batch_of.hpp"
 
 using namespace instinfer;
 
@@ -288,12 +288,15 @@ TEST_CASE("backend contract: append-only, no damage on failure, pool exhaustion"
   std::vector<float> q(size_t{shape.n_q_heads} * shape.head_dim, 0.5f), out(q.size());
   const chunk_id one[1] = {id};
   attend_item bad{0, one, 17, q.data(), out.data(), nullptr};  // 17 tokens need 2 chunks
-  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() == errc::kInvalidArgument);
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() ==
+        errc::kInvalidArgument);
   bad.n_tokens = 6;  // only 5 written
-  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() == errc::kInvalidArgument);
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() ==
+        errc::kInvalidArgument);
   bad.n_tokens = 5;
   bad.q = nullptr;
-  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() == errc::kInvalidArgument);
+  CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).code() ==
+        errc::kInvalidArgument);
   bad.q = q.data();
   CHECK(b.attend(0, test_support::batch_of({&bad, 1}, cl.tokens(), shape.n_q_heads, shape.head_dim)).ok());
 

@@ -10,10 +10,10 @@
 #include <thread>
 #include <vector>
 
-#include "support/batch_of.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
 #include "instinfer/testing/reference.hpp"
 #include "ssd_test_util.hpp"
+#include "support/batch_of.hpp"
 
 using namespace instinfer;
 
@@ -109,8 +109,9 @@ struct harness {
           std::copy_n(t.v.data() + j * row_bytes() + h * hrow, hrow, vh.data() + j * hrow);
         }
         std::vector<double> want(size_t{g} * kDim), want_lse(g);
-        reference::attend_rows(kh.data(), vh.data(), cfg.shape.kv_dtype, t.n, kDim, q.data() + i * qrow + size_t{h} * g * kDim,
-                               g, 1.0 / std::sqrt(double{kDim}), 0.0, want.data(), want_lse.data());
+        reference::attend_rows(kh.data(), vh.data(), cfg.shape.kv_dtype, t.n, kDim,
+                               q.data() + i * qrow + size_t{h} * g * kDim, g, 1.0 / std::sqrt(double{kDim}), 0.0,
+                               want.data(), want_lse.data());
         const double err = reference::relative_error(
             std::span<const float>(out.data() + i * qrow + size_t{h} * g * kDim, size_t{g} * kDim), want);
         CHECK_MESSAGE(err <= tol, "seq " << seqs[i] << " head " << h << " n " << t.n << " err " << err);
@@ -118,7 +119,8 @@ struct harness {
           if (t.n == 0)
             CHECK(std::isinf(lse[i * kQHeads + h * g + j]));
           else
-            CHECK(std::fabs(lse[i * kQHeads + h * g + j] - want_lse[j]) <= 1e-5 * std::max(1.0, std::fabs(want_lse[j])));
+            CHECK(std::fabs(lse[i * kQHeads + h * g + j] - want_lse[j]) <=
+                  1e-5 * std::max(1.0, std::fabs(want_lse[j])));
         }
       }
     }
@@ -472,14 +474,18 @@ TEST_CASE("bad inputs") {
   std::vector<float> q(kQHeads * kDim, 0.1f), out(kQHeads * kDim);
   const chunk_id ids[1] = {id.value()};
   attend_item wrong_count{1, std::span<const chunk_id>(ids), 40, q.data(), out.data(), nullptr};
-  CHECK(h.b->attend(0, test_support::batch_of({&wrong_count, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kInvalidArgument);
+  CHECK(h.b->attend(0, test_support::batch_of({&wrong_count, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() ==
+        errc::kInvalidArgument);
   attend_item null_q{1, std::span<const chunk_id>(ids), 16, nullptr, out.data(), nullptr};
-  CHECK(h.b->attend(0, test_support::batch_of({&null_q, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kInvalidArgument);
+  CHECK(h.b->attend(0, test_support::batch_of({&null_q, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() ==
+        errc::kInvalidArgument);
   attend_item ok_item{1, std::span<const chunk_id>(ids), 16, q.data(), out.data(), nullptr};
-  CHECK(h.b->attend(kLayers, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kLayerOutOfRange);
+  CHECK(h.b->attend(kLayers, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() ==
+        errc::kLayerOutOfRange);
   CHECK(h.b->attend(0, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).ok());
   h.b->release_chunk(id.value());
-  CHECK(h.b->attend(0, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kInvalidArgument);
+  CHECK(h.b->attend(0, test_support::batch_of({&ok_item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() ==
+        errc::kInvalidArgument);
   h.b->release_chunk(id.value());  // double release is ignored
 }
 
@@ -506,7 +512,8 @@ TEST_CASE("single issuer: another thread is refused while this thread's prefetch
   attend_item item{1, t.chunks, t.n, q.data(), out.data(), nullptr};
   h.b->prefetch(0, test_support::batch_of({&item, 1}, h.cfg.layout().tokens(), kQHeads, kDim));
   std::thread other([&] {
-    CHECK(h.b->attend(0, test_support::batch_of({&item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() == errc::kBusy);
+    CHECK(h.b->attend(0, test_support::batch_of({&item, 1}, h.cfg.layout().tokens(), kQHeads, kDim)).code() ==
+          errc::kBusy);
     CHECK(h.b->flush().code() == errc::kBusy);
   });
   other.join();

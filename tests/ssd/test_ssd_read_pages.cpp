@@ -12,9 +12,9 @@
 #include <set>
 #include <vector>
 
-#include "support/batch_of.hpp"
 #include "instinfer/backend/ssd_backend.hpp"
 #include "ssd_test_util.hpp"
+#include "support/batch_of.hpp"
 
 using namespace instinfer;
 

@@ -18,8 +18,8 @@ struct owned_batch {
   operator const instinfer::attend_batch&() const noexcept { return view; }
 };
 
-inline owned_batch batch_of(std::span<const instinfer::attend_item> items, uint32_t tokens_per_page,
-                            uint32_t n_q_heads, uint32_t head_dim) {
+inline owned_batch batch_of(std::span<const instinfer::attend_item> items, uint32_t tokens_per_page, uint32_t n_q_heads,
+                            uint32_t head_dim) {
   owned_batch b;
   b.builder.clear(tokens_per_page);
   const size_t row = size_t{n_q_heads} * head_dim;

@@ -61,9 +61,9 @@ constexpr const char* call_name(call c) noexcept {
 
 // Capabilities of the wrapped backend that the wrapper does not show.
 struct hidden_capabilities {
-  bool host_view = false;      // host_view() -> empty: chunks are not host-resident
-  bool read_pages = false;     // read_pages() -> kUnsupported (the manager falls back to read_chunk)
-  bool runs_sparf = false;     // runs_sparf() -> false (the manager runs SparF on the host)
+  bool host_view = false;   // host_view() -> empty: chunks are not host-resident
+  bool read_pages = false;  // read_pages() -> kUnsupported (the manager falls back to read_chunk)
+  bool runs_sparf = false;  // runs_sparf() -> false (the manager runs SparF on the host)
 };
 
 class forwarding_backend final : public backend {
@@ -141,9 +141,7 @@ class forwarding_backend final : public backend {
     INSTINFER_TRY(enter(call::kFlush, nullptr));
     return inner_->flush();
   }
-  void prefetch(uint32_t layer, const attend_batch& batch) noexcept override {
-    inner_->prefetch(layer, batch);
-  }
+  void prefetch(uint32_t layer, const attend_batch& batch) noexcept override { inner_->prefetch(layer, batch); }
   void on_sequence_freed(seq_id seq) noexcept override { inner_->on_sequence_freed(seq); }
   backend_stats stats() const noexcept override { return inner_->stats(); }
 

@@ -45,13 +45,17 @@ class csd_backend final : public backend {
 #if defined(INSTINFER_WITH_CSD) && INSTINFER_WITH_CSD
   static bool available() noexcept;
 #else
-  static bool available() noexcept { return false; }
+  static bool available() noexcept {
+    return false;
+  }
 #endif
 
   static result<std::unique_ptr<csd_backend>> create(const backend_uri& uri);
   ~csd_backend() override;
 
-  std::string_view name() const noexcept override { return kScheme; }
+  std::string_view name() const noexcept override {
+    return kScheme;
+  }
   uint32_t preferred_page_bytes() const noexcept override;
   status configure(const backend_config& config) override;
   uint64_t capacity_chunks() const noexcept override;
@@ -82,7 +86,7 @@ class csd_backend final : public backend {
   struct impl;
   explicit csd_backend(std::unique_ptr<impl> p);
   status send_attend(uint32_t layer, const attend_batch& batch, const sparf_params* sparse,
-                      sparf_counters* counters) noexcept;
+                     sparf_counters* counters) noexcept;
   std::unique_ptr<impl> impl_;
 };
 

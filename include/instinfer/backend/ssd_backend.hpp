@@ -81,7 +81,9 @@ class ssd_backend final : public backend {
 #if defined(INSTINFER_WITH_SSD) && INSTINFER_WITH_SSD
   static bool available() noexcept;
 #else
-  static bool available() noexcept { return false; }
+  static bool available() noexcept {
+    return false;
+  }
 #endif
 
   explicit ssd_backend(ssd_backend_options options);
@@ -89,7 +91,9 @@ class ssd_backend final : public backend {
   ssd_backend(const ssd_backend&) = delete;
   ssd_backend& operator=(const ssd_backend&) = delete;
 
-  std::string_view name() const noexcept override { return kScheme; }
+  std::string_view name() const noexcept override {
+    return kScheme;
+  }
   uint32_t preferred_page_bytes() const noexcept override;
   status configure(const backend_config& config) override;
 
