@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "csd_impl.hpp"
 #include "instinfer/attention/sparf.hpp"
 #include "instinfer/csd/client.hpp"
 #include "instinfer/csd/models.hpp"
@@ -20,272 +21,17 @@ namespace instinfer {
 
 using namespace csd;
 
-namespace {
-
-struct drive_slot {
-  std::unique_ptr<connection> conn;
-  uint32_t nsid = 0;
-  uint64_t chunk_base = 0;
-  uint32_t head_begin = 0;
-  uint32_t n_heads = 0;
-};
-
-}  // namespace
-
-struct csd_backend::impl {
-  std::vector<drive_slot> drives;
-  uint32_t page_bytes = 4096;
-  backend_config config{};
-  chunk_layout layout{};
-  bool configured = false;
-  uint64_t capacity = 0;
-  std::vector<chunk_id> free_list;
-  std::vector<chunk_id> pending_release;
-  std::unordered_map<seq_layer_key, std::vector<chunk_id>, seq_layer_hash> mirror;  // what the drives hold
-  uint64_t kv_bytes_appended = 0;
-  double modelled_ns = 0.0;
-  mutable std::mutex stats_mutex;
-
-  status lost_guard() const {
-    for (const drive_slot& d : drives)
-      if (d.conn->lost()) return {errc::kDeviceLost, "a drive of this csd backend was lost; the backend is closed"};
-    return {};
-  }
-
-  // Post one command per drive (built by `fill`), then wait for all of them. The call's modelled
-  // time is the slowest drive's (the drives work in parallel).
-  template <class Fill>
-  status run_all(Fill&& fill) {
-    INSTINFER_TRY(lost_guard());
-    status first;
-    std::vector<bool> posted(drives.size(), false);
-    for (uint32_t d = 0; d < drives.size(); ++d) {
-      sq_entry e{};
-      e.nsid = drives[d].nsid;
-      status s = fill(d, e);
-      if (s.ok()) s = drives[d].conn->post(e);
-      if (!s.ok()) {
-        if (first.ok()) first = std::move(s);
-        break;
-      }
-      posted[d] = true;
-    }
-    double slowest = 0.0;
-    for (uint32_t d = 0; d < drives.size(); ++d) {
-      if (!posted[d]) continue;
-      status s = drives[d].conn->wait();
-      if (!s.ok() && first.ok()) first = std::move(s);
-      slowest = std::max(slowest, static_cast<double>(drives[d].conn->last().modelled_ns));
-    }
-    modelled_ns += slowest;
-    return first;
-  }
-
-  status flush_releases() {
-    if (pending_release.empty()) return {};
-    // Chunk ids go back on the free list only once every drive has freed them.
-    uint64_t max_ids = drives.front().conn->area_bytes() / 4;
-    for (const auto& d : drives) max_ids = std::min(max_ids, d.conn->area_bytes() / 4);
-    size_t done = 0;
-    while (done < pending_release.size()) {
-      const size_t n = std::min<size_t>(pending_release.size() - done, max_ids);
-      INSTINFER_TRY(run_all([&](uint32_t d, sq_entry& e) -> status {
-        auto* ids = reinterpret_cast<uint32_t*>(drives[d].conn->area());
-        for (size_t i = 0; i < n; ++i) ids[i] = static_cast<uint32_t>(drives[d].chunk_base + pending_release[done + i]);
-        e.opcode = static_cast<uint8_t>(opcode::kReclaim);
-        e.data_bytes = static_cast<uint32_t>(n * 4);
-        reclaim_args a{};
-        a.mode = static_cast<uint8_t>(reclaim_mode::kChunks);
-        a.n_chunks = static_cast<uint32_t>(n);
-        set_args(e, a);
-        return {};
-      }));
-      free_list.insert(free_list.end(), pending_release.begin() + static_cast<ptrdiff_t>(done),
-                       pending_release.begin() + static_cast<ptrdiff_t>(done + n));
-      done += n;
-    }
-    pending_release.clear();
-    return {};
-  }
-
-  // Make the drives' copy of a (seq, layer) page table equal the manager's.
-  status sync_table(seq_id seq, uint32_t layer, std::span<const chunk_id> chunks) {
-    auto& m = mirror[seq_layer_key{seq, layer}];
-    if (m.size() == chunks.size() && std::equal(m.begin(), m.end(), chunks.begin())) return {};
-    for (const auto& d : drives)
-      if (chunks.size() * 4 > d.conn->area_bytes())
-        return {errc::kInvalidArgument, "page table too large for the data area"};
-    INSTINFER_TRY(run_all([&](uint32_t d, sq_entry& e) -> status {
-      auto* ids = reinterpret_cast<uint32_t*>(drives[d].conn->area());
-      for (size_t i = 0; i < chunks.size(); ++i) ids[i] = static_cast<uint32_t>(drives[d].chunk_base + chunks[i]);
-      e.opcode = static_cast<uint8_t>(opcode::kMap);
-      e.data_bytes = static_cast<uint32_t>(chunks.size() * 4);
-      set_args(e, map_args{seq, layer, static_cast<uint32_t>(chunks.size())});
-      return {};
-    }));
-    m.assign(chunks.begin(), chunks.end());
-    return {};
-  }
-
-  void note_position(seq_id seq, uint32_t layer, uint32_t index, chunk_id id) {
-    auto& m = mirror[seq_layer_key{seq, layer}];
-    if (m.size() <= index) m.resize(uint64_t{index} + 1, kInvalidChunk);
-    m[index] = id;
-  }
-};
-
-bool csd_backend::available() noexcept {
-  try {
-    return !find_device_binary(connection_options{}).empty();
-  } catch (...) {
-    return false;
-  }
-}
-
 csd_backend::csd_backend(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 
 csd_backend::~csd_backend() {
   if (!impl_) return;
-  for (drive_slot& d : impl_->drives) {
+  for (csd_drive_slot& d : impl_->drives) {
     if (!d.conn || d.conn->lost() || d.nsid == 0 || d.conn->started()) continue;
     sq_entry e{};
     e.opcode = static_cast<uint8_t>(opcode::kDeleteNamespace);
     e.nsid = d.nsid;
     (void)d.conn->execute(e);
   }
-}
-
-result<std::unique_ptr<csd_backend>> csd_backend::create(const backend_uri& uri) {
-  if (uri.scheme != kScheme) return status{errc::kInvalidArgument, "not a csd: URI"};
-  static const char* const kKnown[] = {"drives",         "cores",
-                                       "channels",       "dies",
-                                       "channel_gbps",   "read_us",
-                                       "program_us",     "erase_us",
-                                       "page",           "pages_per_block",
-                                       "blocks_per_die", "capacity",
-                                       "link_gbps",      "link_us",
-                                       "buffer_mb",      "data_mb",
-                                       "timeout_ms",     "buffered",
-                                       "attach",         "device",
-                                       "emulator",       "debug_attend_delay_ms"};
-  for (const auto& [k, v] : uri.options)
-    if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))
-      return status{errc::kInvalidArgument, "unknown csd: option '" + k + "'"};
-  auto u = [&](const char* key, uint64_t fallback) { return uri.option_u64(key, fallback); };
-  auto f = [&](const char* key, double fallback) { return uri.option_f64(key, fallback); };
-#define INSTINFER_OPT(var, expr)             \
-  auto var##_r = (expr);                     \
-  if (!var##_r.ok()) return var##_r.error(); \
-  const auto var = var##_r.value();
-  INSTINFER_OPT(drives, u("drives", 1))
-  INSTINFER_OPT(cores, u("cores", 4))
-  INSTINFER_OPT(channels, u("channels", 8))
-  INSTINFER_OPT(dies, u("dies", 8))
-  INSTINFER_OPT(page, u("page", 4096))
-  INSTINFER_OPT(ppb, u("pages_per_block", 256))
-  INSTINFER_OPT(bpd, u("blocks_per_die", 64))
-  INSTINFER_OPT(capacity, u("capacity", 0))
-  INSTINFER_OPT(buffer_mb, u("buffer_mb", 512))
-  INSTINFER_OPT(data_mb, u("data_mb", 16))
-  INSTINFER_OPT(timeout_ms, u("timeout_ms", 5000))
-  INSTINFER_OPT(delay_ms, u("debug_attend_delay_ms", 0))
-  INSTINFER_OPT(channel_gbps, f("channel_gbps", 1.4))
-  INSTINFER_OPT(read_us, f("read_us", 20))
-  INSTINFER_OPT(program_us, f("program_us", 200))
-  INSTINFER_OPT(erase_us, f("erase_us", 2000))
-  INSTINFER_OPT(link_gbps, f("link_gbps", 7))
-  INSTINFER_OPT(link_us, f("link_us", 2))
-#undef INSTINFER_OPT
-  if (drives == 0 || drives > 64) return status{errc::kInvalidArgument, "drives must be in [1, 64]"};
-  if (data_mb == 0 || data_mb > 4096) return status{errc::kInvalidArgument, "data_mb must be in [1, 4096]"};
-  if (timeout_ms == 0 || timeout_ms > 3600000)
-    return status{errc::kInvalidArgument, "timeout_ms must be in [1, 3600000]"};
-  flash_params fp{};
-  fp.channels = static_cast<uint32_t>(std::min<uint64_t>(channels, UINT32_MAX));
-  fp.dies_per_channel = static_cast<uint32_t>(std::min<uint64_t>(dies, UINT32_MAX));
-  fp.page_bytes = static_cast<uint32_t>(std::min<uint64_t>(page, UINT32_MAX));
-  fp.pages_per_block = static_cast<uint32_t>(std::min<uint64_t>(ppb, UINT32_MAX));
-  fp.blocks_per_die = static_cast<uint32_t>(std::min<uint64_t>(bpd, UINT32_MAX));
-  fp.channel_gbps = channel_gbps;
-  fp.read_us = read_us;
-  fp.program_us = program_us;
-  fp.erase_us = erase_us;
-  if (capacity != 0) {
-    const uint64_t per_block = uint64_t{fp.page_bytes} * fp.pages_per_block * std::max<uint64_t>(fp.lanes(), 1);
-    fp.blocks_per_die = static_cast<uint32_t>(std::max<uint64_t>(1, capacity / std::max<uint64_t>(per_block, 1)));
-  }
-  INSTINFER_TRY(fp.validate());
-  link_params lp{link_gbps, link_us};
-  INSTINFER_TRY(lp.validate());
-
-  std::vector<std::string> attach_names;
-  if (auto a = uri.option("attach"); a && !a->empty()) {
-    std::string_view rest = *a;
-    while (!rest.empty()) {
-      const size_t comma = rest.find(',');
-      attach_names.emplace_back(rest.substr(0, comma));
-      if (comma == std::string_view::npos) break;
-      rest = rest.substr(comma + 1);
-    }
-    if (attach_names.size() != drives)
-      return status{errc::kInvalidArgument, "attach= names " + std::to_string(attach_names.size()) +
-                                                " drives, drives=" + std::to_string(drives)};
-  }
-
-  auto p = std::make_unique<impl>();
-  for (uint32_t d = 0; d < drives; ++d) {
-    connection_options co;
-    co.timeout_ms = static_cast<uint32_t>(timeout_ms);
-    co.layout.data_bytes = data_mb << 20;
-    if (auto dev = uri.option("device")) co.device_path = std::string(*dev);
-    if (auto em = uri.option("emulator")) co.emulator = std::string(*em);
-    if (!attach_names.empty()) {
-      co.attach = attach_names[d];
-    } else {
-      std::string flash = "ram";
-      if (!uri.path.empty()) flash = drives == 1 ? uri.path : uri.path + "." + std::to_string(d);
-      co.device_args = {"--flash",
-                        flash,
-                        "--cores",
-                        std::to_string(cores),
-                        "--channels",
-                        std::to_string(fp.channels),
-                        "--dies",
-                        std::to_string(fp.dies_per_channel),
-                        "--blocks-per-die",
-                        std::to_string(fp.blocks_per_die),
-                        "--pages-per-block",
-                        std::to_string(fp.pages_per_block),
-                        "--page",
-                        std::to_string(fp.page_bytes),
-                        "--channel-gbps",
-                        std::to_string(fp.channel_gbps),
-                        "--read-us",
-                        std::to_string(fp.read_us),
-                        "--program-us",
-                        std::to_string(fp.program_us),
-                        "--erase-us",
-                        std::to_string(fp.erase_us),
-                        "--link-gbps",
-                        std::to_string(lp.gbps),
-                        "--link-us",
-                        std::to_string(lp.command_us),
-                        "--buffer-mb",
-                        std::to_string(buffer_mb)};
-      if (uri.option_bool("buffered", false)) co.device_args.push_back("--buffered");
-      if (delay_ms) co.device_args.insert(co.device_args.end(), {"--debug-attend-delay-ms", std::to_string(delay_ms)});
-    }
-    auto c = connection::open(co);
-    if (!c.ok()) return c.error();
-    drive_slot slot;
-    slot.conn = std::move(*c);
-    p->drives.push_back(std::move(slot));
-  }
-  p->page_bytes = p->drives.front().conn->identity().page_bytes;
-  for (const auto& d : p->drives)
-    if (d.conn->identity().page_bytes != p->page_bytes)
-      return status{errc::kInvalidArgument, "the drives have different flash page sizes"};
-  return std::unique_ptr<csd_backend>(new csd_backend(std::move(p)));
 }
 
 uint32_t csd_backend::preferred_page_bytes() const noexcept {
@@ -310,7 +56,7 @@ status csd_backend::configure(const backend_config& config) {
       config.capacity_bytes ? std::max<uint64_t>(1, config.capacity_bytes / m.layout.chunk_bytes()) : 0;
   uint64_t cap = UINT32_MAX - 1;
   for (uint32_t d = 0; d < n; ++d) {
-    drive_slot& ds = m.drives[d];
+    csd_drive_slot& ds = m.drives[d];
     ds.head_begin = h * d / n;
     ds.n_heads = h * (d + 1) / n - ds.head_begin;
     namespace_config c{};
@@ -413,7 +159,7 @@ status csd_backend::write_tokens(chunk_id id, const chunk_hint& hint, uint32_t f
     const uint32_t row = m.config.page.row_bytes();
     const uint32_t h_all = m.config.shape.n_kv_heads;
     INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
-      const drive_slot& ds = m.drives[d];
+      const csd_drive_slot& ds = m.drives[d];
       const uint64_t slice = uint64_t{n} * ds.n_heads * row;
       const uint64_t bytes = 4 + 2 * slice;
       if (bytes > ds.conn->area_bytes()) return {errc::kInvalidArgument, "write larger than the data area"};
@@ -483,7 +229,7 @@ status csd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
     return {};
   }));
   const uint64_t page = m.page_bytes;
-  for (const drive_slot& ds : m.drives)
+  for (const csd_drive_slot& ds : m.drives)
     for (uint32_t h = 0; h < ds.n_heads; ++h) {
       std::memcpy(dst + m.layout.page_offset(kv_kind::kKey, ds.head_begin + h), ds.conn->area() + h * page, page);
       std::memcpy(dst + m.layout.page_offset(kv_kind::kValue, ds.head_begin + h),
@@ -527,13 +273,13 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
     const sparf_wire_params wp = is_sparse ? encode_sparf_params(*sparse) : sparf_wire_params{};
     // Items per command: what fits in the smallest data area.
     uint32_t max_items = kMaxAttendItems;
-    for (const drive_slot& ds : m.drives)
+    for (const csd_drive_slot& ds : m.drives)
       max_items = std::min(max_items, attend_max_items(ds.conn->area_bytes(), ds.n_heads * g, dim, is_sparse));
     if (max_items == 0) return {errc::kInvalidArgument, "data area too small for one attend item"};
     for (size_t b0 = 0; b0 < batch.size(); b0 += max_items) {
       const uint32_t nb = static_cast<uint32_t>(std::min<size_t>(max_items, batch.size() - b0));
       INSTINFER_TRY(m.run_all([&](uint32_t d, sq_entry& e) -> status {
-        const drive_slot& ds = m.drives[d];
+        const csd_drive_slot& ds = m.drives[d];
         const uint32_t hq = ds.n_heads * g;
         const attend_wire_layout wire = attend_wire_layout::make(nb, hq, dim, is_sparse);
         std::byte* p = ds.conn->area();
@@ -552,7 +298,7 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
         set_args(e, attend_args{layer, nb});
         return {};
       }));
-      for (const drive_slot& ds : m.drives) {
+      for (const csd_drive_slot& ds : m.drives) {
         const uint32_t hq = ds.n_heads * g;
         const attend_wire_layout wire = attend_wire_layout::make(nb, hq, dim, is_sparse);
         const std::byte* r = ds.conn->area() + wire.result_offset;
@@ -632,12 +378,6 @@ backend_stats csd_backend::stats() const noexcept {
     s.device_bytes_read += ds.flash_pages_read * ds.page_bytes;
   }
   return s;
-}
-
-result<std::unique_ptr<backend>> make_csd_backend(const backend_uri& uri) {
-  auto b = csd_backend::create(uri);
-  if (!b.ok()) return b.error();
-  return std::unique_ptr<backend>(std::move(*b));
 }
 
 static_assert(kv_backend<csd_backend>);
