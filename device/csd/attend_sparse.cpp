@@ -156,9 +156,8 @@ status attend_engine::run_sparse_task(const kv_namespace& ns, const command& c, 
     ws.channels.resize(d);
     ws.weight.resize(d);
     ws.scratch.resize(d);
-    const sparf_channel_choice choice =
-        sparf_choose_channels(cfg, plan, c.sparf.whole_pages, qh, ws.channels.data(), ws.weight.data(),
-                              ws.scratch.data());
+    const sparf_channel_choice choice = sparf_choose_channels(cfg, plan, c.sparf.whole_pages, qh, ws.channels.data(),
+                                                              ws.weight.data(), ws.scratch.data());
     // Step one: the chosen column pages of every column block (none when every token is kept:
     // sparf_select_head then skips the approximate scores).
     INSTINFER_TRY(load_column_pages(ns, sh, i, h, n_cblocks, choice.n_channels, plan.k >= n, ws, mine));

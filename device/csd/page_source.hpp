@@ -21,11 +21,11 @@ class page_chunk_source {
  public:
   // tables: per sequence of the batch, its page table (null for a sequence of no tokens).
   // workers: the engine's per-core state, at least as many as the driver has threads.
-  page_chunk_source(const kv_namespace& ns, std::span<const page_table* const> tables,
-                    std::span<attend_worker> workers, flash_store& store, uint32_t window_chunks) noexcept
+  page_chunk_source(const kv_namespace& ns, std::span<const page_table* const> tables, std::span<attend_worker> workers,
+                    flash_store& store, uint32_t window_chunks) noexcept
       : ns_(ns), tables_(tables), workers_(workers), store_(store), window_(window_chunks) {}
 
-  chunk_layout layout() const noexcept { return ns_.params.layout; }
+  chunk_layout layout() const noexcept { return chunk_layout::make(ns_.geo, 1); }  // [K page][V page]
   uint32_t max_window_chunks() const noexcept { return window_; }
   status prepare(const decode_plan& plan, uint32_t n_workers) noexcept;
   result<chunk_window> acquire(uint32_t worker, const decode_work_item& item, uint32_t first, uint32_t n) noexcept;
