@@ -14,11 +14,6 @@ namespace instinfer::csd {
 
 namespace {
 
-int64_t wall_ns() noexcept {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 bool same_decode(const decode_params& a, const decode_params& b) noexcept {
   const page_geometry &x = a.layout.page, &y = b.layout.page;
   return x.page_bytes == y.page_bytes && x.head_dim == y.head_dim && x.kv_dtype == y.kv_dtype &&

@@ -14,15 +14,6 @@
 
 namespace instinfer::csd {
 
-namespace {
-
-int64_t wall_ns() noexcept {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-}  // namespace
-
 // ==== attend sparse (SparF next to the flash) ====================================================
 // Per (item, kv head) task, on the drive's cores: choose the channel groups from q, read only
 // those column pages (the tail's from DRAM), select tokens, read only the K and V pages of this

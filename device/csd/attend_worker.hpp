@@ -1,9 +1,10 @@
 // What the attend engine keeps per drive core between commands: its page reader, staging buffers
-// and SparF scratch, and the small helpers the dense and sparse paths share (CPU clock, grow-only
+// and SparF scratch, and the small helpers the dense and sparse paths share (clocks, grow-only
 // aligned buffers, the first error of a run).
 #pragma once
 
 #include <time.h>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -22,6 +23,11 @@ inline int64_t thread_cpu_ns() noexcept {
   timespec ts{};
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+
+inline int64_t wall_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 // Grow-only aligned staging: reallocated only when a command needs more than any before.
