@@ -1,16 +1,22 @@
 // The drive's in-storage attention: decode attention over a batch of (sequence, n_tokens) items of
 // one layer, on the drive's own cores, reading K and V pages through per-worker io_uring readers
-// (double-buffered) or from the DRAM group buffer. Dense: every page of the items. Sparse (SparF):
-// the chosen column pages first, then only the token pages holding selected tokens. Results are
+// (double-buffered) or from the DRAM group buffer. Dense: every page of the items, through the
+// library's decode_driver (attention/decode_driver.hpp) over the page-reader chunk source
+// (page_source.hpp). Sparse (SparF, attend_sparse.cpp): the chosen column pages first, then only
+// the token pages holding selected tokens, through attention/sparf/{select,exact}.hpp. Results are
 // written straight into the command's result area (protocol_codec.hpp's attend layout).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "attend_worker.hpp"
 #include "column_ftl.hpp"
 #include "drive_context.hpp"
+#include "instinfer/attention/decode_driver.hpp"
+#include "instinfer/attention/sparf/select.hpp"
 #include "instinfer/core/thread_pool.hpp"
 #include "instinfer/csd/protocol_codec.hpp"
 #include "kv_namespace.hpp"
@@ -19,8 +25,8 @@ namespace instinfer::csd {
 
 class attend_engine {
  public:
-  // Starts o.n_cores - 1 threads (the caller is the last core); throws std::system_error when it
-  // cannot.
+  // Starts o.n_cores - 1 threads for SparF (the caller is the last core); the dense driver's are
+  // started by the first dense attend. Throws std::system_error when it cannot.
   attend_engine(drive_context& ctx, column_ftl& columns);
   ~attend_engine();
   attend_engine(const attend_engine&) = delete;
@@ -34,10 +40,19 @@ class attend_engine {
                        uint64_t& result_bytes);
 
  private:
-  struct worker_state;
-  struct command;
-  struct dense_task;
-  struct dense_plan;
+  // A decoded, validated attend command: where its parts lie, its items and their page tables.
+  struct command {
+    attend_args args{};
+    attend_wire_layout wire{};
+    sparf_params sparf{};  // attend-sparse only
+    std::vector<attend_entry> items;
+    std::vector<const page_table*> tabs;  // per item; null for an item of no tokens
+    const float* q = nullptr;             // [n_items][q_heads][head_dim]
+    float* out = nullptr;                 // [n_items][q_heads][head_dim]
+    float* lse = nullptr;                 // [n_items][q_heads]
+    std::byte* counters = nullptr;        // attend-sparse: one sparf_wire_counters
+    uint32_t n_items() const noexcept { return args.n_items; }
+  };
   struct sparse_shared;
   struct sparse_worker_out;
 
@@ -45,34 +60,30 @@ class attend_engine {
                         command& c) const;
   status check_items(const kv_namespace& ns, command& c) const;
 
-  // Dense: plan (item, head, chunk range) tasks, model their flash reads, stream them on the
-  // workers, merge the partial states in token order.
-  dense_plan plan_dense(const kv_namespace& ns, const command& c) const;
-  void model_dense_reads(const kv_namespace& ns, const command& c, const dense_plan& plan);
-  status run_dense(const kv_namespace& ns, const command& c, const dense_plan& plan, float* part_o,
-                   softmax_stats* part_s);
-  status run_dense_task(const kv_namespace& ns, const command& c, const dense_task& t, worker_state& ws, float* acc_o,
-                        softmax_stats* acc_s) noexcept;
-  static void merge_dense(const kv_namespace& ns, const command& c, const dense_plan& plan, const float* part_o,
-                          const softmax_stats* part_s);
+  // Dense: the driver for the namespace's decode parameters (one at a time, kept while they
+  // stay the same), the modelled flash reads, the run.
+  result<decode_driver*> driver_for(const kv_namespace& ns);
+  void model_dense_reads(const kv_namespace& ns, const command& c);
+  status run_dense(const kv_namespace& ns, const command& c);
 
   // Sparse: column data and V means (single-threaded), then one task per (item, kv head).
   status prepare_columns(kv_namespace& ns, const command& c, sparse_shared& sh);
   status run_sparse(const kv_namespace& ns, const command& c, const sparse_shared& sh, sparse_worker_out& total);
   status run_sparse_task(const kv_namespace& ns, const command& c, const sparse_shared& sh, uint32_t task,
-                         worker_state& ws, sparse_worker_out& mine);
+                         attend_worker& ws, sparse_worker_out& mine);
   status load_column_pages(const kv_namespace& ns, const sparse_shared& sh, uint32_t item, uint32_t head,
-                           uint32_t n_column_blocks, uint32_t n_channels, bool keep_all, worker_state& ws,
+                           uint32_t n_column_blocks, uint32_t n_channels, bool keep_all, attend_worker& ws,
                            sparse_worker_out& mine);
-  status load_token_pages(const kv_namespace& ns, const page_table& tab, uint32_t head, uint32_t n_selected,
-                          worker_state& ws, sparse_worker_out& mine);
-  status ensure_reader(worker_state& ws, uint32_t depth) noexcept;
+  status load_token_pages(const kv_namespace& ns, const page_table& tab, uint32_t head, const sparf_selection& sel,
+                          attend_worker& ws, sparse_worker_out& mine);
 
   drive_context& ctx_;
   column_ftl& columns_;
-  thread_pool pool_;
-  std::vector<worker_state> workers_;  // indexed by the pool's worker index
+  thread_pool pool_;                       // SparF's workers
+  std::unique_ptr<decode_driver> driver_;  // dense: its own workers (core/thread_pool)
+  std::vector<attend_worker> workers_;     // per core, indexed by the worker index of either
   std::vector<uint32_t> read_ppns_;
+  std::vector<decode_sequence> dense_batch_;
 };
 
 }  // namespace instinfer::csd

@@ -8,27 +8,6 @@
 
 namespace instinfer::csd {
 
-namespace {
-
-// One token into column position `col` of a column block: its K row of every head (head h's at
-// k + h * head_stride) transposed into channel order, its V rows added to v_sum [n_kv_heads][head_dim].
-void column_token(const kv_namespace& ns, std::byte* block, uint32_t col, const std::byte* k, uint64_t k_head_stride,
-                  const std::byte* v, uint64_t v_head_stride, std::vector<double>& v_sum) noexcept {
-  const uint32_t H = ns.cfg.n_kv_heads, d = ns.cfg.head_dim;
-  const dtype t = ns.geo.kv_dtype;
-  const uint32_t es = dtype_size(t);
-  for (uint32_t h = 0; h < H; ++h) {
-    const std::byte* krow = k + h * k_head_stride;
-    const std::byte* vrow = v + h * v_head_stride;
-    for (uint32_t ch = 0; ch < d; ++ch) {
-      std::memcpy(block + ns.columns.offset(h, col, ch), krow + uint64_t{ch} * es, es);
-      v_sum[uint64_t{h} * d + ch] += static_cast<double>(load_as_float(vrow, t, ch));
-    }
-  }
-}
-
-}  // namespace
-
 void column_ftl::drop_block(kv_namespace& ns, uint32_t b) noexcept {
   kv_namespace::column_block& cb = ns.cblocks[b];
   if (!cb.live) return;
@@ -142,9 +121,7 @@ status column_ftl::build_columns(kv_namespace& ns, const uint32_t* chunks, uint3
       }
       src = tmp.get();
     }
-    for (uint32_t i = 0; i < count; ++i)
-      column_token(ns, dst, j * tpp + i, src + uint64_t{i} * row, page, src + uint64_t{H} * page + uint64_t{i} * row,
-                   page, v_sum);
+    ns.columns.transpose_rows(dst, j * tpp, count, src, src + uint64_t{H} * page, row, page, v_sum.data());
   }
   return {};
 }
@@ -193,15 +170,19 @@ void column_ftl::append(kv_namespace& ns, uint64_t seq, uint32_t layer, uint32_t
     return;
   }
   tl.use = ++ctx_.use_clock;
-  for (uint32_t i = 0; i < n; ++i) {
-    const uint32_t id = ids[(first_token + i) / tpp];
-    if ((p0 + i) % tpp == 0) {
-      tl.chunks.push_back(id);
-      tl.gens.push_back(gen_of(ns, id));
-    }
-    const uint64_t token = uint64_t{i} * ns.cfg.n_kv_heads * ns.geo.row_bytes();  // rows [n][n_kv_heads]
-    column_token(ns, tl.k.get(), tl.n, k + token, ns.geo.row_bytes(), v + token, ns.geo.row_bytes(), tl.v_sum);
-    if (++tl.n == ctp) {  // sealed: program the block, continue with a fresh tail
+  const uint64_t token_bytes = uint64_t{ns.cfg.n_kv_heads} * ns.geo.row_bytes();  // rows [n][n_kv_heads]
+  for (uint32_t i = 0; i < n;) {  // up to the end of the tail's column block at a time
+    const uint32_t m = std::min(n - i, ctp - tl.n);
+    for (uint32_t t = i; t < i + m; ++t)
+      if ((p0 + t) % tpp == 0) {  // the tokens start a chunk
+        const uint32_t id = ids[(first_token + t) / tpp];
+        tl.chunks.push_back(id);
+        tl.gens.push_back(gen_of(ns, id));
+      }
+    ns.columns.transpose_rows(tl.k.get(), tl.n, m, k + i * token_bytes, v + i * token_bytes, tl.v_sum.data());
+    i += m;
+    tl.n += m;
+    if (tl.n == ctp) {  // sealed: program the block, continue with a fresh tail
       auto b = add_block(ns, tl.chunks.data(), tl.k.get(), tl.v_sum, token_ftl::stripe(seq, layer) + tl.block * 7ull);
       if (!b.ok()) return void(tl.valid = false);  // rebuilt from the token pages when attended
       ++tl.block;

@@ -243,11 +243,11 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   if (ns->count == 0 || ns->count > (uint64_t{1} << 26))
     return {errc::kInvalidArgument, "namespace capacity must be in [1, 2^26] chunks, got " + std::to_string(ns->count)};
   if (next_base_ + ns->count >= kNoChunk) return {errc::kNoSpace, "chunk id space exhausted"};
-  ns->params.layout = chunk_layout::make(*geo, 1);  // the engine stages [K][V] of one head per chunk
+  ns->params.layout = ns->layout;  // decode_driver's view; its chunk source stages one head per chunk
   ns->params.group_size = c.group_size;
   ns->params.scale = c.scale;
   ns->params.softcap = c.softcap;
-  auto kernel = select_decode_kernel(best_cpu_isa(), ns->params);
+  auto kernel = select_decode_heads_kernel(best_cpu_isa(), ns->params);
   if (!kernel.ok()) return kernel.error();
   ns->kernel = *kernel;
   ns->chunks.assign(ns->count, chunk_entry{});

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "instinfer/attention/decode.hpp"
-#include "instinfer/attention/sparf.hpp"
+#include "instinfer/attention/sparf/params.hpp"
 #include "instinfer/core/status.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/csd/seq_layer_key.hpp"
@@ -54,8 +54,8 @@ struct kv_namespace {
   uint64_t chunk_bytes = 0;
   uint64_t base = 0;
   uint64_t count = 0;
-  decode_params params{};  // the engine stages [K][V] of one head per chunk
-  decode_chunks_fn kernel = nullptr;
+  decode_params params{};            // the decode driver's: layout = the whole chunk's
+  decode_heads_fn kernel = nullptr;  // the head-range decode kernel for params
   std::vector<chunk_entry> chunks;
   std::vector<uint32_t> l2p;  // token-indexed L2P: [chunk][K|V][head] -> physical page
   std::unordered_map<seq_layer_key, page_table, seq_layer_hash> tables;  // mirrored page tables
