@@ -24,24 +24,16 @@
 //   release(w, item, window)    worker w is done with that window (its buffer may be reused).
 // A worker holds at most one window at a time and windows of an item come in token order.
 //
-// How the other tiers plug in (a follow-up; today they still drive the kernel themselves):
-//  - SSD (src/ssd): one thread owns the io_uring engine and its staging ring; chunks arrive in
-//    plan order. Plan with the host policy and make the source's max_window_chunks() the ring's
-//    request size. prepare() turns plan.items() into read runs in item order (one run per window;
-//    chunks still in host group buffers are not read) and issues the first ring's worth. acquire()
-//    returns group-buffer pointers for buffered chunks, else reaps until the window's ring slot has
-//    landed and returns pointers into it; release() frees the slot and issues the next read. With
-//    several workers, acquire() hands the reaping to whichever worker holds the engine's lock, so
-//    only one thread touches the ring at a time. ssd_backend's compute(), acc_o_/acc_stats_ and
-//    its normalise loop go away.
-//  - CSD (device/csd): plan with per_kv_head_policy (items per (sequence, kv head, chunk range)),
-//    `decode_driver` replaces worker_pool. The page-reader source keeps per-worker state sized in
-//    prepare(): a page_reader and two staging buffers of W chunks x [K page][V page] of one head.
-//    layout() is the one-head chunk_layout (so window.first_kv_head = 0); acquire() waits for the
-//    buffer of this window (queued by the previous acquire, or now for the item's first window)
-//    and queues the item's next window into the other buffer before returning: double buffering.
-//    The drive's part_o/part_s and its merge loop go away; its result buffer is the output
-//    ([n_items][n_q_heads][head_dim], lse after it).
+// The sources of this library (each tier's chunks, one driver):
+//  - host (src/kernels/decode_driver.cpp, memory_chunk_source): chunks in place, host_sweep_policy;
+//  - SSD (src/backend/ssd/stream_decode): one thread owns the io_uring engine and its staging ring;
+//    prepare() turns the plan into read windows in plan order and issues a ring's worth; acquire()
+//    returns group-buffer pointers for buffered chunks, else reaps until the window's slot has
+//    landed (later reads stay in flight, so compute overlaps I/O); release() frees the slot and
+//    issues the next read. It runs with one worker, the calling thread;
+//  - drive (device/csd/page_source): per_kv_head_policy; each worker has its own page reader and
+//    two staging buffers of W chunks x [K page][V page] of one head (layout() is the one-head
+//    chunk_layout); acquire() waits for this window and queues the next into the other buffer.
 #pragma once
 
 #include <algorithm>

@@ -12,8 +12,7 @@
 //   sparf/workspace.hpp  sparf_workspace (scratch and staging, grow-only)
 //   sparf/select.hpp     steps 1-3 -> sparf_selection (sparf_select_head, sparf_choose_channels)
 //   sparf/exact.hpp      step 4: staged pseudo-chunks through the one decode kernel, alpha blend
-//   sparf/batch.hpp      sparf_work batches: sparf_select / sparf_attend (and the drive's
-//                        deprecated sparf_attend_head)
+//   sparf/batch.hpp      sparf_work batches: sparf_select / sparf_attend
 // The index SparF reads (channel-indexed K copy, V mean) is storage: kv/channel_index.hpp.
 #pragma once
 

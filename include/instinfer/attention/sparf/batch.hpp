@@ -162,21 +162,4 @@ inline status sparf_select(const sparf_config& cfg, const sparf_params& params, 
   return sparf_detail::run_batch(cfg, params, batch, ws, counters, true);
 }
 
-// Deprecated per-head entry of the emulated drive (device/csd/drive.cpp), kept until it calls
-// sparf_select_head / sparf_exact_head itself: one kv head of one work item, select_only as
-// sparf_select. ws must be reserved. Should the decode kernel be missing (a head_dim the kernels
-// do not instantiate), out is zeroed.
-inline void sparf_attend_head(const sparf_config& cfg, const sparf_plan& plan, bool whole_pages, double page_spread,
-                              const sparf_work& w, uint32_t kv_head, sparf_workspace& ws, sparf_counters& c,
-                              bool select_only = false) noexcept {
-  sparf_params params;
-  params.whole_pages = whole_pages;
-  params.page_spread = page_spread;
-  const status s = sparf_detail::run_head(cfg, plan, params, w, kv_head, ws, c, select_only, nullptr);
-  if (!s.ok() && w.out) {
-    const size_t n = size_t{cfg.group_size} * cfg.head_dim();
-    std::fill(w.out + size_t{kv_head} * n, w.out + size_t{kv_head + 1} * n, 0.0f);
-  }
-}
-
 }  // namespace instinfer
