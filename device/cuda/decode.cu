@@ -109,6 +109,10 @@ __device__ __forceinline__ uint32_t sequence_tokens(const kernel_params& p, uint
   return seq_tokens(n_chunks, n_chunks ? p.last_page_len[b] : 0u, p.tokens_per_page);
 }
 
+// One function of about 160 lines, on purpose: its phases (load q, stream tiles, fold, merge row
+// groups, write) share registers and shared memory that a split into __device__ calls would hide,
+// and it can only be re-timed where a GPU is lent (none in this task); its math is decode_math.hpp,
+// tested on the CPU.
 template <uint32_t HeadDim, dtype DT, uint32_t G>
 __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kernel_params p) {
   using tr = decode_traits<HeadDim, kv_elem<DT>::kBytes, G>;
