@@ -1,5 +1,5 @@
 // The drive's side of the shared-memory queue pairs (queue_pair.hpp): the device-side twin of
-// src/csd/client.cpp. It publishes the region header, polls every queue pair's submission queue,
+// src/backend/csd/client.cpp. It publishes the region header, polls every queue pair's submission queue,
 // executes each command on the drive, posts its completion (and error text), wakes a waiting host,
 // notices queue pairs changing hands or their owners dying, and sleeps on the doorbell futex when
 // idle. It does not own the process: the instinfer-csd main and in-process tests both run it.

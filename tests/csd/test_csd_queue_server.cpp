@@ -1,5 +1,5 @@
 // The drive's queue server in-process: a drive and its queue_server on one thread, the host's
-// connection (src/csd/client.cpp) attached over a named queue-pair region in the same process.
+// connection (src/backend/csd/client.cpp) attached over a named queue-pair region in the same process.
 // Every command crosses the real SQ/CQ/doorbell protocol and must mean exactly what it means when
 // executed on a drive directly.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN

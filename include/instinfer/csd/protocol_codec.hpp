@@ -1,6 +1,6 @@
 // The payload codec both ends of the CSD protocol use: where each part of an attend command lies
 // in the data area, and the SparF parameters and counters to and from their wire structs. The host
-// backend (src/csd) encodes with these and the drive (device/csd) decodes with them, so the two
+// backend (src/backend/csd) encodes with these and the drive (device/csd) decodes with them, so the two
 // ends cannot drift apart.
 #pragma once
 

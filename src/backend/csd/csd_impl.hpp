@@ -1,5 +1,5 @@
 // The csd backend's private state, shared by its two files: csd_backend.cpp (the backend calls)
-// and csd_create.cpp (URI options, drive start-up). Internal to src/csd.
+// and csd_create.cpp (URI options, drive start-up). Internal to src/backend/csd.
 #pragma once
 
 #include <algorithm>
