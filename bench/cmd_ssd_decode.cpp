@@ -101,7 +101,7 @@ int run(int argc, char** argv) {
   const uint32_t depth = static_cast<uint32_t>(fl.u64("queue-depth", 32));
   const uint64_t staging = fl.u64("staging", 8ull << 20);
   const uint64_t request = fl.u64("request", 256ull << 10);
-  const int reps = static_cast<int>(fl.u64("pairs", 21));
+  const int reps = static_cast<int>(fl.u64("pairs", fl.u64("reps", 21)));  // --reps: the old name
   const std::string extra = fl.str("options", "");
   const auto dt = parse_dtype(fl.str("dtype", "f16"));
   if (!fl.finish() || !dt || batch == 0 || layers == 0 || reps <= 0) {
