@@ -183,7 +183,7 @@ __attribute__((target("avx2"))) uint64_t sum_words_avx2(const uint64_t* p, size_
   return lanes[0] + lanes[1] + lanes[2] + lanes[3] + sum_words_scalar(p + i, n - i);
 }
 __attribute__((target("avx512f"))) uint64_t sum_words_avx512(const uint64_t* p, size_t n) {
-  __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+  __m512i a = _mm512_set1_epi64(0), b = a, c = a, d = a;
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
     a = _mm512_add_epi64(a, _mm512_load_si512(p + i));
@@ -191,8 +191,9 @@ __attribute__((target("avx512f"))) uint64_t sum_words_avx512(const uint64_t* p, 
     c = _mm512_add_epi64(c, _mm512_load_si512(p + i + 16));
     d = _mm512_add_epi64(d, _mm512_load_si512(p + i + 24));
   }
-  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a, b), _mm512_add_epi64(c, d))) +
-         sum_words_scalar(p + i, n - i);
+  alignas(64) uint64_t lanes[8];  // not _mm512_reduce_add_epi64: GCC 12 warns inside it (-Wuninitialized)
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a, b), _mm512_add_epi64(c, d)));
+  return sum_words_scalar(lanes, 8) + sum_words_scalar(p + i, n - i);
 }
 #endif
 #if defined(__aarch64__)

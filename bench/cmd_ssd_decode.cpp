@@ -187,13 +187,13 @@ int run(int argc, char** argv) {
       cpu_v.push_back(cpu_s);
       if (raw_g > 0) ratios.push_back(ach / raw_g);
     }
-    auto quantile = [](std::vector<double> v, double q) {
-      if (v.empty()) return 0.0;
-      std::sort(v.begin(), v.end());
-      const double pos = q * static_cast<double>(v.size() - 1);
+    auto quantile = [](std::vector<double> xs, double at) {
+      if (xs.empty()) return 0.0;
+      std::sort(xs.begin(), xs.end());
+      const double pos = at * static_cast<double>(xs.size() - 1);
       const size_t i = static_cast<size_t>(pos);
       const double f = pos - static_cast<double>(i);
-      return i + 1 < v.size() ? v[i] * (1.0 - f) + v[i + 1] * f : v[i];
+      return i + 1 < xs.size() ? xs[i] * (1.0 - f) + xs[i + 1] * f : xs[i];
     };
     const double achieved = quantile(achieved_v, 0.5), raw = quantile(raw_v, 0.5), cpu = quantile(cpu_v, 0.5);
     const double best = static_cast<double>(kv_bytes) / achieved / 1e9;
