@@ -1,6 +1,8 @@
 #include "bench_common.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <barrier>
 #include <cinttypes>
 #include <cmath>
 #include <cstdlib>
@@ -10,6 +12,12 @@
 #include <thread>
 
 #include <sys/mman.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 namespace instinfer::bench {
 
@@ -144,8 +152,10 @@ void json_line::print(FILE* f) const {
 }
 
 namespace {
-// Sum of 64-bit words: a read the compiler cannot drop and that vectorises to full-width loads.
-uint64_t sum_words(const uint64_t* p, size_t n) {
+// Sums of 64-bit words read with the widest loads of an ISA (the kernels' dispatch: the same
+// cpu_isa value selects the same vector width): a read the compiler cannot drop. Four independent
+// accumulators keep several loads in flight.
+uint64_t sum_words_scalar(const uint64_t* p, size_t n) {
   uint64_t a = 0, b = 0, c = 0, d = 0;
   size_t i = 0;
   for (; i + 4 <= n; i += 4) {
@@ -157,33 +167,102 @@ uint64_t sum_words(const uint64_t* p, size_t n) {
   for (; i < n; ++i) a += p[i];
   return a + b + c + d;
 }
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) uint64_t sum_words_avx2(const uint64_t* p, size_t n) {
+  __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a = _mm256_add_epi64(a, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
+    b = _mm256_add_epi64(b, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 4)));
+    c = _mm256_add_epi64(c, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 8)));
+    d = _mm256_add_epi64(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 12)));
+  }
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d)));
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + sum_words_scalar(p + i, n - i);
+}
+__attribute__((target("avx512f"))) uint64_t sum_words_avx512(const uint64_t* p, size_t n) {
+  __m512i a = _mm512_set1_epi64(0), b = a, c = a, d = a;
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a = _mm512_add_epi64(a, _mm512_load_si512(p + i));
+    b = _mm512_add_epi64(b, _mm512_load_si512(p + i + 8));
+    c = _mm512_add_epi64(c, _mm512_load_si512(p + i + 16));
+    d = _mm512_add_epi64(d, _mm512_load_si512(p + i + 24));
+  }
+  alignas(64) uint64_t lanes[8];  // not _mm512_reduce_add_epi64: GCC 12 warns inside it (-Wuninitialized)
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a, b), _mm512_add_epi64(c, d)));
+  return sum_words_scalar(lanes, 8) + sum_words_scalar(p + i, n - i);
+}
+#endif
+#if defined(__aarch64__)
+uint64_t sum_words_neon(const uint64_t* p, size_t n) {
+  uint64x2_t a = vdupq_n_u64(0), b = a, c = a, d = a;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    a = vaddq_u64(a, vld1q_u64(p + i));
+    b = vaddq_u64(b, vld1q_u64(p + i + 2));
+    c = vaddq_u64(c, vld1q_u64(p + i + 4));
+    d = vaddq_u64(d, vld1q_u64(p + i + 6));
+  }
+  return vaddvq_u64(vaddq_u64(vaddq_u64(a, b), vaddq_u64(c, d))) + sum_words_scalar(p + i, n - i);
+}
+#endif
+uint64_t sum_words(cpu_isa isa, const uint64_t* p, size_t n) {
+  switch (isa) {
+#if defined(__x86_64__)
+    case cpu_isa::kAvx512: return sum_words_avx512(p, n);
+    case cpu_isa::kAvx2: return sum_words_avx2(p, n);
+#endif
+#if defined(__aarch64__)
+    case cpu_isa::kNeon: return sum_words_neon(p, n);
+#endif
+    default: return sum_words_scalar(p, n);
+  }
+}
 }  // namespace
 
-double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, int reps) {
+double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, cpu_isa isa, int reps) {
   threads = std::max<uint32_t>(threads, 1);
-  const size_t words = bytes / 8;
+  const size_t words = bytes / 64 * 8;  // whole 64-byte lines: the widest load's alignment
+  if (words == 0) return 0.0;
   void* mem = mmap(nullptr, words * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return 0.0;
   madvise(mem, words * 8, MADV_HUGEPAGE);
   auto* p = static_cast<uint64_t*>(mem);
   for (size_t i = 0; i < words; ++i) p[i] = i * 0x9e3779b97f4a7c15ull;
+  // Threads start before the timed region and wait at a barrier; each pass is timed from the
+  // release of the start barrier to the last thread's arrival at the end barrier.
+  std::vector<uint64_t> partial(threads);
+  std::barrier start(threads + 1), end(threads + 1);
+  std::atomic<bool> quit{false};
+  std::vector<std::thread> pool;
+  for (uint32_t t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      // 64-byte aligned slices
+      const size_t lines = words / 8;
+      const size_t begin = lines * t / threads * 8, stop = lines * (t + 1) / threads * 8;
+      for (;;) {
+        start.arrive_and_wait();
+        if (quit.load(std::memory_order_acquire)) return;
+        partial[t] += sum_words(isa, p + begin, stop - begin);
+        end.arrive_and_wait();
+      }
+    });
   double best = 0.0;
-  volatile uint64_t sink = 0;
-  for (int r = 0; r < reps; ++r) {
-    std::vector<uint64_t> partial(threads);
+  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {  // pass 0 warms up (TLB, caches, thread wake-up)
     const double t0 = now_seconds();
-    std::vector<std::thread> pool;
-    for (uint32_t t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        const size_t begin = words * t / threads, end = words * (t + 1) / threads;
-        partial[t] = sum_words(p + begin, end - begin);
-      });
-    }
-    for (auto& th : pool) th.join();
+    start.arrive_and_wait();
+    end.arrive_and_wait();
     const double dt = now_seconds() - t0;
-    for (auto v : partial) sink = sink + v;
-    best = std::max(best, static_cast<double>(words * 8) / dt / 1e9);
+    if (r > 0) best = std::max(best, static_cast<double>(words * 8) / dt / 1e9);
   }
+  quit.store(true, std::memory_order_release);
+  start.arrive_and_wait();
+  for (auto& th : pool) th.join();
+  volatile uint64_t sink = 0;
+  for (auto v : partial) sink = sink + v;
   munmap(mem, words * 8);
   return best;
 }

@@ -12,6 +12,8 @@
 #include <string_view>
 #include <vector>
 
+#include "instinfer/attention/decode.hpp"  // cpu_isa
+
 namespace instinfer::bench {
 
 using command_fn = std::function<int(int argc, char** argv)>;
@@ -74,9 +76,10 @@ inline double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Streaming read bandwidth (GB/s, 1e9) of `bytes` bytes of memory with `threads` threads,
-// best of `reps`: the machine's reference for memory-bound kernels.
-double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, int reps = 5);
+// Streaming read bandwidth (GB/s, 1e9) of `bytes` bytes of memory with `threads` threads, loads as
+// wide as `isa`'s (the kernels' dispatch), best of `reps` passes after a warm-up pass; the threads
+// start before the timed region. The machine's reference for memory-bound kernels.
+double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, cpu_isa isa, int reps = 7);
 
 // Peak resident set size of this process in bytes (VmHWM).
 uint64_t peak_rss_bytes();

@@ -6,7 +6,10 @@
 // per sequence, attend the batch). Per decode step (all layers) it reports
 //   link_bytes_host_to_dev / link_bytes_dev_to_host   counted on the link (q+k+v in, output out)
 //   flash_pages_read                                   pages the drives read
-//   modelled_seconds    flash + link model time (*modelled*, slowest drive per command)
+//   modelled_seconds    model time (*modelled*, slowest drive per command; each command costs
+//                       max(link, flash, compute), include/instinfer/csd/models.hpp)
+//   modelled_{flash,link,compute,program}_seconds   the busiest drive's components (program: die
+//                       time of page programs, which reads behind them wait for)
 //   cpu_seconds         real CPU time of the drives' attention workers (*measured*, this machine)
 // The baseline line (kind "ssd-offload") moves the same KV pages over the same link to the host:
 // flash pages read = the same, link bytes out = all KV of the context, modelled time = the flash
@@ -228,6 +231,10 @@ int run(int argc, char** argv) {
             .add("link_bytes_dev_to_host", (s1.link_bytes_device_to_host - s0.link_bytes_device_to_host) / steps)
             .add("flash_pages_read", pages)
             .add("modelled_seconds", modelled)
+            .add("modelled_flash_seconds", (s1.modelled_flash_seconds - s0.modelled_flash_seconds) * per)
+            .add("modelled_link_seconds", (s1.modelled_link_seconds - s0.modelled_link_seconds) * per)
+            .add("modelled_compute_seconds", (s1.modelled_compute_seconds - s0.modelled_compute_seconds) * per)
+            .add("modelled_program_seconds", (s1.modelled_program_seconds - s0.modelled_program_seconds) * per)
             .add("cpu_seconds", cpu)
             .add("wall_seconds", wall * per)
             .add("modelled_speedup_vs_ssd_offload", modelled > 0 ? base_modelled / modelled : 0.0)

@@ -3,7 +3,10 @@
 //
 // One JSON line per context length: achieved_gbps counts the KV bytes one decode step reads
 // (batch x ctx x layers x K+V bytes per token); raw_read_gbps reads as many bytes of the same file
-// sequentially with the backend's request size and queue depth; ratio = achieved / raw.
+// sequentially with the backend's request size and queue depth. The two alternate in `pairs`
+// short pairs (decode then raw, then raw then decode, ...), so both see the same disk and the same
+// neighbours; each pair gives one ratio = achieved / raw, and the line reports the median ratio
+// with its spread (interquartile range, min, max) next to the medians of both bandwidths.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -88,7 +91,7 @@ double raw_read_gbps(const std::string& path, uint64_t bytes, uint64_t request, 
 int run(int argc, char** argv) {
   flags fl(argc, argv);
   const std::string path = fl.str("path", default_path("instinfer-ssd-decode.bin"));
-  const auto ctxs = fl.u64_list("ctx", {65536});
+  const auto ctxs = fl.u64_list("ctx", {16384});
   const uint32_t batch = static_cast<uint32_t>(fl.u64("batch", 1));
   const uint32_t layers = static_cast<uint32_t>(fl.u64("layers", 2));
   const uint32_t q_heads = static_cast<uint32_t>(fl.u64("q-heads", 32));
@@ -98,14 +101,14 @@ int run(int argc, char** argv) {
   const uint32_t depth = static_cast<uint32_t>(fl.u64("queue-depth", 32));
   const uint64_t staging = fl.u64("staging", 8ull << 20);
   const uint64_t request = fl.u64("request", 256ull << 10);
-  const int reps = static_cast<int>(fl.u64("reps", 3));
+  const int reps = static_cast<int>(fl.u64("pairs", fl.u64("reps", 21)));  // --reps: the old name
   const std::string extra = fl.str("options", "");
   const auto dt = parse_dtype(fl.str("dtype", "f16"));
   if (!fl.finish() || !dt || batch == 0 || layers == 0 || reps <= 0) {
     std::fprintf(stderr,
                  "usage: instinfer-bench ssd-decode [--path FILE] [--ctx 65536,524288] [--batch 1] [--layers 2]\n"
                  "  [--q-heads 32] [--kv-heads 8] [--head-dim 128] [--dtype f16] [--page-bytes 0 (probe)]\n"
-                 "  [--queue-depth 32] [--staging 8M] [--request 256K] [--reps 3] [--options 'k=v&k=v']\n");
+                 "  [--queue-depth 32] [--staging 8M] [--request 256K] [--pairs 21] [--options 'k=v&k=v']\n");
     return 2;
   }
   for (uint64_t ctx : ctxs) {
@@ -154,27 +157,49 @@ int run(int argc, char** argv) {
     const uint64_t kv_bytes = uint64_t{batch} * ctx * token_bytes * layers;
     const uint64_t req = ssd ? ssd->request_bytes() : request;
     const uint64_t read_before = cache.stats().backend.device_bytes_read;
-    double best = 1e30, raw = 0.0, cpu = 0.0;
-    // Decode and raw passes alternate, so both see the same disk conditions; best of each.
-    for (int r = 0; r < reps + 1; ++r) {  // the first decode pass warms up
-      if (r > 0) raw = std::max(raw, raw_read_gbps(path, kv_bytes / req * req, req, depth, 1));
+    // One decode step (all layers): seconds and CPU seconds.
+    auto decode_pass = [&](double& seconds, double& cpu_s) -> bool {
       const double t0 = now_seconds(), c0 = cpu_seconds();
       cache.prefetch(0, seqs);
       for (uint32_t l = 0; l < layers; ++l) {
         if (status st = cache.attend(l, seqs, q.data(), out.data(), lse.data()); !st.ok()) {
           std::fprintf(stderr, "ssd-decode: attend: %s\n", st.to_string().c_str());
-          return 1;
+          return false;
         }
         if (l + 1 < layers) cache.prefetch(l + 1, seqs);
       }
-      if (r > 0 && now_seconds() - t0 < best) {
-        best = now_seconds() - t0;
-        cpu = cpu_seconds() - c0;
-      }
+      seconds = now_seconds() - t0;
+      cpu_s = cpu_seconds() - c0;
+      return true;
+    };
+    double warm_s = 0.0, warm_cpu = 0.0;
+    if (!decode_pass(warm_s, warm_cpu)) return 1;  // warm-up: not counted
+    std::vector<double> ratios, achieved_v, raw_v, cpu_v;
+    for (int r = 0; r < reps; ++r) {
+      // Alternate the order inside the pair, so a drift favours neither side.
+      double sec = 0.0, cpu_s = 0.0, raw_g = 0.0;
+      if (r % 2 == 1) raw_g = raw_read_gbps(path, kv_bytes / req * req, req, depth, 1);
+      if (!decode_pass(sec, cpu_s)) return 1;
+      if (r % 2 == 0) raw_g = raw_read_gbps(path, kv_bytes / req * req, req, depth, 1);
+      const double ach = static_cast<double>(kv_bytes) / sec / 1e9;
+      achieved_v.push_back(ach);
+      raw_v.push_back(raw_g);
+      cpu_v.push_back(cpu_s);
+      if (raw_g > 0) ratios.push_back(ach / raw_g);
     }
-    const double achieved = static_cast<double>(kv_bytes) / best / 1e9;
+    auto quantile = [](std::vector<double> xs, double at) {
+      if (xs.empty()) return 0.0;
+      std::sort(xs.begin(), xs.end());
+      const double pos = at * static_cast<double>(xs.size() - 1);
+      const size_t i = static_cast<size_t>(pos);
+      const double f = pos - static_cast<double>(i);
+      return i + 1 < xs.size() ? xs[i] * (1.0 - f) + xs[i + 1] * f : xs[i];
+    };
+    const double achieved = quantile(achieved_v, 0.5), raw = quantile(raw_v, 0.5), cpu = quantile(cpu_v, 0.5);
+    const double best = static_cast<double>(kv_bytes) / achieved / 1e9;
     const auto st = cache.stats().backend;
     const uint64_t read_per_step = (st.device_bytes_read - read_before) / static_cast<uint64_t>(reps + 1);
+    const double ratio_med = quantile(ratios, 0.5);
     json_line()
         .add("bench", "ssd-decode")
         .add("ctx", ctx)
@@ -191,7 +216,12 @@ int run(int argc, char** argv) {
         .add("cpu_seconds", cpu)
         .add("achieved_gbps", achieved)
         .add("raw_read_gbps", raw)
-        .add("ratio", raw > 0 ? achieved / raw : 0.0)
+        .add("pairs", static_cast<uint64_t>(ratios.size()))
+        .add("ratio", ratio_med)  // median over the pairs
+        .add("ratio_p25", quantile(ratios, 0.25))
+        .add("ratio_p75", quantile(ratios, 0.75))
+        .add("ratio_min", ratios.empty() ? 0.0 : *std::min_element(ratios.begin(), ratios.end()))
+        .add("ratio_max", ratios.empty() ? 0.0 : *std::max_element(ratios.begin(), ratios.end()))
         .add("write_amplification", st.write_amplification())
         .add("host_memory_bytes", ssd ? ssd->host_memory_bytes() : 0)
         .add("peak_rss_bytes", peak_rss_bytes())

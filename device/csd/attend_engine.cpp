@@ -99,6 +99,14 @@ status attend_engine::attend(kv_namespace& ns, const sq_entry& e, const std::byt
   if (ctx_.o.debug_attend_delay_ms)
     std::this_thread::sleep_for(std::chrono::milliseconds(ctx_.o.debug_attend_delay_ms));
   model_dense_reads(ns, c);
+  // Compute model: every item's K and V through the kernel, one exact softmax per (token, kv head).
+  for (uint32_t i = 0; i < c.n_items(); ++i) {
+    const double tokens = static_cast<double>(c.items[i].n_tokens) * ns.cfg.n_kv_heads;
+    ctx_.work.kv_elements += 2.0 * tokens * ns.cfg.head_dim;
+    ctx_.work.scored_tokens += tokens;
+  }
+  ctx_.work.group = ns.cfg.group_size;
+  ctx_.work.elem_bytes = static_cast<uint32_t>(dtype_size(ns.geo.kv_dtype));
   INSTINFER_TRY(run_dense(ns, c));
   result_bytes = c.wire.result_bytes;
   ctx_.stats.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);

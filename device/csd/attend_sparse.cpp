@@ -55,10 +55,22 @@ status attend_engine::attend_sparse(kv_namespace& ns, const sq_entry& e, const s
   ctx_.stats.flash_pages_read += total.col_ppns.size() + total.tok_ppns.size();
   ctx_.stats.column_pages_read += total.col_ppns.size();
   ctx_.stats.sparse_token_pages_read += total.tok_ppns.size();
-  const double t_columns = ctx_.timeline.read_batch(total.col_ppns.data(), total.col_ppns.size(), ctx_.now_ns);
-  ctx_.flash_done_at(t_columns);
-  ctx_.flash_done_at(
-      ctx_.timeline.read_batch(total.tok_ppns.data(), total.tok_ppns.size(), std::max(ctx_.now_ns, t_columns)));
+  ctx_.flash_done_at(sparse_reads(ctx_.timeline, total.col_ppns.data(), total.col_ppns.size(), total.tok_ppns.data(),
+                                  total.tok_ppns.size(), ctx_.now_ns));
+  // Compute model: approximate scores over the chosen channels of every token and their ranking,
+  // then the exact pass over the selected tokens' K and V (compression 1 skips the first part).
+  {
+    const sparf_counters& k = total.counters;
+    const double elem = static_cast<double>(dtype_size(ns.geo.kv_dtype));
+    ctx_.work.group = ns.cfg.group_size;
+    ctx_.work.elem_bytes = static_cast<uint32_t>(elem);
+    ctx_.work.approx_elements += static_cast<double>(k.channel_bytes_used + k.buffered_channel_bytes) / elem;
+    if (k.channel_bytes_used + k.buffered_channel_bytes > 0)
+      for (uint32_t i = 0; i < c.n_items(); ++i)
+        ctx_.work.ranked_tokens += static_cast<double>(c.items[i].n_tokens) * ns.cfg.n_kv_heads;
+    ctx_.work.kv_elements += static_cast<double>(k.token_bytes_used) / elem;
+    ctx_.work.scored_tokens += static_cast<double>(k.selected_tokens);
+  }
   if (!s.ok()) return s;
   const sparf_wire_counters wc = encode_sparf_counters(total.counters);
   std::memcpy(c.counters, &wc, sizeof wc);

@@ -26,6 +26,7 @@ namespace instinfer::csd {
 status drive_options::validate() const {
   INSTINFER_TRY(flash.validate());
   INSTINFER_TRY(link.validate());
+  INSTINFER_TRY(compute.validate());
   if (n_cores == 0 || n_cores > 256) return {errc::kInvalidArgument, "drive cores must be in [1, 256]"};
   if (max_namespaces == 0 || max_namespaces > 1024)
     return {errc::kInvalidArgument, "max namespaces must be in [1, 1024]"};
@@ -136,6 +137,7 @@ command_outcome drive_impl::execute(uint32_t qp, const sq_entry& e, std::byte* a
   out.cqe.cid = e.cid;
   const double t_start = ctx_.now_ns;
   ctx_.flash_end = 0.0;
+  ctx_.work = {};
   status s;
   try {
     s = dispatch(qp, e, area, area_bytes, out);
@@ -152,17 +154,22 @@ command_outcome drive_impl::execute(uint32_t qp, const sq_entry& e, std::byte* a
     ++st.commands_failed;
   }
   ++st.commands;
-  // Link and flash model: the payload crosses the link, flash work starts, the result returns.
+  // The model (models.hpp): link, flash and the cores' compute overlap; the command takes the longest.
   const uint64_t in = link_bytes_in(e.data_bytes);
   const uint64_t back = link_bytes_out(out.result_bytes);
   st.link_bytes_host_to_device += in;
   st.link_bytes_device_to_host += back;
-  const double link_ns = ctx_.o.link.command_ns(in, back);
-  const double flash_ns = ctx_.flash_end > t_start ? ctx_.flash_end - t_start : 0.0;
-  const double total = link_ns + flash_ns;
+  command_time ct;
+  ct.link_ns = ctx_.o.link.command_ns(in, back);
+  ct.flash_ns = ctx_.flash_end > t_start ? ctx_.flash_end - t_start : 0.0;
+  const double flops = ctx_.work.flops();
+  ct.compute_ns = ctx_.o.compute.ns(flops);
+  const double total = ct.total_ns();
   ctx_.now_ns = t_start + total;
-  st.modelled_link_ns += static_cast<uint64_t>(link_ns);
-  st.modelled_flash_ns += static_cast<uint64_t>(flash_ns);
+  st.modelled_link_ns += static_cast<uint64_t>(ct.link_ns);
+  st.modelled_flash_ns += static_cast<uint64_t>(ct.flash_ns);
+  st.modelled_compute_ns += static_cast<uint64_t>(ct.compute_ns);
+  st.attend_flops += static_cast<uint64_t>(flops);
   st.modelled_ns += static_cast<uint64_t>(total);
   out.cqe.result = out.result_bytes;
   out.cqe.modelled_ns = total >= 4294967295.0 ? UINT32_MAX : static_cast<uint32_t>(total);

@@ -19,6 +19,7 @@ namespace instinfer::csd {
 struct drive_options {
   flash_params flash{};
   link_params link{};
+  compute_params compute{};              // modelled embedded cores (n_cores below are the emulator's threads)
   std::string flash_path;                // empty: RAM-backed flash
   bool allow_buffered = false;           // file flash without O_DIRECT when the filesystem refuses it
   uint32_t n_cores = 4;                  // attention worker threads

@@ -12,16 +12,18 @@ namespace instinfer::csd {
 namespace {
 
 void usage() {
-  std::fprintf(stderr,
-               "usage: instinfer-csd (--shm-fd FD | --name NAME) [options]\n"
-               "  --flash PATH|ram       flash backing (default ram)    --buffered   allow non-O_DIRECT files\n"
-               "  --cores N (4)          attention worker threads        --buffer-mb N (512) group buffer\n"
-               "  --channels N (8) --dies N (8) --blocks-per-die N (64) --pages-per-block N (256) --page BYTES (4096)\n"
-               "  --channel-gbps X (1.4) --read-us X (20) --program-us X (200) --erase-us X (2000)\n"
-               "  --link-gbps X (7) --link-us X (2)\n"
-               "  --queue-pairs N (1) --depth N (64) --data-bytes N (16M)\n"
-               "  --parent-pid PID       exit when that process exits\n"
-               "  --debug-attend-delay-ms N   test seam\n");
+  std::fprintf(
+      stderr,
+      "usage: instinfer-csd (--shm-fd FD | --name NAME) [options]\n"
+      "  --flash PATH|ram       flash backing (default ram)    --buffered   allow non-O_DIRECT files\n"
+      "  --cores N (4)          attention worker threads        --buffer-mb N (512) group buffer\n"
+      "  --channels N (8) --dies N (8) --blocks-per-die N (64) --pages-per-block N (256) --page BYTES (4096)\n"
+      "  --channel-gbps X (1.4) --read-us X (20) --program-us X (200) --erase-us X (2000)\n"
+      "  --link-gbps X (7) --link-us X (2)\n"
+      "  modelled cores: --model-cores N (4) --model-ghz X (1.5) --model-flops-per-cycle X (8) --model-eff X (1)\n"
+      "  --queue-pairs N (1) --depth N (64) --data-bytes N (16M)\n"
+      "  --parent-pid PID       exit when that process exits\n"
+      "  --debug-attend-delay-ms N   test seam\n");
 }
 
 bool parse_u64(const char* s, uint64_t& out) {
@@ -73,6 +75,10 @@ std::optional<int> parse_process_options(int argc, char** argv, process_options&
       {"--erase-us", &d.flash.erase_us},
       {"--link-gbps", &d.link.gbps},
       {"--link-us", &d.link.command_us},
+      {"--model-cores", &d.compute.cores},
+      {"--model-ghz", &d.compute.ghz},
+      {"--model-flops-per-cycle", &d.compute.flops_per_cycle},
+      {"--model-eff", &d.compute.efficiency},
       {"--queue-pairs", &o.layout.n_queue_pairs},
       {"--depth", &o.layout.depth},
       {"--data-bytes", &o.layout.data_bytes},

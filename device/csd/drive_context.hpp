@@ -29,9 +29,16 @@ struct drive_context {
   uint64_t program_stamp = 0;  // block allocation order (erase picks the least recently written)
   double now_ns = 0.0;         // modelled drive clock: the current command's start
   double flash_end = 0.0;      // latest flash completion of the current command
+  attend_work work{};          // the current command's attention work (compute model)
 
   double cmd_start() const noexcept { return now_ns; }
   void flash_done_at(double t) noexcept { flash_end = std::max(flash_end, t); }
+  // A page program on the flash timeline: its die is busy for tPROG, later reads of it wait. The
+  // command does not wait for it (the drive acknowledges writes from its DRAM buffer).
+  void program_page(uint32_t ppn) noexcept {
+    timeline.program(ppn, now_ns);
+    stats.modelled_program_ns += static_cast<uint64_t>(o.flash.transfer_ns() + o.flash.program_us * 1e3);
+  }
   // A synchronous page read by the FTL (the attend engine models its reads in batches).
   void note_read(uint32_t ppn) noexcept {
     ++stats.flash_pages_read;

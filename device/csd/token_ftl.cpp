@@ -28,7 +28,7 @@ status token_ftl::program_chunk(kv_namespace& ns, uint64_t chunk, uint64_t posit
     INSTINFER_TRY(ctx_.store->program(r->first_ppn, r->n_pages, src + uint64_t{done} * ns.geo.page_bytes));
     for (uint32_t i = 0; i < r->n_pages; ++i) {
       pages[done + i] = r->first_ppn + i;
-      ctx_.timeline.program(r->first_ppn + i, ctx_.cmd_start());  // background: delays later reads only
+      ctx_.program_page(r->first_ppn + i);
     }
     ctx_.stats.flash_pages_programmed += r->n_pages;
     done += r->n_pages;
@@ -75,7 +75,7 @@ status token_ftl::program_striped(const std::byte* src, uint64_t page_bytes, uin
       return s;
     }
     ppns[i] = r->first_ppn;
-    ctx_.timeline.program(r->first_ppn, ctx_.cmd_start());
+    ctx_.program_page(r->first_ppn);
     ++ctx_.stats.flash_pages_programmed;
   }
   return {};

@@ -36,8 +36,7 @@ class token_ftl {
 
   // Where a (seq, layer)'s stripe starts, so different sequences and layers start on different lanes.
   static uint64_t stripe(uint64_t seq, uint32_t layer) noexcept {
-    const uint64_t x = seq * 0x9e3779b97f4a7c15ull + layer * 0xc2b2ae3d27d4eb4full;
-    return (x ^ (x >> 29)) & 0xffffffffull;
+    return flash_stripe(seq, layer);  // models.hpp: the paper harness places its pages the same way
   }
 
   // The mirrored page tables.

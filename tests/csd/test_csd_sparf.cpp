@@ -93,7 +93,9 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
   CHECK(rel(c_lse, h_lse) <= 1e-6);
   const double err = rel(c_sparse, dense);
   MESSAGE("SparF 1/8 vs dense relative error " << err);
-  CHECK(err < 0.5);
+  // Measured 0.419 (seeded inputs, identical on the host: same code, same values); bound: that
+  // plus a margin of 0.05 for other ISAs' rounding.
+  CHECK(err < 0.419 + 0.05);
   // The algorithm's counters come back from the drive: same as the host's.
   const cache_stats hst = host->stats(), cst = csd->stats();
   CHECK(cst.sparf.channel_pages_read == hst.sparf.channel_pages_read);

@@ -56,15 +56,27 @@ inline int run_with_model(int argc, char** argv) {
 }
 
 // Every backend URI worth trying here; the ones not built or not usable on this machine are
-// reported and skipped by the callers (kv_cache::create fails for them).
+// reported and skipped by the callers (kv_cache::create fails for them), except those named in
+// $INSTINFER_REQUIRE_BACKENDS (comma-separated schemes; CMake sets host,ssd,csd where they are
+// built), which must run (backend_required). The SSD file may fall back to buffered I/O where the
+// temporary directory refuses O_DIRECT, so it runs on every filesystem.
 inline std::vector<std::string> backend_uris() {
   const std::string dir = std::filesystem::temp_directory_path().string();
   const std::string tag = std::to_string(::getpid());
-  return {"host", "host:?hugepages=0", "ssd:" + dir + "/instinfer-model-test-" + tag + ".kv", "csd:", "cuda:0"};
+  return {"host", "host:?hugepages=0", "ssd:" + dir + "/instinfer-model-test-" + tag + ".kv?buffered=1",
+          "csd:", "cuda:0"};
+}
+
+inline bool backend_required(const std::string& uri) {
+  const char* env = std::getenv("INSTINFER_REQUIRE_BACKENDS");
+  if (!env) return false;
+  const std::string scheme = uri.substr(0, uri.find(':'));
+  const std::string list = std::string(",") + env + ",";
+  return list.find("," + scheme + ",") != std::string::npos;
 }
 
 inline void remove_backend_files(const std::string& uri) {
-  if (uri.rfind("ssd:", 0) == 0) std::filesystem::remove(uri.substr(4));
+  if (uri.rfind("ssd:", 0) == 0) std::filesystem::remove(uri.substr(4, uri.find('?') - 4));
 }
 
 // Greedy continuation of `prompt` for n tokens; logits of each step go to all_logits.

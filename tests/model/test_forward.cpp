@@ -160,6 +160,7 @@ TEST_CASE("forward: every available KV backend gives the same greedy tokens") {
     CAPTURE(uri);
     auto c = kv_cache::create(l->model->kv_options(uri, dtype::kF16));
     if (!c.ok()) {
+      CHECK_MESSAGE(!model_test::backend_required(uri), "required backend '" << uri << "' did not start");
       MESSAGE("backend '" << uri << "' skipped: " << c.error().to_string());
       model_test::remove_backend_files(uri);
       continue;

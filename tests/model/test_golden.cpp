@@ -218,6 +218,7 @@ TEST_CASE("golden: every available KV backend (f16 and f32) gives the same greed
       CAPTURE(uri);
       auto c = kv_cache::create(f.model->kv_options(uri, d));
       if (!c.ok()) {
+        CHECK_MESSAGE(!model_test::backend_required(uri), "required backend '" << uri << "' did not start");
         MESSAGE("backend '" << uri << "' skipped: " << c.error().to_string());
         model_test::remove_backend_files(uri);
         continue;

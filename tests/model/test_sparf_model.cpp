@@ -164,7 +164,10 @@ TEST_CASE("captured real attention: SparF at 1 equals dense, at 1/8 bounded erro
     counters.add(sparse.counters);
   }
   const double mean = sum / static_cast<double>(n);
-  CHECK(mean < 0.6);
+  // Measured (docs/experiment.md): mean 0.43, worst layer mean 0.82 at 1/8. Bounds: the measured
+  // value plus a margin of 0.05 (mean) and 0.10 (worst layer) for other ISAs' rounding.
+  CHECK(mean < 0.43 + 0.05);
+  CHECK(worst_layer_mean < 0.82 + 0.10);
   CHECK(counters.page_fraction() <= 0.25);
   CHECK(counters.byte_fraction() <= 0.14);  // 1/8 of the dense bytes, plus the buffered tail's rounding
   MESSAGE("compression 1: worst relative error " << worst_dense << "; 1/8: mean " << mean << ", worst layer mean "

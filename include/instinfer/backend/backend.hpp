@@ -52,7 +52,13 @@ struct backend_stats {
   uint64_t flash_pages_read = 0;
   uint64_t flash_pages_programmed = 0;
   uint64_t flash_pages_erased = 0;
-  double modelled_device_seconds = 0.0;  // CSD: from the flash and link models, not wall-clock
+  double modelled_device_seconds = 0.0;  // CSD: from the flash, link and compute models, not wall-clock
+  // CSD: the busiest drive's modelled components (each command costs max(link, flash, compute),
+  // so these need not add up to modelled_device_seconds); program: die time of page programs.
+  double modelled_flash_seconds = 0.0;
+  double modelled_link_seconds = 0.0;
+  double modelled_compute_seconds = 0.0;
+  double modelled_program_seconds = 0.0;
 
   double write_amplification() const noexcept {
     return kv_bytes_appended ? static_cast<double>(device_bytes_written) / static_cast<double>(kv_bytes_appended) : 0.0;

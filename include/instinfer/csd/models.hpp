@@ -1,22 +1,33 @@
-// Flash and link models of the emulated CSD. Everything they produce is *modelled* time: what
-// the drive described by the parameters would take, not the emulator's wall-clock.
+// Flash, link and compute models of the emulated CSD. Everything they produce is *modelled* time:
+// what the drive described by the parameters would take, not the emulator's wall-clock. This is
+// the only model of the drive: the drive (device/csd) charges its commands with it, and the paper
+// harness (bench/paper_model.hpp, `instinfer-bench paper`) calls the same functions for every flash,
+// link and compute time it reports.
 //
 // Flash: `channels` buses of `channel_gbps` each; every channel has `dies_per_channel` dies that
 // work in parallel (a die reads a page into its register in read_us, programs one in program_us,
 // erases a block in erase_us) and share the channel bus for page transfers. A page read occupies
-// its die for read_us and then the bus for page_bytes / channel rate; a program occupies the bus
-// first, then the die. The timeline keeps, per die and per channel, the modelled time it becomes
-// free, so queueing of reads (and erases) across commands is modelled. Programs run in the
-// background of a second timeline: the controller gives reads priority (program suspend), so a
-// burst of programs (a prefill) delays later programs but not reads. Programs' own throughput
-// (bus + tPROG per die) is still modelled and reported.
+// its die for read_us and then the bus for page_bytes / channel rate, and the die stays busy until
+// its register has been emptied over the bus. A program occupies the bus first (the page moves into
+// the die's register), then the die for program_us. Whole pages cross the bus: the model has no
+// in-page filter (the controller does not select entries out of a page register before the
+// transfer), so neither has anything that uses it. Reads, programs and erases share one timeline
+// per die and per channel: a read behind a program waits for it (no program suspend).
 //
 // Link: PCIe 4.0 x4 by default: 7 GB/s and a fixed per-command latency (doorbell, SQ fetch,
 // completion, interrupt).
 //
+// Compute: the drive's embedded cores (compute_params): a stated number of cores x clock x fp32
+// flops per cycle, applied to the work the attention kernels did (attend_work: elements through
+// the kernel, scored and ranked tokens). See docs/csd.md ("Compute model") for the derivation.
+//
+// A command's modelled time is the overlapped maximum of its link, flash and compute times
+// (command_time): the drive streams pages into the kernel while it reads, and the link moves
+// q in and the output back while flash and cores work on other heads.
+//
 // Defaults follow the paper (InstInfer, HPCA 2025): 8 channels x 1.4 GB/s = 11.2 GB/s internal,
-// 4 KiB pages, 7 GB/s link. Die count and array times are chosen so the bus, not the dies, bounds
-// a channel (8 dies x 4 KiB / 20 us = 1.6 GB/s > 1.4 GB/s), as the paper's figures assume.
+// 4 KiB pages, 7 GB/s link. 8 dies per channel with tR 20 us: a die delivers one 4 KiB page per
+// tR + transfer (22.9 us), 8 dies 1.43 GB/s per channel, just above the bus's 1.4 GB/s.
 #pragma once
 
 #include <algorithm>
@@ -117,12 +128,7 @@ static_assert(flash_params{}.internal_gbps() > 11.19 && flash_params{}.internal_
 // Modelled resource timeline: per die and per channel bus, when it is next free (ns).
 class flash_timeline {
  public:
-  explicit flash_timeline(const flash_params& p = {})
-      : p_(p),
-        die_free_(p.lanes(), 0.0),
-        bus_free_(p.channels, 0.0),
-        prog_die_free_(p.lanes(), 0.0),
-        prog_bus_free_(p.channels, 0.0) {}
+  explicit flash_timeline(const flash_params& p = {}) : p_(p), die_free_(p.lanes(), 0.0), bus_free_(p.channels, 0.0) {}
 
   const flash_params& params() const noexcept { return p_; }
 
@@ -172,16 +178,20 @@ class flash_timeline {
     return end;
   }
 
-  // A page program issued at `t` (background timeline); returns when the die has finished.
+  // A page program issued at `t`: the page crosses the bus into the die's register, then the die
+  // is busy for tPROG; later reads of that die wait. Returns when the die has finished.
   double program(uint32_t ppn, double t) noexcept {
     const uint32_t lane = decompose(p_, ppn).lane;
-    double& die = prog_die_free_[lane];
-    double& bus = prog_bus_free_[lane_channel(p_, lane)];
+    double& die = die_free_[lane];
+    double& bus = bus_free_[lane_channel(p_, lane)];
     const double xfer_end = std::max({t, die, bus}) + p_.transfer_ns();
     bus = xfer_end;
     die = xfer_end + p_.program_us * 1e3;
+    program_ns_ += p_.transfer_ns() + p_.program_us * 1e3;
     return die;
   }
+  // Die time (bus transfer + tPROG) of every program so far.
+  double program_busy_ns() const noexcept { return program_ns_; }
   // Erase of block `block` of `lane` issued at `t`.
   double erase(uint32_t lane, double t) noexcept {
     double& die = die_free_[lane];
@@ -193,8 +203,77 @@ class flash_timeline {
   flash_params p_;
   std::vector<double> die_free_;
   std::vector<double> bus_free_;
-  std::vector<double> prog_die_free_;
-  std::vector<double> prog_bus_free_;
+  double program_ns_ = 0.0;
+};
+
+// SparF's reads (attend-sparse): the column pages from `t`, then the token pages once every column
+// page is in (the token selection needs the approximate scores). Returns when the last page is in.
+inline double sparse_reads(flash_timeline& tl, const uint32_t* col, size_t n_col, const uint32_t* tok, size_t n_tok,
+                           double t) {
+  const double t_columns = tl.read_batch(col, n_col, t);
+  return std::max(t_columns, tl.read_batch(tok, n_tok, t_columns));
+}
+
+// Where a (seq, layer)'s chunks start striping over the lanes (the token FTL places chunk i of a
+// page table on lane (stripe + i) % lanes, a column block b on lanes from stripe + 7 b on).
+constexpr uint64_t flash_stripe(uint64_t seq, uint32_t layer) noexcept {
+  const uint64_t x = seq * 0x9e3779b97f4a7c15ull + layer * 0xc2b2ae3d27d4eb4full;
+  return (x ^ (x >> 29)) & 0xffffffffull;
+}
+
+// The drive's embedded cores. Default: 4 cores x 1.5 GHz x 8 fp32 flop per cycle = 48 GFLOP/s,
+// a quad Cortex-A72 (the class of ARM SoC in computational storage drives; 1.5 GHz as in the
+// Broadcom BCM2711) whose 128-bit NEON unit retires one 4-lane fp32 FMLA (8 flop) per cycle
+// (docs/csd.md, "Compute model"). `efficiency` scales the peak (1: peak, a lower bound on time).
+struct compute_params {
+  uint32_t cores = 4;
+  double ghz = 1.5;
+  double flops_per_cycle = 8.0;  // per core, fp32
+  double efficiency = 1.0;
+
+  constexpr double gflops() const noexcept { return cores * ghz * flops_per_cycle * efficiency; }
+  constexpr double ns(double flops) const noexcept { return flops / gflops(); }
+  status validate() const {
+    if (cores == 0 || cores > 1024) return {errc::kInvalidArgument, "compute cores must be in [1, 1024]"};
+    if (!(ghz > 0.0) || !(flops_per_cycle > 0.0) || !(efficiency > 0.0 && efficiency <= 1.0))
+      return {errc::kInvalidArgument, "core clock and flops per cycle must be > 0, efficiency in (0, 1]"};
+    return {};
+  }
+};
+
+// The work of one attention command, counted from what its kernels touched (all kv heads).
+// Costs (fp32 flop): 2 per K or V element and query head of the group (one FMA: q.k, or p.v);
+// 1 per fp16 element to widen it to fp32 (the A72 has no fp16 arithmetic); 8 per scored
+// (token, query head) (scale, running max, exp, sum); SparF's selection: 2 per K-column element
+// and query head (approximate q.k), 8 per approximately scored (token, query head) (softmax) and 4
+// per (token, kv head) ranked by the top-k selection.
+struct attend_work {
+  double kv_elements = 0.0;      // K and V elements through the exact kernel
+  double scored_tokens = 0.0;    // (token, kv head) pairs of the exact softmax
+  double approx_elements = 0.0;  // K-column elements of SparF's approximate scores
+  double ranked_tokens = 0.0;    // (token, kv head) pairs SparF scored approximately and ranked
+  uint32_t group = 1;            // query heads per kv head
+  uint32_t elem_bytes = 2;       // stored element size (fp16: widened before use)
+
+  double flops() const noexcept {
+    const double widen = elem_bytes < 4 ? 1.0 : 0.0;
+    return (2.0 * group + widen) * (kv_elements + approx_elements) + 8.0 * group * (scored_tokens + ranked_tokens) +
+           4.0 * ranked_tokens;
+  }
+  void add(const attend_work& o) noexcept {
+    kv_elements += o.kv_elements;
+    scored_tokens += o.scored_tokens;
+    approx_elements += o.approx_elements;
+    ranked_tokens += o.ranked_tokens;
+  }
+};
+
+// One command's modelled time: link, flash and compute overlap; the command takes the longest.
+struct command_time {
+  double link_ns = 0.0;
+  double flash_ns = 0.0;
+  double compute_ns = 0.0;
+  constexpr double total_ns() const noexcept { return std::max({link_ns, flash_ns, compute_ns}); }
 };
 
 }  // namespace instinfer::csd

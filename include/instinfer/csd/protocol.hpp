@@ -23,7 +23,7 @@
 
 namespace instinfer::csd {
 
-inline constexpr uint32_t kProtocolVersion = 2;  // 2: SparF in the drive
+inline constexpr uint32_t kProtocolVersion = 3;  // 2: SparF in the drive; 3: compute and program model in the stats
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -273,7 +273,7 @@ struct device_stats {
   uint64_t total_blocks = 0;
   uint64_t valid_pages = 0;
   uint64_t page_bytes = 0;
-  uint64_t modelled_ns = 0;  // flash + link model, all commands
+  uint64_t modelled_ns = 0;  // model, all commands: each max(link, flash, compute)
   uint64_t modelled_flash_ns = 0;
   uint64_t modelled_link_ns = 0;
   uint64_t cpu_ns = 0;          // real CPU time of the drive's workers in attend
@@ -286,9 +286,13 @@ struct device_stats {
   uint64_t column_rebuild_pages_read = 0;  // token pages read to rebuild column data after a fork or truncation
   uint64_t column_blocks = 0;              // column blocks on flash now
   uint64_t column_tail_evictions = 0;      // column tails dropped from DRAM (over the buffer budget)
+  // Model (models.hpp): a command's modelled time is max(link, flash, compute), summed in modelled_ns.
+  uint64_t modelled_compute_ns = 0;  // embedded cores' time for the attention work, all commands
+  uint64_t modelled_program_ns = 0;  // die time of page programs (bus transfer + tPROG); reads behind them wait
+  uint64_t attend_flops = 0;         // modelled flops of the attention work (attend_work::flops)
 };
 static_assert(std::is_trivially_copyable_v<device_stats>);
-static_assert(sizeof(device_stats) == 27 * 8);
+static_assert(sizeof(device_stats) == 30 * 8);
 
 // Bytes a command costs on the link, as both sides count them.
 constexpr uint64_t link_bytes_in(uint32_t data_bytes) noexcept {

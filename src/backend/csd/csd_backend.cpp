@@ -376,6 +376,10 @@ backend_stats csd_backend::stats() const noexcept {
     s.flash_pages_erased += ds.flash_pages_erased;
     s.device_bytes_written += ds.flash_pages_programmed * ds.page_bytes;
     s.device_bytes_read += ds.flash_pages_read * ds.page_bytes;
+    s.modelled_flash_seconds = std::max(s.modelled_flash_seconds, ds.modelled_flash_ns * 1e-9);
+    s.modelled_link_seconds = std::max(s.modelled_link_seconds, ds.modelled_link_ns * 1e-9);
+    s.modelled_compute_seconds = std::max(s.modelled_compute_seconds, ds.modelled_compute_ns * 1e-9);
+    s.modelled_program_seconds = std::max(s.modelled_program_seconds, ds.modelled_program_ns * 1e-9);
   }
   return s;
 }
