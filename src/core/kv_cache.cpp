@@ -238,6 +238,22 @@ result<uint32_t> kv_cache::length(seq_id seq, uint32_t layer) const {
   return found.value()->layers[layer].n_tokens;
 }
 
+uint32_t kv_cache::fresh_chunks_needed(const layer_table& t, uint32_t n) const noexcept {
+  const uint32_t tpp = config_.page.tokens_per_page;
+  const uint32_t fill = t.n_tokens % tpp;
+  const bool cow = fill != 0 && !writable(t.chunks.back());
+  const uint32_t room = fill != 0 ? tpp - fill : 0;
+  return (n > room ? ceil_div(n - room, tpp) : 0) + (cow ? 1 : 0);
+}
+
+status kv_cache::check_free_chunks(const layer_table& t, uint32_t n) const {
+  const uint32_t needed = fresh_chunks_needed(t, n);
+  if (backend_->free_chunks() < needed)
+    return {errc::kOutOfPages, "appending " + std::to_string(n) + " tokens needs " + std::to_string(needed) +
+                                   " free chunks, " + std::to_string(backend_->free_chunks()) + " left"};
+  return {};
+}
+
 status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n, const std::byte* k,
                                  const std::byte* v, bool notify) {
   const uint32_t tpp = config_.page.tokens_per_page;
@@ -246,10 +262,8 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
   const bool has_partial = fill != 0;
   const bool cow = has_partial && !writable(t.chunks.back());
   const uint32_t room = has_partial ? tpp - fill : 0;
-  const uint32_t fresh_needed = (n > room ? ceil_div(n - room, tpp) : 0) + (cow ? 1 : 0);
-  if (backend_->free_chunks() < fresh_needed)
-    return {errc::kOutOfPages, "appending " + std::to_string(n) + " tokens needs " + std::to_string(fresh_needed) +
-                                   " free chunks, " + std::to_string(backend_->free_chunks()) + " left"};
+  const uint32_t fresh_needed = fresh_chunks_needed(t, n);
+  INSTINFER_TRY(check_free_chunks(t, n));
 
   std::vector<chunk_id> fresh;
   try {
@@ -347,6 +361,10 @@ status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const voi
   layer_table& t = found.value()->layers[layer];
   if (n_tokens > kMaxTokensPerLayer || t.n_tokens > kMaxTokensPerLayer - n_tokens)
     return {errc::kInvalidArgument, "a layer may hold at most " + std::to_string(kMaxTokensPerLayer) + " tokens"};
+
+  // Every check that needs no rows comes before the conversion reads them: a call that cannot
+  // succeed must not read n_tokens rows (the caller's buffers may be shorter than claimed).
+  INSTINFER_TRY(check_free_chunks(t, n_tokens));
 
   const auto* kb = static_cast<const std::byte*>(k);
   const auto* vb = static_cast<const std::byte*>(v);

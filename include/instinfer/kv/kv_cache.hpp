@@ -120,6 +120,10 @@ class kv_cache {
   void retain(chunk_id id) noexcept;
   void release(chunk_id id) noexcept;
   bool writable(chunk_id id) const noexcept;
+  // Fresh chunks appending n tokens to t takes (the tail's room first, plus one for a copy-on-write
+  // of a shared or sealed tail), and the check that the backend has them: out of pages otherwise.
+  uint32_t fresh_chunks_needed(const layer_table& t, uint32_t n) const noexcept;
+  status check_free_chunks(const layer_table& t, uint32_t n) const;
   // Append rows already in the cache dtype to one table; on failure the table is unchanged.
   // notify: tell the sparse attender (not for a table remove_range is rebuilding: it gets
   // on_truncate with the same rows instead).
