@@ -138,14 +138,16 @@ instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uin
                                   const void* k, const void* v, instinfer_dtype src_dtype);
 
 /* Decode attention of one layer for n_seq sequences: q and out [n_seq][n_q_heads][head_dim],
- * lse [n_seq][n_q_heads] or NULL. A sequence with no tokens yields zeros and lse = -inf. */
+ * lse [n_seq][n_q_heads] or NULL. A sequence with no tokens yields zeros and lse = -inf.
+ * out (or lse) may overlap q, e.g. out == q for in-place attention, on every backend; out and lse
+ * must not overlap each other. */
 instinfer_status instinfer_attend(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
                                   const float* q, float* out, float* lse);
 
 void instinfer_sparf_params_init(instinfer_sparf_params* params);
-/* SparF decode attention (needs config.sparf = 1): shapes as instinfer_attend. Reads only the
- * chosen column pages and the pages holding the selected tokens (on a CSD: inside the drive).
- * params NULL = the defaults. Bad parameters (r > head_dim, k > a sequence's tokens, compression
+/* SparF decode attention (needs config.sparf = 1): shapes and aliasing as instinfer_attend. Reads
+ * only the chosen column pages and the pages holding the selected tokens (on a CSD: inside the
+ * drive). params NULL = the defaults. Bad parameters (r > head_dim, k > a sequence's tokens, compression
  * outside (0, 1]) are INSTINFER_E_INVALID_ARGUMENT. */
 instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer, size_t n_seq,
                                          const instinfer_seq* seqs, const float* q, float* out, float* lse,

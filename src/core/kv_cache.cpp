@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <new>
 
@@ -18,6 +19,11 @@ uint32_t ceil_div(uint64_t a, uint64_t b) {
 
 std::string seq_name(seq_id seq) {
   return "sequence " + std::to_string(seq);
+}
+
+bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) noexcept {
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + b_bytes && y < x + a_bytes;
 }
 }  // namespace
 
@@ -491,7 +497,26 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
   if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   INSTINFER_TRY(fill_batch(layer, seqs));
-  return backend_->attend(layer, batch_view(q, out, lse));
+  auto query = separate_query(seqs.size(), q, out, lse);
+  if (!query.ok()) return query.error();
+  return backend_->attend(layer, batch_view(query.value(), out, lse));
+}
+
+// Backends write out (and lse) while they still read q (the host decoder keeps its running
+// accumulator in out), so an overlapping q is copied first; q is one row per sequence, small.
+result<const float*> kv_cache::separate_query(size_t n_seq, const float* q, const float* out, const float* lse) {
+  const size_t n_q = n_seq * config_.shape.n_q_heads * config_.shape.head_dim;
+  const size_t n_lse = n_seq * config_.shape.n_q_heads;
+  const bool alias = overlaps(q, n_q * sizeof(float), out, n_q * sizeof(float)) ||
+                     (lse != nullptr && overlaps(q, n_q * sizeof(float), lse, n_lse * sizeof(float)));
+  if (!alias) return q;
+  try {
+    if (q_copy_.size() < n_q) q_copy_.resize(n_q);
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "copy of a query that overlaps out or lse"};
+  }
+  std::memcpy(q_copy_.data(), q, n_q * sizeof(float));
+  return static_cast<const float*>(q_copy_.data());
 }
 
 // batch_ for one layer: each sequence's page table, in CSR form (the view backends receive).
@@ -523,8 +548,10 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   INSTINFER_TRY(params.validate(config_.shape.head_dim));
   INSTINFER_TRY(fill_batch(layer, seqs));
+  auto query = separate_query(seqs.size(), q, out, lse);
+  if (!query.ok()) return query.error();
   sparf_counters counters;
-  INSTINFER_TRY(attender_->attend_sparse(layer, batch_view(q, out, lse), params, &counters));
+  INSTINFER_TRY(attender_->attend_sparse(layer, batch_view(query.value(), out, lse), params, &counters));
   sparf_totals_.add(counters);
   return {};
 }

@@ -449,6 +449,57 @@ TEST_CASE_TEMPLATE("attend: a batch of different lengths with an empty sequence;
   }
 }
 
+// Issue 17.2: in-place attention (out == q, or lse inside q) gives what separate buffers give, on
+// every backend, dense and sparse (the host backend used to read q while it wrote out).
+TEST_CASE_TEMPLATE("attend: out (or lse) overlapping q equals a run on separate buffers", D, CONFORMANCE_DTYPES) {
+  const kv_shape shape{2, 4, 2, 128, D::value};
+  harness h({shape, 4096, 256, true}, 27);
+  const uint32_t tpp = h.tpp();
+  std::vector<seq_id> batch;
+  for (uint32_t n : {3 * tpp + 5, 0u, 1u, tpp + 1}) {
+    batch.push_back(h.create());
+    if (n) h.append(batch.back(), 1, n);
+  }
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim, n_lse = batch.size() * shape.n_q_heads;
+  const auto q = test_support::random_queries(h.rng, batch.size(), shape);
+  const auto same = [](const std::vector<float>& a, const float* b, size_t n) {
+    return std::equal(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(n), b,
+                      [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); });
+  };
+  for (int sparse = 0; sparse < 2; ++sparse) {
+    CAPTURE(sparse);
+    const sparf_params params = sparf_params::with_compression(0.125);
+    const auto run = [&](const float* qp, float* out, float* lse) {
+      const status st =
+          sparse ? h.cache->attend_sparse(1, batch, qp, out, lse, params) : h.cache->attend(1, batch, qp, out, lse);
+      REQUIRE_MESSAGE(st.ok(), st.to_string());
+    };
+    std::vector<float> want(q.size(), 1e30f), want_lse(n_lse, 1e30f);
+    run(q.data(), want.data(), want_lse.data());
+
+    std::vector<float> buf = q, lse(n_lse, 1e30f);  // out == q
+    run(buf.data(), buf.data(), lse.data());
+    CHECK(same(want, buf.data(), want.size()));
+    CHECK(same(want_lse, lse.data(), n_lse));
+
+    buf = q;  // out == q, no lse
+    run(buf.data(), buf.data(), nullptr);
+    CHECK(same(want, buf.data(), want.size()));
+
+    buf = q;  // lse written over the start of q, out separate
+    std::vector<float> out(q.size(), 1e30f);
+    run(buf.data(), out.data(), buf.data());
+    CHECK(same(want, out.data(), want.size()));
+    CHECK(same(want_lse, buf.data(), n_lse));
+
+    buf.assign(q.size() + nq, 1e30f);  // out shifted one sequence into q (partial overlap)
+    std::copy(q.begin(), q.end(), buf.begin() + static_cast<std::ptrdiff_t>(nq));
+    run(buf.data() + nq, buf.data(), nullptr);
+    CHECK(same(want, buf.data(), want.size()));
+  }
+  h.free_all();
+}
+
 // ---- attend_sparse ------------------------------------------------------------------------------
 
 namespace {
