@@ -120,7 +120,8 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
 /* Frees the cache and all its sequences; NULL is a no-op. */
 void instinfer_cache_destroy(instinfer_cache* cache);
 instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out_stats);
-/* Writes every appended token to durable storage (storage backends). */
+/* ssd: writes every appended token to the device and syncs it. csd: the drives already hold them
+ * (no flush command); checks that every drive answers. host, cuda: nothing to do. */
 instinfer_status instinfer_cache_flush(instinfer_cache* cache);
 
 instinfer_status instinfer_seq_create(instinfer_cache* cache, instinfer_seq* out_seq);

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -278,6 +279,35 @@ TEST_CASE("a stopped drive times out instead of hanging") {
   CHECK(st.code() == errc::kTimeout);
   CHECK(secs < 2.0);
   ::kill(pid, SIGCONT);  // the connection already killed it; harmless
+}
+
+TEST_CASE("flush after the drive is lost returns kDeviceLost, as every other call (issue 17.5)") {
+  if (!drive_available()) return;
+  const kv_shape shape{1, 2, 2, 64, dtype::kF16};
+  auto c = make_cache(shape, "csd:?blocks_per_die=4", 64);
+  const seq_id s = c->create_sequence().value();
+  std::mt19937 rng(5);
+  const auto k = csd_test::random_rows(rng, 3, 2, 64, dtype::kF16);
+  REQUIRE(c->append(s, 0, 3, k.data(), k.data(), dtype::kF16).ok());
+  CHECK(c->flush().ok());
+  const int pid = csd_of(*c).device_pid(0);
+  REQUIRE(pid > 0);
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  // Wait until it is a zombie (our child, not reaped yet): dead for sure before flush runs.
+  for (int i = 0; i < 2000; ++i) {
+    std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    char state = 0;
+    if (f) {
+      (void)std::fscanf(f, "%*d (%*[^)]) %c", &state);
+      std::fclose(f);
+    }
+    if (state == 'Z' || !f) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const status st = c->flush();
+  CHECK_MESSAGE(st.code() == errc::kDeviceLost, st.to_string());
+  CHECK(c->flush().code() == errc::kDeviceLost);  // and stays so
+  CHECK(c->append(s, 0, 1, k.data(), k.data(), dtype::kF16).code() == errc::kDeviceLost);
 }
 
 TEST_CASE("attached drive: two clients get separate namespaces; foreign pages are rejected") {

@@ -66,6 +66,10 @@ class csd_backend final : public backend {
                       const std::byte* v) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
+  // The drive protocol has no flush command (written pages are on the drive's flash, open chunks in
+  // its DRAM group buffer): flush is a round trip to every drive, so a lost or hung drive is
+  // reported (kDeviceLost, kTimeout) as by every other call.
+  status flush() noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
   bool runs_sparf() const noexcept override;

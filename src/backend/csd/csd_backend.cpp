@@ -238,6 +238,22 @@ status csd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
   return {};
 }
 
+status csd_backend::flush() noexcept {
+  try {
+    INSTINFER_TRY(impl_->lost_guard());
+    std::lock_guard lock(impl_->stats_mutex);
+    for (csd_drive_slot& d : impl_->drives) {
+      sq_entry e{};
+      e.opcode = static_cast<uint8_t>(opcode::kStats);  // control plane: no link bytes, no modelled time
+      e.result_bytes = sizeof(device_stats);
+      if (status s = d.conn->execute(e); !s.ok()) return {s.code(), "flush: " + s.message()};
+    }
+    return {};
+  } catch (...) {
+    return {errc::kOutOfMemory, "flush"};
+  }
+}
+
 status csd_backend::attend(uint32_t layer, const attend_batch& batch) noexcept {
   return send_attend(layer, batch, nullptr, nullptr);
 }
