@@ -4,9 +4,12 @@
 // gives an error in bounded time, and attached drives keep namespaces apart.
 #include <doctest/doctest.h>
 
+#include <limits.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -308,6 +311,77 @@ TEST_CASE("flush after the drive is lost returns kDeviceLost, as every other cal
   CHECK_MESSAGE(st.code() == errc::kDeviceLost, st.to_string());
   CHECK(c->flush().code() == errc::kDeviceLost);  // and stays so
   CHECK(c->append(s, 0, 1, k.data(), k.data(), dtype::kF16).code() == errc::kDeviceLost);
+}
+
+TEST_CASE("a drive that never becomes ready fails after timeout_ms, naming the binary (issue 17.3)") {
+  if (!drive_available()) return;
+  const char* tmp = std::getenv("TMPDIR");
+  std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/instinfer-csd-test-XXXXXX";
+  REQUIRE(::mkdtemp(dir.data()) != nullptr);
+  const std::string script = dir + "/never-ready-drive";
+  {
+    std::FILE* f = std::fopen(script.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs("#!/bin/sh\nexec sleep 30\n", f);
+    std::fclose(f);
+    REQUIRE(::chmod(script.c_str(), 0755) == 0);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto b = make_backend("csd:?device=" + script + "&timeout_ms=500");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE_FALSE(b.ok());
+  MESSAGE("never-ready drive: '" << b.error().to_string() << "' after " << secs << " s");
+  CHECK(b.error().code() == errc::kTimeout);
+  CHECK(b.error().message().find(script) != std::string::npos);
+  CHECK(b.error().message().find("500 ms") != std::string::npos);
+  CHECK(secs >= 0.45);
+  CHECK(secs < 3.0);
+  ::unlink(script.c_str());
+  ::rmdir(dir.c_str());
+}
+
+TEST_CASE(
+    "drive binary lookup: the library's folder, libexec, the executable's; a miss lists what was tried "
+    "(issue 17.4)") {
+  if (!drive_available()) return;
+  const char* env = std::getenv("INSTINFER_CSD_DEVICE");
+  const std::string saved = env ? env : "";
+  ::unsetenv("INSTINFER_CSD_DEVICE");
+  const std::vector<std::string> all = csd::device_binary_candidates(csd::connection_options{});
+  char exe[PATH_MAX];
+  REQUIRE(::realpath("/proc/self/exe", exe) != nullptr);
+  const std::string exe_dir = std::string(exe).substr(0, std::string(exe).rfind('/'));
+  std::string listed;
+  for (const auto& p : all) listed += p + "\n";
+  INFO("candidates:\n", listed);
+  const auto has = [&](const std::string& p) { return std::find(all.begin(), all.end(), p) != all.end(); };
+  CHECK(has(exe_dir + "/instinfer-csd"));  // this test links the library code statically
+  CHECK(std::any_of(all.begin(), all.end(), [](const std::string& p) {
+    return p.size() > 22 && p.compare(p.size() - 22, 22, "/libexec/instinfer-csd") == 0;
+  }));
+  for (size_t i = 0; i < all.size(); ++i)
+    for (size_t j = i + 1; j < all.size(); ++j) CHECK(all[i] != all[j]);
+
+  // An override is the only path tried, and a miss names it.
+  csd::connection_options o;
+  o.device_path = "/nonexistent/dir/instinfer-csd";
+  CHECK(csd::device_binary_candidates(o) == std::vector<std::string>{o.device_path});
+  auto r = csd::connection::open(o);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code() == errc::kUnsupported);
+  CHECK(r.error().message().find("tried: /nonexistent/dir/instinfer-csd") != std::string::npos);
+
+  ::setenv("INSTINFER_CSD_DEVICE", "/nonexistent/env/instinfer-csd", 1);
+  CHECK(csd::device_binary_candidates(csd::connection_options{}) ==
+        std::vector<std::string>{"/nonexistent/env/instinfer-csd"});
+  CHECK(csd::find_device_binary(csd::connection_options{}).empty());
+  auto e = csd::connection::open(csd::connection_options{});
+  REQUIRE_FALSE(e.ok());
+  CHECK(e.error().message().find("/nonexistent/env/instinfer-csd") != std::string::npos);
+  if (env)
+    ::setenv("INSTINFER_CSD_DEVICE", saved.c_str(), 1);
+  else
+    ::unsetenv("INSTINFER_CSD_DEVICE");
 }
 
 TEST_CASE("attached drive: two clients get separate namespaces; foreign pages are rejected") {

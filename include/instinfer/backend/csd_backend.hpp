@@ -9,9 +9,11 @@
 //   cores=N (4)           attention worker threads per drive
 //   channels=8 dies=8 channel_gbps=1.4 read_us=20 program_us=200 erase_us=2000
 //   page=4096 pages_per_block=256 blocks_per_die=64 (or capacity=BYTES per drive)
-//   link_gbps=7 link_us=2 buffer_mb=512 data_mb=16 timeout_ms=5000 buffered=0
+//   link_gbps=7 link_us=2 buffer_mb=512 data_mb=16 buffered=0
+//   timeout_ms=5000       per command; when given, also the drive's start-up (else 60 s)
 //   attach=NAME[,NAME...]  use running drives (instinfer-csd --name NAME) instead of starting them
-//   device=PATH emulator=CMD  the drive binary, and a runner for it (e.g. qemu-aarch64-static)
+//   device=PATH emulator=CMD  the drive binary (default: csd::device_binary_candidates), and a
+//                         runner for it (e.g. qemu-aarch64-static)
 //   debug_attend_delay_ms=N  test seam: every attend sleeps on the drive
 // With several drives and a flash path, drive d uses FLASH_PATH.d.
 #pragma once
@@ -41,7 +43,7 @@ class csd_backend final : public backend {
     return false;
 #endif
   }
-  // The drive binary can be found (INSTINFER_CSD_DEVICE or next to this executable).
+  // The drive binary can be found (INSTINFER_CSD_DEVICE, or csd::device_binary_candidates).
 #if defined(INSTINFER_WITH_CSD) && INSTINFER_WITH_CSD
   static bool available() noexcept;
 #else
