@@ -55,7 +55,21 @@ typedef struct instinfer_cache instinfer_cache;
 typedef uint64_t instinfer_seq;
 
 /* Cache configuration. Initialise with instinfer_config_init() and then set fields, so that
- * fields added in later versions keep their defaults. */
+ * fields added in later versions keep their defaults.
+ *
+ * page_bytes and capacity_bytes, per backend (instinfer_cache_create enforces them, returning
+ * INSTINFER_E_INVALID_ARGUMENT with a message that starts with the backend's name):
+ *  - page_bytes 0 is the backend's preferred size (host, cuda: 4096; ssd: the device's; csd: the
+ *    drive's flash page). Otherwise every backend needs a power of two in [512, 65536] holding a
+ *    whole number of head_dim rows, and also:
+ *      host, cuda: nothing more;
+ *      ssd:  a chunk (2 * n_kv_heads pages) a multiple of the device's direct-I/O alignment, at
+ *            least 4096 (so 512 needs n_kv_heads >= 4);
+ *      csd:  exactly the drive's flash page (the URI's page=, default 4096).
+ *  - capacity_bytes 0 is the backend's default (host: half the physical memory; ssd: the block
+ *    device, or up to 64 GiB of a file's free space; csd: all of the drive's flash; cuda: half the
+ *    free GPU memory). Otherwise, on every backend, at least one chunk of
+ *    2 * n_kv_heads * page_bytes; the pool holds capacity_bytes / chunk whole chunks. */
 typedef struct instinfer_config {
   uint32_t struct_size; /* sizeof(instinfer_config), set by instinfer_config_init */
   uint32_t n_layers;
@@ -63,8 +77,8 @@ typedef struct instinfer_config {
   uint32_t n_kv_heads; /* n_q_heads must be a multiple of it (GQA) */
   uint32_t head_dim;   /* 64, 128 or 256 */
   instinfer_dtype kv_dtype;
-  uint32_t page_bytes;     /* power of two in [512, 65536]; 0 = the backend's default */
-  uint64_t capacity_bytes; /* KV capacity; 0 = the backend's default */
+  uint32_t page_bytes;     /* 0 = the backend's default; rules per backend above */
+  uint64_t capacity_bytes; /* KV capacity; 0 = the backend's default; at least one chunk */
   uint32_t n_threads;      /* host compute threads; 0 = all cores */
   float scale;             /* logit scale; 0 = 1/sqrt(head_dim) */
   float logit_softcap;     /* cap*tanh(logit/cap); 0 = off */

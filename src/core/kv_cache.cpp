@@ -40,9 +40,17 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     return status{errc::kInvalidArgument, "scale must be finite and >= 0 (0 means 1/sqrt(head_dim))"};
   if (std::isnan(options.softcap) || std::isinf(options.softcap))
     return status{errc::kInvalidArgument, "softcap must be finite (<= 0 disables it)"};
+  // Page and capacity rules are the backend's (its page_geometry, then its configure): a refusal
+  // names the backend, "csd: page_bytes must be ...".
+  const std::string name(b->name());
+  const auto named = [&](const status& s) {
+    const std::string& m = s.message();
+    if (m.compare(0, name.size(), name) == 0) return s;
+    return status{s.code(), name + ": " + m};
+  };
   const uint32_t page_bytes = options.page_bytes ? options.page_bytes : b->preferred_page_bytes();
   auto geometry = page_geometry::make(page_bytes, options.shape.head_dim, options.shape.kv_dtype);
-  if (!geometry.ok()) return geometry.error();
+  if (!geometry.ok()) return named(geometry.error());
 
   backend_config config;
   config.shape = options.shape;
@@ -60,7 +68,7 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     config.sparf = true;
     config.sparf_channels_per_page = sparf.columns.channels_per_page;
   }
-  INSTINFER_TRY(b->configure(config));
+  if (status s = b->configure(config); !s.ok()) return named(s);
   std::unique_ptr<kv_cache> cache;
   try {
     cache.reset(new kv_cache(config, std::move(b)));

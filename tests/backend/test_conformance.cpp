@@ -767,6 +767,57 @@ TEST_CASE_TEMPLATE("failures: an injected backend failure in any call leaves the
 
 // ---- bad inputs -------------------------------------------------------------------------------
 
+// Issue 17.6: one rule per backend for page_bytes and capacity_bytes, enforced at create time with
+// a message that names the backend (instinfer.h states the rules).
+TEST_CASE("create: page_bytes and capacity_bytes follow the backend's rule; a refusal names the backend") {
+  const std::string scheme = the_target().scheme;
+  const kv_shape shape{1, 2, 1, 64, dtype::kF16};  // 128-byte rows; a chunk is 2 pages
+  const auto try_create = [&](uint32_t page_bytes, uint64_t capacity_bytes) {
+    cache_options o;
+    o.shape = shape;
+    o.page_bytes = page_bytes;
+    o.capacity_bytes = capacity_bytes;
+    o.n_threads = 2;
+    o.backend_uri = the_target().uri(4096);  // a csd drive with 4 KiB flash pages
+    return kv_cache::create(o);
+  };
+  const auto expect = [&](uint32_t page_bytes, uint64_t capacity_bytes, bool ok) {
+    CAPTURE(page_bytes);
+    CAPTURE(capacity_bytes);
+    auto c = try_create(page_bytes, capacity_bytes);
+    if (ok) {
+      REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+      kv_cache& cache = *c.value();
+      CHECK(cache.page().page_bytes == page_bytes);
+      CHECK(cache.storage().capacity_chunks() >= 1);
+      const seq_id s = cache.create_sequence().value();
+      std::vector<float> row(64, 0.25f);
+      CHECK(cache.append(s, 0, 1, row.data(), row.data(), dtype::kF32).ok());
+      return;
+    }
+    REQUIRE_FALSE(c.ok());
+    const status err = c.error();
+    const std::string& message = err.message();
+    INFO("message: ", message);
+    CHECK(err.code() == errc::kInvalidArgument);
+    CHECK(message.compare(0, scheme.size(), scheme) == 0);  // "csd: page_bytes must be 4096 ..."
+  };
+  // page_bytes (capacity 1 MiB): the common rule is a power of two in [512, 65536] holding whole
+  // rows; ssd also needs a chunk that is a multiple of the direct-I/O alignment (>= 4 KiB), csd the
+  // drive's flash page.
+  const bool ssd = scheme == "ssd", csd = scheme == "csd";
+  expect(256, 1 << 20, false);
+  expect(512, 1 << 20, !ssd && !csd);
+  expect(4096, 1 << 20, true);
+  expect(65536, 1 << 20, !csd);
+  expect(131072, 1 << 20, false);
+  // capacity_bytes (page 4096, chunk 8192): 0 is the backend's default; otherwise at least a chunk.
+  expect(4096, 0, true);
+  expect(4096, 1, false);
+  expect(4096, 8191, false);
+  expect(4096, 8192, true);
+}
+
 TEST_CASE_TEMPLATE("bad inputs are refused with the right errc and change nothing", D, CONFORMANCE_DTYPES) {
   harness h({small_shape(D::value), 4096, 16}, 91);
   const uint32_t tpp = h.tpp();

@@ -190,6 +190,11 @@ static void test_bad_configs(void) {
   bad = cfg;
   bad.capacity_bytes = 100; /* smaller than one chunk */
   CHECK_ERR(instinfer_cache_create(&bad, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(strncmp(instinfer_last_error(), "host: ", 6) == 0); /* names the backend that refused */
+  bad = cfg;
+  bad.page_bytes = 131072;
+  CHECK_ERR(instinfer_cache_create(&bad, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(strncmp(instinfer_last_error(), "host: ", 6) == 0);
   const char* uris[] = {"", "::", "Host", "host:/x", "host:?x=1", "tape:0", "ssd:/x?queue_depth=banana"};
   for (size_t i = 0; i < sizeof uris / sizeof uris[0]; ++i) {
     bad = cfg;
