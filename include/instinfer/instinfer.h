@@ -2,8 +2,11 @@
  * computational storage drive or in GPU memory, with decode attention run where the pages are.
  *
  * Conventions
- *  - Every function returns an instinfer_status: 0 on success, a negative INSTINFER_E_* code on
- *    failure. instinfer_last_error() then gives a readable message (per thread). Nothing throws.
+ *  - Every function that can fail returns an instinfer_status: 0 on success, a negative
+ *    INSTINFER_E_* code on failure. instinfer_last_error() then gives a readable message (per
+ *    thread). Nothing throws. Six functions cannot fail and return something else:
+ *    instinfer_version, instinfer_status_name, instinfer_last_error, instinfer_config_init,
+ *    instinfer_cache_destroy and instinfer_sparf_params_init.
  *  - Handles are opaque. A cache may be used from several threads: calls on one cache are
  *    serialised inside.
  *  - Buffer shapes are row-major, innermost last:
