@@ -18,6 +18,11 @@ set_target_properties(instinfer_uring PROPERTIES EXPORT_NAME uring)
 install(TARGETS instinfer_headers instinfer_core ${_instinfer_components} instinfer EXPORT instinferTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# The emulated drive is a helper process of the csd: backend, not a user command: libexec, where
+# the backend looks for it (INSTINFER_CSD_LIBEXECDIR in src/backend/csd/CMakeLists.txt).
+if(TARGET instinfer-csd)
+  install(TARGETS instinfer-csd RUNTIME DESTINATION ${CMAKE_INSTALL_LIBEXECDIR})
+endif()
 set_target_properties(instinfer_headers PROPERTIES EXPORT_NAME instinfer)
 set_target_properties(instinfer_core PROPERTIES EXPORT_NAME core)
 set_target_properties(instinfer PROPERTIES EXPORT_NAME c)

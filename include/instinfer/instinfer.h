@@ -2,8 +2,11 @@
  * computational storage drive or in GPU memory, with decode attention run where the pages are.
  *
  * Conventions
- *  - Every function returns an instinfer_status: 0 on success, a negative INSTINFER_E_* code on
- *    failure. instinfer_last_error() then gives a readable message (per thread). Nothing throws.
+ *  - Every function that can fail returns an instinfer_status: 0 on success, a negative
+ *    INSTINFER_E_* code on failure. instinfer_last_error() then gives a readable message (per
+ *    thread). Nothing throws. Six functions cannot fail and return something else:
+ *    instinfer_version, instinfer_status_name, instinfer_last_error, instinfer_config_init,
+ *    instinfer_cache_destroy and instinfer_sparf_params_init.
  *  - Handles are opaque. A cache may be used from several threads: calls on one cache are
  *    serialised inside.
  *  - Buffer shapes are row-major, innermost last:
@@ -55,7 +58,21 @@ typedef struct instinfer_cache instinfer_cache;
 typedef uint64_t instinfer_seq;
 
 /* Cache configuration. Initialise with instinfer_config_init() and then set fields, so that
- * fields added in later versions keep their defaults. */
+ * fields added in later versions keep their defaults.
+ *
+ * page_bytes and capacity_bytes, per backend (instinfer_cache_create enforces them, returning
+ * INSTINFER_E_INVALID_ARGUMENT with a message that starts with the backend's name):
+ *  - page_bytes 0 is the backend's preferred size (host, cuda: 4096; ssd: the device's; csd: the
+ *    drive's flash page). Otherwise every backend needs a power of two in [512, 65536] holding a
+ *    whole number of head_dim rows, and also:
+ *      host, cuda: nothing more;
+ *      ssd:  a chunk (2 * n_kv_heads pages) a multiple of the device's direct-I/O alignment, at
+ *            least 4096 (so 512 needs n_kv_heads >= 4);
+ *      csd:  exactly the drive's flash page (the URI's page=, default 4096).
+ *  - capacity_bytes 0 is the backend's default (host: half the physical memory; ssd: the block
+ *    device, or up to 64 GiB of a file's free space; csd: all of the drive's flash; cuda: half the
+ *    free GPU memory). Otherwise, on every backend, at least one chunk of
+ *    2 * n_kv_heads * page_bytes; the pool holds capacity_bytes / chunk whole chunks. */
 typedef struct instinfer_config {
   uint32_t struct_size; /* sizeof(instinfer_config), set by instinfer_config_init */
   uint32_t n_layers;
@@ -63,8 +80,8 @@ typedef struct instinfer_config {
   uint32_t n_kv_heads; /* n_q_heads must be a multiple of it (GQA) */
   uint32_t head_dim;   /* 64, 128 or 256 */
   instinfer_dtype kv_dtype;
-  uint32_t page_bytes;     /* power of two in [512, 65536]; 0 = the backend's default */
-  uint64_t capacity_bytes; /* KV capacity; 0 = the backend's default */
+  uint32_t page_bytes;     /* 0 = the backend's default; rules per backend above */
+  uint64_t capacity_bytes; /* KV capacity; 0 = the backend's default; at least one chunk */
   uint32_t n_threads;      /* host compute threads; 0 = all cores */
   float scale;             /* logit scale; 0 = 1/sqrt(head_dim) */
   float logit_softcap;     /* cap*tanh(logit/cap); 0 = off */
@@ -120,7 +137,8 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
 /* Frees the cache and all its sequences; NULL is a no-op. */
 void instinfer_cache_destroy(instinfer_cache* cache);
 instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out_stats);
-/* Writes every appended token to durable storage (storage backends). */
+/* ssd: writes every appended token to the device and syncs it. csd: the drives already hold them
+ * (no flush command); checks that every drive answers. host, cuda: nothing to do. */
 instinfer_status instinfer_cache_flush(instinfer_cache* cache);
 
 instinfer_status instinfer_seq_create(instinfer_cache* cache, instinfer_seq* out_seq);
@@ -138,14 +156,16 @@ instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uin
                                   const void* k, const void* v, instinfer_dtype src_dtype);
 
 /* Decode attention of one layer for n_seq sequences: q and out [n_seq][n_q_heads][head_dim],
- * lse [n_seq][n_q_heads] or NULL. A sequence with no tokens yields zeros and lse = -inf. */
+ * lse [n_seq][n_q_heads] or NULL. A sequence with no tokens yields zeros and lse = -inf.
+ * out (or lse) may overlap q, e.g. out == q for in-place attention, on every backend; out and lse
+ * must not overlap each other. */
 instinfer_status instinfer_attend(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
                                   const float* q, float* out, float* lse);
 
 void instinfer_sparf_params_init(instinfer_sparf_params* params);
-/* SparF decode attention (needs config.sparf = 1): shapes as instinfer_attend. Reads only the
- * chosen column pages and the pages holding the selected tokens (on a CSD: inside the drive).
- * params NULL = the defaults. Bad parameters (r > head_dim, k > a sequence's tokens, compression
+/* SparF decode attention (needs config.sparf = 1): shapes and aliasing as instinfer_attend. Reads
+ * only the chosen column pages and the pages holding the selected tokens (on a CSD: inside the
+ * drive). params NULL = the defaults. Bad parameters (r > head_dim, k > a sequence's tokens, compression
  * outside (0, 1]) are INSTINFER_E_INVALID_ARGUMENT. */
 instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer, size_t n_seq,
                                          const instinfer_seq* seqs, const float* q, float* out, float* lse,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <new>
 
@@ -19,6 +20,11 @@ uint32_t ceil_div(uint64_t a, uint64_t b) {
 std::string seq_name(seq_id seq) {
   return "sequence " + std::to_string(seq);
 }
+
+bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) noexcept {
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + b_bytes && y < x + a_bytes;
+}
 }  // namespace
 
 result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options) {
@@ -34,9 +40,17 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     return status{errc::kInvalidArgument, "scale must be finite and >= 0 (0 means 1/sqrt(head_dim))"};
   if (std::isnan(options.softcap) || std::isinf(options.softcap))
     return status{errc::kInvalidArgument, "softcap must be finite (<= 0 disables it)"};
+  // Page and capacity rules are the backend's (its page_geometry, then its configure): a refusal
+  // names the backend, "csd: page_bytes must be ...".
+  const std::string name(b->name());
+  const auto named = [&](const status& s) {
+    const std::string& m = s.message();
+    if (m.compare(0, name.size(), name) == 0) return s;
+    return status{s.code(), name + ": " + m};
+  };
   const uint32_t page_bytes = options.page_bytes ? options.page_bytes : b->preferred_page_bytes();
   auto geometry = page_geometry::make(page_bytes, options.shape.head_dim, options.shape.kv_dtype);
-  if (!geometry.ok()) return geometry.error();
+  if (!geometry.ok()) return named(geometry.error());
 
   backend_config config;
   config.shape = options.shape;
@@ -54,7 +68,7 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     config.sparf = true;
     config.sparf_channels_per_page = sparf.columns.channels_per_page;
   }
-  INSTINFER_TRY(b->configure(config));
+  if (status s = b->configure(config); !s.ok()) return named(s);
   std::unique_ptr<kv_cache> cache;
   try {
     cache.reset(new kv_cache(config, std::move(b)));
@@ -238,6 +252,22 @@ result<uint32_t> kv_cache::length(seq_id seq, uint32_t layer) const {
   return found.value()->layers[layer].n_tokens;
 }
 
+uint32_t kv_cache::fresh_chunks_needed(const layer_table& t, uint32_t n) const noexcept {
+  const uint32_t tpp = config_.page.tokens_per_page;
+  const uint32_t fill = t.n_tokens % tpp;
+  const bool cow = fill != 0 && !writable(t.chunks.back());
+  const uint32_t room = fill != 0 ? tpp - fill : 0;
+  return (n > room ? ceil_div(n - room, tpp) : 0) + (cow ? 1 : 0);
+}
+
+status kv_cache::check_free_chunks(const layer_table& t, uint32_t n) const {
+  const uint32_t needed = fresh_chunks_needed(t, n);
+  if (backend_->free_chunks() < needed)
+    return {errc::kOutOfPages, "appending " + std::to_string(n) + " tokens needs " + std::to_string(needed) +
+                                   " free chunks, " + std::to_string(backend_->free_chunks()) + " left"};
+  return {};
+}
+
 status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n, const std::byte* k,
                                  const std::byte* v, bool notify) {
   const uint32_t tpp = config_.page.tokens_per_page;
@@ -246,10 +276,8 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
   const bool has_partial = fill != 0;
   const bool cow = has_partial && !writable(t.chunks.back());
   const uint32_t room = has_partial ? tpp - fill : 0;
-  const uint32_t fresh_needed = (n > room ? ceil_div(n - room, tpp) : 0) + (cow ? 1 : 0);
-  if (backend_->free_chunks() < fresh_needed)
-    return {errc::kOutOfPages, "appending " + std::to_string(n) + " tokens needs " + std::to_string(fresh_needed) +
-                                   " free chunks, " + std::to_string(backend_->free_chunks()) + " left"};
+  const uint32_t fresh_needed = fresh_chunks_needed(t, n);
+  INSTINFER_TRY(check_free_chunks(t, n));
 
   std::vector<chunk_id> fresh;
   try {
@@ -347,6 +375,10 @@ status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const voi
   layer_table& t = found.value()->layers[layer];
   if (n_tokens > kMaxTokensPerLayer || t.n_tokens > kMaxTokensPerLayer - n_tokens)
     return {errc::kInvalidArgument, "a layer may hold at most " + std::to_string(kMaxTokensPerLayer) + " tokens"};
+
+  // Every check that needs no rows comes before the conversion reads them: a call that cannot
+  // succeed must not read n_tokens rows (the caller's buffers may be shorter than claimed).
+  INSTINFER_TRY(check_free_chunks(t, n_tokens));
 
   const auto* kb = static_cast<const std::byte*>(k);
   const auto* vb = static_cast<const std::byte*>(v);
@@ -473,7 +505,26 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
   if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   INSTINFER_TRY(fill_batch(layer, seqs));
-  return backend_->attend(layer, batch_view(q, out, lse));
+  auto query = separate_query(seqs.size(), q, out, lse);
+  if (!query.ok()) return query.error();
+  return backend_->attend(layer, batch_view(query.value(), out, lse));
+}
+
+// Backends write out (and lse) while they still read q (the host decoder keeps its running
+// accumulator in out), so an overlapping q is copied first; q is one row per sequence, small.
+result<const float*> kv_cache::separate_query(size_t n_seq, const float* q, const float* out, const float* lse) {
+  const size_t n_q = n_seq * config_.shape.n_q_heads * config_.shape.head_dim;
+  const size_t n_lse = n_seq * config_.shape.n_q_heads;
+  const bool alias = overlaps(q, n_q * sizeof(float), out, n_q * sizeof(float)) ||
+                     (lse != nullptr && overlaps(q, n_q * sizeof(float), lse, n_lse * sizeof(float)));
+  if (!alias) return q;
+  try {
+    if (q_copy_.size() < n_q) q_copy_.resize(n_q);
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "copy of a query that overlaps out or lse"};
+  }
+  std::memcpy(q_copy_.data(), q, n_q * sizeof(float));
+  return static_cast<const float*>(q_copy_.data());
 }
 
 // batch_ for one layer: each sequence's page table, in CSR form (the view backends receive).
@@ -505,8 +556,10 @@ status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, con
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   INSTINFER_TRY(params.validate(config_.shape.head_dim));
   INSTINFER_TRY(fill_batch(layer, seqs));
+  auto query = separate_query(seqs.size(), q, out, lse);
+  if (!query.ok()) return query.error();
   sparf_counters counters;
-  INSTINFER_TRY(attender_->attend_sparse(layer, batch_view(q, out, lse), params, &counters));
+  INSTINFER_TRY(attender_->attend_sparse(layer, batch_view(query.value(), out, lse), params, &counters));
   sparf_totals_.add(counters);
   return {};
 }

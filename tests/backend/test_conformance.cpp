@@ -449,6 +449,57 @@ TEST_CASE_TEMPLATE("attend: a batch of different lengths with an empty sequence;
   }
 }
 
+// Issue 17.2: in-place attention (out == q, or lse inside q) gives what separate buffers give, on
+// every backend, dense and sparse (the host backend used to read q while it wrote out).
+TEST_CASE_TEMPLATE("attend: out (or lse) overlapping q equals a run on separate buffers", D, CONFORMANCE_DTYPES) {
+  const kv_shape shape{2, 4, 2, 128, D::value};
+  harness h({shape, 4096, 256, true}, 27);
+  const uint32_t tpp = h.tpp();
+  std::vector<seq_id> batch;
+  for (uint32_t n : {3 * tpp + 5, 0u, 1u, tpp + 1}) {
+    batch.push_back(h.create());
+    if (n) h.append(batch.back(), 1, n);
+  }
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim, n_lse = batch.size() * shape.n_q_heads;
+  const auto q = test_support::random_queries(h.rng, batch.size(), shape);
+  const auto same = [](const std::vector<float>& a, const float* b, size_t n) {
+    return std::equal(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(n), b,
+                      [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); });
+  };
+  for (int sparse = 0; sparse < 2; ++sparse) {
+    CAPTURE(sparse);
+    const sparf_params params = sparf_params::with_compression(0.125);
+    const auto run = [&](const float* qp, float* out, float* lse) {
+      const status st =
+          sparse ? h.cache->attend_sparse(1, batch, qp, out, lse, params) : h.cache->attend(1, batch, qp, out, lse);
+      REQUIRE_MESSAGE(st.ok(), st.to_string());
+    };
+    std::vector<float> want(q.size(), 1e30f), want_lse(n_lse, 1e30f);
+    run(q.data(), want.data(), want_lse.data());
+
+    std::vector<float> buf = q, lse(n_lse, 1e30f);  // out == q
+    run(buf.data(), buf.data(), lse.data());
+    CHECK(same(want, buf.data(), want.size()));
+    CHECK(same(want_lse, lse.data(), n_lse));
+
+    buf = q;  // out == q, no lse
+    run(buf.data(), buf.data(), nullptr);
+    CHECK(same(want, buf.data(), want.size()));
+
+    buf = q;  // lse written over the start of q, out separate
+    std::vector<float> out(q.size(), 1e30f);
+    run(buf.data(), out.data(), buf.data());
+    CHECK(same(want, out.data(), want.size()));
+    CHECK(same(want_lse, buf.data(), n_lse));
+
+    buf.assign(q.size() + nq, 1e30f);  // out shifted one sequence into q (partial overlap)
+    std::copy(q.begin(), q.end(), buf.begin() + static_cast<std::ptrdiff_t>(nq));
+    run(buf.data() + nq, buf.data(), nullptr);
+    CHECK(same(want, buf.data(), want.size()));
+  }
+  h.free_all();
+}
+
 // ---- attend_sparse ------------------------------------------------------------------------------
 
 namespace {
@@ -715,6 +766,57 @@ TEST_CASE_TEMPLATE("failures: an injected backend failure in any call leaves the
 }
 
 // ---- bad inputs -------------------------------------------------------------------------------
+
+// Issue 17.6: one rule per backend for page_bytes and capacity_bytes, enforced at create time with
+// a message that names the backend (instinfer.h states the rules).
+TEST_CASE("create: page_bytes and capacity_bytes follow the backend's rule; a refusal names the backend") {
+  const std::string scheme = the_target().scheme;
+  const kv_shape shape{1, 2, 1, 64, dtype::kF16};  // 128-byte rows; a chunk is 2 pages
+  const auto try_create = [&](uint32_t page_bytes, uint64_t capacity_bytes) {
+    cache_options o;
+    o.shape = shape;
+    o.page_bytes = page_bytes;
+    o.capacity_bytes = capacity_bytes;
+    o.n_threads = 2;
+    o.backend_uri = the_target().uri(4096);  // a csd drive with 4 KiB flash pages
+    return kv_cache::create(o);
+  };
+  const auto expect = [&](uint32_t page_bytes, uint64_t capacity_bytes, bool ok) {
+    CAPTURE(page_bytes);
+    CAPTURE(capacity_bytes);
+    auto c = try_create(page_bytes, capacity_bytes);
+    if (ok) {
+      REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+      kv_cache& cache = *c.value();
+      CHECK(cache.page().page_bytes == page_bytes);
+      CHECK(cache.storage().capacity_chunks() >= 1);
+      const seq_id s = cache.create_sequence().value();
+      std::vector<float> row(64, 0.25f);
+      CHECK(cache.append(s, 0, 1, row.data(), row.data(), dtype::kF32).ok());
+      return;
+    }
+    REQUIRE_FALSE(c.ok());
+    const status err = c.error();
+    const std::string& message = err.message();
+    INFO("message: ", message);
+    CHECK(err.code() == errc::kInvalidArgument);
+    CHECK(message.compare(0, scheme.size(), scheme) == 0);  // "csd: page_bytes must be 4096 ..."
+  };
+  // page_bytes (capacity 1 MiB): the common rule is a power of two in [512, 65536] holding whole
+  // rows; ssd also needs a chunk that is a multiple of the direct-I/O alignment (>= 4 KiB), csd the
+  // drive's flash page.
+  const bool ssd = scheme == "ssd", csd = scheme == "csd";
+  expect(256, 1 << 20, false);
+  expect(512, 1 << 20, !ssd && !csd);
+  expect(4096, 1 << 20, true);
+  expect(65536, 1 << 20, !csd);
+  expect(131072, 1 << 20, false);
+  // capacity_bytes (page 4096, chunk 8192): 0 is the backend's default; otherwise at least a chunk.
+  expect(4096, 0, true);
+  expect(4096, 1, false);
+  expect(4096, 8191, false);
+  expect(4096, 8192, true);
+}
 
 TEST_CASE_TEMPLATE("bad inputs are refused with the right errc and change nothing", D, CONFORMANCE_DTYPES) {
   harness h({small_shape(D::value), 4096, 16}, 91);

@@ -190,6 +190,11 @@ static void test_bad_configs(void) {
   bad = cfg;
   bad.capacity_bytes = 100; /* smaller than one chunk */
   CHECK_ERR(instinfer_cache_create(&bad, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(strncmp(instinfer_last_error(), "host: ", 6) == 0); /* names the backend that refused */
+  bad = cfg;
+  bad.page_bytes = 131072;
+  CHECK_ERR(instinfer_cache_create(&bad, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(strncmp(instinfer_last_error(), "host: ", 6) == 0);
   const char* uris[] = {"", "::", "Host", "host:/x", "host:?x=1", "tape:0", "ssd:/x?queue_depth=banana"};
   for (size_t i = 0; i < sizeof uris / sizeof uris[0]; ++i) {
     bad = cfg;
@@ -326,10 +331,49 @@ static void test_sparf(void) {
   free(v);
 }
 
+/* Issue 17.1: an append that cannot fit is refused before any row is read. The buffers are exactly
+ * 1 MiB while the call claims 1<<20 tokens (far more): converting F32 rows first used to read far
+ * past them (SIGSEGV, or an ASan over-read) where F16 rows returned OUT_OF_PAGES. */
+static void test_append_checks_capacity_before_reading(void) {
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  cfg.n_layers = 1;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 1;
+  cfg.head_dim = 64;
+  cfg.kv_dtype = INSTINFER_DTYPE_F16;
+  cfg.page_bytes = 4096;
+  cfg.capacity_bytes = 1u << 20;
+  instinfer_cache* cache = NULL;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (!cache) return;
+  instinfer_seq seq = 0;
+  CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+  const size_t bytes = (size_t)1 << 20;
+  void* k = malloc(bytes);
+  void* v = malloc(bytes);
+  CHECK(k && v);
+  if (k && v) {
+    memset(k, 0, bytes);
+    memset(v, 0, bytes);
+    CHECK_ERR(instinfer_append(cache, seq, 0, 1u << 20, k, v, INSTINFER_DTYPE_F32), INSTINFER_E_OUT_OF_PAGES);
+    CHECK_ERR(instinfer_append(cache, seq, 0, 1u << 20, k, v, INSTINFER_DTYPE_F16), INSTINFER_E_OUT_OF_PAGES);
+    uint64_t n = 1;
+    CHECK(instinfer_seq_length(cache, seq, 0, &n) == INSTINFER_OK && n == 0);
+    /* What fits still goes in: 1 MiB of F32 rows is 4096 tokens, 128 KiB of F16 storage. */
+    CHECK(instinfer_append(cache, seq, 0, (uint32_t)(bytes / (sizeof(float) * 64)), k, v, INSTINFER_DTYPE_F32) ==
+          INSTINFER_OK);
+  }
+  free(k);
+  free(v);
+  instinfer_cache_destroy(cache);
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
   test_sparf();
+  test_append_checks_capacity_before_reading();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

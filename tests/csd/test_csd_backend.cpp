@@ -4,12 +4,16 @@
 // gives an error in bounded time, and attached drives keep namespaces apart.
 #include <doctest/doctest.h>
 
+#include <limits.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -278,6 +282,106 @@ TEST_CASE("a stopped drive times out instead of hanging") {
   CHECK(st.code() == errc::kTimeout);
   CHECK(secs < 2.0);
   ::kill(pid, SIGCONT);  // the connection already killed it; harmless
+}
+
+TEST_CASE("flush after the drive is lost returns kDeviceLost, as every other call (issue 17.5)") {
+  if (!drive_available()) return;
+  const kv_shape shape{1, 2, 2, 64, dtype::kF16};
+  auto c = make_cache(shape, "csd:?blocks_per_die=4", 64);
+  const seq_id s = c->create_sequence().value();
+  std::mt19937 rng(5);
+  const auto k = csd_test::random_rows(rng, 3, 2, 64, dtype::kF16);
+  REQUIRE(c->append(s, 0, 3, k.data(), k.data(), dtype::kF16).ok());
+  CHECK(c->flush().ok());
+  const int pid = csd_of(*c).device_pid(0);
+  REQUIRE(pid > 0);
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  // Wait until it is a zombie (our child, not reaped yet): dead for sure before flush runs.
+  for (int i = 0; i < 2000; ++i) {
+    std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    char state = 0;
+    if (f) {
+      (void)std::fscanf(f, "%*d (%*[^)]) %c", &state);
+      std::fclose(f);
+    }
+    if (state == 'Z' || !f) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const status st = c->flush();
+  CHECK_MESSAGE(st.code() == errc::kDeviceLost, st.to_string());
+  CHECK(c->flush().code() == errc::kDeviceLost);  // and stays so
+  CHECK(c->append(s, 0, 1, k.data(), k.data(), dtype::kF16).code() == errc::kDeviceLost);
+}
+
+TEST_CASE("a drive that never becomes ready fails after timeout_ms, naming the binary (issue 17.3)") {
+  if (!drive_available()) return;
+  const char* tmp = std::getenv("TMPDIR");
+  std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/instinfer-csd-test-XXXXXX";
+  REQUIRE(::mkdtemp(dir.data()) != nullptr);
+  const std::string script = dir + "/never-ready-drive";
+  {
+    std::FILE* f = std::fopen(script.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs("#!/bin/sh\nexec sleep 30\n", f);
+    std::fclose(f);
+    REQUIRE(::chmod(script.c_str(), 0755) == 0);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto b = make_backend("csd:?device=" + script + "&timeout_ms=500");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE_FALSE(b.ok());
+  MESSAGE("never-ready drive: '" << b.error().to_string() << "' after " << secs << " s");
+  CHECK(b.error().code() == errc::kTimeout);
+  CHECK(b.error().message().find(script) != std::string::npos);
+  CHECK(b.error().message().find("500 ms") != std::string::npos);
+  CHECK(secs >= 0.45);
+  CHECK(secs < 3.0);
+  ::unlink(script.c_str());
+  ::rmdir(dir.c_str());
+}
+
+TEST_CASE(
+    "drive binary lookup: the library's folder, libexec, the executable's; a miss lists what was tried "
+    "(issue 17.4)") {
+  if (!drive_available()) return;
+  const char* env = std::getenv("INSTINFER_CSD_DEVICE");
+  const std::string saved = env ? env : "";
+  ::unsetenv("INSTINFER_CSD_DEVICE");
+  const std::vector<std::string> all = csd::device_binary_candidates(csd::connection_options{});
+  char exe[PATH_MAX];
+  REQUIRE(::realpath("/proc/self/exe", exe) != nullptr);
+  const std::string exe_dir = std::string(exe).substr(0, std::string(exe).rfind('/'));
+  std::string listed;
+  for (const auto& p : all) listed += p + "\n";
+  INFO("candidates:\n", listed);
+  const auto has = [&](const std::string& p) { return std::find(all.begin(), all.end(), p) != all.end(); };
+  CHECK(has(exe_dir + "/instinfer-csd"));  // this test links the library code statically
+  CHECK(std::any_of(all.begin(), all.end(), [](const std::string& p) {
+    return p.size() > 22 && p.compare(p.size() - 22, 22, "/libexec/instinfer-csd") == 0;
+  }));
+  for (size_t i = 0; i < all.size(); ++i)
+    for (size_t j = i + 1; j < all.size(); ++j) CHECK(all[i] != all[j]);
+
+  // An override is the only path tried, and a miss names it.
+  csd::connection_options o;
+  o.device_path = "/nonexistent/dir/instinfer-csd";
+  CHECK(csd::device_binary_candidates(o) == std::vector<std::string>{o.device_path});
+  auto r = csd::connection::open(o);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().code() == errc::kUnsupported);
+  CHECK(r.error().message().find("tried: /nonexistent/dir/instinfer-csd") != std::string::npos);
+
+  ::setenv("INSTINFER_CSD_DEVICE", "/nonexistent/env/instinfer-csd", 1);
+  CHECK(csd::device_binary_candidates(csd::connection_options{}) ==
+        std::vector<std::string>{"/nonexistent/env/instinfer-csd"});
+  CHECK(csd::find_device_binary(csd::connection_options{}).empty());
+  auto e = csd::connection::open(csd::connection_options{});
+  REQUIRE_FALSE(e.ok());
+  CHECK(e.error().message().find("/nonexistent/env/instinfer-csd") != std::string::npos);
+  if (env)
+    ::setenv("INSTINFER_CSD_DEVICE", saved.c_str(), 1);
+  else
+    ::unsetenv("INSTINFER_CSD_DEVICE");
 }
 
 TEST_CASE("attached drive: two clients get separate namespaces; foreign pages are rejected") {

@@ -9,9 +9,11 @@
 //   cores=N (4)           attention worker threads per drive
 //   channels=8 dies=8 channel_gbps=1.4 read_us=20 program_us=200 erase_us=2000
 //   page=4096 pages_per_block=256 blocks_per_die=64 (or capacity=BYTES per drive)
-//   link_gbps=7 link_us=2 buffer_mb=512 data_mb=16 timeout_ms=5000 buffered=0
+//   link_gbps=7 link_us=2 buffer_mb=512 data_mb=16 buffered=0
+//   timeout_ms=5000       per command; when given, also the drive's start-up (else 60 s)
 //   attach=NAME[,NAME...]  use running drives (instinfer-csd --name NAME) instead of starting them
-//   device=PATH emulator=CMD  the drive binary, and a runner for it (e.g. qemu-aarch64-static)
+//   device=PATH emulator=CMD  the drive binary (default: csd::device_binary_candidates), and a
+//                         runner for it (e.g. qemu-aarch64-static)
 //   debug_attend_delay_ms=N  test seam: every attend sleeps on the drive
 // With several drives and a flash path, drive d uses FLASH_PATH.d.
 #pragma once
@@ -41,7 +43,7 @@ class csd_backend final : public backend {
     return false;
 #endif
   }
-  // The drive binary can be found (INSTINFER_CSD_DEVICE or next to this executable).
+  // The drive binary can be found (INSTINFER_CSD_DEVICE, or csd::device_binary_candidates).
 #if defined(INSTINFER_WITH_CSD) && INSTINFER_WITH_CSD
   static bool available() noexcept;
 #else
@@ -66,6 +68,10 @@ class csd_backend final : public backend {
                       const std::byte* v) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
+  // The drive protocol has no flush command (written pages are on the drive's flash, open chunks in
+  // its DRAM group buffer): flush is a round trip to every drive, so a lost or hung drive is
+  // reported (kDeviceLost, kTimeout) as by every other call.
+  status flush() noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
   bool runs_sparf() const noexcept override;

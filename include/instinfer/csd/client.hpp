@@ -24,16 +24,23 @@
 namespace instinfer::csd {
 
 struct connection_options {
-  std::string device_path;               // instinfer-csd; empty: $INSTINFER_CSD_DEVICE, else next to this executable
+  std::string device_path;               // instinfer-csd; empty: see device_binary_candidates
   std::string emulator;                  // run the drive under this (e.g. qemu-aarch64-static); $INSTINFER_CSD_EMULATOR
   std::string attach;                    // name of a running drive (instinfer-csd --name NAME) instead of starting one
   std::vector<std::string> device_args;  // drive options for a started drive (--flash, --channels, ...)
   region_layout layout{1, 64, 16ull << 20};  // for a started drive
-  uint32_t timeout_ms = 5000;                // per command
-  uint32_t start_timeout_ms = 60000;         // drive start-up (qemu can be slow)
+  uint32_t timeout_ms = 5000;                // per command; also how long an attached drive may take to be ready
+  uint32_t start_timeout_ms = 60000;         // a started drive's start-up (qemu can be slow); the csd: URI's
+                                             // timeout_ms sets it when given
 };
 
-// Where instinfer-csd would be found with these options (empty when nowhere).
+// Where instinfer-csd is looked for, in order: device_path alone when set, else
+// $INSTINFER_CSD_DEVICE alone when set, else the folder of the file holding this library's code
+// (libinstinfer.so, or the executable it was linked into) and its ../libexec and ../bin, the
+// install prefix's libexec (CMAKE_INSTALL_FULL_LIBEXECDIR), and the folder of /proc/self/exe and
+// its ../bin. Normalised, without duplicates.
+std::vector<std::string> device_binary_candidates(const connection_options& options);
+// The first executable candidate (empty when none is).
 std::string find_device_binary(const connection_options& options);
 
 class connection {

@@ -81,11 +81,13 @@ class kv_cache {
 
   // Decode attention of one layer. q: [n_seq][n_q_heads][head_dim]; out: same shape; lse:
   // [n_seq][n_q_heads] or null. A sequence with no tokens in the layer yields zeros and lse -inf.
+  // out (or lse) may overlap q, e.g. out == q for in-place attention: q is then copied first, so
+  // every backend sees separate buffers. out and lse must not overlap each other.
   status attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
 
   // SparF sparse decode attention (attention/sparf.hpp) of one layer; shapes as in attend. Needs
-  // cache_options::sparf. Runs in the sparse attender (src/sparf): dual-step loading reads only
-  // the K and V pages holding selected tokens: in place where the backend's chunks are
+  // cache_options::sparf; q may overlap out or lse as in attend. Runs in the sparse attender (src/sparf): dual-step
+  // loading reads only the K and V pages holding selected tokens: in place where the backend's chunks are
   // host-addressable (host), as single pages through read_pages (ssd) or whole chunks through
   // read_chunk otherwise; a backend that runs SparF itself (csd: next to its flash, from its own
   // channel-indexed K copy) gets the call instead.
@@ -120,6 +122,10 @@ class kv_cache {
   void retain(chunk_id id) noexcept;
   void release(chunk_id id) noexcept;
   bool writable(chunk_id id) const noexcept;
+  // Fresh chunks appending n tokens to t takes (the tail's room first, plus one for a copy-on-write
+  // of a shared or sealed tail), and the check that the backend has them: out of pages otherwise.
+  uint32_t fresh_chunks_needed(const layer_table& t, uint32_t n) const noexcept;
+  status check_free_chunks(const layer_table& t, uint32_t n) const;
   // Append rows already in the cache dtype to one table; on failure the table is unchanged.
   // notify: tell the sparse attender (not for a table remove_range is rebuilding: it gets
   // on_truncate with the same rows instead).
@@ -128,6 +134,8 @@ class kv_cache {
   void release_table(layer_table& t) noexcept;
   status fill_batch(uint32_t layer, std::span<const seq_id> seqs);
   attend_batch batch_view(const float* q, float* out, float* lse) const noexcept;
+  // q itself, or a copy of it in q_copy_ when out or lse overlap it (in-place attention).
+  result<const float*> separate_query(size_t n_seq, const float* q, const float* out, const float* lse);
   status read_layer(const layer_table& t, uint32_t begin, uint32_t end, std::vector<std::byte>& k,
                     std::vector<std::byte>& v);
   status rebuild_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
@@ -144,6 +152,7 @@ class kv_cache {
   std::vector<uint32_t> refcount_;  // per chunk id
   std::vector<uint8_t> sealed_;     // per chunk id: was ever full
   std::vector<std::byte> convert_buffer_;
+  std::vector<float> q_copy_;   // attend's q when the caller's out or lse overlap it, grow-only
   attend_batch_builder batch_;  // the CSR workspace of attend calls, grow-only
   sparf_counters sparf_totals_{};
 };

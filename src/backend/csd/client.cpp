@@ -1,16 +1,20 @@
 #include "instinfer/csd/client.hpp"
 
+#include <dlfcn.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <spawn.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 
 extern char** environ;
@@ -27,23 +31,60 @@ bool executable(const std::string& p) {
   return !p.empty() && ::access(p.c_str(), X_OK) == 0;
 }
 
+std::string dir_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? std::string{} : path.substr(0, slash);
+}
+
 std::string self_dir() {
   char buf[4096];
   const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
   if (n <= 0) return {};
-  std::string s(buf, static_cast<size_t>(n));
-  const size_t slash = s.rfind('/');
-  return slash == std::string::npos ? std::string{} : s.substr(0, slash);
+  return dir_of(std::string(buf, static_cast<size_t>(n)));
 }
+
+// The folder of the file holding this code: libinstinfer.so for the C API (also when Python or
+// another interpreter loaded it), the executable when the static library was linked into one.
+const char kCodeAnchor = 0;
+std::string code_dir() {
+  Dl_info info{};
+  if (::dladdr(&kCodeAnchor, &info) == 0 || info.dli_fname == nullptr || info.dli_fname[0] == '\0') return {};
+  char real[PATH_MAX];
+  if (::realpath(info.dli_fname, real) == nullptr) return {};
+  return dir_of(real);
+}
+
+constexpr const char* kBinary = "instinfer-csd";
 
 }  // namespace
 
+std::vector<std::string> device_binary_candidates(const connection_options& o) {
+  if (!o.device_path.empty()) return {o.device_path};
+  if (const char* env = std::getenv("INSTINFER_CSD_DEVICE"); env && *env) return {env};
+  std::vector<std::string> dirs;
+  if (const std::string lib = code_dir(); !lib.empty()) {
+    dirs.push_back(lib);
+    dirs.push_back(lib + "/../libexec");  // an installed tree moved elsewhere (lib/ beside libexec/)
+    dirs.push_back(lib + "/../bin");      // the build tree (lib/ beside bin/)
+  }
+#ifdef INSTINFER_CSD_LIBEXECDIR
+  dirs.push_back(INSTINFER_CSD_LIBEXECDIR);  // where `cmake --install` puts the drive
+#endif
+  if (const std::string exe = self_dir(); !exe.empty()) {
+    dirs.push_back(exe);
+    dirs.push_back(exe + "/../bin");
+  }
+  std::vector<std::string> out;
+  for (const std::string& d : dirs) {
+    const std::string p = std::filesystem::path(d + "/" + kBinary).lexically_normal().string();
+    if (std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+  }
+  return out;
+}
+
 std::string find_device_binary(const connection_options& o) {
-  if (!o.device_path.empty()) return executable(o.device_path) ? o.device_path : std::string{};
-  if (const char* env = std::getenv("INSTINFER_CSD_DEVICE"); env && *env) return executable(env) ? env : std::string{};
-  const std::string dir = self_dir();
-  for (const char* rel : {"/instinfer-csd", "/../bin/instinfer-csd"})
-    if (executable(dir + rel)) return dir + rel;
+  for (const std::string& p : device_binary_candidates(o))
+    if (executable(p)) return p;
   return {};
 }
 
@@ -66,10 +107,12 @@ result<std::unique_ptr<connection>> connection::open(const connection_options& o
 
 status connection::start(const connection_options& o) {
   const std::string bin = find_device_binary(o);
-  if (bin.empty())
-    return {errc::kUnsupported,
-            "instinfer-csd not found (next to this executable, or set INSTINFER_CSD_DEVICE or "
-            "the csd: option device=PATH)"};
+  if (bin.empty()) {
+    std::string tried;
+    for (const std::string& p : device_binary_candidates(o)) tried += (tried.empty() ? "" : ", ") + p;
+    return {errc::kUnsupported, "the drive binary instinfer-csd was not found (tried: " + tried +
+                                    "); set INSTINFER_CSD_DEVICE or the csd: option device=PATH"};
+  }
   if (!o.layout.valid()) return {errc::kInvalidArgument, "bad queue layout"};
   fd_ = ::memfd_create("instinfer-csd", MFD_CLOEXEC);
   if (fd_ < 0) return {errc::kIoError, std::string("memfd_create: ") + std::strerror(errno)};
@@ -115,20 +158,22 @@ status connection::start(const connection_options& o) {
   ::close(high);
   if (rc != 0) return {errc::kUnsupported, "cannot start " + std::string(argv[0]) + ": " + std::strerror(rc)};
   child_ = pid;
-  const int64_t deadline = now_ms() + (o.start_timeout_ms ? o.start_timeout_ms : 60000);
+  const uint32_t start_ms = o.start_timeout_ms ? o.start_timeout_ms : 60000;
+  const int64_t deadline = now_ms() + start_ms;
   while (header_->device_ready.load(std::memory_order_acquire) != 1 || header_->magic != kRegionMagic) {
     int st = 0;
     if (::waitpid(child_, &st, WNOHANG) == child_) {
       child_ = -1;
       lost_ = true;
-      return {errc::kDeviceLost, "instinfer-csd exited during start-up (" +
+      return {errc::kDeviceLost, "the drive " + bin + " exited during start-up (" +
                                      (WIFEXITED(st) ? "status " + std::to_string(WEXITSTATUS(st))
                                                     : "signal " + std::to_string(WTERMSIG(st))) +
                                      "); its stderr says why"};
     }
     if (now_ms() > deadline) {
-      fail_closed();
-      return {errc::kTimeout, "instinfer-csd did not come up in time"};
+      fail_closed();  // killed: a drive that missed its start-up is not trusted later
+      return {errc::kTimeout, "the drive " + bin + " did not become ready within " + std::to_string(start_ms) +
+                                  " ms (csd: option timeout_ms; a drive under qemu may need more)"};
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
@@ -149,9 +194,12 @@ status connection::attach(const connection_options& o) {
     return {errc::kOutOfMemory, std::string("mmap: ") + std::strerror(errno)};
   }
   header_ = static_cast<region_header*>(map_);
-  const int64_t deadline = now_ms() + 5000;
+  const uint32_t wait_ms = o.timeout_ms ? o.timeout_ms : 5000;
+  const int64_t deadline = now_ms() + wait_ms;
   while (header_->device_ready.load(std::memory_order_acquire) != 1 || header_->magic != kRegionMagic) {
-    if (now_ms() > deadline) return {errc::kDeviceLost, "drive '" + o.attach + "' is not serving"};
+    if (now_ms() > deadline)
+      return {errc::kDeviceLost,
+              "drive '" + o.attach + "' is not serving (not ready within " + std::to_string(wait_ms) + " ms)"};
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   const region_layout l{header_->n_queue_pairs, header_->depth, header_->data_bytes};

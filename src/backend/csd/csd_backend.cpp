@@ -43,8 +43,13 @@ status csd_backend::configure(const backend_config& config) {
   if (m.configured) return {errc::kInvalidArgument, "csd backend is already configured"};
   INSTINFER_TRY(config.shape.validate());
   if (config.page.page_bytes != m.page_bytes)
-    return {errc::kInvalidArgument, "page size " + std::to_string(config.page.page_bytes) +
-                                        " differs from the drives' flash page (" + std::to_string(m.page_bytes) + ")"};
+    return {errc::kInvalidArgument, "csd: page_bytes must be " + std::to_string(m.page_bytes) +
+                                        " (the drive's flash page, csd: option page=), got " +
+                                        std::to_string(config.page.page_bytes)};
+  if (config.capacity_bytes != 0 && config.capacity_bytes < config.layout().chunk_bytes())
+    return {errc::kInvalidArgument, "csd: capacity_bytes " + std::to_string(config.capacity_bytes) +
+                                        " holds no chunk of " + std::to_string(config.layout().chunk_bytes()) +
+                                        " bytes (2 x n_kv_heads pages)"};
   const uint32_t n = static_cast<uint32_t>(m.drives.size());
   const uint32_t h = config.shape.n_kv_heads;
   if (n > h)
@@ -53,7 +58,7 @@ status csd_backend::configure(const backend_config& config) {
   m.config = config;
   m.layout = config.layout();
   const uint64_t wanted =
-      config.capacity_bytes ? std::max<uint64_t>(1, config.capacity_bytes / m.layout.chunk_bytes()) : 0;
+      config.capacity_bytes / m.layout.chunk_bytes();  // 0: the whole drive (at least one chunk: checked above)
   uint64_t cap = UINT32_MAX - 1;
   for (uint32_t d = 0; d < n; ++d) {
     csd_drive_slot& ds = m.drives[d];
@@ -236,6 +241,22 @@ status csd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
                   ds.conn->area() + (uint64_t{ds.n_heads} + h) * page, page);
     }
   return {};
+}
+
+status csd_backend::flush() noexcept {
+  try {
+    INSTINFER_TRY(impl_->lost_guard());
+    std::lock_guard lock(impl_->stats_mutex);
+    for (csd_drive_slot& d : impl_->drives) {
+      sq_entry e{};
+      e.opcode = static_cast<uint8_t>(opcode::kStats);  // control plane: no link bytes, no modelled time
+      e.result_bytes = sizeof(device_stats);
+      if (status s = d.conn->execute(e); !s.ok()) return {s.code(), "flush: " + s.message()};
+    }
+    return {};
+  } catch (...) {
+    return {errc::kOutOfMemory, "flush"};
+  }
 }
 
 status csd_backend::attend(uint32_t layer, const attend_batch& batch) noexcept {

@@ -24,6 +24,9 @@ namespace {
 // What a csd: URI asks for, checked.
 struct csd_uri_options {
   uint64_t drives = 1, cores = 4, buffer_mb = 512, data_mb = 16, timeout_ms = 5000, delay_ms = 0;
+  // timeout_ms=N given: it bounds a drive's start-up too; otherwise start-up gets the connection's
+  // generous default (a drive under qemu-user takes seconds).
+  bool start_timeout_given = false;
   flash_params flash{};
   link_params link{};
   std::vector<std::string> attach;  // names of running drives, one per drive; empty: start them
@@ -111,6 +114,7 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
   o.buffer_mb = buffer_mb;
   o.data_mb = data_mb;
   o.timeout_ms = timeout_ms;
+  o.start_timeout_given = uri.option("timeout_ms").has_value();
   o.delay_ms = delay_ms;
   o.flash = fp;
   o.link = lp;
@@ -122,6 +126,7 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
 connection_options connection_for(const backend_uri& uri, const csd_uri_options& o, uint32_t d) {
   connection_options co;
   co.timeout_ms = static_cast<uint32_t>(o.timeout_ms);
+  if (o.start_timeout_given) co.start_timeout_ms = static_cast<uint32_t>(o.timeout_ms);
   co.layout.data_bytes = o.data_mb << 20;
   if (auto dev = uri.option("device")) co.device_path = std::string(*dev);
   if (auto em = uri.option("emulator")) co.emulator = std::string(*em);

@@ -36,8 +36,8 @@ status host_backend::configure(const backend_config& config) {
   const uint64_t capacity = config.capacity_bytes ? config.capacity_bytes : default_host_capacity_bytes();
   capacity_chunks_ = std::min<uint64_t>(capacity / layout_.chunk_bytes(), kInvalidChunk - 1);
   if (capacity_chunks_ == 0)
-    return {errc::kInvalidArgument, "capacity of " + std::to_string(capacity) + " bytes holds no chunk of " +
-                                        std::to_string(layout_.chunk_bytes()) + " bytes"};
+    return {errc::kInvalidArgument, "host: capacity_bytes " + std::to_string(capacity) + " holds no chunk of " +
+                                        std::to_string(layout_.chunk_bytes()) + " bytes (2 x n_kv_heads pages)"};
 
   // Reserve the pool; MAP_NORESERVE + lazy commit keeps an unused capacity free.
   const size_t bytes = round_up(capacity_chunks_ * layout_.chunk_bytes(), kHugePage);

@@ -111,9 +111,11 @@ status ssd_backend::configure(const backend_config& config) {
   m.io.adopt(std::move(f.value()));
   const auto& file = m.io.file();
   if (m.chunk_bytes % file.offset_align != 0)
-    return {errc::kUnsupported, "ssd backend: a chunk of " + std::to_string(m.chunk_bytes) +
-                                    " bytes is not a multiple of the device's direct-I/O alignment (" +
-                                    std::to_string(file.offset_align) + " bytes); use larger pages"};
+    return {errc::kInvalidArgument, "ssd backend: page_bytes " + std::to_string(config.page.page_bytes) +
+                                        " makes a chunk of " + std::to_string(m.chunk_bytes) +
+                                        " bytes (2 x n_kv_heads pages), not a multiple of the device's direct-I/O "
+                                        "alignment (" +
+                                        std::to_string(file.offset_align) + " bytes); use larger pages"};
   auto capacity = m.io.size_file(m.options.capacity_bytes ? m.options.capacity_bytes : config.capacity_bytes,
                                  m.chunk_bytes, m.options.preallocate);
   if (!capacity.ok()) return capacity.error();
