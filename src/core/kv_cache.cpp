@@ -42,7 +42,7 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   config.shape = options.shape;
   config.page = geometry.value();
   config.capacity_bytes = options.capacity_bytes;
-  config.n_threads = options.n_threads;
+  config.n_threads = options.caller_threads ? 1 : options.n_threads;  // 1 worker: the calling thread
   config.scale = options.scale;
   config.softcap = options.softcap;
   sparf_config sparf;
