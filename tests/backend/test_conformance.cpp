@@ -1087,8 +1087,13 @@ TEST_CASE_TEMPLATE("caller's threads: nth slices on nth std::threads equal one c
       threads.emplace_back([&, i] { st[i] = cache.attend_slice(0, seqs, q.data(), out.data(), lse.data(), i, nth); });
     for (auto& th : threads) th.join();
     for (const status& s : st) CHECK_MESSAGE(s.ok(), s.to_string());
-    CHECK(std::memcmp(out.data(), one.data(), seqs.size() * per * sizeof(float)) == 0);
-    CHECK(std::memcmp(lse.data(), one_lse.data(), seqs.size() * shape.n_q_heads * sizeof(float)) == 0);
+    if (runs_chunks()) {  // the calling thread computes: bit for bit
+      CHECK(std::memcmp(out.data(), one.data(), seqs.size() * per * sizeof(float)) == 0);
+      CHECK(std::memcmp(lse.data(), one_lse.data(), seqs.size() * shape.n_q_heads * sizeof(float)) == 0);
+    } else {  // the device splits by its own batch: every row written once, up to rounding
+      const std::vector<double> want(one.begin(), one.begin() + static_cast<std::ptrdiff_t>(seqs.size() * per));
+      CHECK(reference::relative_error(std::span<const float>(out.data(), want.size()), want) <= 1e-6);
+    }
   }
   CHECK(cache.attend_slice(0, seqs, q.data(), one.data(), nullptr, 2, 2).code() == errc::kInvalidArgument);
   CHECK(cache.attend_slice(0, seqs, q.data(), one.data(), nullptr, 0, 0).code() == errc::kInvalidArgument);
