@@ -259,6 +259,25 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
                                           std::to_string(expect)};
   }
 
+  // Prefill chunks: when each sequence's items form one contiguous run and some run has several
+  // tokens, every layer appends each run's K/V at once and answers all rows with one causal
+  // attend_chunk call (row i sees positions <= its own; each K/V page is read once per chunk).
+  // Decode batches, SparF and observed runs keep one attend call per group of distinct sequences.
+  std::vector<seq_id> chunk_seqs;
+  std::vector<uint32_t> chunk_pos, chunk_rows, chunk_first;
+  bool chunked = !sparse && !observer_ && cache.supports_attend_chunk();
+  for (uint32_t i = 0; chunked && i < T;) {
+    uint32_t j = i;
+    while (j < T && items[j].seq == items[i].seq) ++j;
+    if (std::find(chunk_seqs.begin(), chunk_seqs.end(), items[i].seq) != chunk_seqs.end()) chunked = false;
+    chunk_seqs.push_back(items[i].seq);
+    chunk_pos.push_back(items[i].pos);
+    chunk_rows.push_back(j - i);
+    chunk_first.push_back(i);
+    i = j;
+  }
+  chunked = chunked && chunk_seqs.size() < T;  // some sequence has more than one token
+
   for (uint32_t t = 0; t < T; ++t)
     dequantize_row(tok_embd_.type, tok_embd_.data + static_cast<uint64_t>(items[t].token) * tok_embd_.row_bytes,
                    &x_[size_t{t} * E], E);
@@ -274,7 +293,15 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
     }
     // Attention in groups of consecutive items with distinct sequences: append their K/V, then
     // one attend call for the group (a decode batch is one group; a prefill chunk is T groups).
-    for (uint32_t g0 = 0; g0 < T;) {
+    if (chunked) {
+      for (size_t r = 0; r < chunk_seqs.size(); ++r) {
+        const size_t t = chunk_first[r];
+        INSTINFER_TRY(cache.append_at(chunk_seqs[r], l, chunk_pos[r], chunk_rows[r], &k_[t * kv_dim], &v_[t * kv_dim],
+                                      dtype::kF32));
+      }
+      INSTINFER_TRY(cache.attend_chunk(l, chunk_seqs, chunk_pos, chunk_rows, q_.data(), att_.data(), nullptr));
+    }
+    for (uint32_t g0 = chunked ? T : 0; g0 < T;) {
       uint32_t g1 = g0;
       group_seqs_.clear();
       while (g1 < T && std::find(group_seqs_.begin(), group_seqs_.end(), items[g1].seq) == group_seqs_.end())

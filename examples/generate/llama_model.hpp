@@ -9,8 +9,10 @@
 // Attention: K and V of every token go to the kv_cache (append, f32 rows converted to the cache
 // dtype), and every query is answered by kv_cache::attend. A forward call takes a list of
 // (sequence, position, token); tokens of different sequences are attended together in one
-// attend call per layer (decode batch), tokens of the same sequence one after another (prefill:
-// token t is appended, then attended over positions [0, t]), which is exact causal attention.
+// attend call per layer (decode batch). A prefill chunk (several consecutive tokens of a sequence)
+// is appended at once and answered by one causal kv_cache::attend_chunk call per layer (row t sees
+// positions [0, t]) where the backend runs it (host, ssd); elsewhere, and with SparF or an
+// observer, its tokens are appended and attended one after another: the same causal attention.
 //
 // Options for experiments: set_sparse_attention routes forward()'s attention through
 // kv_cache::attend_sparse (SparF; prefill() stays dense), and set_attention_observer sees every

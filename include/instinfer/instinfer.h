@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 2
+#define INSTINFER_VERSION_MINOR 3
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -89,6 +89,9 @@ typedef struct instinfer_config {
   /* Since 0.2: SparF (instinfer_attend_sparse) keeps a channel-indexed copy of K (1.5x the KV). */
   uint32_t sparf;                   /* 1: enable; 0: off (instinfer_attend_sparse is unsupported) */
   uint32_t sparf_channels_per_page; /* column page width; 0 = the default for the page size */
+  /* Since 0.3: 1 = the caller's threads: no internal pool (n_threads is ignored); attention runs
+   * on the calling thread, spread it with instinfer_attend_slice / instinfer_attend_chunk_slice. */
+  uint32_t caller_threads;
 } instinfer_config;
 
 /* SparF parameters (flash-aware sparse decode attention). Initialise with
@@ -179,6 +182,45 @@ instinfer_status instinfer_prefetch(instinfer_cache* cache, uint32_t layer, size
  * an input. */
 instinfer_status instinfer_merge_partials(size_t n_rows, uint32_t head_dim, const float* out_a, const float* lse_a,
                                           const float* out_b, const float* lse_b, float* out, float* out_lse);
+
+/* ---- Since 0.3: prefill chunks, positions, sequence state, the caller's threads ---- */
+
+/* Appends at an explicit position: pos must equal the layer's current length (a gap or an
+ * overlap is INSTINFER_E_INVALID_ARGUMENT); otherwise as instinfer_append. */
+instinfer_status instinfer_append_at(instinfer_cache* cache, instinfer_seq seq, uint32_t layer, uint64_t pos,
+                                     uint32_t n_tokens, const void* k, const void* v, instinfer_dtype src_dtype);
+/* New sequence sharing positions [0, pos) of src in every layer (pos <= every layer's length). */
+instinfer_status instinfer_seq_fork_at(instinfer_cache* cache, instinfer_seq src, uint64_t pos, instinfer_seq* out_seq);
+
+/* Causal chunk attention of one layer (prefill). Sequence i has n_rows[i] >= 1 query rows at
+ * positions positions[i] .. positions[i] + n_rows[i] - 1, whose K/V are already appended; row j
+ * attends tokens [0, positions[i] + j]. q, out: [sum n_rows][n_q_heads][head_dim] (sequences in
+ * order; out or lse may overlap q, as in instinfer_attend); lse: [sum n_rows][n_q_heads] or NULL. Each K/V page is read
+ * once per call and kv head for all rows. Host and ssd backends; others: INSTINFER_E_UNSUPPORTED. */
+instinfer_status instinfer_attend_chunk(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
+                                        const uint32_t* positions, const uint32_t* n_rows, const float* q, float* out,
+                                        float* lse);
+
+/* Slice ith of nth of instinfer_attend / instinfer_attend_chunk (arguments as those, for the
+ * whole batch): sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth) are computed and written.
+ * The nth slices together write every output exactly once, identical to one call. */
+instinfer_status instinfer_attend_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
+                                        const float* q, float* out, float* lse, uint32_t ith, uint32_t nth);
+instinfer_status instinfer_attend_chunk_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq,
+                                              const instinfer_seq* seqs, const uint32_t* positions,
+                                              const uint32_t* n_rows, const float* q, float* out, float* lse,
+                                              uint32_t ith, uint32_t nth);
+
+/* Sequence state: all layers of one sequence as a self-checking byte stream (magic, format
+ * version, shape, per-layer lengths, K/V rows in the cache dtype, CRC32C), loadable into a cache of
+ * the same shape on any backend. Truncated or corrupt input is INSTINFER_E_CORRUPT_DATA, another
+ * shape INSTINFER_E_INVALID_ARGUMENT; a failed load leaves the cache unchanged. */
+instinfer_status instinfer_seq_state_size(instinfer_cache* cache, instinfer_seq seq, size_t* out_size);
+instinfer_status instinfer_seq_state_save(instinfer_cache* cache, instinfer_seq seq, void* buf, size_t buf_size,
+                                          size_t* out_written);
+instinfer_status instinfer_seq_state_load(instinfer_cache* cache, const void* buf, size_t size, instinfer_seq* out_seq);
+instinfer_status instinfer_seq_state_save_file(instinfer_cache* cache, instinfer_seq seq, const char* path);
+instinfer_status instinfer_seq_state_load_file(instinfer_cache* cache, const char* path, instinfer_seq* out_seq);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -5,6 +5,7 @@
 #include <new>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "instinfer/attention/state.hpp"
 #include "instinfer/instinfer.h"
@@ -64,6 +65,17 @@ int raw_dtype(const instinfer_dtype& t) noexcept {
 #define CHECK_CACHE(cache) \
   if (!(cache) || !(cache)->cache) return fail(errc::kInvalidArgument, "cache is NULL")
 
+instinfer_status check_chunk_args(size_t n_seq, const instinfer_seq* seqs, const uint32_t* positions,
+                                  const uint32_t* n_rows, const float* q, const float* out) noexcept {
+  if (n_seq == 0) return fail(errc::kInvalidArgument, "n_seq must be > 0");
+  if (n_seq > kMaxBatch)
+    return fail(errc::kInvalidArgument, "n_seq " + std::to_string(n_seq) + " exceeds " + std::to_string(kMaxBatch));
+  if (!seqs || !positions || !n_rows)
+    return fail(errc::kInvalidArgument, "seqs, positions and n_rows must not be NULL");
+  if (!q || !out) return fail(errc::kInvalidArgument, "q and out must not be NULL");
+  return INSTINFER_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -94,13 +106,18 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     if (!out_cache) return fail(errc::kInvalidArgument, "out_cache is NULL");
     *out_cache = nullptr;
     if (!config) return fail(errc::kInvalidArgument, "config is NULL");
-    // 0.1 callers pass the shorter struct (no SparF fields): accepted, SparF off.
+    // 0.1 callers pass the shorter struct (no SparF fields): accepted, SparF off; 0.2 callers
+    // pass it without caller_threads: accepted, the internal pool.
     const size_t v01 = offsetof(instinfer_config, sparf);
-    if (config->struct_size != sizeof(instinfer_config) && config->struct_size != v01)
+    const size_t v02 = offsetof(instinfer_config, caller_threads);
+    if (config->struct_size != sizeof(instinfer_config) && config->struct_size != v01 && config->struct_size != v02)
       return fail(errc::kInvalidArgument, "config->struct_size is " + std::to_string(config->struct_size) +
                                               ", expected " + std::to_string(sizeof(instinfer_config)) +
                                               " (initialise it with instinfer_config_init)");
-    const bool has_sparf = config->struct_size >= sizeof(instinfer_config);
+    const bool has_sparf = config->struct_size >= v02;
+    const bool has_threads = config->struct_size >= sizeof(instinfer_config);
+    if (has_threads && config->caller_threads > 1)
+      return fail(errc::kInvalidArgument, "config->caller_threads must be 0 or 1");
     if (has_sparf && config->sparf > 1) return fail(errc::kInvalidArgument, "config->sparf must be 0 or 1");
     const int dt = raw_dtype(config->kv_dtype);
     if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "kv_dtype " + std::to_string(dt) + " is not a dtype");
@@ -117,6 +134,7 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
       o.sparf = config->sparf == 1;
       o.sparf_channels_per_page = config->sparf_channels_per_page;
     }
+    if (has_threads) o.caller_threads = config->caller_threads == 1;
     auto created = instinfer::kv_cache::create(o);
     if (!created.ok()) return report(created.error());
     auto handle = std::make_unique<instinfer_cache>();
@@ -301,6 +319,131 @@ instinfer_status instinfer_merge_partials(size_t n_rows, uint32_t head_dim, cons
       const size_t off = r * head_dim;
       instinfer::merge_normalized(out_a + off, lse_a[r], out_b + off, lse_b[r], out + off, out_lse + r, head_dim);
     }
+    return INSTINFER_OK;
+  });
+}
+
+// ---- since 0.3 ---------------------------------------------------------------------------------
+
+instinfer_status instinfer_append_at(instinfer_cache* cache, instinfer_seq seq, uint32_t layer, uint64_t pos,
+                                     uint32_t n_tokens, const void* k, const void* v, instinfer_dtype src_dtype) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    const int dt = raw_dtype(src_dtype);
+    if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
+    return report(cache->cache->append_at(seq, layer, pos, n_tokens, k, v, static_cast<instinfer::dtype>(dt)));
+  });
+}
+
+instinfer_status instinfer_seq_fork_at(instinfer_cache* cache, instinfer_seq src, uint64_t pos,
+                                       instinfer_seq* out_seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
+    auto r = cache->cache->fork_sequence_at(src, pos);
+    if (!r.ok()) return report(r.error());
+    *out_seq = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_attend_chunk(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
+                                        const uint32_t* positions, const uint32_t* n_rows, const float* q, float* out,
+                                        float* lse) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (instinfer_status s = check_chunk_args(n_seq, seqs, positions, n_rows, q, out); s != INSTINFER_OK) return s;
+    return report(cache->cache->attend_chunk(layer, std::span<const instinfer::seq_id>(seqs, n_seq),
+                                             std::span<const uint32_t>(positions, n_seq),
+                                             std::span<const uint32_t>(n_rows, n_seq), q, out, lse));
+  });
+}
+
+instinfer_status instinfer_attend_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
+                                        const float* q, float* out, float* lse, uint32_t ith, uint32_t nth) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (n_seq == 0) return fail(errc::kInvalidArgument, "n_seq must be > 0");
+    if (n_seq > kMaxBatch)
+      return fail(errc::kInvalidArgument, "n_seq " + std::to_string(n_seq) + " exceeds " + std::to_string(kMaxBatch));
+    if (!seqs || !q || !out) return fail(errc::kInvalidArgument, "seqs, q and out must not be NULL");
+    return report(
+        cache->cache->attend_slice(layer, std::span<const instinfer::seq_id>(seqs, n_seq), q, out, lse, ith, nth));
+  });
+}
+
+instinfer_status instinfer_attend_chunk_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq,
+                                              const instinfer_seq* seqs, const uint32_t* positions,
+                                              const uint32_t* n_rows, const float* q, float* out, float* lse,
+                                              uint32_t ith, uint32_t nth) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (instinfer_status s = check_chunk_args(n_seq, seqs, positions, n_rows, q, out); s != INSTINFER_OK) return s;
+    return report(cache->cache->attend_chunk_slice(layer, std::span<const instinfer::seq_id>(seqs, n_seq),
+                                                   std::span<const uint32_t>(positions, n_seq),
+                                                   std::span<const uint32_t>(n_rows, n_seq), q, out, lse, ith, nth));
+  });
+}
+
+instinfer_status instinfer_seq_state_size(instinfer_cache* cache, instinfer_seq seq, size_t* out_size) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_size) return fail(errc::kInvalidArgument, "out_size is NULL");
+    auto r = cache->cache->sequence_state_size(seq);
+    if (!r.ok()) return report(r.error());
+    if (r.value() > SIZE_MAX) return fail(errc::kOutOfMemory, "the sequence state does not fit a size_t");
+    *out_size = static_cast<size_t>(r.value());
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_seq_state_save(instinfer_cache* cache, instinfer_seq seq, void* buf, size_t buf_size,
+                                          size_t* out_written) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (out_written) *out_written = 0;
+    if (!buf) return fail(errc::kInvalidArgument, "buf is NULL (instinfer_seq_state_size gives the size)");
+    std::vector<std::byte> bytes;
+    if (status s = cache->cache->save_sequence(seq, bytes); !s.ok()) return report(s);
+    if (bytes.size() > buf_size)
+      return fail(errc::kInvalidArgument, "buf_size " + std::to_string(buf_size) + " is smaller than the state's " +
+                                              std::to_string(bytes.size()) + " bytes");
+    std::memcpy(buf, bytes.data(), bytes.size());
+    if (out_written) *out_written = bytes.size();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_seq_state_load(instinfer_cache* cache, const void* buf, size_t size,
+                                          instinfer_seq* out_seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
+    if (!buf && size > 0) return fail(errc::kInvalidArgument, "buf is NULL");
+    auto r =
+        cache->cache->load_sequence(std::span<const std::byte>(static_cast<const std::byte*>(buf), buf ? size : 0));
+    if (!r.ok()) return report(r.error());
+    *out_seq = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_seq_state_save_file(instinfer_cache* cache, instinfer_seq seq, const char* path) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!path) return fail(errc::kInvalidArgument, "path is NULL");
+    return report(cache->cache->save_sequence_file(seq, path));
+  });
+}
+
+instinfer_status instinfer_seq_state_load_file(instinfer_cache* cache, const char* path, instinfer_seq* out_seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!path) return fail(errc::kInvalidArgument, "path is NULL");
+    if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
+    auto r = cache->cache->load_sequence_file(path);
+    if (!r.ok()) return report(r.error());
+    *out_seq = r.value();
     return INSTINFER_OK;
   });
 }

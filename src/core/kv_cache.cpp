@@ -56,7 +56,7 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   config.shape = options.shape;
   config.page = geometry.value();
   config.capacity_bytes = options.capacity_bytes;
-  config.n_threads = options.n_threads;
+  config.n_threads = options.caller_threads ? 1 : options.n_threads;  // 1 worker: the calling thread
   config.scale = options.scale;
   config.softcap = options.softcap;
   sparf_config sparf;
@@ -362,6 +362,11 @@ status kv_cache::append_to_table(seq_id seq, uint32_t layer, layer_table& t, uin
 
 status kv_cache::append(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v, dtype src_dtype) {
   std::lock_guard lock(mutex_);
+  return append_locked(seq, layer, n_tokens, k, v, src_dtype);
+}
+
+status kv_cache::append_locked(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v,
+                               dtype src_dtype) {
   INSTINFER_TRY(check_layer(layer));
   auto found = find(seq);
   if (!found.ok()) return found.error();
@@ -512,9 +517,9 @@ status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const floa
 
 // Backends write out (and lse) while they still read q (the host decoder keeps its running
 // accumulator in out), so an overlapping q is copied first; q is one row per sequence, small.
-result<const float*> kv_cache::separate_query(size_t n_seq, const float* q, const float* out, const float* lse) {
-  const size_t n_q = n_seq * config_.shape.n_q_heads * config_.shape.head_dim;
-  const size_t n_lse = n_seq * config_.shape.n_q_heads;
+result<const float*> kv_cache::separate_query(size_t n_rows, const float* q, const float* out, const float* lse) {
+  const size_t n_q = n_rows * config_.shape.n_q_heads * config_.shape.head_dim;
+  const size_t n_lse = n_rows * config_.shape.n_q_heads;
   const bool alias = overlaps(q, n_q * sizeof(float), out, n_q * sizeof(float)) ||
                      (lse != nullptr && overlaps(q, n_q * sizeof(float), lse, n_lse * sizeof(float)));
   if (!alias) return q;

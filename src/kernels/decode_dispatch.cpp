@@ -162,4 +162,14 @@ result<decode_heads_fn> select_decode_heads_kernel(cpu_isa isa, const decode_par
   return k->head_range;
 }
 
+result<decode_rows_fn> select_decode_rows_kernel(cpu_isa isa, const decode_params& params) {
+  auto k = checked_kernels(isa, params);
+  if (!k.ok()) return k.error();
+  if (k->rows == nullptr)
+    return status{errc::kUnsupported, "no causal-rows kernel for head_dim " +
+                                          std::to_string(params.layout.page.head_dim) + " on " +
+                                          std::string(cpu_isa_name(isa))};
+  return k->rows;
+}
+
 }  // namespace instinfer

@@ -39,7 +39,7 @@ class host_decoder_impl final : public host_decoder {
     }
     for (size_t i = 0; i < batch.size(); ++i) {
       const decode_work& w = batch[i];
-      sequences_[i] = {w.n_chunks, w.n_tokens, w.q, w.out, w.lse};
+      sequences_[i] = {w.n_chunks, w.n_tokens, w.q, w.out, w.lse, w.n_rows, w.first_pos};
     }
     memory_chunk_source source(driver_->params().layout, batch);
     return driver_->run(std::span<const decode_sequence>(sequences_.data(), batch.size()), source);
@@ -88,6 +88,8 @@ result<std::unique_ptr<host_decoder>> host_decoder::create(const decode_params& 
   options.kv_heads_per_item = 0;  // every kv head: one sequential sweep per chunk
   auto driver = decode_driver::create(params, *kernel, options);
   if (!driver.ok()) return driver.error();
+  auto rows = select_decode_rows_kernel(isa, params);
+  if (rows.ok()) driver.value()->set_rows_kernel(rows.value());
   try {
     return std::unique_ptr<host_decoder>(std::make_unique<host_decoder_impl>(std::move(driver).value(), isa));
   } catch (const std::bad_alloc&) {

@@ -27,6 +27,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "instinfer/backend/csd_backend.hpp"
@@ -887,6 +888,333 @@ TEST_CASE_TEMPLATE("bad inputs are refused with the right errc and change nothin
   hs.check_stats();
   hs.free_all();
   h.free_all();
+}
+
+// ---- causal chunk attention, positions, sequence state, caller's threads (C API 0.3) -------------
+
+namespace {
+
+// Float64 causal reference for the rows of one sequence: row i sees tokens [0, pos + i].
+void reference_chunk(kv_cache& cache, seq_id seq, uint32_t layer, uint32_t pos, uint32_t n_rows, const float* q,
+                     std::vector<double>& out, std::vector<double>& lse) {
+  const kv_shape& s = cache.shape();
+  std::vector<std::byte> k, v;
+  REQUIRE(cache.read_tokens(seq, layer, k, v).ok());
+  const size_t row = size_t{s.head_dim} * dtype_size(s.kv_dtype);
+  const size_t n = k.size() / (row * s.n_kv_heads);
+  const size_t per = size_t{s.n_q_heads} * s.head_dim;
+  out.assign(n_rows * per, 0.0);
+  lse.assign(size_t{n_rows} * s.n_q_heads, 0.0);
+  std::vector<std::byte> kh(n * row), vh(n * row);
+  const uint32_t g = s.group_size();
+  for (uint32_t h = 0; h < s.n_kv_heads; ++h) {
+    for (size_t t = 0; t < n; ++t) {
+      std::memcpy(kh.data() + t * row, k.data() + (t * s.n_kv_heads + h) * row, row);
+      std::memcpy(vh.data() + t * row, v.data() + (t * s.n_kv_heads + h) * row, row);
+    }
+    for (uint32_t i = 0; i < n_rows; ++i)
+      reference::attend_rows(kh.data(), vh.data(), s.kv_dtype, pos + i + 1, s.head_dim,
+                             q + i * per + size_t{h} * g * s.head_dim, g, test_support::effective_scale(cache), 0.0,
+                             out.data() + i * per + size_t{h} * g * s.head_dim,
+                             lse.data() + size_t{i} * s.n_q_heads + size_t{h} * g);
+  }
+}
+
+bool runs_chunks() {
+  return the_target().scheme == "host" || the_target().scheme == "ssd";
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("attend_chunk: causal rows against float64; chunk of 1, across a page, longer than a page", D,
+                   CONFORMANCE_DTYPES) {
+  for (uint32_t page : the_target().page_sizes()) {
+    CAPTURE(page);
+    const kv_shape shape{2, 6, 2, 64, D::value};  // GQA group 3
+    harness h({shape, page, 512}, 300 + page);
+    const uint32_t tpp = h.tpp();
+    // (prefix, chunk): one row; a chunk crossing a page boundary; a chunk longer than a page;
+    // a chunk from position 0; one starting exactly on a page boundary.
+    const std::vector<std::pair<uint32_t, uint32_t>> cases = {{5, 1},       {tpp - 3, 7}, {tpp / 2, 2 * tpp + 5},
+                                                              {0, tpp + 1}, {tpp, 3},     {0, 1}};
+    std::vector<seq_id> batch;
+    std::vector<uint32_t> pos, rows;
+    for (auto [prefix, n] : cases) {
+      const seq_id s = h.create();
+      if (prefix) h.append(s, 1, prefix);
+      // The chunk's own K/V first, at its explicit position.
+      const auto k = test_support::random_rows(h.rng, n, shape), v = test_support::random_rows(h.rng, n, shape);
+      REQUIRE(h.cache->append_at(s, 1, prefix, n, k.data(), v.data(), dtype::kF32).ok());
+      h.seqs.at(s).at(1).append(test_support::stored_bytes(k, D::value), test_support::stored_bytes(v, D::value));
+      batch.push_back(s);
+      pos.push_back(prefix);
+      rows.push_back(n);
+    }
+    uint32_t total = 0;
+    for (uint32_t n : rows) total += n;
+    const size_t per = size_t{shape.n_q_heads} * shape.head_dim;
+    const auto q = test_support::random_queries(h.rng, total, shape);
+    std::vector<float> out(q.size(), 1e30f), lse(size_t{total} * shape.n_q_heads, 1e30f);
+    // One call per sequence, then the whole batch in one call: the same results.
+    for (int whole = 0; whole < 2; ++whole) {
+      CAPTURE(whole);
+      uint32_t row0 = 0;
+      for (size_t b = 0; b < batch.size(); ++b) {
+        if (!whole) {
+          const status st = h.cache->attend_chunk(1, {&batch[b], 1}, {&pos[b], 1}, {&rows[b], 1}, q.data() + row0 * per,
+                                                  out.data() + row0 * per, lse.data() + row0 * shape.n_q_heads);
+          if (!runs_chunks()) {
+            CHECK(st.code() == errc::kUnsupported);
+            h.free_all();
+            return;
+          }
+          REQUIRE_MESSAGE(st.ok(), st.to_string());
+        }
+        row0 += rows[b];
+      }
+      if (whole) {
+        const status st = h.cache->attend_chunk(1, batch, pos, rows, q.data(), out.data(), lse.data());
+        REQUIRE_MESSAGE(st.ok(), st.to_string());
+      }
+      row0 = 0;
+      for (size_t b = 0; b < batch.size(); ++b) {
+        CAPTURE(b);
+        std::vector<double> want, want_lse;
+        reference_chunk(*h.cache, batch[b], 1, pos[b], rows[b], q.data() + row0 * per, want, want_lse);
+        const std::span<const float> got(out.data() + row0 * per, rows[b] * per);
+        const std::span<const float> got_lse(lse.data() + row0 * shape.n_q_heads, size_t{rows[b]} * shape.n_q_heads);
+        const double err = reference::relative_error(got, want), lerr = test_support::lse_error(got_lse, want_lse);
+        report("attend_chunk (out)", err);
+        report("attend_chunk (lse)", lerr);
+        CHECK(err <= kAttendTol);
+        CHECK(lerr <= kAttendTol);
+        // Row by row, too: a small row next to a large one must not hide.
+        for (uint32_t i = 0; i < rows[b]; ++i) {
+          const std::span<const float> gr(out.data() + (row0 + i) * per, per);
+          const std::span<const double> wr(want.data() + i * per, per);
+          CHECK(reference::relative_error(gr, wr) <= kAttendTol);
+        }
+        row0 += rows[b];
+      }
+    }
+    // The last row of a chunk equals decode attention of that query.
+    {
+      const size_t b = 2;
+      uint32_t row0 = 0;
+      for (size_t i = 0; i < b; ++i) row0 += rows[i];
+      const uint32_t last = row0 + rows[b] - 1;
+      std::vector<float> dec(per), dec_lse(shape.n_q_heads);
+      REQUIRE(h.cache->attend(1, {&batch[b], 1}, q.data() + last * per, dec.data(), dec_lse.data()).ok());
+      std::vector<double> want(out.begin() + last * per, out.begin() + (last + 1) * per);
+      CHECK(reference::relative_error(dec, want) <= kAttendTol);
+    }
+    // Bad inputs: n = 0, more queries than positions, mismatched spans, null buffers.
+    {
+      const uint32_t zero = 0, big = rows[0] + 1, p0 = pos[0], p_past = pos[0] + 1;
+      std::vector<float> o(per * big);
+      CHECK(h.cache->attend_chunk(1, {&batch[0], 1}, {&p0, 1}, {&zero, 1}, q.data(), o.data(), nullptr).code() ==
+            errc::kInvalidArgument);
+      CHECK(h.cache->attend_chunk(1, {&batch[0], 1}, {&p0, 1}, {&big, 1}, q.data(), o.data(), nullptr).code() ==
+            errc::kInvalidArgument);
+      CHECK(h.cache->attend_chunk(1, {&batch[0], 1}, {&p_past, 1}, {&rows[0], 1}, q.data(), o.data(), nullptr).code() ==
+            errc::kInvalidArgument);
+      CHECK(h.cache->attend_chunk(1, batch, {&p0, 1}, rows, q.data(), out.data(), nullptr).code() ==
+            errc::kInvalidArgument);
+      CHECK(h.cache->attend_chunk(1, {&batch[0], 1}, {&p0, 1}, {&rows[0], 1}, nullptr, o.data(), nullptr).code() ==
+            errc::kInvalidArgument);
+      CHECK(h.cache->attend_chunk(1, {&batch[0], 1}, {&p0, 1}, {&rows[0], 1}, q.data(), nullptr, nullptr).code() ==
+            errc::kInvalidArgument);
+      CHECK(h.cache->attend_chunk(2, {&batch[0], 1}, {&p0, 1}, {&rows[0], 1}, q.data(), o.data(), nullptr).code() ==
+            errc::kLayerOutOfRange);
+    }
+    h.verify();
+    h.check_stats();
+    h.free_all();
+  }
+}
+
+TEST_CASE_TEMPLATE("positions: append_at refuses gaps and overlaps; fork_sequence_at shares a prefix", D,
+                   CONFORMANCE_DTYPES) {
+  const kv_shape shape = small_shape(D::value);
+  harness h({shape, 4096}, 401);
+  const uint32_t tpp = h.tpp();
+  const seq_id s = h.create();
+  h.append(s, 0, 2 * tpp + 3);
+  h.append(s, 1, tpp + 1);
+  const auto k = test_support::random_rows(h.rng, 4, shape), v = test_support::random_rows(h.rng, 4, shape);
+  CHECK(h.cache->append_at(s, 0, 2 * tpp + 4, 4, k.data(), v.data(), dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append_at(s, 0, 2 * tpp + 2, 4, k.data(), v.data(), dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append_at(s, 0, 0, 4, k.data(), v.data(), dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append_at(s, 0, 2 * tpp + 3, 0, k.data(), v.data(), dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append_at(s, 0, 2 * tpp + 3, 4, nullptr, v.data(), dtype::kF32).code() == errc::kInvalidArgument);
+  CHECK(h.cache->append_at(s, 9, 0, 4, k.data(), v.data(), dtype::kF32).code() == errc::kLayerOutOfRange);
+  CHECK(h.cache->append_at(s + 1000, 0, 0, 4, k.data(), v.data(), dtype::kF32).code() == errc::kUnknownSequence);
+  h.verify();
+  REQUIRE(h.cache->append_at(s, 0, 2 * tpp + 3, 4, k.data(), v.data(), dtype::kF32).ok());
+  h.seqs.at(s).at(0).append(test_support::stored_bytes(k, D::value), test_support::stored_bytes(v, D::value));
+  h.verify();
+
+  // Fork at a mid-page, a page-boundary and the zero position; past a layer's end is refused.
+  CHECK(h.cache->fork_sequence_at(s, tpp + 2).error().code() == errc::kInvalidArgument);
+  CHECK(h.cache->fork_sequence_at(s + 1000, 0).error().code() == errc::kUnknownSequence);
+  for (uint64_t p : {uint64_t{tpp + 1}, uint64_t{tpp}, uint64_t{3}, uint64_t{0}}) {
+    CAPTURE(p);
+    auto f = h.cache->fork_sequence_at(s, p);
+    REQUIRE_MESSAGE(f.ok(), f.error().to_string());
+    h.seqs[f.value()] = h.seqs.at(s);
+    for (auto& m : h.seqs.at(f.value())) m.remove(p, SIZE_MAX);
+    h.verify();
+    h.append(f.value(), 0, tpp + 2);  // diverges; the source is unchanged
+    h.append(f.value(), 1, 1);
+    h.verify();
+  }
+  h.check_attend_all("attend after fork_at");
+  h.check_stats();
+  h.free_all();
+}
+
+TEST_CASE_TEMPLATE("sequence state: round trip through the host; every truncation, bit flips, wrong shape refused", D,
+                   CONFORMANCE_DTYPES) {
+  const kv_shape shape = small_shape(D::value);
+  harness h({shape, 4096}, 501);
+  const uint32_t tpp = h.tpp();
+  const seq_id s = h.create();
+  h.append(s, 0, tpp + 3);
+  h.append(s, 1, 2);
+  std::vector<std::byte> blob;
+  REQUIRE(h.cache->save_sequence(s, blob).ok());
+  CHECK(blob.size() == h.cache->sequence_state_size(s).value());
+
+  // Into a host cache, back into this backend, out again: byte-identical streams and contents.
+  cache_options ho = options_for({shape, 4096});
+  ho.backend_uri = "host";
+  auto host = kv_cache::create(ho);
+  REQUIRE(host.ok());
+  auto hs = host.value()->load_sequence(blob);
+  REQUIRE_MESSAGE(hs.ok(), hs.error().to_string());
+  std::vector<std::byte> from_host;
+  REQUIRE(host.value()->save_sequence(hs.value(), from_host).ok());
+  CHECK(from_host == blob);
+  auto back = h.cache->load_sequence(from_host);
+  REQUIRE_MESSAGE(back.ok(), back.error().to_string());
+  h.seqs[back.value()] = h.seqs.at(s);
+  h.verify();
+  h.append(back.value(), 1, tpp);  // a loaded sequence is an ordinary one
+  h.verify();
+  h.check_attend_all("attend after state load");
+
+  // A small blob: truncated at every length, every byte flipped: refused, nothing changes.
+  harness small({shape, 4096}, 502);
+  const seq_id t = small.create();
+  small.append(t, 0, 2);
+  small.append(t, 1, 1);
+  std::vector<std::byte> sb;
+  REQUIRE(small.cache->save_sequence(t, sb).ok());
+  const cache_stats before = small.cache->stats();
+  for (size_t n = 0; n < sb.size(); ++n) {
+    CAPTURE(n);
+    auto r = small.cache->load_sequence(std::span<const std::byte>(sb.data(), n));
+    REQUIRE(!r.ok());
+    CHECK(r.error().code() == errc::kCorruptData);
+  }
+  for (size_t i = 0; i < sb.size(); ++i) {
+    CAPTURE(i);
+    auto bad = sb;
+    bad[i] ^= std::byte{static_cast<unsigned char>(1u << (i % 8))};
+    auto r = small.cache->load_sequence(bad);
+    REQUIRE(!r.ok());
+    CHECK(r.error().code() == errc::kCorruptData);
+  }
+  auto longer = sb;
+  longer.push_back(std::byte{0});
+  CHECK(small.cache->load_sequence(longer).error().code() == errc::kCorruptData);
+  CHECK(small.cache->stats().n_sequences == before.n_sequences);
+  CHECK(small.cache->stats().backend.used_chunks == before.backend.used_chunks);
+  small.verify();
+
+  // A cache of another shape refuses it as an argument error.
+  cache_options other = options_for({kv_shape{2, 4, 2, 128, D::value}, 4096});
+  other.backend_uri = "host";
+  auto oc = kv_cache::create(other);
+  REQUIRE(oc.ok());
+  CHECK(oc.value()->load_sequence(sb).error().code() == errc::kInvalidArgument);
+  CHECK(oc.value()->stats().n_sequences == 0);
+
+  // File helpers.
+  const std::string path =
+      the_target().scratch.empty() ? std::string("/tmp/instinfer-state-test.bin") : the_target().scratch + "/state.bin";
+  REQUIRE(small.cache->save_sequence_file(t, path).ok());
+  auto lf = small.cache->load_sequence_file(path);
+  REQUIRE_MESSAGE(lf.ok(), lf.error().to_string());
+  small.seqs[lf.value()] = small.seqs.at(t);
+  small.verify();
+  CHECK(small.cache->load_sequence_file(path + ".missing").error().code() == errc::kIoError);
+  std::remove(path.c_str());
+  small.free_all();
+  h.free_all();
+}
+
+TEST_CASE_TEMPLATE("caller's threads: nth slices on nth std::threads equal one call", D, CONFORMANCE_DTYPES) {
+  const kv_shape shape = small_shape(D::value);
+  cache_spec spec{shape, 4096};
+  cache_options o = options_for(spec);
+  o.caller_threads = true;
+  auto c = kv_cache::create(o);
+  REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+  kv_cache& cache = *c.value();
+  std::mt19937 rng(601);
+  const uint32_t tpp = cache.page().tokens_per_page;
+  std::vector<seq_id> seqs;
+  std::vector<uint32_t> pos, rows;
+  for (uint32_t n : {1u, tpp + 3, 7u, 2 * tpp, 3u}) {
+    seqs.push_back(cache.create_sequence().value());
+    const auto k = test_support::random_rows(rng, n, shape), v = test_support::random_rows(rng, n, shape);
+    REQUIRE(cache.append(seqs.back(), 0, n, k.data(), v.data(), dtype::kF32).ok());
+    const uint32_t r = std::min<uint32_t>(n, 3);
+    pos.push_back(n - r);
+    rows.push_back(r);
+  }
+  const size_t per = size_t{shape.n_q_heads} * shape.head_dim;
+  uint32_t total = 0;
+  for (uint32_t r : rows) total += r;
+  const auto q = test_support::random_queries(rng, total, shape);
+  std::vector<float> one(q.size()), one_lse(size_t{total} * shape.n_q_heads);
+  REQUIRE(cache.attend(0, seqs, q.data(), one.data(), one_lse.data()).ok());
+  for (uint32_t nth : {1u, 2u, 3u, 5u, 8u}) {
+    CAPTURE(nth);
+    std::vector<float> out(q.size(), 1e30f), lse(one_lse.size(), 1e30f);
+    std::vector<status> st(nth);
+    std::vector<std::thread> threads;
+    for (uint32_t i = 0; i < nth; ++i)
+      threads.emplace_back([&, i] { st[i] = cache.attend_slice(0, seqs, q.data(), out.data(), lse.data(), i, nth); });
+    for (auto& th : threads) th.join();
+    for (const status& s : st) CHECK_MESSAGE(s.ok(), s.to_string());
+    if (runs_chunks()) {  // the calling thread computes: bit for bit
+      CHECK(std::memcmp(out.data(), one.data(), seqs.size() * per * sizeof(float)) == 0);
+      CHECK(std::memcmp(lse.data(), one_lse.data(), seqs.size() * shape.n_q_heads * sizeof(float)) == 0);
+    } else {  // the device splits by its own batch: every row written once, up to rounding
+      const std::vector<double> want(one.begin(), one.begin() + static_cast<std::ptrdiff_t>(seqs.size() * per));
+      CHECK(reference::relative_error(std::span<const float>(out.data(), want.size()), want) <= 1e-6);
+    }
+  }
+  CHECK(cache.attend_slice(0, seqs, q.data(), one.data(), nullptr, 2, 2).code() == errc::kInvalidArgument);
+  CHECK(cache.attend_slice(0, seqs, q.data(), one.data(), nullptr, 0, 0).code() == errc::kInvalidArgument);
+  if (!runs_chunks()) return;
+  std::vector<float> chunk_one(q.size()), chunk_lse(one_lse.size());
+  REQUIRE(cache.attend_chunk(0, seqs, pos, rows, q.data(), chunk_one.data(), chunk_lse.data()).ok());
+  for (uint32_t nth : {2u, 3u, 7u}) {
+    CAPTURE(nth);
+    std::vector<float> out(q.size(), 1e30f), lse(one_lse.size(), 1e30f);
+    std::vector<status> st(nth);
+    std::vector<std::thread> threads;
+    for (uint32_t i = 0; i < nth; ++i)
+      threads.emplace_back(
+          [&, i] { st[i] = cache.attend_chunk_slice(0, seqs, pos, rows, q.data(), out.data(), lse.data(), i, nth); });
+    for (auto& th : threads) th.join();
+    for (const status& s : st) CHECK_MESSAGE(s.ok(), s.to_string());
+    CHECK(out == chunk_one);
+    CHECK(lse == chunk_lse);
+  }
 }
 
 // ---- main: pick the backend, or skip ------------------------------------------------------------

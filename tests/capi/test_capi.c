@@ -369,11 +369,180 @@ static void test_append_checks_capacity_before_reading(void) {
   instinfer_cache_destroy(cache);
 }
 
+/* 0.3: append at positions, a causal chunk against a float64 reference (each row = decode of
+ * that query over its prefix), fork at a position, sequence state, slices, and the bad inputs. */
+static void reference_row(const float* k, const float* v, int n, const float* q, double* out) {
+  /* one query [HQ][D] over the first n tokens of [N][HKV][D] rows, f32 cache */
+  const double scale = 1.0 / sqrt((double)D);
+  for (int h = 0; h < HQ; ++h) {
+    const int kvh = h / (HQ / HKV);
+    double m = -INFINITY, sum = 0.0;
+    double* logits = malloc(sizeof(double) * (size_t)n);
+    for (int t = 0; t < n; ++t) {
+      double dot = 0.0;
+      for (int d = 0; d < D; ++d) dot += (double)q[h * D + d] * k[(t * HKV + kvh) * D + d];
+      logits[t] = dot * scale;
+      if (logits[t] > m) m = logits[t];
+    }
+    for (int d = 0; d < D; ++d) out[h * D + d] = 0.0;
+    for (int t = 0; t < n; ++t) {
+      const double p = exp(logits[t] - m);
+      sum += p;
+      for (int d = 0; d < D; ++d) out[h * D + d] += p * v[(t * HKV + kvh) * D + d];
+    }
+    for (int d = 0; d < D; ++d) out[h * D + d] /= sum;
+    free(logits);
+  }
+}
+
+static void test_v03(void) {
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  CHECK(cfg.caller_threads == 0);
+  cfg.n_layers = L;
+  cfg.n_q_heads = HQ;
+  cfg.n_kv_heads = HKV;
+  cfg.head_dim = D;
+  cfg.kv_dtype = INSTINFER_DTYPE_F32;
+  cfg.page_bytes = 4096; /* 8 tokens per page */
+  cfg.capacity_bytes = 8u << 20;
+  cfg.caller_threads = 1;
+  instinfer_cache* cache = NULL;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (!cache) return;
+  enum { P = 5, C = 20 }; /* a prefix, then a chunk crossing pages */
+  float* k = malloc(sizeof(float) * N * HKV * D);
+  float* v = malloc(sizeof(float) * N * HKV * D);
+  float* q = malloc(sizeof(float) * C * HQ * D);
+  float* out = malloc(sizeof(float) * C * HQ * D);
+  float* lse = malloc(sizeof(float) * C * HQ);
+  double* want = malloc(sizeof(double) * HQ * D);
+  for (int i = 0; i < N * HKV * D; ++i) k[i] = frand(), v[i] = frand();
+  for (int i = 0; i < C * HQ * D; ++i) q[i] = frand();
+
+  instinfer_seq seq = 0;
+  CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+  CHECK(instinfer_append_at(cache, seq, 0, 0, P, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+  CHECK_ERR(instinfer_append_at(cache, seq, 0, P + 1, C, k + P * HKV * D, v + P * HKV * D, INSTINFER_DTYPE_F32),
+            INSTINFER_E_INVALID_ARGUMENT); /* a gap */
+  CHECK_ERR(instinfer_append_at(cache, seq, 0, P - 1, C, k + P * HKV * D, v + P * HKV * D, INSTINFER_DTYPE_F32),
+            INSTINFER_E_INVALID_ARGUMENT); /* an overlap */
+  CHECK_ERR(instinfer_append_at(cache, seq, 0, P, 0, k, v, INSTINFER_DTYPE_F32), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_append_at(cache, seq, 0, P, C, NULL, v, INSTINFER_DTYPE_F32), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_append_at(NULL, seq, 0, P, C, k, v, INSTINFER_DTYPE_F32), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(instinfer_append_at(cache, seq, 0, P, C, k + P * HKV * D, v + P * HKV * D, INSTINFER_DTYPE_F32) ==
+        INSTINFER_OK);
+
+  const uint32_t pos = P, rows = C;
+  CHECK(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, q, out, lse) == INSTINFER_OK);
+  double max_rel = 0.0;
+  for (int r = 0; r < C; ++r) {
+    reference_row(k, v, P + r + 1, q + r * HQ * D, want);
+    double err = 0.0, mag = 0.0;
+    for (int i = 0; i < HQ * D; ++i) {
+      const double e = fabs(out[r * HQ * D + i] - want[i]);
+      err = e > err ? e : err;
+      mag = fabs(want[i]) > mag ? fabs(want[i]) : mag;
+    }
+    max_rel = err / mag > max_rel ? err / mag : max_rel;
+  }
+  CHECK(max_rel <= 1e-5);
+  /* In place (out == q), as instinfer_attend allows: the same rows, bit for bit. */
+  float* out2 = malloc(sizeof(float) * C * HQ * D);
+  memcpy(out2, q, sizeof(float) * C * HQ * D);
+  CHECK(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, out2, out2, NULL) == INSTINFER_OK);
+  CHECK(memcmp(out, out2, sizeof(float) * C * HQ * D) == 0);
+  /* Slices on one thread each in turn: the same rows, bit for bit. */
+  for (uint32_t i = 0; i < 3; ++i)
+    CHECK(instinfer_attend_chunk_slice(cache, 0, 1, &seq, &pos, &rows, q, out2, NULL, i, 3) == INSTINFER_OK);
+  CHECK(memcmp(out, out2, sizeof(float) * C * HQ * D) == 0);
+  for (uint32_t i = 0; i < 2; ++i)
+    CHECK(instinfer_attend_slice(cache, 0, 1, &seq, q, out2, NULL, i, 2) == INSTINFER_OK);
+  CHECK(instinfer_attend(cache, 0, 1, &seq, q, out, NULL) == INSTINFER_OK);
+  CHECK(memcmp(out, out2, sizeof(float) * HQ * D) == 0);
+
+  /* Bad chunk inputs. */
+  const uint32_t zero = 0, too_many = C + 1, past = P + 1;
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &zero, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &too_many, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &past, &rows, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 0, &seq, &pos, &rows, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, NULL, &pos, &rows, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, NULL, &rows, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, NULL, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, NULL, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, q, NULL, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, q, q, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk(cache, L, 1, &seq, &pos, &rows, q, out, lse), INSTINFER_E_LAYER_OUT_OF_RANGE);
+  const instinfer_seq unknown = seq + 1000;
+  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &unknown, &pos, &rows, q, out, lse), INSTINFER_E_UNKNOWN_SEQUENCE);
+  CHECK_ERR(instinfer_attend_chunk(NULL, 0, 1, &seq, &pos, &rows, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_slice(cache, 0, 1, &seq, q, out, NULL, 1, 1), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_slice(cache, 0, 1, &seq, q, out, NULL, 0, 0), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_attend_chunk_slice(cache, 0, 1, &seq, &pos, &rows, q, out2, NULL, 3, 3),
+            INSTINFER_E_INVALID_ARGUMENT);
+
+  /* Fork at a position. */
+  instinfer_seq child = 0;
+  uint64_t n = 0;
+  CHECK(instinfer_append(cache, seq, 1, P + C, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+  CHECK(instinfer_seq_fork_at(cache, seq, 12, &child) == INSTINFER_OK);
+  CHECK(instinfer_seq_length(cache, child, 0, &n) == INSTINFER_OK && n == 12);
+  CHECK(instinfer_seq_length(cache, seq, 0, &n) == INSTINFER_OK && n == P + C);
+  CHECK_ERR(instinfer_seq_fork_at(cache, seq, P + C + 1, &child), INSTINFER_E_INVALID_ARGUMENT); /* past the end */
+  CHECK_ERR(instinfer_seq_fork_at(cache, seq, 0, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_seq_fork_at(cache, unknown, 0, &child), INSTINFER_E_UNKNOWN_SEQUENCE);
+
+  /* Sequence state: save, load back, compare attention; corrupt and short inputs refused. */
+  size_t size = 0, written = 0;
+  CHECK(instinfer_seq_state_size(cache, seq, &size) == INSTINFER_OK && size > 0);
+  unsigned char* blob = malloc(size);
+  CHECK_ERR(instinfer_seq_state_save(cache, seq, blob, size - 1, &written), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_seq_state_save(cache, seq, NULL, size, &written), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(instinfer_seq_state_save(cache, seq, blob, size, &written) == INSTINFER_OK && written == size);
+  instinfer_seq loaded = 0;
+  CHECK(instinfer_seq_state_load(cache, blob, size, &loaded) == INSTINFER_OK);
+  CHECK(instinfer_attend(cache, 0, 1, &loaded, q, out2, NULL) == INSTINFER_OK);
+  CHECK(memcmp(out, out2, sizeof(float) * HQ * D) == 0);
+  CHECK_ERR(instinfer_seq_state_load(cache, blob, size - 1, &loaded), INSTINFER_E_CORRUPT_DATA);
+  blob[size / 2] ^= 0x10;
+  CHECK_ERR(instinfer_seq_state_load(cache, blob, size, &loaded), INSTINFER_E_CORRUPT_DATA);
+  CHECK_ERR(instinfer_seq_state_load(cache, NULL, size, &loaded), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_seq_state_load(cache, blob, size, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  const char* path = "instinfer-test-capi-state.bin";
+  CHECK(instinfer_seq_state_save_file(cache, seq, path) == INSTINFER_OK);
+  CHECK(instinfer_seq_state_load_file(cache, path, &loaded) == INSTINFER_OK);
+  CHECK_ERR(instinfer_seq_state_load_file(cache, "no/such/dir/state.bin", &loaded), INSTINFER_E_IO);
+  CHECK_ERR(instinfer_seq_state_save_file(cache, seq, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  remove(path);
+  instinfer_stats st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK && st.n_sequences == 4);
+  instinfer_cache_destroy(cache);
+
+  /* Older config sizes are still accepted; caller_threads must be 0 or 1. */
+  cfg.caller_threads = 2;
+  CHECK_ERR(instinfer_cache_create(&cfg, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  cfg.struct_size = (uint32_t)offsetof(instinfer_config, caller_threads);
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  instinfer_cache_destroy(cache);
+  free(k);
+  free(v);
+  free(q);
+  free(out);
+  free(out2);
+  free(lse);
+  free(want);
+  free(blob);
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
   test_sparf();
   test_append_checks_capacity_before_reading();
+  test_v03();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

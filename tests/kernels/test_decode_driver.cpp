@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -249,4 +251,97 @@ TEST_CASE("decode_driver: bad batches and sources that cannot serve an item are 
   auto scalar = select_decode_heads_kernel(cpu_isa::kScalar, p);
   REQUIRE(scalar.ok());
   CHECK(decode_driver::create(p, *scalar, none).error().code() == errc::kInvalidArgument);
+}
+
+// Causal chunk rows (decode_sequence::n_rows): every row against the float64 reference over its
+// visible prefix, through split items (partials merged), windows of 1 and 3 chunks and the
+// in-memory source. The page padding holds NaN: a row reading past its prefix would show it.
+TEST_CASE("decode_driver: causal rows match the float64 reference over each row's prefix") {
+  for (dtype t : {dtype::kF16, dtype::kF32}) {
+    for (uint32_t group : {1u, 4u, 3u}) {
+      for (uint32_t kv_heads : {1u, 3u}) {
+        const auto p = test::make_params(64, t, group, kv_heads, 1024);
+        const uint32_t tpp = p.layout.tokens();
+        const std::vector<uint32_t> lengths = {1, tpp, 3 * tpp + 5, 40 * tpp + 3, 2000};
+        const std::vector<uint32_t> n_rows = {1, tpp - 3, 2 * tpp + 2, 3 * tpp + 1, 17};
+        test::paged_batch b(p, lengths);
+        const uint32_t hq = p.n_q_heads(), hd = p.layout.page.head_dim;
+        std::vector<std::vector<float>> q(lengths.size()), out(lengths.size()), lse(lengths.size());
+        std::vector<decode_sequence> seqs(lengths.size());
+        for (size_t s = 0; s < lengths.size(); ++s) {
+          q[s].resize(size_t{n_rows[s]} * hq * hd);
+          for (float& x : q[s]) x = test::nonzero_uniform(2.0f);
+          out[s].assign(q[s].size(), 0.0f);
+          lse[s].assign(size_t{n_rows[s]} * hq, 0.0f);
+          seqs[s] = decode_sequence{};
+          seqs[s].n_chunks = b.work[s].n_chunks;
+          seqs[s].n_tokens = lengths[s];
+          seqs[s].q = q[s].data();
+          seqs[s].out = out[s].data();
+          seqs[s].lse = lse[s].data();
+          seqs[s].n_rows = n_rows[s];
+          seqs[s].first_pos = lengths[s] - n_rows[s];
+        }
+        // The reference, row by row.
+        std::vector<std::vector<double>> want(lengths.size()), want_lse(lengths.size());
+        for (size_t s = 0; s < lengths.size(); ++s) {
+          want[s].resize(out[s].size());
+          want_lse[s].resize(lse[s].size());
+          for (uint32_t r = 0; r < n_rows[s]; ++r)
+            reference::attend_chunks(p, b.chunks[s].data(), seqs[s].first_pos + r + 1,
+                                     q[s].data() + size_t{r} * hq * hd, want[s].data() + size_t{r} * hq * hd,
+                                     want_lse[s].data() + size_t{r} * hq);
+        }
+        const auto check = [&](const char* what) {
+          INFO(what);
+          for (size_t s = 0; s < lengths.size(); ++s) {
+            CAPTURE(s);
+            CHECK(reference::relative_error(out[s], want[s]) <= kTolerance);
+            double le = 0.0;
+            for (size_t i = 0; i < lse[s].size(); ++i)
+              le = std::max(le, std::fabs(lse[s][i] - want_lse[s][i]) / std::max(1.0, std::fabs(want_lse[s][i])));
+            CHECK(le <= kTolerance);
+          }
+        };
+        for (uint32_t threads : {1u, 2u, 5u}) {
+          for (uint32_t heads_per_item : {0u, 1u, 2u}) {
+            INFO(dtype_name(t) << " group " << group << " kv heads " << kv_heads << " threads " << threads
+                               << " heads/item " << heads_per_item);
+            auto driver = make_driver(p, threads, heads_per_item);
+            // Without a rows kernel, causal rows are refused.
+            memory_chunk_source plain(p.layout, b.work);
+            CHECK(driver->run(seqs, plain).code() == errc::kUnsupported);
+            auto rows = select_decode_rows_kernel(best_cpu_isa(), p);
+            REQUIRE(rows.ok());
+            driver->set_rows_kernel(*rows);
+            memory_chunk_source memory(p.layout, b.work);
+            REQUIRE(driver->run(seqs, memory).ok());
+            check("memory");
+            for (uint32_t window : {1u, 3u}) {
+              INFO("window " << window);
+              for (auto& o : out) std::fill(o.begin(), o.end(), std::numeric_limits<float>::quiet_NaN());
+              const uint32_t staged_heads = heads_per_item == 0 ? kv_heads : std::min(heads_per_item, kv_heads);
+              staging_source staging(b, staged_heads, window);
+              const status s = driver->run(seqs, staging);
+              REQUIRE_MESSAGE(s.ok(), s.to_string());
+              CHECK(staging.used_correctly());
+              check("staged");
+            }
+            // A decode batch through the same driver still works (rows and plain rows mixed).
+            std::vector<decode_sequence> mixed = seqs;
+            mixed[1].n_rows = 0;
+            mixed[1].first_pos = 0;
+            REQUIRE(driver->run(mixed, memory).ok());
+            std::vector<double> dec(size_t{hq} * hd), dec_lse(hq);
+            reference::attend_chunks(p, b.chunks[1].data(), lengths[1], q[1].data(), dec.data(), dec_lse.data());
+            CHECK(reference::relative_error(std::span<const float>(out[1].data(), dec.size()), dec) <= kTolerance);
+            // Rows past the sequence's tokens are refused.
+            std::vector<decode_sequence> bad = seqs;
+            bad[2].first_pos += 1;
+            CHECK(driver->run(bad, memory).code() == errc::kInvalidArgument);
+          }
+        }
+      }
+    }
+  }
 }

@@ -54,10 +54,35 @@ using decode_heads_fn = void (*)(const decode_params& params, const std::byte* c
                                  uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
                                  softmax_stats* stats) noexcept;
 
+// Causal query rows (prefill chunks) for decode_rows_fn: the rows of one sequence share every K/V
+// block, as more query heads of the kv head (the GQA group widened by rows). Row r sees the first
+// visible[r] tokens of the sequence (a causal mask is a prefix); the call's first chunk starts at
+// token first_token of the sequence. Strides are in floats (q, o) and states (stats) between rows.
+struct decode_rows {
+  uint32_t n_rows = 1;
+  const uint32_t* visible = nullptr;  // [n_rows]
+  uint32_t first_token = 0;
+  uint64_t q_stride = 0;
+  uint64_t o_stride = 0;
+  uint64_t stats_stride = 0;
+};
+
+// decode_heads_fn for causal rows: row r, kv head kh (of the call), group head g is at
+//   q[r * q_stride + (kh * group_size + g) * head_dim], o likewise with o_stride, and
+//   stats[r * stats_stride + kh * group_size + g].
+// A row's part of a block is clipped to its visible prefix: fully visible blocks run the unmasked
+// tiles, blocks past every row's limit are skipped, and a row that sees nothing of the call gets
+// an empty state and zeros.
+using decode_rows_fn = void (*)(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                                uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const decode_rows& rows,
+                                const float* q, float* o, softmax_stats* stats) noexcept;
+
 // The kernel for (isa, head_dim, dtype); kUnsupported if that combination is not instantiated.
 result<decode_chunks_fn> select_decode_kernel(cpu_isa isa, const decode_params& params);
 // The head-range kernel (what decode_driver runs), with the same validation.
 result<decode_heads_fn> select_decode_heads_kernel(cpu_isa isa, const decode_params& params);
+// The causal-rows kernel (what decode_driver runs for sequences with query rows), same validation.
+result<decode_rows_fn> select_decode_rows_kernel(cpu_isa isa, const decode_params& params);
 
 // One sequence of a decode batch.
 struct decode_work {
@@ -67,6 +92,11 @@ struct decode_work {
   const float* q = nullptr;  // [n_q_heads][head_dim]
   float* out = nullptr;      // [n_q_heads][head_dim], normalised
   float* lse = nullptr;      // [n_q_heads] natural-log sum-exp, or null
+  // Causal chunk (prefill): 0 = one decode row that sees every token; n > 0 = q, out
+  // [n_rows][n_q_heads][head_dim] and lse [n_rows][n_q_heads], row r at position first_pos + r
+  // seeing tokens [0, first_pos + r] (first_pos + n_rows <= n_tokens).
+  uint32_t n_rows = 0;
+  uint32_t first_pos = 0;
 };
 
 // Batched decode over chunks in host memory, on host threads: attention/decode_driver.hpp with the

@@ -65,6 +65,11 @@ struct decode_sequence {
   const float* q = nullptr;  // [n_q_heads][head_dim]
   float* out = nullptr;      // [n_q_heads][head_dim], normalised
   float* lse = nullptr;      // [n_q_heads] natural-log sum-exp, or null
+  // Causal chunk rows (decode_work::n_rows): 0 = one decode row seeing every token; n > 0 = q and
+  // out [n_rows][n_q_heads][head_dim], lse [n_rows][n_q_heads], row r sees tokens [0, first_pos + r].
+  // Needs a rows kernel (set_rows_kernel).
+  uint32_t n_rows = 0;
+  uint32_t first_pos = 0;
 
   constexpr decode_sequence_shape shape() const noexcept { return {n_chunks, n_tokens}; }
 };
@@ -151,6 +156,7 @@ class decode_driver {
                            options_.items_per_worker, options_.min_item_tokens,  options_.kv_heads_per_item};
     INSTINFER_TRY(plan_.build(
         static_cast<uint32_t>(batch.size()), [batch](uint32_t s) noexcept { return batch[s].shape(); }, po));
+    INSTINFER_TRY(prepare_rows(batch));
     INSTINFER_TRY(grow_workspace());
     INSTINFER_TRY(source.prepare(plan_, pool_.size()));
 
@@ -165,6 +171,10 @@ class decode_driver {
     return {};
   }
 
+  // The causal-rows kernel for the same params (select_decode_rows_kernel): lets batches carry
+  // query rows (decode_sequence::n_rows > 0). Set before the first run that needs it.
+  void set_rows_kernel(decode_rows_fn kernel) noexcept { rows_kernel_ = kernel; }
+
   const decode_params& params() const noexcept { return params_; }
   uint32_t n_threads() const noexcept { return pool_.size(); }
   // The plan of the last run (valid until the next run starts).
@@ -176,6 +186,7 @@ class decode_driver {
         kernel_(kernel),
         options_(options),
         max_states_(widest_item_states(params, options)),
+        run_states_(max_states_),
         pool_(options.n_threads) {}
 
   uint32_t head_dim() const noexcept { return params_.layout.page.head_dim; }
@@ -193,6 +204,12 @@ class decode_driver {
       // Messages are built only on failure: a valid batch allocates nothing.
       const auto where = [i] { return "decode batch entry " + std::to_string(i) + ": "; };
       if (s.q == nullptr || s.out == nullptr) return {errc::kInvalidArgument, where() + "q and out must not be null"};
+      if (s.n_rows > 0 && rows_kernel_ == nullptr)
+        return {errc::kUnsupported, where() + "causal query rows need a rows kernel (decode_driver::set_rows_kernel)"};
+      if (s.n_rows > 0 && uint64_t{s.first_pos} + s.n_rows > s.n_tokens)
+        return {errc::kInvalidArgument, where() + std::to_string(s.n_rows) + " query rows at position " +
+                                            std::to_string(s.first_pos) + " reach past the sequence's " +
+                                            std::to_string(s.n_tokens) + " tokens"};
       const uint64_t lo = s.n_chunks == 0 ? 0 : uint64_t{s.n_chunks - 1} * tpp + 1;
       const uint64_t hi = uint64_t{s.n_chunks} * tpp;
       if (s.n_tokens < lo || s.n_tokens > hi)
@@ -216,8 +233,36 @@ class decode_driver {
     return {};
   }
 
+  // Per run: the widest item's states (decode: max_states_; causal rows multiply it by the rows)
+  // and every causal row's visible token count.
+  status prepare_rows(std::span<const decode_sequence> batch) noexcept {
+    uint64_t max_rows = 1, total_rows = 0;
+    for (const decode_sequence& s : batch) {
+      max_rows = std::max<uint64_t>(max_rows, s.n_rows);
+      total_rows += s.n_rows;
+    }
+    if (uint64_t{max_states_} * max_rows > UINT32_MAX)
+      return {errc::kInvalidArgument, "decode_driver: too many query rows in one sequence"};
+    run_states_ = static_cast<uint32_t>(uint64_t{max_states_} * max_rows);
+    run_has_rows_ = total_rows > 0;
+    if (total_rows == 0) return {};
+    try {
+      if (visible_.size() < total_rows) visible_.resize(total_rows);
+      if (row_offset_.size() < batch.size()) row_offset_.resize(batch.size());
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory, "decode_driver: cannot grow the causal rows of " + std::to_string(total_rows)};
+    }
+    uint64_t next = 0;
+    for (size_t b = 0; b < batch.size(); ++b) {
+      row_offset_[b] = next;
+      for (uint32_t r = 0; r < batch[b].n_rows; ++r) visible_[next + r] = batch[b].first_pos + r + 1;
+      next += batch[b].n_rows;
+    }
+    return {};
+  }
+
   status grow_workspace() noexcept {
-    const uint64_t states = max_states_;
+    const uint64_t states = run_states_;
     const uint64_t workers = pool_.size();
     try {
       const auto grow = [](auto& v, uint64_t n) {
@@ -228,6 +273,7 @@ class decode_driver {
       grow(window_o_, workers * states * head_dim());
       grow(window_stats_, workers * states);
       grow(merge_stats_, workers * states);
+      if (run_has_rows_) grow(merge_o_, workers * states * head_dim());
       if (remaining_capacity_ < plan_.n_rows()) {
         remaining_ = std::make_unique<std::atomic<uint32_t>[]>(plan_.n_rows());
         remaining_capacity_ = plan_.n_rows();
@@ -244,16 +290,21 @@ class decode_driver {
 
   // Where item i keeps its states and output. Within a row, partials are packed at the row's
   // own width, so the row's slots form the [partial][states][head_dim] block merge_partial_range reads.
-  softmax_stats* item_stats(uint32_t i, const decode_work_item& it) noexcept {
+  // States of an item: [rows][kv heads of the item][group], rows = 1 for a decode row.
+  uint64_t item_states(const decode_work_item& it, const decode_sequence& seq) const noexcept {
+    return uint64_t{it.n_kv_heads()} * params_.group_size * (seq.n_rows == 0 ? 1 : seq.n_rows);
+  }
+  softmax_stats* item_stats(uint32_t i, const decode_work_item& it, const decode_sequence& seq) noexcept {
     const uint32_t first = plan_.indptr()[it.row];
-    const uint64_t n_states = uint64_t{it.n_kv_heads()} * params_.group_size;
-    return stats_.data() + uint64_t{first} * max_states_ + (i - first) * n_states;
+    return stats_.data() + uint64_t{first} * run_states_ + (i - first) * item_states(it, seq);
   }
   float* row_partials(const decode_work_item& first_of_row) noexcept {
-    return partial_o_.data() + uint64_t{first_of_row.partial} * max_states_ * head_dim();
+    return partial_o_.data() + uint64_t{first_of_row.partial} * run_states_ * head_dim();
   }
+  // An unsplit item writes the caller's rows in place (causal rows: strided by n_q_heads), a split
+  // one its packed partial block.
   float* item_output(const decode_work_item& it, const decode_sequence& seq) noexcept {
-    const uint64_t n_states = uint64_t{it.n_kv_heads()} * params_.group_size;
+    const uint64_t n_states = item_states(it, seq);
     if (it.partial == decode_work_item::kNoPartial)
       return seq.out + uint64_t{it.kv_head_begin} * params_.group_size * head_dim();
     const decode_work_item& first = plan_.items()[plan_.indptr()[it.row]];
@@ -270,8 +321,16 @@ class decode_driver {
       if (i >= items.size()) return;
       const decode_work_item& it = items[i];
       const decode_sequence& seq = batch[it.seq];
-      softmax_stats* st = item_stats(static_cast<uint32_t>(i), it);
+      softmax_stats* st = item_stats(static_cast<uint32_t>(i), it, seq);
       float* o = item_output(it, seq);
+      if (seq.n_rows > 0) {
+        if (status s = run_item_rows(worker, it, seq, source, kernel_params, window, st, o); !s.ok()) {
+          fail(std::move(s));
+          return;
+        }
+        finish_item_rows(worker, it, seq, st, o);
+        continue;
+      }
       if (status s = run_item(worker, it, seq, source, kernel_params, window, st, o); !s.ok()) {
         fail(std::move(s));
         return;
@@ -295,7 +354,7 @@ class decode_driver {
     }
     const uint32_t w = window == 0 ? it.n_chunks : window;
     const uint32_t tpp = params_.layout.tokens();
-    const uint64_t states = max_states_;
+    const uint64_t states = run_states_;
     for (uint32_t c = it.chunk_begin; c < it.chunk_end(); c += w) {
       const uint32_t n = std::min(w, it.chunk_end() - c);
       result<chunk_window> got = source.acquire(worker, it, c, n);
@@ -335,9 +394,93 @@ class decode_driver {
     const uint32_t last = plan_.indptr()[it.row + 1];
     const decode_work_item& head = plan_.items()[first];
     float* out = seq.out + uint64_t{it.kv_head_begin} * G * D;
-    softmax_stats* acc = merge_stats_.data() + uint64_t{worker} * max_states_;
-    merge_partial_range(item_stats(first, head), row_partials(head), 0, last - first, n_states, D, acc, out);
+    softmax_stats* acc = merge_stats_.data() + uint64_t{worker} * run_states_;
+    merge_partial_range(item_stats(first, head, seq), row_partials(head), 0, last - first, n_states, D, acc, out);
     write_normalized(acc, out, n_states, D, out, lse);
+  }
+
+  // ---- causal rows (decode_sequence::n_rows > 0): the same steps with the rows kernel ----------
+
+  uint64_t out_row_stride(const decode_work_item& it) const noexcept {
+    return it.partial == decode_work_item::kNoPartial ? uint64_t{params_.n_q_heads()} * head_dim()
+                                                      : uint64_t{it.n_kv_heads()} * params_.group_size * head_dim();
+  }
+
+  template <chunk_source Source>
+  status run_item_rows(uint32_t worker, const decode_work_item& it, const decode_sequence& seq, Source& source,
+                       const decode_params& kernel_params, uint32_t window, softmax_stats* st, float* o) noexcept {
+    const uint32_t G = params_.group_size;
+    const uint32_t D = head_dim();
+    const uint32_t n_kv = it.n_kv_heads();
+    const uint64_t row_states = uint64_t{n_kv} * G;
+    const uint32_t tpp = params_.layout.tokens();
+    decode_rows rows;
+    rows.n_rows = seq.n_rows;
+    rows.visible = visible_.data() + row_offset_[it.seq];
+    rows.first_token = it.chunk_begin * tpp;
+    rows.q_stride = uint64_t{params_.n_q_heads()} * D;
+    rows.o_stride = out_row_stride(it);
+    rows.stats_stride = row_states;
+    const float* q = seq.q + uint64_t{it.kv_head_begin} * G * D;
+    if (it.n_chunks == 0) {
+      rows_kernel_(kernel_params, nullptr, 0, it.last_chunk_tokens, 0, n_kv, rows, q, o, st);
+      return {};
+    }
+    const uint32_t w = window == 0 ? it.n_chunks : window;
+    for (uint32_t c = it.chunk_begin; c < it.chunk_end(); c += w) {
+      const uint32_t n = std::min(w, it.chunk_end() - c);
+      result<chunk_window> got = source.acquire(worker, it, c, n);
+      if (!got.ok()) return got.error();
+      const chunk_window& cw = got.value();
+      if (cw.first_kv_head + n_kv > kernel_params.layout.n_kv_heads) {
+        source.release(worker, it, cw);
+        return {errc::kInternal, "decode_driver: a chunk window's kv heads lie outside the source's layout"};
+      }
+      const uint32_t last = c + n == it.chunk_end() ? it.last_chunk_tokens : tpp;
+      rows.first_token = c * tpp;
+      if (c == it.chunk_begin) {
+        rows_kernel_(kernel_params, cw.chunks, n, last, cw.first_kv_head, n_kv, rows, q, o, st);
+      } else {
+        float* wo = window_o_.data() + worker * uint64_t{run_states_} * D;
+        softmax_stats* ws = window_stats_.data() + worker * uint64_t{run_states_};
+        decode_rows packed = rows;
+        packed.o_stride = row_states * D;
+        rows_kernel_(kernel_params, cw.chunks, n, last, cw.first_kv_head, n_kv, packed, q, wo, ws);
+        for (uint32_t r = 0; r < seq.n_rows; ++r)
+          for (uint64_t h = 0; h < row_states; ++h)
+            merge_state(st[r * row_states + h], o + r * rows.o_stride + h * D, ws[r * row_states + h],
+                        wo + (r * row_states + h) * D, D);
+      }
+      source.release(worker, it, cw);
+    }
+    return {};
+  }
+
+  void finish_item_rows(uint32_t worker, const decode_work_item& it, const decode_sequence& seq,
+                        const softmax_stats* st, float* o) noexcept {
+    const uint32_t G = params_.group_size;
+    const uint32_t D = head_dim();
+    const uint64_t hq = params_.n_q_heads();
+    const uint32_t row_states = it.n_kv_heads() * G;
+    float* out = seq.out + uint64_t{it.kv_head_begin} * G * D;
+    float* lse = seq.lse == nullptr ? nullptr : seq.lse + uint64_t{it.kv_head_begin} * G;
+    const auto lse_row = [&](uint32_t r) { return lse == nullptr ? nullptr : lse + r * hq; };
+    if (it.partial == decode_work_item::kNoPartial) {
+      for (uint32_t r = 0; r < seq.n_rows; ++r)
+        write_normalized(st + uint64_t{r} * row_states, o + r * hq * D, row_states, D, o + r * hq * D, lse_row(r));
+      return;
+    }
+    if (remaining_[it.row].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    const uint32_t first = plan_.indptr()[it.row];
+    const uint32_t last = plan_.indptr()[it.row + 1];
+    const decode_work_item& head = plan_.items()[first];
+    softmax_stats* acc = merge_stats_.data() + uint64_t{worker} * run_states_;
+    float* merged = merge_o_.data() + uint64_t{worker} * run_states_ * D;
+    merge_partial_range(item_stats(first, head, seq), row_partials(head), 0, last - first, row_states * seq.n_rows, D,
+                        acc, merged);
+    for (uint32_t r = 0; r < seq.n_rows; ++r)
+      write_normalized(acc + uint64_t{r} * row_states, merged + uint64_t{r} * row_states * D, row_states, D,
+                       out + r * hq * D, lse_row(r));
   }
 
   void fail(status s) noexcept {
@@ -348,8 +491,11 @@ class decode_driver {
 
   decode_params params_;
   decode_heads_fn kernel_;
+  decode_rows_fn rows_kernel_ = nullptr;
   decode_driver_options options_;
   uint32_t max_states_;  // states (query heads) of the widest item
+  uint32_t run_states_;  // this run's widest item: max_states_ x the most causal rows of a sequence
+  bool run_has_rows_ = false;
   thread_pool pool_;
   std::mutex run_mutex_;
 
@@ -360,6 +506,9 @@ class decode_driver {
   std::vector<float> window_o_;                         // [workers][max states][head_dim]
   std::vector<softmax_stats> window_stats_;             // [workers][max states]
   std::vector<softmax_stats> merge_stats_;              // [workers][max states]
+  std::vector<float> merge_o_;                          // causal rows: [workers][max states][head_dim]
+  std::vector<uint32_t> visible_;                       // causal rows: tokens each row sees
+  std::vector<uint64_t> row_offset_;                    // causal rows: a sequence's first row in visible_
   std::unique_ptr<std::atomic<uint32_t>[]> remaining_;  // items left per row
   uint32_t remaining_capacity_ = 0;
   std::atomic<size_t> next_item_{0};

@@ -370,9 +370,76 @@ void decode_chunks(const decode_params& params, const std::byte* const* chunks, 
                                                       stats);
 }
 
+// Causal rows (decode_rows_fn, attention/decode.hpp): the rows of a prefill chunk share each K/V
+// block. Per block, kv head and row, the block is clipped to the row's visible prefix and run
+// through the same score / value tiles as decode (tiles never span rows, so one clip serves a
+// tile); K and V blocks (<= 16 KiB each) stay in L1/L2 across the rows, so each page is read
+// from memory once per call and kv head. Blocks past every row's limit end the walk.
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant>
+void decode_chunks_rows(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                        uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const decode_rows& rows,
+                        const float* q, float* o, softmax_stats* stats) noexcept {
+  using shape = kernel_shape<Arch, HeadDim, KvType>;
+  constexpr uint32_t kScoreFloats = 1024;  // one head tile of one block: <= 64 tokens x 16 lanes
+  static_assert(kScoreFloats >= shape::kBlockTokens * shape::kLanes);
+
+  const uint32_t G = params.group_size;
+  const uint64_t per_row = uint64_t{n_kv} * G;
+  uint32_t max_visible = 0;
+  for (uint32_t r = 0; r < rows.n_rows; ++r) {
+    for (uint64_t h = 0; h < per_row; ++h) stats[r * rows.stats_stride + h] = softmax_stats{};
+    float* orow = o + r * rows.o_stride;
+    for (uint64_t i = 0; i < per_row * HeadDim; ++i) orow[i] = 0.0f;
+    max_visible = rows.visible[r] > max_visible ? rows.visible[r] : max_visible;
+  }
+  if (n_chunks == 0 || n_kv == 0) return;
+
+  const uint32_t tpp = params.layout.tokens();
+  const uint32_t block = tpp < shape::kBlockTokens ? tpp : shape::kBlockTokens;
+  const uint64_t page_bytes = params.layout.page.page_bytes;
+  const uint64_t v_offset = uint64_t{params.layout.n_kv_heads} * page_bytes;
+
+  logit_constants lc{};
+  lc.scale = params.effective_scale();
+  if constexpr (Variant::kSoftcap) {
+    lc.cap = params.softcap;
+    lc.scale_over_cap = lc.scale / params.softcap;
+  }
+  alignas(64) float sbuf[kScoreFloats];
+  float alpha[8];
+
+  for (uint32_t c = 0; c < n_chunks; ++c) {
+    const uint32_t chunk_tokens = c + 1 == n_chunks ? last_chunk_tokens : tpp;
+    for (uint32_t t0 = 0; t0 < chunk_tokens; t0 += block) {
+      const uint64_t tok0 = uint64_t{rows.first_token} + uint64_t{c} * tpp + t0;
+      if (tok0 >= max_visible) return;  // no row sees this block or any later one
+      const uint32_t n = chunk_tokens - t0 < block ? chunk_tokens - t0 : block;
+      const std::byte* kbase = chunks[c] + uint64_t{t0} * shape::kRowBytes;
+      for (uint32_t kh = 0; kh < n_kv; ++kh) {
+        const std::byte* k = kbase + uint64_t{kv_begin + kh} * page_bytes;
+        const std::byte* v = k + v_offset;
+        for (uint32_t r = 0; r < rows.n_rows; ++r) {
+          if (rows.visible[r] <= tok0) continue;
+          const uint64_t left = rows.visible[r] - tok0;
+          const uint32_t m = left < n ? static_cast<uint32_t>(left) : n;
+          for (uint32_t h = 0; h < G;) {
+            const uint32_t ht = head_tile_for<shape>(G - h);
+            const uint64_t qh = uint64_t{kh} * G + h;
+            score_tile<shape, Variant, KvType>(ht, k, m, q + r * rows.q_stride + qh * HeadDim,
+                                               stats + r * rows.stats_stride + qh, lc, sbuf, alpha);
+            value_tile<shape, KvType>(ht, v, m, sbuf, alpha, o + r * rows.o_stride + qh * HeadDim);
+            h += ht;
+          }
+        }
+      }
+    }
+  }
+}
+
 struct decode_kernel_pair {
   decode_chunks_fn one_head = nullptr;
   decode_heads_fn head_range = nullptr;
+  decode_rows_fn rows = nullptr;
 };
 
 // The one place where runtime (head_dim, dtype, soft-cap) become compile-time constants.
@@ -381,8 +448,10 @@ template <class Arch>
 decode_kernel_pair lookup_decode_kernel(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
   const auto by_variant = [softcap]<uint32_t D, dtype T>() -> decode_kernel_pair {
     if (softcap)
-      return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>};
-    return {&decode_chunks<Arch, D, T, plain_logits>, &decode_chunks_heads<Arch, D, T, plain_logits>};
+      return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>,
+              &decode_chunks_rows<Arch, D, T, softcapped_logits>};
+    return {&decode_chunks<Arch, D, T, plain_logits>, &decode_chunks_heads<Arch, D, T, plain_logits>,
+            &decode_chunks_rows<Arch, D, T, plain_logits>};
   };
   const auto by_dtype = [&]<uint32_t D>() -> decode_kernel_pair {
     switch (kv_type) {

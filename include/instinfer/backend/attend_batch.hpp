@@ -30,6 +30,10 @@ struct attend_item {
   const float* q = nullptr;          // [n_q_heads][head_dim]
   float* out = nullptr;              // [n_q_heads][head_dim]
   float* lse = nullptr;              // [n_q_heads] or null
+  // Causal chunk (attend_causal): 0 = one decode row; n > 0 = q, out [n_rows][n_q_heads][head_dim]
+  // and lse [n_rows][n_q_heads], row r at position first_pos + r seeing tokens [0, first_pos + r].
+  uint32_t n_rows = 0;
+  uint32_t first_pos = 0;
 };
 
 struct attend_batch {
@@ -40,12 +44,27 @@ struct attend_batch {
   float* lse = nullptr;          // [batch][n_q_heads] or null
   uint32_t n_q_heads = 0;
   uint32_t head_dim = 0;
+  // Causal chunks (attention_engine::attend_causal), else null: sequence b's query rows are
+  // [row_indptr[b], row_indptr[b + 1]) of q / out / lse, at positions row_pos[b] + i.
+  const uint32_t* row_indptr = nullptr;  // [batch + 1]
+  const uint32_t* row_pos = nullptr;     // [batch]
 
   constexpr uint32_t size() const noexcept { return pages.batch; }
   constexpr bool empty() const noexcept { return pages.batch == 0; }
 
   attend_item operator[](uint32_t b) const noexcept {
     const size_t row = size_t{n_q_heads} * head_dim;
+    if (row_indptr != nullptr) {
+      const size_t r0 = row_indptr[b];
+      return {seqs[b],
+              std::span<const chunk_id>(pages.indices + pages.indptr[b], pages.n_chunks(b)),
+              static_cast<uint32_t>(pages.n_tokens(b)),
+              q != nullptr ? q + r0 * row : nullptr,
+              out != nullptr ? out + r0 * row : nullptr,
+              lse != nullptr ? lse + r0 * n_q_heads : nullptr,
+              row_indptr[b + 1] - row_indptr[b],
+              row_pos[b]};
+    }
     return {seqs[b],
             std::span<const chunk_id>(pages.indices + pages.indptr[b], pages.n_chunks(b)),
             static_cast<uint32_t>(pages.n_tokens(b)),

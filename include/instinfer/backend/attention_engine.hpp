@@ -25,6 +25,16 @@ class attention_engine {
   // its tokens, lse[b] (if non-null) the natural-log sum of exponentials; no tokens: zeros, -inf.
   virtual status attend(uint32_t layer, const attend_batch& batch) noexcept = 0;
 
+  // Causal chunk attention of one layer (prefill; optional): `batch` carries row_indptr / row_pos,
+  // so batch[b] has n_rows query rows at positions first_pos .. first_pos + n_rows - 1, each
+  // seeing tokens [0, its position]. Checked by the caller: first_pos + n_rows <= n_tokens.
+  // Engines that run the decode driver on host threads (host, ssd) answer it; others say so.
+  virtual status attend_causal(uint32_t /*layer*/, const attend_batch& /*batch*/) noexcept {
+    return {errc::kUnsupported, "this backend does not run causal chunk attention (supported: host, ssd)"};
+  }
+  // Whether attend_causal is answered (engines tell callers up front, before they append a chunk).
+  virtual bool runs_causal() const noexcept { return false; }
+
   // Sparse attention next to the data (optional). An engine that returns true keeps the
   // channel-indexed K copy and the V running means itself (from write_tokens, through forks and
   // truncations) and answers attend_sparse; otherwise the manager's host-side sparse attender

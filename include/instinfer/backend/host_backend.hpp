@@ -45,6 +45,8 @@ class host_backend final : public backend {
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
+  status attend_causal(uint32_t layer, const attend_batch& batch) noexcept override { return attend(layer, batch); }
+  bool runs_causal() const noexcept override { return true; }
   host_chunk_view host_view() const noexcept override { return {pool_, layout_.chunk_bytes()}; }
   backend_stats stats() const noexcept override;
 

@@ -109,6 +109,12 @@ class ssd_backend final : public backend {
   // direct reads (adjacent pages merged), in rounds that fit the queue depth and the staging ring.
   status read_pages(std::span<const page_read> reads) noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
+  status attend_causal(uint32_t layer, const attend_batch& batch) noexcept override {
+    return attend(layer, batch);
+  }
+  bool runs_causal() const noexcept override {
+    return true;
+  }
   status flush() noexcept override;
   void prefetch(uint32_t layer, const attend_batch& batch) noexcept override;
   void on_sequence_freed(seq_id seq) noexcept override;

@@ -38,6 +38,9 @@ struct cache_options {
   // SparF (attend_sparse): keep a channel-indexed K copy and a V running mean per (sequence, layer).
   bool sparf = false;
   uint32_t sparf_channels_per_page = 0;  // 0: channel_layout's default for the page size
+  // The caller's threads: no internal pool, attention runs on the calling thread (n_threads is
+  // ignored). Spread a call over your threads with attend_slice / attend_chunk_slice.
+  bool caller_threads = false;
 };
 
 struct cache_stats {
@@ -94,6 +97,47 @@ class kv_cache {
   status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                        const sparf_params& params = {});
 
+  // ---- since C API 0.3 (kv_cache_ext.cpp) ----
+
+  // Append at an explicit position: `pos` must equal the layer's current length (a gap or an
+  // overlap is kInvalidArgument); otherwise as append.
+  status append_at(seq_id seq, uint32_t layer, uint64_t pos, uint32_t n_tokens, const void* k, const void* v,
+                   dtype src_dtype);
+  // New sequence sharing positions [0, pos) of src in every layer (pos <= every layer's length).
+  result<seq_id> fork_sequence_at(seq_id src, uint64_t pos);
+
+  // Causal chunk attention of one layer (prefill). Sequence b has n_rows[b] >= 1 query rows at
+  // positions[b] .. positions[b] + n_rows[b] - 1, whose K/V rows are already appended
+  // (positions[b] + n_rows[b] <= its length); row i attends tokens [0, positions[b] + i].
+  // q, out: [sum n_rows][n_q_heads][head_dim], sequences in batch order; lse: [sum n_rows][n_q_heads]
+  // or null. Each K/V page is read once per call and kv head, for all rows. Host and ssd run it
+  // (the one decode driver); other backends return kUnsupported.
+  status attend_chunk(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
+                      std::span<const uint32_t> n_rows, const float* q, float* out, float* lse);
+  // Whether this cache's backend runs attend_chunk (ask before appending a chunk's K/V).
+  bool supports_attend_chunk() const noexcept { return backend_->runs_causal(); }
+
+  // Slice ith of nth of attend / attend_chunk (llama.cpp's per-op ith/nth): the batch's sequences
+  // are cut into nth contiguous, near-equal ranges [b * ith / nth, b * (ith + 1) / nth); slice ith
+  // computes and writes only its sequences' rows (q, out, lse are the whole batch's). Together the
+  // nth slices write every output row exactly once, identical to one call. Slices of one cache
+  // are serialised by its mutex.
+  status attend_slice(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
+                      uint32_t ith, uint32_t nth);
+  status attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
+                            std::span<const uint32_t> n_rows, const float* q, float* out, float* lse, uint32_t ith,
+                            uint32_t nth);
+
+  // Sequence state: every layer's K/V of one sequence as a self-checking byte stream (magic,
+  // format version, shape, per-layer lengths, the stored rows, CRC32C). Load into a cache of the
+  // same shape on any backend: a new sequence is created; truncated or corrupt input is
+  // kCorruptData, a different shape kInvalidArgument, and on failure the cache is unchanged.
+  result<uint64_t> sequence_state_size(seq_id seq) const;
+  status save_sequence(seq_id seq, std::vector<std::byte>& out);
+  result<seq_id> load_sequence(std::span<const std::byte> state);
+  status save_sequence_file(seq_id seq, const std::string& path);
+  result<seq_id> load_sequence_file(const std::string& path);
+
   // Hint that `layer` of these sequences is attended next (storage backends start reads early).
   void prefetch(uint32_t layer, std::span<const seq_id> seqs);
 
@@ -135,7 +179,9 @@ class kv_cache {
   status fill_batch(uint32_t layer, std::span<const seq_id> seqs);
   attend_batch batch_view(const float* q, float* out, float* lse) const noexcept;
   // q itself, or a copy of it in q_copy_ when out or lse overlap it (in-place attention).
-  result<const float*> separate_query(size_t n_seq, const float* q, const float* out, const float* lse);
+  // q itself, or a copy of it when out or lse overlap its n_rows query rows.
+  result<const float*> separate_query(size_t n_rows, const float* q, const float* out, const float* lse);
+  status append_locked(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v, dtype src_dtype);
   status read_layer(const layer_table& t, uint32_t begin, uint32_t end, std::vector<std::byte>& k,
                     std::vector<std::byte>& v);
   status rebuild_layer(seq_id seq, uint32_t layer, const layer_table& t, uint32_t begin, uint32_t end,
@@ -152,8 +198,12 @@ class kv_cache {
   std::vector<uint32_t> refcount_;  // per chunk id
   std::vector<uint8_t> sealed_;     // per chunk id: was ever full
   std::vector<std::byte> convert_buffer_;
-  std::vector<float> q_copy_;   // attend's q when the caller's out or lse overlap it, grow-only
-  attend_batch_builder batch_;  // the CSR workspace of attend calls, grow-only
+  std::vector<float> q_copy_;         // attend's q when the caller's out or lse overlap it, grow-only
+  attend_batch_builder batch_;        // the CSR workspace of attend calls, grow-only
+  std::vector<uint32_t> row_indptr_;  // attend_chunk: query rows per sequence, CSR
+  std::vector<uint32_t> row_pos_;     // attend_chunk: first position per sequence
+  status attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
+                             std::span<const uint32_t> n_rows, const float* q, float* out, float* lse);
   sparf_counters sparf_totals_{};
 };
 

@@ -139,7 +139,10 @@ status host_backend::attend(uint32_t, const attend_batch& batch) noexcept {
       if (!valid_id(item.chunks[c])) return {errc::kInternal, "page table holds an invalid chunk id"};
       ptrs[c] = chunk_ptr(item.chunks[c]);
     }
-    work_[i] = decode_work{ptrs, static_cast<uint32_t>(item.chunks.size()), item.n_tokens, item.q, item.out, item.lse};
+    work_[i] = decode_work{ptrs,          static_cast<uint32_t>(item.chunks.size()),
+                           item.n_tokens, item.q,
+                           item.out,      item.lse,
+                           item.n_rows,   item.first_pos};
     next += item.chunks.size();
   }
   return decoder_->run(std::span<const decode_work>(work_.data(), batch.size()));

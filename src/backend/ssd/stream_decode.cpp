@@ -236,6 +236,8 @@ status stream_decode::configure(ssd_io& io, const group_buffers& buffers, const 
   options.kv_heads_per_item = 0;  // every kv head: one sweep per chunk
   auto driver = decode_driver::create(params, kernel.value(), options);
   if (!driver.ok()) return driver.error();
+  auto rows = select_decode_rows_kernel(best_cpu_isa(), params);
+  if (rows.ok()) driver.value()->set_rows_kernel(rows.value());
   driver_ = std::move(driver).value();
   const decode_plan_options plan{layout.tokens(),          layout.n_kv_heads,       options.n_threads,
                                  options.items_per_worker, options.min_item_tokens, options.kv_heads_per_item};
@@ -251,7 +253,8 @@ status stream_decode::attend(uint32_t layer, const attend_batch& batch) noexcept
   }
   for (uint32_t b = 0; b < batch.size(); ++b) {
     const attend_item& it = batch[b];
-    sequences_[b] = {static_cast<uint32_t>(it.chunks.size()), it.n_tokens, it.q, it.out, it.lse};
+    sequences_[b] = {
+        static_cast<uint32_t>(it.chunks.size()), it.n_tokens, it.q, it.out, it.lse, it.n_rows, it.first_pos};
   }
   ring_.bind(layer, &batch);
   status s = driver_->run(std::span<const decode_sequence>(sequences_.data(), batch.size()), ring_);

@@ -1,0 +1,379 @@
+// kv_cache calls added with C API 0.3: positions (append_at, fork_sequence_at), causal chunk
+// attention (attend_chunk), the caller's threads (attend_slice, attend_chunk_slice) and
+// sequence state (save / load).
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "instinfer/kv/kv_cache.hpp"
+#include "sparf/sparse_attender.hpp"
+
+namespace instinfer {
+
+namespace {
+
+constexpr uint32_t kMaxTokensPerLayer = 1u << 30;  // as kv_cache.cpp
+
+std::string seq_name(seq_id seq) {
+  return "sequence " + std::to_string(seq);
+}
+
+// ---- CRC32C (Castagnoli, reflected 0x82F63B78), table driven ---------------------------------
+
+constexpr std::array<uint32_t, 256> make_crc_table() {
+  std::array<uint32_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = (c & 1u) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    t[i] = c;
+  }
+  return t;
+}
+constexpr std::array<uint32_t, 256> kCrcTable = make_crc_table();
+
+uint32_t crc32c(const std::byte* data, size_t n, uint32_t crc = 0) noexcept {
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) crc = kCrcTable[(crc ^ static_cast<uint8_t>(data[i])) & 0xFFu] ^ (crc >> 8);
+  return ~crc;
+}
+// The standard check value: crc32c("123456789") = 0xE3069283.
+static_assert([] {
+  std::array<uint32_t, 256> t = make_crc_table();
+  uint32_t c = ~0u;
+  for (char ch : {'1', '2', '3', '4', '5', '6', '7', '8', '9'})
+    c = t[(c ^ static_cast<uint8_t>(ch)) & 0xFFu] ^ (c >> 8);
+  return ~c == 0xE3069283u;
+}());
+
+// ---- the state format (little endian) ----------------------------------------------------------
+//   magic "IIKVSEQ1" | u32 version | u32 header bytes | u32 n_layers, n_q_heads, n_kv_heads,
+//   head_dim, dtype | u32 length[n_layers] | per layer: K rows, then V rows, [n][n_kv_heads][head_dim]
+//   of the cache dtype | u32 crc32c of everything before it
+constexpr char kMagic[8] = {'I', 'I', 'K', 'V', 'S', 'E', 'Q', '1'};
+constexpr uint32_t kFormatVersion = 1;
+constexpr size_t kFixedHeader = sizeof kMagic + 7 * sizeof(uint32_t);
+
+void put_u32(std::byte* p, uint32_t v) noexcept {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>((v >> (8 * i)) & 0xFFu);
+}
+uint32_t get_u32(const std::byte* p) noexcept {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t{static_cast<uint8_t>(p[i])} << (8 * i);
+  return v;
+}
+
+status corrupt(const std::string& what) {
+  return {errc::kCorruptData, "sequence state: " + what};
+}
+
+}  // namespace
+
+// ---- positions -------------------------------------------------------------------------------
+
+status kv_cache::append_at(seq_id seq, uint32_t layer, uint64_t pos, uint32_t n_tokens, const void* k, const void* v,
+                           dtype src_dtype) {
+  std::lock_guard lock(mutex_);
+  INSTINFER_TRY(check_layer(layer));
+  auto found = find(seq);
+  if (!found.ok()) return found.error();
+  layer_table& t = found.value()->layers[layer];
+  if (pos != t.n_tokens)
+    return {errc::kInvalidArgument, "append_at: position " + std::to_string(pos) + " of " + seq_name(seq) + " layer " +
+                                        std::to_string(layer) + " is " + (pos > t.n_tokens ? "past" : "before") +
+                                        " its end (length " + std::to_string(t.n_tokens) +
+                                        "): appends must be contiguous"};
+  return append_locked(seq, layer, n_tokens, k, v, src_dtype);
+}
+
+result<seq_id> kv_cache::fork_sequence_at(seq_id src, uint64_t pos) {
+  {
+    std::lock_guard lock(mutex_);
+    auto found = find(src);
+    if (!found.ok()) return found.error();
+    for (uint32_t l = 0; l < found.value()->layers.size(); ++l)
+      if (pos > found.value()->layers[l].n_tokens)
+        return status{errc::kInvalidArgument, "fork at position " + std::to_string(pos) + ": layer " +
+                                                  std::to_string(l) + " of " + seq_name(src) + " holds only " +
+                                                  std::to_string(found.value()->layers[l].n_tokens) + " tokens"};
+  }
+  // The fork is an atomic snapshot, private until returned: check it again (src may have changed
+  // in between) and cut it to [0, pos).
+  auto forked = fork_sequence(src);
+  if (!forked.ok()) return forked.error();
+  const seq_id id = forked.value();
+  status s;
+  for (uint32_t l = 0; s.ok() && l < config_.shape.n_layers; ++l) {
+    auto n = length(id, l);
+    if (!n.ok()) {
+      s = n.error();
+    } else if (pos > n.value()) {
+      s = status{errc::kInvalidArgument,
+                 "fork at position " + std::to_string(pos) + ": " + seq_name(src) + " was truncated meanwhile"};
+    }
+  }
+  if (s.ok()) s = remove_range(id, pos, UINT64_MAX);
+  if (!s.ok()) {
+    (void)free_sequence(id);
+    return s;
+  }
+  return id;
+}
+
+// ---- causal chunk attention --------------------------------------------------------------------
+
+status kv_cache::attend_chunk(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
+                              std::span<const uint32_t> n_rows, const float* q, float* out, float* lse) {
+  std::lock_guard lock(mutex_);
+  return attend_chunk_locked(layer, seqs, positions, n_rows, q, out, lse);
+}
+
+status kv_cache::attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
+                                     std::span<const uint32_t> n_rows, const float* q, float* out, float* lse) {
+  INSTINFER_TRY(check_layer(layer));
+  if (seqs.empty()) return {errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
+  if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
+    return {errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
+  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  uint64_t total = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    auto found = find(seqs[b]);
+    if (!found.ok()) return found.error();
+    const uint32_t len = found.value()->layers[layer].n_tokens;
+    if (n_rows[b] == 0)
+      return {errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
+                                          ") has n_rows = 0; every sequence needs at least one query row"};
+    if (uint64_t{positions[b]} + n_rows[b] > len)
+      return {errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
+                                          ") has query rows at positions [" + std::to_string(positions[b]) + ", " +
+                                          std::to_string(uint64_t{positions[b]} + n_rows[b]) + ") but layer " +
+                                          std::to_string(layer) + " holds " + std::to_string(len) +
+                                          " tokens: append the chunk's K/V first (more queries than positions)"};
+    total += n_rows[b];
+  }
+  if (total > UINT32_MAX / 2) return {errc::kInvalidArgument, "attend_chunk: too many query rows"};
+  INSTINFER_TRY(fill_batch(layer, seqs));
+  try {
+    row_indptr_.assign(1, 0);
+    row_pos_.assign(positions.begin(), positions.end());
+    for (uint32_t n : n_rows) row_indptr_.push_back(row_indptr_.back() + n);
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "attend_chunk rows"};
+  }
+  // Like attend, an out or lse over q is allowed: q is copied first.
+  auto query = separate_query(total, q, out, lse);
+  if (!query.ok()) return query.error();
+  attend_batch batch = batch_view(query.value(), out, lse);
+  batch.row_indptr = row_indptr_.data();
+  batch.row_pos = row_pos_.data();
+  return backend_->attend_causal(layer, batch);
+}
+
+// ---- slices for the caller's threads ------------------------------------------------------------
+
+namespace {
+struct slice_range {
+  size_t begin = 0, end = 0;
+};
+result<slice_range> slice_of(size_t n, uint32_t ith, uint32_t nth) {
+  if (nth == 0 || ith >= nth)
+    return status{errc::kInvalidArgument,
+                  "slice ith " + std::to_string(ith) + " of nth " + std::to_string(nth) + ": need 0 <= ith < nth"};
+  return slice_range{n * ith / nth, n * (size_t{ith} + 1) / nth};
+}
+}  // namespace
+
+status kv_cache::attend_slice(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
+                              uint32_t ith, uint32_t nth) {
+  auto r = slice_of(seqs.size(), ith, nth);
+  if (!r.ok()) return r.error();
+  if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
+  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  if (r->begin == r->end) return {};  // more slices than sequences: nothing to do here
+  const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
+  return attend(layer, seqs.subspan(r->begin, r->end - r->begin), q + r->begin * row, out + r->begin * row,
+                lse ? lse + r->begin * config_.shape.n_q_heads : nullptr);
+}
+
+status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
+                                    std::span<const uint32_t> n_rows, const float* q, float* out, float* lse,
+                                    uint32_t ith, uint32_t nth) {
+  auto r = slice_of(seqs.size(), ith, nth);
+  if (!r.ok()) return r.error();
+  if (seqs.empty()) return {errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
+  if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
+    return {errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
+  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  if (r->begin == r->end) return {};
+  uint64_t first_row = 0;
+  for (size_t b = 0; b < r->begin; ++b) first_row += n_rows[b];
+  const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
+  const size_t n = r->end - r->begin;
+  std::lock_guard lock(mutex_);
+  return attend_chunk_locked(layer, seqs.subspan(r->begin, n), positions.subspan(r->begin, n),
+                             n_rows.subspan(r->begin, n), q + first_row * row, out + first_row * row,
+                             lse ? lse + first_row * config_.shape.n_q_heads : nullptr);
+}
+
+// ---- sequence state ------------------------------------------------------------------------------
+
+result<uint64_t> kv_cache::sequence_state_size(seq_id seq) const {
+  std::lock_guard lock(mutex_);
+  auto found = find(seq);
+  if (!found.ok()) return found.error();
+  const uint64_t row = uint64_t{config_.shape.n_kv_heads} * config_.page.row_bytes();
+  uint64_t bytes = kFixedHeader + 4ull * config_.shape.n_layers + 4;
+  for (const layer_table& t : found.value()->layers) bytes += 2 * row * t.n_tokens;
+  return bytes;
+}
+
+status kv_cache::save_sequence(seq_id seq, std::vector<std::byte>& out) {
+  auto size = sequence_state_size(seq);
+  if (!size.ok()) return size.error();
+  std::lock_guard lock(mutex_);
+  auto found = find(seq);
+  if (!found.ok()) return found.error();  // freed in between
+  const sequence& s = *found.value();
+  const uint64_t row = uint64_t{config_.shape.n_kv_heads} * config_.page.row_bytes();
+  uint64_t bytes = kFixedHeader + 4ull * config_.shape.n_layers + 4;
+  for (const layer_table& t : s.layers) bytes += 2 * row * t.n_tokens;
+  std::vector<std::byte> k, v;
+  try {
+    out.assign(bytes, std::byte{0});
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "sequence state of " + std::to_string(bytes) + " bytes"};
+  }
+  std::byte* p = out.data();
+  std::memcpy(p, kMagic, sizeof kMagic);
+  p += sizeof kMagic;
+  const uint32_t header = static_cast<uint32_t>(kFixedHeader + 4ull * config_.shape.n_layers);
+  for (uint32_t x : {kFormatVersion, header, config_.shape.n_layers, config_.shape.n_q_heads, config_.shape.n_kv_heads,
+                     config_.shape.head_dim, static_cast<uint32_t>(config_.shape.kv_dtype)}) {
+    put_u32(p, x);
+    p += 4;
+  }
+  for (const layer_table& t : s.layers) {
+    put_u32(p, t.n_tokens);
+    p += 4;
+  }
+  for (const layer_table& t : s.layers) {
+    if (t.n_tokens == 0) continue;
+    INSTINFER_TRY(read_layer(t, 0, t.n_tokens, k, v));
+    std::memcpy(p, k.data(), k.size());
+    p += k.size();
+    std::memcpy(p, v.data(), v.size());
+    p += v.size();
+  }
+  put_u32(p, crc32c(out.data(), static_cast<size_t>(p - out.data())));
+  return {};
+}
+
+result<seq_id> kv_cache::load_sequence(std::span<const std::byte> state) {
+  // Validate everything before touching the cache.
+  if (state.size() < kFixedHeader + 4)
+    return corrupt("truncated: " + std::to_string(state.size()) + " bytes is shorter than the header");
+  if (std::memcmp(state.data(), kMagic, sizeof kMagic) != 0)
+    return corrupt("bad magic (not an instinfer sequence state)");
+  const std::byte* p = state.data() + sizeof kMagic;
+  uint32_t f[7];
+  for (uint32_t& x : f) {
+    x = get_u32(p);
+    p += 4;
+  }
+  const uint32_t version = f[0], header = f[1];
+  if (version != kFormatVersion)
+    return corrupt("format version " + std::to_string(version) + ", this library reads " +
+                   std::to_string(kFormatVersion));
+  const uint32_t n_layers = f[2];
+  if (n_layers == 0 || n_layers > (1u << 20) || header != kFixedHeader + 4ull * n_layers)
+    return corrupt("inconsistent header (" + std::to_string(n_layers) + " layers, " + std::to_string(header) +
+                   " header bytes)");
+  if (state.size() < uint64_t{header} + 4) return corrupt("truncated inside the header");
+  const uint32_t stored_crc = get_u32(state.data() + state.size() - 4);
+  if (crc32c(state.data(), state.size() - 4) != stored_crc)
+    return corrupt("checksum mismatch (truncated or corrupted)");
+  const kv_shape& sh = config_.shape;
+  if (n_layers != sh.n_layers || f[3] != sh.n_q_heads || f[4] != sh.n_kv_heads || f[5] != sh.head_dim ||
+      f[6] != static_cast<uint32_t>(sh.kv_dtype))
+    return status{errc::kInvalidArgument,
+                  "sequence state: shape (layers " + std::to_string(n_layers) + ", q heads " + std::to_string(f[3]) +
+                      ", kv heads " + std::to_string(f[4]) + ", head_dim " + std::to_string(f[5]) + ", dtype " +
+                      std::to_string(f[6]) + ") differs from this cache's (layers " + std::to_string(sh.n_layers) +
+                      ", q heads " + std::to_string(sh.n_q_heads) + ", kv heads " + std::to_string(sh.n_kv_heads) +
+                      ", head_dim " + std::to_string(sh.head_dim) + ", dtype " +
+                      std::to_string(static_cast<uint32_t>(sh.kv_dtype)) + ")"};
+  const uint64_t row = uint64_t{sh.n_kv_heads} * config_.page.row_bytes();
+  std::vector<uint32_t> lengths(n_layers);
+  uint64_t payload = 0;
+  for (uint32_t l = 0; l < n_layers; ++l) {
+    lengths[l] = get_u32(p);
+    p += 4;
+    if (lengths[l] > kMaxTokensPerLayer) return corrupt("layer " + std::to_string(l) + " length out of range");
+    payload += 2 * row * lengths[l];
+  }
+  if (uint64_t{header} + payload + 4 != state.size())
+    return corrupt(std::to_string(state.size()) + " bytes, the header describes " +
+                   std::to_string(uint64_t{header} + payload + 4));
+
+  std::lock_guard lock(mutex_);
+  const seq_id id = next_seq_++;
+  sequence seq;
+  try {
+    seq.layers.resize(n_layers);
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "sequence table"};
+  }
+  const auto undo = [&](status s) -> result<seq_id> {
+    for (auto& t : seq.layers) release_table(t);
+    if (attender_) attender_->on_free(id);
+    backend_->on_sequence_freed(id);
+    return s;
+  };
+  for (uint32_t l = 0; l < n_layers; ++l) {
+    if (lengths[l] == 0) continue;
+    const uint64_t bytes = row * lengths[l];
+    status s = append_to_table(id, l, seq.layers[l], lengths[l], p, p + bytes);
+    if (!s.ok()) return undo(s);
+    p += 2 * bytes;
+  }
+  try {
+    sequences_.emplace(id, std::move(seq));
+  } catch (const std::bad_alloc&) {
+    return undo(status{errc::kOutOfMemory, "sequence table"});
+  }
+  return id;
+}
+
+status kv_cache::save_sequence_file(seq_id seq, const std::string& path) {
+  std::vector<std::byte> bytes;
+  INSTINFER_TRY(save_sequence(seq, bytes));
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) return {errc::kIoError, "cannot open '" + path + "' for writing: " + std::strerror(errno)};
+  const bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  const bool closed = std::fclose(f) == 0;
+  if (!ok || !closed) return {errc::kIoError, "cannot write '" + path + "'"};
+  return {};
+}
+
+result<seq_id> kv_cache::load_sequence_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return status{errc::kIoError, "cannot open '" + path + "': " + std::strerror(errno)};
+  std::vector<std::byte> bytes;
+  status s;
+  try {
+    std::byte buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) bytes.insert(bytes.end(), buf, buf + n);
+    if (std::ferror(f)) s = status{errc::kIoError, "cannot read '" + path + "'"};
+  } catch (const std::bad_alloc&) {
+    s = status{errc::kOutOfMemory, "reading '" + path + "'"};
+  }
+  std::fclose(f);
+  if (!s.ok()) return s;
+  return load_sequence(bytes);
+}
+
+}  // namespace instinfer
