@@ -43,7 +43,7 @@ std::vector<std::byte> random_rows(std::mt19937& rng, uint64_t n, const kv_shape
   std::normal_distribution<float> dist(0.0f, 1.0f);
   std::vector<float> f(n * s.n_kv_heads * s.head_dim);
   for (auto& x : f) x = dist(rng);
-  std::vector<std::byte> out(f.size() * dtype_size(s.kv_dtype));
+  std::vector<std::byte> out(dtype_row_bytes(s.kv_dtype, f.size()));
   convert_elements(f.data(), dtype::kF32, out.data(), s.kv_dtype, f.size());
   return out;
 }
@@ -109,7 +109,7 @@ int run(int argc, char** argv) {
         o.shape = shape;
         o.page_bytes = page;
         const uint64_t chunk_bytes = 2ull * shape.n_kv_heads * page;
-        const uint64_t tpp = page / (uint64_t{shape.head_dim} * dtype_size(shape.kv_dtype));
+        const uint64_t tpp = page / shape.row_bytes();
         const uint64_t chunks = batch * shape.n_layers * ((ctx + steps + tpp - 1) / tpp + 1);
         o.capacity_bytes = chunks * chunk_bytes;
         // Flash sized to the KV (plus room), so RAM flash stays proportional.

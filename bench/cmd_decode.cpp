@@ -5,13 +5,16 @@
 // times after a warm-up; the best run is reported next to a streaming read of a buffer of the
 // same size with the same thread count and the decoder's ISA (its widest loads), measured in the
 // same process right before: threads started outside the timed region, best of 7 passes. A
-// kernel/reference ratio above 1.02 is flagged ("weak_reference": true).
+// kernel/reference ratio above 1.02 is flagged ("weak_reference": true). Several dtypes
+// (--dtype f16,q8_0) get a pool each and are timed interleaved, repetition by repetition;
+// `vs_first_dtype` is each one's achieved bandwidth (stored bytes per second) over the first's.
 
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -67,6 +70,44 @@ void fill_random(std::byte* p, size_t bytes, dtype t, uint64_t seed) {
   }
 }
 
+// Quantized chunks: random integer bytes, then a finite f16 scale (~[2^-8, 2^-6)) at the start of
+// every block of every row (rows start at multiples of the row bytes in each page).
+void fill_random_quantized(std::byte* p, size_t n_chunks, const chunk_layout& cl, uint64_t seed) {
+  fill_random(p, n_chunks * cl.chunk_bytes(), dtype::kF16, seed);
+  const uint32_t blocks = cl.page.head_dim / kQuantBlock, bb = dtype_block_bytes(cl.page.kv_dtype);
+  uint64_t x = seed | 1;
+  for (size_t page = 0; page < n_chunks * cl.pages_per_chunk(); ++page)
+    for (uint32_t t = 0; t < cl.tokens(); ++t)
+      for (uint32_t b = 0; b < blocks; ++b) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        const uint16_t d = static_cast<uint16_t>(((7u + (x >> 60) % 2) << 10) | ((x >> 40) & 0x3ffu));
+        std::memcpy(p + page * cl.page.page_bytes + cl.page.offset(t) + b * bb, &d, 2);
+      }
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  size_t from = 0;
+  while (from <= s.size()) {
+    const size_t comma = std::min(s.find(',', from), s.size());
+    out.push_back(s.substr(from, comma - from));
+    from = comma + 1;
+  }
+  return out;
+}
+
+// One dtype's KV, batch and decoder for one (ctx, threads) point.
+struct dtype_run {
+  dtype t = dtype::kF16;
+  decode_params params;
+  std::unique_ptr<mapped_pool> pool;
+  std::vector<const std::byte*> chunk_ptrs;
+  std::vector<decode_work> work;
+  std::unique_ptr<host_decoder> dec;
+  uint64_t kv_bytes = 0;
+  double best = 1e30;
+};
+
 int run_decode(int argc, char** argv) {
   flags f(argc, argv);
   if (!f.ok()) {
@@ -87,16 +128,22 @@ int run_decode(int argc, char** argv) {
   if (f.has("help")) {
     std::printf(
         "usage: instinfer-bench decode [--ctx 32768,...] [--q-heads 32] [--kv-heads 8] [--head-dim 128]\n"
-        "       [--dtype f16|bf16|f32] [--threads 1,2] [--page-bytes 4096] [--batch 1] [--reps 10]\n"
-        "       [--isa best|scalar|avx2|avx512|neon] [--softcap 0]\n");
+        "       [--dtype f16|bf16|f32|q8_0|q4_0[,...]] [--threads 1,2] [--page-bytes 4096] [--batch 1]\n"
+        "       [--reps 10] [--isa best|scalar|avx2|avx512|neon] [--softcap 0]\n"
+        "  several dtypes (--dtype f16,q8_0) are measured interleaved: each repetition runs every\n"
+        "  dtype once, so a noisy machine disturbs them alike; bandwidth counts stored bytes.\n");
     return 0;
   }
   if (!f.finish()) return 2;
 
-  const auto kv_type = parse_dtype(dtype_str);
-  if (!kv_type) {
-    std::fprintf(stderr, "decode: unknown --dtype '%s' (f32, f16, bf16)\n", dtype_str.c_str());
-    return 2;
+  std::vector<dtype> kv_types;
+  for (const std::string& name : split_list(dtype_str)) {
+    const auto t = parse_dtype(name);
+    if (!t) {
+      std::fprintf(stderr, "decode: unknown --dtype '%s' (f32, f16, bf16, q8_0, q4_0)\n", name.c_str());
+      return 2;
+    }
+    kv_types.push_back(*t);
   }
   if (kv_heads == 0 || q_heads % kv_heads != 0 || batch == 0 || reps <= 0) {
     std::fprintf(stderr, "decode: need kv-heads >= 1 dividing q-heads, batch >= 1, reps >= 1\n");
@@ -112,89 +159,119 @@ int run_decode(int argc, char** argv) {
       return 2;
     }
   }
-  auto geo = page_geometry::make(page_bytes, head_dim, *kv_type);
-  if (!geo.ok()) {
-    std::fprintf(stderr, "decode: %s\n", geo.error().to_string().c_str());
-    return 2;
+  std::vector<decode_params> params_of;
+  for (dtype t : kv_types) {
+    auto geo = page_geometry::make(page_bytes, head_dim, t);
+    if (!geo.ok()) {
+      std::fprintf(stderr, "decode: %s\n", geo.error().to_string().c_str());
+      return 2;
+    }
+    decode_params params;
+    params.layout = chunk_layout::make(geo.value(), kv_heads);
+    params.group_size = q_heads / kv_heads;
+    params.softcap = static_cast<float>(softcap);
+    params_of.push_back(params);
   }
-  decode_params params;
-  params.layout = chunk_layout::make(geo.value(), kv_heads);
-  params.group_size = q_heads / kv_heads;
-  params.softcap = static_cast<float>(softcap);
 
-  const uint32_t tpp = params.layout.tokens();
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> q(size_t{batch} * q_heads * head_dim), out(q.size()), lse(size_t{batch} * q_heads);
+  for (float& x : q) x = u(rng);
   for (uint64_t ctx : ctxs) {
     if (ctx == 0) {
       std::fprintf(stderr, "decode: --ctx must be >= 1\n");
       return 2;
     }
-    const uint32_t n_chunks = static_cast<uint32_t>((ctx + tpp - 1) / tpp);
-    const size_t seq_bytes = size_t{n_chunks} * params.layout.chunk_bytes();
-    mapped_pool pool(seq_bytes * batch);
-    if (!pool.ok()) {
-      std::fprintf(stderr, "decode: cannot map %zu bytes of KV\n", seq_bytes * batch);
-      return 1;
+    std::vector<dtype_run> runs(kv_types.size());
+    for (size_t i = 0; i < kv_types.size(); ++i) {
+      dtype_run& r = runs[i];
+      r.t = kv_types[i];
+      r.params = params_of[i];
+      const chunk_layout& cl = r.params.layout;
+      const uint32_t tpp = cl.tokens();
+      const uint32_t n_chunks = static_cast<uint32_t>((ctx + tpp - 1) / tpp);
+      const size_t seq_bytes = size_t{n_chunks} * cl.chunk_bytes();
+      r.pool = std::make_unique<mapped_pool>(seq_bytes * batch);
+      if (!r.pool->ok()) {
+        std::fprintf(stderr, "decode: cannot map %zu bytes of KV\n", seq_bytes * batch);
+        return 1;
+      }
+      const uint64_t seed = 0x9e3779b97f4a7c15ull ^ ctx;
+      if (is_quantized(r.t))
+        fill_random_quantized(r.pool->data(), size_t{n_chunks} * batch, cl, seed);
+      else
+        fill_random(r.pool->data(), r.pool->bytes, r.t, seed);
+      r.chunk_ptrs.resize(size_t{n_chunks} * batch);
+      for (size_t c = 0; c < r.chunk_ptrs.size(); ++c) r.chunk_ptrs[c] = r.pool->data() + c * cl.chunk_bytes();
+      r.work.resize(batch);
+      for (uint32_t s = 0; s < batch; ++s)
+        r.work[s] = {r.chunk_ptrs.data() + size_t{s} * n_chunks,
+                     n_chunks,
+                     static_cast<uint32_t>(ctx),
+                     q.data() + size_t{s} * q_heads * head_dim,
+                     out.data() + size_t{s} * q_heads * head_dim,
+                     lse.data() + size_t{s} * q_heads};
+      // Bytes the kernel must read: K and V rows of every valid token as stored (a page's padding
+      // and the last page's unused rows excluded).
+      r.kv_bytes = uint64_t{batch} * ctx * kv_heads * 2 * cl.page.row_bytes();
     }
-    fill_random(pool.data(), pool.bytes, *kv_type, 0x9e3779b97f4a7c15ull ^ ctx);
-    std::vector<const std::byte*> chunk_ptrs(size_t{n_chunks} * batch);
-    for (size_t i = 0; i < chunk_ptrs.size(); ++i) chunk_ptrs[i] = pool.data() + i * params.layout.chunk_bytes();
-    std::mt19937 rng(7);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    std::vector<float> q(size_t{batch} * q_heads * head_dim), out(q.size()), lse(size_t{batch} * q_heads);
-    for (float& x : q) x = u(rng);
-    std::vector<decode_work> work(batch);
-    for (uint32_t s = 0; s < batch; ++s)
-      work[s] = {chunk_ptrs.data() + size_t{s} * n_chunks,
-                 n_chunks,
-                 static_cast<uint32_t>(ctx),
-                 q.data() + size_t{s} * q_heads * head_dim,
-                 out.data() + size_t{s} * q_heads * head_dim,
-                 lse.data() + size_t{s} * q_heads};
-    // Bytes the kernel must read: K and V of every valid token (the last page's padding excluded).
-    const uint64_t kv_bytes = uint64_t{batch} * ctx * kv_heads * 2 * params.layout.page.row_bytes();
 
     for (uint64_t threads : thread_list) {
-      auto dec = host_decoder::create(params, static_cast<uint32_t>(threads), isa);
-      if (!dec.ok()) {
-        std::fprintf(stderr, "decode: %s\n", dec.error().to_string().c_str());
-        return 1;
+      uint64_t largest = 0;
+      for (dtype_run& r : runs) {
+        auto dec = host_decoder::create(r.params, static_cast<uint32_t>(threads), isa);
+        if (!dec.ok()) {
+          std::fprintf(stderr, "decode: %s\n", dec.error().to_string().c_str());
+          return 1;
+        }
+        r.dec = std::move(dec).value();
+        r.best = 1e30;
+        largest = std::max(largest, r.kv_bytes);
+        const status s = r.dec->run(r.work);  // warm-up: workspace, page faults, caches
+        if (!s.ok()) {
+          std::fprintf(stderr, "decode: %s\n", s.to_string().c_str());
+          return 1;
+        }
       }
-      const double machine = measure_memory_read_gbps(kv_bytes, static_cast<uint32_t>(threads), (*dec)->isa());
-      status s = (*dec)->run(work);  // warm-up: workspace, page faults, caches
-      if (!s.ok()) {
-        std::fprintf(stderr, "decode: %s\n", s.to_string().c_str());
-        return 1;
+      const double machine = measure_memory_read_gbps(largest, static_cast<uint32_t>(threads), runs[0].dec->isa());
+      for (int rep = 0; rep < reps; ++rep)
+        for (dtype_run& r : runs) {  // interleaved: every dtype once per repetition
+          const double t0 = now_seconds();
+          const status s = r.dec->run(r.work);
+          if (!s.ok()) {
+            std::fprintf(stderr, "decode: %s\n", s.to_string().c_str());
+            return 1;
+          }
+          r.best = std::min(r.best, now_seconds() - t0);
+        }
+      for (const dtype_run& r : runs) {
+        const double achieved = static_cast<double>(r.kv_bytes) / r.best / 1e9;
+        const double first = static_cast<double>(runs[0].kv_bytes) / runs[0].best / 1e9;
+        json_line()
+            .add("backend", "host")
+            .add("ctx", ctx)
+            .add("dtype", dtype_name(r.t))
+            .add("q_heads", q_heads)
+            .add("kv_heads", kv_heads)
+            .add("head_dim", head_dim)
+            .add("threads", threads)
+            .add("kv_bytes", r.kv_bytes)
+            .add("seconds", r.best)
+            .add("achieved_gbps", achieved)
+            .add("machine_read_gbps", machine)
+            .add("ratio", machine > 0 ? achieved / machine : 0.0)
+            // A kernel faster than its reference means the reference did not reach the machine's
+            // read bandwidth: the ratio is then no measure of the kernel.
+            .add("weak_reference", machine > 0 && achieved / machine > 1.02)
+            .add("vs_first_dtype", achieved / first)
+            .add("isa", cpu_isa_name(r.dec->isa()))
+            .add("page_bytes", page_bytes)
+            .add("tokens_per_page", r.params.layout.tokens())
+            .add("batch", batch)
+            .add("reps", reps)
+            .add("softcap", softcap)
+            .print();
       }
-      double best = 1e30;
-      for (int r = 0; r < reps; ++r) {
-        const double t0 = now_seconds();
-        s = (*dec)->run(work);
-        best = std::min(best, now_seconds() - t0);
-      }
-      const double achieved = static_cast<double>(kv_bytes) / best / 1e9;
-      json_line()
-          .add("backend", "host")
-          .add("ctx", ctx)
-          .add("dtype", dtype_name(*kv_type))
-          .add("q_heads", q_heads)
-          .add("kv_heads", kv_heads)
-          .add("head_dim", head_dim)
-          .add("threads", threads)
-          .add("kv_bytes", kv_bytes)
-          .add("seconds", best)
-          .add("achieved_gbps", achieved)
-          .add("machine_read_gbps", machine)
-          .add("ratio", machine > 0 ? achieved / machine : 0.0)
-          // A kernel faster than its reference means the reference did not reach the machine's
-          // read bandwidth: the ratio is then no measure of the kernel.
-          .add("weak_reference", machine > 0 && achieved / machine > 1.02)
-          .add("isa", cpu_isa_name((*dec)->isa()))
-          .add("page_bytes", page_bytes)
-          .add("tokens_per_page", tpp)
-          .add("batch", batch)
-          .add("reps", reps)
-          .add("softcap", softcap)
-          .print();
     }
   }
   return 0;

@@ -107,7 +107,7 @@ int run(int argc, char** argv) {
   if (!fl.finish() || !dt || batch == 0 || layers == 0 || reps <= 0) {
     std::fprintf(stderr,
                  "usage: instinfer-bench ssd-decode [--path FILE] [--ctx 65536,524288] [--batch 1] [--layers 2]\n"
-                 "  [--q-heads 32] [--kv-heads 8] [--head-dim 128] [--dtype f16] [--page-bytes 0 (probe)]\n"
+                 "  [--q-heads 32] [--kv-heads 8] [--head-dim 128] [--dtype f16|q8_0|...] [--page-bytes 0 (probe)]\n"
                  "  [--queue-depth 32] [--staging 8M] [--request 256K] [--pairs 21] [--options 'k=v&k=v']\n");
     return 2;
   }
@@ -133,7 +133,8 @@ int run(int argc, char** argv) {
     const uint32_t block = 1024;
     std::vector<std::byte> k(uint64_t{block} * token_bytes / 2), v(k.size());
     std::mt19937_64 rng(42);
-    for (auto& x : k) x = static_cast<std::byte>(rng() & 0x3f);  // small finite f16/bf16/f32 patterns
+    // Small finite patterns of every dtype (a q8_0 / q4_0 block's f16 scale included).
+    for (auto& x : k) x = static_cast<std::byte>(rng() & 0x3f);
     for (auto& x : v) x = static_cast<std::byte>(rng() & 0x3f);
     for (uint32_t b = 0; b < batch; ++b) {
       auto s = cache.create_sequence();

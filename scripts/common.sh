@@ -7,7 +7,7 @@ export CCACHE_BASEDIR="$ROOT"
 
 # Debian 12 packages the build and tests need (no vendored code, nothing downloaded at build time).
 INSTINFER_PACKAGES=(cmake g++ make pkg-config ccache liburing-dev libnvme-dev libjson-c-dev libxsimd-dev doctest-dev
-  libbenchmark-dev python3 python3-pip python3-venv fio gnuplot-nox qemu-user-static g++-aarch64-linux-gnu
+  libbenchmark-dev python3 python3-numpy python3-pip python3-venv fio gnuplot-nox qemu-user-static g++-aarch64-linux-gnu
   clang libclang-rt-14-dev clang-format binutils)
 
 install_deps() {

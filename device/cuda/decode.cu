@@ -29,6 +29,20 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool f
   const int src_bytes = full ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
 }
+// 4-byte copy through L1 (.cg takes 16 bytes only): quantized rows that are no multiple of 16 bytes.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool full) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = full ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+template <uint32_t Bytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool full) {
+  static_assert(Bytes == 16 || Bytes == 4);
+  if constexpr (Bytes == 16)
+    cp_async_16(smem, gmem, full);
+  else
+    cp_async_4(smem, gmem, full);
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -37,7 +51,7 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
 
-// ---- 16 bytes of KV elements -> floats --------------------------------------------------------
+// ---- 16 bytes of KV elements -> floats (quantized rows: decode_math.hpp's dequantize8) ----------
 
 template <dtype DT>
 struct kv_elem;
@@ -115,7 +129,7 @@ __device__ __forceinline__ uint32_t sequence_tokens(const kernel_params& p, uint
 // tested on the CPU.
 template <uint32_t HeadDim, dtype DT, uint32_t G>
 __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kernel_params p) {
-  using tr = decode_traits<HeadDim, kv_elem<DT>::kBytes, G>;
+  using tr = traits_for<HeadDim, DT, G>;
   constexpr uint32_t T = tr::kTileTokens;
   constexpr uint32_t E = tr::kElemsPerLane;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -162,23 +176,33 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
     const uint32_t t0 = tok_begin + tile * T;
     constexpr uint32_t kHalf = tr::kCopiesPerStage / 2;
     INSTINFER_UNROLL
-    for (uint32_t i = 0; i < tr::kCopiesPerStage / tr::kThreads; ++i) {
+    for (uint32_t i = 0; i < tr::kCopyRounds; ++i) {
       const uint32_t c = i * tr::kThreads + tid;
-      const uint32_t kind = c / kHalf;  // 0: K, 1: V
+      if (tr::kCopiesPerStage % tr::kThreads != 0 && c >= tr::kCopiesPerStage) break;  // quantized rows only
+      const uint32_t kind = c / kHalf;                                                 // 0: K, 1: V
       const uint32_t cc = c % kHalf;
-      const uint32_t r = cc / tr::kVecsPerRow;
-      const uint32_t col = cc % tr::kVecsPerRow;
+      const uint32_t r = cc / tr::kCopiesPerRow;
+      const uint32_t col = cc % tr::kCopiesPerRow;
       const uint32_t token = t0 + r;
       const bool valid = token < tok_end;
       const std::byte* src = p.pool;
       if (valid) {
-        const uint32_t chunk = p.indices[chunk_begin + (token >> p.log2_tpp)];
+        // Dense pages hold a power of two of tokens; quantized ones floor(page / row).
+        uint32_t in_seq, row;
+        if constexpr (is_quantized(DT)) {
+          in_seq = token / p.tokens_per_page;
+          row = token - in_seq * p.tokens_per_page;
+        } else {
+          in_seq = token >> p.log2_tpp;
+          row = token & ((1u << p.log2_tpp) - 1u);
+        }
+        const uint32_t chunk = p.indices[chunk_begin + in_seq];
         src = p.pool +
-              kv_row_offset(chunk, p.chunk_bytes, p.page_bytes, p.n_kv_heads, kind, kv_head, token, p.log2_tpp,
-                            tr::kRowBytes) +
-              col * 16;
+              kv_page_row_offset(chunk, p.chunk_bytes, p.page_bytes, p.n_kv_heads, kind, kv_head, row, tr::kRowBytes) +
+              col * tr::kCopyBytes;
       }
-      cp_async_16(base + kind * (T * tr::kRowBytes) + r * tr::kRowBytes + col * 16, src, valid);
+      cp_async<tr::kCopyBytes>(base + kind * (T * tr::kRowBytes) + r * tr::kRowBytes + col * tr::kCopyBytes, src,
+                               valid);
     }
   };
 
@@ -206,9 +230,14 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
       float k[E];
       INSTINFER_UNROLL
       for (uint32_t v = 0; v < tr::kVecsPerLane; ++v) {
-        const uint32_t byte = r * tr::kRowBytes + tr::lane_elem(lane, v) * kv_elem<DT>::kBytes;
-        kv_elem<DT>::to_float(*reinterpret_cast<const uint4*>(kt + byte), &k[v * tr::kVecElems]);
-        kv_elem<DT>::to_float(*reinterpret_cast<const uint4*>(vt + byte), &vv[j][v * tr::kVecElems]);
+        if constexpr (is_quantized(DT)) {  // dequantized in registers from the staged blocks
+          dequantize8<DT>(kt + r * tr::kRowBytes, tr::lane_elem(lane, v), &k[v * tr::kVecElems]);
+          dequantize8<DT>(vt + r * tr::kRowBytes, tr::lane_elem(lane, v), &vv[j][v * tr::kVecElems]);
+        } else {
+          const uint32_t byte = r * tr::kRowBytes + tr::lane_elem(lane, v) * kv_elem<DT>::kBytes;
+          kv_elem<DT>::to_float(*reinterpret_cast<const uint4*>(kt + byte), &k[v * tr::kVecElems]);
+          kv_elem<DT>::to_float(*reinterpret_cast<const uint4*>(vt + byte), &vv[j][v * tr::kVecElems]);
+        }
       }
       INSTINFER_UNROLL
       for (uint32_t g = 0; g < G; ++g) {
@@ -315,8 +344,10 @@ status dispatch_decode(uint32_t head_dim, dtype t, uint32_t group_tile, F&& f) {
       case dtype::kF32: return by_group.template operator()<D, dtype::kF32>();
       case dtype::kF16: return by_group.template operator()<D, dtype::kF16>();
       case dtype::kBF16: return by_group.template operator()<D, dtype::kBF16>();
+      case dtype::kQ8_0: return by_group.template operator()<D, dtype::kQ8_0>();
+      case dtype::kQ4_0: return by_group.template operator()<D, dtype::kQ4_0>();
     }
-    return {errc::kUnsupported, "CUDA decode: unknown KV dtype"};
+    return {errc::kUnsupported, "CUDA decode: no kernel for KV dtype " + std::string(dtype_name(t))};
   };
   switch (head_dim) {
     case 64: return by_dtype.template operator()<64>();
@@ -337,7 +368,7 @@ status opt_in_shared_memory() {
   if (const cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return cuda_status(e, "cudaGetDevice");
   const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
   if (bit != 0 && (done_mask.load(std::memory_order_relaxed) & bit) != 0) return {};
-  using tr = decode_traits<D, kv_elem<DT>::kBytes, G>;
+  using tr = traits_for<D, DT, G>;
   if (const cudaError_t e = cudaFuncSetAttribute(paged_decode_kernel<D, DT, G>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, tr::kSmemBytes);
       e != cudaSuccess) {
@@ -355,7 +386,7 @@ int resident_blocks_per_sm() {
   static std::atomic<int> cached{0};
   int n = cached.load(std::memory_order_relaxed);
   if (n > 0) return n;
-  using tr = decode_traits<D, kv_elem<DT>::kBytes, G>;
+  using tr = traits_for<D, DT, G>;
   if constexpr (tr::kSmemBytes > kSmemOptInBytes) {
     if (!opt_in_shared_memory<D, DT, G>().ok()) return 2;
   }
@@ -406,9 +437,9 @@ result<decode_plan> plan_decode(const paged_kv_desc& kv, uint32_t group_size, ui
                                 int device) {
   if (kv.n_kv_heads == 0 || group_size == 0)
     return status{errc::kInvalidArgument, "CUDA decode: n_kv_heads and group_size must be positive"};
-  if (kv.tokens_per_page == 0 || (kv.tokens_per_page & (kv.tokens_per_page - 1)) != 0)
-    return status{errc::kInvalidArgument,
-                  "CUDA decode: tokens_per_page must be a power of two, got " + std::to_string(kv.tokens_per_page)};
+  if (kv.tokens_per_page == 0 || (!is_quantized(kv.kv_dtype) && (kv.tokens_per_page & (kv.tokens_per_page - 1)) != 0))
+    return status{errc::kInvalidArgument, "CUDA decode: tokens_per_page must be a power of two (dense dtypes), got " +
+                                              std::to_string(kv.tokens_per_page)};
   if (batch > 65535) return status{errc::kInvalidArgument, "CUDA decode: batch is limited to 65535 sequences"};
   const uint32_t group_tile = group_tile_for(group_size);
   if (uint64_t{kv.n_kv_heads} * (group_size / group_tile) > 65535)
@@ -419,7 +450,7 @@ result<decode_plan> plan_decode(const paged_kv_desc& kv, uint32_t group_size, ui
   decode_plan plan;
   plan.group_tile = group_tile;
   const status s = dispatch_decode(kv.head_dim, kv.kv_dtype, group_tile, [&]<uint32_t D, dtype DT, uint32_t G>() {
-    using tr = decode_traits<D, kv_elem<DT>::kBytes, G>;
+    using tr = traits_for<D, DT, G>;
     plan.tile_tokens = tr::kTileTokens;
     const uint64_t base = uint64_t{batch} * kv.n_kv_heads * (group_size / G);
     const uint64_t target = uint64_t(sms) * uint64_t(resident_blocks_per_sm<D, DT, G>());
@@ -466,7 +497,7 @@ status launch_decode(const decode_launch& a, const decode_plan& plan, void* work
   }
   const dim3 grid(plan.split.max_splits, a.kv.n_kv_heads * p.q_tiles, a.table.batch);
   status s = dispatch_decode(a.kv.head_dim, a.kv.kv_dtype, plan.group_tile, [&]<uint32_t D, dtype DT, uint32_t G>() {
-    using tr = decode_traits<D, kv_elem<DT>::kBytes, G>;
+    using tr = traits_for<D, DT, G>;
     if constexpr (tr::kSmemBytes > kSmemOptInBytes) {
       const status opt = opt_in_shared_memory<D, DT, G>();
       if (!opt.ok()) return opt;

@@ -68,7 +68,8 @@ void usage(FILE* out) {
                "  --top-p P           nucleus sampling mass (default 1)\n"
                "  --seed N            sampling seed (default 42)\n"
                "  --kv URI            KV cache backend: host | ssd:PATH | csd:PATH | cuda:N (default host)\n"
-               "  --kv-dtype T        f16 | bf16 | f32 (default f16)\n"
+               "  --kv-dtype T        f16 | bf16 | f32 | q8_0 | q4_0 (default f16; q8_0 / q4_0: ggml's\n"
+               "                      block formats, quantized as the KV is appended)\n"
                "  --page-bytes N      KV page size (default: the backend's)\n"
                "  --threads N         compute threads (default: all cores)\n"
                "  --chunk N           prefill chunk / most tokens per forward call (default 32)\n"
@@ -328,7 +329,7 @@ int main(int argc, char** argv) {
     } else if (a == "--kv")
       o.kv = need("a backend URI");
     else if (a == "--kv-dtype") {
-      const char* v = need("f16, bf16 or f32");
+      const char* v = need("f16, bf16, f32, q8_0 or q4_0");
       auto d = parse_dtype(v);
       if (!d) bad(v);
       o.kv_dtype = *d;

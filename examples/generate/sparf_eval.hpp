@@ -74,7 +74,7 @@ inline result<captured_attention> capture(kv_cache& cache, seq_id seq, uint32_t 
   c.layer = layer;
   INSTINFER_TRY(cache.read_tokens(seq, layer, c.k, c.v));
   const kv_shape& s = cache.shape();
-  const size_t row = size_t{s.n_kv_heads} * s.head_dim * dtype_size(s.kv_dtype);
+  const size_t row = size_t{s.n_kv_heads} * s.row_bytes();
   if (row == 0 || c.k.size() % row != 0 || c.v.size() != c.k.size())
     return status{errc::kInternal, "capture: read_tokens returned an unexpected size"};
   c.n_tokens = static_cast<uint32_t>(c.k.size() / row);
@@ -163,11 +163,11 @@ struct stored_rows {
 inline result<stored_rows> store(const captured_attention& c, const kv_shape& s, const sparf_config& cfg,
                                  uint32_t replicate) {
   const uint32_t H = s.n_kv_heads, d = s.head_dim, n = c.n_tokens;
-  const uint32_t es = dtype_size(s.kv_dtype), tpp = cfg.tokens.page.tokens_per_page;
+  const uint32_t tpp = cfg.tokens.page.tokens_per_page;
   const uint32_t Hr = H * replicate;
   if (cfg.n_kv_heads() != Hr || cfg.head_dim() != d || cfg.tokens.page.kv_dtype != s.kv_dtype)
     return status{errc::kInvalidArgument, "store: the SparF configuration does not match the captured rows"};
-  const size_t row = size_t{d} * es;
+  const size_t row = s.row_bytes();
   std::vector<std::byte> k, v;
   const std::vector<std::byte>* kr = &c.k;
   const std::vector<std::byte>* vr = &c.v;

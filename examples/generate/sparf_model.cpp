@@ -65,7 +65,7 @@ void usage(FILE* out) {
       "  --steps N             decode steps whose attention is captured (default 4)\n"
       "  --gen-tokens N        greedy tokens compared end to end (default 32; 0: skip)\n"
       "  --compression LIST    comma-separated, each in (0, 1], as 0.125 or 1/8 (default 1,1/2,1/4,1/8,1/16)\n"
-      "  --kv-dtype T          f16 | bf16 | f32 (default f16)\n"
+      "  --kv-dtype T          f16 | bf16 | f32 | q8_0 | q4_0 (default f16)\n"
       "  --page-bytes N        KV page size (default: the host backend's)\n"
       "  --threads N           compute threads (default: all cores)\n"
       "  --page-spread X       token pages that may be read, x the fewest holding k tokens (default 2; 0: no limit)\n"

@@ -51,7 +51,11 @@ enum {
 typedef enum instinfer_dtype {
   INSTINFER_DTYPE_F32 = 0,
   INSTINFER_DTYPE_F16 = 1,
-  INSTINFER_DTYPE_BF16 = 2
+  INSTINFER_DTYPE_BF16 = 2,
+  /* ggml's block formats, 32 values per block (head_dim a multiple of 32): kv_dtype only, or
+   * rows already in the cache's kv_dtype. */
+  INSTINFER_DTYPE_Q8_0 = 3, /* f16 scale + 32 x int8: 34 bytes per block */
+  INSTINFER_DTYPE_Q4_0 = 4  /* f16 scale + 32 x 4 bits: 18 bytes per block */
 } instinfer_dtype;
 
 typedef struct instinfer_cache instinfer_cache;
@@ -154,7 +158,8 @@ instinfer_status instinfer_seq_length(instinfer_cache* cache, instinfer_seq seq,
                                       uint64_t* out_n_tokens);
 
 /* Appends n_tokens K and V rows of one layer, [n_tokens][n_kv_heads][head_dim] of src_dtype
- * (F32, converted to the cache dtype, or exactly the cache dtype). */
+ * (F32, converted to the cache dtype; F16 or BF16 into a Q8_0 / Q4_0 cache, quantized; or
+ * exactly the cache dtype). */
 instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uint32_t layer, uint32_t n_tokens,
                                   const void* k, const void* v, instinfer_dtype src_dtype);
 

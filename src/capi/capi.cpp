@@ -62,6 +62,16 @@ int raw_dtype(const instinfer_dtype& t) noexcept {
   return v;
 }
 
+// The C enum mirrors instinfer::dtype value for value (new dtypes are appended to both).
+static_assert(INSTINFER_DTYPE_F32 == static_cast<int>(instinfer::dtype::kF32) &&
+              INSTINFER_DTYPE_F16 == static_cast<int>(instinfer::dtype::kF16) &&
+              INSTINFER_DTYPE_BF16 == static_cast<int>(instinfer::dtype::kBF16) &&
+              INSTINFER_DTYPE_Q8_0 == static_cast<int>(instinfer::dtype::kQ8_0) &&
+              INSTINFER_DTYPE_Q4_0 == static_cast<int>(instinfer::dtype::kQ4_0));
+bool is_dtype(int v) noexcept {
+  return v >= 0 && v <= INSTINFER_DTYPE_Q4_0 && instinfer::is_valid_dtype(static_cast<instinfer::dtype>(v));
+}
+
 #define CHECK_CACHE(cache) \
   if (!(cache) || !(cache)->cache) return fail(errc::kInvalidArgument, "cache is NULL")
 
@@ -120,7 +130,7 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
       return fail(errc::kInvalidArgument, "config->caller_threads must be 0 or 1");
     if (has_sparf && config->sparf > 1) return fail(errc::kInvalidArgument, "config->sparf must be 0 or 1");
     const int dt = raw_dtype(config->kv_dtype);
-    if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "kv_dtype " + std::to_string(dt) + " is not a dtype");
+    if (!is_dtype(dt)) return fail(errc::kInvalidArgument, "kv_dtype " + std::to_string(dt) + " is not a dtype");
     instinfer::cache_options o;
     o.shape = {config->n_layers, config->n_q_heads, config->n_kv_heads, config->head_dim,
                static_cast<instinfer::dtype>(dt)};
@@ -243,7 +253,7 @@ instinfer_status instinfer_append(instinfer_cache* cache, instinfer_seq seq, uin
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     const int dt = raw_dtype(src_dtype);
-    if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
+    if (!is_dtype(dt)) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
     return report(cache->cache->append(seq, layer, n_tokens, k, v, static_cast<instinfer::dtype>(dt)));
   });
 }

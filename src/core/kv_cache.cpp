@@ -373,10 +373,11 @@ status kv_cache::append_locked(seq_id seq, uint32_t layer, uint32_t n_tokens, co
   if (n_tokens == 0) return {errc::kInvalidArgument, "n_tokens must be > 0"};
   if (!k || !v) return {errc::kInvalidArgument, "K and V rows must not be null"};
   if (!is_valid_dtype(src_dtype)) return {errc::kInvalidArgument, "unknown source dtype"};
-  if (src_dtype != config_.shape.kv_dtype && src_dtype != dtype::kF32)
-    return {errc::kUnsupported, "rows must be f32 or the cache dtype (" +
-                                    std::string(dtype_name(config_.shape.kv_dtype)) + "), got " +
-                                    std::string(dtype_name(src_dtype))};
+  if (!is_convertible(src_dtype, config_.shape.kv_dtype))
+    return {errc::kUnsupported, "rows must be f32" +
+                                    std::string(is_quantized(config_.shape.kv_dtype) ? ", f16, bf16" : "") +
+                                    " or the cache dtype (" + std::string(dtype_name(config_.shape.kv_dtype)) +
+                                    "), got " + std::string(dtype_name(src_dtype))};
   layer_table& t = found.value()->layers[layer];
   if (n_tokens > kMaxTokensPerLayer || t.n_tokens > kMaxTokensPerLayer - n_tokens)
     return {errc::kInvalidArgument, "a layer may hold at most " + std::to_string(kMaxTokensPerLayer) + " tokens"};
@@ -385,22 +386,37 @@ status kv_cache::append_locked(seq_id seq, uint32_t layer, uint32_t n_tokens, co
   // succeed must not read n_tokens rows (the caller's buffers may be shorter than claimed).
   INSTINFER_TRY(check_free_chunks(t, n_tokens));
 
-  const auto* kb = static_cast<const std::byte*>(k);
-  const auto* vb = static_cast<const std::byte*>(v);
-  if (src_dtype != config_.shape.kv_dtype) {
-    const size_t elems = size_t{n_tokens} * config_.shape.n_kv_heads * config_.shape.head_dim;
-    const size_t bytes = elems * dtype_size(config_.shape.kv_dtype);
-    try {
-      if (convert_buffer_.size() < 2 * bytes) convert_buffer_.resize(2 * bytes);
-    } catch (const std::bad_alloc&) {
-      return {errc::kOutOfMemory, "conversion buffer"};
-    }
-    convert_elements(k, src_dtype, convert_buffer_.data(), config_.shape.kv_dtype, elems);
-    convert_elements(v, src_dtype, convert_buffer_.data() + bytes, config_.shape.kv_dtype, elems);
-    kb = convert_buffer_.data();
-    vb = convert_buffer_.data() + bytes;
-  }
+  const std::byte* kb = nullptr;
+  const std::byte* vb = nullptr;
+  INSTINFER_TRY(convert_rows(n_tokens, k, v, src_dtype, kb, vb));
   return append_to_table(seq, layer, t, n_tokens, kb, vb);
+}
+
+// The conversion step of append: rows of src_dtype as the cache stores them (kb, vb point at k, v
+// when they are in the cache dtype, else into convert_buffer_). Quantizing refuses a block with
+// a non-finite value or one too large for the format's f16 scale (ggml would store garbage).
+status kv_cache::convert_rows(uint32_t n_tokens, const void* k, const void* v, dtype src_dtype, const std::byte*& kb,
+                              const std::byte*& vb) {
+  kb = static_cast<const std::byte*>(k);
+  vb = static_cast<const std::byte*>(v);
+  const dtype to = config_.shape.kv_dtype;
+  if (src_dtype == to) return {};
+  const size_t elems = size_t{n_tokens} * config_.shape.n_kv_heads * config_.shape.head_dim;
+  const size_t bytes = dtype_row_bytes(to, elems);
+  try {
+    if (convert_buffer_.size() < 2 * bytes) convert_buffer_.resize(2 * bytes);
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "conversion buffer"};
+  }
+  const bool k_ok = convert_elements(k, src_dtype, convert_buffer_.data(), to, elems);
+  const bool v_ok = convert_elements(v, src_dtype, convert_buffer_.data() + bytes, to, elems);
+  if (!k_ok || !v_ok)
+    return {errc::kInvalidArgument, std::string(k_ok ? "V" : "K") + " rows hold a value that " +
+                                        std::string(dtype_name(to)) +
+                                        " cannot store (not finite, or beyond its f16 block scale)"};
+  kb = convert_buffer_.data();
+  vb = convert_buffer_.data() + bytes;
+  return {};
 }
 
 status kv_cache::read_layer(const layer_table& t, uint32_t begin, uint32_t end, std::vector<std::byte>& k,

@@ -55,14 +55,21 @@ const x86_features& x86() noexcept {
 
 namespace kernels {
 decode_kernel_pair lookup_kernels(cpu_isa isa, uint32_t head_dim, dtype t, bool softcap) noexcept {
+  const bool q = is_quantized(t);
   switch (isa) {
     case cpu_isa::kScalar: return kernels::decode_kernel_scalar(head_dim, t, softcap);
 #if defined(INSTINFER_HAVE_X86_KERNELS)
-    case cpu_isa::kAvx2: return kernels::decode_kernel_avx2(head_dim, t, softcap);
-    case cpu_isa::kAvx512: return kernels::decode_kernel_avx512(head_dim, t, softcap);
+    case cpu_isa::kAvx2:
+      return q ? kernels::decode_kernel_avx2_quant(head_dim, t, softcap)
+               : kernels::decode_kernel_avx2(head_dim, t, softcap);
+    case cpu_isa::kAvx512:
+      return q ? kernels::decode_kernel_avx512_quant(head_dim, t, softcap)
+               : kernels::decode_kernel_avx512(head_dim, t, softcap);
 #endif
 #if defined(INSTINFER_HAVE_NEON_KERNELS)
-    case cpu_isa::kNeon: return kernels::decode_kernel_neon(head_dim, t, softcap);
+    case cpu_isa::kNeon:
+      return q ? kernels::decode_kernel_neon_quant(head_dim, t, softcap)
+               : kernels::decode_kernel_neon(head_dim, t, softcap);
 #endif
     default: return {};
   }

@@ -10,7 +10,7 @@
 namespace instinfer::kernels {
 
 decode_kernel_pair decode_kernel_neon(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
-  return lookup_decode_kernel<xsimd::neon64>(head_dim, kv_type, softcap);
+  return lookup_decode_kernel<xsimd::neon64, dtype_family::kDense>(head_dim, kv_type, softcap);
 }
 
 }  // namespace instinfer::kernels

@@ -537,12 +537,96 @@ static void test_v03(void) {
   free(blob);
 }
 
+/* Q8_0 / Q4_0 caches: F32 and BF16 rows are quantized on append; attention follows the float
+ * reference within the formats' own error; a head_dim that is not whole blocks, non-finite rows
+ * and rows of another quantized dtype are refused. */
+static void test_quantized(void) {
+  const instinfer_dtype types[] = {INSTINFER_DTYPE_Q8_0, INSTINFER_DTYPE_Q4_0};
+  const double tolerance[] = {0.02, 0.2};
+  for (int ti = 0; ti < 2; ++ti) {
+    instinfer_config cfg;
+    instinfer_config_init(&cfg);
+    cfg.n_layers = 1;
+    cfg.n_q_heads = HQ;
+    cfg.n_kv_heads = HKV;
+    cfg.head_dim = D;
+    cfg.kv_dtype = types[ti];
+    cfg.page_bytes = 4096;
+    cfg.capacity_bytes = 8u << 20;
+    cfg.n_threads = 2;
+    instinfer_config bad = cfg;
+    bad.head_dim = 48;
+    instinfer_cache* cache = NULL;
+    CHECK_ERR(instinfer_cache_create(&bad, &cache), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+    if (!cache) return;
+    instinfer_seq seq = 0;
+    CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+    float* k = malloc(sizeof(float) * N * HKV * D);
+    float* v = malloc(sizeof(float) * N * HKV * D);
+    uint16_t* kb = malloc(sizeof(uint16_t) * N * HKV * D);
+    uint16_t* vb = malloc(sizeof(uint16_t) * N * HKV * D);
+    float q[HQ * D], out[HQ * D], lse[HQ];
+    for (int i = 0; i < N * HKV * D; ++i) {
+      k[i] = frand();
+      v[i] = frand() + 0.5f;
+      /* bf16 by truncation: every such pattern is a bf16 value; keep the float it stands for. */
+      uint32_t bits;
+      memcpy(&bits, &k[i], 4);
+      kb[i] = (uint16_t)(bits >> 16);
+      bits &= 0xffff0000u;
+      memcpy(&k[i], &bits, 4);
+      memcpy(&bits, &v[i], 4);
+      vb[i] = (uint16_t)(bits >> 16);
+      bits &= 0xffff0000u;
+      memcpy(&v[i], &bits, 4);
+    }
+    for (int i = 0; i < HQ * D; ++i) q[i] = frand();
+    CHECK(instinfer_append(cache, seq, 0, 100, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+    CHECK(instinfer_append(cache, seq, 0, N - 100, kb + 100 * HKV * D, vb + 100 * HKV * D, INSTINFER_DTYPE_BF16) ==
+          INSTINFER_OK);
+    CHECK(instinfer_attend(cache, 0, 1, &seq, q, out, lse) == INSTINFER_OK);
+    double num = 0.0, den = 0.0;
+    for (int h = 0; h < HQ; ++h) {
+      const int kvh = h / (HQ / HKV);
+      double s[N], m = -INFINITY, sum = 0.0;
+      for (int t = 0; t < N; ++t) {
+        double dot = 0.0;
+        for (int d = 0; d < D; ++d) dot += (double)q[h * D + d] * k[(t * HKV + kvh) * D + d];
+        s[t] = dot / sqrt((double)D);
+        if (s[t] > m) m = s[t];
+      }
+      for (int t = 0; t < N; ++t) sum += exp(s[t] - m);
+      for (int d = 0; d < D; ++d) {
+        double o = 0.0;
+        for (int t = 0; t < N; ++t) o += exp(s[t] - m) / sum * v[(t * HKV + kvh) * D + d];
+        num += (o - out[h * D + d]) * (o - out[h * D + d]);
+        den += o * o;
+      }
+    }
+    printf("C API %s cache attend vs float64 reference on the unquantized rows: relative error %.3g\n",
+           ti == 0 ? "Q8_0" : "Q4_0", sqrt(num / den));
+    CHECK(sqrt(num / den) <= tolerance[ti]);
+    k[7] = NAN;
+    CHECK_ERR(instinfer_append(cache, seq, 0, 1, k, v, INSTINFER_DTYPE_F32), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK_ERR(instinfer_append(cache, seq, 0, 1, k, v, types[1 - ti]), INSTINFER_E_UNSUPPORTED);
+    uint64_t n = 0;
+    CHECK(instinfer_seq_length(cache, seq, 0, &n) == INSTINFER_OK && n == N);
+    free(k);
+    free(v);
+    free(kb);
+    free(vb);
+    instinfer_cache_destroy(cache);
+  }
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
   test_sparf();
   test_append_checks_capacity_before_reading();
   test_v03();
+  test_quantized();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

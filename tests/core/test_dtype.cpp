@@ -1,8 +1,11 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
+#include <vector>
 
 #include "instinfer/core/dtype.hpp"
 
@@ -86,4 +89,49 @@ TEST_CASE("convert_elements between every pair of dtypes") {
   CHECK(parse_dtype("f16") == dtype::kF16);
   CHECK(parse_dtype("bfloat16") == dtype::kBF16);
   CHECK_FALSE(parse_dtype("int4").has_value());
+}
+
+TEST_CASE("q8_0 / q4_0: sizes, names, error bounds and what cannot be quantized") {
+  CHECK(dtype_row_bytes(dtype::kQ8_0, 64) == 68);
+  CHECK(dtype_row_bytes(dtype::kQ4_0, 256) == 144);
+  CHECK(dtype_size(dtype::kQ8_0) == 0);
+  CHECK(parse_dtype("q8_0") == dtype::kQ8_0);
+  CHECK(parse_dtype("q4_0") == dtype::kQ4_0);
+  CHECK(dtype_name(dtype::kQ4_0) == "q4_0");
+  CHECK(is_convertible(dtype::kBF16, dtype::kQ4_0));
+  CHECK_FALSE(is_convertible(dtype::kQ8_0, dtype::kQ4_0));
+  CHECK_FALSE(is_convertible(dtype::kBF16, dtype::kF16));
+  CHECK_FALSE(is_valid_dtype(static_cast<dtype>(5)));
+
+  std::mt19937 rng(9);
+  std::normal_distribution<float> dist(0.0f, 2.0f);
+  std::vector<float> x(256);
+  for (auto& v : x) v = dist(rng);
+  for (dtype t : {dtype::kQ8_0, dtype::kQ4_0}) {
+    CAPTURE(dtype_name(t));
+    std::vector<std::byte> q(dtype_row_bytes(t, x.size()));
+    REQUIRE(convert_elements(x.data(), dtype::kF32, q.data(), t, x.size()));
+    // Error at most half a step (plus the f16 rounding of the scale) of its block's amax / 127
+    // (q8_0) or amax / 8 (q4_0; the positive end is one step short).
+    for (size_t b = 0; b < x.size() / 32; ++b) {
+      float amax = 0.0f;
+      for (size_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+      const float step = t == dtype::kQ8_0 ? amax / 127 : amax / 8;
+      for (size_t j = 0; j < 32; ++j) {
+        const size_t i = b * 32 + j;
+        const float back = load_as_float(q.data(), t, static_cast<uint32_t>(i));
+        CHECK(std::fabs(back - x[i]) <= (t == dtype::kQ8_0 ? 0.52f : 1.02f) * step);
+      }
+    }
+    // Non-finite values and values whose scale overflows f16 are refused (the bytes are written).
+    std::vector<float> bad = x;
+    bad[40] = std::numeric_limits<float>::infinity();
+    CHECK_FALSE(convert_elements(bad.data(), dtype::kF32, q.data(), t, bad.size()));
+    bad[40] = std::nanf("");
+    CHECK_FALSE(convert_elements(bad.data(), dtype::kF32, q.data(), t, bad.size()));
+    bad[40] = 1e7f;  // q8_0: 1e7 / 127 > 65504; q4_0: 1e7 / 8 > 65504
+    CHECK_FALSE(convert_elements(bad.data(), dtype::kF32, q.data(), t, bad.size()));
+    bad[40] = 65504.0f;  // the largest f16 quantizes fine
+    CHECK(convert_elements(bad.data(), dtype::kF32, q.data(), t, bad.size()));
+  }
 }

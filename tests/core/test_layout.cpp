@@ -22,6 +22,38 @@ TEST_CASE("page_geometry: tokens per page follow page bytes, head_dim and dtype"
   }
 }
 
+TEST_CASE("page_geometry: quantized rows are whole blocks, whole rows per page, the rest unused") {
+  for (uint32_t page : {512u, 1024u, 4096u, 16384u, 65536u}) {
+    for (uint32_t d : {64u, 128u, 256u}) {
+      for (dtype t : {dtype::kQ8_0, dtype::kQ4_0}) {
+        CAPTURE(page);
+        CAPTURE(d);
+        const uint32_t row = d / 32 * (t == dtype::kQ8_0 ? 34 : 18);
+        auto g = page_geometry::make(page, d, t);
+        if (row > page) {
+          CHECK_FALSE(g.ok());
+          continue;
+        }
+        REQUIRE(g.ok());
+        CHECK(g->row_bytes() == row);
+        CHECK(g->tokens_per_page == page / row);
+        CHECK(g->offset(g->tokens_per_page - 1) + row <= page);
+        CHECK(page - g->tokens_per_page * row < row);
+      }
+    }
+  }
+  // A head_dim that is not whole blocks is a clear error, here and in kv_shape.
+  for (dtype t : {dtype::kQ8_0, dtype::kQ4_0}) {
+    auto g = page_geometry::make(4096, 80, t);
+    REQUIRE_FALSE(g.ok());
+    CHECK(g.error().code() == errc::kInvalidArgument);
+    CHECK(g.error().message().find("not a multiple of the") != std::string::npos);
+    const status s = kv_shape{1, 2, 2, 80, t}.validate();
+    CHECK(s.code() == errc::kInvalidArgument);
+    CHECK(s.message().find("block") != std::string::npos);
+  }
+}
+
 TEST_CASE("page_geometry: bad sizes are clear errors") {
   for (uint32_t page : {0u, 256u, 3000u, 4097u, 131072u}) {
     auto g = page_geometry::make(page, 128, dtype::kF16);

@@ -26,14 +26,30 @@ struct emulated_sequence {
 
 // One (sequence, kv head, query-head tile) over all its splits, as the kernel's blocks and the
 // merge kernel compute it. pool: chunks of cl.chunk_bytes() bytes at pool + id * chunk_bytes.
-template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G>
+// A row's values as the kernel reads them: element by element (dense), or dequantize8 per lane
+// vector (quantized).
+template <uint32_t HeadDim>
+void row_values(const std::byte* row, dtype t, float* out) {
+  if (t == dtype::kQ8_0 || t == dtype::kQ4_0) {
+    const auto* r = reinterpret_cast<const unsigned char*>(row);
+    for (uint32_t e = 0; e < HeadDim; e += 8) {
+      if (t == dtype::kQ8_0)
+        cuda::dequantize8<dtype::kQ8_0>(r, e, out + e);
+      else
+        cuda::dequantize8<dtype::kQ4_0>(r, e, out + e);
+    }
+    return;
+  }
+  for (uint32_t e = 0; e < HeadDim; ++e) out[e] = load_as_float(row, t, e);
+}
+
+template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G, uint32_t RowBytes = HeadDim* ElemBytes>
 void emulate_head_tile(const chunk_layout& cl, const std::byte* pool, const emulated_sequence& seq, uint32_t group_size,
                        uint32_t kv_head, uint32_t q_tile, float scale, float softcap, cuda::decode_split_plan plan) {
-  using tr = cuda::decode_traits<HeadDim, ElemBytes, G>;
+  using tr = cuda::decode_traits<HeadDim, ElemBytes, G, RowBytes>;
   constexpr uint32_t T = tr::kTileTokens;
   const dtype t = cl.page.kv_dtype;
-  uint32_t log2_tpp = 0;
-  while ((1u << log2_tpp) < cl.tokens()) ++log2_tpp;
+  const uint32_t tpp = cl.tokens();  // the kernel: a shift for dense pages, a division for quantized
   const uint32_t q_head0 = kv_head * group_size + q_tile * G;
   const uint32_t n_splits = plan.splits_for(seq.n_tokens);
 
@@ -59,21 +75,23 @@ void emulate_head_tile(const chunk_layout& cl, const std::byte* pool, const emul
         for (uint32_t j = 0; j < tr::kTokensPerGroup; ++j) {
           const uint32_t token = t0 + ty + j * tr::kRowGroups;
           const bool valid = token < tok_end;
-          const std::byte* krow = nullptr;
-          const std::byte* vrow = nullptr;
+          float kf[HeadDim];
           if (valid) {
-            const uint32_t chunk = seq.chunks[token >> log2_tpp];
-            krow = pool + cuda::kv_row_offset(chunk, cl.chunk_bytes(), cl.page.page_bytes, cl.n_kv_heads, 0, kv_head,
-                                              token, log2_tpp, cl.page.row_bytes());
-            vrow = pool + cuda::kv_row_offset(chunk, cl.chunk_bytes(), cl.page.page_bytes, cl.n_kv_heads, 1, kv_head,
-                                              token, log2_tpp, cl.page.row_bytes());
+            const uint32_t chunk = seq.chunks[token / tpp];
+            const std::byte* krow = pool + cuda::kv_page_row_offset(chunk, cl.chunk_bytes(), cl.page.page_bytes,
+                                                                    cl.n_kv_heads, 0, kv_head, token % tpp, RowBytes);
+            const std::byte* vrow = pool + cuda::kv_page_row_offset(chunk, cl.chunk_bytes(), cl.page.page_bytes,
+                                                                    cl.n_kv_heads, 1, kv_head, token % tpp, RowBytes);
+            row_values<HeadDim>(krow, t, kf);
+            row_values<HeadDim>(vrow, t, v[j]);
+          } else {
+            for (uint32_t e = 0; e < HeadDim; ++e) v[j][e] = 0.0f;
           }
-          for (uint32_t e = 0; e < HeadDim; ++e) v[j][e] = valid ? load_as_float(vrow, t, e) : 0.0f;
           for (uint32_t g = 0; g < G; ++g) {
             const float* qh = seq.q + size_t{q_head0 + g} * HeadDim;
             float dot = 0.0f;
             if (valid)
-              for (uint32_t e = 0; e < HeadDim; ++e) dot = std::fma(qh[e], load_as_float(krow, t, e), dot);
+              for (uint32_t e = 0; e < HeadDim; ++e) dot = std::fma(qh[e], kf[e], dot);
             s[j][g] = valid ? cuda::decode_logit(dot, scale, softcap) : -INFINITY;
           }
         }
@@ -102,12 +120,12 @@ void emulate_head_tile(const chunk_layout& cl, const std::byte* pool, const emul
 }
 
 // Every kv head and query-head tile of one sequence.
-template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G>
+template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G, uint32_t RowBytes = HeadDim* ElemBytes>
 void emulate_sequence(const chunk_layout& cl, const std::byte* pool, const emulated_sequence& seq, uint32_t group_size,
                       float scale, float softcap, cuda::decode_split_plan plan) {
   for (uint32_t h = 0; h < cl.n_kv_heads; ++h)
     for (uint32_t qt = 0; qt < group_size / G; ++qt)
-      emulate_head_tile<HeadDim, ElemBytes, G>(cl, pool, seq, group_size, h, qt, scale, softcap, plan);
+      emulate_head_tile<HeadDim, ElemBytes, G, RowBytes>(cl, pool, seq, group_size, h, qt, scale, softcap, plan);
 }
 
 }  // namespace instinfer::test

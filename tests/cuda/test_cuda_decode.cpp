@@ -43,8 +43,10 @@ namespace {
 std::vector<std::byte> random_rows(std::mt19937& rng, uint32_t n, uint32_t n_kv_heads, uint32_t head_dim, dtype t) {
   std::normal_distribution<float> dist(0.0f, 1.0f);
   const size_t elems = size_t{n} * n_kv_heads * head_dim;
-  std::vector<std::byte> out(elems * dtype_size(t));
-  for (size_t i = 0; i < elems; ++i) store_from_float(out.data(), t, static_cast<uint32_t>(i), dist(rng) + 0.1f);
+  std::vector<float> f(elems);
+  for (float& x : f) x = dist(rng) + 0.1f;
+  std::vector<std::byte> out(dtype_row_bytes(t, elems));
+  REQUIRE(convert_elements(f.data(), dtype::kF32, out.data(), t, elems));  // quantized: ggml's blocks
   return out;
 }
 
@@ -187,7 +189,7 @@ TEST_CASE("decode matches float64 and the host kernel: head_dim x group x dtype"
   std::mt19937 rng(11);
   for (uint32_t hd : {64u, 128u, 256u})
     for (uint32_t group : {1u, 4u, 8u})
-      for (dtype t : {dtype::kF32, dtype::kF16, dtype::kBF16}) {
+      for (dtype t : {dtype::kF32, dtype::kF16, dtype::kBF16, dtype::kQ8_0, dtype::kQ4_0}) {
         CAPTURE(hd);
         CAPTURE(group);
         CAPTURE(dtype_name(t));

@@ -115,6 +115,26 @@ TEST_CASE("fold_tile: out-of-range tokens contribute nothing and empty tiles lea
   CHECK(o[0][0] == 2.0f);
 }
 
+TEST_CASE("dequantize8 (the kernel's q8_0 / q4_0 read) equals load_as_float bit for bit") {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist(0.0f, 3.0f);
+  std::vector<float> x(256);
+  for (dtype t : {dtype::kQ8_0, dtype::kQ4_0}) {
+    for (float& v : x) v = dist(rng);
+    std::vector<std::byte> row(dtype_row_bytes(t, x.size()));
+    REQUIRE(convert_elements(x.data(), dtype::kF32, row.data(), t, x.size()));
+    const auto* r = reinterpret_cast<const unsigned char*>(row.data());
+    for (uint32_t e0 = 0; e0 < x.size(); e0 += 8) {
+      float got[8];
+      if (t == dtype::kQ8_0)
+        cuda::dequantize8<dtype::kQ8_0>(r, e0, got);
+      else
+        cuda::dequantize8<dtype::kQ4_0>(r, e0, got);
+      for (uint32_t i = 0; i < 8; ++i) CHECK(got[i] == load_as_float(row.data(), t, e0 + i));
+    }
+  }
+}
+
 TEST_CASE("kv_row_offset agrees with chunk_layout") {
   std::mt19937 rng(3);
   for (uint32_t page_bytes : {512u, 4096u, 16384u, 65536u})
@@ -188,7 +208,7 @@ struct replay_case {
 };
 
 // Fill a host pool with random chunks in shuffled order, replay the kernel, compare with float64.
-template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G>
+template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t G, uint32_t RowBytes = HeadDim* ElemBytes>
 void check_replay(const replay_case& c, double tol) {
   std::mt19937 rng(HeadDim * 131 + G * 7 + static_cast<uint32_t>(c.t));
   const auto cl = chunk_layout::make(page_geometry::unchecked(c.page_bytes, HeadDim, c.t), c.n_kv_heads);
@@ -204,12 +224,18 @@ void check_replay(const replay_case& c, double tol) {
   std::shuffle(ids.begin(), ids.end(), rng);
   std::vector<std::byte> pool(size_t{total_chunks} * cl.chunk_bytes());
   std::normal_distribution<float> dist(0.0f, 1.0f);
-  const size_t elems = pool.size() / dtype_size(c.t);
-  for (size_t i = 0; i < elems; ++i) store_from_float(pool.data(), c.t, static_cast<uint32_t>(i), dist(rng));
+  REQUIRE(cl.page.row_bytes() == RowBytes);
+  std::vector<float> row(HeadDim);
+  for (size_t page = 0; page < size_t{total_chunks} * cl.pages_per_chunk(); ++page)
+    for (uint32_t r = 0; r < tpp; ++r) {
+      for (float& x : row) x = dist(rng);
+      REQUIRE(convert_elements(row.data(), dtype::kF32, pool.data() + page * c.page_bytes + cl.page.offset(r), c.t,
+                               HeadDim));
+    }
 
   const uint32_t n_q = c.n_kv_heads * c.group;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HeadDim));
-  using tr = cuda::decode_traits<HeadDim, ElemBytes, G>;
+  using tr = cuda::decode_traits<HeadDim, ElemBytes, G, RowBytes>;
   const uint64_t base = uint64_t{c.lengths.size()} * c.n_kv_heads * (c.group / G);
   const auto plan = cuda::plan_decode_splits(max_len, base, c.force_split ? base * 64 : base, tr::kTileTokens);
   if (c.force_split && max_len > 4 * cuda::kMinSplitTokens) CHECK(plan.max_splits > 1);
@@ -228,7 +254,7 @@ void check_replay(const replay_case& c, double tol) {
     for (float& x : q) x = dist(rng);
     std::vector<float> out(q.size(), 12345.0f), lse(n_q, 12345.0f);
     test::emulated_sequence seq{seq_ids, len, q.data(), out.data(), lse.data()};
-    test::emulate_sequence<HeadDim, ElemBytes, G>(cl, pool.data(), seq, c.group, scale, c.softcap, plan);
+    test::emulate_sequence<HeadDim, ElemBytes, G, RowBytes>(cl, pool.data(), seq, c.group, scale, c.softcap, plan);
 
     std::vector<const std::byte*> chunks(nc);
     for (uint32_t i = 0; i < nc; ++i) chunks[i] = pool.data() + uint64_t{seq_ids[i]} * cl.chunk_bytes();
@@ -267,6 +293,16 @@ TEST_CASE("CPU replay of the kernel's partition matches the float64 reference") 
   }
   SUBCASE("bf16, head_dim 64, group 6 -> tile 2") {
     check_replay<64, 2, 2>({65536, dtype::kBF16, 2, 6, {1, 600, 70000}, 0.0f, true}, 1e-5);
+  }
+  // Quantized rows: 30 (q8_0) / 56 (q4_0) tokens a 4 KiB page, 4-byte staging, division by tpp.
+  SUBCASE("q8_0, head_dim 128, group 4") {
+    check_replay<128, 2, 4, 136>({4096, dtype::kQ8_0, 2, 4, {0, 1, 29, 30, 31, 1000, 5000}, 0.0f, true}, 1e-5);
+  }
+  SUBCASE("q4_0, head_dim 64, group 2, soft-cap") {
+    check_replay<64, 2, 2, 36>({4096, dtype::kQ4_0, 2, 2, {1, 113, 3000}, 30.0f, true}, 1e-5);
+  }
+  SUBCASE("q8_0, head_dim 256, group 8 (16-byte rows: 16-byte copies)") {
+    check_replay<256, 2, 8, 272>({16384, dtype::kQ8_0, 1, 8, {7, 2000}, 0.0f, true}, 1e-5);
   }
 }
 

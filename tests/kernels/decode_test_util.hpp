@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -71,6 +72,21 @@ struct paged_batch {
     // cancellation of a zero-mean average.
     std::vector<float> bias(size_t{cl.n_kv_heads} * hd);
     for (float& b : bias) b = nonzero_uniform(1.0f);
+    // A row of floats in the cache dtype. Quantized rows past the end get NaN block scales, so
+    // that every value of theirs reads as NaN too.
+    std::vector<float> kf(hd), vf(hd);
+    const dtype kt = cl.page.kv_dtype;
+    const auto store_row = [&](const float* x, std::byte* row) {
+      if (!is_quantized(kt)) {
+        for (uint32_t d = 0; d < hd; ++d) store_from_float(row, kt, d, x[d]);
+      } else if (!std::isnan(x[0])) {
+        if (!convert_elements(x, dtype::kF32, row, kt, hd)) std::abort();  // finite inputs always convert
+      } else {
+        std::memset(row, 0, cl.page.row_bytes());
+        const uint16_t nan16 = 0x7e00;
+        for (uint32_t b = 0; b < hd / kQuantBlock; ++b) std::memcpy(row + b * dtype_block_bytes(kt), &nan16, 2);
+      }
+    };
     size_t next = 0;
     chunks.resize(lengths.size());
     for (size_t s = 0; s < lengths.size(); ++s) {
@@ -82,11 +98,13 @@ struct paged_batch {
             const bool valid = uint64_t{c} * tpp + t < lengths[s];
             std::byte* kr = base + cl.offset(kv_kind::kKey, h, t, 0);
             std::byte* vr = base + cl.offset(kv_kind::kValue, h, t, 0);
+            const float nan = std::numeric_limits<float>::quiet_NaN();
             for (uint32_t d = 0; d < hd; ++d) {
-              const float nan = std::numeric_limits<float>::quiet_NaN();
-              store_from_float(kr, cl.page.kv_dtype, d, valid ? nonzero_uniform(1.0f) : nan);
-              store_from_float(vr, cl.page.kv_dtype, d, valid ? bias[size_t{h} * hd + d] + nonzero_uniform(0.5f) : nan);
+              kf[d] = valid ? nonzero_uniform(1.0f) : nan;
+              vf[d] = valid ? bias[size_t{h} * hd + d] + nonzero_uniform(0.5f) : nan;
             }
+            store_row(kf.data(), kr);
+            store_row(vf.data(), vr);
           }
         }
       }

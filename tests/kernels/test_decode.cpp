@@ -39,15 +39,18 @@ void run_and_check(test::paged_batch& b, uint32_t threads) {
   CHECK(e.lse <= kTolerance);
 }
 
-const dtype kDtypes[] = {dtype::kF32, dtype::kF16, dtype::kBF16};
+const dtype kDtypes[] = {dtype::kF32, dtype::kF16, dtype::kBF16, dtype::kQ8_0, dtype::kQ4_0};
 
 }  // namespace
 
 TEST_CASE("decode matches the float64 reference: head dims x dtypes x groups x edge contexts") {
   for (uint32_t hd : {64u, 128u, 256u}) {
     for (dtype t : kDtypes) {
-      const uint32_t row = hd * dtype_size(t);
-      for (uint32_t page : {std::max(512u, row), 4096u}) {
+      const uint32_t row = page_geometry::row_bytes(hd, t);
+      // The smallest page holding a row (quantized rows leave the rest of a page unused).
+      uint32_t smallest = 512;
+      while (smallest < row) smallest *= 2;
+      for (uint32_t page : {smallest, 4096u}) {
         for (uint32_t group : {1u, 4u, 8u}) {
           for (uint32_t threads : {1u, 2u}) {
             const auto p = test::make_params(hd, t, group, 2, page);
@@ -68,7 +71,7 @@ TEST_CASE("decode over every page size from 512 B to 64 KiB") {
   for (uint32_t page = 512; page <= 65536; page *= 2) {
     for (dtype t : kDtypes) {
       const uint32_t hd = 64;
-      if (page < hd * dtype_size(t)) continue;
+      if (page < page_geometry::row_bytes(hd, t)) continue;
       const auto p = test::make_params(hd, t, 4, 2, page);
       const uint32_t tpp = p.layout.tokens();
       std::vector<uint32_t> lengths = {1, tpp, tpp + 1, 2 * tpp + 3};
@@ -104,7 +107,8 @@ TEST_CASE("decode with an explicit scale, and a batch with an empty sequence") {
 }
 
 TEST_CASE("long contexts: ~70k tokens, split over threads and merged by lse") {
-  for (dtype t : kDtypes) {
+  // q4_0 shares q8_0's long-context path (only the load differs): one quantized type here.
+  for (dtype t : {dtype::kF32, dtype::kF16, dtype::kBF16, dtype::kQ8_0}) {
     const auto p = test::make_params(128, t, 4, 1, 4096);
     const uint32_t lengths[] = {70001};
     test::paged_batch b(p, lengths);

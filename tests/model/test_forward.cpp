@@ -2,6 +2,7 @@
 // against a float64 reference; chunked prefill, batched decode and every KV backend must agree.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdio>
 
 #include "gguf.hpp"
@@ -175,6 +176,34 @@ TEST_CASE("forward: every available KV backend gives the same greedy tokens") {
     ++ran;
   }
   CHECK(ran >= 1);
+}
+
+TEST_CASE("forward: a q8_0 / q4_0 KV cache (quantized on append) stays close to f16") {
+  auto l = load({});
+  std::vector<int32_t> ref_tokens;
+  std::vector<std::vector<float>> ref_logits;
+  {
+    auto cache = make_cache(*l->model, "host", dtype::kF16);
+    REQUIRE(model_test::greedy(*l->model, *cache, kPrompt, 6, ref_tokens, &ref_logits).ok());
+  }
+  for (dtype t : {dtype::kQ8_0, dtype::kQ4_0}) {
+    CAPTURE(dtype_name(t));
+    auto cache = make_cache(*l->model, "host", t);
+    std::vector<int32_t> tokens;
+    std::vector<std::vector<float>> logits;
+    const status s = model_test::greedy(*l->model, *cache, kPrompt, 6, tokens, &logits);
+    REQUIRE_MESSAGE(s.ok(), s.to_string());
+    // The prompt's logits: relative L2 distance to f16's within the format's error.
+    double num = 0.0, den = 0.0;
+    for (size_t k = 0; k < logits[0].size(); ++k) {
+      num += (logits[0][k] - ref_logits[0][k]) * (logits[0][k] - ref_logits[0][k]);
+      den += ref_logits[0][k] * ref_logits[0][k];
+    }
+    const double rel = std::sqrt(num / den);
+    MESSAGE(dtype_name(t) << " KV: prompt logits vs f16 KV, relative L2 " << rel);
+    CHECK(rel <= (t == dtype::kQ8_0 ? 0.02 : 0.2));
+    if (t == dtype::kQ8_0) CHECK(tokens.front() == ref_tokens.front());
+  }
 }
 
 TEST_CASE("forward: bad inputs get clear errors") {

@@ -51,7 +51,8 @@ struct stored_layer {
   std::vector<page_buffer> chunks;
   std::vector<const std::byte*> chunk_ptrs;
   sparf_index index;
-  std::vector<float> k, v;  // stored values back in f32: [n][H][d]
+  std::vector<float> k, v;       // stored values back in f32: [n][H][d]
+  std::vector<float> k_columns;  // K as the column copy holds it (f16 of k for a quantized cache)
 
   sparf_work work(const float* q, float* out, float* lse) const {
     sparf_work w;
@@ -77,23 +78,27 @@ inline stored_layer store(const sparf_config& cfg, const std::vector<float>& k, 
   s.n_tokens = n;
   const uint32_t H = cfg.n_kv_heads(), d = cfg.head_dim();
   const dtype t = cfg.tokens.page.kv_dtype;
-  const uint32_t es = dtype_size(t);
+  const uint32_t row = cfg.tokens.page.row_bytes();  // bytes of one (token, head) row
   const uint32_t tpp = cfg.tokens.page.tokens_per_page;
-  std::vector<std::byte> kb(size_t{n} * H * d * es), vb(kb.size());
-  convert_elements(k.data(), dtype::kF32, kb.data(), t, size_t{n} * H * d);
-  convert_elements(v.data(), dtype::kF32, vb.data(), t, size_t{n} * H * d);
+  std::vector<std::byte> kb(size_t{n} * H * row), vb(kb.size());
+  if (!convert_elements(k.data(), dtype::kF32, kb.data(), t, size_t{n} * H * d) ||
+      !convert_elements(v.data(), dtype::kF32, vb.data(), t, size_t{n} * H * d))
+    throw std::runtime_error("sparf_test::store: rows do not convert to " + std::string(dtype_name(t)));
   s.k.resize(size_t{n} * H * d);
   s.v.resize(s.k.size());
   convert_elements(kb.data(), t, s.k.data(), dtype::kF32, s.k.size());
   convert_elements(vb.data(), t, s.v.data(), dtype::kF32, s.v.size());
+  s.k_columns = s.k;
+  if (is_quantized(t))
+    for (float& x : s.k_columns) x = f16_to_float(float_to_f16(x));
   const uint32_t n_chunks = (n + tpp - 1) / tpp;
   s.chunks.assign(n_chunks, page_buffer(cfg.tokens.chunk_bytes(), std::byte{0x7b}));
   for (uint32_t tok = 0; tok < n; ++tok)
     for (uint32_t h = 0; h < H; ++h) {
       std::byte* c = s.chunks[tok / tpp].data();
-      const size_t src = (size_t{tok} * H + h) * d * es;
-      std::copy_n(kb.data() + src, d * es, c + cfg.tokens.offset(kv_kind::kKey, h, tok % tpp, 0));
-      std::copy_n(vb.data() + src, d * es, c + cfg.tokens.offset(kv_kind::kValue, h, tok % tpp, 0));
+      const size_t src = (size_t{tok} * H + h) * row;
+      std::copy_n(kb.data() + src, row, c + cfg.tokens.offset(kv_kind::kKey, h, tok % tpp, 0));
+      std::copy_n(vb.data() + src, row, c + cfg.tokens.offset(kv_kind::kValue, h, tok % tpp, 0));
     }
   for (const auto& c : s.chunks) s.chunk_ptrs.push_back(c.data());
   s.index = sparf_index::create(cfg.columns).value();
@@ -102,7 +107,7 @@ inline stored_layer store(const sparf_config& cfg, const std::vector<float>& k, 
   while (done < n) {
     uint32_t m = batches.empty() ? n : std::max(1u, batches[bi++ % batches.size()]);
     m = std::min(m, n - done);
-    const size_t off = size_t{done} * H * d * es;
+    const size_t off = size_t{done} * H * row;
     const status st = s.index.append(m, kb.data() + off, vb.data() + off);
     if (!st.ok()) throw std::runtime_error(st.to_string());
     done += m;
@@ -181,7 +186,7 @@ inline void sparf_reference(const stored_layer& s, const sparf_params& p, const 
       double m = -INFINITY;
       for (uint32_t t = 0; t < n; ++t) {
         double dot = 0.0;
-        for (uint32_t c : ch) dot += double{qg[c]} * s.k[(size_t{t} * H + h) * d + c];
+        for (uint32_t c : ch) dot += double{qg[c]} * s.k_columns[(size_t{t} * H + h) * d + c];
         pa[g][t] = dot * hs;
         m = std::max(m, pa[g][t]);
       }

@@ -43,19 +43,18 @@ inline std::vector<float> random_queries(std::mt19937& rng, size_t n_seq, const 
 
 // The cache-dtype bytes that f32 rows become when stored.
 inline std::vector<std::byte> stored_bytes(const std::vector<float>& rows, dtype t) {
-  std::vector<std::byte> out(rows.size() * dtype_size(t));
-  convert_elements(rows.data(), dtype::kF32, out.data(), t, rows.size());
+  std::vector<std::byte> out(dtype_row_bytes(t, rows.size()));
+  REQUIRE(convert_elements(rows.data(), dtype::kF32, out.data(), t, rows.size()));
   return out;
 }
 
 // The stored K and V of one (sequence, layer) as they should read back: [n][n_kv_heads][head_dim]
 // in the cache dtype.
 struct layer_model {
-  size_t token_bytes = 0;  // n_kv_heads * head_dim * dtype size
+  size_t token_bytes = 0;  // n_kv_heads rows of the cache dtype
   std::vector<std::byte> k, v;
 
-  explicit layer_model(const kv_shape& s = {})
-      : token_bytes(size_t{s.n_kv_heads} * s.head_dim * dtype_size(s.kv_dtype)) {}
+  explicit layer_model(const kv_shape& s = {}) : token_bytes(size_t{s.n_kv_heads} * s.row_bytes()) {}
   size_t n_tokens() const { return token_bytes ? k.size() / token_bytes : 0; }
   void append(const std::vector<std::byte>& kb, const std::vector<std::byte>& vb) {
     k.insert(k.end(), kb.begin(), kb.end());
@@ -101,7 +100,7 @@ inline void reference_attend(kv_cache& cache, seq_id seq, uint32_t layer, const 
   std::vector<std::byte> k, v;
   const status st = cache.read_tokens(seq, layer, k, v);
   REQUIRE_MESSAGE(st.ok(), st.to_string());
-  const size_t row = size_t{s.head_dim} * dtype_size(s.kv_dtype);
+  const size_t row = s.row_bytes();
   const size_t n = k.size() / (row * s.n_kv_heads);
   out.assign(size_t{s.n_q_heads} * s.head_dim, 0.0);
   lse.assign(s.n_q_heads, 0.0);

@@ -14,6 +14,9 @@
 // Memory order: within a block, the K pages of every kv head of the call are scored before their
 // V pages are accumulated, so with small pages a call sweeps each chunk sequentially; a software
 // prefetch runs kPrefetchAhead bytes ahead of the sweep.
+// Quantized KV (q8_0, q4_0) is dequantized in registers where a row vector is loaded
+// (load_row_vec: the block's integers widened to f32 times its f16 scale); everything after the
+// load, GQA fusion and f32 accumulation included, is the same code as for f16.
 // Head dim, KV dtype and the logits variant are compile-time; `lookup_decode_kernel` is the one
 // place where their runtime values become template arguments.
 #pragma once
@@ -70,20 +73,43 @@ struct kernel_shape {
   static constexpr uint32_t kLanes = ops::kLanes;
   static constexpr uint32_t kHeadDim = HeadDim;
   static constexpr uint32_t kVecsPerRow = HeadDim / kLanes;
-  static constexpr uint32_t kElemBytes = dtype_size(KvType);
-  static constexpr uint32_t kVecBytes = kLanes * kElemBytes;
-  static constexpr uint32_t kRowBytes = HeadDim * kElemBytes;
+  static constexpr uint32_t kVecBytes = kLanes * dtype_size(KvType);  // dense types only
+  static constexpr uint32_t kRowBytes = static_cast<uint32_t>(dtype_row_bytes(KvType, HeadDim));
   // Largest head tile: a score tile holds HT heads x (kLanes / HT) tokens.
   static constexpr uint32_t kMaxHeadTile = kLanes < 8 ? kLanes : 8;
   // Accumulator registers for the value tile (AVX2 has 16 vector registers, the others 32).
   static constexpr uint32_t kValueAccumulators = kLanes == 8 ? 8 : 16;
-  // Tokens per block: about 16 KiB of K (and of V) so that a block stays in L1/L2 for all head tiles.
-  static constexpr uint32_t kBlockTokens =
+  // Tokens per block: about 16 KiB of K (and of V) so that a block stays in L1/L2 for all head
+  // tiles, in whole score tiles (a quantized row is no power of two).
+  static constexpr uint32_t kRawBlockTokens =
       16384 / kRowBytes < 16 ? 16 : (16384 / kRowBytes > 64 ? 64 : 16384 / kRowBytes);
+  static constexpr uint32_t kBlockTokens = kRawBlockTokens / kLanes * kLanes;
 
   static_assert(HeadDim % kLanes == 0, "head_dim must be a multiple of the vector width");
-  static_assert(kBlockTokens % kLanes == 0, "a block must hold whole score tiles");
+  static_assert(dtype_holds(KvType, HeadDim), "head_dim must be whole blocks of a quantized dtype");
+  static_assert(!is_quantized(KvType) || kLanes <= kQuantBlock / 2, "a vector must lie in one half-block");
+  static_assert(kBlockTokens % kLanes == 0 && kBlockTokens > 0, "a block must hold whole score tiles");
 };
+
+// Vector j (kLanes elements from j * kLanes) of a row, widened to f32. A quantized vector lies in
+// one block (and, for q4_0, in one half of it: the low or the high nibbles of its bytes).
+template <class Shape, dtype KvType>
+INSTINFER_INLINE typename Shape::vec load_row_vec(const std::byte* row, uint32_t j) noexcept {
+  using ops = typename Shape::ops;
+  if constexpr (!is_quantized(KvType)) {
+    return ops::template load_kv<KvType>(row + j * Shape::kVecBytes);
+  } else {
+    const uint32_t e = j * Shape::kLanes;
+    const std::byte* block = row + (e / kQuantBlock) * dtype_block_bytes(KvType);
+    const uint32_t in_block = e % kQuantBlock;
+    if constexpr (KvType == dtype::kQ8_0) {
+      return ops::load_q8(block + 2 + in_block) * ops::load_scale(block);
+    } else {
+      static_assert(KvType == dtype::kQ4_0);
+      return ops::load_q4(block + 2 + in_block % 16, in_block < 16 ? 0u : 4u) * ops::load_scale(block);
+    }
+  }
+}
 
 // Software prefetch distance along the sweep, in bytes ahead of the rows being read. The sweep is
 // sequential within a chunk (K pages of all heads, then V pages), so a constant distance keeps an
@@ -128,7 +154,7 @@ INSTINFER_INLINE void score_block(const std::byte* k, uint32_t n, const float* q
     for (uint32_t j = 0; j < Shape::kVecsPerRow; ++j) {
       vec kv[TT];
 #pragma GCC unroll 16
-      for (uint32_t t = 0; t < TT; ++t) kv[t] = ops::template load_kv<KvType>(r[t] + j * Shape::kVecBytes);
+      for (uint32_t t = 0; t < TT; ++t) kv[t] = load_row_vec<Shape, KvType>(r[t], j);
 #pragma GCC unroll 16
       for (uint32_t h = 0; h < HT; ++h) {
         const vec qv = ops::load(q + h * D + j * L);
@@ -200,10 +226,10 @@ INSTINFER_INLINE void value_block(const std::byte* v, uint32_t n, const float* s
           for (uint32_t l = 0; l < Shape::kRowBytes; l += 64)
             Shape::ops::prefetch(v + tok * Shape::kRowBytes + kPrefetchAhead + l);
       }
-      const std::byte* r = v + tok * Shape::kRowBytes + g * Shape::kVecBytes;
+      const std::byte* r = v + tok * Shape::kRowBytes;
       vec vv[DB];
 #pragma GCC unroll 16
-      for (uint32_t b = 0; b < DB; ++b) vv[b] = ops::template load_kv<KvType>(r + b * Shape::kVecBytes);
+      for (uint32_t b = 0; b < DB; ++b) vv[b] = load_row_vec<Shape, KvType>(r, g + b);
       const float* pp = sbuf + (tok / TT) * L + tok % TT;
 #pragma GCC unroll 16
       for (uint32_t h = 0; h < HT; ++h) {
@@ -442,22 +468,32 @@ struct decode_kernel_pair {
   decode_rows_fn rows = nullptr;
 };
 
+// Which dtypes one translation unit instantiates: the dense and the quantized kernels of an ISA
+// are compiled in separate units (src/kernels/decode_<isa>[_quant].cpp), so neither grows.
+enum class dtype_family : uint8_t { kDense, kQuantized };
+
 // The one place where runtime (head_dim, dtype, soft-cap) become compile-time constants.
-// Returns null kernels for a head_dim or dtype that is not instantiated.
-template <class Arch>
+// Returns null kernels for a head_dim or dtype that is not instantiated (or not of `Family`).
+template <class Arch, dtype_family Family>
 decode_kernel_pair lookup_decode_kernel(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
   const auto by_variant = [softcap]<uint32_t D, dtype T>() -> decode_kernel_pair {
-    if (softcap)
-      return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>,
-              &decode_chunks_rows<Arch, D, T, softcapped_logits>};
-    return {&decode_chunks<Arch, D, T, plain_logits>, &decode_chunks_heads<Arch, D, T, plain_logits>,
-            &decode_chunks_rows<Arch, D, T, plain_logits>};
+    if constexpr (is_quantized(T) != (Family == dtype_family::kQuantized)) {
+      return {};
+    } else {
+      if (softcap)
+        return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>,
+                &decode_chunks_rows<Arch, D, T, softcapped_logits>};
+      return {&decode_chunks<Arch, D, T, plain_logits>, &decode_chunks_heads<Arch, D, T, plain_logits>,
+              &decode_chunks_rows<Arch, D, T, plain_logits>};
+    }
   };
   const auto by_dtype = [&]<uint32_t D>() -> decode_kernel_pair {
     switch (kv_type) {
       case dtype::kF32: return by_variant.template operator()<D, dtype::kF32>();
       case dtype::kF16: return by_variant.template operator()<D, dtype::kF16>();
       case dtype::kBF16: return by_variant.template operator()<D, dtype::kBF16>();
+      case dtype::kQ8_0: return by_variant.template operator()<D, dtype::kQ8_0>();
+      case dtype::kQ4_0: return by_variant.template operator()<D, dtype::kQ4_0>();
     }
     return {};
   };

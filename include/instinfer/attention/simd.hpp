@@ -2,7 +2,11 @@
 //
 // `simd_ops<Arch>` gives one float vector type and the handful of operations the kernel needs
 // (fma, max, exp, tanh, a transposing horizontal add, and loads of KV rows stored as f32 / f16 /
-// bf16, widened to f32). Arch is an xsimd arch tag (avx512bw, fma3<avx2>, neon64) or
+// bf16, widened to f32). For the quantized types (q8_0, q4_0: core/dtype.hpp) three primitives
+// widen kLanes (<= 16) values of one block to f32 in registers: `load_q8` (int8), `load_q4`
+// (nibbles at bit `shift` of kLanes bytes, minus 8) and `load_scale` (the block's f16 scale,
+// broadcast); decode_kernel.hpp's load_row_vec multiplies them. None reads past the kLanes bytes
+// it converts (a row's last block may end its page). Arch is an xsimd arch tag (avx512bw, fma3<avx2>, neon64) or
 // `scalar_arch`, the portable fallback with one lane.
 //
 // xsimd 8.1 has no half-precision types, so the f16 widening uses F16C (x86) or vcvt (NEON)
@@ -88,6 +92,17 @@ struct simd_ops<scalar_arch> {
       return bf16_to_float(h);
     }
   }
+  static INSTINFER_INLINE vec load_scale(const std::byte* p) noexcept {
+    f16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return f16_to_float(h);
+  }
+  static INSTINFER_INLINE vec load_q8(const std::byte* p) noexcept {
+    return static_cast<float>(static_cast<int8_t>(*p));
+  }
+  static INSTINFER_INLINE vec load_q4(const std::byte* p, uint32_t shift) noexcept {
+    return static_cast<float>(static_cast<int>((static_cast<uint32_t>(*p) >> shift) & 0xfu) - 8);
+  }
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -124,6 +139,20 @@ struct simd_ops<xsimd::avx512bw> : xsimd_ops_base<xsimd::avx512bw> {
       return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
     }
   }
+  static INSTINFER_INLINE vec load_scale(const std::byte* p) noexcept {
+    uint16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return _mm512_set1_ps(_cvtsh_ss(h));
+  }
+  static INSTINFER_INLINE vec load_q8(const std::byte* p) noexcept {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static INSTINFER_INLINE vec load_q4(const std::byte* p, uint32_t shift) noexcept {
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i n =
+        _mm512_and_si512(_mm512_srl_epi32(w, _mm_cvtsi32_si128(static_cast<int>(shift))), _mm512_set1_epi32(0xf));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(n, _mm512_set1_epi32(8)));
+  }
 };
 #endif
 
@@ -141,6 +170,20 @@ struct simd_ops<xsimd::fma3<xsimd::avx2>> : xsimd_ops_base<xsimd::fma3<xsimd::av
       return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
     }
   }
+  static INSTINFER_INLINE vec load_scale(const std::byte* p) noexcept {
+    uint16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return _mm256_set1_ps(_cvtsh_ss(h));
+  }
+  static INSTINFER_INLINE vec load_q8(const std::byte* p) noexcept {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static INSTINFER_INLINE vec load_q4(const std::byte* p, uint32_t shift) noexcept {
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i n =
+        _mm256_and_si256(_mm256_srl_epi32(w, _mm_cvtsi32_si128(static_cast<int>(shift))), _mm256_set1_epi32(0xf));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_set1_epi32(8)));
+  }
 };
 #endif
 
@@ -156,6 +199,26 @@ struct simd_ops<xsimd::neon64> : xsimd_ops_base<xsimd::neon64> {
     } else {
       return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
     }
+  }
+  static INSTINFER_INLINE vec load_scale(const std::byte* p) noexcept {
+    uint16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return vdupq_n_f32(vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0));
+  }
+  // Four bytes, read as one 32-bit word (a 64-bit vld1 would read past them).
+  static INSTINFER_INLINE uint8x8_t load4(const std::byte* p) noexcept {
+    uint32_t w;
+    std::memcpy(&w, p, sizeof w);
+    return vreinterpret_u8_u32(vdup_n_u32(w));
+  }
+  static INSTINFER_INLINE vec load_q8(const std::byte* p) noexcept {
+    const int16x8_t w = vmovl_s8(vreinterpret_s8_u8(load4(p)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)));
+  }
+  static INSTINFER_INLINE vec load_q4(const std::byte* p, uint32_t shift) noexcept {
+    const uint32x4_t w = vmovl_u16(vget_low_u16(vmovl_u8(load4(p))));
+    const uint32x4_t n = vandq_u32(vshlq_u32(w, vdupq_n_s32(-static_cast<int32_t>(shift))), vdupq_n_u32(0xf));
+    return vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(n), vdupq_n_s32(8)));
   }
 };
 #endif

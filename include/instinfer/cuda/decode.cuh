@@ -26,7 +26,7 @@ struct paged_kv_desc {
   uint32_t n_kv_heads = 0;
   uint32_t head_dim = 0;  // 64, 128 or 256
   dtype kv_dtype = dtype::kF16;
-  uint32_t tokens_per_page = 0;  // a power of two
+  uint32_t tokens_per_page = 0;  // a power of two for f32 / f16 / bf16; floor(page / row) for q8_0 / q4_0
 };
 
 struct decode_launch {
@@ -57,7 +57,8 @@ result<decode_plan> plan_decode(const paged_kv_desc& kv, uint32_t group_size, ui
 status launch_decode(const decode_launch& args, const decode_plan& plan, void* workspace, cudaStream_t stream) noexcept;
 
 // Store n token rows into chunk `chunk` at token `first`: k, v are device rows
-// [n][n_kv_heads][head_dim] of kv_dtype, 16-byte aligned. Precondition: first + n <= tokens_per_page.
+// [n][n_kv_heads][head_dim] of kv_dtype (quantized: whole blocks), 16-byte aligned. Precondition:
+// first + n <= tokens_per_page.
 status launch_write_rows(const paged_kv_desc& kv, uint32_t chunk, uint32_t first, uint32_t n, const void* k,
                          const void* v, cudaStream_t stream) noexcept;
 

@@ -15,9 +15,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "instinfer/attention/state.hpp"
 #include "instinfer/core/config.hpp"
+#include "instinfer/core/dtype.hpp"
 
 // Loop unrolling hint for the device pass only (the host compiler warns about an unknown pragma).
 #if defined(__CUDA_ARCH__)
@@ -33,18 +35,23 @@ inline constexpr uint32_t kDecodeStages = 4;            // cp.async pipeline dep
 inline constexpr uint32_t kSmemOptInBytes = 48 * 1024;  // above this, the launch opts in to more shared memory
 inline constexpr uint32_t kMinSplitTokens = 256;        // never split a sequence finer than this
 
-template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t GroupTile>
+// ElemBytes sets the lanes' share of a row (16 / ElemBytes values per lane vector); RowBytes is
+// the stored row. Quantized rows (q8_0, q4_0: traits_for below) keep f16's lane mapping (8 values
+// of one block per lane vector) over their own row bytes, staged with 4-byte copies when a row is
+// no multiple of 16 bytes.
+template <uint32_t HeadDim, uint32_t ElemBytes, uint32_t GroupTile, uint32_t RowBytes = HeadDim* ElemBytes>
 struct decode_traits {
   static_assert(HeadDim == 64 || HeadDim == 128 || HeadDim == 256, "head_dim must be 64, 128 or 256");
   static_assert(ElemBytes == 2 || ElemBytes == 4, "KV elements are f16/bf16 (2 bytes) or f32 (4 bytes)");
   static_assert(GroupTile == 1 || GroupTile == 2 || GroupTile == 4 || GroupTile == 8);
+  static_assert(RowBytes % 4 == 0, "rows are staged in 4- or 16-byte copies");
 
   static constexpr uint32_t kHeadDim = HeadDim;
   static constexpr uint32_t kGroup = GroupTile;
   static constexpr uint32_t kThreads = kDecodeThreads;
-  static constexpr uint32_t kVecElems = 16 / ElemBytes;  // elements per 16-byte load
-  static constexpr uint32_t kRowBytes = HeadDim * ElemBytes;
-  static constexpr uint32_t kVecsPerRow = kRowBytes / 16;
+  static constexpr uint32_t kVecElems = 16 / ElemBytes;  // elements per lane vector (a 16-byte load when dense)
+  static constexpr uint32_t kRowBytes = RowBytes;
+  static constexpr uint32_t kVecsPerRow = HeadDim / kVecElems;
   static constexpr uint32_t kLanesPerRow = kVecsPerRow < 32 ? kVecsPerRow : 32;
   static constexpr uint32_t kVecsPerLane = kVecsPerRow / kLanesPerRow;
   static constexpr uint32_t kElemsPerLane = kVecsPerLane * kVecElems;
@@ -52,11 +59,15 @@ struct decode_traits {
   // Bytes of K (and of V) per stage: larger tiles amortise the per-tile state merge over more
   // tokens; 8 query heads keep 4 KiB tiles so the registers (q, o per head) do not spill.
   static constexpr uint32_t kTileBytes = GroupTile >= 8 ? 4096 : 8192;
-  static constexpr uint32_t kTileTokens = kTileBytes / kRowBytes > kRowGroups ? kTileBytes / kRowBytes : kRowGroups;
+  static constexpr uint32_t kTileTokens =
+      kTileBytes / kRowBytes > kRowGroups ? kTileBytes / kRowBytes / kRowGroups* kRowGroups : kRowGroups;
   static constexpr uint32_t kTokensPerGroup = kTileTokens / kRowGroups;
   static constexpr uint32_t kStages = kDecodeStages;
   static constexpr uint32_t kStageBytes = 2 * kTileTokens * kRowBytes;  // K tile, then V tile
-  static constexpr uint32_t kCopiesPerStage = kStageBytes / 16;         // 16-byte cp.async per stage
+  static constexpr uint32_t kCopyBytes = kRowBytes % 16 == 0 ? 16 : 4;  // one cp.async
+  static constexpr uint32_t kCopiesPerRow = kRowBytes / kCopyBytes;
+  static constexpr uint32_t kCopiesPerStage = kStageBytes / kCopyBytes;
+  static constexpr uint32_t kCopyRounds = (kCopiesPerStage + kThreads - 1) / kThreads;
   static constexpr uint32_t kMergeBytes = kRowGroups * GroupTile * HeadDim * 4;
   static constexpr uint32_t kSmemBytes = kStages * kStageBytes > kMergeBytes ? kStages* kStageBytes : kMergeBytes;
 
@@ -64,7 +75,9 @@ struct decode_traits {
   static_assert(32 % kLanesPerRow == 0, "a row's lanes must sit in one warp (shuffle reduction)");
   static_assert(kVecsPerLane * kLanesPerRow == kVecsPerRow);
   static_assert(kTileTokens % kRowGroups == 0);
-  static_assert(kCopiesPerStage % kThreads == 0, "every thread issues the same number of copies");
+  static_assert(RowBytes != HeadDim * ElemBytes || kCopiesPerStage % kThreads == 0,
+                "dense rows: every thread issues the same number of copies");
+  static_assert((kTileTokens * kRowBytes) % kCopyBytes == 0, "the V tile starts on a copy boundary");
   static_assert(kSmemBytes <= 96 * 1024, "fits sm_80 and sm_90 with two resident blocks per SM");
 
   // First element of head_dim owned by vector `vec` (< kVecsPerLane) of lane `lane`. Vectors are
@@ -73,6 +86,30 @@ struct decode_traits {
     return (vec * kLanesPerRow + lane) * kVecElems;
   }
 };
+
+// The kernel's traits for a KV dtype (the one mapping from dtype to traits).
+template <uint32_t HeadDim, dtype DT, uint32_t GroupTile>
+using traits_for = decode_traits<HeadDim, is_quantized(DT) ? 2u : dtype_size(DT), GroupTile,
+                                 static_cast<uint32_t>(dtype_row_bytes(DT, HeadDim))>;
+
+// Values e0 .. e0 + 7 (e0 a multiple of 8) of a quantized row, dequantized: they lie in one block
+// (and, for q4_0, in one half of its nibbles). row: the row's first byte (2-byte aligned).
+template <dtype DT>
+INSTINFER_HOST_DEVICE INSTINFER_INLINE void dequantize8(const unsigned char* row, uint32_t e0, float* f) noexcept {
+  static_assert(is_quantized(DT));
+  const unsigned char* block = row + (e0 / kQuantBlock) * dtype_block_bytes(DT);
+  const uint32_t o = e0 % kQuantBlock;
+  const float d = f16_to_float(f16_t{static_cast<uint16_t>(block[0] | (block[1] << 8))});
+  if constexpr (DT == dtype::kQ8_0) {
+    INSTINFER_UNROLL
+    for (uint32_t i = 0; i < 8; ++i) f[i] = static_cast<float>(static_cast<int8_t>(block[2 + o + i])) * d;
+  } else {
+    const uint32_t shift = o < 16 ? 0u : 4u;
+    INSTINFER_UNROLL
+    for (uint32_t i = 0; i < 8; ++i)
+      f[i] = static_cast<float>(static_cast<int>((block[2 + o % 16 + i] >> shift) & 0xfu) - 8) * d;
+  }
+}
 
 // The logit of one (query head, token): scale, then the optional soft-cap (same order as the host).
 INSTINFER_HOST_DEVICE INSTINFER_INLINE float decode_logit(float dot, float scale, float softcap) noexcept {
@@ -118,15 +155,23 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE uint32_t seq_tokens(uint32_t n_chunks, ui
   return n_chunks == 0 ? 0u : (n_chunks - 1) * tokens_per_page + last_len;
 }
 
-// Byte offset in the pool of row `token` of (kind, kv_head) for the chunk holding it, with the
-// chunk laid out as chunk_layout says ([K|V][n_kv_heads][tokens_per_page][head_dim]).
-//   kind: 0 = K, 1 = V; log2_tpp: log2(tokens_per_page) (tokens_per_page is a power of two).
+// Byte offset in the pool of row `row` (of its page) of (kind, kv_head) in chunk `chunk`, laid
+// out as chunk_layout says ([K|V][n_kv_heads][tokens_per_page][row]). kind: 0 = K, 1 = V.
+INSTINFER_HOST_DEVICE INSTINFER_INLINE uint64_t kv_page_row_offset(uint32_t chunk, uint64_t chunk_bytes,
+                                                                   uint32_t page_bytes, uint32_t n_kv_heads,
+                                                                   uint32_t kind, uint32_t kv_head, uint32_t row,
+                                                                   uint32_t row_bytes) noexcept {
+  return uint64_t{chunk} * chunk_bytes + uint64_t{kind * n_kv_heads + kv_head} * page_bytes + uint64_t{row} * row_bytes;
+}
+
+// The same for token `token` of the sequence when tokens_per_page = 2^log2_tpp (the dense types;
+// a quantized page's tokens_per_page is none: token / tpp and token % tpp there).
 INSTINFER_HOST_DEVICE INSTINFER_INLINE uint64_t kv_row_offset(uint32_t chunk, uint64_t chunk_bytes, uint32_t page_bytes,
                                                               uint32_t n_kv_heads, uint32_t kind, uint32_t kv_head,
                                                               uint32_t token, uint32_t log2_tpp,
                                                               uint32_t row_bytes) noexcept {
-  const uint32_t row = token & ((1u << log2_tpp) - 1u);
-  return uint64_t{chunk} * chunk_bytes + uint64_t{kind * n_kv_heads + kv_head} * page_bytes + uint64_t{row} * row_bytes;
+  return kv_page_row_offset(chunk, chunk_bytes, page_bytes, n_kv_heads, kind, kv_head, token & ((1u << log2_tpp) - 1u),
+                            row_bytes);
 }
 
 // How a batch is split over token ranges. Sequence b uses splits_for(len_b) splits of
@@ -198,6 +243,12 @@ static_assert(traits_f32_256_8::kTileTokens == 4 && traits_f32_256_8::kTokensPer
 using traits_f16_64_1 = decode_traits<64, 2, 1>;
 static_assert(traits_f16_64_1::kLanesPerRow == 8 && traits_f16_64_1::kRowGroups == 16);
 static_assert(traits_f16_64_1::kTileTokens == 64);
+// Quantized rows: f16's lanes over 136-byte (q8_0) / 72-byte (q4_0) rows in 4-byte copies.
+using traits_q8_128_4 = traits_for<128, dtype::kQ8_0, 4>;
+static_assert(traits_q8_128_4::kRowBytes == 136 && traits_q8_128_4::kCopyBytes == 4);
+static_assert(traits_q8_128_4::kLanesPerRow == 16 && traits_q8_128_4::kTileTokens == 56);
+static_assert(traits_for<256, dtype::kQ4_0, 8>::kCopyBytes == 16 && traits_for<64, dtype::kQ4_0, 1>::kRowBytes == 36);
+static_assert(std::is_same_v<traits_for<128, dtype::kF16, 8>, traits_f16_128_8>);
 static_assert(plan_decode_splits(32768, 1056, 528, 16).max_splits == 1);  // two full waves already
 static_assert(plan_decode_splits(32768, 128, 396, 32).max_splits == 3);   // 384 of 396 slots, one wave
 static_assert(plan_decode_splits(32768, 8, 528, 16).max_splits == 63);    // 504 of 528 slots; 64 is < 2 % better

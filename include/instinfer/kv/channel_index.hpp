@@ -54,7 +54,7 @@ class channel_index {
   static result<channel_index> create(const channel_layout& layout) {
     if (channel_layout::check(layout.page_bytes, layout.head_dim, layout.kv_dtype, layout.channels_per_page,
                               layout.n_kv_heads) != errc::kOk ||
-        layout.tokens_per_page != layout.page_bytes / (layout.channels_per_page * dtype_size(layout.kv_dtype)))
+        layout.tokens_per_page != layout.page_bytes / (layout.channels_per_page * layout.elem_bytes()))
       return status{errc::kInvalidArgument, "channel_index: invalid column layout (use channel_layout::make)"};
     try {
       return channel_index(layout);
@@ -105,7 +105,7 @@ class channel_index {
     const channel_layout& L = layout_;
     const uint32_t end = n_tokens_ + n;
     INSTINFER_TRY(grow((size_t{end} + tp() - 1) / tp()));
-    const uint64_t row_stride = uint64_t{L.n_kv_heads} * L.head_dim * L.elem_bytes();
+    const uint64_t row_stride = uint64_t{L.n_kv_heads} * L.row_bytes();
     for (uint32_t i = 0; i < n;) {  // block by block
       const uint32_t tok = n_tokens_ + i;
       const uint32_t b = tok / tp();
@@ -151,7 +151,7 @@ class channel_index {
     if (partial > 0) {  // the new tail block: K columns rewritten when given, V summed afresh
       std::vector<double>& bs = block_sum_[keep - 1];
       std::fill(bs.begin(), bs.end(), 0.0);
-      const uint64_t row = uint64_t{layout_.head_dim} * layout_.elem_bytes();
+      const uint64_t row = layout_.row_bytes();
       if (k_tail != nullptr) {
         layout_.transpose_rows(blocks_[keep - 1].data(), 0, partial, k_tail, v_tail, row * layout_.n_kv_heads, row,
                                bs.data());

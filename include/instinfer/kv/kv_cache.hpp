@@ -79,7 +79,9 @@ class kv_cache {
   bool contains(seq_id seq) const;
 
   // Append n tokens of one layer. k, v: [n][n_kv_heads][head_dim] of `src_dtype` (f32 is converted
-  // to the cache dtype; rows already in the cache dtype are copied).
+  // to the cache dtype, and so are f16 / bf16 into a quantized cache (q8_0, q4_0: quantized
+  // block by block as ggml does); rows already in the cache dtype are copied). Quantizing refuses
+  // non-finite values with kInvalidArgument.
   status append(seq_id seq, uint32_t layer, uint32_t n_tokens, const void* k, const void* v, dtype src_dtype);
 
   // Decode attention of one layer. q: [n_seq][n_q_heads][head_dim]; out: same shape; lse:
@@ -175,6 +177,8 @@ class kv_cache {
   // on_truncate with the same rows instead).
   status append_to_table(seq_id seq, uint32_t layer, layer_table& t, uint32_t n_tokens, const std::byte* k,
                          const std::byte* v, bool notify = true);
+  status convert_rows(uint32_t n_tokens, const void* k, const void* v, dtype src_dtype, const std::byte*& kb,
+                      const std::byte*& vb);
   void release_table(layer_table& t) noexcept;
   status fill_batch(uint32_t layer, std::span<const seq_id> seqs);
   attend_batch batch_view(const float* q, float* out, float* lse) const noexcept;

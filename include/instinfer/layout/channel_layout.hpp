@@ -17,6 +17,17 @@
 // Blocks are append-only and written whole; the tokens of the last, partial block stay in a
 // buffer (the drive's DRAM group buffer) until it fills. Storing every K value twice makes the
 // stored KV 1.5x the token-indexed KV (K + V + K copy = 3 of 2).
+//
+// Quantized caches (q8_0, q4_0): a column page holds one value per (channel, token), and a
+// quantized value has no bytes of its own (its scale covers 32 channels of the row), so the column
+// copy stores f16 of the dequantized K values (`column_dtype`). f16 rounds them by at most 2^-11
+// relative, far below the quantization error itself (about 2^-8 of a block's amax for q8_0, 2^-4
+// for q4_0), and only the approximate scores that choose tokens read the columns: the exact pass
+// reads the quantized rows. f32 columns would be exact but double the column reads that SparF
+// exists to save; a quantized column (32 tokens of one channel per block) would need its own
+// scales and formats. The copy is then larger than the quantized K (2 bytes a value against 1.0625
+// for q8_0, 0.5625 for q4_0): K + V + copy is 1 + 2 / (2 x 1.0625) = 1.94x the quantized K + V for
+// q8_0 and 1 + 2 / (2 x 0.5625) = 2.78x for q4_0, instead of the dense types' 1.5x.
 #pragma once
 
 #include <cstddef>
@@ -37,12 +48,17 @@ struct channel_layout {
 
   uint32_t page_bytes = 0;
   uint32_t head_dim = 0;
-  dtype kv_dtype = dtype::kF16;
+  dtype kv_dtype = dtype::kF16;  // the cache's (token rows') dtype
   uint32_t channels_per_page = 0;
   uint32_t tokens_per_page = 0;  // tokens of one column page (and of one column block)
   uint32_t n_kv_heads = 0;
 
-  constexpr uint32_t elem_bytes() const noexcept { return dtype_size(kv_dtype); }
+  // The dtype of the column values: the cache dtype, or f16 for a quantized cache.
+  static constexpr dtype column_dtype(dtype kv) noexcept { return is_quantized(kv) ? dtype::kF16 : kv; }
+  constexpr dtype column_dtype() const noexcept { return column_dtype(kv_dtype); }
+  // Bytes of one column value, and of one token row of one head in the cache dtype.
+  constexpr uint32_t elem_bytes() const noexcept { return dtype_size(column_dtype()); }
+  constexpr uint32_t row_bytes() const noexcept { return static_cast<uint32_t>(dtype_row_bytes(kv_dtype, head_dim)); }
   // Column pages per (kv_head, block): channel groups of a head.
   constexpr uint32_t groups() const noexcept { return head_dim / channels_per_page; }
   constexpr uint32_t pages_per_block() const noexcept { return n_kv_heads * groups(); }
@@ -69,17 +85,16 @@ struct channel_layout {
   constexpr uint64_t stored_bytes(uint64_t n_tokens) const noexcept {
     return (n_tokens / tokens_per_page) * block_bytes();
   }
-  // Bytes of token-indexed K and V for the same tokens (whole values, no page rounding).
-  constexpr uint64_t kv_bytes(uint64_t n_tokens) const noexcept {
-    return 2ull * n_tokens * n_kv_heads * head_dim * elem_bytes();
-  }
-  // (K + V + column copy) / (K + V) for whole blocks: always 1.5 (the paper's 1.5x).
+  // Bytes of token-indexed K and V for the same tokens (whole rows, no page rounding).
+  constexpr uint64_t kv_bytes(uint64_t n_tokens) const noexcept { return 2ull * n_tokens * n_kv_heads * row_bytes(); }
+  // (K + V + column copy) / (K + V) for whole blocks: 1.5 (the paper's 1.5x) for the dense types.
   static constexpr double storage_overhead() noexcept { return 1.5; }
 
   // Channels per page giving about kTargetTokensPerPage tokens per column page, within [1, head_dim].
   static constexpr uint32_t default_channels_per_page(uint32_t page_bytes, uint32_t head_dim, dtype t) noexcept {
     uint32_t c = 1;
-    while (c < head_dim && uint64_t{page_bytes} / (uint64_t{c} * dtype_size(t)) > kTargetTokensPerPage) c *= 2;
+    const uint32_t es = dtype_size(column_dtype(t));
+    while (c < head_dim && uint64_t{page_bytes} / (uint64_t{c} * es) > kTargetTokensPerPage) c *= 2;
     return c;
   }
 
@@ -88,19 +103,21 @@ struct channel_layout {
                               uint32_t n_kv_heads) noexcept {
     if (page_bytes < kMinPageBytes || page_bytes > kMaxPageBytes || (page_bytes & (page_bytes - 1)) != 0)
       return errc::kInvalidArgument;
-    if (!is_valid_dtype(t) || head_dim == 0 || n_kv_heads == 0) return errc::kInvalidArgument;
+    if (!is_valid_dtype(t) || head_dim == 0 || n_kv_heads == 0 || !dtype_holds(t, head_dim))
+      return errc::kInvalidArgument;
     if (channels_per_page == 0 || channels_per_page > head_dim || head_dim % channels_per_page != 0)
       return errc::kInvalidArgument;
     if ((channels_per_page & (channels_per_page - 1)) != 0) return errc::kInvalidArgument;
-    if (uint64_t{channels_per_page} * dtype_size(t) > page_bytes) return errc::kInvalidArgument;
+    if (uint64_t{channels_per_page} * dtype_size(column_dtype(t)) > page_bytes) return errc::kInvalidArgument;
     return errc::kOk;
   }
 
   // Precondition: check(...) == kOk (use `make` for runtime values).
   static constexpr channel_layout unchecked(uint32_t page_bytes, uint32_t head_dim, dtype t, uint32_t channels_per_page,
                                             uint32_t n_kv_heads) noexcept {
-    return channel_layout{page_bytes, head_dim, t, channels_per_page, page_bytes / (channels_per_page * dtype_size(t)),
-                          n_kv_heads};
+    return channel_layout{
+        page_bytes, head_dim, t, channels_per_page, page_bytes / (channels_per_page * dtype_size(column_dtype(t))),
+        n_kv_heads};
   }
 
   // channels_per_page == 0: default_channels_per_page.
@@ -112,8 +129,10 @@ struct channel_layout {
     if (page_bytes < kMinPageBytes || page_bytes > kMaxPageBytes || (page_bytes & (page_bytes - 1)) != 0)
       return status{errc::kInvalidArgument,
                     "column page_bytes must be a power of two in [512, 65536], got " + std::to_string(page_bytes)};
-    if (!is_valid_dtype(t) || head_dim == 0 || n_kv_heads == 0)
-      return status{errc::kInvalidArgument, "column layout needs a valid dtype, head_dim >= 1 and n_kv_heads >= 1"};
+    if (!is_valid_dtype(t) || head_dim == 0 || n_kv_heads == 0 || !dtype_holds(t, head_dim))
+      return status{errc::kInvalidArgument,
+                    "column layout needs a valid dtype, head_dim >= 1 (whole blocks of a quantized dtype) and "
+                    "n_kv_heads >= 1"};
     return status{errc::kInvalidArgument, "channels_per_page must be a power of two dividing head_dim " +
                                               std::to_string(head_dim) + " whose values fit one " +
                                               std::to_string(page_bytes) + "-byte page, got " +
@@ -124,9 +143,9 @@ struct channel_layout {
   // tokens [first, first + n) of a column block (first + n <= tokens_per_page) from K and V rows,
   // K values into their column pages, V values added to v_sum [n_kv_heads][head_dim] in double,
   // token by token (so every copy of the index sums in the same order and agrees bit for bit).
-  // Rows are strided: element ch of (token i, head h) is at k + i * token_stride + h * head_stride
-  // + ch * elem_bytes() (engine rows [n][n_kv_heads][head_dim]: token_stride = n_kv_heads *
-  // head_stride, head_stride = head_dim * elem_bytes(); a chunk page: the reverse).
+  // Rows are strided: the row of (token i, head h) starts at k + i * token_stride + h * head_stride
+  // (engine rows [n][n_kv_heads][head_dim]: token_stride = n_kv_heads * head_stride, head_stride
+  // = row_bytes(); a chunk page: the reverse). A quantized K row is dequantized to f16 columns.
   void transpose_rows(std::byte* block, uint32_t first, uint32_t n, const std::byte* k, const std::byte* v,
                       uint64_t token_stride, uint64_t head_stride, double* v_sum) const noexcept {
     const uint32_t es = elem_bytes();
@@ -134,7 +153,14 @@ struct channel_layout {
       for (uint32_t h = 0; h < n_kv_heads; ++h) {
         const std::byte* krow = k + i * token_stride + h * head_stride;
         const std::byte* vrow = v + i * token_stride + h * head_stride;
-        for (uint32_t ch = 0; ch < head_dim; ++ch) std::memcpy(block + offset(h, first + i, ch), krow + ch * es, es);
+        if (is_quantized(kv_dtype)) {
+          for (uint32_t ch = 0; ch < head_dim; ++ch) {
+            const f16_t x = float_to_f16(load_as_float(krow, kv_dtype, ch));
+            std::memcpy(block + offset(h, first + i, ch), &x, sizeof x);
+          }
+        } else {
+          for (uint32_t ch = 0; ch < head_dim; ++ch) std::memcpy(block + offset(h, first + i, ch), krow + ch * es, es);
+        }
         double* vs = v_sum + uint64_t{h} * head_dim;
         for (uint32_t ch = 0; ch < head_dim; ++ch) vs[ch] += static_cast<double>(load_as_float(vrow, kv_dtype, ch));
       }
@@ -142,7 +168,7 @@ struct channel_layout {
   // Engine rows [n][n_kv_heads][head_dim] (the append path).
   void transpose_rows(std::byte* block, uint32_t first, uint32_t n, const std::byte* k, const std::byte* v,
                       double* v_sum) const noexcept {
-    const uint64_t row = uint64_t{head_dim} * elem_bytes();
+    const uint64_t row = row_bytes();
     transpose_rows(block, first, n, k, v, row * n_kv_heads, row, v_sum);
   }
 
@@ -174,6 +200,10 @@ static_assert(channel_layout::check(4096, 128, dtype::kF16, 3, 1) == errc::kInva
 static_assert(channel_layout::check(4096, 128, dtype::kF16, 256, 1) == errc::kInvalidArgument);  // > head_dim
 static_assert(channel_layout::check(4096, 128, dtype::kF16, 0, 1) == errc::kInvalidArgument);
 static_assert(channel_layout::check(512, 256, dtype::kF32, 256, 1) == errc::kInvalidArgument);  // 1 KiB > page
+// A quantized cache's columns are f16: the same column pages as an f16 cache's.
+static_assert(channel_layout::unchecked(4096, 128, dtype::kQ8_0, 4, 1).tokens_per_page == 512);
+static_assert(channel_layout::default_channels_per_page(4096, 128, dtype::kQ4_0) == 4);
+static_assert(channel_layout::unchecked(4096, 128, dtype::kQ4_0, 4, 2).kv_bytes(10) == 2ull * 10 * 2 * 72);
 }  // namespace detail
 
 }  // namespace instinfer

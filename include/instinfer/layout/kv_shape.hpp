@@ -20,9 +20,9 @@ struct kv_shape {
   constexpr uint32_t group_size() const noexcept { return n_kv_heads ? n_q_heads / n_kv_heads : 0; }
 
   // Bytes of K plus V for one token of one layer.
-  constexpr uint64_t token_bytes_per_layer() const noexcept {
-    return 2ull * n_kv_heads * head_dim * dtype_size(kv_dtype);
-  }
+  constexpr uint64_t token_bytes_per_layer() const noexcept { return 2ull * n_kv_heads * row_bytes(); }
+  // Bytes of one token's row of one kv head (head_dim elements, or head_dim / 32 blocks).
+  constexpr uint64_t row_bytes() const noexcept { return dtype_row_bytes(kv_dtype, head_dim); }
 
   // Head dims the kernels are instantiated for (see attention/dispatch.hpp).
   static constexpr bool is_supported_head_dim(uint32_t d) noexcept { return d == 64 || d == 128 || d == 256; }
@@ -40,6 +40,9 @@ struct kv_shape {
       return {errc::kInvalidArgument, "n_q_heads (" + std::to_string(n_q_heads) +
                                           ") must be a multiple of n_kv_heads (" + std::to_string(n_kv_heads) + ")"};
     if (!is_valid_dtype(kv_dtype)) return {errc::kInvalidArgument, "unknown KV dtype"};
+    if (!dtype_holds(kv_dtype, head_dim))
+      return {errc::kInvalidArgument, "head_dim " + std::to_string(head_dim) + " is not a multiple of the " +
+                                          std::string(dtype_name(kv_dtype)) + " block (32 values)"};
     if (!is_supported_head_dim(head_dim))
       return {errc::kUnsupported, "head_dim " + std::to_string(head_dim) + " is not supported (64, 128 or 256)"};
     return {};

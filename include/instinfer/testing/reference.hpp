@@ -1,6 +1,7 @@
 // Float64 reference decode attention, for tests and for checking backends.
 //
-// It reads exactly the stored values (f32 / f16 / bf16, widened exactly to double), computes
+// It reads exactly the stored values (f32 / f16 / bf16, and q8_0 / q4_0 dequantized, all exact in
+// float, widened exactly to double), computes
 // the logits, the softmax and the weighted sum of values in double, and returns double outputs
 // and lse. Slow and allocating by design: never on a hot path.
 #pragma once
@@ -24,7 +25,7 @@ namespace instinfer::reference {
 // scale: logit scale (> 0); softcap > 0 applies cap * tanh(logit / cap).
 inline void attend_rows(const void* k, const void* v, dtype t, uint64_t n_tokens, uint32_t head_dim, const float* q,
                         uint32_t n_heads, double scale, double softcap, double* out, double* lse) {
-  const size_t row = size_t{head_dim} * dtype_size(t);
+  const size_t row = dtype_row_bytes(t, head_dim);
   const auto* kb = static_cast<const std::byte*>(k);
   const auto* vb = static_cast<const std::byte*>(v);
   std::vector<double> logits(n_tokens);

@@ -92,7 +92,7 @@ inline status sparf_exact_head(const sparf_config& cfg, const sparf_selection& s
     if (chunk != last_chunk) c.token_pages_read += 2;  // the K page and the V page of this head
     last_chunk = chunk;
   }
-  c.token_bytes_used += 2ull * sel.n * d * dtype_size(cfg.tokens.page.kv_dtype);
+  c.token_bytes_used += 2ull * sel.n * cfg.tokens.page.row_bytes();
 
   // A stage at a time: gather, run the kernel, merge its partial state into the running one.
   const uint32_t per_stage = std::min<uint32_t>(

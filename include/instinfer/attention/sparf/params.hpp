@@ -182,7 +182,7 @@ struct sparf_config {
     if (group_size == 0) return {errc::kInvalidArgument, "SparF needs group_size >= 1"};
     const channel_layout& c = columns;
     if (channel_layout::check(c.page_bytes, c.head_dim, c.kv_dtype, c.channels_per_page, c.n_kv_heads) != errc::kOk ||
-        c.tokens_per_page != c.page_bytes / (c.channels_per_page * dtype_size(c.kv_dtype)))
+        c.tokens_per_page != c.page_bytes / (c.channels_per_page * c.elem_bytes()))
       return {errc::kInvalidArgument, "SparF column layout is invalid (use channel_layout::make)"};
     if (c.head_dim != g.head_dim || c.kv_dtype != g.kv_dtype || c.n_kv_heads != tokens.n_kv_heads)
       return {errc::kInvalidArgument, "SparF column layout and token chunks disagree on head_dim, dtype or kv heads"};

@@ -147,9 +147,9 @@ inline void approximate_scores(const sparf_config& cfg, const sparf_columns& col
                                uint32_t kv_head, const uint32_t* channels, const sparf_channel_choice& choice,
                                sparf_workspace& ws, sparf_counters& c) noexcept {
   const uint32_t d = cfg.head_dim(), G = cfg.group_size;
-  const dtype t = cfg.tokens.page.kv_dtype;
-  const uint32_t es = dtype_size(t);
   const channel_layout& cl = cfg.columns;
+  const dtype t = cl.column_dtype();  // f16 for a quantized cache (channel_layout.hpp)
+  const uint32_t es = cl.elem_bytes();
   const float scale = cfg.effective_scale();
   // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).
   for (uint32_t g = 0; g < G; ++g) {
@@ -270,7 +270,7 @@ inline sparf_selection sparf_select_head(const sparf_config& cfg, const sparf_pl
   float* alpha = alpha_out ? alpha_out : ws.alpha_.data();
   ++c.items;
   c.dense_pages += 2ull * n_chunks;
-  c.dense_bytes += 2ull * n * cfg.head_dim() * dtype_size(cfg.tokens.page.kv_dtype);
+  c.dense_bytes += 2ull * n * cfg.tokens.page.row_bytes();
   if (n == 0) return sparf_selection{order, 0, alpha};
 
   uint32_t* channels = ws.channels_.data();
