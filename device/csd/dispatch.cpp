@@ -40,7 +40,7 @@ namespace {
 // The u32 chunk ids a command carries as its payload.
 std::vector<uint32_t> chunk_ids(const std::byte* data, uint32_t n) {
   std::vector<uint32_t> ids(n);
-  std::memcpy(ids.data(), data, ids.size() * 4);
+  if (n != 0) std::memcpy(ids.data(), data, ids.size() * 4);  // an empty map: data() may be null
   return ids;
 }
 
@@ -242,6 +242,16 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   ns->count = c.capacity_chunks == 0 ? fit : c.capacity_chunks;
   if (ns->count == 0 || ns->count > (uint64_t{1} << 26))
     return {errc::kInvalidArgument, "namespace capacity must be in [1, 2^26] chunks, got " + std::to_string(ns->count)};
+  // Its tables (chunk entries, token L2P, generations) are allocated and filled now. Up to what the
+  // flash holds they are the drive's own size; a capacity beyond it (overcommitted logical chunks)
+  // may take at most the namespace's DRAM budget, the group buffer's size: a host must not make the
+  // drive commit gigabytes it cannot use.
+  const uint64_t table_bytes = ns->count * (sizeof(chunk_entry) + 4ull * ns->pages_per_chunk + (c.sparf ? 4 : 0));
+  if (ns->count > fit && table_bytes > ctx_.o.buffer_bytes)
+    return {errc::kNoSpace, "namespace of " + std::to_string(ns->count) + " chunks (the flash holds " +
+                                std::to_string(fit) + ") needs " + std::to_string(table_bytes) +
+                                " bytes of tables, over the drive's DRAM budget of " +
+                                std::to_string(ctx_.o.buffer_bytes)};
   if (next_base_ + ns->count >= kNoChunk) return {errc::kNoSpace, "chunk id space exhausted"};
   ns->params.layout = ns->layout;  // decode_driver's view; its chunk source stages one head per chunk
   ns->params.group_size = c.group_size;
