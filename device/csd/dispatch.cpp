@@ -467,6 +467,7 @@ result<std::unique_ptr<drive>> drive::create(const drive_options& options) {
     if (!f.ok()) return f.error();
     store = std::move(*f);
   }
+  if (options.fault.op != flash_fault::kind::kNone) store = make_faulty_flash(std::move(store), options.fault);
   try {
     return std::unique_ptr<drive>(new drive_impl(options, std::move(store)));
   } catch (const std::system_error& e) {
