@@ -330,7 +330,12 @@ status drive_impl::do_write(kv_namespace& ns, const sq_entry& e, const std::byte
     return {errc::kInvalidArgument, std::to_string(a.n_tokens) + " tokens from offset " +
                                         std::to_string(a.first_token) + " need " + std::to_string(need_chunks) +
                                         " chunks, command names " + std::to_string(a.n_chunks)};
-  if (uint64_t{a.first_index} + a.n_chunks > (1u << 30)) return {errc::kInvalidArgument, "page-table index too large"};
+  // The mirrored page table grows to the highest position written: a table cannot hold more chunks
+  // than the namespace has, and a larger position would make the drive allocate up to gigabytes.
+  if (uint64_t{a.first_index} + a.n_chunks > ns.count)
+    return {errc::kInvalidArgument, "page-table positions up to " +
+                                        std::to_string(uint64_t{a.first_index} + a.n_chunks) +
+                                        " exceed the namespace's " + std::to_string(ns.count) + " chunks"};
   const uint64_t row = ns.geo.row_bytes();
   const uint64_t kv_bytes = uint64_t{a.n_tokens} * ns.cfg.n_kv_heads * row;
   const uint64_t expect = uint64_t{a.n_chunks} * 4 + 2 * kv_bytes;
@@ -417,6 +422,9 @@ status drive_impl::do_copy(kv_namespace& ns, const sq_entry& e) {
   INSTINFER_TRY(ns.check_chunk(a.dst));
   INSTINFER_TRY(ns.check_chunk(a.src));
   if (a.dst == a.src) return {errc::kInvalidArgument, "copy onto itself"};
+  if (a.index >= ns.count)  // as for writes: the position bounds the mirrored page table's size
+    return {errc::kInvalidArgument, "page-table position " + std::to_string(a.index) + " exceeds the namespace's " +
+                                        std::to_string(ns.count) + " chunks"};
   if (!ns.layout.fits(0, a.n_tokens))
     return {errc::kInvalidArgument, "copy of " + std::to_string(a.n_tokens) + " tokens"};
   if (ns.entry(a.dst).n_tokens != 0) return {errc::kInvalidArgument, "copy destination is not empty"};

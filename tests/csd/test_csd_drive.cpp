@@ -739,3 +739,38 @@ TEST_CASE("fuzzer findings: the rows of a chunk past those written read back as 
     CHECK(std::memcmp(h.area() + p * page, want, row) == 0);
   }
 }
+
+// Found by fuzz/drive_fuzzer.cpp: a write at page-table position ~2^29 (under the old 2^30 limit)
+// made the drive resize that (sequence, layer)'s mirrored table to 3 GB; a copy's position was not
+// checked at all. A table cannot hold more chunks than the namespace has: positions are bounded by it.
+TEST_CASE("fuzzer findings: page-table positions beyond the namespace's chunks are refused") {
+  harness h = make(small_flash());
+  REQUIRE(h.configure(2, 1, 64, dtype::kF16).ok());
+  const uint32_t count = static_cast<uint32_t>(h.ns.chunk_count), base = static_cast<uint32_t>(h.ns.chunk_base);
+  std::mt19937 rng(10);
+  const auto k = csd_test::random_rows(rng, 1, 2, 64, dtype::kF16);
+  const auto write_at = [&](uint32_t chunk, uint32_t position) {
+    std::memcpy(h.area(), &chunk, 4);
+    std::memcpy(h.area() + 4, k.data(), k.size());
+    std::memcpy(h.area() + 4 + k.size(), k.data(), k.size());
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kWriteKv);
+    e.nsid = h.ns.nsid;
+    e.data_bytes = static_cast<uint32_t>(4 + 2 * k.size());
+    set_args(e, write_kv_args{1, 0, position, 0, 1, 1, 0});
+    return h.raw(e);
+  };
+  for (uint32_t position : {count, 1u << 29, UINT32_MAX - 1}) {
+    const command_outcome r = write_at(base, position);
+    CHECK(r.cqe.status == static_cast<int16_t>(errc::kInvalidArgument));
+  }
+  CHECK(write_at(base, count - 1).cqe.status == 0);  // the last position is fine
+
+  sq_entry e{};
+  e.opcode = static_cast<uint8_t>(opcode::kCopy);
+  e.nsid = h.ns.nsid;
+  set_args(e, copy_args{2, 0, count, base + 1, base, 1});
+  CHECK(h.raw(e).cqe.status == static_cast<int16_t>(errc::kInvalidArgument));
+  set_args(e, copy_args{2, 0, 0, base + 1, base, 1});
+  CHECK(h.raw(e).cqe.status == 0);
+}
