@@ -41,7 +41,7 @@ namespace {
 // The u32 chunk ids a command carries as its payload.
 std::vector<uint32_t> chunk_ids(const std::byte* data, uint32_t n) {
   std::vector<uint32_t> ids(n);
-  std::memcpy(ids.data(), data, ids.size() * 4);
+  if (n != 0) std::memcpy(ids.data(), data, ids.size() * 4);  // an empty map: data() may be null
   return ids;
 }
 
@@ -255,6 +255,16 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   ns->count = c.capacity_chunks == 0 ? fit : c.capacity_chunks;
   if (ns->count == 0 || ns->count > (uint64_t{1} << 26))
     return {errc::kInvalidArgument, "namespace capacity must be in [1, 2^26] chunks, got " + std::to_string(ns->count)};
+  // Its tables (chunk entries, token L2P, generations) are allocated and filled now. Up to what the
+  // flash holds they are the drive's own size; a capacity beyond it (overcommitted logical chunks)
+  // may take at most the namespace's DRAM budget, the group buffer's size: a host must not make the
+  // drive commit gigabytes it cannot use.
+  const uint64_t table_bytes = ns->count * (sizeof(chunk_entry) + 4ull * ns->pages_per_chunk + (c.sparf ? 4 : 0));
+  if (ns->count > fit && table_bytes > ctx_.o.buffer_bytes)
+    return {errc::kNoSpace, "namespace of " + std::to_string(ns->count) + " chunks (the flash holds " +
+                                std::to_string(fit) + ") needs " + std::to_string(table_bytes) +
+                                " bytes of tables, over the drive's DRAM budget of " +
+                                std::to_string(ctx_.o.buffer_bytes)};
   if (next_base_ + ns->count >= kNoChunk) return {errc::kNoSpace, "chunk id space exhausted"};
   ns->params.layout = ns->layout;  // decode_driver's view; its chunk source stages one head per chunk
   ns->params.group_size = c.group_size;
@@ -333,7 +343,12 @@ status drive_impl::do_write(kv_namespace& ns, const sq_entry& e, const std::byte
     return {errc::kInvalidArgument, std::to_string(a.n_tokens) + " tokens from offset " +
                                         std::to_string(a.first_token) + " need " + std::to_string(need_chunks) +
                                         " chunks, command names " + std::to_string(a.n_chunks)};
-  if (uint64_t{a.first_index} + a.n_chunks > (1u << 30)) return {errc::kInvalidArgument, "page-table index too large"};
+  // The mirrored page table grows to the highest position written: a table cannot hold more chunks
+  // than the namespace has, and a larger position would make the drive allocate up to gigabytes.
+  if (uint64_t{a.first_index} + a.n_chunks > ns.count)
+    return {errc::kInvalidArgument, "page-table positions up to " +
+                                        std::to_string(uint64_t{a.first_index} + a.n_chunks) +
+                                        " exceed the namespace's " + std::to_string(ns.count) + " chunks"};
   const uint64_t row = ns.geo.row_bytes();
   const uint64_t kv_bytes = uint64_t{a.n_tokens} * ns.cfg.n_kv_heads * row;
   const uint64_t expect = uint64_t{a.n_chunks} * 4 + 2 * kv_bytes;
@@ -420,6 +435,9 @@ status drive_impl::do_copy(kv_namespace& ns, const sq_entry& e) {
   INSTINFER_TRY(ns.check_chunk(a.dst));
   INSTINFER_TRY(ns.check_chunk(a.src));
   if (a.dst == a.src) return {errc::kInvalidArgument, "copy onto itself"};
+  if (a.index >= ns.count)  // as for writes: the position bounds the mirrored page table's size
+    return {errc::kInvalidArgument, "page-table position " + std::to_string(a.index) + " exceeds the namespace's " +
+                                        std::to_string(ns.count) + " chunks"};
   if (!ns.layout.fits(0, a.n_tokens))
     return {errc::kInvalidArgument, "copy of " + std::to_string(a.n_tokens) + " tokens"};
   if (ns.entry(a.dst).n_tokens != 0) return {errc::kInvalidArgument, "copy destination is not empty"};
@@ -470,6 +488,7 @@ result<std::unique_ptr<drive>> drive::create(const drive_options& options) {
     if (!f.ok()) return f.error();
     store = std::move(*f);
   }
+  if (options.fault.op != flash_fault::kind::kNone) store = make_faulty_flash(std::move(store), options.fault);
   try {
     return std::unique_ptr<drive>(new drive_impl(options, std::move(store)));
   } catch (const std::system_error& e) {

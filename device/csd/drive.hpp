@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 
+#include "flash_store.hpp"
 #include "instinfer/core/status.hpp"
 #include "instinfer/csd/models.hpp"
 #include "instinfer/csd/protocol.hpp"
@@ -27,6 +28,7 @@ struct drive_options {
   uint32_t max_namespaces = 16;
   uint32_t pages_per_batch = 16;       // chunks a worker streams per read batch (double-buffered)
   uint32_t debug_attend_delay_ms = 0;  // test seam: attend sleeps this long (kill-during-attend tests)
+  flash_fault fault{};                 // test seam: injected flash errors (fault tests)
 
   status validate() const;
 };

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <variant>
@@ -54,6 +55,30 @@ bool store(const numeric_option& opt, const char* text) {
   u <<= opt.shift;
   std::visit([&](auto* p) { *p = static_cast<std::remove_pointer_t<decltype(p)>>(u); }, opt.target);
   return true;
+}
+
+// INSTINFER_CSD_FAULT=read:N[:COUNT] or program:N[:COUNT] (test seam, docs/csd.md): the drive's
+// N-th flash page read or program, and the COUNT - 1 after it, fail with an I/O error. An
+// environment variable, not an option: hosts pass their environment to the drives they start, so
+// a test reaches a drive it starts through the csd: backend without a URI option for it.
+bool parse_fault(const char* text, flash_fault& f) {
+  const std::string_view s = text;
+  const size_t colon = s.find(':');
+  if (colon == std::string_view::npos) return false;
+  const std::string_view what = s.substr(0, colon);
+  if (what == "read")
+    f.op = flash_fault::kind::kRead;
+  else if (what == "program")
+    f.op = flash_fault::kind::kProgram;
+  else
+    return false;
+  std::string rest(s.substr(colon + 1));
+  const size_t second = rest.find(':');
+  if (second != std::string::npos) {
+    if (!parse_u64(rest.c_str() + second + 1, f.count) || f.count == 0) return false;
+    rest.resize(second);
+  }
+  return parse_u64(rest.c_str(), f.nth) && f.nth > 0;
 }
 
 }  // namespace
@@ -112,6 +137,11 @@ std::optional<int> parse_process_options(int argc, char** argv, process_options&
       usage();
       return 2;
     }
+  }
+  if (const char* fault = std::getenv("INSTINFER_CSD_FAULT"); fault && *fault && !parse_fault(fault, d.fault)) {
+    std::fprintf(stderr, "instinfer-csd: INSTINFER_CSD_FAULT must be read:N[:COUNT] or program:N[:COUNT], got '%s'\n",
+                 fault);
+    return 2;
   }
   if ((o.shm_fd < 0) == o.name.empty()) {
     std::fprintf(stderr, "instinfer-csd: give exactly one of --shm-fd and --name\n");

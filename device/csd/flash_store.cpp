@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -160,7 +161,74 @@ class file_flash final : public flash_store {
   uint32_t write_handle_;
 };
 
+// ---- injected faults (test seam) ----------------------------------------------------------------
+class faulty_flash final : public flash_store {
+ public:
+  faulty_flash(std::unique_ptr<flash_store> inner, const flash_fault& f) : inner_(std::move(inner)), f_(f) {}
+
+  status program(uint32_t ppn, uint32_t n_pages, const std::byte* src) noexcept override {
+    if (hit(flash_fault::kind::kProgram)) return injected("program", ppn);
+    return inner_->program(ppn, n_pages, src);
+  }
+  status erase_block(uint32_t first_ppn) noexcept override { return inner_->erase_block(first_ppn); }
+  status read(uint32_t ppn, std::byte* dst) noexcept override {
+    if (hit(flash_fault::kind::kRead)) return injected("read", ppn);
+    return inner_->read(ppn, dst);
+  }
+  result<std::unique_ptr<page_reader>> make_reader(uint32_t depth) noexcept override {
+    auto r = inner_->make_reader(depth);
+    if (!r.ok()) return r.error();
+    return std::unique_ptr<page_reader>(new (std::nothrow) faulty_reader(*this, std::move(*r)));
+  }
+  bool direct_io() const noexcept override { return inner_->direct_io(); }
+  bool ram() const noexcept override { return inner_->ram(); }
+
+ private:
+  // A failed queued read completes with the error at wait_all, like a failed io_uring read.
+  class faulty_reader final : public page_reader {
+   public:
+    faulty_reader(faulty_flash& f, std::unique_ptr<page_reader> inner) : f_(f), inner_(std::move(inner)) {}
+    status queue(uint32_t ppn, std::byte* dst) noexcept override {
+      if (f_.hit(flash_fault::kind::kRead)) {
+        if (failed_.ok()) failed_ = injected("read", ppn);
+        return {};
+      }
+      return inner_->queue(ppn, dst);
+    }
+    status submit() noexcept override { return inner_->submit(); }
+    status wait_all() noexcept override {
+      status s = inner_->wait_all();
+      if (!failed_.ok()) s = std::move(failed_), failed_ = {};
+      return s;
+    }
+
+   private:
+    faulty_flash& f_;
+    std::unique_ptr<page_reader> inner_;
+    status failed_;
+  };
+
+  static status injected(const char* what, uint32_t ppn) {
+    return {errc::kIoError, std::string("flash page ") + what + " of page " + std::to_string(ppn) +
+                                ": injected fault (INSTINFER_CSD_FAULT): " + std::strerror(EIO)};
+  }
+  // Workers read concurrently: one counter per kind, atomically.
+  bool hit(flash_fault::kind k) noexcept {
+    if (f_.op != k) return false;
+    const uint64_t i = ++count_;
+    return i >= f_.nth && i - f_.nth < f_.count;
+  }
+
+  std::unique_ptr<flash_store> inner_;
+  flash_fault f_;
+  std::atomic<uint64_t> count_{0};
+};
+
 }  // namespace
+
+std::unique_ptr<flash_store> make_faulty_flash(std::unique_ptr<flash_store> inner, const flash_fault& fault) {
+  return std::make_unique<faulty_flash>(std::move(inner), fault);
+}
 
 std::unique_ptr<flash_store> make_ram_flash(const flash_params& p) {
   return std::make_unique<ram_flash>(p);

@@ -38,6 +38,16 @@ class flash_store {
   virtual bool ram() const noexcept = 0;
 };
 
+// Test seam: injected flash errors. Page reads (synchronous and through readers) and page-run
+// programs are counted from 1; those numbered [nth, nth + count) fail with kIoError, as an EIO
+// from the device would. The drive process sets it from INSTINFER_CSD_FAULT (drive_cli.cpp).
+struct flash_fault {
+  enum class kind : uint8_t { kNone, kRead, kProgram };
+  kind op = kind::kNone;
+  uint64_t nth = 0;
+  uint64_t count = 1;
+};
+
 // RAM-backed flash; blocks are allocated when first programmed and freed when erased.
 std::unique_ptr<flash_store> make_ram_flash(const flash_params& p);
 // File or block device. A file is created (sparse) and sized to the flash capacity. O_DIRECT is
@@ -45,5 +55,7 @@ std::unique_ptr<flash_store> make_ram_flash(const flash_params& p);
 // `allow_buffered`, else kUnsupported.
 result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const std::string& path,
                                                      bool allow_buffered);
+// `inner` with the fault injected (fault.op != kNone).
+std::unique_ptr<flash_store> make_faulty_flash(std::unique_ptr<flash_store> inner, const flash_fault& fault);
 
 }  // namespace instinfer::csd

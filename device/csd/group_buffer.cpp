@@ -1,5 +1,7 @@
 #include "group_buffer.hpp"
 
+#include <cstring>
+
 namespace instinfer::csd {
 
 result<uint32_t> group_buffer::acquire_slot(kv_namespace& ns, uint64_t chunk) {
@@ -51,6 +53,11 @@ result<std::byte*> group_buffer::buffered(kv_namespace& ns, uint64_t chunk) {
   if (ce.on_flash) {
     INSTINFER_TRY(ftl_.move_to_dram(ns, chunk, dst));
     ++ctx_.stats.buffer_reloads;
+  } else {
+    // Nothing stored yet. The slot still holds what it held before (another chunk's rows, or heap
+    // memory another namespace freed), and reads and programs take whole pages: the rows past what
+    // is written must be zeros, never someone else's KV.
+    std::memset(dst, 0, ns.chunk_bytes);
   }
   return dst;
 }

@@ -17,7 +17,8 @@ class group_buffer {
  public:
   group_buffer(drive_context& ctx, token_ftl& ftl) noexcept : ctx_(ctx), ftl_(ftl) {}
 
-  // The chunk's bytes in a slot, for an append or a copy: reloaded from flash if it was programmed.
+  // The chunk's bytes in a slot, for an append or a copy: reloaded from flash if it was programmed,
+  // zeros if nothing was stored.
   result<std::byte*> buffered(kv_namespace& ns, uint64_t chunk);
   // The chunk is full: program it and free its slot.
   status seal(kv_namespace& ns, uint64_t chunk, uint64_t position_hint);

@@ -709,6 +709,123 @@ TEST_CASE("malformed commands and foreign namespaces are rejected; the drive kee
   expect_reject(on_qp1(e), errc::kInvalidArgument, "deleted namespace");
 }
 
+// Found by fuzz/drive_fuzzer.cpp (docs/reliability.md).
+TEST_CASE("fuzzer findings: an empty map, and namespace tables beyond the flash within the DRAM budget") {
+  drive_options o = small_flash();
+  o.buffer_bytes = 1 << 20;
+  harness h = make(o);
+  REQUIRE(h.configure(2, 1, 64, dtype::kF16).ok());
+  std::mt19937 rng(8);
+  const auto k = csd_test::random_rows(rng, 20, 2, 64, dtype::kF16);
+  const auto v = csd_test::random_rows(rng, 20, 2, 64, dtype::kF16);
+  REQUIRE(h.append(1, 0, 0, k.data(), v.data(), 20, 20).ok());
+
+  // A map of no chunks forgets a (sequence, layer)'s table: a valid command, with no payload
+  // (it copied zero bytes to a null vector: undefined behaviour, reported by UBSan).
+  sq_entry e{};
+  e.opcode = static_cast<uint8_t>(opcode::kMap);
+  e.nsid = h.ns.nsid;
+  set_args(e, map_args{1, 0, 0});
+  CHECK(h.run(e).ok());
+  std::vector<float> out, lse;
+  const auto q = csd_test::random_q(rng, 2 * 64);
+  CHECK(h.attend(0, {attend_entry{1, 20, 0}}, q.data(), out, lse).code() == errc::kUnknownSequence);
+  e = sq_entry{};  // likewise: a reclaim of no chunks
+  e.opcode = static_cast<uint8_t>(opcode::kReclaim);
+  e.nsid = h.ns.nsid;
+  set_args(e, reclaim_args{});
+  CHECK(h.run(e).ok());
+
+  // A namespace of 2^26 chunks made the drive allocate and fill ~1.3 GB of tables for a flash of a
+  // few thousand pages. Beyond what the flash holds, the tables must fit the DRAM budget.
+  const auto config = [&](uint64_t chunks) {
+    namespace_config c = h.cfg;
+    c.capacity_chunks = chunks;
+    std::memcpy(h.area(), &c, sizeof c);
+    sq_entry cfg{};
+    cfg.opcode = static_cast<uint8_t>(opcode::kConfig);
+    cfg.data_bytes = sizeof c;
+    cfg.result_offset = 4096;
+    cfg.result_bytes = sizeof(namespace_info);
+    return h.raw(cfg);
+  };
+  const uint64_t fit = o.flash.total_pages() / 4;  // 4 pages per 2-head chunk
+  command_outcome r = config(uint64_t{1} << 26);
+  CHECK(r.cqe.status == static_cast<int16_t>(errc::kNoSpace));
+  CHECK(r.error.find("DRAM budget") != std::string::npos);
+  CHECK(config(fit).cqe.status == 0);      // what the flash holds: always
+  CHECK(config(4 * fit).cqe.status == 0);  // overcommitted, tables well within 1 MiB
+}
+
+// Found by fuzz/drive_fuzzer.cpp: a chunk read back returned whatever its DRAM slot held past the
+// rows written. Here a slot freed by one chunk is reused by the next; in the fuzzer, heap memory
+// that had held another namespace's KV (the drive's allocator reuses it) came back to the host.
+TEST_CASE("fuzzer findings: the rows of a chunk past those written read back as zeros") {
+  harness h = make(small_flash());
+  REQUIRE(h.configure(2, 1, 64, dtype::kF16).ok());
+  std::mt19937 rng(9);
+  const auto k = csd_test::random_rows(rng, 20, 2, 64, dtype::kF16);
+  const auto v = csd_test::random_rows(rng, 20, 2, 64, dtype::kF16);
+  REQUIRE(h.append(1, 0, 0, k.data(), v.data(), 20, 20).ok());  // a partial chunk: stays in its slot
+  const uint32_t first = h.tables[{1, 0}].front();
+  REQUIRE(h.reclaim_chunks({first}).ok());                    // its slot is free again
+  REQUIRE(h.append(2, 0, 0, k.data(), v.data(), 1, 1).ok());  // a fresh chunk takes it
+  const uint32_t second = h.tables[{2, 0}].front();
+  REQUIRE(second != first);
+
+  sq_entry e{};
+  e.opcode = static_cast<uint8_t>(opcode::kRead);
+  e.nsid = h.ns.nsid;
+  e.result_bytes = 1 << 20;
+  set_args(e, read_args{second, 1});
+  const command_outcome r = h.raw(e);
+  REQUIRE(r.cqe.status == 0);
+  const uint64_t page = 4096, row = h.row();
+  uint64_t stale = 0;
+  for (uint64_t p = 0; p < 4; ++p)  // [K|V][head 0, 1]: row 0 written, the rest never
+    for (uint64_t i = row; i < page; ++i) stale += h.area()[p * page + i] != std::byte{0};
+  CHECK(stale == 0);
+  for (uint64_t p = 0; p < 4; ++p) {
+    const std::byte* want = (p < 2 ? k.data() : v.data()) + (p % 2) * row;
+    CHECK(std::memcmp(h.area() + p * page, want, row) == 0);
+  }
+}
+
+// Found by fuzz/drive_fuzzer.cpp: a write at page-table position ~2^29 (under the old 2^30 limit)
+// made the drive resize that (sequence, layer)'s mirrored table to 3 GB; a copy's position was not
+// checked at all. A table cannot hold more chunks than the namespace has: positions are bounded by it.
+TEST_CASE("fuzzer findings: page-table positions beyond the namespace's chunks are refused") {
+  harness h = make(small_flash());
+  REQUIRE(h.configure(2, 1, 64, dtype::kF16).ok());
+  const uint32_t count = static_cast<uint32_t>(h.ns.chunk_count), base = static_cast<uint32_t>(h.ns.chunk_base);
+  std::mt19937 rng(10);
+  const auto k = csd_test::random_rows(rng, 1, 2, 64, dtype::kF16);
+  const auto write_at = [&](uint32_t chunk, uint32_t position) {
+    std::memcpy(h.area(), &chunk, 4);
+    std::memcpy(h.area() + 4, k.data(), k.size());
+    std::memcpy(h.area() + 4 + k.size(), k.data(), k.size());
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kWriteKv);
+    e.nsid = h.ns.nsid;
+    e.data_bytes = static_cast<uint32_t>(4 + 2 * k.size());
+    set_args(e, write_kv_args{1, 0, position, 0, 1, 1, 0});
+    return h.raw(e);
+  };
+  for (uint32_t position : {count, 1u << 29, UINT32_MAX - 1}) {
+    const command_outcome r = write_at(base, position);
+    CHECK(r.cqe.status == static_cast<int16_t>(errc::kInvalidArgument));
+  }
+  CHECK(write_at(base, count - 1).cqe.status == 0);  // the last position is fine
+
+  sq_entry e{};
+  e.opcode = static_cast<uint8_t>(opcode::kCopy);
+  e.nsid = h.ns.nsid;
+  set_args(e, copy_args{2, 0, count, base + 1, base, 1});
+  CHECK(h.raw(e).cqe.status == static_cast<int16_t>(errc::kInvalidArgument));
+  set_args(e, copy_args{2, 0, 0, base + 1, base, 1});
+  CHECK(h.raw(e).cqe.status == 0);
+}
+
 // Two ctest entries from this binary: the default run (everything but file flash), and
 // "file-flash": only the file-backed flash case, skipped (exit 77) where the kernel or emulator
 // has no io_uring (qemu-user), so it is never counted as passed without running.

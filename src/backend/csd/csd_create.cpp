@@ -44,9 +44,11 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
                                        "timeout_ms",     "buffered",
                                        "attach",         "device",
                                        "emulator",       "debug_attend_delay_ms"};
-  for (const auto& [k, v] : uri.options)
+  for (const auto& option : uri.options) {
+    const std::string& k = option.first;  // not a structured binding: clang 14 cannot capture those
     if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))
       return status{errc::kInvalidArgument, "unknown csd: option '" + k + "'"};
+  }
   auto u = [&](const char* key, uint64_t fallback) { return uri.option_u64(key, fallback); };
   auto f = [&](const char* key, double fallback) { return uri.option_f64(key, fallback); };
 #define INSTINFER_OPT(var, expr)             \

@@ -1,6 +1,7 @@
 #include "instinfer/backend/host_backend.hpp"
 
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +25,14 @@ uint64_t default_host_capacity_bytes() noexcept {
   return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size) / 2;
 }
 
+// RAM plus swap: the most a pool could ever be backed with (0 when unknown). Container limits
+// (cgroups) are not consulted.
+uint64_t host_memory_limit_bytes() noexcept {
+  struct sysinfo si {};
+  if (sysinfo(&si) != 0) return 0;
+  return (static_cast<uint64_t>(si.totalram) + si.totalswap) * si.mem_unit;
+}
+
 host_backend::~host_backend() {
   if (pool_) munmap(pool_, pool_bytes_);
 }
@@ -38,6 +47,13 @@ status host_backend::configure(const backend_config& config) {
   if (capacity_chunks_ == 0)
     return {errc::kInvalidArgument, "host: capacity_bytes " + std::to_string(capacity) + " holds no chunk of " +
                                         std::to_string(layout_.chunk_bytes()) + " bytes (2 x n_kv_heads pages)"};
+
+  // The pool is reserved lazily (below), so a capacity beyond the machine would be accepted and
+  // the OOM killer would end the process as it filled: refuse it up front, with a clear error.
+  if (const uint64_t limit = host_memory_limit_bytes(); limit != 0 && capacity > limit)
+    return {errc::kOutOfMemory, "host KV capacity of " + std::to_string(capacity) +
+                                    " bytes exceeds this machine's memory (" + std::to_string(limit) +
+                                    " bytes of RAM and swap)"};
 
   // Reserve the pool; MAP_NORESERVE + lazy commit keeps an unused capacity free.
   const size_t bytes = round_up(capacity_chunks_ * layout_.chunk_bytes(), kHugePage);
