@@ -175,11 +175,8 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
     unsigned char* base = smem + stage * tr::kStageBytes;
     const uint32_t t0 = tok_begin + tile * T;
     constexpr uint32_t kHalf = tr::kCopiesPerStage / 2;
-    INSTINFER_UNROLL
-    for (uint32_t i = 0; i < tr::kCopyRounds; ++i) {
-      const uint32_t c = i * tr::kThreads + tid;
-      if (tr::kCopiesPerStage % tr::kThreads != 0 && c >= tr::kCopiesPerStage) break;  // quantized rows only
-      const uint32_t kind = c / kHalf;                                                 // 0: K, 1: V
+    const auto copy = [&](uint32_t c) {
+      const uint32_t kind = c / kHalf;  // 0: K, 1: V
       const uint32_t cc = c % kHalf;
       const uint32_t r = cc / tr::kCopiesPerRow;
       const uint32_t col = cc % tr::kCopiesPerRow;
@@ -203,6 +200,14 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const kern
       }
       cp_async<tr::kCopyBytes>(base + kind * (T * tr::kRowBytes) + r * tr::kRowBytes + col * tr::kCopyBytes, src,
                                valid);
+    };
+    if constexpr (tr::kCopyBytes == 16 && tr::kCopiesPerStage % tr::kThreads == 0) {
+      INSTINFER_UNROLL
+      for (uint32_t i = 0; i < tr::kCopyRounds; ++i) copy(i * tr::kThreads + tid);
+    } else {
+      // Quantized rows (4-byte copies: ~30 per thread and stage, or counts the threads do not
+      // share evenly): a loop, not unrolled (compile time: 24 such kernels x 3 architectures).
+      for (uint32_t c = tid; c < tr::kCopiesPerStage; c += tr::kThreads) copy(c);
     }
   };
 

@@ -17,6 +17,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
+
 #include "instinfer/attention/state.hpp"
 #include "instinfer/core/config.hpp"
 #include "instinfer/core/dtype.hpp"
@@ -57,10 +61,13 @@ struct decode_traits {
   static constexpr uint32_t kElemsPerLane = kVecsPerLane * kVecElems;
   static constexpr uint32_t kRowGroups = kThreads / kLanesPerRow;
   // Bytes of K (and of V) per stage: larger tiles amortise the per-tile state merge over more
-  // tokens; 8 query heads keep 4 KiB tiles so the registers (q, o per head) do not spill.
+  // tokens; 8 query heads keep 4 KiB tiles so the registers (q, o per head) do not spill. Counted
+  // in rows of the lane mapping (HeadDim * ElemBytes): quantized tiles hold as many tokens as
+  // f16's (the same registers and unrolled code per thread), in fewer bytes.
   static constexpr uint32_t kTileBytes = GroupTile >= 8 ? 4096 : 8192;
+  static constexpr uint32_t kLaneRowBytes = HeadDim * ElemBytes;
   static constexpr uint32_t kTileTokens =
-      kTileBytes / kRowBytes > kRowGroups ? kTileBytes / kRowBytes / kRowGroups* kRowGroups : kRowGroups;
+      kTileBytes / kLaneRowBytes > kRowGroups ? kTileBytes / kLaneRowBytes : kRowGroups;
   static constexpr uint32_t kTokensPerGroup = kTileTokens / kRowGroups;
   static constexpr uint32_t kStages = kDecodeStages;
   static constexpr uint32_t kStageBytes = 2 * kTileTokens * kRowBytes;  // K tile, then V tile
@@ -99,7 +106,12 @@ INSTINFER_HOST_DEVICE INSTINFER_INLINE void dequantize8(const unsigned char* row
   static_assert(is_quantized(DT));
   const unsigned char* block = row + (e0 / kQuantBlock) * dtype_block_bytes(DT);
   const uint32_t o = e0 % kQuantBlock;
-  const float d = f16_to_float(f16_t{static_cast<uint16_t>(block[0] | (block[1] << 8))});
+  const uint16_t bits = static_cast<uint16_t>(block[0] | (block[1] << 8));
+#if defined(__CUDA_ARCH__)
+  const float d = __half2float(__ushort_as_half(bits));  // the hardware conversion (exact)
+#else
+  const float d = f16_to_float(f16_t{bits});
+#endif
   if constexpr (DT == dtype::kQ8_0) {
     INSTINFER_UNROLL
     for (uint32_t i = 0; i < 8; ++i) f[i] = static_cast<float>(static_cast<int8_t>(block[2 + o + i])) * d;
@@ -243,10 +255,10 @@ static_assert(traits_f32_256_8::kTileTokens == 4 && traits_f32_256_8::kTokensPer
 using traits_f16_64_1 = decode_traits<64, 2, 1>;
 static_assert(traits_f16_64_1::kLanesPerRow == 8 && traits_f16_64_1::kRowGroups == 16);
 static_assert(traits_f16_64_1::kTileTokens == 64);
-// Quantized rows: f16's lanes over 136-byte (q8_0) / 72-byte (q4_0) rows in 4-byte copies.
+// Quantized rows: f16's lanes and tiles over 136-byte (q8_0) / 72-byte (q4_0) rows in 4-byte copies.
 using traits_q8_128_4 = traits_for<128, dtype::kQ8_0, 4>;
 static_assert(traits_q8_128_4::kRowBytes == 136 && traits_q8_128_4::kCopyBytes == 4);
-static_assert(traits_q8_128_4::kLanesPerRow == 16 && traits_q8_128_4::kTileTokens == 56);
+static_assert(traits_q8_128_4::kLanesPerRow == 16 && traits_q8_128_4::kTileTokens == 32);
 static_assert(traits_for<256, dtype::kQ4_0, 8>::kCopyBytes == 16 && traits_for<64, dtype::kQ4_0, 1>::kRowBytes == 36);
 static_assert(std::is_same_v<traits_for<128, dtype::kF16, 8>, traits_f16_128_8>);
 static_assert(plan_decode_splits(32768, 1056, 528, 16).max_splits == 1);  // two full waves already
