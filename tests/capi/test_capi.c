@@ -472,7 +472,6 @@ static void test_v03(void) {
   CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, NULL, q, out, lse), INSTINFER_E_INVALID_ARGUMENT);
   CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, NULL, out, lse), INSTINFER_E_INVALID_ARGUMENT);
   CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, q, NULL, lse), INSTINFER_E_INVALID_ARGUMENT);
-  CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &seq, &pos, &rows, q, q, lse), INSTINFER_E_INVALID_ARGUMENT);
   CHECK_ERR(instinfer_attend_chunk(cache, L, 1, &seq, &pos, &rows, q, out, lse), INSTINFER_E_LAYER_OUT_OF_RANGE);
   const instinfer_seq unknown = seq + 1000;
   CHECK_ERR(instinfer_attend_chunk(cache, 0, 1, &unknown, &pos, &rows, q, out, lse), INSTINFER_E_UNKNOWN_SEQUENCE);
