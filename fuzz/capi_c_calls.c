@@ -6,3 +6,8 @@ instinfer_status fuzz_append_raw_dtype(instinfer_cache* cache, instinfer_seq seq
                                        const void* k, const void* v, int src_dtype) {
   return instinfer_append(cache, seq, layer, n_tokens, k, v, (instinfer_dtype)src_dtype);
 }
+
+instinfer_status fuzz_append_at_raw_dtype(instinfer_cache* cache, instinfer_seq seq, uint32_t layer, uint64_t pos,
+                                          uint32_t n_tokens, const void* k, const void* v, int src_dtype) {
+  return instinfer_append_at(cache, seq, layer, pos, n_tokens, k, v, (instinfer_dtype)src_dtype);
+}

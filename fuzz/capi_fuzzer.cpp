@@ -1,12 +1,14 @@
 // Stateful fuzzer of the C API (instinfer.h): the input decodes into a cache configuration and a
 // sequence of calls, each checked against a small reference model kept here (per sequence and
-// layer, the rows appended, as the cache dtype stores them; fork and remove_range as documented):
+// layer, the rows appended, as the cache dtype stores them; fork, fork_at, remove_range and state
+// loads as documented):
 //
 //   - every call returns INSTINFER_OK or a code the call may return; when the arguments decide the
-//     outcome (an unknown id, a layer out of range, a NULL pointer, p0 > p1, ...) it must be
-//     exactly the documented code, checked in the documented order;
-//   - on OK, lengths match the model and attention matches a float64 attention over the model's
-//     rows (SparF: dense at compression 1, otherwise inside the convex hull of the V rows);
+//     outcome (an unknown id, a layer out of range, a NULL pointer, p0 > p1, a position gap, a
+//     corrupt state, ...) it must be exactly the documented code, checked in the documented order;
+//   - on OK, lengths match the model; decode, causal chunk and sliced attention match a float64
+//     attention over the model's rows (SparF: dense at compression 1, otherwise inside the convex
+//     hull of the V rows); a saved state holds exactly the model's rows;
 //   - a failed call changes nothing: the model stays, and the lengths and used chunks agree;
 //   - at the end every sequence is attended and freed, and the cache holds no chunk (no leak).
 //
@@ -16,7 +18,8 @@
 //     h0: bit0 ssd, bits1-2 kv dtype (f32, f16, bf16; 3 = f16), bit3 SparF, bit4 two layers,
 //         bit5 two kv heads, bit6 GQA group 2, bit7 soft cap 20
 //     h1: bits0-1 page size, bits2-6 capacity in chunks - 1, bit7 scale 0.3 (else 1/sqrt(d))
-//     h2: bits0-1 value magnitude, bit2 two threads, bits3-4 ssd write_batch
+//     h2: bits0-1 value magnitude, bit2 two threads, bits3-4 ssd write_batch, bit5 a quantized kv
+//         dtype instead of h0's (bit6: q4_0, else q8_0), bit7 caller_threads
 //     h3: salt of the value generator
 //   then ops, one opcode byte (mod kOpCount) each followed by its argument bytes (see run_op).
 #include <algorithm>
@@ -39,9 +42,12 @@
 #include "instinfer/core/dtype.hpp"
 #include "instinfer/instinfer.h"
 
-// fuzz/capi_c_calls.c: instinfer_append with any int as the dtype, as a C caller may pass.
+// fuzz/capi_c_calls.c: instinfer_append(_at) with any int as the dtype, as a C caller may pass.
 extern "C" instinfer_status fuzz_append_raw_dtype(instinfer_cache* cache, instinfer_seq seq, uint32_t layer,
                                                   uint32_t n_tokens, const void* k, const void* v, int src_dtype);
+extern "C" instinfer_status fuzz_append_at_raw_dtype(instinfer_cache* cache, instinfer_seq seq, uint32_t layer,
+                                                     uint64_t pos, uint32_t n_tokens, const void* k, const void* v,
+                                                     int src_dtype);
 
 namespace {
 
@@ -94,6 +100,28 @@ const char* code_name(instinfer_status s) {
   return instinfer_status_name(s);
 }
 
+instinfer::dtype to_dtype(instinfer_dtype t) {
+  return static_cast<instinfer::dtype>(t);
+}
+bool quantized(instinfer_dtype t) {
+  return t == INSTINFER_DTYPE_Q8_0 || t == INSTINFER_DTYPE_Q4_0;
+}
+// Rows of `src` go into a cache of `cache` (instinfer.h): f32 into any, f16 / bf16 into a
+// quantized cache, or exactly the cache dtype.
+bool convertible(instinfer_dtype src, instinfer_dtype cache) {
+  return src == cache || src == INSTINFER_DTYPE_F32 || (quantized(cache) && !quantized(src));
+}
+
+// CRC32C (Castagnoli), to forge sequence states that pass the checksum.
+uint32_t crc32c(const uint8_t* p, size_t n) {
+  uint32_t c = ~0u;
+  for (size_t i = 0; i < n; ++i) {
+    c ^= p[i];
+    for (int k = 0; k < 8; ++k) c = (c & 1u) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+  }
+  return ~c;
+}
+
 // The rows of one (sequence, layer): [n][n_kv_heads][head_dim], the values the cache stores.
 struct ref_layer {
   std::vector<float> k, v;
@@ -104,16 +132,20 @@ struct shape {
   uint32_t layers = 1, kv_heads = 1, group = 1, page_bytes = 4096, tpp = 0;
   uint64_t capacity_chunks = 1;
   instinfer_dtype dtype = INSTINFER_DTYPE_F16;
-  bool ssd = false, sparf = false;
+  bool ssd = false, sparf = false, caller_threads = false;
   float scale = 0.0f, softcap = 0.0f, magnitude = 1.0f;
   uint32_t q_heads() const { return kv_heads * group; }
   size_t row_floats() const { return size_t{kv_heads} * kHeadDim; }  // one token of every kv head
+  uint64_t row_bytes() const { return instinfer::dtype_row_bytes(to_dtype(dtype), kHeadDim); }  // one head
 };
 
 class session {
  public:
   session(const shape& s, instinfer_cache* c, uint8_t salt) : s_(s), cache_(c), salt_(salt) {}
-  ~session() { instinfer_cache_destroy(cache_); }
+  ~session() {
+    instinfer_cache_destroy(cache_);
+    ::unlink(state_path().c_str());
+  }
 
   void run_op(uint8_t opcode, input& in);
   void finish();
@@ -133,6 +165,12 @@ class session {
     kStats,
     kNullCache,
     kCheck,
+    // since C API 0.3
+    kAppendAt,
+    kForkAt,
+    kAttendChunk,
+    kAttendSlice,
+    kState,
     kOpCount
   };
 
@@ -152,6 +190,14 @@ class session {
   }
   bool known(instinfer_seq id) const { return live_.count(id) != 0; }
   uint32_t pick_layer(uint8_t b) const { return b & 0x80 ? s_.layers + (b & 3) : b % s_.layers; }
+  uint64_t length_of(instinfer_seq id, uint32_t layer) const {
+    return known(id) && layer < s_.layers ? live_.at(id)[layer].k.size() / s_.row_floats() : 0;
+  }
+  void add_sequence(instinfer_seq id, ref_seq rows, const char* call) {
+    if (id == 0 || id <= max_id_ || known(id)) die("%s returned id %" PRIu64 " again or 0", call, id);
+    max_id_ = id;
+    live_[id] = std::move(rows);
+  }
 
   // ---- expectations ----
   void expect(instinfer_status got, instinfer_status want, const char* call) const {
@@ -169,12 +215,9 @@ class session {
   instinfer_stats stats() const {
     instinfer_stats st{};
     st.struct_size = sizeof st;
-    expect(instinfer_cache_stats(cache_, &st), INSTINFER_OK, "instinfer_cache_stats");
+    if (instinfer_status got = instinfer_cache_stats(cache_, &st); got != INSTINFER_OK)
+      die("instinfer_cache_stats returned %s", code_name(got));
     return st;
-  }
-  uint64_t free_chunks() const {
-    const instinfer_stats st = stats();
-    return st.capacity_chunks - st.used_chunks;
   }
   // After a failed call: the model is unchanged, so the cache must agree with it as before.
   void check_unchanged(uint64_t used_before, const char* call) {
@@ -191,32 +234,53 @@ class session {
     for (const auto& [id, layers] : live_)
       for (uint32_t l = 0; l < s_.layers; ++l) {
         uint64_t n = UINT64_MAX;
-        expect(instinfer_seq_length(cache_, id, l, &n), INSTINFER_OK, "instinfer_seq_length");
+        if (instinfer_status got = instinfer_seq_length(cache_, id, l, &n); got != INSTINFER_OK)
+          die("after %s: instinfer_seq_length returned %s", after, code_name(got));
         const uint64_t want = layers[l].k.size() / s_.row_floats();
         if (n != want)
           die("after %s: sequence %" PRIu64 " layer %u holds %" PRIu64 " tokens, model %" PRIu64, after, id, l, n,
               want);
       }
   }
+  // Out of pages is plausible only when fewer chunks are free than appending n tokens to a layer
+  // of `have` tokens needs (besides a copied tail, which the model cannot tell).
+  void check_out_of_pages(uint64_t used, uint64_t have, uint64_t n, const char* call) const {
+    const uint64_t room = have % s_.tpp ? s_.tpp - have % s_.tpp : 0;
+    const uint64_t need = n > room ? (n - room + s_.tpp - 1) / s_.tpp : 0;
+    if (!s_.sparf && s_.capacity_chunks - used > need)
+      die("%s: out of pages for %" PRIu64 " tokens (%" PRIu64 " chunks) with %" PRIu64 " free", call, n, need,
+          s_.capacity_chunks - used);
+  }
+  uint64_t partial_tails(instinfer_seq src) const {
+    uint64_t tails = 0;
+    for (const ref_layer& r : live_.at(src)) tails += (r.k.size() / s_.row_floats()) % s_.tpp != 0;
+    return tails;
+  }
 
   // ---- rows ----
-  // n tokens of K or V as the caller passes them (src) and as the cache stores them (ref).
+  // n tokens of K or V as the caller passes them in `src` (bytes) and as the cache stores them
+  // (ref, widened to float): f32 values rounded or quantized to the cache dtype, 16-bit rows
+  // quantized from their float values, cache-dtype rows as they are.
   void make_rows(splitmix& g, uint32_t n, instinfer_dtype src, std::vector<std::byte>& bytes,
                  std::vector<float>& ref) const {
     const size_t count = size_t{n} * s_.row_floats();
     std::vector<float> f(count);
     for (float& x : f) x = g.uniform(s_.magnitude);
-    const auto cache_t = static_cast<instinfer::dtype>(s_.dtype);
-    ref.resize(count);  // rounded to the cache dtype, as stored
-    std::vector<std::byte> stored(count * instinfer::dtype_size(cache_t));
-    instinfer::convert_elements(f.data(), instinfer::dtype::kF32, stored.data(), cache_t, count);
-    instinfer::convert_elements(stored.data(), cache_t, ref.data(), instinfer::dtype::kF32, count);
-    if (src == INSTINFER_DTYPE_F32) {
-      bytes.resize(count * sizeof(float));
-      std::memcpy(bytes.data(), f.data(), bytes.size());
+    const auto cache_t = to_dtype(s_.dtype), src_t = to_dtype(src);
+    bytes.resize(instinfer::dtype_row_bytes(src_t, count));
+    (void)instinfer::convert_elements(f.data(), instinfer::dtype::kF32, bytes.data(), src_t, count);
+    std::vector<std::byte> stored;
+    if (src_t == cache_t || !convertible(src, s_.dtype)) {
+      stored = bytes;
     } else {
-      bytes = std::move(stored);
+      std::vector<float> widened(count);
+      (void)instinfer::convert_elements(bytes.data(), src_t, widened.data(), instinfer::dtype::kF32, count);
+      stored.resize(instinfer::dtype_row_bytes(cache_t, count));
+      (void)instinfer::convert_elements(widened.data(), instinfer::dtype::kF32, stored.data(), cache_t, count);
     }
+    ref.resize(count);
+    if (convertible(src, s_.dtype))
+      (void)instinfer::convert_elements(stored.data(), cache_t, ref.data(), instinfer::dtype::kF32, count);
   }
 
   // ---- attention reference ----
@@ -224,9 +288,10 @@ class session {
     std::vector<double> out, lse;  // [q_heads][d], [q_heads]
     std::vector<double> vmin, vmax, vmag;
   };
-  expected_row reference(const ref_layer& r, const float* q) const {
+  // Attention of one query row [q_heads][d] over the first n_visible tokens of r.
+  expected_row reference(const ref_layer& r, const float* q, size_t n_visible) const {
     const uint32_t d = kHeadDim, hq = s_.q_heads();
-    const size_t n = r.k.size() / s_.row_floats();
+    const size_t n = std::min(n_visible, r.k.size() / s_.row_floats());
     const double scale = s_.scale > 0.0f ? s_.scale : 1.0 / std::sqrt(static_cast<double>(d));
     expected_row e;
     e.out.assign(size_t{hq} * d, 0.0);
@@ -265,34 +330,36 @@ class session {
     }
     return e;
   }
-  // One output row [q_heads][d] (+ lse) against the model. dense: exact attention; otherwise
-  // SparF's estimate, a blend of convex combinations of V rows.
+  // One output row [q_heads][d] (+ lse) against the model over its first n_visible tokens. dense:
+  // exact attention; otherwise SparF's estimate, a blend of convex combinations of V rows.
   void check_row(const char* call, instinfer_seq id, uint32_t layer, const float* q, const float* out, const float* lse,
-                 bool dense) const {
+                 bool dense, size_t n_visible = SIZE_MAX) const {
     const ref_layer& r = live_.at(id)[layer];
     const uint32_t d = kHeadDim, hq = s_.q_heads();
-    const bool empty = r.k.empty();
-    const expected_row e = reference(r, q);
+    const size_t n = std::min(n_visible, r.k.size() / s_.row_floats());
+    const expected_row e = reference(r, q, n);
     for (uint32_t h = 0; h < hq; ++h) {
       const double tol = kTol * std::max(e.vmag[h], 1e-3);
       for (uint32_t x = 0; x < d; ++x) {
         const double got = out[size_t{h} * d + x];
         const size_t i = size_t{h} * d + x;
         bool ok;
-        if (empty)
+        if (n == 0)
           ok = got == 0.0;
         else if (dense)
           ok = std::fabs(got - e.out[i]) <= tol;
         else
           ok = got >= e.vmin[i] - tol && got <= e.vmax[i] + tol;
         if (!ok)
-          die("%s: sequence %" PRIu64 " layer %u (%zu tokens) head %u dim %u: got %.9g, want %.9g (range [%g, %g])",
-              call, id, layer, r.k.size() / s_.row_floats(), h, x, got, e.out[i], e.vmin[i], e.vmax[i]);
+          die("%s: sequence %" PRIu64
+              " layer %u (%zu tokens visible) head %u dim %u: got %.9g, want %.9g (range [%g, "
+              "%g])",
+              call, id, layer, n, h, x, got, e.out[i], e.vmin[i], e.vmax[i]);
       }
       if (!lse) continue;
       const double got = lse[h];
       bool ok;
-      if (empty)
+      if (n == 0)
         ok = std::isinf(got) && got < 0;
       else if (dense)
         ok = std::fabs(got - e.lse[h]) <= kTol * std::max(1.0, std::fabs(e.lse[h]));
@@ -302,18 +369,63 @@ class session {
     }
   }
 
+  // ---- sequence states (the format of src/core/kv_cache_ext.cpp, read independently) ----
+  static constexpr size_t kStateFixed = 8 + 7 * 4;  // magic, version, header bytes, shape (5 x u32)
+  uint64_t state_size(const ref_seq& r) const {
+    uint64_t bytes = kStateFixed + 4ull * s_.layers + 4;
+    for (const ref_layer& l : r) bytes += 2 * (l.k.size() / s_.row_floats()) * s_.kv_heads * s_.row_bytes();
+    return bytes;
+  }
+  // The rows a state holds, widened to float; false when it is not a state of this shape.
+  bool parse_state(const std::vector<uint8_t>& b, ref_seq& out) const {
+    const auto u32 = [&](size_t at) {
+      uint32_t v = 0;
+      for (int i = 0; i < 4; ++i) v |= uint32_t{b[at + i]} << (8 * i);
+      return v;
+    };
+    if (b.size() < kStateFixed + 4ull * s_.layers + 4 || std::memcmp(b.data(), "IIKVSEQ1", 8) != 0) return false;
+    if (u32(8) != 1 || u32(12) != kStateFixed + 4 * s_.layers || u32(16) != s_.layers || u32(20) != s_.q_heads() ||
+        u32(24) != s_.kv_heads || u32(28) != kHeadDim || u32(32) != static_cast<uint32_t>(s_.dtype))
+      return false;
+    out.assign(s_.layers, ref_layer{});
+    size_t at = kStateFixed + 4ull * s_.layers;
+    const uint64_t row = s_.kv_heads * s_.row_bytes();
+    for (uint32_t l = 0; l < s_.layers; ++l) {
+      const uint64_t n = u32(kStateFixed + 4ull * l);
+      for (std::vector<float>* rows : {&out[l].k, &out[l].v}) {
+        if (at + n * row > b.size()) return false;
+        rows->resize(n * s_.row_floats());
+        if (n != 0)  // an empty vector's data() may be null
+          (void)instinfer::convert_elements(b.data() + at, to_dtype(s_.dtype), rows->data(), instinfer::dtype::kF32,
+                                            rows->size());
+        at += n * row;
+      }
+    }
+    return at + 4 == b.size() && u32(at) == crc32c(b.data(), at);
+  }
+  static void fix_crc(std::vector<uint8_t>& b) {
+    const uint32_t c = crc32c(b.data(), b.size() - 4);
+    for (int i = 0; i < 4; ++i) b[b.size() - 4 + i] = static_cast<uint8_t>(c >> (8 * i));
+  }
+  std::string state_path() const { return "/dev/shm/instinfer-fuzz-state-" + std::to_string(::getpid()) + ".bin"; }
+  // Load a state and check the outcome: OK (the model gains `rows`) or out of pages, else `want`.
+  void load(const std::vector<uint8_t>& b, const ref_seq* rows, instinfer_status want, const char* call);
+
   // ---- ops ----
   void op_create(input& in);
   void op_fork(input& in);
+  void op_fork_at(input& in);
   void op_free(input& in);
   void op_remove_range(input& in);
   void op_length(input& in);
-  void op_append(input& in);
-  void op_attend(input& in, bool sparse);
+  void op_append(input& in, bool at);
+  void op_attend(input& in, bool sparse, bool slice);
+  void op_attend_chunk(input& in);
   void op_prefetch(input& in);
   void op_flush();
   void op_stats(input& in);
   void op_null_cache(input& in);
+  void op_state(input& in);
   void attend_all(uint32_t layer, const char* why);
 
   shape s_;
@@ -333,24 +445,26 @@ void session::run_op(uint8_t opcode, input& in) {
     case kFree: return op_free(in);
     case kRemoveRange: return op_remove_range(in);
     case kLength: return op_length(in);
-    case kAppend: return op_append(in);
-    case kAttend: return op_attend(in, false);
-    case kAttendSparse: return op_attend(in, true);
+    case kAppend: return op_append(in, false);
+    case kAttend: return op_attend(in, false, false);
+    case kAttendSparse: return op_attend(in, true, false);
     case kPrefetch: return op_prefetch(in);
     case kFlush: return op_flush();
     case kStats: return op_stats(in);
     case kNullCache: return op_null_cache(in);
     case kCheck: return attend_all(in.u8() % s_.layers, "check");
+    case kAppendAt: return op_append(in, true);
+    case kForkAt: return op_fork_at(in);
+    case kAttendChunk: return op_attend_chunk(in);
+    case kAttendSlice: return op_attend(in, false, true);
+    case kState: return op_state(in);
   }
 }
 
 void session::op_create(input&) {
   instinfer_seq id = 0;
-  const instinfer_status st = instinfer_seq_create(cache_, &id);
-  expect(st, INSTINFER_OK, "instinfer_seq_create");
-  if (id == 0 || id <= max_id_ || known(id)) die("instinfer_seq_create returned id %" PRIu64 " again or 0", id);
-  max_id_ = id;
-  live_[id] = ref_seq(s_.layers);
+  expect(instinfer_seq_create(cache_, &id), INSTINFER_OK, "instinfer_seq_create");
+  add_sequence(id, ref_seq(s_.layers), "instinfer_seq_create");
 }
 
 // fork: sel, flags (bit0: NULL out_seq)
@@ -365,16 +479,44 @@ void session::op_fork(input& in) {
   expect_ok_or(st, {INSTINFER_E_OUT_OF_PAGES}, "instinfer_seq_fork");
   if (st != INSTINFER_OK) {
     // Out of pages only when the partial tails to copy do not fit.
-    uint64_t tails = 0;
-    for (const ref_layer& r : live_.at(src)) tails += (r.k.size() / s_.row_floats()) % s_.tpp != 0;
-    if (s_.sparf == false && s_.capacity_chunks - used >= tails)
+    if (!s_.sparf && s_.capacity_chunks - used >= partial_tails(src))
       die("instinfer_seq_fork: out of pages with %" PRIu64 " free chunks for %" PRIu64 " tails",
-          s_.capacity_chunks - used, tails);
+          s_.capacity_chunks - used, partial_tails(src));
     return check_unchanged(used, "instinfer_seq_fork");
   }
-  if (id == 0 || id <= max_id_ || known(id)) die("instinfer_seq_fork returned id %" PRIu64 " again or 0", id);
-  max_id_ = id;
-  live_[id] = live_.at(src);
+  add_sequence(id, live_.at(src), "instinfer_seq_fork");
+}
+
+// fork_at: sel, position (0xff: past the shortest layer, else min length - byte % 4 clipped at 0),
+// flags (bit0: NULL out_seq)
+void session::op_fork_at(input& in) {
+  const instinfer_seq src = pick(in.u8());
+  const uint8_t b = in.u8();
+  const bool null_out = in.u8() & 1;
+  uint64_t shortest = UINT64_MAX;
+  for (uint32_t l = 0; l < s_.layers; ++l) shortest = std::min(shortest, length_of(src, l));
+  const uint64_t pos = b == 0xff ? shortest + 1 + (b & 1) : shortest - std::min<uint64_t>(shortest, b % 4);
+  const uint64_t used = stats().used_chunks;
+  instinfer_seq id = 0;
+  const instinfer_status st = instinfer_seq_fork_at(cache_, src, pos, null_out ? nullptr : &id);
+  if (null_out) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_seq_fork_at(NULL out)");
+  if (!known(src)) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_seq_fork_at(unknown)");
+  if (pos > shortest) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_seq_fork_at(past a layer's end)");
+  // The fork copies src's partial tails before cutting them: it may run out of pages.
+  expect_ok_or(st, {INSTINFER_E_OUT_OF_PAGES}, "instinfer_seq_fork_at");
+  if (st != INSTINFER_OK) {
+    if (!s_.sparf && s_.capacity_chunks - used >= partial_tails(src))
+      die("instinfer_seq_fork_at: out of pages with %" PRIu64 " free chunks for %" PRIu64 " tails",
+          s_.capacity_chunks - used, partial_tails(src));
+    return check_unchanged(used, "instinfer_seq_fork_at");
+  }
+  ref_seq rows = live_.at(src);
+  for (ref_layer& r : rows) {
+    r.k.resize(pos * s_.row_floats());
+    r.v.resize(pos * s_.row_floats());
+  }
+  add_sequence(id, std::move(rows), "instinfer_seq_fork_at");
+  check_lengths("instinfer_seq_fork_at");
 }
 
 void session::op_free(input& in) {
@@ -422,59 +564,76 @@ void session::op_length(input& in) {
   if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, "instinfer_seq_length(layer)");
   if (!known(id)) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_seq_length(unknown)");
   expect(st, INSTINFER_OK, "instinfer_seq_length");
-  if (n != live_.at(id)[layer].k.size() / s_.row_floats()) die("instinfer_seq_length disagrees with the model");
+  if (n != length_of(id, layer)) die("instinfer_seq_length disagrees with the model");
 }
 
-// append: sel, layer, n, dtype flags (bits0-1: f32, cache dtype, another dtype, not a dtype;
-// bit2: NULL k; bit3: NULL v), value seed
-void session::op_append(input& in) {
+// append / append_at: sel, layer, n, dtype flags, value seed; append_at then a position byte.
+// dtype flags: bits0-1 f32, the cache dtype, a 16-bit dtype (f16, or bf16 for an f16 cache), or
+// bit4 ? the quantized dtype the cache is not : not a dtype (5 + bits5-7); bit2 NULL k; bit3 NULL v.
+// Position: 0xff past the end, 0xfe before it (when not empty), else the layer's length.
+void session::op_append(input& in, bool at) {
+  const char* call = at ? "instinfer_append_at" : "instinfer_append";
   const instinfer_seq id = pick(in.u8());
   const uint32_t layer = pick_layer(in.u8());
   const uint32_t n = in.u8() % (3 * s_.tpp + 2);
   const uint8_t flags = in.u8();
   splitmix g{(uint64_t{salt_} << 40) ^ (op_index_ << 8) ^ in.u8()};
   const uint8_t which = flags & 3;
-  const instinfer_dtype other = s_.dtype == INSTINFER_DTYPE_BF16 ? INSTINFER_DTYPE_F16 : INSTINFER_DTYPE_BF16;
-  const instinfer_dtype src = which == 0 ? INSTINFER_DTYPE_F32 : which == 1 ? s_.dtype : other;
-  int raw = static_cast<int>(src);
-  if (which == 3) raw = 3 + (flags >> 4);  // not a dtype: the C API reads the raw int
+  const bool bogus = which == 3 && !(flags & 16);
+  const instinfer_dtype other16 = s_.dtype == INSTINFER_DTYPE_F16 ? INSTINFER_DTYPE_BF16 : INSTINFER_DTYPE_F16;
+  const instinfer_dtype otherq = s_.dtype == INSTINFER_DTYPE_Q8_0 ? INSTINFER_DTYPE_Q4_0 : INSTINFER_DTYPE_Q8_0;
+  const instinfer_dtype src = which == 0 ? INSTINFER_DTYPE_F32 : which == 1 ? s_.dtype : which == 2 ? other16 : otherq;
+  const int raw = bogus ? 5 + (flags >> 5) : static_cast<int>(src);
   const bool null_k = flags & 4, null_v = flags & 8;
+  const uint64_t have = length_of(id, layer);
+  uint64_t pos = have;
+  if (at) {
+    const uint8_t b = in.u8();
+    if (b == 0xff) pos = have + 1;
+    if (b == 0xfe && have > 0) pos = have - 1;
+  }
 
   std::vector<std::byte> kb, vb;
   std::vector<float> kr, vr;
-  make_rows(g, std::max(n, 1u), which == 3 ? INSTINFER_DTYPE_F32 : src, kb, kr);
-  make_rows(g, std::max(n, 1u), which == 3 ? INSTINFER_DTYPE_F32 : src, vb, vr);
+  make_rows(g, std::max(n, 1u), bogus ? INSTINFER_DTYPE_F32 : src, kb, kr);
+  make_rows(g, std::max(n, 1u), bogus ? INSTINFER_DTYPE_F32 : src, vb, vr);
   const uint64_t used = stats().used_chunks;
-  const instinfer_status st =
-      fuzz_append_raw_dtype(cache_, id, layer, n, null_k ? nullptr : kb.data(), null_v ? nullptr : vb.data(), raw);
-  // The documented order: the dtype's value (C API), layer, sequence, n_tokens, K/V, dtype pairing.
-  if (which == 3) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_append(not a dtype)");
-  if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, "instinfer_append(layer)");
-  if (!known(id)) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_append(unknown)");
-  if (n == 0) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_append(0 tokens)");
-  if (null_k || null_v) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_append(NULL rows)");
-  if (src != INSTINFER_DTYPE_F32 && src != s_.dtype)
-    return expect(st, INSTINFER_E_UNSUPPORTED, "instinfer_append(dtype pairing)");
-  expect_ok_or(st, {INSTINFER_E_OUT_OF_PAGES}, "instinfer_append");
+  const void* k = null_k ? nullptr : kb.data();
+  const void* v = null_v ? nullptr : vb.data();
+  const instinfer_status st = at ? fuzz_append_at_raw_dtype(cache_, id, layer, pos, n, k, v, raw)
+                                 : fuzz_append_raw_dtype(cache_, id, layer, n, k, v, raw);
+  // The documented order: the dtype's value (C API), layer, sequence, position (append_at),
+  // n_tokens, K/V, dtype pairing.
+  if (bogus)
+    return expect(st, INSTINFER_E_INVALID_ARGUMENT,
+                  at ? "instinfer_append_at(not a dtype)" : "instinfer_append(not a dtype)");
+  if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, call);
+  if (!known(id)) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, call);
+  if (pos != have) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_append_at(not at the end)");
+  if (n == 0)
+    return expect(st, INSTINFER_E_INVALID_ARGUMENT,
+                  at ? "instinfer_append_at(0 tokens)" : "instinfer_append(0 tokens)");
+  if (null_k || null_v)
+    return expect(st, INSTINFER_E_INVALID_ARGUMENT,
+                  at ? "instinfer_append_at(NULL rows)" : "instinfer_append(NULL rows)");
+  if (!convertible(src, s_.dtype))
+    return expect(st, INSTINFER_E_UNSUPPORTED,
+                  at ? "instinfer_append_at(dtype pairing)" : "instinfer_append(dtype pairing)");
+  expect_ok_or(st, {INSTINFER_E_OUT_OF_PAGES}, call);
   ref_layer& r = live_.at(id)[layer];
   if (st != INSTINFER_OK) {
-    // Out of pages only when the fresh chunks the tokens need (besides a copied tail) are missing.
-    const uint32_t have = static_cast<uint32_t>(r.k.size() / s_.row_floats());
-    const uint32_t room = have % s_.tpp ? s_.tpp - have % s_.tpp : 0;
-    const uint64_t need = n > room ? (n - room + s_.tpp - 1) / s_.tpp : 0;
-    if (!s_.sparf && s_.capacity_chunks - used > need)
-      die("instinfer_append: out of pages for %u tokens (%" PRIu64 " chunks) with %" PRIu64 " free", n, need,
-          s_.capacity_chunks - used);
-    return check_unchanged(used, "instinfer_append");
+    check_out_of_pages(used, have, n, call);
+    return check_unchanged(used, call);
   }
   r.k.insert(r.k.end(), kr.begin(), kr.end());
   r.v.insert(r.v.end(), vr.begin(), vr.end());
 }
 
-// attend / attend_sparse: layer, count (0xff: n_seq 0), sel x count, flags (bit0 lse NULL, bit1 q
-// NULL, bit2 out NULL, bit3 seqs NULL), query seed; attend_sparse then a params byte (see below).
-void session::op_attend(input& in, bool sparse) {
-  const char* call = sparse ? "instinfer_attend_sparse" : "instinfer_attend";
+// attend / attend_sparse / attend_slice: layer, count (0xff: n_seq 0), sel x count, flags (bit0
+// lse NULL, bit1 q NULL, bit2 out NULL, bit3 seqs NULL, bit4 out over q, bit5 lse over q), query
+// seed; attend_sparse then a params byte and two value bytes (below), attend_slice then ith, nth.
+void session::op_attend(input& in, bool sparse, bool slice) {
+  const char* call = sparse ? "instinfer_attend_sparse" : slice ? "instinfer_attend_slice" : "instinfer_attend";
   const uint32_t layer = pick_layer(in.u8());
   const uint8_t count = in.u8();
   const size_t n_seq = count == 0xff ? 0 : count % 4 + 1;
@@ -482,18 +641,21 @@ void session::op_attend(input& in, bool sparse) {
   for (size_t i = 0; i < n_seq; ++i) seqs[i] = pick(in.u8());
   const uint8_t flags = in.u8();
   splitmix g{(uint64_t{salt_} << 40) ^ (op_index_ << 8) ^ in.u8() ^ 0x5a5a};
-  const size_t per = size_t{s_.q_heads()} * kHeadDim;
-  std::vector<float> q(std::max<size_t>(n_seq, 1) * per);
+  const size_t per = size_t{s_.q_heads()} * kHeadDim, rows = std::max<size_t>(n_seq, 1);
+  std::vector<float> q(rows * per);
   for (float& x : q) x = g.uniform(s_.magnitude);
+  const std::vector<float> q_ref = q;  // out or lse may overwrite q
   std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
-  std::vector<float> lse(std::max<size_t>(n_seq, 1) * s_.q_heads(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(rows * s_.q_heads(), std::numeric_limits<float>::quiet_NaN());
   const bool null_lse = flags & 1, null_q = flags & 2, null_out = flags & 4, null_seqs = flags & 8;
+  const bool out_over_q = flags & 16, lse_over_q = !out_over_q && (flags & 32);
 
   // SparF parameters: 0 NULL (defaults), 1 compression 1 (dense), 2 compression c / 255,
   // 3 explicit r and k, 4 a bad struct_size, 5 whole_pages 2, 6 page_spread 0.5, 7 single channels.
   instinfer_sparf_params p;
   instinfer_sparf_params_init(&p);
   uint8_t mode = 0;
+  uint32_t ith = 0, nth = 1;
   bool dense = !sparse;
   if (sparse) {
     mode = in.u8() % 8;
@@ -516,22 +678,34 @@ void session::op_attend(input& in, bool sparse) {
     }
     dense = mode == 1;
   }
+  if (slice) {
+    const uint8_t b = in.u8();
+    nth = b & 0x80 ? 0 : b % 5 + 1;
+    ith = (b >> 3) % 6;  // sometimes >= nth
+  }
   const uint64_t used = stats().used_chunks;
   const instinfer_seq* seqs_arg = null_seqs ? nullptr : seqs.data();
   const float* q_arg = null_q ? nullptr : q.data();
-  float* out_arg = null_out ? nullptr : out.data();
-  float* lse_arg = null_lse ? nullptr : lse.data();
+  float* out_arg = null_out ? nullptr : out_over_q ? q.data() : out.data();
+  float* lse_arg = null_lse ? nullptr : lse_over_q ? q.data() : lse.data();
   const instinfer_status st =
-      sparse ? instinfer_attend_sparse(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg, mode ? &p : nullptr)
-             : instinfer_attend(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg);
+      sparse  ? instinfer_attend_sparse(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg, mode ? &p : nullptr)
+      : slice ? instinfer_attend_slice(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg, ith, nth)
+              : instinfer_attend(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg);
 
+  // A slice computes sequences [begin, end) only, and checks only those.
+  const bool sliced = slice && nth != 0 && ith < nth;
+  const size_t begin = sliced ? n_seq * ith / nth : 0, end = sliced ? n_seq * (ith + 1) / nth : n_seq;
   bool all_known = true;
-  for (size_t i = 0; i < n_seq; ++i) all_known &= known(seqs[i]);
-  // The documented order: batch shape and pointers (C API), SparF's struct checks, SparF off,
-  // layer, parameter values, sequences, then k against each sequence's tokens.
+  for (size_t i = begin; i < end; ++i) all_known &= known(seqs[i]);
+  // The documented order: batch shape and pointers (C API), SparF's struct checks, the slice,
+  // SparF off, layer, parameter values, sequences, then k against each sequence's tokens.
   if (n_seq == 0 || null_seqs || null_q || null_out) return expect(st, INSTINFER_E_INVALID_ARGUMENT, call);
   if (sparse && (mode == 4 || mode == 5 || (mode == 3 && (p.r == 0) != (p.k == 0))))
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_sparse(params struct)");
+  if (slice && (nth == 0 || ith >= nth))
+    return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_slice(ith, nth)");
+  if (slice && begin == end) return expect(st, INSTINFER_OK, "instinfer_attend_slice(an empty slice)");
   if (sparse && !s_.sparf) return expect(st, INSTINFER_E_UNSUPPORTED, "instinfer_attend_sparse(SparF off)");
   if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, call);
   if (sparse && (mode == 6 || (mode == 2 && p.compression <= 0.0) || (mode == 3 && p.r > kHeadDim)))
@@ -540,16 +714,104 @@ void session::op_attend(input& in, bool sparse) {
   if (sparse && mode == 3 && p.k > 0) {
     bool too_few = false;
     for (size_t i = 0; i < n_seq; ++i) {
-      const size_t n = live_.at(seqs[i])[layer].k.size() / s_.row_floats();
+      const uint64_t n = length_of(seqs[i], layer);
       too_few |= n > 0 && p.k > n;
     }
     if (too_few) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_sparse(k > tokens)");
   }
   expect(st, INSTINFER_OK, call);
   if (stats().used_chunks != used && !s_.sparf) die("%s changed used chunks", call);
+  const float* o = out_over_q ? q.data() : out.data();
+  const float* l = null_lse ? nullptr : lse_over_q ? q.data() : lse.data();
+  for (size_t i = 0; i < n_seq; ++i) {
+    if (i < begin || i >= end) {  // another slice's rows: untouched
+      if (!out_over_q && !lse_over_q && !std::isnan(out[i * per])) die("%s wrote row %zu of another slice", call, i);
+      continue;
+    }
+    check_row(call, seqs[i], layer, q_ref.data() + i * per, o + i * per, l ? l + i * s_.q_heads() : nullptr, dense);
+  }
+}
+
+// attend_chunk (and its slices): layer, count (0xff: n_seq 0), per sequence sel, position byte
+// (0xff: one past the end, else length - rows - byte % 3) and rows byte (0xff: 0 rows, else
+// 1 + byte % 4), flags (bit0 lse NULL, bit1 q NULL, bit2 out NULL, bit3 seqs NULL, bit4 positions
+// NULL, bit5 n_rows NULL, bit6 out over q, bit7 a slice: then an ith/nth byte), query seed.
+void session::op_attend_chunk(input& in) {
+  const uint32_t layer = pick_layer(in.u8());
+  const uint8_t count = in.u8();
+  const size_t n_seq = count == 0xff ? 0 : count % 3 + 1;
+  std::vector<instinfer_seq> seqs(std::max<size_t>(n_seq, 1));
+  std::vector<uint32_t> positions(seqs.size()), n_rows(seqs.size());
+  for (size_t i = 0; i < n_seq; ++i) {
+    seqs[i] = pick(in.u8());
+    const uint8_t pb = in.u8(), rb = in.u8();
+    n_rows[i] = rb == 0xff ? 0 : 1 + rb % 4;
+    const uint64_t len = length_of(seqs[i], layer < s_.layers ? layer : 0);
+    const uint64_t last = len >= n_rows[i] ? len - n_rows[i] : 0;
+    positions[i] = static_cast<uint32_t>(pb == 0xff ? last + 1 : last - std::min<uint64_t>(last, pb % 3));
+  }
+  const uint8_t flags = in.u8();
+  uint32_t ith = 0, nth = 1;
+  const bool slice = flags & 128;
+  if (slice) {
+    const uint8_t b = in.u8();
+    nth = b & 0x80 ? 0 : b % 4 + 1;
+    ith = (b >> 3) % 5;
+  }
+  const char* call = slice ? "instinfer_attend_chunk_slice" : "instinfer_attend_chunk";
+  splitmix g{(uint64_t{salt_} << 40) ^ (op_index_ << 8) ^ in.u8() ^ 0xa5a5};
+  size_t total = 0;
+  std::vector<size_t> first(seqs.size() + 1, 0);
+  for (size_t i = 0; i < n_seq; ++i) first[i + 1] = total += n_rows[i];
+  const size_t per = size_t{s_.q_heads()} * kHeadDim, rows = std::max<size_t>(total, 1);
+  std::vector<float> q(rows * per);
+  for (float& x : q) x = g.uniform(s_.magnitude);
+  const std::vector<float> q_ref = q;
+  std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(rows * s_.q_heads(), std::numeric_limits<float>::quiet_NaN());
+  const bool null_lse = flags & 1, null_q = flags & 2, null_out = flags & 4, null_seqs = flags & 8;
+  const bool null_pos = flags & 16, null_rows = flags & 32, out_over_q = flags & 64;
+  const uint64_t used = stats().used_chunks;
+  float* out_arg = null_out ? nullptr : out_over_q ? q.data() : out.data();
+  float* lse_arg = null_lse ? nullptr : lse.data();
+  const instinfer_seq* seqs_arg = null_seqs ? nullptr : seqs.data();
+  const uint32_t* pos_arg = null_pos ? nullptr : positions.data();
+  const uint32_t* rows_arg = null_rows ? nullptr : n_rows.data();
+  const float* q_arg = null_q ? nullptr : q.data();
+  const instinfer_status st =
+      slice ? instinfer_attend_chunk_slice(cache_, layer, n_seq, seqs_arg, pos_arg, rows_arg, q_arg, out_arg, lse_arg,
+                                           ith, nth)
+            : instinfer_attend_chunk(cache_, layer, n_seq, seqs_arg, pos_arg, rows_arg, q_arg, out_arg, lse_arg);
+
+  // The documented order: batch shape and pointers (C API), the slice, layer, then per sequence
+  // in order: unknown, no rows, rows past the layer's length. A slice checks its own sequences.
+  if (n_seq == 0 || null_seqs || null_pos || null_rows || null_q || null_out)
+    return expect(st, INSTINFER_E_INVALID_ARGUMENT, call);
+  if (slice && (nth == 0 || ith >= nth))
+    return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_chunk_slice(ith, nth)");
+  const size_t begin = slice ? n_seq * ith / nth : 0, end = slice ? n_seq * (ith + 1) / nth : n_seq;
+  if (begin == end) return expect(st, INSTINFER_OK, "instinfer_attend_chunk_slice(an empty slice)");
+  if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, call);
+  for (size_t i = begin; i < end; ++i) {
+    if (!known(seqs[i])) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, call);
+    if (n_rows[i] == 0) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_chunk(0 rows)");
+    if (uint64_t{positions[i]} + n_rows[i] > length_of(seqs[i], layer))
+      return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_chunk(rows past the end)");
+  }
+  expect(st, INSTINFER_OK, call);
+  if (stats().used_chunks != used && !s_.sparf) die("%s changed used chunks", call);
+  const float* o = out_over_q ? q.data() : out.data();
   for (size_t i = 0; i < n_seq; ++i)
-    check_row(call, seqs[i], layer, q.data() + i * per, out.data() + i * per,
-              null_lse ? nullptr : lse.data() + i * s_.q_heads(), dense);
+    for (size_t j = 0; j < n_rows[i]; ++j) {
+      const size_t r = first[i] + j;
+      if (i < begin || i >= end) {
+        if (!out_over_q && !std::isnan(out[r * per])) die("%s wrote a row of another slice", call);
+        continue;
+      }
+      // Row j sees tokens [0, positions + j].
+      check_row(call, seqs[i], layer, q_ref.data() + r * per, o + r * per,
+                null_lse ? nullptr : lse.data() + r * s_.q_heads(), true, size_t{positions[i]} + j + 1);
+    }
 }
 
 // prefetch: layer, count (0xff: 0), sel x count, flags (bit0: NULL seqs)
@@ -600,13 +862,15 @@ void session::op_stats(input& in) {
 void session::op_null_cache(input& in) {
   instinfer_seq id = 0;
   uint64_t n = 0;
+  size_t size = 0;
   float q[kHeadDim] = {}, out[kHeadDim] = {};
   const float k[kHeadDim] = {};
+  const uint32_t pos = 0, rows = 1;
   instinfer_stats st{};
   st.struct_size = sizeof st;
   const instinfer_seq one = 1;
   instinfer_status got;
-  switch (in.u8() % 10) {
+  switch (in.u8() % 19) {
     case 0: got = instinfer_seq_create(nullptr, &id); break;
     case 1: got = instinfer_seq_fork(nullptr, 1, &id); break;
     case 2: got = instinfer_seq_free(nullptr, 1); break;
@@ -616,11 +880,139 @@ void session::op_null_cache(input& in) {
     case 6: got = instinfer_attend(nullptr, 0, 1, &one, q, out, nullptr); break;
     case 7: got = instinfer_attend_sparse(nullptr, 0, 1, &one, q, out, nullptr, nullptr); break;
     case 8: got = instinfer_prefetch(nullptr, 0, 1, &one); break;
-    default: got = instinfer_cache_stats(nullptr, &st); break;
+    case 9: got = instinfer_cache_stats(nullptr, &st); break;
+    case 10: got = instinfer_append_at(nullptr, 1, 0, 0, 1, k, k, INSTINFER_DTYPE_F32); break;
+    case 11: got = instinfer_seq_fork_at(nullptr, 1, 0, &id); break;
+    case 12: got = instinfer_attend_chunk(nullptr, 0, 1, &one, &pos, &rows, q, out, nullptr); break;
+    case 13: got = instinfer_attend_slice(nullptr, 0, 1, &one, q, out, nullptr, 0, 1); break;
+    case 14: got = instinfer_attend_chunk_slice(nullptr, 0, 1, &one, &pos, &rows, q, out, nullptr, 0, 1); break;
+    case 15: got = instinfer_seq_state_size(nullptr, 1, &size); break;
+    case 16: got = instinfer_seq_state_save(nullptr, 1, q, sizeof q, &size); break;
+    case 17: got = instinfer_seq_state_load(nullptr, q, sizeof q, &id); break;
+    default: got = instinfer_seq_state_save_file(nullptr, 1, state_path().c_str()); break;
   }
   expect(got, INSTINFER_E_INVALID_ARGUMENT, "a call with a NULL cache");
   expect(instinfer_cache_flush(nullptr), INSTINFER_E_INVALID_ARGUMENT, "instinfer_cache_flush(NULL)");
+  expect(instinfer_seq_state_load_file(nullptr, state_path().c_str(), &id), INSTINFER_E_INVALID_ARGUMENT,
+         "instinfer_seq_state_load_file(NULL)");
   instinfer_cache_destroy(nullptr);
+}
+
+void session::load(const std::vector<uint8_t>& b, const ref_seq* rows, instinfer_status want, const char* call) {
+  const uint64_t used = stats().used_chunks;
+  instinfer_seq id = 0;
+  const instinfer_status st = instinfer_seq_state_load(cache_, b.data(), b.size(), &id);
+  if (want != INSTINFER_OK) {
+    expect(st, want, call);
+    return check_unchanged(used, call);
+  }
+  expect_ok_or(st, {INSTINFER_E_OUT_OF_PAGES}, call);
+  if (st != INSTINFER_OK) return check_unchanged(used, call);
+  add_sequence(id, *rows, call);
+  check_lengths(call);
+}
+
+// Sequence state: sel, mode, value byte. Modes: 0 save and load (in memory), 1 save into too small
+// or NULL a buffer, 2 load a truncated state, 3 load a state with one byte changed, 4 load one with a
+// K/V value changed and its checksum fixed, 5 load one of another shape (checksum fixed), 6 save to
+// and load from a file, then a missing file, 7 NULL out pointers and paths.
+void session::op_state(input& in) {
+  const instinfer_seq id = pick(in.u8());
+  const uint8_t mode = in.u8() % 8, a = in.u8();
+  size_t size = 0;
+  const instinfer_status sized = instinfer_seq_state_size(cache_, id, mode == 7 && (a & 1) ? nullptr : &size);
+  if (mode == 7 && (a & 1)) return expect(sized, INSTINFER_E_INVALID_ARGUMENT, "instinfer_seq_state_size(NULL out)");
+  if (!known(id)) {
+    expect(sized, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_seq_state_size(unknown)");
+    std::vector<uint8_t> b(64);
+    size_t written = 1;
+    expect(instinfer_seq_state_save(cache_, id, b.data(), b.size(), &written), INSTINFER_E_UNKNOWN_SEQUENCE,
+           "instinfer_seq_state_save(unknown)");
+    if (written != 0) die("instinfer_seq_state_save(unknown) left out_written %zu", written);
+    return;
+  }
+  expect(sized, INSTINFER_OK, "instinfer_seq_state_size");
+  const ref_seq& src = live_.at(id);
+  if (size != state_size(src)) die("instinfer_seq_state_size %zu, the format gives %" PRIu64, size, state_size(src));
+  std::vector<uint8_t> b(size + 8, 0xee);
+  size_t written = 0;
+  if (mode == 1) {
+    const size_t small = size - 1 - std::min<size_t>(a % 8, size - 1);
+    expect(instinfer_seq_state_save(cache_, id, a & 128 ? nullptr : b.data(), small, &written),
+           INSTINFER_E_INVALID_ARGUMENT, "instinfer_seq_state_save(small buffer)");
+    if (written != 0) die("a failed instinfer_seq_state_save left out_written %zu", written);
+    return;
+  }
+  if (mode == 6) {
+    expect(instinfer_seq_state_save_file(cache_, id, state_path().c_str()), INSTINFER_OK,
+           "instinfer_seq_state_save_file");
+    const uint64_t used = stats().used_chunks;
+    instinfer_seq loaded = 0;
+    const instinfer_status st = instinfer_seq_state_load_file(cache_, state_path().c_str(), &loaded);
+    expect_ok_or(st, {INSTINFER_E_OUT_OF_PAGES}, "instinfer_seq_state_load_file");
+    if (st == INSTINFER_OK)
+      add_sequence(loaded, src, "instinfer_seq_state_load_file");
+    else
+      check_unchanged(used, "instinfer_seq_state_load_file");
+    ::unlink(state_path().c_str());
+    return expect(instinfer_seq_state_load_file(cache_, state_path().c_str(), &loaded), INSTINFER_E_IO,
+                  "instinfer_seq_state_load_file(missing)");
+  }
+  if (mode == 7) {
+    instinfer_seq loaded = 0;
+    expect(instinfer_seq_state_load(cache_, b.data(), b.size(), nullptr), INSTINFER_E_INVALID_ARGUMENT,
+           "instinfer_seq_state_load(NULL out)");
+    expect(instinfer_seq_state_load(cache_, nullptr, 8, &loaded), INSTINFER_E_INVALID_ARGUMENT,
+           "instinfer_seq_state_load(NULL buf)");
+    expect(instinfer_seq_state_load(cache_, nullptr, 0, &loaded), INSTINFER_E_CORRUPT_DATA,
+           "instinfer_seq_state_load(nothing)");
+    expect(instinfer_seq_state_save_file(cache_, id, nullptr), INSTINFER_E_INVALID_ARGUMENT,
+           "instinfer_seq_state_save_file(NULL path)");
+    return expect(instinfer_seq_state_load_file(cache_, nullptr, &loaded), INSTINFER_E_INVALID_ARGUMENT,
+                  "instinfer_seq_state_load_file(NULL path)");
+  }
+  expect(instinfer_seq_state_save(cache_, id, b.data(), b.size(), &written), INSTINFER_OK, "instinfer_seq_state_save");
+  if (written != size) die("instinfer_seq_state_save wrote %zu bytes of %zu", written, size);
+  for (size_t i = size; i < b.size(); ++i)
+    if (b[i] != 0xee) die("instinfer_seq_state_save wrote past its state");
+  b.resize(size);
+  ref_seq parsed;
+  if (!parse_state(b, parsed)) die("instinfer_seq_state_save: not a state of this cache's shape");
+  for (uint32_t l = 0; l < s_.layers; ++l)
+    if (parsed[l].k != src[l].k || parsed[l].v != src[l].v)
+      die("instinfer_seq_state_save: layer %u's rows differ from what was appended", l);
+
+  switch (mode) {
+    case 0: return load(b, &src, INSTINFER_OK, "instinfer_seq_state_load");
+    case 2:
+      b.resize(b.size() - 1 - a % std::min<size_t>(b.size(), 64));
+      return load(b, nullptr, INSTINFER_E_CORRUPT_DATA, "instinfer_seq_state_load(truncated)");
+    case 3:
+      b[(size_t{a} * 2654435761u) % b.size()] ^= static_cast<uint8_t>(1u << (a % 8));
+      return load(b, nullptr, INSTINFER_E_CORRUPT_DATA, "instinfer_seq_state_load(a byte changed)");
+    case 4: {
+      // A K/V byte whose change keeps values finite: a low mantissa byte of a dense element, an
+      // integer of a quantized block.
+      const size_t header = kStateFixed + 4ull * s_.layers, payload = b.size() - 4 - header;
+      if (payload == 0) return load(b, &src, INSTINFER_OK, "instinfer_seq_state_load");
+      const size_t unit = s_.dtype == INSTINFER_DTYPE_F32    ? 4
+                          : s_.dtype == INSTINFER_DTYPE_Q8_0 ? 34
+                          : s_.dtype == INSTINFER_DTYPE_Q4_0 ? 18
+                                                             : 2;
+      const size_t in_unit = quantized(s_.dtype) ? 2 + a % (unit - 2) : 0;
+      const size_t at = header + (size_t{a} * 40503u % (payload / unit)) * unit + in_unit;
+      b[at] ^= 1;
+      fix_crc(b);
+      ref_seq rows;
+      if (!parse_state(b, rows)) die("the fuzzer's own state edit broke the state");
+      return load(b, &rows, INSTINFER_OK, "instinfer_seq_state_load(a value changed)");
+    }
+    default: {  // 5: a shape field of another cache (q heads, kv heads, head_dim or dtype)
+      b[20 + 4 * (a % 4)] ^= 1;
+      fix_crc(b);
+      return load(b, nullptr, INSTINFER_E_INVALID_ARGUMENT, "instinfer_seq_state_load(another shape)");
+    }
+  }
 }
 
 // Every live sequence of one layer in one batch, against the model.
@@ -658,12 +1050,13 @@ std::string ssd_path() {
   return "/dev/shm/instinfer-fuzz-capi-" + std::to_string(::getpid()) + ".bin";
 }
 
-shape decode_shape(input& in) {
-  const uint8_t h0 = in.u8(), h1 = in.u8(), h2 = in.u8();
+shape decode_shape(const uint8_t* h) {
+  const uint8_t h0 = h[0], h1 = h[1], h2 = h[2];
   shape s;
   s.ssd = h0 & 1;
   const uint8_t dt = (h0 >> 1) & 3;
   s.dtype = dt == 0 ? INSTINFER_DTYPE_F32 : dt == 2 ? INSTINFER_DTYPE_BF16 : INSTINFER_DTYPE_F16;
+  if (h2 & 32) s.dtype = h2 & 64 ? INSTINFER_DTYPE_Q4_0 : INSTINFER_DTYPE_Q8_0;
   s.sparf = h0 & 8;
   s.layers = h0 & 16 ? 2 : 1;
   s.kv_heads = h0 & 32 ? 2 : 1;
@@ -677,8 +1070,8 @@ shape decode_shape(input& in) {
   s.scale = h1 & 128 ? 0.3f : 0.0f;
   static constexpr float kMagnitudes[] = {0.5f, 1.0f, 2.0f, 4.0f};
   s.magnitude = kMagnitudes[h2 & 3];
-  s.tpp =
-      s.page_bytes / (kHeadDim * static_cast<uint32_t>(instinfer::dtype_size(static_cast<instinfer::dtype>(s.dtype))));
+  s.caller_threads = h2 & 128;
+  s.tpp = static_cast<uint32_t>(s.page_bytes / s.row_bytes());  // rows never straddle a page
   return s;
 }
 
@@ -693,6 +1086,7 @@ instinfer_config make_config(const shape& s, uint8_t h2, std::string& uri) {
   c.page_bytes = s.page_bytes;
   c.capacity_bytes = s.capacity_chunks * 2ull * s.kv_heads * s.page_bytes;
   c.n_threads = h2 & 4 ? 2 : 1;
+  c.caller_threads = s.caller_threads ? 1 : 0;
   c.scale = s.scale;
   c.logit_softcap = s.softcap;
   c.sparf = s.sparf ? 1 : 0;
@@ -711,19 +1105,20 @@ instinfer_config make_config(const shape& s, uint8_t h2, std::string& uri) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return -1;  // not even a configuration
-  input in(data, size);
+  const shape s = decode_shape(data);
   const uint8_t h2 = data[2], salt = data[3];
-  shape s = decode_shape(in);
-  (void)in.u8();  // h3 (salt)
+  input in(data + 4, size - 4);
   std::string uri;
   const instinfer_config cfg = make_config(s, h2, uri);
   instinfer_cache* cache = nullptr;
   const instinfer_status st = instinfer_cache_create(&cfg, &cache);
   if (st != INSTINFER_OK) {
-    // Small pages cannot hold SparF's column pages (invalid), nothing else may fail here.
+    // Small pages cannot hold SparF's column pages (invalid), the ssd: backend cannot store them
+    // for a quantized cache (unsupported); nothing else may fail here.
     if (cache != nullptr) die("instinfer_cache_create failed (%s) and left a handle", code_name(st));
-    if (!(s.sparf && st == INSTINFER_E_INVALID_ARGUMENT))
-      die("instinfer_cache_create(%s) returned %s", uri.c_str(), code_name(st));
+    const bool columns_refused = s.sparf && (st == INSTINFER_E_INVALID_ARGUMENT ||
+                                             (st == INSTINFER_E_UNSUPPORTED && s.ssd && quantized(s.dtype)));
+    if (!columns_refused) die("instinfer_cache_create(%s) returned %s", uri.c_str(), code_name(st));
     return 0;
   }
   session sess(s, cache, salt);

@@ -12,7 +12,8 @@
 //     of it.
 // Work per input is bounded: at most kMaxCommands commands, data areas of kAreaBytes, a small flash.
 //
-// Input layout (fuzz/corpus/make_seeds.py writes the same): one flags byte (bit0 queue-server mode,
+// Input layout (fuzz/corpus/make_seeds.py writes the same; namespace configs include the quantized
+// dtypes): one flags byte (bit0 queue-server mode,
 // bit1 victim with SparF), then per command: selector (bit0 qp 1, bits1-3 namespace, bits4-7 opcode),
 // the opcode's argument bytes (see build()), a mutation count byte and 3 bytes per mutation.
 #include <algorithm>
@@ -31,6 +32,7 @@
 #include <unistd.h>
 
 #include "drive.hpp"
+#include "instinfer/core/dtype.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/csd/protocol_codec.hpp"
 #include "instinfer/csd/queue_pair.hpp"
@@ -144,7 +146,10 @@ struct ns_view {
   uint32_t qp = 0;
   std::map<uint32_t, uint32_t> fill;  // chunk -> tokens written (what the drive should think)
   uint32_t next_chunk = 0;            // next never-used chunk index
-  uint64_t row_bytes() const { return uint64_t{cfg.head_dim} * (cfg.kv_dtype == 0 ? 4 : 2); }
+  uint64_t row_bytes() const {        // one token of one head
+    const auto t = static_cast<dtype>(cfg.kv_dtype);
+    return is_valid_dtype(t) ? dtype_row_bytes(t, cfg.head_dim) : cfg.head_dim * 2ull;
+  }
 };
 
 class harness {
@@ -363,7 +368,7 @@ void harness::build(uint8_t op_sel, uint32_t qp, uint32_t nsid, input& in, sq_en
       static constexpr uint32_t kDims[] = {64, 128, 64, 96};
       c.head_dim = kDims[(b0 >> 4) & 3];
       c.page_bytes = b0 & 64 ? 2048 : kPage;
-      c.kv_dtype = b1 % 4;  // 3: not a dtype
+      c.kv_dtype = static_cast<uint8_t>((b0 & 128 ? 4 : 0) + (b1 & 3));  // f32 .. q4_0, then 5-7: not a dtype
       c.sparf = (b1 >> 2) % 3;
       static constexpr uint64_t kCaps[] = {0, 8, 64, uint64_t{1} << 26, (uint64_t{1} << 26) + 1, 3, 1, 1000};
       c.capacity_chunks = kCaps[(b1 >> 4) & 7];

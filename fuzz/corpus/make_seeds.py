@@ -7,16 +7,20 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---- capi_fuzzer ---------------------------------------------------------------------------------
-CREATE, FORK, FREE, REMOVE, LENGTH, APPEND, ATTEND, SPARSE, PREFETCH, FLUSH, STATS, NULLCACHE, CHECK = range(13)
+CREATE, FORK, FREE, REMOVE, LENGTH, APPEND, ATTEND, SPARSE, PREFETCH, FLUSH, STATS, NULLCACHE, CHECK, \
+    APPEND_AT, FORK_AT, CHUNK, SLICE, STATE = range(18)
 F32, F16, BF16 = 0, 1, 2
+Q8_0, Q4_0 = "q8_0", "q4_0"  # h2 bits 5-6 (quantized kv dtypes, C API 0.3)
 
 
 def header(ssd=False, dtype=F16, sparf=False, layers=1, kv_heads=1, group=1, softcap=False, page=3, chunks=16,
-           scale=False, magnitude=1, threads=1, write_batch=0, salt=7):
-    h0 = (ssd * 1) | (dtype << 1) | (sparf << 3) | ((layers == 2) << 4) | ((kv_heads == 2) << 5) | \
-         ((group == 2) << 6) | (softcap << 7)
+           scale=False, magnitude=1, threads=1, write_batch=0, caller_threads=False, salt=7):
+    quant = dtype in (Q8_0, Q4_0)
+    h0 = (ssd * 1) | ((F16 if quant else dtype) << 1) | (sparf << 3) | ((layers == 2) << 4) | \
+         ((kv_heads == 2) << 5) | ((group == 2) << 6) | (softcap << 7)
     h1 = page | ((chunks - 1) << 2) | (scale << 7)
-    h2 = magnitude | ((threads == 2) << 2) | (write_batch << 3)
+    h2 = magnitude | ((threads == 2) << 2) | (write_batch << 3) | (quant << 5) | ((dtype == Q4_0) << 6) | \
+         (caller_threads << 7)
     return [h0, h1, h2, salt]
 
 
@@ -30,6 +34,22 @@ def attend(layer, sels, flags=0, seed=3):
 
 def sparse(layer, sels, mode, a=0, b=0, flags=0, seed=5):
     return [SPARSE, layer, len(sels) - 1] + sels + [flags, seed, mode, a, b]
+
+
+def append_at(sel, layer, n, how=0, seed=1, pos=0):  # pos: 0 at the end, 0xff past it, 0xfe before
+    return [APPEND_AT, sel, layer, n, how, seed, pos]
+
+
+def chunk(layer, entries, flags=0, seed=4, slice_byte=None):  # entries: (sel, position byte, rows byte)
+    out = [CHUNK, layer, len(entries) - 1]
+    for e in entries:
+        out += list(e)
+    out += [flags] + ([slice_byte] if flags & 128 else []) + [seed]
+    return out
+
+
+def attend_slice(layer, sels, ith_nth, flags=0, seed=6):  # ith_nth: bits 0-6 nth - 1 (mod 5), bits 3+ ith
+    return [SLICE, layer, len(sels) - 1] + sels + [flags, seed, ith_nth]
 
 
 CAPI = {
@@ -52,6 +72,17 @@ CAPI = {
     + append(0, 0, 2, 3) + append(0, 0, 0) + append(0xF2, 0, 1) + [FREE, 0xF1, REMOVE, 0, 5, 1, 2]
     + [LENGTH, 0, 0x81, 0, LENGTH, 0, 0, 1, NULLCACHE, 6, STATS, 2, STATS, 1, FORK, 0xF3, 0]
     + attend(0, [0], 2) + [ATTEND, 0, 0xFF, 0, 0] + sparse(0, [0], 1) + [PREFETCH, 0x80, 0, 0, 0],
+    "host-q8_0-v03": header(dtype=Q8_0, chunks=32, magnitude=2) + [CREATE] + append_at(0, 0, 40)
+    + append(0, 0, 9, 2) + append_at(0, 0, 3, 0, 2, 0xff) + chunk(0, [(0, 0, 3)]) + [FORK_AT, 0, 1, 0]
+    + append_at(1, 0, 7, 0, 3) + attend_slice(0, [0, 1], 1 | (1 << 3)) + [STATE, 0, 0, 0, STATE, 1, 4, 9]
+    + attend(0, [0, 1, 2], 16),
+    "ssd-q4_0-chunks-caller-threads": header(ssd=True, dtype=Q4_0, layers=2, kv_heads=2, group=2, chunks=24,
+                                             caller_threads=True) + [CREATE] + append_at(0, 0, 60, 2)
+    + append_at(0, 1, 20) + chunk(0, [(0, 1, 2), (0, 0, 0)], 64) + chunk(1, [(0, 0, 3)], 128, 4, 0x09)
+    + [FLUSH] + [STATE, 0, 6, 0] + attend(1, [0, 1], 32),
+    "states": header(dtype=BF16, layers=2, chunks=32) + [CREATE] + append(0, 0, 30) + append(0, 1, 12)
+    + [STATE, 0, 0, 1, STATE, 0, 1, 3, STATE, 0, 2, 5, STATE, 0, 3, 7, STATE, 0, 4, 11, STATE, 0, 5, 2,
+       STATE, 0, 7, 0, STATE, 0, 7, 1, STATE, 0xF2, 0, 0] + [CHECK, 1],
     "out-of-pages": header(dtype=F32, page=0, chunks=2) + [CREATE] + append(0, 0, 3) + append(0, 0, 3)
     + [FORK, 0, 0] + append(1, 0, 1) + [REMOVE, 0, 1, 1, 0] + [CHECK, 0],
 }
@@ -78,8 +109,9 @@ def served(c):
     return c + [0]  # no corruption of the queue pair
 
 
-# config b0: bit0 2 layers, bit1 2 kv heads, bit2 group 2, bits4-5 head dim, bit6 2 KiB page;
-# b1: bits0-1 dtype, bits2-3 sparf, bits4-6 capacity choice
+# config b0: bit0 2 layers, bit1 2 kv heads, bit2 group 2, bits4-5 head dim, bit6 2 KiB page,
+# bit7 dtypes 4-7 instead of 0-3; b1: bits0-1 dtype (f32, f16, bf16, q8_0 | q4_0, not a dtype...),
+# bits2-3 sparf, bits4-6 capacity choice
 CFG_F16 = cmd(CONFIG, args=(0x04, 0x01))
 CFG_F16_SPARF = cmd(CONFIG, args=(0x04, 0x05))
 WRITE_40 = cmd(WRITE, args=(0x01, 40, 0, 9))  # seq 1, layer 0, index 0, 40 tokens, a fresh chunk
@@ -106,6 +138,10 @@ DRIVE = {
                                                 cmd(DSPARSE, args=(0x00, 0x00, 37)),
                                                 cmd(DSPARSE, args=(0x00, 0x01 | (16 << 2), 37)),
                                                 cmd(DSPARSE, args=(0x00, 0x02 | (8 << 3), 4, 37)), ATTEND_37]),
+    "quantized-namespaces": drive_seed(0, [cmd(CONFIG, args=(0x04, 0x03)), WRITE_40, ATTEND_37, READ_OWN,
+                                           cmd(CONFIG, qp=0, args=(0x84, 0x00)),
+                                           cmd(WRITE, qp=0, args=(0x01, 50, 0, 6)),
+                                           cmd(DATTEND, qp=0, args=(0, 0, 37)), cmd(CONFIG, args=(0x84, 0x01))]),
     "served-basic": drive_seed(1, [served(CFG_F16), served(WRITE_40), served(ATTEND_37), served(READ_OWN),
                                    served(cmd(READ, ns=VICTIM, args=(4, 1))),
                                    served(cmd(CONFIG, qp=0, args=(0x04, 0x01))),

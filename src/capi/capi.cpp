@@ -340,7 +340,7 @@ instinfer_status instinfer_append_at(instinfer_cache* cache, instinfer_seq seq, 
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     const int dt = raw_dtype(src_dtype);
-    if (dt < 0 || dt > 2) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
+    if (!is_dtype(dt)) return fail(errc::kInvalidArgument, "src_dtype " + std::to_string(dt) + " is not a dtype");
     return report(cache->cache->append_at(seq, layer, pos, n_tokens, k, v, static_cast<instinfer::dtype>(dt)));
   });
 }

@@ -609,8 +609,13 @@ static void test_quantized(void) {
     k[7] = NAN;
     CHECK_ERR(instinfer_append(cache, seq, 0, 1, k, v, INSTINFER_DTYPE_F32), INSTINFER_E_INVALID_ARGUMENT);
     CHECK_ERR(instinfer_append(cache, seq, 0, 1, k, v, types[1 - ti]), INSTINFER_E_UNSUPPORTED);
+    /* append_at takes the quantized dtypes as instinfer_append does (it called them "not a dtype":
+     * found by fuzz/capi_fuzzer.cpp). A token of zero blocks is a valid row of either format. */
+    unsigned char zeros[HKV * D / 32 * 34] = {0};
+    CHECK(instinfer_append_at(cache, seq, 0, N, 1, zeros, zeros, types[ti]) == INSTINFER_OK);
+    CHECK_ERR(instinfer_append_at(cache, seq, 0, N + 1, 1, zeros, zeros, types[1 - ti]), INSTINFER_E_UNSUPPORTED);
     uint64_t n = 0;
-    CHECK(instinfer_seq_length(cache, seq, 0, &n) == INSTINFER_OK && n == N);
+    CHECK(instinfer_seq_length(cache, seq, 0, &n) == INSTINFER_OK && n == N + 1);
     free(k);
     free(v);
     free(kb);
