@@ -223,6 +223,131 @@ uint64_t sum_words(cpu_isa isa, const uint64_t* p, size_t n) {
 }
 }  // namespace
 
+namespace {
+// Runs `work(t)` on `threads` threads `reps` + 1 times and returns the best pass's seconds (pass 0
+// warms up: TLB, caches, thread wake-up). Threads start before the timed region and wait at a
+// barrier; a pass is timed from the release of the start barrier to the last thread's arrival at
+// the end barrier.
+template <typename Work>
+double best_pass_seconds(uint32_t threads, int reps, Work&& work) {
+  threads = std::max<uint32_t>(threads, 1);
+  std::barrier start(threads + 1), end(threads + 1);
+  std::atomic<bool> quit{false};
+  std::vector<std::thread> pool;
+  for (uint32_t t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (;;) {
+        start.arrive_and_wait();
+        if (quit.load(std::memory_order_acquire)) return;
+        work(t);
+        end.arrive_and_wait();
+      }
+    });
+  double best = 1e30;
+  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {
+    const double t0 = now_seconds();
+    start.arrive_and_wait();
+    end.arrive_and_wait();
+    const double dt = now_seconds() - t0;
+    if (r > 0) best = std::min(best, dt);
+  }
+  quit.store(true, std::memory_order_release);
+  start.arrive_and_wait();
+  for (auto& th : pool) th.join();
+  return best;
+}
+
+// Independent f32 multiply-add chains in the widest registers of an ISA: enough chains to cover
+// the FMA latency times the number of FMA pipes of current cores (4-5 cycles x 2 pipes on x86,
+// 4 cycles x up to 4 pipes on Arm), so the loop runs at the core's FMA throughput. a * m + c with
+// m just below 1 stays finite and normal forever. Returns a value the compiler cannot drop.
+constexpr uint64_t kFmaIterations = uint64_t{1} << 21;
+
+float fma_chains_scalar(uint64_t iters) {
+  float a[8];
+  for (int i = 0; i < 8; ++i) a[i] = 1.0f + static_cast<float>(i);
+  const float m = 0.9999999f, c = 1e-7f;
+  for (uint64_t n = 0; n < iters; ++n)
+    for (float& x : a) x = std::fma(x, m, c);
+  float s = 0;
+  for (float x : a) s += x;
+  return s;
+}
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) float fma_chains_avx2(uint64_t iters) {
+  const __m256 m = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
+  __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0;
+  for (uint64_t n = 0; n < iters; ++n) {
+    a0 = _mm256_fmadd_ps(a0, m, c), a1 = _mm256_fmadd_ps(a1, m, c), a2 = _mm256_fmadd_ps(a2, m, c);
+    a3 = _mm256_fmadd_ps(a3, m, c), a4 = _mm256_fmadd_ps(a4, m, c), a5 = _mm256_fmadd_ps(a5, m, c);
+    a6 = _mm256_fmadd_ps(a6, m, c), a7 = _mm256_fmadd_ps(a7, m, c), a8 = _mm256_fmadd_ps(a8, m, c);
+    a9 = _mm256_fmadd_ps(a9, m, c), a10 = _mm256_fmadd_ps(a10, m, c), a11 = _mm256_fmadd_ps(a11, m, c);
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                                 _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)),
+                                               _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11))));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  return lanes[0] + lanes[7];
+}
+__attribute__((target("avx512f"))) float fma_chains_avx512(uint64_t iters) {
+  const __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
+  __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0;
+  for (uint64_t n = 0; n < iters; ++n) {
+    a0 = _mm512_fmadd_ps(a0, m, c), a1 = _mm512_fmadd_ps(a1, m, c), a2 = _mm512_fmadd_ps(a2, m, c);
+    a3 = _mm512_fmadd_ps(a3, m, c), a4 = _mm512_fmadd_ps(a4, m, c), a5 = _mm512_fmadd_ps(a5, m, c);
+    a6 = _mm512_fmadd_ps(a6, m, c), a7 = _mm512_fmadd_ps(a7, m, c), a8 = _mm512_fmadd_ps(a8, m, c);
+    a9 = _mm512_fmadd_ps(a9, m, c), a10 = _mm512_fmadd_ps(a10, m, c), a11 = _mm512_fmadd_ps(a11, m, c);
+  }
+  const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                                 _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)),
+                                               _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11))));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, s);
+  return lanes[0] + lanes[15];
+}
+#endif
+#if defined(__aarch64__)
+float fma_chains_neon(uint64_t iters) {
+  const float32x4_t m = vdupq_n_f32(0.9999999f), c = vdupq_n_f32(1e-7f);
+  float32x4_t a[16];
+  for (auto& x : a) x = vdupq_n_f32(1.0f);
+  for (uint64_t n = 0; n < iters; ++n)
+    for (auto& x : a) x = vfmaq_f32(c, x, m);
+  float32x4_t s = a[0];
+  for (int i = 1; i < 16; ++i) s = vaddq_f32(s, a[i]);
+  return vaddvq_f32(s);
+}
+#endif
+// Lanes x chains: the multiply-adds one call of fma_chains(isa, iters) performs per iteration.
+uint64_t fma_per_iteration(cpu_isa isa) {
+  switch (isa) {
+#if defined(__x86_64__)
+    case cpu_isa::kAvx512: return 16 * 12;
+    case cpu_isa::kAvx2: return 8 * 12;
+#endif
+#if defined(__aarch64__)
+    case cpu_isa::kNeon: return 4 * 16;
+#endif
+    default: return 8;
+  }
+}
+float fma_chains(cpu_isa isa, uint64_t iters) {
+  switch (isa) {
+#if defined(__x86_64__)
+    case cpu_isa::kAvx512: return fma_chains_avx512(iters);
+    case cpu_isa::kAvx2: return fma_chains_avx2(iters);
+#endif
+#if defined(__aarch64__)
+    case cpu_isa::kNeon: return fma_chains_neon(iters);
+#endif
+    default: return fma_chains_scalar(iters);
+  }
+}
+}  // namespace
+
 double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, cpu_isa isa, int reps) {
   threads = std::max<uint32_t>(threads, 1);
   const size_t words = bytes / 64 * 8;  // whole 64-byte lines: the widest load's alignment
@@ -232,39 +357,35 @@ double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, cpu_isa isa, i
   madvise(mem, words * 8, MADV_HUGEPAGE);
   auto* p = static_cast<uint64_t*>(mem);
   for (size_t i = 0; i < words; ++i) p[i] = i * 0x9e3779b97f4a7c15ull;
-  // Threads start before the timed region and wait at a barrier; each pass is timed from the
-  // release of the start barrier to the last thread's arrival at the end barrier.
   std::vector<uint64_t> partial(threads);
-  std::barrier start(threads + 1), end(threads + 1);
-  std::atomic<bool> quit{false};
-  std::vector<std::thread> pool;
-  for (uint32_t t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      // 64-byte aligned slices
-      const size_t lines = words / 8;
-      const size_t begin = lines * t / threads * 8, stop = lines * (t + 1) / threads * 8;
-      for (;;) {
-        start.arrive_and_wait();
-        if (quit.load(std::memory_order_acquire)) return;
-        partial[t] += sum_words(isa, p + begin, stop - begin);
-        end.arrive_and_wait();
-      }
-    });
-  double best = 0.0;
-  for (int r = 0; r < std::max(reps, 1) + 1; ++r) {  // pass 0 warms up (TLB, caches, thread wake-up)
-    const double t0 = now_seconds();
-    start.arrive_and_wait();
-    end.arrive_and_wait();
-    const double dt = now_seconds() - t0;
-    if (r > 0) best = std::max(best, static_cast<double>(words * 8) / dt / 1e9);
-  }
-  quit.store(true, std::memory_order_release);
-  start.arrive_and_wait();
-  for (auto& th : pool) th.join();
+  const size_t lines = words / 8;
+  const double best = best_pass_seconds(threads, reps, [&](uint32_t t) {
+    const size_t begin = lines * t / threads * 8, stop = lines * (t + 1) / threads * 8;  // 64-byte aligned
+    partial[t] += sum_words(isa, p + begin, stop - begin);
+  });
   volatile uint64_t sink = 0;
   for (auto v : partial) sink = sink + v;
   munmap(mem, words * 8);
-  return best;
+  return static_cast<double>(words * 8) / best / 1e9;
+}
+
+double measure_fma_gflops(uint32_t threads, cpu_isa isa, int reps) {
+  threads = std::max<uint32_t>(threads, 1);
+  const uint64_t iters = isa == cpu_isa::kScalar ? kFmaIterations / 4 : kFmaIterations;
+  std::vector<float> partial(threads);
+  const double best = best_pass_seconds(threads, reps, [&](uint32_t t) { partial[t] += fma_chains(isa, iters); });
+  volatile float sink = 0;
+  for (float v : partial) sink = sink + v;
+  return static_cast<double>(iters * fma_per_iteration(isa)) * threads / best / 1e9;
+}
+
+roofline roofline_of(double read_gbps, double fma_gflops, double fma_per_byte, double achieved_gbps) {
+  roofline r;
+  r.compute_gbps = fma_per_byte > 0 ? fma_gflops / fma_per_byte : 0.0;
+  r.compute_bound = fma_per_byte > 0 && r.compute_gbps < read_gbps;
+  r.gbps = r.compute_bound ? r.compute_gbps : read_gbps;
+  r.ratio = r.gbps > 0 ? achieved_gbps / r.gbps : 0.0;
+  return r;
 }
 
 uint64_t peak_rss_bytes() {

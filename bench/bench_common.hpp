@@ -81,6 +81,22 @@ inline double now_seconds() {
 // start before the timed region. The machine's reference for memory-bound kernels.
 double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, cpu_isa isa, int reps = 7);
 
+// Peak f32 multiply-add throughput (GFMA/s: lane multiply-adds per second, 1e9) of `threads`
+// threads with `isa`'s widest registers (the kernels' dispatch), best of `reps` passes after a
+// warm-up. The machine's reference for compute-bound kernels: a core whose FMA units are narrower
+// than its registers (Zen 4 runs AVX-512 as two 256-bit halves) shows it here.
+double measure_fma_gflops(uint32_t threads, cpu_isa isa, int reps = 9);
+
+// The roofline of a kernel that performs `fma_per_byte` multiply-adds per byte it reads:
+// min(read bandwidth, FMA peak / fma_per_byte), and achieved bandwidth over it.
+struct roofline {
+  double compute_gbps = 0;  // the bandwidth the FMA peak allows
+  double gbps = 0;          // min(read, compute)
+  double ratio = 0;         // achieved / gbps
+  bool compute_bound = false;
+};
+roofline roofline_of(double read_gbps, double fma_gflops, double fma_per_byte, double achieved_gbps);
+
 // Peak resident set size of this process in bytes (VmHWM).
 uint64_t peak_rss_bytes();
 

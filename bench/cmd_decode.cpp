@@ -8,6 +8,9 @@
 // kernel/reference ratio above 1.02 is flagged ("weak_reference": true). Several dtypes
 // (--dtype f16,q8_0) get a pool each and are timed interleaved, repetition by repetition;
 // `vs_first_dtype` is each one's achieved bandwidth (stored bytes per second) over the first's.
+// The compute side of the roofline is the FMA peak measured in the same run with the same ISA and
+// threads (measure_fma_gflops): roofline_gbps = min(read, peak / multiply-adds per stored byte),
+// roofline_ratio = achieved / roofline_gbps, and `bound` says which side sets it.
 
 #include <sys/mman.h>
 
@@ -234,6 +237,7 @@ int run_decode(int argc, char** argv) {
         }
       }
       const double machine = measure_memory_read_gbps(largest, static_cast<uint32_t>(threads), runs[0].dec->isa());
+      const double fma_peak = measure_fma_gflops(static_cast<uint32_t>(threads), runs[0].dec->isa());
       for (int rep = 0; rep < reps; ++rep)
         for (dtype_run& r : runs) {  // interleaved: every dtype once per repetition
           const double t0 = now_seconds();
@@ -247,6 +251,11 @@ int run_decode(int argc, char** argv) {
       for (const dtype_run& r : runs) {
         const double achieved = static_cast<double>(r.kv_bytes) / r.best / 1e9;
         const double first = static_cast<double>(runs[0].kv_bytes) / runs[0].best / 1e9;
+        // Per token and kv head: group x head_dim multiply-adds for the scores and as many for the
+        // V sum, over 2 stored rows (K and V).
+        const double fma_per_byte =
+            static_cast<double>(r.params.group_size) * head_dim / r.params.layout.page.row_bytes();
+        const roofline roof = roofline_of(machine, fma_peak, fma_per_byte, achieved);
         json_line()
             .add("backend", "host")
             .add("ctx", ctx)
@@ -263,6 +272,12 @@ int run_decode(int argc, char** argv) {
             // A kernel faster than its reference means the reference did not reach the machine's
             // read bandwidth: the ratio is then no measure of the kernel.
             .add("weak_reference", machine > 0 && achieved / machine > 1.02)
+            .add("fma_gflops", fma_peak)
+            .add("fma_per_byte", fma_per_byte)
+            .add("compute_gbps", roof.compute_gbps)
+            .add("roofline_gbps", roof.gbps)
+            .add("roofline_ratio", roof.ratio)
+            .add("bound", roof.compute_bound ? "compute" : "memory")
             .add("vs_first_dtype", achieved / first)
             .add("isa", cpu_isa_name(r.dec->isa()))
             .add("page_bytes", page_bytes)

@@ -1,15 +1,21 @@
 // Several threads drive one cache at once (appends, forks, frees, attends on their own
-// sequences) while the host decoder runs its own worker threads: results must equal a replay
-// on a fresh cache, and TSan (scripts/test) must see no race.
-#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+// sequences) while the backend runs its own worker threads: results must equal a replay on a
+// fresh cache, and TSan (scripts/test) must see no race. One ctest per backend
+// (instinfer-test-concurrency-host, -ssd, -csd), each skipping (exit 77) where it cannot run:
+// the ssd and csd runs put their files in $TMPDIR, the csd run starts instinfer-csd drives.
+#define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "instinfer/backend/csd_backend.hpp"
 #include "instinfer/kv/kv_cache.hpp"
+#include "ssd/ssd_test_util.hpp"
 
 using namespace instinfer;
 
@@ -17,13 +23,25 @@ namespace {
 constexpr uint32_t kThreads = 4, kSteps = 40;
 const kv_shape kShape{2, 8, 2, 64, dtype::kF16};
 
+std::string g_scheme = "host";
+uint32_t g_serial = 0;
+
 std::unique_ptr<kv_cache> make_cache() {
   cache_options o;
   o.shape = kShape;
-  o.page_bytes = 1024;
-  o.capacity_bytes = 64ull << 20;
+  // The csd drive's flash file is opened with O_DIRECT: pages of 4 KiB.
+  o.page_bytes = g_scheme == "csd" ? 4096 : 1024;
+  o.capacity_bytes = 32ull << 20;
   o.n_threads = 2;
-  return kv_cache::create(o).value();
+  const std::string file = ssd_test::scratch_file(g_scheme + "-" + std::to_string(g_serial++) + ".bin");
+  if (g_scheme == "ssd") o.backend_uri = "ssd:" + file;
+  // 64 MiB of flash for a 32 MiB cache: room for the drive's garbage collection.
+  if (g_scheme == "csd")
+    o.backend_uri = "csd:" + file + "?channels=4&dies=2&blocks_per_die=256&pages_per_block=8&cores=2";
+  auto cache = kv_cache::create(o);
+  INFO(o.backend_uri, ": ", cache.ok() ? std::string() : cache.error().to_string());
+  REQUIRE(cache.ok());
+  return std::move(cache).value();
 }
 
 // One client's deterministic workload; returns the last attention output it saw.
@@ -70,4 +88,32 @@ TEST_CASE("concurrent clients on one cache match a sequential replay") {
     CAPTURE(t);
     CHECK(std::memcmp(sequential.data(), concurrent[t].data(), sequential.size() * sizeof(float)) == 0);
   }
+}
+
+int main(int argc, char** argv) {
+  std::vector<char*> args{argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    if (argv[i][0] != '-')
+      g_scheme = argv[i];
+    else
+      args.push_back(argv[i]);
+  }
+  if (g_scheme != "host" && g_scheme != "ssd" && g_scheme != "csd") {
+    std::fprintf(stderr, "usage: %s host|ssd|csd [doctest options]\n", argv[0]);
+    return 2;
+  }
+  if (g_scheme == "csd" && !csd_backend::available()) {
+    std::fprintf(stderr, "skipped: csd: instinfer-csd not found (next to this executable, or INSTINFER_CSD_DEVICE)\n");
+    return 77;
+  }
+  if (g_scheme != "host" && !ssd_test::direct_io_works()) {
+    std::fprintf(stderr, "skipped: %s: %s does not support O_DIRECT\n", g_scheme.c_str(),
+                 ssd_test::scratch_dir().c_str());
+    ssd_test::remove_scratch();
+    return 77;
+  }
+  doctest::Context ctx(static_cast<int>(args.size()), args.data());
+  const int rc = ctx.run();
+  if (g_scheme != "host") ssd_test::remove_scratch();
+  return rc;
 }
