@@ -122,13 +122,15 @@ INSTINFER_INLINE typename Shape::vec load_row_vec(const std::byte* row, uint32_t
 inline constexpr uint32_t kPrefetchAhead = INSTINFER_PREFETCH_AHEAD;
 
 // Scores and online-softmax update of one block of n (1..kBlockTokens) consecutive rows for a
-// head tile of HT query heads.
+// head tile of HT query heads. Not inlined (nor value_block): a call per block of up to 64 tokens
+// costs nothing beside the block's work, while inlining copied both into every kernel entry and
+// call site (3 kernels x 2 paths x 4 head tiles), which took 7.6x the compile time of a unit.
 //   k: the block's first K row (rows are kRowBytes apart); q: [HT][HeadDim]; st: [HT] states
 //   sbuf: out, the block's probabilities, tile i lane h * TT + t = token i * TT + t of head h
 //   alpha: out, [HT] factors that rescale the previous output
 template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
-INSTINFER_INLINE void score_block(const std::byte* k, uint32_t n, const float* q, softmax_stats* st,
-                                  const logit_constants& lc, float* sbuf, float* alpha) noexcept {
+[[gnu::noinline]] void score_block(const std::byte* k, uint32_t n, const float* q, softmax_stats* st,
+                                   const logit_constants& lc, float* sbuf, float* alpha) noexcept {
   using ops = typename Shape::ops;
   using vec = typename Shape::vec;
   constexpr uint32_t L = Shape::kLanes;
@@ -205,8 +207,8 @@ INSTINFER_INLINE void score_block(const std::byte* k, uint32_t n, const float* q
 // tile of accumulators per pass (two-level sums keep f32 accurate over long contexts).
 //   v: the block's first V row; sbuf/alpha: from score_block; o: [HT][HeadDim]
 template <class Shape, uint32_t HT, dtype KvType>
-INSTINFER_INLINE void value_block(const std::byte* v, uint32_t n, const float* sbuf, const float* alpha,
-                                  float* o) noexcept {
+[[gnu::noinline]] void value_block(const std::byte* v, uint32_t n, const float* sbuf, const float* alpha,
+                                   float* o) noexcept {
   using ops = typename Shape::ops;
   using vec = typename Shape::vec;
   constexpr uint32_t L = Shape::kLanes;
