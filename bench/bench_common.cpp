@@ -260,7 +260,9 @@ double best_pass_seconds(uint32_t threads, int reps, Work&& work) {
 // Independent f32 multiply-add chains in the widest registers of an ISA: enough chains to cover
 // the FMA latency times the number of FMA pipes of current cores (4-5 cycles x 2 pipes on x86,
 // 4 cycles x up to 4 pipes on Arm), so the loop runs at the core's FMA throughput. a * m + c with
-// m just below 1 stays finite and normal forever. Returns a value the compiler cannot drop.
+// m just below 1 stays finite and normal forever. Each chain starts from its own value (chains
+// that provably hold the same values are merged by the compiler, which once made this measure one
+// chain and report 12). Returns a value the compiler cannot drop.
 constexpr uint64_t kFmaIterations = uint64_t{1} << 21;
 
 float fma_chains_scalar(uint64_t iters) {
@@ -276,8 +278,10 @@ float fma_chains_scalar(uint64_t iters) {
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) float fma_chains_avx2(uint64_t iters) {
   const __m256 m = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
-  __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
-         a10 = a0, a11 = a0;
+  // Distinct starting values: identical chains would be merged into one by the compiler.
+  __m256 a0 = _mm256_set1_ps(1.0f), a1 = _mm256_set1_ps(1.1f), a2 = _mm256_set1_ps(1.2f), a3 = _mm256_set1_ps(1.3f),
+         a4 = _mm256_set1_ps(1.4f), a5 = _mm256_set1_ps(1.5f), a6 = _mm256_set1_ps(1.6f), a7 = _mm256_set1_ps(1.7f),
+         a8 = _mm256_set1_ps(1.8f), a9 = _mm256_set1_ps(1.9f), a10 = _mm256_set1_ps(2.0f), a11 = _mm256_set1_ps(2.1f);
   for (uint64_t n = 0; n < iters; ++n) {
     a0 = _mm256_fmadd_ps(a0, m, c), a1 = _mm256_fmadd_ps(a1, m, c), a2 = _mm256_fmadd_ps(a2, m, c);
     a3 = _mm256_fmadd_ps(a3, m, c), a4 = _mm256_fmadd_ps(a4, m, c), a5 = _mm256_fmadd_ps(a5, m, c);
@@ -293,8 +297,9 @@ __attribute__((target("avx2,fma"))) float fma_chains_avx2(uint64_t iters) {
 }
 __attribute__((target("avx512f"))) float fma_chains_avx512(uint64_t iters) {
   const __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
-  __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
-         a10 = a0, a11 = a0;
+  __m512 a0 = _mm512_set1_ps(1.0f), a1 = _mm512_set1_ps(1.1f), a2 = _mm512_set1_ps(1.2f), a3 = _mm512_set1_ps(1.3f),
+         a4 = _mm512_set1_ps(1.4f), a5 = _mm512_set1_ps(1.5f), a6 = _mm512_set1_ps(1.6f), a7 = _mm512_set1_ps(1.7f),
+         a8 = _mm512_set1_ps(1.8f), a9 = _mm512_set1_ps(1.9f), a10 = _mm512_set1_ps(2.0f), a11 = _mm512_set1_ps(2.1f);
   for (uint64_t n = 0; n < iters; ++n) {
     a0 = _mm512_fmadd_ps(a0, m, c), a1 = _mm512_fmadd_ps(a1, m, c), a2 = _mm512_fmadd_ps(a2, m, c);
     a3 = _mm512_fmadd_ps(a3, m, c), a4 = _mm512_fmadd_ps(a4, m, c), a5 = _mm512_fmadd_ps(a5, m, c);
@@ -313,7 +318,7 @@ __attribute__((target("avx512f"))) float fma_chains_avx512(uint64_t iters) {
 float fma_chains_neon(uint64_t iters) {
   const float32x4_t m = vdupq_n_f32(0.9999999f), c = vdupq_n_f32(1e-7f);
   float32x4_t a[16];
-  for (auto& x : a) x = vdupq_n_f32(1.0f);
+  for (int i = 0; i < 16; ++i) a[i] = vdupq_n_f32(1.0f + 0.1f * static_cast<float>(i));  // distinct chains
   for (uint64_t n = 0; n < iters; ++n)
     for (auto& x : a) x = vfmaq_f32(c, x, m);
   float32x4_t s = a[0];
