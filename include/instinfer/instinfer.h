@@ -140,8 +140,12 @@ const char* instinfer_status_name(instinfer_status status);
 const char* instinfer_last_error(void);
 
 void instinfer_config_init(instinfer_config* config);
+/* ssd: and csd: files are the cache's alone: created 0600, never opened through a symbolic link
+ * (INSTINFER_E_INVALID_ARGUMENT), and locked while the cache lives, so a second cache on a file in
+ * use, in this or another process, is INSTINFER_E_BUSY. */
 instinfer_status instinfer_cache_create(const instinfer_config* config, instinfer_cache** out_cache);
-/* Frees the cache and all its sequences; NULL is a no-op. */
+/* Frees the cache and all its sequences; NULL is a no-op. ssd: and csd: remove the files the cache
+ * created (not a file that was there before; keep=1 keeps them). */
 void instinfer_cache_destroy(instinfer_cache* cache);
 instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out_stats);
 /* ssd: writes every appended token to the device and syncs it. csd: the drives already hold them
