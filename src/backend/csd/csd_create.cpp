@@ -208,12 +208,13 @@ result<std::unique_ptr<csd_backend>> csd_backend::create(const backend_uri& uri)
   const csd_uri_options& o = *parsed;
   auto p = std::make_unique<impl>();
   p->keep_flash = o.keep;
-  // The host opens each drive's flash file and hands the descriptor over: the file is created here
-  // (0600, no symbolic link followed), its exclusive lock is taken here (kBusy from another cache
-  // reaches the caller as such, before any drive starts), and the lock, which belongs to the open
-  // file description, is held by the host and its drive together, so it lasts as long as either
-  // uses the file and dies with both. Files this backend created go again when it is destroyed,
-  // also when creating it fails half-way (impl's destructor, after the drives have exited).
+  // The host opens each drive's flash file and hands the descriptors (I/O and lock) over: the file
+  // is created here (0600, no symbolic link followed), its exclusive lock is taken here (kBusy from
+  // another cache reaches the caller as such, before any drive starts), and the lock, which
+  // belongs to the lock descriptor's open file description, is held by the host and its drive
+  // together, so it lasts as long as either uses the file and dies with both. Files this backend
+  // created go again when it is destroyed, also when creating it fails half-way (impl's
+  // destructor, after the drives have exited).
   if (o.attach.empty()) {
     for (uint32_t d = 0; d < o.drives; ++d) {
       const std::string path = flash_path(uri, o.drives, d);
