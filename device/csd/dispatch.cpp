@@ -484,7 +484,9 @@ result<std::unique_ptr<drive>> drive::create(const drive_options& options) {
   if (options.flash_path.empty()) {
     store = make_ram_flash(options.flash);
   } else {
-    auto f = make_file_flash(options.flash, options.flash_path, options.allow_buffered);
+    auto f =
+        make_file_flash(options.flash, flash_file_options{options.flash_path, options.flash_fd, options.flash_lock_fd,
+                                                          options.allow_buffered, options.keep_flash});
     if (!f.ok()) return f.error();
     store = std::move(*f);
   }

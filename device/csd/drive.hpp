@@ -22,6 +22,9 @@ struct drive_options {
   link_params link{};
   compute_params compute{};              // modelled embedded cores (n_cores below are the emulator's threads)
   std::string flash_path;                // empty: RAM-backed flash
+  int flash_fd = -1;                     // >= 0: flash_path opened by the host that started the drive
+  int flash_lock_fd = -1;                // with flash_fd: the descriptor holding its lock (shared)
+  bool keep_flash = false;               // keep a flash file the drive created itself (default: removed at exit)
   bool allow_buffered = false;           // file flash without O_DIRECT when the filesystem refuses it
   uint32_t n_cores = 4;                  // attention worker threads
   uint64_t buffer_bytes = 512ull << 20;  // DRAM group buffer per namespace

@@ -17,6 +17,9 @@ void usage() {
       stderr,
       "usage: instinfer-csd (--shm-fd FD | --name NAME) [options]\n"
       "  --flash PATH|ram       flash backing (default ram)    --buffered   allow non-O_DIRECT files\n"
+      "  --flash-fd FD          the --flash PATH, opened by the host that starts the drive\n"
+      "  --flash-lock-fd FD     with --flash-fd: the descriptor holding the file's lock\n"
+      "  --keep-flash           keep a flash file the drive created (default: removed at exit)\n"
       "  --cores N (4)          attention worker threads        --buffer-mb N (512) group buffer\n"
       "  --channels N (8) --dies N (8) --blocks-per-die N (64) --pages-per-block N (256) --page BYTES (4096)\n"
       "  --channel-gbps X (1.4) --read-us X (20) --program-us X (200) --erase-us X (2000)\n"
@@ -87,6 +90,8 @@ std::optional<int> parse_process_options(int argc, char** argv, process_options&
   drive_options& d = o.drive;
   const numeric_option numeric[] = {
       {"--shm-fd", &o.shm_fd},
+      {"--flash-fd", &d.flash_fd},
+      {"--flash-lock-fd", &d.flash_lock_fd},
       {"--cores", &d.n_cores},
       {"--buffer-mb", &d.buffer_bytes, 20},
       {"--channels", &d.flash.channels},
@@ -129,6 +134,8 @@ std::optional<int> parse_process_options(int argc, char** argv, process_options&
       d.flash_path = p == "ram" ? "" : p;
     } else if (a == "--buffered") {
       d.allow_buffered = true;
+    } else if (a == "--keep-flash") {
+      d.keep_flash = true;
     } else if (a == "--help" || a == "-h") {
       usage();
       return 0;
@@ -141,6 +148,14 @@ std::optional<int> parse_process_options(int argc, char** argv, process_options&
   if (const char* fault = std::getenv("INSTINFER_CSD_FAULT"); fault && *fault && !parse_fault(fault, d.fault)) {
     std::fprintf(stderr, "instinfer-csd: INSTINFER_CSD_FAULT must be read:N[:COUNT] or program:N[:COUNT], got '%s'\n",
                  fault);
+    return 2;
+  }
+  if (d.flash_lock_fd >= 0 && d.flash_fd < 0) {
+    std::fprintf(stderr, "instinfer-csd: --flash-lock-fd needs --flash-fd\n");
+    return 2;
+  }
+  if (d.flash_fd >= 0 && d.flash_path.empty()) {
+    std::fprintf(stderr, "instinfer-csd: --flash-fd needs --flash PATH (the file it names)\n");
     return 2;
   }
   if ((o.shm_fd < 0) == o.name.empty()) {

@@ -91,8 +91,14 @@ class ram_flash final : public flash_store {
 // ---- file flash (io_uring + O_DIRECT, through the shared engine of src/io) ----------------------
 class file_flash final : public flash_store {
  public:
-  file_flash(const flash_params& p, io::storage_file f, std::unique_ptr<io::uring_engine> writer, uint32_t handle)
-      : p_(p), file_(std::move(f)), writer_(std::move(writer)), write_handle_(handle) {}
+  file_flash(const flash_params& p, io::storage_file f, std::unique_ptr<io::uring_engine> writer, uint32_t handle,
+             bool keep)
+      : p_(p), file_(std::move(f)), writer_(std::move(writer)), write_handle_(handle), keep_(keep) {}
+  ~file_flash() override {
+    // The flash's contents mean nothing without the FTL's tables, which die with the drive: a
+    // file the drive created goes with it (a handed-over one is its host's to remove).
+    if (!keep_) file_.remove_if_created();
+  }
 
   status program(uint32_t ppn, uint32_t n_pages, const std::byte* src) noexcept override {
     // The command thread is the only writer, so one engine (single issuer) serves every program.
@@ -159,6 +165,7 @@ class file_flash final : public flash_store {
   io::storage_file file_;
   std::unique_ptr<io::uring_engine> writer_;
   uint32_t write_handle_;
+  bool keep_;
 };
 
 // ---- injected faults (test seam) ----------------------------------------------------------------
@@ -234,32 +241,36 @@ std::unique_ptr<flash_store> make_ram_flash(const flash_params& p) {
   return std::make_unique<ram_flash>(p);
 }
 
-result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const std::string& path,
-                                                     bool allow_buffered) {
-  auto f = io::open_storage_file(path, true, allow_buffered);
+result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const flash_file_options& o) {
+  auto f = o.fd >= 0 ? io::adopt_storage_file(o.fd, o.lock_fd, o.path, o.allow_buffered)
+                     : io::open_storage_file(o.path, io::storage_open_options{true, o.allow_buffered, true});
   if (!f.ok()) return f.error();
   io::storage_file file = std::move(f.value());
+  // A drive that does not start leaves no file it created behind.
+  auto fail = [&](status s) -> result<std::unique_ptr<flash_store>> {
+    file.remove_if_created();
+    return s;
+  };
   if (file.block_device) {
     if (file.size_bytes < p.capacity_bytes())
-      return status{errc::kNoSpace, "block device '" + path + "' is smaller than the flash (" +
-                                        std::to_string(p.capacity_bytes()) + " bytes)"};
+      return fail({errc::kNoSpace, "block device '" + o.path + "' is smaller than the flash (" +
+                                       std::to_string(p.capacity_bytes()) + " bytes)"});
   } else if (file.size_bytes < p.capacity_bytes()) {
     if (::ftruncate(file.fd, static_cast<off_t>(p.capacity_bytes())) != 0)
-      return errno_error(errno, "size flash file '" + path + "'");
+      return fail(errno_error(errno, "size flash file '" + o.path + "'"));
   }
   if (file.direct && (p.page_bytes % file.offset_align != 0 || 4096 % file.mem_align != 0))
-    return status{errc::kUnsupported, "flash page " + std::to_string(p.page_bytes) +
-                                          " is not a multiple of the "
-                                          "device's direct-I/O alignment (" +
-                                          std::to_string(file.offset_align) + ")"};
-  io::engine_options o;
-  o.queue_depth = 8;
-  o.staging_bytes = 0;
-  auto e = io::uring_engine::create(o);
-  if (!e.ok()) return e.error();
+    return fail({errc::kUnsupported, "flash page " + std::to_string(p.page_bytes) +
+                                         " is not a multiple of the device's direct-I/O alignment (" +
+                                         std::to_string(file.offset_align) + ")"});
+  io::engine_options eo;
+  eo.queue_depth = 8;
+  eo.staging_bytes = 0;
+  auto e = io::uring_engine::create(eo);
+  if (!e.ok()) return fail(e.error());
   auto h = e.value()->add_file(file.fd);
-  if (!h.ok()) return h.error();
-  return std::unique_ptr<flash_store>(new file_flash(p, std::move(file), std::move(e.value()), h.value()));
+  if (!h.ok()) return fail(h.error());
+  return std::unique_ptr<flash_store>(new file_flash(p, std::move(file), std::move(e.value()), h.value(), o.keep));
 }
 
 }  // namespace instinfer::csd

@@ -50,11 +50,20 @@ struct flash_fault {
 
 // RAM-backed flash; blocks are allocated when first programmed and freed when erased.
 std::unique_ptr<flash_store> make_ram_flash(const flash_params& p);
-// File or block device. A file is created (sparse) and sized to the flash capacity. O_DIRECT is
-// used when the filesystem allows it; otherwise the file is opened buffered only if
-// `allow_buffered`, else kUnsupported.
-result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const std::string& path,
-                                                     bool allow_buffered);
+struct flash_file_options {
+  std::string path;             // the file or block device (also named in messages)
+  int fd = -1;                  // >= 0: a descriptor of `path` handed over by the host (owned from now on)
+  int lock_fd = -1;             // with fd: the descriptor holding the file's lock (owned, kept open)
+  bool allow_buffered = false;  // a file without O_DIRECT where the filesystem refuses it
+  bool keep = false;            // keep a file the drive created when the store goes
+};
+// File or block device, sized (sparse) to the flash capacity. Opened by the drive itself (fd < 0):
+// created 0600 when missing, never through a symbolic link, and locked (kBusy when another cache
+// or drive has it; io/storage_file.hpp); a file it created is removed when the store is destroyed
+// or the drive fails to start, unless `keep`. A handed-over descriptor is used as it is (its
+// opener created, locked and removes the file). O_DIRECT is used when the filesystem allows it;
+// otherwise the file is opened buffered only if `allow_buffered`, else kUnsupported.
+result<std::unique_ptr<flash_store>> make_file_flash(const flash_params& p, const flash_file_options& options);
 // `inner` with the fault injected (fault.op != kNone).
 std::unique_ptr<flash_store> make_faulty_flash(std::unique_ptr<flash_store> inner, const flash_fault& fault);
 

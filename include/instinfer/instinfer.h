@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 3
+#define INSTINFER_VERSION_MINOR 4
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -140,8 +140,12 @@ const char* instinfer_status_name(instinfer_status status);
 const char* instinfer_last_error(void);
 
 void instinfer_config_init(instinfer_config* config);
+/* ssd: and csd: files are the cache's alone: created 0600, never opened through a symbolic link
+ * (INSTINFER_E_INVALID_ARGUMENT), and locked while the cache lives, so a second cache on a file in
+ * use, in this or another process, is INSTINFER_E_BUSY. */
 instinfer_status instinfer_cache_create(const instinfer_config* config, instinfer_cache** out_cache);
-/* Frees the cache and all its sequences; NULL is a no-op. */
+/* Frees the cache and all its sequences; NULL is a no-op. ssd: and csd: remove the files the cache
+ * created (not a file that was there before; keep=1 keeps them). */
 void instinfer_cache_destroy(instinfer_cache* cache);
 instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out_stats);
 /* ssd: writes every appended token to the device and syncs it. csd: the drives already hold them
@@ -226,6 +230,40 @@ instinfer_status instinfer_seq_state_save(instinfer_cache* cache, instinfer_seq 
 instinfer_status instinfer_seq_state_load(instinfer_cache* cache, const void* buf, size_t size, instinfer_seq* out_seq);
 instinfer_status instinfer_seq_state_save_file(instinfer_cache* cache, instinfer_seq seq, const char* path);
 instinfer_status instinfer_seq_state_load_file(instinfer_cache* cache, const char* path, instinfer_seq* out_seq);
+
+/* ---- Since 0.4: the content-addressed prefix cache ---- */
+
+/* An in-process prefix cache over one cache (kv/prefix_cache.hpp): page groups of
+ * tokens_per_group token ids keyed by a chained hash over a model fingerprint (the cache's shape,
+ * dtype and page size, and model_id). Destroy it before its cache; instinfer_cache_destroy also
+ * destroys the prefix caches still open on it (their handles are then invalid). */
+typedef struct instinfer_prefix_cache instinfer_prefix_cache;
+
+typedef struct instinfer_prefix_stats {
+  uint32_t struct_size;      /* sizeof(instinfer_prefix_stats), set by the caller */
+  uint64_t groups;           /* page groups indexed now (at most capacity_groups) */
+  uint64_t capacity_groups;  /* the cap */
+  uint64_t tokens_per_group; /* tokens of one page group */
+  uint64_t held_sequences;   /* hidden sequences holding the groups' chunks */
+  uint64_t lookups, hits, hit_tokens;
+  uint64_t inserted_groups, evicted_groups;
+  uint64_t host_bytes; /* host memory of the index */
+} instinfer_prefix_stats;
+
+/* capacity_groups >= 1 page groups are indexed at most (least recently used evicted first);
+ * model_id: a NUL-terminated identity of the model (not NULL). */
+instinfer_status instinfer_prefix_cache_create(instinfer_cache* cache, const char* model_id, uint64_t capacity_groups,
+                                               instinfer_prefix_cache** out_prefix);
+/* NULL is a no-op. Frees the hidden sequences; sequences returned by lookups stay the caller's. */
+void instinfer_prefix_cache_destroy(instinfer_prefix_cache* prefix);
+/* Index the full page groups of tokens[0, n_tokens) that seq holds in every layer. */
+instinfer_status instinfer_prefix_insert(instinfer_prefix_cache* prefix, instinfer_seq seq, const int32_t* tokens,
+                                         uint64_t n_tokens);
+/* The longest indexed prefix of tokens[0, n_tokens): *out_n_tokens tokens (a multiple of
+ * tokens_per_group; 0 on a miss), as a new sequence *out_seq sharing its chunks (0 on a miss). */
+instinfer_status instinfer_prefix_lookup(instinfer_prefix_cache* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                         instinfer_seq* out_seq, uint64_t* out_n_tokens);
+instinfer_status instinfer_prefix_cache_stats(instinfer_prefix_cache* prefix, instinfer_prefix_stats* out_stats);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -1,7 +1,9 @@
 // The C API over kv_cache: validates raw pointers, converts statuses, never lets an exception out.
 #include <cstddef>
 #include <cstring>
+#include <list>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <span>
 #include <string>
@@ -10,9 +12,21 @@
 #include "instinfer/attention/state.hpp"
 #include "instinfer/instinfer.h"
 #include "instinfer/kv/kv_cache.hpp"
+#include "instinfer/kv/prefix_cache.hpp"
+
+struct instinfer_prefix_cache;
 
 struct instinfer_cache {
   std::unique_ptr<instinfer::kv_cache> cache;
+  // Prefix caches open on it: destroyed before the cache (declared after it), since they free
+  // their hidden sequences in it.
+  std::mutex prefixes_mutex;
+  std::list<std::unique_ptr<instinfer_prefix_cache>> prefixes;
+};
+
+struct instinfer_prefix_cache {
+  instinfer_cache* owner = nullptr;
+  std::unique_ptr<instinfer::prefix_cache> prefix;
 };
 
 namespace {
@@ -454,6 +468,86 @@ instinfer_status instinfer_seq_state_load_file(instinfer_cache* cache, const cha
     auto r = cache->cache->load_sequence_file(path);
     if (!r.ok()) return report(r.error());
     *out_seq = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+// ---- 0.4: the prefix cache ----------------------------------------------------------------------
+
+instinfer_status instinfer_prefix_cache_create(instinfer_cache* cache, const char* model_id, uint64_t capacity_groups,
+                                               instinfer_prefix_cache** out_prefix) {
+  if (out_prefix) *out_prefix = nullptr;
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!model_id) return fail(errc::kInvalidArgument, "model_id is NULL");
+    if (!out_prefix) return fail(errc::kInvalidArgument, "out_prefix is NULL");
+    auto p = instinfer::prefix_cache::create(*cache->cache, instinfer::prefix_cache_options{model_id, capacity_groups});
+    if (!p.ok()) return report(p.error());
+    auto handle = std::make_unique<instinfer_prefix_cache>();
+    handle->owner = cache;
+    handle->prefix = std::move(p.value());
+    std::lock_guard lock(cache->prefixes_mutex);
+    cache->prefixes.push_back(std::move(handle));
+    *out_prefix = cache->prefixes.back().get();
+    return INSTINFER_OK;
+  });
+}
+
+void instinfer_prefix_cache_destroy(instinfer_prefix_cache* prefix) {
+  if (!prefix) return;
+  try {
+    instinfer_cache* owner = prefix->owner;
+    std::lock_guard lock(owner->prefixes_mutex);
+    owner->prefixes.remove_if([&](const auto& p) { return p.get() == prefix; });
+  } catch (...) {
+  }
+}
+
+#define CHECK_PREFIX(prefix) \
+  if (!(prefix) || !(prefix)->prefix) return fail(errc::kInvalidArgument, "prefix is NULL")
+
+instinfer_status instinfer_prefix_insert(instinfer_prefix_cache* prefix, instinfer_seq seq, const int32_t* tokens,
+                                         uint64_t n_tokens) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_PREFIX(prefix);
+    if (!tokens && n_tokens > 0) return fail(errc::kInvalidArgument, "tokens is NULL");
+    return report(prefix->prefix->insert(seq, std::span<const int32_t>(tokens, tokens ? n_tokens : 0)));
+  });
+}
+
+instinfer_status instinfer_prefix_lookup(instinfer_prefix_cache* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                         instinfer_seq* out_seq, uint64_t* out_n_tokens) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_PREFIX(prefix);
+    if (!tokens && n_tokens > 0) return fail(errc::kInvalidArgument, "tokens is NULL");
+    if (!out_seq || !out_n_tokens) return fail(errc::kInvalidArgument, "out_seq and out_n_tokens must not be NULL");
+    auto m = prefix->prefix->lookup(std::span<const int32_t>(tokens, tokens ? n_tokens : 0));
+    if (!m.ok()) return report(m.error());
+    *out_seq = m->seq;
+    *out_n_tokens = m->n_tokens;
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_prefix_cache_stats(instinfer_prefix_cache* prefix, instinfer_prefix_stats* out_stats) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_PREFIX(prefix);
+    if (!out_stats) return fail(errc::kInvalidArgument, "out_stats is NULL");
+    if (out_stats->struct_size != sizeof(instinfer_prefix_stats))
+      return fail(errc::kInvalidArgument,
+                  "out_stats->struct_size is " + std::to_string(out_stats->struct_size) +
+                      ", expected sizeof(instinfer_prefix_stats) = " + std::to_string(sizeof(instinfer_prefix_stats)));
+    const instinfer::prefix_cache_stats s = prefix->prefix->stats();
+    out_stats->groups = s.groups;
+    out_stats->capacity_groups = s.capacity_groups;
+    out_stats->tokens_per_group = s.tokens_per_group;
+    out_stats->held_sequences = s.held_sequences;
+    out_stats->lookups = s.lookups;
+    out_stats->hits = s.hits;
+    out_stats->hit_tokens = s.hit_tokens;
+    out_stats->inserted_groups = s.inserted_groups;
+    out_stats->evicted_groups = s.evicted_groups;
+    out_stats->host_bytes = s.host_bytes;
     return INSTINFER_OK;
   });
 }

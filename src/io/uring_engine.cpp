@@ -42,109 +42,12 @@ std::string engine_features::describe() const {
   return s;
 }
 
-// ---- files ----------------------------------------------------------------------------------
-
-storage_file::storage_file(storage_file&& o) noexcept
-    : fd(o.fd),
-      direct(o.direct),
-      block_device(o.block_device),
-      created(o.created),
-      mem_align(o.mem_align),
-      offset_align(o.offset_align),
-      size_bytes(o.size_bytes),
-      path(std::move(o.path)) {
-  o.fd = -1;
-}
-
-storage_file& storage_file::operator=(storage_file&& o) noexcept {
-  if (this != &o) {
-    if (fd >= 0) ::close(fd);
-    fd = o.fd;
-    direct = o.direct;
-    block_device = o.block_device;
-    created = o.created;
-    mem_align = o.mem_align;
-    offset_align = o.offset_align;
-    size_bytes = o.size_bytes;
-    path = std::move(o.path);
-    o.fd = -1;
-  }
-  return *this;
-}
-
-storage_file::~storage_file() {
-  if (fd >= 0) ::close(fd);
-}
-
-status errno_status(int err, std::string_view what) {
-  const std::string msg = std::string(what) + ": " + std::strerror(err);
-  switch (err) {
-    case ENOSPC:
-    case EDQUOT:
-    case EFBIG: return {errc::kNoSpace, msg};
-    case ENOMEM: return {errc::kOutOfMemory, msg};
-    case EINVAL: return {errc::kInvalidArgument, msg};
-    default: return {errc::kIoError, msg};
-  }
-}
-
 status check_completion(const completion& c, std::string_view what) {
   if (c.result < 0) return errno_status(-c.result, std::string(what) + " (" + std::string(io_op_name(c.op)) + ")");
   if (c.op != io_op::kFsync && static_cast<uint32_t>(c.result) < c.requested)
     return {errc::kIoError, std::string(what) + ": short " + std::string(io_op_name(c.op)) + " of " +
                                 std::to_string(c.result) + " of " + std::to_string(c.requested) + " bytes"};
   return {};
-}
-
-result<storage_file> open_storage_file(const std::string& path, bool create, bool allow_buffered) {
-  if (path.empty()) return status{errc::kInvalidArgument, "storage path is empty"};
-  storage_file f;
-  f.path = path;
-  struct stat st {};
-  const bool existed = ::stat(path.c_str(), &st) == 0;
-  if (!existed && !create) return errno_status(ENOENT, "cannot open '" + path + "'");
-  const int base = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0);
-  int fd = ::open(path.c_str(), base | O_DIRECT, 0644);
-  if (fd >= 0) {
-    f.direct = true;
-  } else if (errno == EINVAL) {
-    if (!allow_buffered) {
-      return status{errc::kUnsupported, "the filesystem holding '" + path +
-                                            "' refuses O_DIRECT; use a file on a filesystem that supports direct "
-                                            "I/O, or opt into buffered I/O explicitly with buffered=1"};
-    }
-    fd = ::open(path.c_str(), base, 0644);
-  }
-  if (fd < 0) return errno_status(errno, "cannot open '" + path + "'");
-  f.fd = fd;
-  f.created = !existed;
-  if (::fstat(fd, &st) != 0) return errno_status(errno, "fstat '" + path + "'");
-  f.block_device = S_ISBLK(st.st_mode);
-  if (!f.block_device && !S_ISREG(st.st_mode))
-    return status{errc::kInvalidArgument, "'" + path + "' is neither a regular file nor a block device"};
-  if (f.block_device) {
-    uint64_t bytes = 0;
-    if (::ioctl(fd, BLKGETSIZE64, &bytes) == 0) f.size_bytes = bytes;
-  } else {
-    f.size_bytes = static_cast<uint64_t>(st.st_size);
-  }
-  struct statx sx {};
-  if (f.direct && ::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN)) {
-    if (sx.stx_dio_offset_align == 0) {
-      // The kernel says this file cannot do direct I/O even though open accepted the flag.
-      if (!allow_buffered)
-        return status{errc::kUnsupported, "direct I/O is not supported for '" + path +
-                                              "' (statx DIOALIGN reports none); opt into buffered=1 explicitly"};
-      const int flags = ::fcntl(fd, F_GETFL);
-      ::fcntl(fd, F_SETFL, flags & ~O_DIRECT);
-      f.direct = false;
-    } else {
-      // Keep 4 KiB as the floor: page-sized buffers and offsets are what the callers use anyway.
-      f.mem_align = std::max<uint32_t>(4096, sx.stx_dio_mem_align);
-      f.offset_align = std::max<uint32_t>(4096, sx.stx_dio_offset_align);
-    }
-  }
-  return f;
 }
 
 // ---- engine ---------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 /* The C API from plain C11: a round trip (append, attend checked against a float64 reference
  * computed here from the same stored values) and every kind of bad input. */
+#define _POSIX_C_SOURCE 200809L /* mkdtemp, symlink, lstat, umask */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "instinfer/instinfer.h"
 
@@ -624,6 +628,162 @@ static void test_quantized(void) {
   }
 }
 
+static int path_exists(const char* path) {
+  struct stat st;
+  return lstat(path, &st) == 0;
+}
+
+/* ssd: files are exclusive (a second cache on one file is INSTINFER_E_BUSY, the first keeps
+ * working), created 0600, never opened through a symbolic link, and removed on destroy. Skipped
+ * where the ssd backend is not built or the scratch directory refuses O_DIRECT. */
+static void test_exclusive_files(void) {
+  const char* tmp = getenv("TMPDIR");
+  char dir[512];
+  snprintf(dir, sizeof dir, "%s/instinfer-capi-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+  if (!mkdtemp(dir)) return;
+  char file[600], uri[620], link_path[600], link_uri[620];
+  snprintf(file, sizeof file, "%s/kv.bin", dir);
+  snprintf(uri, sizeof uri, "ssd:%s", file);
+  snprintf(link_path, sizeof link_path, "%s/link.bin", dir);
+  snprintf(link_uri, sizeof link_uri, "ssd:%s", link_path);
+
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  cfg.n_layers = 1;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 1;
+  cfg.head_dim = D;
+  cfg.kv_dtype = INSTINFER_DTYPE_F32;
+  cfg.page_bytes = 4096;
+  cfg.capacity_bytes = 1u << 20;
+  cfg.n_threads = 1;
+  cfg.backend = uri;
+  const mode_t old_mask = umask(0); /* the mode must come from the open, not the umask */
+  instinfer_cache* a = NULL;
+  const instinfer_status st = instinfer_cache_create(&cfg, &a);
+  umask(old_mask);
+  if (st == INSTINFER_E_UNSUPPORTED) {
+    printf("exclusive files: skipped (%s)\n", instinfer_last_error());
+    rmdir(dir);
+    return;
+  }
+  CHECK(st == INSTINFER_OK);
+  if (!a) return;
+  struct stat sb;
+  CHECK(stat(file, &sb) == 0 && (sb.st_mode & 07777) == 0600);
+
+  enum { T = 40 };
+  float k[T * D], v[T * D], q[2 * D], out1[2 * D], out2[2 * D], lse1[2], lse2[2];
+  for (int i = 0; i < T * D; ++i) k[i] = frand(), v[i] = frand();
+  for (int i = 0; i < 2 * D; ++i) q[i] = frand();
+  instinfer_seq seq = 0;
+  CHECK(instinfer_seq_create(a, &seq) == INSTINFER_OK);
+  CHECK(instinfer_append(a, seq, 0, T, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+  CHECK(instinfer_attend(a, 0, 1, &seq, q, out1, lse1) == INSTINFER_OK);
+
+  instinfer_cache* b = (instinfer_cache*)0x1;
+  CHECK_ERR(instinfer_cache_create(&cfg, &b), INSTINFER_E_BUSY);
+  CHECK(b == NULL);
+  CHECK(strstr(instinfer_last_error(), "in use") != NULL);
+  CHECK(strstr(instinfer_last_error(), file) != NULL);
+  CHECK(strcmp(instinfer_status_name(INSTINFER_E_BUSY), "busy") == 0);
+  /* The refused cache changed nothing: the same attention, bit for bit. */
+  CHECK(instinfer_attend(a, 0, 1, &seq, q, out2, lse2) == INSTINFER_OK);
+  CHECK(memcmp(out1, out2, sizeof out1) == 0 && memcmp(lse1, lse2, sizeof lse1) == 0);
+  instinfer_cache_destroy(a);
+  CHECK(!path_exists(file)); /* created by the cache: removed with it */
+
+  /* A symbolic link at the path: refused, nothing created where it points. */
+  CHECK(symlink(file, link_path) == 0);
+  cfg.backend = link_uri;
+  CHECK_ERR(instinfer_cache_create(&cfg, &b), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(strstr(instinfer_last_error(), "symbolic link") != NULL);
+  CHECK(!path_exists(file));
+  unlink(link_path);
+
+  /* The path is free again after destroy. */
+  cfg.backend = uri;
+  CHECK(instinfer_cache_create(&cfg, &a) == INSTINFER_OK);
+  instinfer_cache_destroy(a);
+  CHECK(!path_exists(file));
+  rmdir(dir);
+}
+
+/* The prefix cache (0.4): the longest cached prefix comes back as a sequence whose attention equals
+ * that of the inserted sequence's prefix bit for bit; misses, stats, bad arguments; a prefix cache
+ * left open is freed with its cache. */
+static void test_prefix_cache(void) {
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  cfg.n_layers = 1;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 1;
+  cfg.head_dim = D;
+  cfg.kv_dtype = INSTINFER_DTYPE_F32;
+  cfg.page_bytes = 4096; /* 16 tokens per group */
+  cfg.capacity_bytes = 1u << 20;
+  cfg.n_threads = 1;
+  instinfer_cache* cache = NULL;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (!cache) return;
+  enum { T = 40, G = 16 };
+  int32_t tokens[T];
+  float k[T * D], v[T * D], q[2 * D], out1[2 * D], out2[2 * D], lse1[2], lse2[2];
+  for (int i = 0; i < T; ++i) tokens[i] = 1000 + 7 * i;
+  for (int i = 0; i < T * D; ++i) k[i] = frand(), v[i] = frand();
+  for (int i = 0; i < 2 * D; ++i) q[i] = frand();
+  instinfer_seq seq = 0, fork = 0, hit = 0;
+  CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+  CHECK(instinfer_append(cache, seq, 0, T, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+
+  instinfer_prefix_cache* prefix = (instinfer_prefix_cache*)0x1;
+  CHECK_ERR(instinfer_prefix_cache_create(cache, NULL, 8, &prefix), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(prefix == NULL);
+  CHECK_ERR(instinfer_prefix_cache_create(cache, "m", 0, &prefix), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_prefix_cache_create(NULL, "m", 8, &prefix), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(instinfer_prefix_cache_create(cache, "smollm2-135m", 8, &prefix) == INSTINFER_OK);
+  if (!prefix) {
+    instinfer_cache_destroy(cache);
+    return;
+  }
+  CHECK(instinfer_prefix_insert(prefix, seq, tokens, T) == INSTINFER_OK);
+  CHECK_ERR(instinfer_prefix_insert(prefix, 999, tokens, T), INSTINFER_E_UNKNOWN_SEQUENCE);
+  CHECK_ERR(instinfer_prefix_insert(prefix, seq, NULL, T), INSTINFER_E_INVALID_ARGUMENT);
+
+  uint64_t n = 99;
+  CHECK(instinfer_prefix_lookup(prefix, tokens, T, &hit, &n) == INSTINFER_OK);
+  CHECK(n == 2 * G);
+  CHECK(hit != 0 && hit != seq);
+  CHECK(instinfer_seq_fork_at(cache, seq, 2 * G, &fork) == INSTINFER_OK);
+  CHECK(instinfer_attend(cache, 0, 1, &hit, q, out1, lse1) == INSTINFER_OK);
+  CHECK(instinfer_attend(cache, 0, 1, &fork, q, out2, lse2) == INSTINFER_OK);
+  CHECK(memcmp(out1, out2, sizeof out1) == 0 && memcmp(lse1, lse2, sizeof lse1) == 0);
+  /* A different second group: one group; a different first token: a miss. */
+  tokens[G + 1] += 1;
+  instinfer_seq hit2 = 0;
+  CHECK(instinfer_prefix_lookup(prefix, tokens, T, &hit2, &n) == INSTINFER_OK);
+  CHECK(n == G && hit2 != 0);
+  tokens[0] += 1;
+  CHECK(instinfer_prefix_lookup(prefix, tokens, T, &hit2, &n) == INSTINFER_OK);
+  CHECK(n == 0 && hit2 == 0);
+  CHECK_ERR(instinfer_prefix_lookup(prefix, tokens, T, NULL, &n), INSTINFER_E_INVALID_ARGUMENT);
+
+  instinfer_prefix_stats st;
+  memset(&st, 0, sizeof st);
+  CHECK_ERR(instinfer_prefix_cache_stats(prefix, &st), INSTINFER_E_INVALID_ARGUMENT); /* struct_size 0 */
+  st.struct_size = sizeof st;
+  CHECK(instinfer_prefix_cache_stats(prefix, &st) == INSTINFER_OK);
+  CHECK(st.groups == 2 && st.capacity_groups == 8 && st.tokens_per_group == G);
+  CHECK(st.lookups == 3 && st.hits == 2 && st.hit_tokens == 3 * G);
+  CHECK(st.held_sequences == 1 && st.host_bytes > 2 * G * sizeof(int32_t));
+  instinfer_prefix_cache_destroy(prefix);
+  instinfer_prefix_cache_destroy(NULL);
+  /* One left open: freed with the cache. */
+  CHECK(instinfer_prefix_cache_create(cache, "m", 8, &prefix) == INSTINFER_OK);
+  CHECK(instinfer_prefix_insert(prefix, seq, tokens, T) == INSTINFER_OK);
+  instinfer_cache_destroy(cache);
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
@@ -631,6 +791,8 @@ int main(void) {
   test_append_checks_capacity_before_reading();
   test_v03();
   test_quantized();
+  test_exclusive_files();
+  test_prefix_cache();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

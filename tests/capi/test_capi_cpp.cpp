@@ -19,6 +19,8 @@ TEST_CASE("C status codes equal errc values") {
   CHECK(INSTINFER_E_NO_SPACE == static_cast<int>(errc::kNoSpace));
   CHECK(INSTINFER_E_DEVICE_LOST == static_cast<int>(errc::kDeviceLost));
   CHECK(INSTINFER_E_TIMEOUT == static_cast<int>(errc::kTimeout));
+  CHECK(INSTINFER_E_CORRUPT_DATA == static_cast<int>(errc::kCorruptData));
+  CHECK(INSTINFER_E_BUSY == static_cast<int>(errc::kBusy));
   CHECK(INSTINFER_E_INTERNAL == static_cast<int>(errc::kInternal));
   for (int c = 0; c >= INSTINFER_E_INTERNAL; --c)
     CHECK(std::string(instinfer_status_name(c)) == instinfer::errc_name(static_cast<errc>(c)));

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <linux/io_uring.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <algorithm>
@@ -518,7 +519,23 @@ TEST_CASE("file-backed flash (io_uring, O_DIRECT where the filesystem allows it)
   m.append(k.data(), v.data(), n);
   check_attend(h, 1, {9}, {&m}, rng);
   CHECK(h.stats().flash_pages_read >= 23 * 4);
+  // The drive opened the flash itself: created 0600, locked (a second drive on it is kBusy).
+  struct stat st {};
+  REQUIRE(::stat(o.flash_path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0077) == 0);
+  auto second = drive::create(o);
+  REQUIRE(!second.ok());
+  CHECK(second.error().code() == errc::kBusy);
+  // A drive removes the flash file it created when it goes; --keep-flash keeps it; a file that was
+  // there before stays.
   h.dev.reset();
+  CHECK(::stat(o.flash_path.c_str(), &st) != 0);
+  o.keep_flash = true;
+  REQUIRE(drive::create(o).ok());
+  CHECK(::stat(o.flash_path.c_str(), &st) == 0);
+  o.keep_flash = false;
+  REQUIRE(drive::create(o).ok());
+  CHECK(::stat(o.flash_path.c_str(), &st) == 0);
   std::remove(o.flash_path.c_str());
   rmdir(tmpl);
 }

@@ -28,6 +28,11 @@ struct connection_options {
   std::string emulator;                  // run the drive under this (e.g. qemu-aarch64-static); $INSTINFER_CSD_EMULATOR
   std::string attach;                    // name of a running drive (instinfer-csd --name NAME) instead of starting one
   std::vector<std::string> device_args;  // drive options for a started drive (--flash, --channels, ...)
+  // A started drive's flash, opened (and locked) by the host: the drive gets it as descriptor 4
+  // (--flash-fd 4) and the descriptor holding its lock as 5 (--flash-lock-fd 5, shared so that the
+  // lock lasts while either process lives). -1: none (RAM flash, or the drive opens --flash itself).
+  int flash_fd = -1;
+  int flash_lock_fd = -1;
   region_layout layout{1, 64, 16ull << 20};  // for a started drive
   uint32_t timeout_ms = 5000;                // per command; also how long an attached drive may take to be ready
   uint32_t start_timeout_ms = 60000;         // a started drive's start-up (qemu can be slow); the csd: URI's

@@ -33,6 +33,7 @@
 #include <sys/uio.h>
 
 #include "instinfer/core/status.hpp"
+#include "instinfer/io/storage_file.hpp"
 
 namespace instinfer::io {
 
@@ -115,32 +116,7 @@ class completion_handler {
   ~completion_handler() = default;
 };
 
-// A file opened for the engine. Owns the descriptor.
-struct storage_file {
-  int fd = -1;
-  bool direct = false;  // O_DIRECT in effect
-  bool block_device = false;
-  bool created = false;          // the open created it
-  uint32_t mem_align = 4096;     // buffer alignment O_DIRECT needs (statx DIOALIGN, else 4096)
-  uint32_t offset_align = 4096;  // offset/length alignment
-  uint64_t size_bytes = 0;       // file size / device capacity at open
-  std::string path;
-
-  storage_file() = default;
-  storage_file(storage_file&& o) noexcept;
-  storage_file& operator=(storage_file&& o) noexcept;
-  storage_file(const storage_file&) = delete;
-  storage_file& operator=(const storage_file&) = delete;
-  ~storage_file();
-};
-
-// Open (and create, if `create` and missing) a regular file or block device for direct I/O.
-// When the filesystem refuses O_DIRECT the result is kUnsupported with an explanation, unless
-// `allow_buffered` (an explicit opt-in), which opens it through the page cache instead.
-result<storage_file> open_storage_file(const std::string& path, bool create, bool allow_buffered);
-
-// errno -> status: ENOSPC/EDQUOT/EFBIG -> kNoSpace, ENOMEM -> kOutOfMemory, others -> kIoError.
-status errno_status(int err, std::string_view what);
+// storage_file, open_storage_file and errno_status: instinfer/io/storage_file.hpp.
 // A completion -> status: an error result maps through errno_status, a short transfer is kIoError.
 status check_completion(const completion& c, std::string_view what);
 

@@ -130,9 +130,22 @@ status connection::start(const connection_options& o) {
   view_.control->owner_pid.store(static_cast<int32_t>(::getpid()));
   view_.control->generation.store(1);
 
-  // Hand the region to the child as fd 3 (dup2 clears close-on-exec on the copy).
+  // Hand the region to the child as fd 3, its flash as fd 4 and the flash's lock as fd 5 (dup2
+  // clears close-on-exec on the copies; the high copies keep the originals out of the way of 3-5).
   const int high = ::fcntl(fd_, F_DUPFD_CLOEXEC, 10);
   if (high < 0) return {errc::kIoError, std::string("dup: ") + std::strerror(errno)};
+  int handed[2] = {-1, -1};  // flash, lock
+  const int wanted[2] = {o.flash_fd, o.flash_lock_fd};
+  for (int i = 0; i < 2; ++i) {
+    if (wanted[i] < 0) continue;
+    handed[i] = ::fcntl(wanted[i], F_DUPFD_CLOEXEC, 10);
+    if (handed[i] < 0) {
+      const int err = errno;
+      for (int fd : {high, handed[0]})
+        if (fd >= 0) ::close(fd);
+      return {errc::kIoError, std::string("dup: ") + std::strerror(err)};
+    }
+  }
   std::vector<std::string> args;
   std::string emulator = o.emulator;
   if (emulator.empty())
@@ -144,6 +157,14 @@ status connection::start(const connection_options& o) {
         std::string("--queue-pairs"), std::to_string(o.layout.n_queue_pairs), std::string("--depth"),
         std::to_string(o.layout.depth), std::string("--data-bytes"), std::to_string(o.layout.data_bytes)})
     args.push_back(s);
+  if (handed[0] >= 0) {
+    args.push_back("--flash-fd");
+    args.push_back("4");
+  }
+  if (handed[1] >= 0) {
+    args.push_back("--flash-lock-fd");
+    args.push_back("5");
+  }
   for (const std::string& s : o.device_args) args.push_back(s);
   std::vector<char*> argv;
   for (std::string& s : args) argv.push_back(s.data());
@@ -151,11 +172,15 @@ status connection::start(const connection_options& o) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, high, 3);
+  if (handed[0] >= 0) posix_spawn_file_actions_adddup2(&fa, handed[0], 4);
+  if (handed[1] >= 0) posix_spawn_file_actions_adddup2(&fa, handed[1], 5);
   pid_t pid = -1;
   const int rc = emulator.empty() ? ::posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ)
                                   : ::posix_spawnp(&pid, argv[0], &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
   ::close(high);
+  for (int fd : handed)
+    if (fd >= 0) ::close(fd);
   if (rc != 0) return {errc::kUnsupported, "cannot start " + std::string(argv[0]) + ": " + std::strerror(rc)};
   child_ = pid;
   const uint32_t start_ms = o.start_timeout_ms ? o.start_timeout_ms : 60000;

@@ -30,20 +30,39 @@ struct csd_uri_options {
   flash_params flash{};
   link_params link{};
   std::vector<std::string> attach;  // names of running drives, one per drive; empty: start them
+  bool keep = false;                // keep flash files this backend created (default: removed)
 };
 
+// Drive d's flash file: the URI's path for one drive, PATH.d for several; empty: RAM flash.
+std::string flash_path(const backend_uri& uri, uint64_t drives, uint32_t d) {
+  if (uri.path.empty()) return {};
+  return drives == 1 ? uri.path : uri.path + "." + std::to_string(d);
+}
+
 result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
-  static const char* const kKnown[] = {"drives",         "cores",
-                                       "channels",       "dies",
-                                       "channel_gbps",   "read_us",
-                                       "program_us",     "erase_us",
-                                       "page",           "pages_per_block",
-                                       "blocks_per_die", "capacity",
-                                       "link_gbps",      "link_us",
-                                       "buffer_mb",      "data_mb",
-                                       "timeout_ms",     "buffered",
-                                       "attach",         "device",
-                                       "emulator",       "debug_attend_delay_ms"};
+  static const char* const kKnown[] = {"drives",
+                                       "cores",
+                                       "channels",
+                                       "dies",
+                                       "channel_gbps",
+                                       "read_us",
+                                       "program_us",
+                                       "erase_us",
+                                       "page",
+                                       "pages_per_block",
+                                       "blocks_per_die",
+                                       "capacity",
+                                       "link_gbps",
+                                       "link_us",
+                                       "buffer_mb",
+                                       "data_mb",
+                                       "timeout_ms",
+                                       "buffered",
+                                       "attach",
+                                       "device",
+                                       "emulator",
+                                       "debug_attend_delay_ms",
+                                       "keep"};
   for (const auto& option : uri.options) {
     const std::string& k = option.first;  // not a structured binding: clang 14 cannot capture those
     if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))
@@ -121,11 +140,15 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
   o.flash = fp;
   o.link = lp;
   o.attach = std::move(attach_names);
+  o.keep = uri.option_bool("keep", false);
+  if (!o.attach.empty() && !uri.path.empty())
+    return status{errc::kInvalidArgument, "csd: an attached drive has its own flash; give no path with attach="};
   return o;
 }
 
 // How to reach drive d: attach to a running one, or start one with the URI's flash and models.
-connection_options connection_for(const backend_uri& uri, const csd_uri_options& o, uint32_t d) {
+connection_options connection_for(const backend_uri& uri, const csd_uri_options& o, uint32_t d,
+                                  const io::storage_file* flash_file) {
   connection_options co;
   co.timeout_ms = static_cast<uint32_t>(o.timeout_ms);
   if (o.start_timeout_given) co.start_timeout_ms = static_cast<uint32_t>(o.timeout_ms);
@@ -135,8 +158,12 @@ connection_options connection_for(const backend_uri& uri, const csd_uri_options&
   if (!o.attach.empty()) {
     co.attach = o.attach[d];
   } else {
-    std::string flash = "ram";
-    if (!uri.path.empty()) flash = o.drives == 1 ? uri.path : uri.path + "." + std::to_string(d);
+    std::string flash = flash_path(uri, o.drives, d);
+    if (flash.empty()) flash = "ram";
+    if (flash_file) {
+      co.flash_fd = flash_file->fd;
+      co.flash_lock_fd = flash_file->lock_fd;
+    }
     co.device_args = {"--flash",
                       flash,
                       "--cores",
@@ -180,8 +207,27 @@ result<std::unique_ptr<csd_backend>> csd_backend::create(const backend_uri& uri)
   if (!parsed.ok()) return parsed.error();
   const csd_uri_options& o = *parsed;
   auto p = std::make_unique<impl>();
+  p->keep_flash = o.keep;
+  // The host opens each drive's flash file and hands the descriptors (I/O and lock) over: the file
+  // is created here (0600, no symbolic link followed), its exclusive lock is taken here (kBusy from
+  // another cache reaches the caller as such, before any drive starts), and the lock, which
+  // belongs to the lock descriptor's open file description, is held by the host and its drive
+  // together, so it lasts as long as either uses the file and dies with both. Files this backend
+  // created go again when it is destroyed, also when creating it fails half-way (impl's
+  // destructor, after the drives have exited).
+  if (o.attach.empty()) {
+    for (uint32_t d = 0; d < o.drives; ++d) {
+      const std::string path = flash_path(uri, o.drives, d);
+      if (path.empty()) break;
+      auto f = io::open_storage_file(path, io::storage_open_options{true, uri.option_bool("buffered", false), true});
+      if (!f.ok())
+        return status{f.error().code(), "csd: flash of drive " + std::to_string(d) + ": " + f.error().message()};
+      p->flash_files.push_back(std::move(f.value()));
+    }
+  }
   for (uint32_t d = 0; d < o.drives; ++d) {
-    auto c = connection::open(connection_for(uri, o, d));
+    const io::storage_file* flash = d < p->flash_files.size() ? &p->flash_files[d] : nullptr;
+    auto c = connection::open(connection_for(uri, o, d, flash));
     if (!c.ok()) return c.error();
     csd_drive_slot slot;
     slot.conn = std::move(*c);

@@ -14,6 +14,7 @@
 #include "instinfer/csd/client.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/csd/seq_layer_key.hpp"
+#include "instinfer/io/storage_file.hpp"
 
 namespace instinfer {
 
@@ -26,6 +27,10 @@ struct csd_drive_slot {
 };
 
 struct csd_backend::impl {
+  // Destroyed after the drives (declared first): the drives exit, then files this backend created
+  // are removed while its descriptors still hold their locks (~impl).
+  std::vector<io::storage_file> flash_files;
+  bool keep_flash = false;
   std::vector<csd_drive_slot> drives;
   uint32_t page_bytes = 4096;
   backend_config config{};
@@ -38,6 +43,15 @@ struct csd_backend::impl {
   uint64_t kv_bytes_appended = 0;
   double modelled_ns = 0.0;
   mutable std::mutex stats_mutex;
+
+  impl() = default;
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
+  ~impl() {
+    drives.clear();  // each connection shuts its drive down and waits for it (or kills it)
+    if (!keep_flash)
+      for (io::storage_file& f : flash_files) f.remove_if_created();
+  }
 
   status lost_guard() const {
     for (const csd_drive_slot& d : drives)

@@ -52,8 +52,9 @@ ssd_backend::impl::~impl() {
   if (configured) decode.ring().cancel_prefetch();
   io.close();
   if (!io.has_file()) return;
-  const auto& f = io.file();
-  if (f.created && !f.block_device && !options.keep_file) ::unlink(f.path.c_str());
+  // Only a file this backend created is removed (never one that was there before, never a block
+  // device), while its descriptor still holds the lock: no other cache can be using it.
+  if (!options.keep_file) io.remove_file_if_created();
 }
 
 bool ssd_backend::available() noexcept {
@@ -106,7 +107,7 @@ status ssd_backend::configure(const backend_config& config) {
   m.layout = config.layout();
   m.chunk_bytes = m.layout.chunk_bytes();
 
-  auto f = io::open_storage_file(m.options.path, true, m.options.buffered);
+  auto f = io::open_storage_file(m.options.path, io::storage_open_options{true, m.options.buffered, true});
   if (!f.ok()) return f.error();
   m.io.adopt(std::move(f.value()));
   const auto& file = m.io.file();

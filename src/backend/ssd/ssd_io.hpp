@@ -41,6 +41,11 @@ class ssd_io final : private io::completion_handler {
   // when configuration fails later).
   void adopt(io::storage_file file);
   bool has_file() const noexcept { return file_ != nullptr; }
+  // Unlink the file if the open created it (io::storage_file::remove_if_created); the descriptor
+  // and its lock stay until this object goes.
+  void remove_file_if_created() noexcept {
+    if (file_) file_->remove_if_created();
+  }
   // Capacity in chunks of the adopted file for `capacity_bytes` (0: a block device's size, else
   // min(64 GiB, 90% of free space)); the file gets its final size (sparse) or, with
   // `preallocate`, all its blocks now.
