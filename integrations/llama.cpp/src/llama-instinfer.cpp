@@ -97,9 +97,12 @@ llama_instinfer_memory::llama_instinfer_memory(
     }
     is_host = strcmp(backend, "host") == 0;
 
+    // csd: answers decode attention only (instinfer_attend_chunk is INSTINFER_E_UNSUPPORTED there)
+    const bool row_by_row = strncmp(backend, "csd", 3) == 0;
+
     ops.resize(n_layer);
     for (uint32_t il = 0; il < n_layer; ++il) {
-        ops[il] = { cache, il };
+        ops[il] = { cache, il, row_by_row };
     }
 
     LLAMA_LOG_INFO("%s: instinfer %d, backend '%s', %u layers, %u/%u heads of %u, KV %s, n_seq_max %u\n", __func__,
@@ -460,6 +463,9 @@ static void ii_append_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         return;
     }
     const auto *    op   = (const llama_instinfer_memory::layer_op *) userdata;
+    if (op->row_by_row) {
+        return; // the attend op appends row by row
+    }
     const ggml_tensor * k = dst->src[0];
     const ggml_tensor * v = dst->src[1];
     const int32_t * info = (const int32_t *) dst->src[2]->data;
@@ -473,7 +479,7 @@ static void ii_append_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
-// src: q [head_dim, n_head, n_tokens], the append op (ordering), info; dst [head_dim*n_head, n_tokens]
+// src: q [head_dim, n_head, n_tokens], the append op (ordering), info, k, v; dst [head_dim*n_head, n_tokens]
 static void ii_attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto *        op   = (const llama_instinfer_memory::layer_op *) userdata;
     const ggml_tensor * q    = dst->src[0];
@@ -482,10 +488,57 @@ static void ii_attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const instinfer_seq seq    = ii_info_seq(dst->src[2]);
     const uint32_t      pos    = (uint32_t) info[0];
     const uint32_t      n_rows = (uint32_t) q->ne[2];
+
+    if (op->row_by_row) {
+        if (ith != 0) {
+            return;
+        }
+        const ggml_tensor * k = dst->src[3];
+        const ggml_tensor * v = dst->src[4];
+        for (uint32_t j = 0; j < n_rows; ++j) {
+            instinfer_status st = instinfer_append_at(op->cache, seq, op->il, (uint64_t) pos + j, 1,
+                    (const char *) k->data + j*k->nb[2], (const char *) v->data + j*v->nb[2], INSTINFER_DTYPE_F32);
+            if (st != INSTINFER_OK) {
+                ii_fail("append_at", st);
+            }
+            st = instinfer_attend(op->cache, op->il, 1, &seq, (const float *) ((const char *) q->data + j*q->nb[2]),
+                    (float *) ((char *) dst->data + j*dst->nb[1]), nullptr);
+            if (st != INSTINFER_OK) {
+                ii_fail("attend", st);
+            }
+        }
+        return;
+    }
     const instinfer_status st = instinfer_attend_chunk_slice(op->cache, op->il, 1, &seq, &pos, &n_rows,
             (const float *) q->data, (float *) dst->data, nullptr, (uint32_t) ith, (uint32_t) nth);
     if (st != INSTINFER_OK) {
         ii_fail("attend_chunk_slice", st);
+    }
+    if (ith == 0 && pos == 0 && getenv("LLAMA_INSTINFER_CHECK")) {
+        // debug: the first chunk's attention recomputed from its own K/V
+        const ggml_tensor * k = dst->src[3];
+        const ggml_tensor * v = dst->src[4];
+        const int D = q->ne[0], H = q->ne[1], HK = k->ne[1];
+        double maxd = 0;
+        for (uint32_t i = 0; i < n_rows; ++i) for (int h = 0; h < H; ++h) {
+            const float * qi = (const float *) q->data + (size_t(i)*H + h)*D;
+            const int hk = h / (H/HK);
+            std::vector<double> w(i + 1);
+            double m = -1e300;
+            for (uint32_t j = 0; j <= i; ++j) {
+                const float * kj = (const float *) k->data + (size_t(j)*HK + hk)*D;
+                double d = 0; for (int c = 0; c < D; ++c) d += (double) qi[c]*kj[c];
+                w[j] = d/sqrt((double) D); m = std::max(m, w[j]);
+            }
+            double sum = 0; for (auto & x : w) { x = exp(x - m); sum += x; }
+            const float * oi = (const float *) dst->data + (size_t(i)*H + h)*D;
+            for (int c = 0; c < D; ++c) {
+                double o = 0;
+                for (uint32_t j = 0; j <= i; ++j) o += w[j]*((const float *) v->data)[(size_t(j)*HK + hk)*D + c];
+                maxd = std::max(maxd, fabs(o/sum - oi[c]));
+            }
+        }
+        fprintf(stderr, "instinfer check layer %u rows %u: max |out - reference| %.3g\n", op->il, n_rows, maxd);
     }
 }
 
@@ -541,8 +594,8 @@ ggml_tensor * llama_instinfer_build_attn(
     ggml_tensor * app = ggml_custom_4d(ctx0, GGML_TYPE_F32, 1, 1, 1, 1, args_app, 3, ii_append_op, 1, ud);
     ggml_format_name(app, "instinfer_append-%d", il);
 
-    ggml_tensor * args_att[3] = { q_cur, app, ii->info };
-    ggml_tensor * cur = ggml_custom_4d(ctx0, GGML_TYPE_F32, mem->head_dim*mem->n_head, n_tokens, 1, 1, args_att, 3,
+    ggml_tensor * args_att[5] = { q_cur, app, ii->info, k_cur, v_cur };
+    ggml_tensor * cur = ggml_custom_4d(ctx0, GGML_TYPE_F32, mem->head_dim*mem->n_head, n_tokens, 1, 1, args_att, 5,
             ii_attend_op, GGML_N_TASKS_MAX, ud);
     ggml_format_name(cur, "instinfer_attend-%d", il);
 

@@ -15,6 +15,9 @@
 // that continue the sequence, seq_rm of a suffix, seq_cp of a prefix, seq_keep, state save/load
 // not supported (clear error): seq_add/seq_div (shifts), ubatches mixing sequences, SWA, ALiBi,
 // soft-capping, attention sinks, KV types other than f32/f16/bf16
+//
+// csd: has no causal chunk attention in this version: a chunk runs there one row at a time
+// (append one token, decode-attend it), which is exact but reads the KV once per row
 
 #include "llama-graph.h"
 #include "llama-memory.h"
@@ -74,6 +77,7 @@ public:
     struct layer_op {
         instinfer_cache * cache;
         uint32_t          il;
+        bool              row_by_row; // no causal chunk attention (csd:): append and attend one row at a time
     };
 
     layer_op * get_layer_op(int il) { return &ops[il]; }
