@@ -11,6 +11,7 @@
 //
 // --state-to URI: halfway through decoding, the instinfer run saves its sequence state
 // (llama_state_seq_get_data), continues in a new context on backend URI from the loaded state.
+// llama-instinfer-compare --make-f32 IN.gguf OUT.gguf: writes IN with every tensor dequantized to f32.
 // Exit status 0 when the tokens are identical (or diverge only where stock's top-2 gap <= 1e-3).
 
 #include "llama.h"
@@ -197,6 +198,21 @@ static verdict compare(const options & o, const llama_vocab * vocab, const run_r
 }
 
 int main(int argc, char ** argv) {
+    // --make-f32 IN OUT: the model with every tensor dequantized to f32 (llama_model_quantize), so
+    // that no matmul quantizes its activations and the comparison sees attention's own rounding
+    if (argc == 4 && std::string(argv[1]) == "--make-f32") {
+        llama_backend_init();
+        llama_model_quantize_params qp = llama_model_quantize_default_params();
+        qp.ftype                  = LLAMA_FTYPE_ALL_F32;
+        qp.allow_requantize       = true;
+        qp.quantize_output_tensor = true;
+        qp.pure                   = true;
+        qp.output_tensor_type     = GGML_TYPE_F32;
+        qp.token_embedding_type   = GGML_TYPE_F32;
+        const uint32_t rc = llama_model_quantize(argv[2], argv[3], &qp);
+        llama_backend_free();
+        return rc == 0 ? 0 : 1;
+    }
     options o;
     for (int i = 1; i < argc; ++i) {
         const std::string a    = argv[i];
