@@ -1,9 +1,10 @@
 // SparF's approximate scores, written once over an arch (attention/simd.hpp) and instantiated per
 // ISA in src/kernels/sparf_<isa>.cpp (contract: attention/sparf/score.hpp).
 //
-// Per column block and query head, tiles of kTileVecs vectors of consecutive tokens accumulate
-// q[c] * K[t, c] over the chosen channels in registers (one channel's tokens are contiguous in
-// its column page, so each load is one vector of tokens), then one store. The approximate softmax
+// Per column block and query head, the block's logits (<= a column page of tokens, in L1) gather
+// q[c] * K[t, c] four channels at a time: one channel's tokens are contiguous in its column page
+// and a page's channels are consecutive, so the loads sweep each chosen page sequentially (a
+// token-tiled order with all channels in registers interleaves 16 streams and stalls on them). The approximate softmax
 // (soft-cap, max, exp, sum, scale) runs over the whole row in vectors. Tails narrower than a
 // vector use the scalar loads.
 #pragma once
@@ -25,7 +26,6 @@ void sparf_scores(const sparf_score_args& a) noexcept {
   using one = simd::simd_ops<simd::scalar_arch>;
   using vec = typename ops::vec;
   constexpr uint32_t L = ops::kLanes;
-  constexpr uint32_t kTileVecs = L == 1 ? 1 : 4;
   constexpr uint32_t es = dtype_size(T);
   const uint32_t G = a.group_size, C = a.n_channels, n = a.n_tokens;
   const auto madd = [](vec x, vec y, vec acc) noexcept {
@@ -36,39 +36,59 @@ void sparf_scores(const sparf_score_args& a) noexcept {
     }
   };
 
+  // Channel-major within a block: four channels (consecutive in their column page, so one
+  // sequential sweep of it) update the block's row of logits, which stays in L1.
   for (uint32_t b = 0; b < a.n_blocks; ++b) {
     const uint32_t first = b * a.block_tokens;
     const uint32_t count = n - first < a.block_tokens ? n - first : a.block_tokens;
+    const uint32_t cv = count / L * L;
     const std::byte* const* col = a.columns + size_t{b} * C;
+    if (b + 1 < a.n_blocks)  // the next block's first lines of every channel
+      for (uint32_t c = 0; c < C; ++c) ops::prefetch(col[C + c]);
     for (uint32_t g = 0; g < G; ++g) {
       const float* qg = a.q + size_t{g} * C;
       float* out = a.probs + size_t{g} * n + first;
-      uint32_t t = 0;
-      for (; t + kTileVecs * L <= count; t += kTileVecs * L) {
-        vec acc[kTileVecs];
-#pragma GCC unroll 4
-        for (uint32_t i = 0; i < kTileVecs; ++i) acc[i] = ops::zero();
-        for (uint32_t c = 0; c < C; ++c) {
-          const vec qv = ops::broadcast(qg[c]);
-          const std::byte* p = col[c] + size_t{t} * es;
-#pragma GCC unroll 4
-          for (uint32_t i = 0; i < kTileVecs; ++i)
-            acc[i] = madd(qv, ops::template load_kv<T>(p + size_t{i} * L * es), acc[i]);
+      uint32_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        const std::byte* p0 = col[c];
+        const std::byte* p1 = col[c + 1];
+        const std::byte* p2 = col[c + 2];
+        const std::byte* p3 = col[c + 3];
+        const vec q0 = ops::broadcast(qg[c]), q1 = ops::broadcast(qg[c + 1]);
+        const vec q2 = ops::broadcast(qg[c + 2]), q3 = ops::broadcast(qg[c + 3]);
+        const bool fresh = c == 0;
+        for (uint32_t t = 0; t < cv; t += L) {
+          const size_t o = size_t{t} * es;
+          vec acc = fresh ? ops::zero() : ops::load(out + t);
+          acc = madd(q0, ops::template load_kv<T>(p0 + o), acc);
+          acc = madd(q1, ops::template load_kv<T>(p1 + o), acc);
+          acc = madd(q2, ops::template load_kv<T>(p2 + o), acc);
+          acc = madd(q3, ops::template load_kv<T>(p3 + o), acc);
+          ops::store(out + t, acc);
         }
-#pragma GCC unroll 4
-        for (uint32_t i = 0; i < kTileVecs; ++i) ops::store(out + t + i * L, acc[i]);
+        for (uint32_t t = cv; t < count; ++t) {
+          const size_t o = size_t{t} * es;
+          float acc = fresh ? 0.0f : out[t];
+          acc += qg[c] * one::template load_kv<T>(p0 + o);
+          acc += qg[c + 1] * one::template load_kv<T>(p1 + o);
+          acc += qg[c + 2] * one::template load_kv<T>(p2 + o);
+          acc += qg[c + 3] * one::template load_kv<T>(p3 + o);
+          out[t] = acc;
+        }
       }
-      for (; t + L <= count; t += L) {
-        vec acc = ops::zero();
-        for (uint32_t c = 0; c < C; ++c)
-          acc = madd(ops::broadcast(qg[c]), ops::template load_kv<T>(col[c] + size_t{t} * es), acc);
-        ops::store(out + t, acc);
+      for (; c < C; ++c) {
+        const std::byte* p0 = col[c];
+        const vec q0 = ops::broadcast(qg[c]);
+        const bool fresh = c == 0;
+        for (uint32_t t = 0; t < cv; t += L) {
+          const vec acc = fresh ? ops::zero() : ops::load(out + t);
+          ops::store(out + t, madd(q0, ops::template load_kv<T>(p0 + size_t{t} * es), acc));
+        }
+        for (uint32_t t = cv; t < count; ++t)
+          out[t] = (fresh ? 0.0f : out[t]) + qg[c] * one::template load_kv<T>(p0 + size_t{t} * es);
       }
-      for (; t < count; ++t) {
-        float acc = 0.0f;
-        for (uint32_t c = 0; c < C; ++c) acc += qg[c] * one::template load_kv<T>(col[c] + size_t{t} * es);
-        out[t] = acc;
-      }
+      if (C == 0)
+        for (uint32_t t = 0; t < count; ++t) out[t] = 0.0f;
     }
   }
 

@@ -182,6 +182,21 @@ inline bool approximate_scores(const sparf_config& cfg, const sparf_columns& col
   return true;
 }
 
+// f(i) for the candidates i in [lo, hi), ascending: all of them, or (pick given) those whose page
+// i / per is picked, walked page by page (no division per token).
+template <class F>
+inline void for_each_candidate(uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per, F&& f) noexcept {
+  if (pick == nullptr) {
+    for (uint32_t i = lo; i < hi; ++i) f(i);
+    return;
+  }
+  for (uint32_t pg = lo / per; uint64_t{pg} * per < hi; ++pg) {
+    if (!pick[pg]) continue;
+    const uint32_t e = static_cast<uint32_t>(std::min<uint64_t>(hi, uint64_t{pg} * per + per));
+    for (uint32_t i = std::max(lo, pg * per); i < e; ++i) f(i);
+  }
+}
+
 // The top `want` of score over the candidates [lo, hi) (those whose pick[i / per] is set, when pick
 // is given), in the ranking order of by_score (higher first, lower index on ties), written to
 // out in ascending index order; returns how many (min(want, candidates)). One nth_element over a
@@ -189,23 +204,19 @@ inline bool approximate_scores(const sparf_config& cfg, const sparf_columns& col
 inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per,
                               uint32_t want, uint32_t* out, float* scratch) noexcept {
   uint32_t n_cand = 0;
-  for (uint32_t i = lo; i < hi; ++i)
-    if (!pick || pick[i / per]) scratch[n_cand++] = score[i];
+  for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { scratch[n_cand++] = score[i]; });
   if (want == 0) return 0;
+  uint32_t j = 0;
   if (want >= n_cand) {
-    uint32_t j = 0;
-    for (uint32_t i = lo; i < hi; ++i)
-      if (!pick || pick[i / per]) out[j++] = i;
+    for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { out[j++] = i; });
     return j;
   }
   std::nth_element(scratch, scratch + (want - 1), scratch + n_cand, std::greater<float>{});
   const float thr = scratch[want - 1];
   uint32_t above = 0;
-  for (uint32_t j = 0; j + 1 < want; ++j) above += scratch[j] > thr ? 1u : 0u;
+  for (uint32_t x = 0; x + 1 < want; ++x) above += scratch[x] > thr ? 1u : 0u;
   uint32_t ties = want - above;  // tokens equal to thr that make the cut, lowest index first
-  uint32_t j = 0;
-  for (uint32_t i = lo; i < hi && j < want; ++i) {
-    if (pick && !pick[i / per]) continue;
+  for_each_candidate(lo, hi, pick, per, [&](uint32_t i) {
     const float x = score[i];
     if (x > thr) {
       out[j++] = i;
@@ -213,7 +224,7 @@ inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, cons
       out[j++] = i;
       --ties;
     }
-  }
+  });
   return j;
 }
 
