@@ -5,7 +5,7 @@
 // of one layer; dense attend and attend_sparse alternate `reps` times (interleaved, so a noisy
 // disk or a busy machine hits both alike). One JSON line per context, all measured here:
 //   dense_ms, sparf_ms        median wall time of one layer's attend over the batch
-//   speedup                   dense_ms / sparf_ms
+//   speedup                   dense_ms / sparf_ms (the ratio to record: absolute times vary by machine)
 //   bytes_frac                device bytes read by SparF / by dense (ssd: file bytes; csd: flash)
 //   modelled_speedup          csd only: the drive's modelled time, dense / SparF
 //   rel_err                   max relative difference of the SparF output from dense (a sanity bound)
@@ -42,10 +42,13 @@ int run(int argc, char** argv) {
   const uint32_t reps = static_cast<uint32_t>(f.u64("reps", 5));
   const uint32_t threads = static_cast<uint32_t>(f.u64("threads", 0));
   const double compression = f.f64("compression", 0.125);
+  const uint32_t sinks = static_cast<uint32_t>(f.u64("sinks", 0));
+  const uint32_t window = static_cast<uint32_t>(f.u64("window", 0));
   if (f.has("help")) {
     std::printf(
         "instinfer-bench sparf-decode [--kv ssd:PATH|csd:|host] [--ctx 16384,65536] [--batch 1]\n"
-        "  [--kv-heads 8] [--group 1] [--head-dim 128] [--reps 5] [--threads 0] [--compression 0.125]\n");
+        "  [--kv-heads 8] [--group 1] [--head-dim 128] [--reps 5] [--threads 0] [--compression 0.125]\n"
+        "  [--sinks 0] [--window 0]\n");
     return 0;
   }
   if (!f.ok()) {
@@ -57,7 +60,9 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "sparf-decode: --batch and --reps must be >= 1\n");
     return 2;
   }
-  const sparf_params params = sparf_params::with_compression(compression);
+  sparf_params params = sparf_params::with_compression(compression);
+  params.sink_tokens = sinks;
+  params.window_tokens = window;
   for (uint64_t ctx64 : contexts) {
     const uint32_t n = static_cast<uint32_t>(ctx64);
     cache_options o;
@@ -139,6 +144,9 @@ int run(int argc, char** argv) {
         .add("group", group)
         .add("head_dim", d)
         .add("compression", compression)
+        .add("sinks", sinks)
+        .add("window", window)
+        .add("threads", threads)
         .add("reps", reps)
         .add("dense_ms", dm * 1e3)
         .add("sparf_ms", sm * 1e3)

@@ -304,7 +304,8 @@ instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer,
     if (!seqs || !q || !out) return fail(errc::kInvalidArgument, "seqs, q and out must not be NULL");
     instinfer::sparf_params p;
     if (params) {
-      if (params->struct_size != sizeof(instinfer_sparf_params))
+      const size_t v03 = offsetof(instinfer_sparf_params, sink_tokens);  // 0.2 / 0.3: no sinks, no window
+      if (params->struct_size != sizeof(instinfer_sparf_params) && params->struct_size != v03)
         return fail(errc::kInvalidArgument,
                     "params->struct_size must be sizeof(instinfer_sparf_params)"
                     " (initialise it with instinfer_sparf_params_init)");
@@ -315,6 +316,10 @@ instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer,
                     : instinfer::sparf_params::with_compression(params->compression);
       p.whole_pages = params->whole_pages == 1;
       p.page_spread = params->page_spread;
+      if (params->struct_size >= sizeof(instinfer_sparf_params)) {
+        p.sink_tokens = params->sink_tokens;
+        p.window_tokens = params->window_tokens;
+      }
     }
     return report(cache->cache->attend_sparse(layer, std::span<const instinfer::seq_id>(seqs, n_seq), q, out, lse, p));
   });

@@ -6,7 +6,9 @@
 
 #include "decode_isa.hpp"
 #include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/sparf/score.hpp"
 #include "instinfer/layout/kv_shape.hpp"
+#include "sparf_isa.hpp"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -177,6 +179,29 @@ result<decode_rows_fn> select_decode_rows_kernel(cpu_isa isa, const decode_param
                                           std::to_string(params.layout.page.head_dim) + " on " +
                                           std::string(cpu_isa_name(isa))};
   return k->rows;
+}
+
+result<sparf_score_fn> select_sparf_score_kernel(cpu_isa isa, dtype column_dtype) {
+  if (!cpu_isa_available(isa))
+    return status{errc::kUnsupported, "SparF score ISA '" + std::string(cpu_isa_name(isa)) +
+                                          "' is not built into this library or not supported by this CPU"};
+  sparf_score_fn fn = nullptr;
+  switch (isa) {
+    case cpu_isa::kScalar: fn = kernels::sparf_score_kernel_scalar(column_dtype); break;
+#if defined(INSTINFER_HAVE_X86_KERNELS)
+    case cpu_isa::kAvx2: fn = kernels::sparf_score_kernel_avx2(column_dtype); break;
+    case cpu_isa::kAvx512: fn = kernels::sparf_score_kernel_avx512(column_dtype); break;
+#endif
+#if defined(INSTINFER_HAVE_NEON_KERNELS)
+    case cpu_isa::kNeon: fn = kernels::sparf_score_kernel_neon(column_dtype); break;
+#endif
+    default: break;
+  }
+  if (fn == nullptr)
+    return status{errc::kUnsupported, "no SparF score kernel for column dtype " +
+                                          std::string(dtype_name(column_dtype)) + " on " +
+                                          std::string(cpu_isa_name(isa))};
+  return fn;
 }
 
 }  // namespace instinfer

@@ -1,9 +1,11 @@
 #include "sparf/sparf_attender.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <new>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "instinfer/attention/sparf/exact.hpp"
@@ -11,7 +13,16 @@
 namespace instinfer {
 
 sparf_attender::sparf_attender(backend& b, const backend_config& config, const sparf_config& sparf)
-    : backend_(b), config_(config), cfg_(sparf), store_columns_(!b.host_view()) {}
+    : backend_(b),
+      config_(config),
+      cfg_(sparf),
+      store_columns_(!b.host_view()),
+      pool_(std::make_unique<thread_pool>(
+          std::min<uint32_t>(config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
+                             std::max(1u, config.shape.n_kv_heads)))),
+      ws_(pool_->size()),
+      worker_counters_(pool_->size()),
+      worker_status_(pool_->size()) {}
 
 sparf_attender::~sparf_attender() {
   for (auto& [seq, staged] : staged_)
@@ -219,22 +230,46 @@ status sparf_attender::attend_sparse(uint32_t layer, const attend_batch& batch, 
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "attend_sparse"};
   }
-  auto kernel = ws_.kernel(sparf_exact_params(cfg_));
+  auto kernel = ws_[0].kernel(sparf_exact_params(cfg_));
   if (!kernel.ok()) return kernel.error();
-  sparf_counters local;
+  for (sparf_counters& c : worker_counters_) c = sparf_counters{};
   for (const attend_item& it : batch) {
     auto found = seqs_.find(it.seq);
     const layer_state* ls = found != seqs_.end() && found->second[layer].live ? &found->second[layer] : nullptr;
     const sparf_plan plan = sparf_resolve(params, config_.shape.head_dim, it.n_tokens).value();
-    INSTINFER_TRY(attend_one(it, ls, plan, params, kernel.value(), local));
+    INSTINFER_TRY(attend_one(it, ls, plan, params, kernel.value()));
   }
-  if (counters) counters->add(local);
+  if (counters)
+    for (const sparf_counters& c : worker_counters_) counters->add(c);
+  return {};
+}
+
+template <class F>
+status sparf_attender::for_each_head(F&& fn) noexcept {
+  const uint32_t H = config_.shape.n_kv_heads;
+  std::atomic<uint32_t> next{0};
+  for (status& s : worker_status_) s = status{};
+  auto body = [&](uint32_t w) noexcept {
+    for (uint32_t h = next.fetch_add(1, std::memory_order_relaxed); h < H;
+         h = next.fetch_add(1, std::memory_order_relaxed)) {
+      status s = fn(w, h);
+      if (!s.ok()) {
+        worker_status_[w] = std::move(s);
+        next.store(H, std::memory_order_relaxed);  // stop handing out heads
+        return;
+      }
+    }
+  };
+  pool_->run(body);
+  for (status& s : worker_status_)
+    if (!s.ok()) return std::move(s);
   return {};
 }
 
 // One sequence: select per kv head, fetch just the pages holding selected tokens, exact pass.
+// Both compute steps run a kv head per work item on the pool.
 status sparf_attender::attend_one(const attend_item& it, const layer_state* ls, const sparf_plan& plan,
-                                  const sparf_params& params, decode_chunks_fn kernel, sparf_counters& c) noexcept {
+                                  const sparf_params& params, decode_chunks_fn kernel) noexcept {
   const kv_shape& shape = config_.shape;
   const uint32_t H = shape.n_kv_heads, G = shape.group_size(), d = shape.head_dim;
   const uint32_t n = it.n_tokens, n_chunks = static_cast<uint32_t>(it.chunks.size());
@@ -245,23 +280,28 @@ status sparf_attender::attend_one(const attend_item& it, const layer_state* ls, 
     sc_.selections.assign(H, sparf_selection{});
     if (ls == nullptr) sc_.zero_mean.assign(size_t{H} * d, 0.0f);  // an empty layer
     const float* v_mean = ls ? ls->index.v_mean() : sc_.zero_mean.data();
+    for (sparf_workspace& ws : ws_) INSTINFER_TRY(ws.reserve(n, d, G, cfg_.columns.tokens_per_page));
     if (n > 0) {  // steps 1-3, per kv head
       sparf_columns cols{ls->index.block_pointers(), nullptr, ls->index.n_blocks()};
       if (!ls->column_chunks.empty()) {
         INSTINFER_TRY(fetch_column_pages(*ls, plan, params, it.q));
         cols = sparf_columns{nullptr, sc_.column_pages.data(), ls->index.n_blocks()};
       }
-      INSTINFER_TRY(ws_.reserve(n, d, G, cfg_.columns.tokens_per_page));
-      for (uint32_t h = 0; h < H; ++h)
-        sc_.selections[h] =
-            sparf_select_head(cfg_, plan, params, cols, n, n_chunks, it.q + size_t{h} * G * d, h, ws_, c,
-                              sc_.selected.data() + size_t{h} * k_stride, sc_.alpha.data() + size_t{h} * G);
+      INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
+        sc_.selections[h] = sparf_select_head(cfg_, plan, params, cols, n, n_chunks, it.q + size_t{h} * G * d, h,
+                                              ws_[w], worker_counters_[w], sc_.selected.data() + size_t{h} * k_stride,
+                                              sc_.alpha.data() + size_t{h} * G);
+        if (sc_.selections[h].n == 0 && n > 0)
+          return {errc::kInternal, "SparF: no score kernel for this column dtype and ISA"};
+        return {};
+      }));
     }
     INSTINFER_TRY(load_token_pages(it));
-    for (uint32_t h = 0; h < H; ++h)  // step 4
-      INSTINFER_TRY(sparf_exact_head(cfg_, sc_.selections[h], sc_.ptrs.data(), v_mean + size_t{h} * d,
-                                     it.q + size_t{h} * G * d, it.out + size_t{h} * G * d,
-                                     it.lse ? it.lse + size_t{h} * G : nullptr, h, ws_, c, kernel));
+    INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {  // step 4
+      return sparf_exact_head(cfg_, sc_.selections[h], sc_.ptrs.data(), v_mean + size_t{h} * d,
+                              it.q + size_t{h} * G * d, it.out + size_t{h} * G * d,
+                              it.lse ? it.lse + size_t{h} * G : nullptr, h, ws_[w], worker_counters_[w], kernel);
+    }));
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "attend_sparse: host scratch"};
   }

@@ -6,15 +6,20 @@
 // backend (chunk_stream::kColumns; shared by forks like full token chunks; only the tail block
 // stays in memory) and just the chosen column pages are read back; token pages come through
 // backend::read_pages as one batch, or whole chunks through read_chunk where that is unsupported.
+// Compute (each kv head's selection, then each kv head's exact pass) is spread over a thread_pool
+// of backend_config::n_threads workers; the reads in between stay on the calling thread. A head's
+// result does not depend on which worker ran it.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <unordered_map>
 #include <vector>
 
 #include "instinfer/attention/sparf/select.hpp"
 #include "instinfer/attention/sparf/workspace.hpp"
+#include "instinfer/core/thread_pool.hpp"
 #include "instinfer/kv/channel_index.hpp"
 #include "sparf/sparse_attender.hpp"
 
@@ -60,7 +65,10 @@ class sparf_attender final : public sparse_attender {
   void release(std::vector<chunk_id>& ids) noexcept;
 
   status attend_one(const attend_item& it, const layer_state* ls, const sparf_plan& plan, const sparf_params& params,
-                    decode_chunks_fn kernel, sparf_counters& c) noexcept;
+                    decode_chunks_fn kernel) noexcept;
+  // fn(worker, kv_head) for every kv head, on the pool; the first failure.
+  template <class F>
+  status for_each_head(F&& fn) noexcept;
   status fetch_column_pages(const layer_state& ls, const sparf_plan& plan, const sparf_params& params, const float* q);
   status load_token_pages(const attend_item& it);
 
@@ -71,7 +79,12 @@ class sparf_attender final : public sparse_attender {
   std::unordered_map<seq_id, std::vector<layer_state>> seqs_;
   std::unordered_map<seq_id, std::vector<staged_layer>> staged_;
   std::vector<uint32_t> column_refs_;  // per chunk id: references to a stored column chunk
-  sparf_workspace ws_;
+  // One workspace and one counter set per worker of pool_ (a kv head's selection and exact pass
+  // run on one worker; the heads of a sequence are shared dynamically).
+  std::unique_ptr<thread_pool> pool_;
+  std::vector<sparf_workspace> ws_;
+  std::vector<sparf_counters> worker_counters_;
+  std::vector<status> worker_status_;
   // attend_sparse's per-call arrays and staging: grow-only, so the steady state allocates nothing.
   struct scratch {
     std::vector<uint32_t> selected, slot, channels, chosen;

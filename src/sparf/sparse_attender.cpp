@@ -2,6 +2,7 @@
 
 #include <new>
 #include <string>
+#include <system_error>
 #include <utility>
 
 #include "sparf/sparf_attender.hpp"
@@ -30,6 +31,9 @@ class backend_sparf_attender final : public sparse_attender {
   status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override {
     try {
+      if (params.sink_tokens != 0 || params.window_tokens != 0)  // not in the drive's protocol yet
+        return {errc::kUnsupported, "SparF sinks and recent window are not supported by backend '" +
+                                        std::string(backend_.name()) + "' yet"};
       for (const attend_item& it : batch)  // k > tokens is refused here, before the drive sees it
         if (auto plan = sparf_resolve(params, config_.shape.head_dim, it.n_tokens); !plan.ok())
           return {plan.error().code(), "sequence " + std::to_string(it.seq) + ": " + plan.error().message()};
@@ -62,6 +66,8 @@ result<std::unique_ptr<sparse_attender>> make_sparf_attender(backend& b, const b
     return std::unique_ptr<sparse_attender>(std::make_unique<sparf_attender>(b, config, sparf));
   } catch (const std::bad_alloc&) {
     return status{errc::kOutOfMemory, "SparF attender"};
+  } catch (const std::system_error& e) {
+    return status{errc::kOutOfMemory, std::string("SparF attender: cannot start its threads: ") + e.what()};
   }
 }
 

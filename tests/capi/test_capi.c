@@ -282,6 +282,31 @@ static void test_sparf(void) {
   CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
   CHECK((st.sparf_pages_read - pages1) * 4 <= st.sparf_dense_pages - dense1);
 
+  /* Since 0.4: sinks + window. Covering the whole sequence, SparF at 1/8 is dense attention. */
+  instinfer_sparf_params ends;
+  instinfer_sparf_params_init(&ends);
+  CHECK(ends.sink_tokens == 0 && ends.window_tokens == 0);
+  ends.sink_tokens = NS / 2;
+  ends.window_tokens = NS - NS / 2;
+  CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, lse_s, &ends) == INSTINFER_OK);
+  num = den = 0.0;
+  for (int i = 0; i < HQ * D; ++i) {
+    num += ((double)sparse[i] - dense[i]) * ((double)sparse[i] - dense[i]);
+    den += (double)dense[i] * dense[i];
+  }
+  CHECK(sqrt(num / den) <= 1e-5);
+  /* A 0.2/0.3 caller's shorter struct is accepted and means no sinks, no window: the defaults. */
+  float sparse_old[HQ * D], sparse_new[HQ * D];
+  instinfer_sparf_params older;
+  instinfer_sparf_params_init(&older);
+  older.struct_size = (uint32_t)offsetof(instinfer_sparf_params, sink_tokens);
+  older.sink_tokens = NS; /* beyond the old struct: must be ignored */
+  CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse_old, NULL, &older) == INSTINFER_OK);
+  CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse_new, NULL, NULL) == INSTINFER_OK);
+  CHECK(memcmp(sparse_old, sparse_new, sizeof sparse_old) == 0);
+  older.struct_size = (uint32_t)offsetof(instinfer_sparf_params, sink_tokens) + 4; /* neither size */
+  CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &older), INSTINFER_E_INVALID_ARGUMENT);
+
   /* Bad parameters. */
   instinfer_sparf_params bad;
   instinfer_sparf_params_init(&bad);

@@ -197,31 +197,36 @@ inline void sparf_reference(const stored_layer& s, const sparf_params& p, const 
       if (G > 1)
         for (uint32_t t = 0; t < n; ++t) rank[t] += pa[g][t];
     }
-    // Candidate token pages: the page_spread * ceil(k / tpp) pages of largest approximate mass.
+    // Sinks [0, S) and window [n - W, n) always; the top k - S - W of the candidate pages of the
+    // middle [S, n - W): the page_spread * ceil(k_mid / tpp) pages of largest approximate mass.
+    const uint32_t S = plan.sinks, W = plan.window, lo = S, hi = n - W;
+    const uint32_t k_mid = std::min(plan.k - std::min(plan.k, S + W), hi - lo);
     const uint32_t tpp = s.cfg.tokens.page.tokens_per_page;
-    const uint32_t n_pages = (n + tpp - 1) / tpp;
+    const uint32_t first_page = lo / tpp, end_page = hi == lo ? first_page : (hi - 1) / tpp + 1;
+    const uint32_t n_pages = end_page - first_page;
     const uint32_t max_pages =
         p.page_spread > 0.0
-            ? static_cast<uint32_t>(std::min<double>(n_pages, std::ceil(p.page_spread * ((plan.k + tpp - 1) / tpp))))
+            ? static_cast<uint32_t>(std::min<double>(n_pages, std::ceil(p.page_spread * ((k_mid + tpp - 1) / tpp))))
             : n_pages;
     std::vector<uint32_t> ti;
-    if (plan.k < n && max_pages < n_pages) {
+    if (k_mid < hi - lo && max_pages < n_pages) {
       std::vector<double> pm(n_pages, 0.0);
-      for (uint32_t t = 0; t < n; ++t) pm[t / tpp] += G == 1 ? pa[0][t] : rank[t];
+      for (uint32_t t = lo; t < hi; ++t) pm[t / tpp - first_page] += G == 1 ? pa[0][t] : rank[t];
       std::vector<uint32_t> po(n_pages);
       std::iota(po.begin(), po.end(), 0u);
       std::stable_sort(po.begin(), po.end(), [&](uint32_t a, uint32_t b) { return pm[a] > pm[b]; });
       std::vector<char> pick(n_pages, 0);
       for (uint32_t j = 0; j < max_pages; ++j) pick[po[j]] = 1;
-      for (uint32_t t = 0; t < n; ++t)
-        if (pick[t / tpp]) ti.push_back(t);
+      for (uint32_t t = lo; t < hi; ++t)
+        if (pick[t / tpp - first_page]) ti.push_back(t);
     } else {
-      ti.resize(n);
-      std::iota(ti.begin(), ti.end(), 0u);
+      for (uint32_t t = lo; t < hi; ++t) ti.push_back(t);
     }
-    const size_t k = std::min<size_t>(plan.k, ti.size());
     std::stable_sort(ti.begin(), ti.end(), [&](uint32_t a, uint32_t b) { return rank[a] > rank[b]; });
-    ti.resize(k);
+    ti.resize(std::min<size_t>(k_mid, ti.size()));
+    for (uint32_t t = 0; t < S; ++t) ti.push_back(t);
+    for (uint32_t t = hi; t < n; ++t) ti.push_back(t);
+    const size_t k = ti.size();
     std::sort(ti.begin(), ti.end());
     if (selected_head0 && h == 0) *selected_head0 = ti;
     std::vector<double> mean(d, 0.0);

@@ -26,10 +26,29 @@
 
 namespace instinfer {
 
-// The decode kernel's view of the exact pass's pseudo-chunks: cfg's page geometry, one kv head.
+namespace sparf_detail {
+
+// Page bytes of the exact pass's pseudo-chunks: the staged rows are SparF's own copy, so their
+// pages need not be the cache's. 16 KiB pages give the decode kernel whole blocks (kBlockTokens
+// rows of about 16 KiB of K) where small cache pages would cut every block at a few rows.
+inline constexpr uint32_t kExactPageBytes = 16384;
+
+// The pseudo-chunks' page geometry (cfg's when the larger one does not hold the rows).
+inline page_geometry exact_geometry(const sparf_config& cfg) noexcept {
+  const page_geometry& g = cfg.tokens.page;
+  if (g.page_bytes >= kExactPageBytes || page_geometry::check(kExactPageBytes, g.head_dim, g.kv_dtype) != errc::kOk)
+    return g;
+  auto big = page_geometry::make(kExactPageBytes, g.head_dim, g.kv_dtype);
+  return big.ok() ? big.value() : g;
+}
+
+}  // namespace sparf_detail
+
+// The decode kernel's view of the exact pass's pseudo-chunks: one kv head, 16 KiB pages
+// (sparf_detail::exact_geometry).
 inline decode_params sparf_exact_params(const sparf_config& cfg) noexcept {
   decode_params p;
-  p.layout = chunk_layout::make(cfg.tokens.page, 1);
+  p.layout = chunk_layout::make(sparf_detail::exact_geometry(cfg), 1);
   p.group_size = cfg.group_size;
   p.scale = cfg.scale;
   p.softcap = cfg.softcap;
@@ -42,22 +61,46 @@ namespace sparf_detail {
 inline constexpr uint32_t kMaxStagedChunks =
     static_cast<uint32_t>(sparf_workspace::kStageBytes / (2 * page_geometry::kMinPageBytes));
 
+// One row: inline 32-byte moves for whole multiples of 32 (every f16/bf16/f32 row of a supported
+// head_dim), not a library call per row; memcpy for the rest (quantized rows).
+inline void copy_row(std::byte* dst, const std::byte* src, uint32_t bytes) noexcept {
+  if (bytes % 32 != 0) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  for (uint32_t i = 0; i < bytes; i += 32) __builtin_memcpy(dst + i, src + i, 32);
+}
+
 // Copies tokens sel[first, first + n) of kv_head (K and V rows) into consecutive pseudo-chunks
 // at stage; ptrs receives the pseudo-chunk bases. Counts the token pages the rows came from.
 inline void stage_rows(const sparf_config& cfg, const std::byte* const* chunks, const uint32_t* sel, uint32_t n,
                        uint32_t kv_head, std::byte* stage, const std::byte** ptrs) noexcept {
   const chunk_layout& src = cfg.tokens;
-  const chunk_layout dst = chunk_layout::make(cfg.tokens.page, 1);
-  const uint32_t tpp = src.tokens(), row = src.page.row_bytes();
+  const chunk_layout dst = chunk_layout::make(exact_geometry(cfg), 1);
+  const uint32_t tpp = src.tokens(), dtpp = dst.tokens(), row = src.page.row_bytes();
+  // The rows are scattered over the sequence's pages: prefetch a few selections ahead so the
+  // copies do not wait on memory one row at a time.
+  constexpr uint32_t kAhead = 16;
+  const auto prefetch_row = [&](uint32_t tok) noexcept {
+    const std::byte* from = chunks[tok / tpp];
+    const std::byte* kr = from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0);
+    const std::byte* vr = from + src.offset(kv_kind::kValue, kv_head, tok % tpp, 0);
+    for (uint32_t l = 0; l < row; l += 64) {
+      __builtin_prefetch(kr + l, 0, 3);
+      __builtin_prefetch(vr + l, 0, 3);
+    }
+  };
+  for (uint32_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(sel[j]);
   for (uint32_t j = 0; j < n; ++j) {
-    std::byte* chunk = stage + uint64_t{j / tpp} * dst.chunk_bytes();
-    if (j % tpp == 0) ptrs[j / tpp] = chunk;
+    if (j + kAhead < n) prefetch_row(sel[j + kAhead]);
+    std::byte* chunk = stage + uint64_t{j / dtpp} * dst.chunk_bytes();
+    if (j % dtpp == 0) ptrs[j / dtpp] = chunk;
     const uint32_t tok = sel[j];
     const std::byte* from = chunks[tok / tpp];
-    std::memcpy(chunk + dst.offset(kv_kind::kKey, 0, j % tpp, 0),
-                from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0), row);
-    std::memcpy(chunk + dst.offset(kv_kind::kValue, 0, j % tpp, 0),
-                from + src.offset(kv_kind::kValue, kv_head, tok % tpp, 0), row);
+    copy_row(chunk + dst.offset(kv_kind::kKey, 0, j % dtpp, 0), from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0),
+             row);
+    copy_row(chunk + dst.offset(kv_kind::kValue, 0, j % dtpp, 0),
+             from + src.offset(kv_kind::kValue, kv_head, tok % tpp, 0), row);
   }
 }
 
@@ -97,18 +140,19 @@ inline status sparf_exact_head(const sparf_config& cfg, const sparf_selection& s
   // A stage at a time: gather, run the kernel, merge its partial state into the running one.
   const uint32_t per_stage = std::min<uint32_t>(
       sparf_detail::kMaxStagedChunks, static_cast<uint32_t>(sparf_workspace::kStageBytes / p.layout.chunk_bytes()));
-  const uint32_t stage_tokens = per_stage * tpp;
+  const uint32_t stpp = p.layout.tokens();  // tokens of a pseudo-chunk
+  const uint32_t stage_tokens = per_stage * stpp;
   const std::byte* ptrs[sparf_detail::kMaxStagedChunks];
   float* o = ws.o_.data();
   softmax_stats* stats = ws.stats_.data();
   for (uint32_t j0 = 0; j0 < sel.n; j0 += stage_tokens) {
     const uint32_t m = std::min(stage_tokens, sel.n - j0);
-    const uint32_t n_chunks = (m + tpp - 1) / tpp;
+    const uint32_t n_chunks = (m + stpp - 1) / stpp;
     sparf_detail::stage_rows(cfg, chunks, sel.tokens + j0, m, kv_head, ws.stage(), ptrs);
     const bool first = j0 == 0;
     float* o_dst = first ? o : ws.o_part_.data();
     softmax_stats* s_dst = first ? stats : ws.stats_part_.data();
-    kernel(p, ptrs, n_chunks, m - (n_chunks - 1) * tpp, 0, q, o_dst, s_dst);
+    kernel(p, ptrs, n_chunks, m - (n_chunks - 1) * stpp, 0, q, o_dst, s_dst);
     if (!first)
       for (uint32_t g = 0; g < G; ++g) merge_state(stats[g], o + size_t{g} * d, s_dst[g], o_dst + size_t{g} * d, d);
   }

@@ -33,6 +33,13 @@ struct sparf_params {
   // Token pages that may be read, as a multiple of the fewest that can hold k tokens
   // (ceil(k / tokens_per_page)); 0: no limit (plain SparQ top-k over all tokens). See step 3.
   double page_spread = 2.0;
+  // Dense ends (attention sinks and a recent window): the first sink_tokens and the last
+  // window_tokens tokens of every sequence are always selected; the approximate top-k only
+  // chooses among the tokens in between. They count toward k (sparf_resolve raises k to hold them
+  // when it is smaller), so the exact pass reads them like any selected token. 0, 0 (the default):
+  // plain SparF over every token.
+  uint32_t sink_tokens = 0;
+  uint32_t window_tokens = 0;
 
   static sparf_params with_compression(double c) noexcept {
     sparf_params p;
@@ -73,12 +80,15 @@ struct sparf_plan {
   uint32_t r = 0;  // channels asked for (whole_pages rounds the channels used up to whole pages)
   uint32_t k = 0;  // tokens kept
   uint32_t n_tokens = 0;
+  uint32_t sinks = 0;   // tokens [0, sinks) always kept
+  uint32_t window = 0;  // tokens [n_tokens - window, n_tokens) always kept; sinks + window <= k
 };
 
 // Compression c < 1 gives r = ceil(c * d) and k = ceil(c * n / 2), SparQ's split of the budget:
 // half for the r K columns (r * n values), half for the k full K and V rows (2 * k * d values),
 // so (r * n + 2 * k * d) / (2 * n * d) = c. Compression 1 means dense: r = d, k = n.
-// n_tokens == 0 resolves to an empty plan (nothing to attend).
+// n_tokens == 0 resolves to an empty plan (nothing to attend). Sinks and window are clipped to the
+// sequence and k is raised to at least sinks + window (both mandatory).
 inline result<sparf_plan> sparf_resolve(const sparf_params& p, uint32_t head_dim, uint32_t n_tokens) {
   INSTINFER_TRY(p.validate(head_dim));
   sparf_plan plan;
@@ -90,17 +100,18 @@ inline result<sparf_plan> sparf_resolve(const sparf_params& p, uint32_t head_dim
                                                 std::to_string(n_tokens) + " tokens"};
     plan.r = p.r;
     plan.k = p.k;
-    return plan;
-  }
-  if (p.compression >= 1.0) {
+  } else if (p.compression >= 1.0) {
     plan.r = head_dim;
     plan.k = n_tokens;
-    return plan;
+  } else {
+    const double r = std::ceil(p.compression * head_dim);
+    const double k = std::ceil(p.compression * n_tokens / 2.0);
+    plan.r = static_cast<uint32_t>(std::clamp(r, 1.0, static_cast<double>(head_dim)));
+    plan.k = static_cast<uint32_t>(std::clamp(k, 1.0, static_cast<double>(n_tokens)));
   }
-  const double r = std::ceil(p.compression * head_dim);
-  const double k = std::ceil(p.compression * n_tokens / 2.0);
-  plan.r = static_cast<uint32_t>(std::clamp(r, 1.0, static_cast<double>(head_dim)));
-  plan.k = static_cast<uint32_t>(std::clamp(k, 1.0, static_cast<double>(n_tokens)));
+  plan.sinks = std::min(p.sink_tokens, n_tokens);
+  plan.window = std::min(p.window_tokens, n_tokens - plan.sinks);
+  plan.k = std::max(plan.k, plan.sinks + plan.window);
   return plan;
 }
 

@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 
 #include "instinfer/attention/sparf/params.hpp"
@@ -36,23 +37,6 @@
 namespace instinfer {
 
 namespace sparf_detail {
-
-// n stored elements -> float. f16 without a table or branches: the 15 magnitude bits shifted
-// into an f32 and rescaled by 2^112 give normals and subnormals exactly; inf/NaN are patched.
-inline void widen(const std::byte* src, dtype t, float* dst, uint32_t n) noexcept {
-  if (t != dtype::kF16) {
-    convert_elements(src, t, dst, dtype::kF32, n);
-    return;
-  }
-  for (uint32_t i = 0; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, src + size_t{i} * 2, 2);
-    const uint32_t magnitude = static_cast<uint32_t>(h & 0x7fffu) << 13;
-    float f = bits_float(magnitude) * 0x1p112f;
-    if ((h & 0x7c00u) == 0x7c00u) f = bits_float(magnitude | 0x7f800000u);
-    dst[i] = bits_float(float_bits(f) | (static_cast<uint32_t>(h & 0x8000u) << 16));
-  }
-}
 
 // Ranking order: higher score first, lower token index on ties (deterministic selection).
 struct by_score {
@@ -142,115 +126,152 @@ struct sparf_selection {
 namespace sparf_detail {
 
 // Step 2 and the approximate softmax: ws.approx_ := [G][n] approximate probabilities, ws.rank_ :=
-// the ranking score (logit for G == 1, summed probability otherwise).
-inline void approximate_scores(const sparf_config& cfg, const sparf_columns& cols, uint32_t n, const float* q,
+// the ranking score (logit for G == 1, summed probability otherwise). The arithmetic is the SIMD
+// score kernel of ws's ISA (attention/sparf/score.hpp); false when it cannot be looked up.
+inline bool approximate_scores(const sparf_config& cfg, const sparf_columns& cols, uint32_t n, const float* q,
                                uint32_t kv_head, const uint32_t* channels, const sparf_channel_choice& choice,
                                sparf_workspace& ws, sparf_counters& c) noexcept {
-  const uint32_t d = cfg.head_dim(), G = cfg.group_size;
+  const uint32_t d = cfg.head_dim(), G = cfg.group_size, C = choice.n_channels;
   const channel_layout& cl = cfg.columns;
   const dtype t = cl.column_dtype();  // f16 for a quantized cache (channel_layout.hpp)
   const uint32_t es = cl.elem_bytes();
   const float scale = cfg.effective_scale();
-  // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all).
+  auto kernel = ws.score_kernel(t);
+  if (!kernel.ok()) return false;
+  // Temperature per query head: scale / sqrt(|q[I]|_1 / |q|_1) (exactly `scale` when I is all),
+  // folded into the kernel's q.
+  float* qc = ws.q_channels_.data();
   for (uint32_t g = 0; g < G; ++g) {
     const float* qg = q + size_t{g} * d;
     float all = 0.0f, sel = 0.0f;
     for (uint32_t i = 0; i < d; ++i) all += std::fabs(qg[i]);
-    for (uint32_t j = 0; j < choice.n_channels; ++j) sel += std::fabs(qg[channels[j]]);
-    ws.head_scale_[g] = (sel > 0.0f && all > 0.0f && choice.n_channels < d) ? scale / std::sqrt(sel / all) : scale;
+    for (uint32_t j = 0; j < C; ++j) sel += std::fabs(qg[channels[j]]);
+    const float hs = (sel > 0.0f && all > 0.0f && C < d) ? scale / std::sqrt(sel / all) : scale;
+    ws.head_scale_[g] = hs;
+    for (uint32_t j = 0; j < C; ++j) qc[size_t{g} * C + j] = qg[channels[j]] * hs;
   }
-  float* approx = ws.approx_.data();
-  std::fill(approx, approx + size_t{G} * n, 0.0f);
-  float* col = ws.column_.data();
+  const std::byte** ptrs = ws.column_ptrs_.data();
   for (uint32_t b = 0; b < cols.n_blocks; ++b) {
-    const uint32_t first = b * cl.tokens_per_page;
-    const uint32_t count = std::min(cl.tokens_per_page, n - first);
-    for (uint32_t j = 0; j < choice.n_channels; ++j) {
+    const uint32_t count = std::min(cl.tokens_per_page, n - b * cl.tokens_per_page);
+    for (uint32_t j = 0; j < C; ++j) {
       const uint32_t ch = channels[j];
-      const std::byte* src =
+      ptrs[size_t{b} * C + j] =
           cols.pages ? cols.pages[size_t{b} * cl.pages_per_block() + cl.page_index(kv_head, cl.group_of(ch))] +
                            cl.in_page_offset(ch, 0)
                      : cols.blocks[b] + cl.offset(kv_head, 0, ch);
-      widen(src, t, col, count);
-      for (uint32_t g = 0; g < G; ++g) {
-        const float qv = q[size_t{g} * d + ch];
-        float* a = approx + size_t{g} * n + first;
-        for (uint32_t i = 0; i < count; ++i) a[i] += qv * col[i];
-      }
     }
     if (count == cl.tokens_per_page) {  // a written block: pages read from storage
       c.channel_pages_read += choice.pages_per_block;
-      c.channel_bytes_used += uint64_t{choice.n_channels} * count * es;
+      c.channel_bytes_used += uint64_t{C} * count * es;
     } else {  // the tail block: still in the group buffer
-      c.buffered_channel_bytes += uint64_t{choice.n_channels} * count * es;
+      c.buffered_channel_bytes += uint64_t{C} * count * es;
     }
   }
-  // Approximate softmax per query head, in place: logits, max, then probabilities.
-  for (uint32_t g = 0; g < G; ++g) {
-    float* a = approx + size_t{g} * n;
-    const float hs = ws.head_scale_[g];
-    softmax_stats s;
-    for (uint32_t i = 0; i < n; ++i) {
-      a[i] = apply_softcap(a[i] * hs, cfg.softcap);
-      s.m = std::max(s.m, a[i]);
-    }
-    if (G == 1) std::copy(a, a + n, ws.rank_.data());  // rank by logit: exp underflow makes no ties
-    if (s.m == -std::numeric_limits<float>::infinity()) {
-      std::fill(a, a + n, 0.0f);
-      continue;
-    }
-    for (uint32_t i = 0; i < n; ++i) {
-      a[i] = expf(a[i] - s.m);
-      s.d += a[i];
-    }
-    const float inv = 1.0f / s.d;
-    for (uint32_t i = 0; i < n; ++i) a[i] *= inv;
+  sparf_score_args args;
+  args.columns = ptrs;
+  args.n_blocks = cols.n_blocks;
+  args.block_tokens = cl.tokens_per_page;
+  args.n_tokens = n;
+  args.n_channels = C;
+  args.group_size = G;
+  args.q = qc;
+  args.softcap = cfg.softcap;
+  args.probs = ws.approx_.data();
+  args.rank = ws.rank_.data();
+  kernel.value()(args);
+  return true;
+}
+
+// f(i) for the candidates i in [lo, hi), ascending: all of them, or (pick given) those whose page
+// i / per is picked, walked page by page (no division per token).
+template <class F>
+inline void for_each_candidate(uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per, F&& f) noexcept {
+  if (pick == nullptr) {
+    for (uint32_t i = lo; i < hi; ++i) f(i);
+    return;
   }
-  if (G > 1) {
-    float* rank = ws.rank_.data();
-    std::fill(rank, rank + n, 0.0f);
-    for (uint32_t g = 0; g < G; ++g)
-      for (uint32_t i = 0; i < n; ++i) rank[i] += approx[size_t{g} * n + i];
+  for (uint32_t pg = lo / per; uint64_t{pg} * per < hi; ++pg) {
+    if (!pick[pg]) continue;
+    const uint32_t e = static_cast<uint32_t>(std::min<uint64_t>(hi, uint64_t{pg} * per + per));
+    for (uint32_t i = std::max(lo, pg * per); i < e; ++i) f(i);
   }
 }
 
-// Step 3: the top k of the candidate pages into order[0, k), ascending; returns k.
+// The top `want` of score over the candidates [lo, hi) (those whose pick[i / per] is set, when pick
+// is given), in the ranking order of by_score (higher first, lower index on ties), written to
+// out in ascending index order; returns how many (min(want, candidates)). One nth_element over a
+// copy of the scores finds the threshold, one ascending scan takes what passes it: no sort.
+inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per,
+                              uint32_t want, uint32_t* out, float* scratch) noexcept {
+  uint32_t n_cand = 0;
+  for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { scratch[n_cand++] = score[i]; });
+  if (want == 0) return 0;
+  uint32_t j = 0;
+  if (want >= n_cand) {
+    for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { out[j++] = i; });
+    return j;
+  }
+  std::nth_element(scratch, scratch + (want - 1), scratch + n_cand, std::greater<float>{});
+  const float thr = scratch[want - 1];
+  uint32_t above = 0;
+  for (uint32_t x = 0; x + 1 < want; ++x) above += scratch[x] > thr ? 1u : 0u;
+  uint32_t ties = want - above;  // tokens equal to thr that make the cut, lowest index first
+  for_each_candidate(lo, hi, pick, per, [&](uint32_t i) {
+    const float x = score[i];
+    if (x > thr) {
+      out[j++] = i;
+    } else if (x == thr && ties > 0) {
+      out[j++] = i;
+      --ties;
+    }
+  });
+  return j;
+}
+
+// Step 3: the sinks, the top k - sinks - window of the candidate pages in between and the window
+// into order[0, k), ascending; returns k.
 inline uint32_t top_tokens(const sparf_config& cfg, const sparf_plan& plan, double page_spread, uint32_t n,
                            uint32_t n_pages, uint32_t* order, sparf_workspace& ws) noexcept {
   const uint32_t tpp = cfg.tokens.page.tokens_per_page;
-  uint32_t k = std::min(plan.k, n);
-  uint32_t n_cand = n;
-  const uint32_t max_pages =
-      page_spread > 0.0
-          ? static_cast<uint32_t>(std::min<double>(n_pages, std::ceil(page_spread * ((k + tpp - 1) / tpp))))
-          : n_pages;
-  if (k < n && max_pages < n_pages) {
-    // Candidate pages: the max_pages token pages of largest approximate mass.
-    const float* mass = cfg.group_size == 1 ? ws.approx_.data() : ws.rank_.data();
-    float* ps = ws.page_score_.data();
-    uint32_t* po = ws.page_order_.data();
-    uint8_t* pick = ws.page_pick_.data();
-    for (uint32_t pg = 0; pg < n_pages; ++pg) {
-      float s = 0.0f;
-      for (uint32_t i = pg * tpp, e = std::min(n, i + tpp); i < e; ++i) s += mass[i];
-      ps[pg] = s;
-      po[pg] = pg;
-      pick[pg] = 0;
+  const uint32_t S = std::min(plan.sinks, n), W = std::min(plan.window, n - S);
+  const uint32_t lo = S, hi = n - W;  // the sparse middle
+  const uint32_t k = std::min(plan.k, n);
+  const uint32_t k_mid = std::min(k - std::min(k, S + W), hi - lo);
+  for (uint32_t i = 0; i < S; ++i) order[i] = i;
+  uint32_t* mid = order + S;
+  uint32_t got = hi - lo;
+  if (k_mid < hi - lo) {
+    // Candidate pages (those overlapping the middle): the max_pages of largest approximate mass.
+    const uint32_t first_page = lo / tpp, end_page = hi == lo ? first_page : (hi - 1) / tpp + 1;
+    const uint32_t mid_pages = end_page - first_page;
+    const uint32_t max_pages =
+        page_spread > 0.0
+            ? static_cast<uint32_t>(std::min<double>(mid_pages, std::ceil(page_spread * ((k_mid + tpp - 1) / tpp))))
+            : mid_pages;
+    const uint8_t* pick = nullptr;
+    if (max_pages < mid_pages) {
+      const float* mass = cfg.group_size == 1 ? ws.approx_.data() : ws.rank_.data();
+      float* ps = ws.page_score_.data();
+      uint8_t* pk = ws.page_pick_.data();
+      for (uint32_t pg = 0; pg < n_pages; ++pg) {
+        float s = 0.0f;
+        if (pg >= first_page && pg < end_page)
+          for (uint32_t i = std::max(pg * tpp, lo), e = std::min(hi, pg * tpp + tpp); i < e; ++i) s += mass[i];
+        ps[pg] = s;
+        pk[pg] = 0;
+      }
+      uint32_t* chosen = ws.page_order_.data();
+      const uint32_t np =
+          top_ascending(ps, first_page, end_page, nullptr, 1, max_pages, chosen, ws.top_scratch_.data());
+      for (uint32_t j = 0; j < np; ++j) pk[chosen[j]] = 1;
+      pick = pk;
     }
-    std::nth_element(po, po + max_pages, po + n_pages, by_score{ps});
-    for (uint32_t j = 0; j < max_pages; ++j) pick[po[j]] = 1;
-    n_cand = 0;
-    for (uint32_t i = 0; i < n; ++i)
-      if (pick[i / tpp]) order[n_cand++] = i;
-    k = std::min(k, n_cand);
+    got = top_ascending(ws.rank_.data(), lo, hi, pick, tpp, k_mid, mid, ws.top_scratch_.data());
   } else {
-    for (uint32_t i = 0; i < n; ++i) order[i] = i;
+    for (uint32_t i = lo; i < hi; ++i) mid[i - lo] = i;
   }
-  if (k < n_cand) {
-    std::nth_element(order, order + k, order + n_cand, by_score{ws.rank_.data()});
-    std::sort(order, order + k);
-  }
-  return k;
+  for (uint32_t i = hi; i < n; ++i) mid[got + (i - hi)] = i;
+  return S + got + W;
 }
 
 }  // namespace sparf_detail
@@ -280,7 +301,10 @@ inline sparf_selection sparf_select_head(const sparf_config& cfg, const sparf_pl
   // Every token kept (k >= n, e.g. compression 1): nothing to rank, so no approximate scores and
   // no column pages are read; alpha is 1 and this is dense attention.
   const bool keep_all = plan.k >= n;
-  if (!keep_all) sparf_detail::approximate_scores(cfg, cols, n, q, kv_head, channels, choice, ws, c);
+  if (!keep_all && !sparf_detail::approximate_scores(cfg, cols, n, q, kv_head, channels, choice, ws, c)) {
+    for (uint32_t g = 0; g < G; ++g) alpha[g] = 0.0f;  // no score kernel (see workspace::score_kernel)
+    return sparf_selection{order, 0, alpha};
+  }
   // top_tokens ranks in ws.order_ (room for every token), then the first k go to tokens_out.
   const uint32_t k = sparf_detail::top_tokens(cfg, plan, params.page_spread, n, n_chunks, ws.order_.data(), ws);
   if (order != ws.order_.data()) std::copy(ws.order_.data(), ws.order_.data() + k, order);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "instinfer/attention/decode.hpp"
+#include "instinfer/attention/sparf/score.hpp"
 #include "instinfer/attention/state.hpp"
 #include "instinfer/core/status.hpp"
 
@@ -30,6 +31,9 @@ class sparf_workspace {
       grow(page_score_, n);
       grow(page_order_, n);
       grow(page_pick_, n);
+      grow(top_scratch_, n);
+      grow(column_ptrs_, (n / std::max<size_t>(column_tokens, 1) + 1) * d);
+      grow(q_channels_, g * d);
       grow(column_, std::max<size_t>(d, column_tokens));
       grow(channels_, d);
       grow(weight_, d);
@@ -46,6 +50,32 @@ class sparf_workspace {
     }
   }
 
+  // The ISA of the kernels this workspace looks up (decode and SparF scores): the best this CPU
+  // runs unless set (tests pin every ISA). Kernels already looked up are dropped.
+  status set_isa(cpu_isa isa) noexcept {
+    if (!cpu_isa_available(isa))
+      return {errc::kUnsupported, "SparF: ISA '" + std::string(cpu_isa_name(isa)) + "' is not available"};
+    isa_ = isa;
+    kernel_ = nullptr;
+    score_ = nullptr;
+    return {};
+  }
+  cpu_isa isa() const noexcept { return isa_; }
+
+  // The SIMD approximate-score kernel for column values of `column_dtype`, looked up once.
+  result<sparf_score_fn> score_kernel(dtype column_dtype) noexcept {
+    if (score_ && column_dtype == score_dtype_) return score_;
+    try {
+      auto fn = select_sparf_score_kernel(isa_, column_dtype);
+      if (!fn.ok()) return fn.error();
+      score_ = fn.value();
+    } catch (const std::bad_alloc&) {
+      return status{errc::kOutOfMemory, "SparF: score kernel lookup"};
+    }
+    score_dtype_ = column_dtype;
+    return score_;
+  }
+
   // The decode kernel for the exact pass's pseudo-chunks (one kv head, cfg's page geometry),
   // looked up once per (head_dim, dtype, softcap) and kept.
   result<decode_chunks_fn> kernel(const decode_params& p) noexcept {
@@ -54,7 +84,7 @@ class sparf_workspace {
         capped == kernel_softcap_)
       return kernel_;
     try {
-      auto fn = select_decode_kernel(best_cpu_isa(), p);
+      auto fn = select_decode_kernel(isa_, p);
       if (!fn.ok()) return fn.error();
       kernel_ = fn.value();
     } catch (const std::bad_alloc&) {
@@ -73,13 +103,16 @@ class sparf_workspace {
   };
 
   // Selection (select.hpp).
-  std::vector<float> approx_;         // [group][n_tokens] approximate logits, then probabilities
-  std::vector<float> rank_;           // [n_tokens] ranking score
-  std::vector<uint32_t> order_;       // token indices; the first k are the selection
-  std::vector<float> page_score_;     // [n_chunks] approximate mass per token page
-  std::vector<uint32_t> page_order_;  // [n_chunks]
-  std::vector<uint8_t> page_pick_;    // [n_chunks] candidate page
-  std::vector<float> column_;         // one converted K column (or head_dim scratch)
+  std::vector<float> approx_;                  // [group][n_tokens] approximate logits, then probabilities
+  std::vector<float> rank_;                    // [n_tokens] ranking score
+  std::vector<uint32_t> order_;                // token indices; the first k are the selection
+  std::vector<float> page_score_;              // [n_chunks] approximate mass per token page
+  std::vector<uint32_t> page_order_;           // [n_chunks]
+  std::vector<uint8_t> page_pick_;             // [n_chunks] candidate page
+  std::vector<float> top_scratch_;             // [n_tokens] scores copied for the k-th-largest search
+  std::vector<const std::byte*> column_ptrs_;  // [column blocks][chosen channels] for the score kernel
+  std::vector<float> q_channels_;              // [group][chosen channels] q times the temperature
+  std::vector<float> column_;                  // one converted K column (or head_dim scratch)
   std::vector<uint32_t> channels_;
   std::vector<float> weight_;
   std::vector<float> head_scale_;  // [group] approximate-score temperature per query head
@@ -95,6 +128,9 @@ class sparf_workspace {
     if (v.size() < n) v.resize(n);
   }
 
+  cpu_isa isa_ = best_cpu_isa();
+  sparf_score_fn score_ = nullptr;
+  dtype score_dtype_ = dtype::kF16;
   decode_chunks_fn kernel_ = nullptr;
   uint32_t kernel_head_dim_ = 0;
   dtype kernel_dtype_ = dtype::kF16;

@@ -1,0 +1,18 @@
+// SparF's approximate scores, AVX2 + FMA + F16C (the flags of decode_avx2.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#include "sparf_isa.hpp"
+#include "sparf_score_kernel.hpp"
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "sparf_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
+#endif
+
+namespace instinfer::kernels {
+
+sparf_score_fn sparf_score_kernel_avx2(dtype column_dtype) noexcept {
+  return lookup_sparf_score_kernel<xsimd::fma3<xsimd::avx2>>(column_dtype);
+}
+
+}  // namespace instinfer::kernels

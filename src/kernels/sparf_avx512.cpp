@@ -1,0 +1,18 @@
+// SparF's approximate scores, AVX-512 (F, BW, DQ, VL; the flags of decode_avx512.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#include "sparf_isa.hpp"
+#include "sparf_score_kernel.hpp"
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "sparf_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl"
+#endif
+
+namespace instinfer::kernels {
+
+sparf_score_fn sparf_score_kernel_avx512(dtype column_dtype) noexcept {
+  return lookup_sparf_score_kernel<xsimd::avx512bw>(column_dtype);
+}
+
+}  // namespace instinfer::kernels

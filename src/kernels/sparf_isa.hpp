@@ -1,0 +1,14 @@
+// Entry points of the per-ISA SparF score units (src/kernels/sparf_<isa>.cpp), private to
+// src/kernels. Null for a column dtype that is not instantiated. Only the target's ISAs exist.
+#pragma once
+
+#include "instinfer/attention/sparf/score.hpp"
+
+namespace instinfer::kernels {
+
+sparf_score_fn sparf_score_kernel_scalar(dtype column_dtype) noexcept;
+sparf_score_fn sparf_score_kernel_avx2(dtype column_dtype) noexcept;
+sparf_score_fn sparf_score_kernel_avx512(dtype column_dtype) noexcept;
+sparf_score_fn sparf_score_kernel_neon(dtype column_dtype) noexcept;
+
+}  // namespace instinfer::kernels
