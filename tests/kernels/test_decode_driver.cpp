@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -22,6 +23,23 @@
 using namespace instinfer;
 
 namespace {
+
+// INSTINFER_TEST_REDUCED (scripts/test-aarch64 sets it: emulated threads are slow under qemu-user,
+// and the full sweep took 14 minutes there) keeps each axis's extremes: f16, 1 and 5 threads,
+// whole-sequence and one-head items. The full sweep runs natively.
+bool reduced_sweep() {
+  static const bool reduced = std::getenv("INSTINFER_TEST_REDUCED") != nullptr;
+  return reduced;
+}
+std::vector<dtype> sweep_dtypes() {
+  return reduced_sweep() ? std::vector<dtype>{dtype::kF16} : std::vector<dtype>{dtype::kF16, dtype::kF32};
+}
+std::vector<uint32_t> sweep_threads() {
+  return reduced_sweep() ? std::vector<uint32_t>{1, 5} : std::vector<uint32_t>{1, 2, 5};
+}
+std::vector<uint32_t> sweep_heads_per_item() {
+  return reduced_sweep() ? std::vector<uint32_t>{0, 1} : std::vector<uint32_t>{0, 1, 2};
+}
 
 constexpr double kTolerance = 1e-5;
 
@@ -136,7 +154,7 @@ std::vector<decode_sequence> sequences_of(const test::paged_batch& b) {
 
 TEST_CASE("decode_driver: staging windows and the in-memory source both match the float64 reference") {
   std::printf("seed %llu (set INSTINFER_TEST_SEED to reproduce)\n", static_cast<unsigned long long>(test::test_seed()));
-  for (dtype t : {dtype::kF16, dtype::kF32}) {
+  for (dtype t : sweep_dtypes()) {
     for (uint32_t group : {1u, 4u, 7u}) {
       for (uint32_t kv_heads : {1u, 3u}) {
         const auto p = test::make_params(64, t, group, kv_heads, 1024);
@@ -144,8 +162,8 @@ TEST_CASE("decode_driver: staging windows and the in-memory source both match th
         const std::vector<uint32_t> lengths = {1, 0, tpp, 3 * tpp + 5, 2000, tpp - 1, 0, 40 * tpp + 3};
         test::paged_batch b(p, lengths);
         const auto seqs = sequences_of(b);
-        for (uint32_t threads : {1u, 2u, 5u}) {
-          for (uint32_t heads_per_item : {0u, 1u, 2u}) {
+        for (uint32_t threads : sweep_threads()) {
+          for (uint32_t heads_per_item : sweep_heads_per_item()) {
             INFO(dtype_name(t) << " group " << group << " kv heads " << kv_heads << " threads " << threads
                                << " heads/item " << heads_per_item);
             auto driver = make_driver(p, threads, heads_per_item);
@@ -257,7 +275,7 @@ TEST_CASE("decode_driver: bad batches and sources that cannot serve an item are 
 // visible prefix, through split items (partials merged), windows of 1 and 3 chunks and the
 // in-memory source. The page padding holds NaN: a row reading past its prefix would show it.
 TEST_CASE("decode_driver: causal rows match the float64 reference over each row's prefix") {
-  for (dtype t : {dtype::kF16, dtype::kF32}) {
+  for (dtype t : sweep_dtypes()) {
     for (uint32_t group : {1u, 4u, 3u}) {
       for (uint32_t kv_heads : {1u, 3u}) {
         const auto p = test::make_params(64, t, group, kv_heads, 1024);
@@ -303,8 +321,8 @@ TEST_CASE("decode_driver: causal rows match the float64 reference over each row'
             CHECK(le <= kTolerance);
           }
         };
-        for (uint32_t threads : {1u, 2u, 5u}) {
-          for (uint32_t heads_per_item : {0u, 1u, 2u}) {
+        for (uint32_t threads : sweep_threads()) {
+          for (uint32_t heads_per_item : sweep_heads_per_item()) {
             INFO(dtype_name(t) << " group " << group << " kv heads " << kv_heads << " threads " << threads
                                << " heads/item " << heads_per_item);
             auto driver = make_driver(p, threads, heads_per_item);
