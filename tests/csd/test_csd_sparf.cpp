@@ -20,6 +20,11 @@ using namespace instinfer;
 
 namespace {
 
+// Host and drive SparF: the same selection over the same stored values, but the exact pass sums in
+// another order on each side (the host gathers rows into 64-token kernel blocks, the drive attends
+// its own pages, with NEON when it is the aarch64 build), so the kernels' own bound against
+// float64 applies. A different selection would differ by the SparF error itself (~0.4).
+constexpr double kHostDriveTol = 1e-5;
 constexpr const char* kFlash = "csd:?channels=4&dies=2&blocks_per_die=256&pages_per_block=16&cores=2";
 
 std::unique_ptr<kv_cache> make(const std::string& uri, const kv_shape& shape, bool sparf = true) {
@@ -89,8 +94,8 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
   CHECK(after_sparse.sparse_attends == 1);
   CHECK(after_sparse.sparse_token_pages_read > 0);
   CHECK(after_sparse.column_pages_read > 0);
-  CHECK(rel(c_sparse, h_sparse) <= 1e-6);  // same code, same stored values
-  CHECK(rel(c_lse, h_lse) <= 1e-6);
+  CHECK(rel(c_sparse, h_sparse) <= kHostDriveTol);
+  CHECK(rel(c_lse, h_lse) <= kHostDriveTol);
   const double err = rel(c_sparse, dense);
   MESSAGE("SparF 1/8 vs dense relative error " << err);
   // Measured 0.419 (seeded inputs, identical on the host: same code, same values); bound: that
@@ -130,8 +135,8 @@ TEST_CASE("csd SparF across two drives, forks (shared column blocks), truncation
     REQUIRE(csd->attend_sparse(1, std::span<const seq_id>(&c, 1), work.q.data(), co.data(), cl.data(),
                                sparf_params::with_compression(compression))
                 .ok());
-    CHECK(rel(co, ho) <= 1e-6);
-    CHECK(rel(cl, hl) <= 1e-6);
+    CHECK(rel(co, ho) <= kHostDriveTol);
+    CHECK(rel(cl, hl) <= kHostDriveTol);
   };
   compare(hs, cs, 0.125);
   compare(hs, cs, 0.5);
@@ -230,7 +235,7 @@ TEST_CASE("csd SparF: column tails over the drive's DRAM budget are dropped and 
   for (int round = 0; round < 2; ++round) {  // twice: the second attend finds rebuilt tails
     REQUIRE(host->attend_sparse(0, hs, q.data(), ho.data(), nullptr, sparf_params::with_compression(0.125)).ok());
     REQUIRE(csd->attend_sparse(0, cs, q.data(), co.data(), nullptr, sparf_params::with_compression(0.125)).ok());
-    CHECK(rel(co, ho) <= 1e-6);
+    CHECK(rel(co, ho) <= kHostDriveTol);
   }
   const csd::device_stats st = drive_stats(*csd);
   MESSAGE("tail evictions " << st.column_tail_evictions << ", rebuild pages " << st.column_rebuild_pages_read);
@@ -243,5 +248,5 @@ TEST_CASE("csd SparF: column tails over the drive's DRAM budget are dropped and 
   }
   REQUIRE(host->attend_sparse(0, hs, q.data(), ho.data(), nullptr, sparf_params::with_compression(0.25)).ok());
   REQUIRE(csd->attend_sparse(0, cs, q.data(), co.data(), nullptr, sparf_params::with_compression(0.25)).ok());
-  CHECK(rel(co, ho) <= 1e-6);
+  CHECK(rel(co, ho) <= kHostDriveTol);
 }
