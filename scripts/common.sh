@@ -5,10 +5,11 @@ JOBS="${JOBS:-$(nproc)}"
 # ccache keys on relative paths, so clones in different folders share the cache.
 export CCACHE_BASEDIR="$ROOT"
 
-# Debian 12 packages the build and tests need (no vendored code, nothing downloaded at build time).
+# Debian 12 packages the build and tests need (no vendored code; downloaded at build time only the
+# model package and llama-cpp-python's source distribution, both from PyPI: curl and patch for the latter).
 INSTINFER_PACKAGES=(cmake g++ make pkg-config ccache liburing-dev libnvme-dev libjson-c-dev libxsimd-dev doctest-dev
   libbenchmark-dev python3 python3-numpy python3-pip python3-venv fio gnuplot-nox qemu-user-static g++-aarch64-linux-gnu
-  clang libclang-rt-14-dev clang-format binutils)
+  clang libclang-rt-14-dev clang-format binutils curl ca-certificates patch)
 
 install_deps() {
   local missing=()
