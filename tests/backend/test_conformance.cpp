@@ -37,6 +37,7 @@
 #include "sparf/sparf_test_util.hpp"
 #include "support/forwarding_backend.hpp"
 #include "support/kv_test_util.hpp"
+#include "support/scratch.hpp"
 
 using namespace instinfer;
 using test_support::call;
@@ -1254,23 +1255,7 @@ TEST_CASE_TEMPLATE("caller's threads: nth slices on nth std::threads equal one c
 
 namespace {
 
-bool direct_io_works(const std::string& dir) {
-  const std::string p = dir + "/probe-direct";
-  const int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
-  if (fd < 0) return false;
-  ::close(fd);
-  ::unlink(p.c_str());
-  return true;
-}
-
-std::string make_scratch_dir() {
-  const char* t = std::getenv("TMPDIR");
-  std::string tmpl = std::string((t && *t) ? t : "/tmp") + "/instinfer-conformance-XXXXXX";
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  const char* d = ::mkdtemp(buf.data());
-  return d ? std::string(d) : std::string{};
-}
+using test_support::direct_io_works;
 
 // Why the backend cannot run here; empty when it can.
 std::string unavailable(target& t) {
@@ -1282,7 +1267,7 @@ std::string unavailable(target& t) {
   }
   if (t.scheme == "csd" && !csd_backend::available())
     return "instinfer-csd not found (next to this executable, or INSTINFER_CSD_DEVICE)";
-  t.scratch = make_scratch_dir();
+  t.scratch = test_support::make_scratch_dir("instinfer-conformance");
   if (t.scratch.empty()) return "cannot create a scratch directory under $TMPDIR";
   if (!direct_io_works(t.scratch)) {
     if (t.scheme == "ssd") return t.scratch + " does not support O_DIRECT";

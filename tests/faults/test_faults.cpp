@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/sysinfo.h>
 #include <sys/wait.h>
@@ -38,6 +39,7 @@
 #include "instinfer/core/dtype.hpp"
 #include "instinfer/instinfer.h"
 #include "instinfer/testing/reference.hpp"
+#include "support/scratch.hpp"
 
 namespace {
 
@@ -165,14 +167,7 @@ bool contains(const char* text, const char* part) {
 
 // ---- scratch files ----------------------------------------------------------------------------
 
-bool direct_io_works(const std::string& dir) {
-  const std::string p = dir + "/probe-direct";
-  const int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
-  if (fd < 0) return false;
-  ::close(fd);
-  ::unlink(p.c_str());
-  return true;
-}
+using test_support::direct_io_works;
 
 std::string scratch_dir(const std::string& parent) {
   std::string tmpl = parent + "/instinfer-faults-XXXXXX";
@@ -210,6 +205,15 @@ int processes_naming(const std::string& needle) {
   }
   ::closedir(d);
   return found;
+}
+
+// Whether no open file description holds the storage lock (flock) on `path`.
+bool lock_is_free(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;
+  const bool got = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+  ::close(fd);  // releases it again
+  return got;
 }
 
 // ---- kill: the child side -----------------------------------------------------------------------
@@ -283,6 +287,12 @@ void kill_mid_attend(const std::string& uri, const std::string& flash_file, uint
   for (int i = 0; i < 100 && (left = processes_naming(flash_file)) > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   CHECK_MESSAGE(left == 0, "a process still names " << flash_file << " after its owner was killed");
+  // A dying process gives up its address space (and so its /proc command line) before its files:
+  // the drive's lock on the flash can outlive the check above for a moment. Wait for the lock too.
+  bool free = false;
+  for (int i = 0; i < 100 && !(free = lock_is_free(flash_file)); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK_MESSAGE(free, flash_file << " is still locked after its owner was killed");
 
   // A new cache on the same file: it works and holds only what it is given.
   cache_handle h;

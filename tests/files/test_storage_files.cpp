@@ -33,6 +33,7 @@
 #include "instinfer/core/dtype.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "instinfer/testing/reference.hpp"
+#include "support/scratch.hpp"
 
 using namespace instinfer;
 
@@ -429,10 +430,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   g_backend = argv[1];
-  const char* tmp = std::getenv("TMPDIR");
-  std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/instinfer-files-XXXXXX";
-  if (!::mkdtemp(tmpl.data())) skip("cannot make a scratch directory");
-  g_dir = tmpl;
+  g_dir = test_support::make_scratch_dir("instinfer-files");
+  if (g_dir.empty()) skip("cannot make a scratch directory");
   struct cleanup {
     ~cleanup() {
       const std::string cmd = "rm -rf '" + g_dir + "'";
@@ -440,11 +439,7 @@ int main(int argc, char** argv) {
     }
   } remove_dir;
   {
-    const std::string probe = path_of("probe-direct");
-    const int fd = ::open(probe.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
-    if (fd >= 0) ::close(fd);
-    ::unlink(probe.c_str());
-    if (fd < 0) {
+    if (!test_support::direct_io_works(g_dir)) {
       if (g_backend == "ssd") skip(g_dir + " does not support O_DIRECT");
       g_buffered = true;
     }

@@ -18,19 +18,19 @@
 
 #include "instinfer/backend/ssd_backend.hpp"
 #include "instinfer/core/dtype.hpp"
+#include "support/scratch.hpp"
 
 namespace ssd_test {
 
 // A directory on the real disk ($TMPDIR or /tmp) for this test process.
 inline const std::string& scratch_dir() {
   static const std::string dir = [] {
-    const char* t = std::getenv("TMPDIR");
-    std::string base = (t && *t) ? t : "/tmp";
-    std::string tmpl = base + "/instinfer-ssd-test-XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    const char* d = ::mkdtemp(buf.data());
-    return d ? std::string(d) : base;
+    std::string d = test_support::make_scratch_dir("instinfer-ssd-test");
+    if (d.empty()) {
+      const char* t = std::getenv("TMPDIR");
+      d = (t && *t) ? t : "/tmp";
+    }
+    return d;
   }();
   return dir;
 }
@@ -41,12 +41,7 @@ inline std::string scratch_file(const std::string& name) {
 
 // Whether the scratch directory's filesystem accepts O_DIRECT (otherwise: skip, exit 77).
 inline bool direct_io_works() {
-  const std::string p = scratch_file("probe-direct");
-  const int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
-  if (fd < 0) return false;
-  ::close(fd);
-  ::unlink(p.c_str());
-  return true;
+  return test_support::direct_io_works(scratch_dir());
 }
 
 inline void remove_scratch() {
