@@ -39,6 +39,7 @@
 
 #include <unistd.h>
 
+#include "fuzz_input.hpp"
 #include "instinfer/core/dtype.hpp"
 #include "instinfer/instinfer.h"
 
@@ -68,21 +69,7 @@ const bool g_trace = std::getenv("INSTINFER_FUZZ_TRACE") != nullptr;
   std::abort();
 }
 
-// Bytes from the front (the seed script writes them in this order); zeros once exhausted.
-class input {
- public:
-  input(const uint8_t* p, size_t n) : p_(p), n_(n) {}
-  bool empty() const { return n_ == 0; }
-  uint8_t u8() {
-    if (n_ == 0) return 0;
-    --n_;
-    return *p_++;
-  }
-
- private:
-  const uint8_t* p_;
-  size_t n_;
-};
+using instinfer::fuzz::input;
 
 // Values from a seed byte: cheap and deterministic, so an input stays short.
 struct splitmix {

@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "drive.hpp"
+#include "fuzz_input.hpp"
 #include "instinfer/core/dtype.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/csd/protocol_codec.hpp"
@@ -100,22 +101,7 @@ void scrub(std::byte* p, uint64_t n) {
   for (ptrdiff_t at; (at = find_marker(p, n)) >= 0;) p[at] ^= std::byte{0x80};
 }
 
-class input {
- public:
-  input(const uint8_t* p, size_t n) : p_(p), n_(n) {}
-  bool empty() const { return n_ == 0; }
-  uint8_t u8() {
-    if (n_ == 0) return 0;
-    --n_;
-    return *p_++;
-  }
-  uint32_t u16() { return u8() | uint32_t{u8()} << 8; }
-  uint32_t u32() { return u16() | u16() << 16; }
-
- private:
-  const uint8_t* p_;
-  size_t n_;
-};
+using instinfer::fuzz::input;
 
 // 8-byte aligned memory (data areas must be: the drive checks offsets, not the base).
 struct area {
