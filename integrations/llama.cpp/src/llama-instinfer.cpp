@@ -101,8 +101,10 @@ llama_instinfer_memory::llama_instinfer_memory(
     const bool row_by_row = strncmp(backend, "csd", 3) == 0;
 
     ops.resize(n_layer);
+    slices_done.reset(new std::atomic<int>[n_layer]);
     for (uint32_t il = 0; il < n_layer; ++il) {
-        ops[il] = { cache, il, row_by_row };
+        slices_done[il] = 0;
+        ops[il] = { cache, il, row_by_row, n_layer, &slices_done[il] };
     }
 
     LLAMA_LOG_INFO("%s: instinfer %d, backend '%s', %u layers, %u/%u heads of %u, KV %s, n_seq_max %u\n", __func__,
@@ -513,6 +515,14 @@ static void ii_attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             (const float *) q->data, (float *) dst->data, nullptr, (uint32_t) ith, (uint32_t) nth);
     if (st != INSTINFER_OK) {
         ii_fail("attend_chunk_slice", st);
+    }
+    // Decode: the last thread out of this layer's attention tells the cache that the next layer
+    // comes next, so a storage backend reads it while ggml runs the rest of this layer (wo, FFN)
+    // and the next one's projections. Only the last thread: an earlier hint would be dropped by
+    // the attention still running on another thread (one staging pool per cache).
+    if (n_rows == 1 && op->il + 1 < op->n_layer && op->slices_done->fetch_add(1) + 1 == nth) {
+        op->slices_done->store(0);
+        instinfer_prefetch(op->cache, op->il + 1, 1, &seq); // a hint: its failure is the next attend's
     }
     if (ith == 0 && pos == 0 && getenv("LLAMA_INSTINFER_CHECK")) {
         // debug: the first chunk's attention recomputed from its own K/V

@@ -24,6 +24,7 @@
 
 #include <instinfer/instinfer.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <vector>
@@ -78,6 +79,8 @@ public:
         instinfer_cache * cache;
         uint32_t          il;
         bool              row_by_row; // no causal chunk attention (csd:): append and attend one row at a time
+        uint32_t          n_layer;
+        std::atomic<int> * slices_done; // the attend op's threads that finished this layer (prefetch)
     };
 
     layer_op * get_layer_op(int il) { return &ops[il]; }
@@ -97,6 +100,7 @@ private:
     bool     is_host;
 
     std::vector<layer_op> ops;
+    std::unique_ptr<std::atomic<int>[]> slices_done; // one counter per layer, see layer_op
     std::map<llama_seq_id, instinfer_seq> seqs;
 };
 
