@@ -16,6 +16,7 @@
 #include <random>
 #include <set>
 
+#include "instinfer/backend/registry.hpp"
 #include "instinfer/core/crc32c.hpp"
 #include "persist_test_util.hpp"
 #include "ssd_test_util.hpp"
@@ -220,6 +221,19 @@ TEST_CASE("reopen: names are checked; a different shape is refused; sparf is uns
   auto s = kv_cache::create(sparse);
   REQUIRE_FALSE(s.ok());
   CHECK(s.error().code() == errc::kUnsupported);
+  // Without persist=1 the store's slots would all count as free: refused.
+  auto plain = kv_cache::create(options("ssd:" + path));
+  REQUIRE_FALSE(plain.ok());
+  CHECK(plain.error().code() == errc::kInvalidArgument);
+  CHECK(plain.error().message().find("persist=1") != std::string::npos);
+  // The drive does not persist yet: a clear kUnsupported, before any drive is started.
+  auto drive = make_backend("csd:" + path + ".flash?persist=1");
+  REQUIRE_FALSE(drive.ok());
+  CHECK(drive.error().code() == errc::kUnsupported);
+  // After all that the store is intact.
+  auto again = open_cache(path);
+  CHECK(again->find_sequence(7).ok());
+  again.reset();
   remove_store(path);
 }
 

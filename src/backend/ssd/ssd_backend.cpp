@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include <liburing.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "group_buffers.hpp"
@@ -139,7 +140,16 @@ status ssd_backend::configure(const backend_config& config) {
   std::vector<std::byte> meta;
   ssd::meta_header header;
   bool have_meta = false;
-  if (m.options.persist) INSTINFER_TRY(m.open_metadata(capacity_bytes, meta, header, have_meta));
+  if (m.options.persist) {
+    INSTINFER_TRY(m.open_metadata(capacity_bytes, meta, header, have_meta));
+  } else if (!file.created && !file.block_device) {
+    // Without persist=1 every slot counts as free and would be overwritten under the metadata.
+    struct stat st {};
+    const std::string meta_path = m.options.path + ".meta";
+    if (::lstat(meta_path.c_str(), &st) == 0)
+      return {errc::kInvalidArgument, "ssd backend: '" + m.options.path + "' holds a persistent store ('" + meta_path +
+                                          "' exists): open it with persist=1, or remove both files to reuse the path"};
+  }
   auto capacity = m.io.size_file(capacity_bytes, m.chunk_bytes, m.options.preallocate);
   if (!capacity.ok()) return capacity.error();
   if (have_meta && capacity.value() != header.geometry.capacity_chunks)
