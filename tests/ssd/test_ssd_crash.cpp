@@ -47,7 +47,7 @@ std::string encode(const state& s) {
     out.append(reinterpret_cast<const char*>(&name), 8);
     for (const auto& l : layers) {
       put32(out, static_cast<uint32_t>(l.size()));
-      out.append(reinterpret_cast<const char*>(l.data()), l.size() * 4);
+      if (!l.empty()) out.append(reinterpret_cast<const char*>(l.data()), l.size() * 4);
     }
   }
   return out;
@@ -58,7 +58,7 @@ struct reader {
   const char* end;
   bool get(void* dst, size_t n) {
     if (static_cast<size_t>(end - p) < n) return false;
-    std::memcpy(dst, p, n);
+    if (n > 0) std::memcpy(dst, p, n);  // an empty layer's data() may be null
     p += n;
     return true;
   }

@@ -1,6 +1,7 @@
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78): the one checksum of every self-checking
-// format (sequence state, the persistent store's metadata and chunk checksums). Slicing-by-8 in
-// portable C++: a few GB/s, no ISA dispatch needed for the sizes checked here.
+// format (sequence state, the persistent store's metadata and chunk checksums). On x86-64 with
+// SSE4.2 (checked at run time) the crc32 instruction, 8 bytes a step; elsewhere slicing-by-8 in
+// portable C++ (about 4x slower; both give the same values).
 #pragma once
 
 #include <array>
@@ -28,8 +29,8 @@ inline constexpr auto kTables = make_tables();
 
 }  // namespace crc32c_detail
 
-// crc of n bytes, continuing `crc` (the value returned for the bytes before them; 0 to start).
-inline uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0) noexcept {
+// The portable path (also the reference the hardware path is tested against).
+inline uint32_t crc32c_portable(const void* data, size_t n, uint32_t crc = 0) noexcept {
   const auto& t = crc32c_detail::kTables;
   const auto* p = static_cast<const unsigned char*>(data);
   crc = ~crc;
@@ -49,6 +50,37 @@ inline uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0) noexcept {
   }
   while (n-- > 0) crc = t[0][(crc ^ *p++) & 0xFFu] ^ (crc >> 8);
   return ~crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+namespace crc32c_detail {
+__attribute__((target("sse4.2"))) inline uint32_t crc32c_sse42(const void* data, size_t n, uint32_t crc) noexcept {
+  const auto* p = static_cast<const unsigned char*>(data);
+  uint64_t c = ~crc;
+  while (n >= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    c = __builtin_ia32_crc32di(c, w);
+    p += 8;
+    n -= 8;
+  }
+  auto c32 = static_cast<uint32_t>(c);
+  while (n-- > 0) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return ~c32;
+}
+inline const bool kHaveSse42 = [] {
+  __builtin_cpu_init();  // this may run before libgcc's own constructor
+  return __builtin_cpu_supports("sse4.2") != 0;
+}();
+}  // namespace crc32c_detail
+#endif
+
+// crc of n bytes, continuing `crc` (the value returned for the bytes before them; 0 to start).
+inline uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0) noexcept {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (crc32c_detail::kHaveSse42) return crc32c_detail::crc32c_sse42(data, n, crc);
+#endif
+  return crc32c_portable(data, n, crc);
 }
 
 }  // namespace instinfer
