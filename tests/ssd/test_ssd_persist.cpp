@@ -276,6 +276,78 @@ TEST_CASE("a second opener in another process is BUSY; the store's files are 060
   remove_store(path);
 }
 
+TEST_CASE("every read path checks the chunk checksums: read_chunk, read_pages, attend, copy") {
+  const std::string path = ssd_test::scratch_file("paths.kv");
+  remove_store(path);
+  backend_config cfg;
+  cfg.shape = kv_shape{kLayers, kQHeads, kKvHeads, kDim, dtype::kF16};
+  cfg.page = page_geometry::make(kPageBytes, kDim, dtype::kF16).value();
+  cfg.capacity_bytes = 1ull << 20;
+  auto b = ssd_test::open_backend(persist_uri(path), cfg);
+  REQUIRE(b->persistence() != nullptr);
+  const chunk_layout lay = cfg.layout();
+  // Two sealed chunks and one partial one, written to the file by flush.
+  std::vector<chunk_id> ids;
+  std::vector<std::vector<std::byte>> images;
+  std::mt19937 rng(9);
+  for (uint32_t c = 0; c < 3; ++c) {
+    auto id = b->allocate_chunk({1, 0, c});
+    REQUIRE(id.ok());
+    const uint32_t n = c < 2 ? kTokensPerChunk : 5;
+    std::vector<std::byte> k(size_t{n} * kKvHeads * kDim * 2), v(k.size());
+    for (auto& x : k) x = static_cast<std::byte>(rng() & 0x3f);
+    for (auto& x : v) x = static_cast<std::byte>(rng() & 0x3f);
+    REQUIRE(b->write_tokens(id.value(), {1, 0, c}, 0, n, k.data(), v.data()).ok());
+    ids.push_back(id.value());
+  }
+  REQUIRE(b->flush().ok());
+  REQUIRE(b->buffered_chunks() == 1);  // the partial tail stays buffered (served from memory)
+  for (chunk_id id : ids) {
+    images.emplace_back(lay.chunk_bytes());
+    REQUIRE(b->read_chunk(id, id == ids[2] ? 5 : kTokensPerChunk, images.back().data()).ok());
+  }
+  // Flip one bit of the first chunk's V page of head 1, row 3, behind the backend's back.
+  const uint32_t bad_page = lay.page_index(kv_kind::kValue, 1);
+  const uint64_t off = b->chunk_offset(ids[0]) + uint64_t{bad_page} * kPageBytes + 3 * kDim * 2 + 17;
+  {
+    const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    char byte = 0;
+    REQUIRE(::pread(fd, &byte, 1, static_cast<off_t>(off)) == 1);
+    byte = static_cast<char>(byte ^ 0x10);
+    REQUIRE(::pwrite(fd, &byte, 1, static_cast<off_t>(off)) == 1);
+    ::close(fd);
+  }
+  std::vector<std::byte> chunk(lay.chunk_bytes()), page(kPageBytes);
+  CHECK(b->read_chunk(ids[0], kTokensPerChunk, chunk.data()).code() == errc::kCorruptData);
+  REQUIRE(b->read_chunk(ids[1], kTokensPerChunk, chunk.data()).ok());
+  CHECK(chunk == images[1]);
+  // read_pages: the damaged page is refused, another page of the same chunk is served.
+  page_read bad{ids[0], kTokensPerChunk, bad_page, page.data()};
+  CHECK(b->read_pages(std::span<const page_read>(&bad, 1)).code() == errc::kCorruptData);
+  page_read good{ids[0], kTokensPerChunk, 0, page.data()};
+  REQUIRE(b->read_pages(std::span<const page_read>(&good, 1)).ok());
+  CHECK(std::memcmp(page.data(), images[0].data(), kPageBytes) == 0);
+  // attend over the damaged chunk: refused; over the intact one: served.
+  std::vector<float> q(kQHeads * kDim, 0.25f), out(q.size());
+  attend_batch_builder builder;
+  const auto attend_over = [&](chunk_id id) {
+    builder.clear(kTokensPerChunk);
+    const chunk_id table[1] = {id};
+    builder.add(1, std::span<const chunk_id>(table, 1), kTokensPerChunk);
+    return b->attend(0, builder.view(q.data(), out.data(), nullptr, kQHeads, kDim));
+  };
+  CHECK(attend_over(ids[0]).code() == errc::kCorruptData);
+  CHECK(attend_over(ids[1]).ok());
+  // A copy-on-write read of the damaged chunk: refused, the destination released untouched.
+  auto fresh = b->allocate_chunk({2, 0, 0});
+  REQUIRE(fresh.ok());
+  CHECK(b->copy_tokens(fresh.value(), {2, 0, 0}, ids[0], 10).code() == errc::kCorruptData);
+  CHECK(b->copy_tokens(fresh.value(), {2, 0, 0}, ids[1], 10).ok());
+  b.reset();
+  remove_store(path);
+}
+
 namespace {
 
 // The store the damage sweep starts from, and what each name holds and references.
