@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 4
+#define INSTINFER_VERSION_MINOR 5
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -270,6 +270,20 @@ instinfer_status instinfer_prefix_insert(instinfer_prefix_cache* prefix, instinf
 instinfer_status instinfer_prefix_lookup(instinfer_prefix_cache* prefix, const int32_t* tokens, uint64_t n_tokens,
                                          instinfer_seq* out_seq, uint64_t* out_n_tokens);
 instinfer_status instinfer_prefix_cache_stats(instinfer_prefix_cache* prefix, instinfer_prefix_stats* out_stats);
+
+/* ---- Since 0.5: named sequences, persistent stores ---- */
+
+/* A cache on "ssd:PATH?persist=1" keeps its named sequences across processes (docs/persistence.md):
+ * instinfer_cache_flush commits them, and a cache created later on the same path gets them back,
+ * found by name. A name is a caller-chosen nonzero uint64_t, unique in the cache; 0 removes it. */
+instinfer_status instinfer_seq_set_name(instinfer_cache* cache, instinfer_seq seq, uint64_t name);
+/* The sequence named `name`: INSTINFER_E_UNKNOWN_SEQUENCE when none, INSTINFER_E_CORRUPT_DATA when
+ * the store's record of it was damaged. */
+instinfer_status instinfer_seq_find(instinfer_cache* cache, uint64_t name, instinfer_seq* out_seq);
+/* Every named sequence, by name: the first min(capacity, count) pairs into names / seqs (either may
+ * be NULL when capacity is 0), the count into *out_count. */
+instinfer_status instinfer_seq_names(instinfer_cache* cache, uint64_t* names, instinfer_seq* seqs, size_t capacity,
+                                     size_t* out_count);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -557,4 +557,41 @@ instinfer_status instinfer_prefix_cache_stats(instinfer_prefix_cache* prefix, in
   });
 }
 
+// ---- 0.5: named sequences, persistent stores -----------------------------------------------------
+
+instinfer_status instinfer_seq_set_name(instinfer_cache* cache, instinfer_seq seq, uint64_t name) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    return report(cache->cache->set_sequence_name(seq, name));
+  });
+}
+
+instinfer_status instinfer_seq_find(instinfer_cache* cache, uint64_t name, instinfer_seq* out_seq) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
+    auto r = cache->cache->find_sequence(name);
+    if (!r.ok()) return report(r.error());
+    *out_seq = r.value();
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_seq_names(instinfer_cache* cache, uint64_t* names, instinfer_seq* seqs, size_t capacity,
+                                     size_t* out_count) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out_count) return fail(errc::kInvalidArgument, "out_count is NULL");
+    if (capacity > 0 && (!names || !seqs))
+      return fail(errc::kInvalidArgument, "names and seqs must not be NULL when capacity > 0");
+    const auto named = cache->cache->named_sequences();
+    for (size_t i = 0; i < named.size() && i < capacity; ++i) {
+      names[i] = named[i].first;
+      seqs[i] = named[i].second;
+    }
+    *out_count = named.size();
+    return INSTINFER_OK;
+  });
+}
+
 }  // extern "C"

@@ -75,6 +75,14 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   } catch (const std::bad_alloc&) {
     return status{errc::kOutOfMemory, "kv_cache"};
   }
+  if (persistent_store* store = cache->backend_->persistence()) {
+    if (options.sparf)
+      return status{errc::kUnsupported, name +
+                                            ": a persistent store does not keep SparF's channel-indexed copy; "
+                                            "use sparf = false with persist=1"};
+    cache->store_ = store;
+    INSTINFER_TRY(cache->restore());
+  }
   if (options.sparf) {
     auto attender = make_sparf_attender(*cache->backend_, config, sparf);
     if (!attender.ok()) return attender.error();
@@ -238,6 +246,7 @@ status kv_cache::free_sequence(seq_id seq) {
   auto it = sequences_.find(seq);
   if (it == sequences_.end()) return {errc::kUnknownSequence, seq_name(seq) + " does not exist"};
   for (auto& t : it->second.layers) release_table(t);
+  if (it->second.name != 0) names_.erase(it->second.name);
   sequences_.erase(it);
   if (attender_) attender_->on_free(seq);
   backend_->on_sequence_freed(seq);
@@ -618,6 +627,7 @@ status kv_cache::page_table(uint32_t layer, std::span<const seq_id> seqs, csr_pa
 
 status kv_cache::flush() {
   std::lock_guard lock(mutex_);
+  if (store_) return commit_locked();
   return backend_->flush();
 }
 

@@ -9,6 +9,7 @@
 #include <memory>
 #include <new>
 
+#include "instinfer/core/crc32c.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "sparf/sparse_attender.hpp"
 
@@ -21,33 +22,6 @@ constexpr uint32_t kMaxTokensPerLayer = 1u << 30;  // as kv_cache.cpp
 std::string seq_name(seq_id seq) {
   return "sequence " + std::to_string(seq);
 }
-
-// ---- CRC32C (Castagnoli, reflected 0x82F63B78), table driven ---------------------------------
-
-constexpr std::array<uint32_t, 256> make_crc_table() {
-  std::array<uint32_t, 256> t{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; ++k) c = (c & 1u) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-    t[i] = c;
-  }
-  return t;
-}
-constexpr std::array<uint32_t, 256> kCrcTable = make_crc_table();
-
-uint32_t crc32c(const std::byte* data, size_t n, uint32_t crc = 0) noexcept {
-  crc = ~crc;
-  for (size_t i = 0; i < n; ++i) crc = kCrcTable[(crc ^ static_cast<uint8_t>(data[i])) & 0xFFu] ^ (crc >> 8);
-  return ~crc;
-}
-// The standard check value: crc32c("123456789") = 0xE3069283.
-static_assert([] {
-  std::array<uint32_t, 256> t = make_crc_table();
-  uint32_t c = ~0u;
-  for (char ch : {'1', '2', '3', '4', '5', '6', '7', '8', '9'})
-    c = t[(c ^ static_cast<uint8_t>(ch)) & 0xFFu] ^ (c >> 8);
-  return ~c == 0xE3069283u;
-}());
 
 // ---- the state format (little endian) ----------------------------------------------------------
 //   magic "IIKVSEQ1" | u32 version | u32 header bytes | u32 n_layers, n_q_heads, n_kv_heads,

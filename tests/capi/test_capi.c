@@ -809,6 +809,93 @@ static void test_prefix_cache(void) {
   instinfer_cache_destroy(cache);
 }
 
+/* Named sequences and a persistent store (0.5): names set, found and listed; on
+ * "ssd:PATH?persist=1" the named sequences come back after destroy and create, with attention equal
+ * bit for bit; the store's files are 0600 and kept. Skipped where ssd or O_DIRECT is missing. */
+static void test_persistent_names(void) {
+  const char* tmp = getenv("TMPDIR");
+  char dir[512];
+  snprintf(dir, sizeof dir, "%s/instinfer-capi-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+  if (!mkdtemp(dir)) return;
+  char file[600], meta[620], uri[640];
+  snprintf(file, sizeof file, "%s/store.kv", dir);
+  snprintf(meta, sizeof meta, "%s.meta", file);
+  snprintf(uri, sizeof uri, "ssd:%s?persist=1", file);
+
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  cfg.n_layers = 1;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 1;
+  cfg.head_dim = D;
+  cfg.kv_dtype = INSTINFER_DTYPE_F32;
+  cfg.page_bytes = 4096;
+  cfg.capacity_bytes = 1u << 20;
+  cfg.n_threads = 1;
+  cfg.backend = uri;
+  instinfer_cache* a = NULL;
+  const instinfer_status st = instinfer_cache_create(&cfg, &a);
+  if (st == INSTINFER_E_UNSUPPORTED) {
+    printf("persistent names: skipped (%s)\n", instinfer_last_error());
+    rmdir(dir);
+    return;
+  }
+  CHECK(st == INSTINFER_OK);
+  if (!a) return;
+
+  enum { T = 45 };
+  float k[T * D], v[T * D], q[2 * D], out1[2 * D], out2[2 * D], lse1[2], lse2[2];
+  for (int i = 0; i < T * D; ++i) k[i] = frand(), v[i] = frand();
+  for (int i = 0; i < 2 * D; ++i) q[i] = frand();
+  instinfer_seq s1 = 0, s2 = 0, unnamed = 0, found = 0;
+  CHECK(instinfer_seq_create(a, &s1) == INSTINFER_OK);
+  CHECK(instinfer_seq_create(a, &unnamed) == INSTINFER_OK);
+  CHECK(instinfer_append(a, s1, 0, T, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+  CHECK(instinfer_seq_fork(a, s1, &s2) == INSTINFER_OK);
+  CHECK(instinfer_seq_remove_range(a, s2, 20, UINT64_MAX) == INSTINFER_OK);
+  CHECK(instinfer_seq_set_name(a, s1, 1001) == INSTINFER_OK);
+  CHECK(instinfer_seq_set_name(a, s2, 1002) == INSTINFER_OK);
+  CHECK_ERR(instinfer_seq_set_name(a, unnamed, 1001), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_seq_set_name(a, 999, 5), INSTINFER_E_UNKNOWN_SEQUENCE);
+  CHECK_ERR(instinfer_seq_set_name(NULL, s1, 5), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(instinfer_seq_find(a, 1002, &found) == INSTINFER_OK && found == s2);
+  CHECK_ERR(instinfer_seq_find(a, 77, &found), INSTINFER_E_UNKNOWN_SEQUENCE);
+  CHECK_ERR(instinfer_seq_find(a, 0, &found), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_seq_find(a, 1001, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  size_t count = 0;
+  CHECK_ERR(instinfer_seq_names(a, NULL, NULL, 2, &count), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_seq_names(a, NULL, NULL, 0, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK(instinfer_seq_names(a, NULL, NULL, 0, &count) == INSTINFER_OK && count == 2);
+  uint64_t names[2] = {0, 0};
+  instinfer_seq seqs[2] = {0, 0};
+  CHECK(instinfer_seq_names(a, names, seqs, 1, &count) == INSTINFER_OK && count == 2);
+  CHECK(names[0] == 1001 && seqs[0] == s1 && names[1] == 0);
+  CHECK(instinfer_attend(a, 0, 1, &s2, q, out1, lse1) == INSTINFER_OK);
+  CHECK(instinfer_cache_flush(a) == INSTINFER_OK);
+  instinfer_cache_destroy(a);
+  struct stat sb;
+  CHECK(stat(file, &sb) == 0 && (sb.st_mode & 07777) == 0600); /* kept, private */
+  CHECK(stat(meta, &sb) == 0 && (sb.st_mode & 07777) == 0600);
+
+  a = NULL;
+  CHECK(instinfer_cache_create(&cfg, &a) == INSTINFER_OK);
+  if (a) {
+    CHECK(instinfer_seq_names(a, names, seqs, 2, &count) == INSTINFER_OK && count == 2);
+    CHECK(names[0] == 1001 && names[1] == 1002);
+    uint64_t len = 0;
+    CHECK(instinfer_seq_find(a, 1002, &found) == INSTINFER_OK);
+    CHECK(instinfer_seq_length(a, found, 0, &len) == INSTINFER_OK && len == 20);
+    CHECK(instinfer_attend(a, 0, 1, &found, q, out2, lse2) == INSTINFER_OK);
+    CHECK(memcmp(out1, out2, sizeof out1) == 0 && memcmp(lse1, lse2, sizeof lse1) == 0);
+    CHECK(instinfer_seq_find(a, 1001, &found) == INSTINFER_OK);
+    CHECK(instinfer_seq_length(a, found, 0, &len) == INSTINFER_OK && len == T);
+    instinfer_cache_destroy(a);
+  }
+  unlink(file);
+  unlink(meta);
+  rmdir(dir);
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
@@ -818,6 +905,7 @@ int main(void) {
   test_quantized();
   test_exclusive_files();
   test_prefix_cache();
+  test_persistent_names();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

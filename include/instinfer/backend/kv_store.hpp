@@ -18,6 +18,7 @@
 #include <span>
 
 #include "instinfer/backend/attend_batch.hpp"
+#include "instinfer/backend/persistence.hpp"
 #include "instinfer/core/status.hpp"
 
 namespace instinfer {
@@ -87,6 +88,9 @@ class kv_store {
   virtual status flush() noexcept { return {}; }
   // Hint: `layer` of these sequences will be attended next (storage backends start reads).
   virtual void prefetch(uint32_t /*layer*/, const attend_batch& /*batch*/) noexcept {}
+
+  // The store's persistence (backend/persistence.hpp) when it was opened to persist, else null.
+  virtual persistent_store* persistence() noexcept { return nullptr; }
 };
 
 }  // namespace instinfer

@@ -22,7 +22,7 @@
 // ones) + page-table-sized metadata; it does not grow with context length.
 //
 // URI: "ssd:PATH?queue_depth=32&staging=8M&request=256K&capacity=16G&write_batch=32&buffered=1
-//       &sqpoll=1&iopoll=1&single_issuer=0&register=0&preallocate=1&keep=1"
+//       &sqpoll=1&iopoll=1&single_issuer=0&register=0&preallocate=1&keep=1&persist=1"
 #pragma once
 
 #include <cstdint>
@@ -50,9 +50,13 @@ struct ssd_backend_options {
   bool register_buffers = true;
   bool preallocate = false;  // fallocate the whole capacity up front (no ENOSPC later)
   bool keep_file = false;    // keep a file this backend created (default: unlink at close)
+  // Keep the store across processes (docs/persistence.md): PATH.meta beside the file holds the
+  // committed page tables, every chunk written is checksummed and checked when read back; a
+  // cache opened on the same path gets its named sequences back. Implies keep_file.
+  bool persist = false;
 
   // Keys: queue_depth staging request capacity write_batch buffered sqpoll iopoll single_issuer
-  // register preallocate keep. Unknown keys are an error.
+  // register preallocate keep persist. Unknown keys are an error.
   static result<ssd_backend_options> from_uri(const backend_uri& uri);
 };
 
@@ -119,6 +123,8 @@ class ssd_backend final : public backend {
   void prefetch(uint32_t layer, const attend_batch& batch) noexcept override;
   void on_sequence_freed(seq_id seq) noexcept override;
   backend_stats stats() const noexcept override;
+  // Non-null with persist=1 (after configure).
+  persistent_store* persistence() noexcept override;
 
   // What the engine got (flags, registered buffers, fallbacks) and the storage layout, one line.
   std::string describe() const;

@@ -17,6 +17,7 @@
 #include <span>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "instinfer/attention/sparf/params.hpp"  // sparf_params, sparf_counters: plain values, no algorithm
@@ -148,8 +149,30 @@ class kv_cache {
   // Copy out the stored (cache dtype) K and V of one layer: [n_tokens][n_kv_heads][head_dim] each.
   status read_tokens(seq_id seq, uint32_t layer, std::vector<std::byte>& k, std::vector<std::byte>& v);
 
+  // Make every sequence's tokens so far durable (storage backends). On a persistent store
+  // (ssd:PATH?persist=1, docs/persistence.md) this is also the commit point: when it returns, every
+  // named sequence as it is now survives a crash or SIGKILL and comes back on the next open of the
+  // path; a failed flush leaves the previous commit in place.
   status flush();
   cache_stats stats() const;
+
+  // ---- since C API 0.5: named sequences and persistent stores (kv_cache_persist.cpp) ----
+
+  // Give a sequence a caller-chosen name (nonzero, unique in this cache; 0 removes its name).
+  // A persistent store keeps the named sequences (and only them) across processes; forks are not
+  // named. kInvalidArgument when another sequence has the name.
+  status set_sequence_name(seq_id seq, uint64_t name);
+  // 0 when unnamed.
+  result<uint64_t> sequence_name(seq_id seq) const;
+  // The sequence with this name: kUnknownSequence when there is none, kCorruptData when the
+  // store's record of it failed its checks at open (its tokens are not served).
+  result<seq_id> find_sequence(uint64_t name) const;
+  // Every named sequence as (name, id), by name.
+  std::vector<std::pair<uint64_t, seq_id>> named_sequences() const;
+  // Names whose record the open found damaged (until the name is reused or the next flush drops them).
+  std::vector<uint64_t> damaged_sequences() const;
+  // The backend keeps this cache's named sequences across processes.
+  bool persistent() const noexcept { return store_ != nullptr; }
 
  private:
   struct layer_table {
@@ -158,9 +181,13 @@ class kv_cache {
   };
   struct sequence {
     std::vector<layer_table> layers;
+    uint64_t name = 0;  // 0: unnamed
   };
 
   kv_cache(backend_config config, std::unique_ptr<backend> b);
+  // Rebuild the sequences a persistent store recovered (create, before any other call).
+  status restore();
+  status commit_locked();
   status check_layer(uint32_t layer) const;
   result<sequence*> find(seq_id seq);
   result<const sequence*> find(seq_id seq) const;
@@ -209,6 +236,9 @@ class kv_cache {
   status attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
                              std::span<const uint32_t> n_rows, const float* q, float* out, float* lse);
   sparf_counters sparf_totals_{};
+  persistent_store* store_ = nullptr;           // the backend's persistence, when it persists
+  std::unordered_map<uint64_t, seq_id> names_;  // name -> sequence
+  std::vector<uint64_t> damaged_names_;         // records the open found damaged
 };
 
 }  // namespace instinfer

@@ -40,29 +40,23 @@ std::string flash_path(const backend_uri& uri, uint64_t drives, uint32_t d) {
 }
 
 result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
-  static const char* const kKnown[] = {"drives",
-                                       "cores",
-                                       "channels",
-                                       "dies",
-                                       "channel_gbps",
-                                       "read_us",
-                                       "program_us",
-                                       "erase_us",
-                                       "page",
-                                       "pages_per_block",
-                                       "blocks_per_die",
-                                       "capacity",
-                                       "link_gbps",
-                                       "link_us",
-                                       "buffer_mb",
-                                       "data_mb",
-                                       "timeout_ms",
-                                       "buffered",
-                                       "attach",
-                                       "device",
-                                       "emulator",
-                                       "debug_attend_delay_ms",
-                                       "keep"};
+  static const char* const kKnown[] = {"drives",         "cores",
+                                       "channels",       "dies",
+                                       "channel_gbps",   "read_us",
+                                       "program_us",     "erase_us",
+                                       "page",           "pages_per_block",
+                                       "blocks_per_die", "capacity",
+                                       "link_gbps",      "link_us",
+                                       "buffer_mb",      "data_mb",
+                                       "timeout_ms",     "buffered",
+                                       "attach",         "device",
+                                       "emulator",       "debug_attend_delay_ms",
+                                       "keep",           "persist"};
+  if (uri.option_bool("persist", false))
+    return status{errc::kUnsupported,
+                  "csd: persist=1 is not supported yet: the drive's mapping tables and block state live in the "
+                  "drive process only (docs/persistence.md); use ssd:PATH?persist=1 for a store that survives the "
+                  "process"};
   for (const auto& option : uri.options) {
     const std::string& k = option.first;  // not a structured binding: clang 14 cannot capture those
     if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))

@@ -16,8 +16,9 @@ group_buffers::~group_buffers() {
   for (auto& b : buffers_) std::free(b.data);
 }
 
-status group_buffers::configure(ssd_io& io, const chunk_layout& layout, uint32_t write_batch) {
+status group_buffers::configure(ssd_io& io, const chunk_layout& layout, uint32_t write_batch, chunk_sums* sums) {
   io_ = &io;
+  sums_ = sums;
   layout_ = layout;
   chunk_bytes_ = layout.chunk_bytes();
   write_batch_ = write_batch;
@@ -165,6 +166,12 @@ status group_buffers::copy(chunk_id dst, chunk_id src, uint32_t n) noexcept {
       return s;
     }
     io_->bytes_read += chunk_bytes_;
+    if (sums_) {
+      if (s = sums_->verify_chunk(src, buffers_[b].data, io_->path()); !s.ok()) {
+        free_buffer(b);
+        return s;
+      }
+    }
     // The source's later tokens are not the copy's: clear them in every page.
     const uint32_t row = layout_.page.row_bytes();
     for (uint32_t p = 0; p < layout_.pages_per_chunk() && n < tpp; ++p)
@@ -258,6 +265,14 @@ status group_buffers::write_buffers(std::span<const uint32_t> indices, bool part
   INSTINFER_TRY(waited);
   for (uint32_t b : indices) {
     auto& g = buffers_[b];
+    if (g.write_result >= 0 && sums_ != nullptr) {
+      // Durable only with its checksums: a commit must be able to describe every flushed chunk.
+      if (status r = sums_->record(g.id, g.data, g.n_tokens); !r.ok()) {
+        g.write_result = -ENOMEM;
+        if (first_error.ok()) first_error = r;
+        continue;
+      }
+    }
     if (g.write_result >= 0) {
       io_->bytes_written += chunk_bytes_;
       g.durable_tokens = g.n_tokens;

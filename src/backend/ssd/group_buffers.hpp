@@ -16,6 +16,7 @@
 
 #include "instinfer/layout/chunk_layout.hpp"
 #include "ssd_io.hpp"
+#include "store_meta.hpp"
 
 namespace instinfer::ssd {
 
@@ -26,8 +27,9 @@ class group_buffers final : private io::completion_handler {
   group_buffers& operator=(const group_buffers&) = delete;
   ~group_buffers();
 
-  // `io` must be open and outlive this; registers the write handler.
-  status configure(ssd_io& io, const chunk_layout& layout, uint32_t write_batch);
+  // `io` must be open and outlive this; registers the write handler. With `sums` (a persistent
+  // store), every chunk written gets its checksums recorded and every chunk read back is checked.
+  status configure(ssd_io& io, const chunk_layout& layout, uint32_t write_batch, chunk_sums* sums = nullptr);
 
   // The chunk's bytes while it is buffered (a tail, or sealed and not yet written), else null.
   const std::byte* find(chunk_id id) const noexcept {
@@ -83,6 +85,7 @@ class group_buffers final : private io::completion_handler {
   uint64_t chunk_bytes_ = 0;
   uint32_t write_batch_ = 0;
   uint32_t handler_ = 0;
+  chunk_sums* sums_ = nullptr;
   std::vector<group_buffer> buffers_;
   std::vector<uint32_t> free_buffers_;  // allocated, unused
   std::vector<uint32_t> dead_buffers_;  // entries whose memory was given back

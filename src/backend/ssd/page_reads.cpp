@@ -7,8 +7,9 @@
 namespace instinfer::ssd {
 
 status page_reader::configure(ssd_io& io, const slot_allocator& slots, const group_buffers& buffers,
-                              const chunk_layout& layout, uint64_t max_read_bytes) {
+                              const chunk_sums* sums, const chunk_layout& layout, uint64_t max_read_bytes) {
   io_ = &io;
+  sums_ = sums;
   slots_ = &slots;
   buffers_ = &buffers;
   layout_ = layout;
@@ -125,6 +126,7 @@ status page_reader::read_round(std::span<const page_read> reads, uint32_t first,
     for (uint32_t j = run.first; j < run.first + run.count; ++j) {
       const auto& page = reads[page_order_[j]];
       std::memcpy(page.dst, pool + run.staging + (device_offset(page) - run.offset), layout_.page.page_bytes);
+      if (sums_ && failure.ok()) failure = sums_->verify_page(page.chunk, page.page, page.dst, io_->path());
     }
   }
   return failure;

@@ -21,8 +21,9 @@ class page_reader final : private io::completion_handler {
   page_reader& operator=(const page_reader&) = delete;
 
   // All three must outlive this; registers the read handler.
-  status configure(ssd_io& io, const slot_allocator& slots, const group_buffers& buffers, const chunk_layout& layout,
-                   uint64_t max_read_bytes);
+  // With `sums` (a persistent store) every page read from the device is checked against them.
+  status configure(ssd_io& io, const slot_allocator& slots, const group_buffers& buffers, const chunk_sums* sums,
+                   const chunk_layout& layout, uint64_t max_read_bytes);
   // Checks the whole batch first: an invalid read reads nothing.
   status read(std::span<const page_read> reads) noexcept;
   uint64_t memory_bytes() const noexcept {
@@ -52,6 +53,7 @@ class page_reader final : private io::completion_handler {
   ssd_io* io_ = nullptr;
   const slot_allocator* slots_ = nullptr;
   const group_buffers* buffers_ = nullptr;
+  const chunk_sums* sums_ = nullptr;
   chunk_layout layout_{};
   uint64_t max_read_bytes_ = 0;
   uint32_t handler_ = 0;

@@ -141,6 +141,12 @@ bool slot_allocator::release(chunk_id id) noexcept {
   return true;
 }
 
+bool slot_allocator::adopt(chunk_id id) noexcept {
+  if (id >= capacity_ || allocated_[id]) return false;
+  take(id);  // its extent's entry in free_extents_ is skipped as stale from now on
+  return true;
+}
+
 void slot_allocator::on_sequence_freed(seq_id seq, uint32_t n_layers) noexcept {
   for (uint32_t l = 0; l < n_layers; ++l)
     for (const chunk_stream kind : {chunk_stream::kTokens, chunk_stream::kColumns}) {

@@ -35,6 +35,8 @@ class slot_allocator {
   result<chunk_id> allocate(seq_id seq, uint32_t layer, chunk_stream kind = chunk_stream::kTokens) noexcept;
   // False when `id` was not allocated (nothing changes).
   bool release(chunk_id id) noexcept;
+  // Mark a slot a reopened store's metadata references as allocated (false: out of range or taken).
+  bool adopt(chunk_id id) noexcept;
   // The sequence's streams give their extents back.
   void on_sequence_freed(seq_id seq, uint32_t n_layers) noexcept;
   uint64_t memory_bytes() const noexcept;

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include <liburing.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "group_buffers.hpp"
@@ -19,11 +20,12 @@
 #include "page_reads.hpp"
 #include "slot_allocator.hpp"
 #include "ssd_io.hpp"
+#include "store_meta.hpp"
 #include "stream_decode.hpp"
 
 namespace instinfer {
 
-struct ssd_backend::impl {
+struct ssd_backend::impl final : persistent_store {
   ssd_backend_options options;
   backend_config config{};
   chunk_layout layout{};
@@ -41,8 +43,25 @@ struct ssd_backend::impl {
   ssd::page_reader pages;
   ssd::stream_decode decode;
 
+  // persist=1 (docs/persistence.md): checksums of the chunks on the device, the committed
+  // metadata's generation and chunks, and the slots released since that commit (reused only after
+  // the next one: a crash must find what the last commit references unchanged).
+  ssd::chunk_sums sums;
+  std::string meta_path;
+  uint64_t generation = 0;
+  std::vector<uint8_t> committed;  // per slot: referenced by the last commit
+  std::vector<chunk_id> deferred;  // released, still referenced by the last commit
+  recovered_state found;
+
   explicit impl(ssd_backend_options o) : options(std::move(o)) {}
   ~impl();
+  status commit(std::span<const persisted_sequence> sequences) noexcept override;
+  const recovered_state& recovered() const noexcept override { return found; }
+  void forget_recovered() noexcept override { found = recovered_state{}; }
+  ssd::meta_geometry geometry() const noexcept;
+  status open_metadata(uint64_t& capacity_bytes, std::vector<std::byte>& meta, ssd::meta_header& header,
+                       bool& have_meta);
+  status recover(std::span<const std::byte> meta, const ssd::meta_header& header);
   status check_chunk(chunk_id id, const char* what) const noexcept;
   status check_batch(const attend_batch& batch) const noexcept;
   status open_engine(uint64_t staging_bytes);
@@ -117,9 +136,26 @@ status ssd_backend::configure(const backend_config& config) {
                                         " bytes (2 x n_kv_heads pages), not a multiple of the device's direct-I/O "
                                         "alignment (" +
                                         std::to_string(file.offset_align) + " bytes); use larger pages"};
-  auto capacity = m.io.size_file(m.options.capacity_bytes ? m.options.capacity_bytes : config.capacity_bytes,
-                                 m.chunk_bytes, m.options.preallocate);
+  uint64_t capacity_bytes = m.options.capacity_bytes ? m.options.capacity_bytes : config.capacity_bytes;
+  std::vector<std::byte> meta;
+  ssd::meta_header header;
+  bool have_meta = false;
+  if (m.options.persist) {
+    INSTINFER_TRY(m.open_metadata(capacity_bytes, meta, header, have_meta));
+  } else if (!file.created && !file.block_device) {
+    // Without persist=1 every slot counts as free and would be overwritten under the metadata.
+    struct stat st {};
+    const std::string meta_path = m.options.path + ".meta";
+    if (::lstat(meta_path.c_str(), &st) == 0)
+      return {errc::kInvalidArgument, "ssd backend: '" + m.options.path + "' holds a persistent store ('" + meta_path +
+                                          "' exists): open it with persist=1, or remove both files to reuse the path"};
+  }
+  auto capacity = m.io.size_file(capacity_bytes, m.chunk_bytes, m.options.preallocate);
   if (!capacity.ok()) return capacity.error();
+  if (have_meta && capacity.value() != header.geometry.capacity_chunks)
+    return {errc::kInternal, "ssd store: capacity " + std::to_string(capacity.value()) +
+                                 " chunks does not match the metadata's " +
+                                 std::to_string(header.geometry.capacity_chunks)};
 
   // Requests shrink to fit two in the staging ring before the ring grows past what was asked.
   const uint64_t request_cap = std::min(m.options.request_bytes, m.options.staging_bytes / 2);
@@ -132,11 +168,118 @@ status ssd_backend::configure(const backend_config& config) {
   INSTINFER_TRY(m.open_engine(staging));
   INSTINFER_TRY(m.slots.configure(
       {capacity.value(), m.chunk_bytes, file.block_device ? -1 : file.fd, m.options.preallocate, m.options.path}));
-  INSTINFER_TRY(m.buffers.configure(m.io, m.layout, m.write_batch));
-  INSTINFER_TRY(m.pages.configure(m.io, m.slots, m.buffers, m.layout, request_bytes()));
-  INSTINFER_TRY(m.decode.configure(m.io, m.buffers, config, m.layout, m.request_chunks, m.n_slots));
+  m.sums.configure(m.layout);
+  ssd::chunk_sums* sums = m.options.persist ? &m.sums : nullptr;
+  INSTINFER_TRY(m.buffers.configure(m.io, m.layout, m.write_batch, sums));
+  INSTINFER_TRY(m.pages.configure(m.io, m.slots, m.buffers, sums, m.layout, request_bytes()));
+  INSTINFER_TRY(m.decode.configure(m.io, m.buffers, sums, config, m.layout, m.request_chunks, m.n_slots));
+  if (m.options.persist) {
+    try {
+      m.committed.assign(m.slots.capacity(), 0);
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory, "ssd store: commit map"};
+    }
+    if (have_meta) INSTINFER_TRY(m.recover(meta, header));
+  }
   m.configured = true;
   return {};
+}
+
+// ---- persistence (persist=1) -----------------------------------------------------------------
+
+ssd::meta_geometry ssd_backend::impl::geometry() const noexcept {
+  ssd::meta_geometry g;
+  g.capacity_chunks = slots.capacity();
+  g.chunk_bytes = chunk_bytes;
+  g.page_bytes = layout.page.page_bytes;
+  g.tokens_per_page = layout.tokens();
+  g.n_layers = config.shape.n_layers;
+  g.n_kv_heads = config.shape.n_kv_heads;
+  g.head_dim = config.shape.head_dim;
+  g.dtype = static_cast<uint32_t>(config.shape.kv_dtype);
+  return g;
+}
+
+// Reads PATH.meta of a store this open did not create; its capacity replaces the asked one (a
+// default capacity depends on the free space of the day).
+status ssd_backend::impl::open_metadata(uint64_t& capacity_bytes, std::vector<std::byte>& meta,
+                                        ssd::meta_header& header, bool& have_meta) {
+  const auto& file = io.file();
+  if (file.block_device)
+    return {errc::kUnsupported, "ssd backend: persist=1 needs a regular file ('" + options.path +
+                                    "' is a block device: there is no place for its metadata beside it)"};
+  meta_path = options.path + ".meta";
+  if (file.created) return ssd::remove_meta_file(meta_path);  // metadata of a store whose data is gone
+  INSTINFER_TRY(ssd::read_meta_file(meta_path, meta, have_meta));
+  if (!have_meta) return {};
+  auto h = ssd::decode_meta_header(meta);
+  if (!h.ok()) {
+    const status& e = h.error();
+    return {e.code(), e.message() + " ('" + meta_path + "'; remove it and '" + options.path + "' to start over)"};
+  }
+  header = h.value();
+  ssd::meta_geometry want = geometry();
+  want.capacity_chunks = header.geometry.capacity_chunks;
+  const ssd::meta_geometry& got = header.geometry;
+  if (got.chunk_bytes != want.chunk_bytes || got.page_bytes != want.page_bytes ||
+      got.tokens_per_page != want.tokens_per_page || got.n_layers != want.n_layers ||
+      got.n_kv_heads != want.n_kv_heads || got.head_dim != want.head_dim || got.dtype != want.dtype)
+    return {errc::kInvalidArgument, "ssd store '" + options.path + "' was made for " + std::to_string(got.n_layers) +
+                                        " layers, " + std::to_string(got.n_kv_heads) + " kv heads, head_dim " +
+                                        std::to_string(got.head_dim) + ", dtype " + std::to_string(got.dtype) + ", " +
+                                        std::to_string(got.page_bytes) + "-byte pages; this cache asks for " +
+                                        std::to_string(want.n_layers) + ", " + std::to_string(want.n_kv_heads) + ", " +
+                                        std::to_string(want.head_dim) + ", " + std::to_string(want.dtype) + ", " +
+                                        std::to_string(want.page_bytes)};
+  if (got.capacity_chunks == 0 || got.capacity_chunks > UINT32_MAX - 1)
+    return {errc::kCorruptData, "ssd store metadata: capacity of " + std::to_string(got.capacity_chunks) + " chunks"};
+  capacity_bytes = got.capacity_chunks * chunk_bytes;
+  return {};
+}
+
+status ssd_backend::impl::recover(std::span<const std::byte> meta, const ssd::meta_header& header) {
+  INSTINFER_TRY(ssd::decode_meta_records(meta, header, sums, found));
+  // Exactly the chunks the intact records reference are allocated: nothing leaks, nothing a
+  // damaged record alone referenced stays taken.
+  for (const auto& s : found.sequences)
+    for (const auto& layer : s.chunks)
+      for (chunk_id id : layer) {
+        slots.adopt(id);  // false for a chunk another record shares: already taken
+        committed[id] = 1;
+      }
+  generation = header.generation;
+  return {};
+}
+
+status ssd_backend::impl::commit(std::span<const persisted_sequence> sequences) noexcept {
+  if (!configured) return {errc::kInvalidArgument, "ssd backend is not configured"};
+  INSTINFER_TRY(io.check_thread());
+  for (const auto& s : sequences)
+    for (const auto& layer : s.chunks)
+      for (chunk_id id : layer)
+        if (!slots.allocated(id))
+          return {errc::kInvalidArgument, "ssd store: commit names unallocated chunk " + std::to_string(id)};
+  // Data (and its checksums) first: no committed record ever points at unwritten data.
+  INSTINFER_TRY(buffers.flush());
+  std::vector<std::byte> bytes;
+  INSTINFER_TRY(ssd::encode_meta(generation + 1, geometry(), sequences, sums, bytes));
+  INSTINFER_TRY(ssd::write_meta_file(meta_path, bytes));
+  ++generation;
+  // The new commit is the one a crash finds: slots only the old one referenced are free now.
+  std::fill(committed.begin(), committed.end(), 0);
+  for (const auto& s : sequences)
+    for (const auto& layer : s.chunks)
+      for (chunk_id id : layer) committed[id] = 1;
+  for (chunk_id id : deferred) {
+    slots.release(id);
+    sums.erase(id);
+  }
+  deferred.clear();
+  return {};
+}
+
+persistent_store* ssd_backend::persistence() noexcept {
+  return impl_->options.persist && impl_->configured ? impl_.get() : nullptr;
 }
 
 std::string ssd_backend::describe() const {
@@ -153,7 +296,8 @@ std::string ssd_backend::describe() const {
 
 uint64_t ssd_backend::host_memory_bytes() const noexcept {
   const auto& m = *impl_;
-  return m.decode.ring().memory_bytes() + m.buffers.memory_bytes() + m.slots.memory_bytes() + m.pages.memory_bytes();
+  return m.decode.ring().memory_bytes() + m.buffers.memory_bytes() + m.slots.memory_bytes() + m.pages.memory_bytes() +
+         m.sums.memory_bytes() + m.committed.capacity() + m.deferred.capacity() * sizeof(chunk_id);
 }
 
 void ssd_backend::inject_fault(const ssd_fault& fault) noexcept {
@@ -242,6 +386,17 @@ void ssd_backend::release_chunk(chunk_id id) noexcept {
   else
     m.decode.ring().poison_prefetch();
   m.buffers.drop(id);
+  if (m.options.persist && m.committed[id]) {
+    // The last commit still references it: free only after the next commit.
+    try {
+      m.deferred.push_back(id);
+      m.committed[id] = 0;  // pushed once
+    } catch (...) {
+      // Stays allocated until the store is reopened (space, never data, is what is lost).
+    }
+    return;
+  }
+  m.sums.erase(id);
   m.slots.release(id);
 }
 
@@ -292,6 +447,7 @@ status ssd_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) n
   std::byte* staging = m.io.staging();
   INSTINFER_TRY(m.io.read_sync(staging, static_cast<uint32_t>(m.chunk_bytes), m.io.chunk_offset(id)));
   m.io.bytes_read += m.chunk_bytes;
+  if (m.options.persist) INSTINFER_TRY(m.sums.verify_chunk(id, staging, m.options.path));
   std::memcpy(dst, staging, m.chunk_bytes);
   return {};
 }

@@ -11,14 +11,14 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   if (uri.scheme != "ssd") return status{errc::kInvalidArgument, "not an ssd URI (scheme '" + uri.scheme + "')"};
   if (uri.path.empty())
     return status{errc::kInvalidArgument, "ssd backend needs a path: ssd:/path/to/file?queue_depth=32"};
-  static constexpr std::string_view kKeys[] = {"queue_depth",   "staging",  "request",     "capacity",
-                                               "write_batch",   "buffered", "sqpoll",      "iopoll",
-                                               "single_issuer", "register", "preallocate", "keep"};
+  static constexpr std::string_view kKeys[] = {"queue_depth", "staging", "request", "capacity",      "write_batch",
+                                               "buffered",    "sqpoll",  "iopoll",  "single_issuer", "register",
+                                               "preallocate", "keep",    "persist"};
   for (const auto& [key, value] : uri.options) {
     if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys))
       return status{errc::kInvalidArgument, "unknown ssd option '" + key +
                                                 "' (known: queue_depth staging request capacity write_batch buffered "
-                                                "sqpoll iopoll single_issuer register preallocate keep)"};
+                                                "sqpoll iopoll single_issuer register preallocate keep persist)"};
   }
   ssd_backend_options o;
   o.path = uri.path;
@@ -52,7 +52,8 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   o.single_issuer = uri.option_bool("single_issuer", true);
   o.register_buffers = uri.option_bool("register", true);
   o.preallocate = uri.option_bool("preallocate", false);
-  o.keep_file = uri.option_bool("keep", false);
+  o.persist = uri.option_bool("persist", false);
+  o.keep_file = uri.option_bool("keep", false) || o.persist;  // a persistent store outlives its cache
   return o;
 }
 

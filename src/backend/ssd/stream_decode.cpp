@@ -17,11 +17,13 @@ decode_sequence_shape shape_of(const attend_item& it) noexcept {
 
 // ---- staging ring: configuration and completions ---------------------------------------------
 
-status staging_ring::configure(ssd_io& io, const group_buffers& buffers, const chunk_layout& layout,
-                               uint32_t request_chunks, uint32_t n_slots, const decode_plan_options& prefetch_plan) {
+status staging_ring::configure(ssd_io& io, const group_buffers& buffers, const chunk_sums* sums,
+                               const chunk_layout& layout, uint32_t request_chunks, uint32_t n_slots,
+                               const decode_plan_options& prefetch_plan) {
   if (request_chunks == 0 || n_slots == 0) return {errc::kInvalidArgument, "ssd staging ring: empty ring"};
   io_ = &io;
   buffers_ = &buffers;
+  sums_ = sums;
   layout_ = layout;
   chunk_bytes_ = layout.chunk_bytes();
   request_chunks_ = request_chunks;
@@ -203,8 +205,10 @@ result<chunk_window> staging_ring::acquire(uint32_t, const decode_work_item& ite
   const std::byte* base = slot_data(w.ticket);
   const attend_item& it = (*batch_)[w.seq];
   for (uint32_t j = 0; j < w.count; ++j) {
-    const std::byte* buffered = buffers_->find(it.chunks[w.first + j]);
+    const chunk_id id = it.chunks[w.first + j];
+    const std::byte* buffered = buffers_->find(id);
     window_ptrs_[j] = buffered != nullptr ? buffered : base + uint64_t{j} * chunk_bytes_;
+    if (buffered == nullptr && sums_ != nullptr) INSTINFER_TRY(sums_->verify_chunk(id, window_ptrs_[j], io_->path()));
   }
   return chunk_window{window_ptrs_.data(), item.kv_head_begin};
 }
@@ -220,8 +224,9 @@ void staging_ring::release(uint32_t, const decode_work_item&, const chunk_window
 
 // ---- the driver over the ring ----------------------------------------------------------------
 
-status stream_decode::configure(ssd_io& io, const group_buffers& buffers, const backend_config& config,
-                                const chunk_layout& layout, uint32_t request_chunks, uint32_t n_slots) {
+status stream_decode::configure(ssd_io& io, const group_buffers& buffers, const chunk_sums* sums,
+                                const backend_config& config, const chunk_layout& layout, uint32_t request_chunks,
+                                uint32_t n_slots) {
   decode_params params;
   params.layout = layout;
   params.group_size = config.shape.group_size();
@@ -241,7 +246,7 @@ status stream_decode::configure(ssd_io& io, const group_buffers& buffers, const 
   driver_ = std::move(driver).value();
   const decode_plan_options plan{layout.tokens(),          layout.n_kv_heads,       options.n_threads,
                                  options.items_per_worker, options.min_item_tokens, options.kv_heads_per_item};
-  return ring_.configure(io, buffers, layout, request_chunks, n_slots, plan);
+  return ring_.configure(io, buffers, sums, layout, request_chunks, n_slots, plan);
 }
 
 status stream_decode::attend(uint32_t layer, const attend_batch& batch) noexcept {

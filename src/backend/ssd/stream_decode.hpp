@@ -37,8 +37,10 @@ class staging_ring final : private io::completion_handler, private staging_holde
   // the start of the staging pool. `prefetch_plan` plans a prefetched batch the way the driver
   // will (same options, so that its reads can be adopted). Registers the read handler and holds
   // the staging pool.
-  status configure(ssd_io& io, const group_buffers& buffers, const chunk_layout& layout, uint32_t request_chunks,
-                   uint32_t n_slots, const decode_plan_options& prefetch_plan);
+  // With `sums` (a persistent store) every chunk read from the device is checked before the
+  // driver sees it.
+  status configure(ssd_io& io, const group_buffers& buffers, const chunk_sums* sums, const chunk_layout& layout,
+                   uint32_t request_chunks, uint32_t n_slots, const decode_plan_options& prefetch_plan);
 
   // The next prepare() serves `batch` (checked by the caller) of `layer`; null after the run.
   void bind(uint32_t layer, const attend_batch* batch) noexcept {
@@ -105,6 +107,7 @@ class staging_ring final : private io::completion_handler, private staging_holde
 
   ssd_io* io_ = nullptr;
   const group_buffers* buffers_ = nullptr;
+  const chunk_sums* sums_ = nullptr;
   chunk_layout layout_{};
   uint64_t chunk_bytes_ = 0;
   uint32_t request_chunks_ = 1;
@@ -131,8 +134,8 @@ class staging_ring final : private io::completion_handler, private staging_holde
 
 class stream_decode {
  public:
-  status configure(ssd_io& io, const group_buffers& buffers, const backend_config& config, const chunk_layout& layout,
-                   uint32_t request_chunks, uint32_t n_slots);
+  status configure(ssd_io& io, const group_buffers& buffers, const chunk_sums* sums, const backend_config& config,
+                   const chunk_layout& layout, uint32_t request_chunks, uint32_t n_slots);
   // `batch` is checked by the caller (page tables of allocated chunks, n_tokens, q and out set).
   status attend(uint32_t layer, const attend_batch& batch) noexcept;
   staging_ring& ring() noexcept { return ring_; }
