@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@
 #include "gguf.hpp"
 #include "llama_model.hpp"
 #include "sampler.hpp"
+#include "sparf_eval.hpp"
 #include "tokenizer.hpp"
 
 using namespace instinfer;
@@ -53,7 +55,9 @@ struct options {
   bool scalar = false;
   bool quiet = false;
   bool verbose = false;
-  double sparf = 0.0;  // SparF compression in (0, 1]; 0: dense attention
+  double sparf = 0.0;      // SparF compression in (0, 1]; 0: dense attention
+  std::string perplexity;  // text file to score ("builtin": sparf_eval.hpp's text); empty: generate
+  uint32_t window = 0;     // perplexity window in tokens (0: the model's context)
 };
 
 void usage(FILE* out) {
@@ -61,6 +65,7 @@ void usage(FILE* out) {
                "usage: instinfer-generate [options]\n"
                "  --model PATH        GGUF file (default models/SmolLM2-135M-Instruct.Q4_1.gguf; scripts/fetch-model)\n"
                "  --prompt TEXT       the prompt (or the user message with --chat)\n"
+               "  --prompt-file FILE  the prompt read from a file\n"
                "  --chat              wrap the prompt in the model's chat template\n"
                "  --system TEXT       system message for --chat (default: the template's)\n"
                "  --max-tokens N      tokens to generate per sequence (default 128)\n"
@@ -78,9 +83,12 @@ void usage(FILE* out) {
                "  --ignore-eos        keep generating after the end-of-generation token\n"
                "  --sparf C           SparF sparse decode attention at compression C in (0, 1] (0.125 or 1/8;\n"
                "                      1 = dense through the SparF path); the prompt is prefilled densely\n"
+               "  --perplexity FILE   score FILE's text (\"builtin\": the lighthouse text of sparf_eval.hpp)\n"
+               "                      instead of generating: perplexity over every predicted token\n"
+               "  --window N          perplexity window in tokens (default: the model's context)\n"
                "  --scalar            use the scalar kernels (no SIMD)\n"
                "  --quiet             no streaming text (stats only)\n"
-               "  --verbose           print the prompt's token ids\n"
+               "  --verbose           print the prompt's and the generated token ids\n"
                "  --list-backends     print the KV backends built into this binary and exit\n");
 }
 
@@ -162,9 +170,11 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   uint32_t pos = static_cast<uint32_t>(ids.size());
   t0 = now_s();
   std::vector<forward_item> item(1);
+  std::vector<token_id> generated;
   for (uint32_t n = 0; n < o.max_tokens; ++n) {
     const token_id next = smp.sample(logits);
     if (!o.ignore_eos && tok.is_end_of_generation(next)) break;
+    generated.push_back(next);
     if (!o.quiet) {
       const std::string piece = tok.decode_token(next);
       std::fwrite(piece.data(), 1, piece.size(), stdout);
@@ -178,7 +188,70 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   t.decode_s = now_s() - t0;
   t.sample(cache);
   if (!o.quiet) std::fputc('\n', stdout);
+  if (o.verbose) {
+    std::fprintf(stderr, "[generated] %zu tokens:", generated.size());
+    for (token_id id : generated) std::fprintf(stderr, " %d", id);
+    std::fprintf(stderr, "\n");
+  }
   print_stats(t, cache, m, o.kv);
+  return 0;
+}
+
+// Perplexity of a text: its tokens in windows of `window` (each a fresh sequence, prefilled in
+// chunks through the normal forward path with logits for every token); every token after a
+// window's first is predicted from the ones before it in the window.
+int run_perplexity(const options& o, const tokenizer& tok, llama_model& m, kv_cache& cache) {
+  std::string text;
+  if (o.perplexity == "builtin") {
+    text = sparf_eval::kLongText;
+  } else {
+    std::ifstream in(o.perplexity, std::ios::binary);
+    if (!in) return fail("cannot read --perplexity file '" + o.perplexity + "'");
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  std::vector<token_id> ids;
+  if (tok.add_bos() && tok.bos() >= 0) ids.push_back(tok.bos());
+  const std::vector<token_id> body = tok.encode(text, false);
+  ids.insert(ids.end(), body.begin(), body.end());
+  if (ids.size() < 2) return fail("the --perplexity text has fewer than 2 tokens");
+  const uint32_t n_vocab = m.hparams().n_vocab;
+  const size_t window = std::min<size_t>(o.window ? o.window : m.hparams().n_ctx_train, m.hparams().n_ctx_train);
+  if (window < 2) return fail("--window must be at least 2 tokens");
+  double nll = 0.0;
+  uint64_t predicted = 0, windows = 0;
+  std::vector<float> logits;
+  std::vector<forward_item> items;
+  const double t0 = now_s();
+  for (size_t w0 = 0; w0 + 1 < ids.size(); w0 += window) {
+    const size_t w1 = std::min(ids.size(), w0 + window);
+    auto seq = cache.create_sequence();
+    if (!seq.ok()) return fail(seq.error().to_string());
+    for (size_t c0 = w0; c0 < w1; c0 += o.chunk) {
+      const size_t c1 = std::min(w1, c0 + o.chunk);
+      items.clear();
+      for (size_t i = c0; i < c1; ++i) items.push_back({*seq, static_cast<uint32_t>(i - w0), ids[i], true});
+      if (status s = m.forward(cache, items, logits); !s.ok()) return fail("perplexity: " + s.to_string());
+      for (size_t i = c0; i < c1 && i + 1 < w1; ++i) {
+        // -log softmax(row)[next], in double.
+        const float* row = &logits[(i - c0) * n_vocab];
+        const float mx = *std::max_element(row, row + n_vocab);
+        double sum = 0.0;
+        for (uint32_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
+        nll += std::log(sum) + mx - row[ids[i + 1]];
+        ++predicted;
+      }
+    }
+    if (status s = cache.free_sequence(*seq); !s.ok()) return fail(s.to_string());
+    ++windows;
+  }
+  const double el = now_s() - t0;
+  std::printf(
+      "[perplexity] %s: %zu tokens, %llu predicted in %llu window(s) of <= %zu | kv %s %s | "
+      "perplexity %.4f (mean NLL %.5f nats) | %.1f s, %.1f tok/s\n",
+      o.perplexity.c_str(), ids.size(), static_cast<unsigned long long>(predicted),
+      static_cast<unsigned long long>(windows), window, o.kv.c_str(),
+      std::string(dtype_name(cache.shape().kv_dtype)).c_str(), std::exp(nll / predicted), nll / predicted, el,
+      ids.size() / el);
   return 0;
 }
 
@@ -308,7 +381,17 @@ int main(int argc, char** argv) {
       o.model = need("a path");
     else if (a == "--prompt")
       o.prompt = need("text");
-    else if (a == "--system")
+    else if (a == "--prompt-file") {
+      const char* v = need("a file");
+      std::ifstream in(v, std::ios::binary);
+      if (!in) return fail(std::string("cannot read --prompt-file '") + v + "'");
+      o.prompt.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    } else if (a == "--perplexity")
+      o.perplexity = need("a text file or 'builtin'");
+    else if (a == "--window") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.window) || o.window < 2) bad(v);
+    } else if (a == "--system")
       o.system = need("text");
     else if (a == "--chat")
       o.chat = true;
@@ -365,7 +448,8 @@ int main(int argc, char** argv) {
     }
   }
   if (o.batch && o.prompts_file.empty()) return fail("--batch needs --prompts FILE");
-  if (!o.batch && o.prompt.empty()) return fail("--prompt is required (or --batch N --prompts FILE); see --help");
+  if (!o.batch && o.perplexity.empty() && o.prompt.empty())
+    return fail("--prompt is required (or --batch N --prompts FILE); see --help");
 
   auto file = gguf_file::open(o.model);
   if (!file.ok()) {
@@ -399,5 +483,6 @@ int main(int argc, char** argv) {
                (*cache)->page().page_bytes);
   if (o.sparf > 0.0) std::fprintf(stderr, " | SparF decode attention, compression %g", o.sparf);
   std::fprintf(stderr, "\n");
+  if (!o.perplexity.empty()) return run_perplexity(o, **tok, **m, **cache);
   return o.batch ? run_batch(o, **tok, **m, **cache) : run_single(o, **tok, **m, **cache);
 }
