@@ -23,6 +23,7 @@
 #include "cli.hpp"
 #include "gguf.hpp"
 #include "llama_model.hpp"
+#include "prompt_cache.hpp"
 #include "sampler.hpp"
 #include "sparf_eval.hpp"
 #include "tokenizer.hpp"
@@ -55,9 +56,11 @@ struct options {
   bool scalar = false;
   bool quiet = false;
   bool verbose = false;
-  double sparf = 0.0;      // SparF compression in (0, 1]; 0: dense attention
-  std::string perplexity;  // text file to score ("builtin": sparf_eval.hpp's text); empty: generate
-  uint32_t window = 0;     // perplexity window in tokens (0: the model's context)
+  double sparf = 0.0;              // SparF compression in (0, 1]; 0: dense attention
+  std::string perplexity;          // text file to score ("builtin": sparf_eval.hpp's text); empty: generate
+  uint32_t window = 0;             // perplexity window in tokens (0: the model's context)
+  std::string prompt_cache;        // file of a prefilled prompt's K/V (prompt_cache.hpp); empty: none
+  uint64_t model_fingerprint = 0;  // prompt_cache::model_fingerprint of the model file
 };
 
 void usage(FILE* out) {
@@ -81,6 +84,8 @@ void usage(FILE* out) {
                "  --batch N           offline mode: decode N sequences together, prompts from --prompts\n"
                "  --prompts FILE      one prompt per line (with --batch)\n"
                "  --ignore-eos        keep generating after the end-of-generation token\n"
+               "  --prompt-cache PATH restore the longest cached prefix of the prompt from PATH instead of\n"
+               "                      prefilling it; save this prompt's K/V there after prefill\n"
                "  --sparf C           SparF sparse decode attention at compression C in (0, 1] (0.125 or 1/8;\n"
                "                      1 = dense through the SparF path); the prompt is prefilled densely\n"
                "  --perplexity FILE   score FILE's text (\"builtin\": the lighthouse text of sparf_eval.hpp)\n"
@@ -154,15 +159,30 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   if (ids.size() + o.max_tokens > m.hparams().n_ctx_train)
     return fail("prompt (" + std::to_string(ids.size()) + " tokens) + --max-tokens exceed the model's context of " +
                 std::to_string(m.hparams().n_ctx_train));
-  auto seq = cache.create_sequence();
-  if (!seq.ok()) return fail(seq.error().to_string());
   sampler smp(o.sampling);
   timing t;
   std::vector<float> logits;
+  const double start = now_s();
+  // The prompt cache's longest matching prefix, if any; the rest of the prompt is prefilled.
+  prompt_cache::restore_result cached;
+  if (!o.prompt_cache.empty()) {
+    auto r = prompt_cache::restore(cache, o.prompt_cache, o.model_fingerprint, ids);
+    if (!r.ok()) return fail("prompt cache: " + r.error().to_string());
+    cached = std::move(*r);
+    if (!cached.restored) std::fprintf(stderr, "[prompt-cache] %s: prefilling the whole prompt\n", cached.note.c_str());
+  }
+  seq_id seq = cached.seq;
+  if (!cached.restored) {
+    auto created = cache.create_sequence();
+    if (!created.ok()) return fail(created.error().to_string());
+    seq = *created;
+  }
   double t0 = now_s();
-  if (status s = m.prefill(cache, *seq, ids, 0, logits); !s.ok()) return fail("prefill: " + s.to_string());
+  const std::span<const token_id> rest = std::span<const token_id>(ids).subspan(cached.restored);
+  if (status s = m.prefill(cache, seq, rest, cached.restored, logits); !s.ok())
+    return fail("prefill: " + s.to_string());
   t.prefill_s = now_s() - t0;
-  t.prefill_tokens = ids.size();
+  t.prefill_tokens = rest.size();
   if (!o.quiet) {
     std::fputs(o.chat ? "" : o.prompt.c_str(), stdout);
     std::fflush(stdout);
@@ -171,8 +191,20 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   t0 = now_s();
   std::vector<forward_item> item(1);
   std::vector<token_id> generated;
+  double first_token_s = 0.0, save_s = 0.0;
   for (uint32_t n = 0; n < o.max_tokens; ++n) {
     const token_id next = smp.sample(logits);
+    if (n == 0) {
+      first_token_s = now_s() - start;
+      // Save before decoding appends to the sequence; not needed when the file covered the prompt.
+      if (!o.prompt_cache.empty() && cached.restored + 1 < ids.size()) {
+        const double s0 = now_s();
+        if (status s = prompt_cache::save(cache, seq, o.prompt_cache, o.model_fingerprint, ids); !s.ok())
+          std::fprintf(stderr, "[prompt-cache] not saved: %s\n", s.to_string().c_str());
+        save_s = now_s() - s0;
+        t0 += save_s;  // not decode time
+      }
+    }
     if (!o.ignore_eos && tok.is_end_of_generation(next)) break;
     generated.push_back(next);
     if (!o.quiet) {
@@ -182,7 +214,7 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
     }
     ++t.decode_tokens;
     if (n + 1 == o.max_tokens) break;  // the last sampled token needs no forward pass
-    item[0] = {*seq, pos++, next, true};
+    item[0] = {seq, pos++, next, true};
     if (status s = m.forward(cache, item, logits); !s.ok()) return fail("decode: " + s.to_string());
   }
   t.decode_s = now_s() - t0;
@@ -194,6 +226,15 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
     std::fprintf(stderr, "\n");
   }
   print_stats(t, cache, m, o.kv);
+  std::fprintf(stderr, "[prompt] %zu tokens: %u restored, %llu prefilled | time to first token %.3f s", ids.size(),
+               cached.restored, static_cast<unsigned long long>(t.prefill_tokens), first_token_s);
+  if (!o.prompt_cache.empty()) {
+    if (cached.restored)
+      std::fprintf(stderr, " | prompt cache read%s in %.3f s", cached.direct_io ? " (O_DIRECT)" : " (buffered)",
+                   cached.read_seconds);
+    if (save_s > 0) std::fprintf(stderr, " | saved in %.3f s", save_s);
+  }
+  std::fprintf(stderr, "\n");
   return 0;
 }
 
@@ -430,6 +471,8 @@ int main(int argc, char** argv) {
       if (!parse_u32(v, o.batch) || o.batch == 0 || o.batch > 1024) bad(v);
     } else if (a == "--prompts")
       o.prompts_file = need("a file");
+    else if (a == "--prompt-cache")
+      o.prompt_cache = need("a path");
     else if (a == "--ignore-eos")
       o.ignore_eos = true;
     else if (a == "--sparf") {
@@ -448,6 +491,8 @@ int main(int argc, char** argv) {
     }
   }
   if (o.batch && o.prompts_file.empty()) return fail("--batch needs --prompts FILE");
+  if (!o.prompt_cache.empty() && (o.batch || !o.perplexity.empty()))
+    return fail("--prompt-cache works with a single --prompt (not with --batch or --perplexity)");
   if (!o.batch && o.perplexity.empty() && o.prompt.empty())
     return fail("--prompt is required (or --batch N --prompts FILE); see --help");
 
@@ -458,6 +503,7 @@ int main(int argc, char** argv) {
       hint = "\n  (fetch the default model with scripts/fetch-model, or pass --model PATH)";
     return fail(file.error().to_string() + hint);
   }
+  if (!o.prompt_cache.empty()) o.model_fingerprint = prompt_cache::model_fingerprint(**file);
   auto tok = tokenizer::from_gguf(**file);
   if (!tok.ok()) return fail(tok.error().to_string());
   model_options mo;
