@@ -23,6 +23,7 @@
 #include "cli.hpp"
 #include "gguf.hpp"
 #include "llama_model.hpp"
+#include "perplexity.hpp"
 #include "prompt_cache.hpp"
 #include "sampler.hpp"
 #include "sparf_eval.hpp"
@@ -230,17 +231,15 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
                cached.restored, static_cast<unsigned long long>(t.prefill_tokens), first_token_s);
   if (!o.prompt_cache.empty()) {
     if (cached.restored)
-      std::fprintf(stderr, " | prompt cache read%s in %.3f s", cached.direct_io ? " (O_DIRECT)" : " (buffered)",
-                   cached.read_seconds);
+      std::fprintf(stderr, " | prompt cache read%s and loaded in %.3f s",
+                   cached.direct_io ? " (O_DIRECT)" : " (buffered)", cached.read_seconds);
     if (save_s > 0) std::fprintf(stderr, " | saved in %.3f s", save_s);
   }
   std::fprintf(stderr, "\n");
   return 0;
 }
 
-// Perplexity of a text: its tokens in windows of `window` (each a fresh sequence, prefilled in
-// chunks through the normal forward path with logits for every token); every token after a
-// window's first is predicted from the ones before it in the window.
+// Perplexity of a text (perplexity.hpp).
 int run_perplexity(const options& o, const tokenizer& tok, llama_model& m, kv_cache& cache) {
   std::string text;
   if (o.perplexity == "builtin") {
@@ -255,44 +254,17 @@ int run_perplexity(const options& o, const tokenizer& tok, llama_model& m, kv_ca
   const std::vector<token_id> body = tok.encode(text, false);
   ids.insert(ids.end(), body.begin(), body.end());
   if (ids.size() < 2) return fail("the --perplexity text has fewer than 2 tokens");
-  const uint32_t n_vocab = m.hparams().n_vocab;
   const size_t window = std::min<size_t>(o.window ? o.window : m.hparams().n_ctx_train, m.hparams().n_ctx_train);
-  if (window < 2) return fail("--window must be at least 2 tokens");
-  double nll = 0.0;
-  uint64_t predicted = 0, windows = 0;
-  std::vector<float> logits;
-  std::vector<forward_item> items;
   const double t0 = now_s();
-  for (size_t w0 = 0; w0 + 1 < ids.size(); w0 += window) {
-    const size_t w1 = std::min(ids.size(), w0 + window);
-    auto seq = cache.create_sequence();
-    if (!seq.ok()) return fail(seq.error().to_string());
-    for (size_t c0 = w0; c0 < w1; c0 += o.chunk) {
-      const size_t c1 = std::min(w1, c0 + o.chunk);
-      items.clear();
-      for (size_t i = c0; i < c1; ++i) items.push_back({*seq, static_cast<uint32_t>(i - w0), ids[i], true});
-      if (status s = m.forward(cache, items, logits); !s.ok()) return fail("perplexity: " + s.to_string());
-      for (size_t i = c0; i < c1 && i + 1 < w1; ++i) {
-        // -log softmax(row)[next], in double.
-        const float* row = &logits[(i - c0) * n_vocab];
-        const float mx = *std::max_element(row, row + n_vocab);
-        double sum = 0.0;
-        for (uint32_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
-        nll += std::log(sum) + mx - row[ids[i + 1]];
-        ++predicted;
-      }
-    }
-    if (status s = cache.free_sequence(*seq); !s.ok()) return fail(s.to_string());
-    ++windows;
-  }
+  auto r = evaluate_perplexity(m, cache, ids, window, o.chunk);
+  if (!r.ok()) return fail(r.error().to_string());
   const double el = now_s() - t0;
   std::printf(
       "[perplexity] %s: %zu tokens, %llu predicted in %llu window(s) of <= %zu | kv %s %s | "
       "perplexity %.4f (mean NLL %.5f nats) | %.1f s, %.1f tok/s\n",
-      o.perplexity.c_str(), ids.size(), static_cast<unsigned long long>(predicted),
-      static_cast<unsigned long long>(windows), window, o.kv.c_str(),
-      std::string(dtype_name(cache.shape().kv_dtype)).c_str(), std::exp(nll / predicted), nll / predicted, el,
-      ids.size() / el);
+      o.perplexity.c_str(), ids.size(), static_cast<unsigned long long>(r->predicted),
+      static_cast<unsigned long long>(r->windows), window, o.kv.c_str(),
+      std::string(dtype_name(cache.shape().kv_dtype)).c_str(), r->perplexity(), r->mean_nll(), el, ids.size() / el);
   return 0;
 }
 

@@ -36,7 +36,7 @@ struct restore_result {
   uint32_t restored = 0;      // prompt tokens taken from the file (0: nothing, prefill cold)
   uint32_t cached = 0;        // tokens in the file (0 when unreadable or not matching)
   bool direct_io = false;     // the file was read with O_DIRECT
-  double read_seconds = 0.0;  // reading and checking the file
+  double read_seconds = 0.0;  // reading and checking the file, and (when restored) loading and truncating it
   std::string note;           // why nothing was restored, for the user; empty when restored
 };
 
