@@ -54,10 +54,23 @@ std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / (name + "." + std::to_string(::getpid()))).string();
 }
 
-// The ssd URI where this machine runs one (else host): restores must cross backends.
-std::string other_backend() {
-  for (const std::string& uri : model_test::backend_uris())
-    if (uri.rfind("ssd:", 0) == 0) return uri;
+// The ssd URI where this machine runs one (else host, unless ssd is required here): restores
+// must cross backends.
+std::string other_backend(const llama_model& m) {
+  for (const std::string& uri : model_test::backend_uris()) {
+    if (uri.rfind("ssd:", 0) != 0) continue;
+    bool ok = false;
+    {
+      auto c = kv_cache::create(m.kv_options(uri, dtype::kF16));
+      ok = c.ok();
+      if (!ok) {
+        CHECK_MESSAGE(!model_test::backend_required(uri), "required backend '" << uri << "' did not start");
+        MESSAGE("ssd unavailable (" << c.error().to_string() << "): restoring into host");
+      }
+    }
+    model_test::remove_backend_files(uri);
+    if (ok) return uri;
+  }
   return "host";
 }
 
@@ -84,7 +97,7 @@ TEST_CASE("prompt cache: a restored prefix generates the cold run's tokens, acro
   const auto a = with_question({103, 2, 3 + '\n', 1, 44, 45, 46});
   const auto b = with_question({60, 61, 2, 3 + '\n', 1, 47});
   const uint32_t n = 16;
-  const std::string uri = other_backend();
+  const std::string uri = other_backend(*l->model);
   CAPTURE(uri);
   for (dtype d : {dtype::kF16, dtype::kQ8_0}) {
     CAPTURE(dtype_name(d));
