@@ -70,40 +70,54 @@ struct file_image {
   bool direct = false;
 };
 
-status read_file(const std::string& path, file_image& out) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-  out.direct = fd >= 0;
-  if (fd < 0 && errno == EINVAL) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return {errc::kIoError, "cannot open '" + path + "': " + std::strerror(errno)};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return {errc::kInvalidArgument, "'" + path + "' is not a regular file"};
-  }
-  out.size = static_cast<uint64_t>(st.st_size);
-  const uint64_t capacity = std::max<uint64_t>(round_up(out.size), kAlign);
-  out.data.reset(static_cast<std::byte*>(std::aligned_alloc(kAlign, capacity)));
-  if (!out.data) {
-    ::close(fd);
-    return {errc::kOutOfMemory, "reading '" + path + "' (" + std::to_string(out.size) + " bytes)"};
-  }
-  uint64_t done = 0;
-  while (done < out.size) {
-    // Aligned pieces of at most 64 MiB; the last one asks for a whole block and gets the tail.
-    const uint64_t want = std::min<uint64_t>(capacity - done, 64ull << 20);
-    const ssize_t n = ::pread(fd, out.data.get() + done, want, static_cast<off_t>(done));
+// Aligned reads of [0, want) into buf (want a multiple of kAlign); returns the bytes read.
+status read_at_start(int fd, std::byte* buf, uint64_t want, uint64_t& done, const std::string& path) {
+  done = 0;
+  while (done < want) {
+    const uint64_t piece = std::min<uint64_t>(want - done, 64ull << 20);
+    const ssize_t n = ::pread(fd, buf + done, piece, static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const std::string why = std::strerror(errno);
-      ::close(fd);
-      return {errc::kIoError, "cannot read '" + path + "': " + why};
-    }
-    if (n == 0) break;  // the file shrank under us: the size check below reports it
+    if (n < 0) return {errc::kIoError, "cannot read '" + path + "': " + std::strerror(errno)};
+    if (n == 0) break;  // end of file (the last aligned piece returns the tail)
     done += static_cast<uint64_t>(n);
   }
-  ::close(fd);
-  if (done < out.size) return {errc::kCorruptData, "'" + path + "' ended early"};
   return {};
+}
+
+// max_bytes(header) bounds the size a file with that header may have: the header is read first,
+// so a hostile or foreign file is refused before anything of its size is allocated.
+template <typename Bound>
+status read_file(const std::string& path, file_image& out, Bound max_bytes) {
+  // O_NONBLOCK: a FIFO at the path must not hang the open (fstat then refuses it).
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC | O_NONBLOCK);
+  out.direct = fd >= 0;
+  if (fd < 0 && errno == EINVAL) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return {errc::kIoError, "cannot open '" + path + "': " + std::strerror(errno)};
+  const auto done_with = [fd](status s) {
+    ::close(fd);
+    return s;
+  };
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+    return done_with({errc::kInvalidArgument, "'" + path + "' is not a regular file"});
+  out.size = static_cast<uint64_t>(st.st_size);
+  if (out.size < sizeof(header)) return done_with({errc::kCorruptData, "shorter than its header"});
+  aligned_bytes first(static_cast<std::byte*>(std::aligned_alloc(kAlign, kAlign)));
+  if (!first) return done_with({errc::kOutOfMemory, "reading '" + path + "'"});
+  uint64_t got = 0;
+  if (status s = read_at_start(fd, first.get(), kAlign, got, path); !s.ok()) return done_with(s);
+  if (got < sizeof(header)) return done_with({errc::kCorruptData, "'" + path + "' ended early"});
+  header h;
+  std::memcpy(&h, first.get(), sizeof h);
+  if (out.size > max_bytes(h))
+    return done_with({errc::kCorruptData, std::to_string(out.size) + " bytes, more than its header accounts for"});
+  const uint64_t capacity = round_up(out.size);
+  out.data.reset(static_cast<std::byte*>(std::aligned_alloc(kAlign, capacity)));
+  if (!out.data)
+    return done_with({errc::kOutOfMemory, "reading '" + path + "' (" + std::to_string(out.size) + " bytes)"});
+  if (status s = read_at_start(fd, out.data.get(), capacity, got, path); !s.ok()) return done_with(s);
+  if (got < out.size) return done_with({errc::kCorruptData, "'" + path + "' ended early"});
+  return done_with({});
 }
 
 // The checked header and tokens of an image; the state follows at round_up(tokens_end).
@@ -177,7 +191,7 @@ uint64_t model_fingerprint(const gguf_file& file) {
 
 result<std::vector<token_id>> read_tokens(const std::string& path, uint64_t fingerprint, dtype kv_dtype) {
   file_image img;
-  INSTINFER_TRY(read_file(path, img));
+  INSTINFER_TRY(read_file(path, img, [](const header&) { return UINT64_MAX; }));
   parsed p;
   INSTINFER_TRY(parse(img, fingerprint, kv_dtype, p));
   return std::move(p.tokens);
@@ -191,9 +205,17 @@ result<restore_result> restore(kv_cache& cache, const std::string& path, uint64_
     r.note = "no cache file yet";
     return r;
   }
+  // A file of this cache's shape holds at most its tokens' K/V rows plus the state's own header
+  // (per-layer lengths and checksum: far below 1 MiB).
+  const kv_shape& shape = cache.shape();
+  const uint64_t token_bytes =
+      uint64_t{shape.n_layers} * 2 * shape.n_kv_heads * dtype_row_bytes(shape.kv_dtype, shape.head_dim);
+  const auto max_bytes = [&](const header& h) {
+    return round_up(tokens_end(h.n_tokens)) + uint64_t{h.n_tokens} * token_bytes + (1ull << 20);
+  };
   file_image img;
   parsed p;
-  status s = read_file(path, img);
+  status s = read_file(path, img, max_bytes);
   if (s.ok()) s = parse(img, fingerprint, cache.shape().kv_dtype, p);
   r.read_seconds = now_s() - t0;
   r.direct_io = img.direct;

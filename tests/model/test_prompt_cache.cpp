@@ -205,6 +205,15 @@ TEST_CASE("prompt cache: damaged or foreign files fall back to a cold prefill") 
     write(longer);
     check_falls_back("one byte appended");
   }
+  {  // a (sparse) file far larger than its header accounts for is refused before it is read
+    write(good);
+    std::filesystem::resize_file(bad, good.size() + (256ull << 20));
+    auto cache = make_cache(*l->model, "host", dtype::kF16);
+    auto r = prompt_cache::restore(*cache, bad, l->fingerprint, a);
+    REQUIRE(r.ok());
+    CHECK(r->restored == 0);
+    CHECK(r->note.find("more than its header accounts for") != std::string::npos);
+  }
   std::mt19937_64 rng(7);
   const size_t ids_end = 48 + a.size() * 4;
   for (int trial = 0; trial < 24; ++trial) {
