@@ -4,6 +4,8 @@
 //   scripts/fetch-model && build/bin/instinfer-generate --chat --prompt "What is a KV cache?"
 //   build/bin/instinfer-generate --kv ssd:/tmp/kv.bin --prompt "Once upon a time" --max-tokens 64
 //   build/bin/instinfer-generate --batch 8 --prompts prompts.txt --chat --max-tokens 128
+//   build/bin/instinfer-generate --chat --prompt-file long.txt --prompt-cache /tmp/long.cache   # run twice
+//   build/bin/instinfer-generate --perplexity builtin --kv-dtype q8_0
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -193,18 +195,24 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   std::vector<forward_item> item(1);
   std::vector<token_id> generated;
   double first_token_s = 0.0, save_s = 0.0;
+  // Save before decoding appends to the sequence; not needed when the file covered the prompt.
+  const auto save_prompt = [&] {
+    if (o.prompt_cache.empty() || cached.restored + 1 >= ids.size()) return;
+    const double s0 = now_s();
+    if (status s = prompt_cache::save(cache, seq, o.prompt_cache, o.model_fingerprint, ids); !s.ok())
+      std::fprintf(stderr, "[prompt-cache] not saved: %s\n", s.to_string().c_str());
+    save_s = now_s() - s0;
+    t0 += save_s;  // not decode time
+  };
+  if (o.max_tokens == 0) {  // nothing to generate: the prompt's logits are the first "token"
+    first_token_s = now_s() - start;
+    save_prompt();
+  }
   for (uint32_t n = 0; n < o.max_tokens; ++n) {
     const token_id next = smp.sample(logits);
     if (n == 0) {
       first_token_s = now_s() - start;
-      // Save before decoding appends to the sequence; not needed when the file covered the prompt.
-      if (!o.prompt_cache.empty() && cached.restored + 1 < ids.size()) {
-        const double s0 = now_s();
-        if (status s = prompt_cache::save(cache, seq, o.prompt_cache, o.model_fingerprint, ids); !s.ok())
-          std::fprintf(stderr, "[prompt-cache] not saved: %s\n", s.to_string().c_str());
-        save_s = now_s() - s0;
-        t0 += save_s;  // not decode time
-      }
+      save_prompt();
     }
     if (!o.ignore_eos && tok.is_end_of_generation(next)) break;
     generated.push_back(next);
