@@ -201,10 +201,10 @@ result<restore_result> restore(kv_cache& cache, const std::string& path, uint64_
                                std::span<const token_id> prompt) {
   restore_result r;
   const double t0 = now_s();
-  if (::access(path.c_str(), F_OK) != 0) {
+  if (struct stat st{}; ::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
     r.note = "no cache file yet";
     return r;
-  }
+  }  // any other failure is reported by read_file
   // A file of this cache's shape holds at most its tokens' K/V rows plus the state's own header
   // (per-layer lengths and checksum: far below 1 MiB).
   const kv_shape& shape = cache.shape();
