@@ -199,8 +199,10 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   const auto save_prompt = [&] {
     if (o.prompt_cache.empty() || cached.restored + 1 >= ids.size()) return;
     const double s0 = now_s();
-    if (status s = prompt_cache::save(cache, seq, o.prompt_cache, o.model_fingerprint, ids); !s.ok())
+    if (status s = prompt_cache::save(cache, seq, o.prompt_cache, o.model_fingerprint, ids); !s.ok()) {
       std::fprintf(stderr, "[prompt-cache] not saved: %s\n", s.to_string().c_str());
+      return;
+    }
     save_s = now_s() - s0;
     t0 += save_s;  // not decode time
   };
