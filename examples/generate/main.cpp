@@ -4,6 +4,8 @@
 //   scripts/fetch-model && build/bin/instinfer-generate --chat --prompt "What is a KV cache?"
 //   build/bin/instinfer-generate --kv ssd:/tmp/kv.bin --prompt "Once upon a time" --max-tokens 64
 //   build/bin/instinfer-generate --batch 8 --prompts prompts.txt --chat --max-tokens 128
+//   build/bin/instinfer-generate --chat --prompt-file long.txt --prompt-cache /tmp/long.cache   # run twice
+//   build/bin/instinfer-generate --perplexity builtin --kv-dtype q8_0
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -16,13 +18,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
 #include "cli.hpp"
 #include "gguf.hpp"
 #include "llama_model.hpp"
+#include "perplexity.hpp"
+#include "prompt_cache.hpp"
 #include "sampler.hpp"
+#include "sparf_eval.hpp"
 #include "tokenizer.hpp"
 
 using namespace instinfer;
@@ -53,7 +59,11 @@ struct options {
   bool scalar = false;
   bool quiet = false;
   bool verbose = false;
-  double sparf = 0.0;  // SparF compression in (0, 1]; 0: dense attention
+  double sparf = 0.0;              // SparF compression in (0, 1]; 0: dense attention
+  std::string perplexity;          // text file to score ("builtin": sparf_eval.hpp's text); empty: generate
+  uint32_t window = 0;             // perplexity window in tokens (0: the model's context)
+  std::string prompt_cache;        // file of a prefilled prompt's K/V (prompt_cache.hpp); empty: none
+  uint64_t model_fingerprint = 0;  // prompt_cache::model_fingerprint of the model file
 };
 
 void usage(FILE* out) {
@@ -61,6 +71,7 @@ void usage(FILE* out) {
                "usage: instinfer-generate [options]\n"
                "  --model PATH        GGUF file (default models/SmolLM2-135M-Instruct.Q4_1.gguf; scripts/fetch-model)\n"
                "  --prompt TEXT       the prompt (or the user message with --chat)\n"
+               "  --prompt-file FILE  the prompt read from a file\n"
                "  --chat              wrap the prompt in the model's chat template\n"
                "  --system TEXT       system message for --chat (default: the template's)\n"
                "  --max-tokens N      tokens to generate per sequence (default 128)\n"
@@ -76,11 +87,16 @@ void usage(FILE* out) {
                "  --batch N           offline mode: decode N sequences together, prompts from --prompts\n"
                "  --prompts FILE      one prompt per line (with --batch)\n"
                "  --ignore-eos        keep generating after the end-of-generation token\n"
+               "  --prompt-cache PATH restore the longest cached prefix of the prompt from PATH instead of\n"
+               "                      prefilling it; save this prompt's K/V there after prefill\n"
                "  --sparf C           SparF sparse decode attention at compression C in (0, 1] (0.125 or 1/8;\n"
                "                      1 = dense through the SparF path); the prompt is prefilled densely\n"
+               "  --perplexity FILE   score FILE's text (\"builtin\": the lighthouse text of sparf_eval.hpp)\n"
+               "                      instead of generating: perplexity over every predicted token\n"
+               "  --window N          perplexity window in tokens (default: the model's context)\n"
                "  --scalar            use the scalar kernels (no SIMD)\n"
                "  --quiet             no streaming text (stats only)\n"
-               "  --verbose           print the prompt's token ids\n"
+               "  --verbose           print the prompt's and the generated token ids\n"
                "  --list-backends     print the KV backends built into this binary and exit\n");
 }
 
@@ -146,15 +162,30 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   if (ids.size() + o.max_tokens > m.hparams().n_ctx_train)
     return fail("prompt (" + std::to_string(ids.size()) + " tokens) + --max-tokens exceed the model's context of " +
                 std::to_string(m.hparams().n_ctx_train));
-  auto seq = cache.create_sequence();
-  if (!seq.ok()) return fail(seq.error().to_string());
   sampler smp(o.sampling);
   timing t;
   std::vector<float> logits;
+  const double start = now_s();
+  // The prompt cache's longest matching prefix, if any; the rest of the prompt is prefilled.
+  prompt_cache::restore_result cached;
+  if (!o.prompt_cache.empty()) {
+    auto r = prompt_cache::restore(cache, o.prompt_cache, o.model_fingerprint, ids);
+    if (!r.ok()) return fail("prompt cache: " + r.error().to_string());
+    cached = std::move(*r);
+    if (!cached.restored) std::fprintf(stderr, "[prompt-cache] %s: prefilling the whole prompt\n", cached.note.c_str());
+  }
+  seq_id seq = cached.seq;
+  if (!cached.restored) {
+    auto created = cache.create_sequence();
+    if (!created.ok()) return fail(created.error().to_string());
+    seq = *created;
+  }
   double t0 = now_s();
-  if (status s = m.prefill(cache, *seq, ids, 0, logits); !s.ok()) return fail("prefill: " + s.to_string());
+  const std::span<const token_id> rest = std::span<const token_id>(ids).subspan(cached.restored);
+  if (status s = m.prefill(cache, seq, rest, cached.restored, logits); !s.ok())
+    return fail("prefill: " + s.to_string());
   t.prefill_s = now_s() - t0;
-  t.prefill_tokens = ids.size();
+  t.prefill_tokens = rest.size();
   if (!o.quiet) {
     std::fputs(o.chat ? "" : o.prompt.c_str(), stdout);
     std::fflush(stdout);
@@ -162,9 +193,31 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
   uint32_t pos = static_cast<uint32_t>(ids.size());
   t0 = now_s();
   std::vector<forward_item> item(1);
+  std::vector<token_id> generated;
+  double first_token_s = 0.0, save_s = 0.0;
+  // Save before decoding appends to the sequence; not needed when the file covered the prompt.
+  const auto save_prompt = [&] {
+    if (o.prompt_cache.empty() || cached.restored + 1 >= ids.size()) return;
+    const double s0 = now_s();
+    if (status s = prompt_cache::save(cache, seq, o.prompt_cache, o.model_fingerprint, ids); !s.ok()) {
+      std::fprintf(stderr, "[prompt-cache] not saved: %s\n", s.to_string().c_str());
+      return;
+    }
+    save_s = now_s() - s0;
+    t0 += save_s;  // not decode time
+  };
+  if (o.max_tokens == 0) {  // nothing to generate: the prompt's logits are the first "token"
+    first_token_s = now_s() - start;
+    save_prompt();
+  }
   for (uint32_t n = 0; n < o.max_tokens; ++n) {
     const token_id next = smp.sample(logits);
+    if (n == 0) {
+      first_token_s = now_s() - start;
+      save_prompt();
+    }
     if (!o.ignore_eos && tok.is_end_of_generation(next)) break;
+    generated.push_back(next);
     if (!o.quiet) {
       const std::string piece = tok.decode_token(next);
       std::fwrite(piece.data(), 1, piece.size(), stdout);
@@ -172,13 +225,56 @@ int run_single(const options& o, const tokenizer& tok, llama_model& m, kv_cache&
     }
     ++t.decode_tokens;
     if (n + 1 == o.max_tokens) break;  // the last sampled token needs no forward pass
-    item[0] = {*seq, pos++, next, true};
+    item[0] = {seq, pos++, next, true};
     if (status s = m.forward(cache, item, logits); !s.ok()) return fail("decode: " + s.to_string());
   }
   t.decode_s = now_s() - t0;
   t.sample(cache);
   if (!o.quiet) std::fputc('\n', stdout);
+  if (o.verbose) {
+    std::fprintf(stderr, "[generated] %zu tokens:", generated.size());
+    for (token_id id : generated) std::fprintf(stderr, " %d", id);
+    std::fprintf(stderr, "\n");
+  }
   print_stats(t, cache, m, o.kv);
+  std::fprintf(stderr, "[prompt] %zu tokens: %u restored, %llu prefilled | time to first token %.3f s", ids.size(),
+               cached.restored, static_cast<unsigned long long>(t.prefill_tokens), first_token_s);
+  if (!o.prompt_cache.empty()) {
+    if (cached.restored)
+      std::fprintf(stderr, " | prompt cache read%s and loaded in %.3f s",
+                   cached.direct_io ? " (O_DIRECT)" : " (buffered)", cached.read_seconds);
+    if (save_s > 0) std::fprintf(stderr, " | saved in %.3f s", save_s);
+  }
+  std::fprintf(stderr, "\n");
+  return 0;
+}
+
+// Perplexity of a text (perplexity.hpp).
+int run_perplexity(const options& o, const tokenizer& tok, llama_model& m, kv_cache& cache) {
+  std::string text;
+  if (o.perplexity == "builtin") {
+    text = sparf_eval::kLongText;
+  } else {
+    std::ifstream in(o.perplexity, std::ios::binary);
+    if (!in) return fail("cannot read --perplexity file '" + o.perplexity + "'");
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  std::vector<token_id> ids;
+  if (tok.add_bos() && tok.bos() >= 0) ids.push_back(tok.bos());
+  const std::vector<token_id> body = tok.encode(text, false);
+  ids.insert(ids.end(), body.begin(), body.end());
+  if (ids.size() < 2) return fail("the --perplexity text has fewer than 2 tokens");
+  const size_t window = std::min<size_t>(o.window ? o.window : m.hparams().n_ctx_train, m.hparams().n_ctx_train);
+  const double t0 = now_s();
+  auto r = evaluate_perplexity(m, cache, ids, window, o.chunk);
+  if (!r.ok()) return fail(r.error().to_string());
+  const double el = now_s() - t0;
+  std::printf(
+      "[perplexity] %s: %zu tokens, %llu predicted in %llu window(s) of <= %zu | kv %s %s | "
+      "perplexity %.4f (mean NLL %.5f nats) | %.1f s, %.1f tok/s\n",
+      o.perplexity.c_str(), ids.size(), static_cast<unsigned long long>(r->predicted),
+      static_cast<unsigned long long>(r->windows), window, o.kv.c_str(),
+      std::string(dtype_name(cache.shape().kv_dtype)).c_str(), r->perplexity(), r->mean_nll(), el, ids.size() / el);
   return 0;
 }
 
@@ -308,7 +404,17 @@ int main(int argc, char** argv) {
       o.model = need("a path");
     else if (a == "--prompt")
       o.prompt = need("text");
-    else if (a == "--system")
+    else if (a == "--prompt-file") {
+      const char* v = need("a file");
+      std::ifstream in(v, std::ios::binary);
+      if (!in) return fail(std::string("cannot read --prompt-file '") + v + "'");
+      o.prompt.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    } else if (a == "--perplexity")
+      o.perplexity = need("a text file or 'builtin'");
+    else if (a == "--window") {
+      const char* v = need("a number");
+      if (!parse_u32(v, o.window) || o.window < 2) bad(v);
+    } else if (a == "--system")
       o.system = need("text");
     else if (a == "--chat")
       o.chat = true;
@@ -347,6 +453,8 @@ int main(int argc, char** argv) {
       if (!parse_u32(v, o.batch) || o.batch == 0 || o.batch > 1024) bad(v);
     } else if (a == "--prompts")
       o.prompts_file = need("a file");
+    else if (a == "--prompt-cache")
+      o.prompt_cache = need("a path");
     else if (a == "--ignore-eos")
       o.ignore_eos = true;
     else if (a == "--sparf") {
@@ -365,7 +473,10 @@ int main(int argc, char** argv) {
     }
   }
   if (o.batch && o.prompts_file.empty()) return fail("--batch needs --prompts FILE");
-  if (!o.batch && o.prompt.empty()) return fail("--prompt is required (or --batch N --prompts FILE); see --help");
+  if (!o.prompt_cache.empty() && (o.batch || !o.perplexity.empty()))
+    return fail("--prompt-cache works with a single --prompt (not with --batch or --perplexity)");
+  if (!o.batch && o.perplexity.empty() && o.prompt.empty())
+    return fail("--prompt is required (or --batch N --prompts FILE); see --help");
 
   auto file = gguf_file::open(o.model);
   if (!file.ok()) {
@@ -374,6 +485,7 @@ int main(int argc, char** argv) {
       hint = "\n  (fetch the default model with scripts/fetch-model, or pass --model PATH)";
     return fail(file.error().to_string() + hint);
   }
+  if (!o.prompt_cache.empty()) o.model_fingerprint = prompt_cache::model_fingerprint(**file);
   auto tok = tokenizer::from_gguf(**file);
   if (!tok.ok()) return fail(tok.error().to_string());
   model_options mo;
@@ -399,5 +511,6 @@ int main(int argc, char** argv) {
                (*cache)->page().page_bytes);
   if (o.sparf > 0.0) std::fprintf(stderr, " | SparF decode attention, compression %g", o.sparf);
   std::fprintf(stderr, "\n");
+  if (!o.perplexity.empty()) return run_perplexity(o, **tok, **m, **cache);
   return o.batch ? run_batch(o, **tok, **m, **cache) : run_single(o, **tok, **m, **cache);
 }

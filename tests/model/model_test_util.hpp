@@ -13,6 +13,7 @@
 
 #include "gguf.hpp"
 #include "llama_model.hpp"
+#include "prompt_cache.hpp"
 #include "sampler.hpp"
 #include "tokenizer.hpp"
 
@@ -98,6 +99,38 @@ inline instinfer::status greedy(instinfer::model::llama_model& m, instinfer::kv_
     INSTINFER_TRY(m.forward(cache, {&item, 1}, logits));
   }
   return cache.free_sequence(*seq);
+}
+
+// Greedy continuation as instinfer-generate --prompt-cache runs it: restore the longest cached
+// prefix of `prompt` from `path` (restored: how many tokens; note: why none), prefill the rest,
+// save the prompt there when the file did not cover it, then decode n tokens.
+inline instinfer::status cached_greedy(instinfer::model::llama_model& m, instinfer::kv_cache& cache,
+                                       const std::string& path, uint64_t fingerprint,
+                                       const std::vector<int32_t>& prompt, uint32_t n, std::vector<int32_t>& out,
+                                       uint32_t& restored, std::string* note = nullptr) {
+  using namespace instinfer::model;
+  auto r = prompt_cache::restore(cache, path, fingerprint, prompt);
+  if (!r.ok()) return r.error();
+  restored = r->restored;
+  if (note) *note = r->note;
+  instinfer::seq_id seq = r->seq;
+  if (!restored) {
+    auto created = cache.create_sequence();
+    if (!created.ok()) return created.error();
+    seq = *created;
+  }
+  std::vector<float> logits;
+  INSTINFER_TRY(m.prefill(cache, seq, std::span<const int32_t>(prompt).subspan(restored), restored, logits));
+  if (restored + 1 < prompt.size()) INSTINFER_TRY(prompt_cache::save(cache, seq, path, fingerprint, prompt));
+  uint32_t pos = static_cast<uint32_t>(prompt.size());
+  for (uint32_t i = 0; i < n; ++i) {
+    const int32_t next = sampler::argmax(logits);
+    out.push_back(next);
+    if (i + 1 == n) break;
+    const forward_item item{seq, pos++, next, true};
+    INSTINFER_TRY(m.forward(cache, {&item, 1}, logits));
+  }
+  return cache.free_sequence(seq);
 }
 
 // |a - b| <= rel · max(|b|, 1): relative, with an absolute floor for logits near zero.
