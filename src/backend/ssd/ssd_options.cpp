@@ -11,14 +11,14 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   if (uri.scheme != "ssd") return status{errc::kInvalidArgument, "not an ssd URI (scheme '" + uri.scheme + "')"};
   if (uri.path.empty())
     return status{errc::kInvalidArgument, "ssd backend needs a path: ssd:/path/to/file?queue_depth=32"};
-  static constexpr std::string_view kKeys[] = {"queue_depth",   "staging",  "request",     "capacity",
-                                               "write_batch",   "buffered", "sqpoll",      "iopoll",
-                                               "single_issuer", "register", "preallocate", "keep"};
+  static constexpr std::string_view kKeys[] = {"queue_depth", "staging", "request", "capacity",      "write_batch",
+                                               "buffered",    "sqpoll",  "iopoll",  "single_issuer", "register",
+                                               "preallocate", "keep",    "read_gap"};
   for (const auto& [key, value] : uri.options) {
     if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys))
       return status{errc::kInvalidArgument, "unknown ssd option '" + key +
                                                 "' (known: queue_depth staging request capacity write_batch buffered "
-                                                "sqpoll iopoll single_issuer register preallocate keep)"};
+                                                "sqpoll iopoll single_issuer register preallocate keep read_gap)"};
   }
   ssd_backend_options o;
   o.path = uri.path;
@@ -53,6 +53,13 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   o.register_buffers = uri.option_bool("register", true);
   o.preallocate = uri.option_bool("preallocate", false);
   o.keep_file = uri.option_bool("keep", false);
+  if (uri.option("read_gap")) {  // absent: from the device probe
+    auto gap = uri.option_u64("read_gap", 0);
+    if (!gap.ok()) return gap.error();
+    if (gap.value() > (64ull << 20))
+      return status{errc::kInvalidArgument, "read_gap must be at most 64M, got " + std::to_string(gap.value())};
+    o.read_gap_bytes = gap.value();
+  }
   return o;
 }
 
