@@ -10,6 +10,7 @@
 #include <unordered_set>
 #include <utility>
 
+#include "instinfer/attention/sparf/exact.hpp"
 #include "instinfer/attention/state.hpp"
 
 namespace instinfer {
@@ -22,12 +23,12 @@ page_summary_attender::page_summary_attender(backend& b, const backend_config& c
       pool_(std::make_unique<thread_pool>(
           std::min<uint32_t>(config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
                              std::max(1u, config.shape.n_kv_heads)))),
-      worker_status_(pool_->size()) {
-  in_place_.layout = config.layout();
-  in_place_.group_size = cfg.group_size;
-  in_place_.scale = cfg.scale;
-  in_place_.softcap = cfg.softcap;
-  per_head_ = in_place_;
+      worker_status_(pool_->size()),
+      ws_(pool_->size()),
+      exact_counters_(pool_->size()) {
+  per_head_.group_size = cfg.group_size;
+  per_head_.scale = cfg.scale;
+  per_head_.softcap = cfg.softcap;
   per_head_.layout = chunk_layout::make(config.page, 1);  // a K page and a V page of one kv head
 }
 
@@ -210,13 +211,13 @@ status page_summary_attender::attend_sparse(uint32_t layer, const attend_batch& 
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "attend_sparse"};
   }
-  if (!kernel_in_place_) {
-    auto a = select_decode_kernel(best_cpu_isa(), in_place_);
-    if (!a.ok()) return a.error();
+  if (!kernel_staged_) {
     auto b = select_decode_kernel(best_cpu_isa(), per_head_);
     if (!b.ok()) return b.error();
-    kernel_in_place_ = a.value();
+    auto c = ws_[0].kernel(sparf_exact_params(cfg_));
+    if (!c.ok()) return c.error();
     kernel_staged_ = b.value();
+    exact_kernel_ = c.value();
   }
   sparf_counters total;
   for (const attend_item& it : batch) {
@@ -256,8 +257,14 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
   INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
     float* scores = sc_.scores.data() + size_t{w} * n_groups;
     const float* q = it.q + size_t{h} * G * d;
-    for (uint32_t g = 0; g < n_groups; ++g)
+    constexpr uint32_t kAhead = 4;  // the blocks are separate allocations: fetch a few ahead
+    for (uint32_t g = 0; g < n_groups; ++g) {
+      if (g + kAhead < n_groups) {
+        const float* next = ls->groups[g + kAhead]->data() + size_t{2} * h * d;
+        for (uint32_t i = 0; i < 2 * d; i += 16) __builtin_prefetch(next + i, 0, 1);
+      }
       scores[g] = page_summary_score(ls->groups[g]->data() + size_t{2} * h * d, q, G, d);
+    }
     page_summary_select(plan, scores, sc_.order.data() + size_t{w} * n_groups, sc_.chosen.data() + size_t{h} * n_sel);
     return {};
   }));
@@ -272,24 +279,52 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "attend_sparse: page staging"};
   }
-  const uint32_t tail_tokens = it.n_tokens - (n_groups - 1) * config_.page.tokens_per_page;
+  const uint32_t tpp = config_.page.tokens_per_page;
+  const uint32_t tail_tokens = it.n_tokens - (n_groups - 1) * tpp;
+  const bool chunks = in_place || whole_chunks;
+  if (chunks) {
+    try {
+      for (sparf_workspace& ws : ws_) INSTINFER_TRY(ws.reserve(n_sel * tpp, d, G, cfg_.columns.tokens_per_page));
+      sc_.tokens.resize(size_t{H} * n_sel * tpp);
+      sc_.ones.assign(G, 1.0f);
+      sc_.sequence_chunks.assign(n_groups, nullptr);
+      if (in_place) {
+        const host_chunk_view resident = backend_.host_view();
+        for (uint32_t h = 0; h < H; ++h)
+          for (uint32_t j = 0; j < n_sel; ++j) {
+            const uint32_t g = sc_.chosen[size_t{h} * n_sel + j];
+            sc_.sequence_chunks[g] = resident.chunk(it.chunks[g]);
+          }
+      } else {
+        for (uint32_t h = 0; h < H; ++h)
+          for (uint32_t j = 0; j < n_sel; ++j)
+            sc_.sequence_chunks[sc_.chosen[size_t{h} * n_sel + j]] = sc_.ptrs[size_t{h} * n_sel + j];
+      }
+    } catch (const std::bad_alloc&) {
+      return {errc::kOutOfMemory, "attend_sparse: host scratch"};
+    }
+  }
   INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
     const uint32_t* chosen = sc_.chosen.data() + size_t{h} * n_sel;
-    const std::byte** ptrs = sc_.ptrs.data() + size_t{h} * n_sel;
-    const bool chunks = in_place || whole_chunks;
-    if (in_place) {
-      const host_chunk_view resident = backend_.host_view();
-      for (uint32_t j = 0; j < n_sel; ++j) ptrs[j] = resident.chunk(it.chunks[chosen[j]]);
-    }  // else load_pages filled ptrs
-    const uint32_t last = chosen[n_sel - 1] == n_groups - 1 ? tail_tokens : config_.page.tokens_per_page;
+    const float* q = it.q + size_t{h} * G * d;
+    float* out = it.out + size_t{h} * G * d;
+    float* lse = it.lse ? it.lse + size_t{h} * G : nullptr;
+    if (chunks) {  // every token of the chosen groups, through SparF's exact pass with alpha = 1
+      uint32_t* tokens = sc_.tokens.data() + size_t{h} * n_sel * tpp;
+      uint32_t m = 0;
+      for (uint32_t j = 0; j < n_sel; ++j) {
+        const uint32_t end = chosen[j] == n_groups - 1 ? it.n_tokens : (chosen[j] + 1) * tpp;
+        for (uint32_t t = chosen[j] * tpp; t < end; ++t) tokens[m++] = t;
+      }
+      return sparf_exact_head(cfg_, sparf_selection{tokens, m, sc_.ones.data()}, sc_.sequence_chunks.data(), nullptr, q,
+                              out, lse, h, ws_[w], exact_counters_[w], exact_kernel_);
+    }
+    // Per-head pseudo-chunks, fresh in memory from read_pages: the kernel reads them in place.
+    const uint32_t last = chosen[n_sel - 1] == n_groups - 1 ? tail_tokens : tpp;
     float* o = sc_.o.data() + size_t{w} * G * d;
     softmax_stats* st = sc_.stats.data() + size_t{w} * G;
-    const float* q = it.q + size_t{h} * G * d;
-    if (chunks)
-      kernel_in_place_(in_place_, ptrs, n_sel, last, h, q, o, st);
-    else
-      kernel_staged_(per_head_, ptrs, n_sel, last, 0, q, o, st);
-    write_normalized(st, o, G, d, it.out + size_t{h} * G * d, it.lse ? it.lse + size_t{h} * G : nullptr);
+    kernel_staged_(per_head_, sc_.ptrs.data() + size_t{h} * n_sel, n_sel, last, 0, q, o, st);
+    write_normalized(st, o, G, d, out, lse);
     return {};
   }));
   const uint64_t tokens = uint64_t{H} * (n_sel - 1) * config_.page.tokens_per_page;

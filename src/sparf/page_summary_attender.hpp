@@ -23,6 +23,7 @@
 
 #include "instinfer/attention/decode.hpp"
 #include "instinfer/attention/sparf/page_summary.hpp"
+#include "instinfer/attention/sparf/workspace.hpp"
 #include "instinfer/core/thread_pool.hpp"
 #include "sparf/sparse_attender.hpp"
 
@@ -84,10 +85,15 @@ class page_summary_attender final : public sparse_attender {
   append_undo undo_;
 
   std::unique_ptr<thread_pool> pool_;
-  decode_chunks_fn kernel_in_place_ = nullptr;  // cache chunks, all kv heads
-  decode_chunks_fn kernel_staged_ = nullptr;    // per-head pseudo-chunks (one kv head)
-  decode_params in_place_{}, per_head_{};
+  decode_chunks_fn kernel_staged_ = nullptr;  // per-head pseudo-chunks (one kv head)
+  decode_params per_head_{};
   std::vector<status> worker_status_;
+  // Chunks in memory (host_view, or whole chunks read): the chosen groups' rows go through
+  // SparF's exact pass (sparf_exact_head: gathered with prefetch into 16 KiB pseudo-pages, one
+  // kernel), since one head's pages of scattered chunks are too far apart for the prefetchers.
+  std::vector<sparf_workspace> ws_;
+  std::vector<sparf_counters> exact_counters_;  // sparf_exact_head's, per worker (not reported)
+  decode_chunks_fn exact_kernel_ = nullptr;
   struct scratch {                       // grow-only
     std::vector<float> scores;           // [workers][n_groups]
     std::vector<uint32_t> order;         // [workers][n_groups]
@@ -98,6 +104,9 @@ class page_summary_attender final : public sparse_attender {
     std::vector<page_read> reads;
     std::vector<std::byte> staging;
     std::vector<uint32_t> chunk_slot;
+    std::vector<uint32_t> tokens;                   // [n_kv_heads][n_select * tokens_per_page]
+    std::vector<float> ones;                        // alpha = 1 per query head of a group
+    std::vector<const std::byte*> sequence_chunks;  // [n_groups]: the chunk of each group, or null
   };
   scratch sc_;
 };

@@ -73,10 +73,16 @@ inline float page_summary_score(const float* summary_head, const float* q, uint3
   const float* mn = summary_head;
   const float* mx = summary_head + head_dim;
   float best = -std::numeric_limits<float>::infinity();
+  constexpr uint32_t kLanes = 8;  // independent partial sums: vectorised, no serial add chain
   for (uint32_t g = 0; g < group_size; ++g) {
     const float* qg = q + size_t{g} * head_dim;
+    float acc[kLanes] = {};
+    uint32_t c = 0;
+    for (; c + kLanes <= head_dim; c += kLanes)
+      for (uint32_t l = 0; l < kLanes; ++l) acc[l] += std::max(qg[c + l] * mn[c + l], qg[c + l] * mx[c + l]);
     float s = 0.0f;
-    for (uint32_t c = 0; c < head_dim; ++c) s += std::max(qg[c] * mn[c], qg[c] * mx[c]);
+    for (; c < head_dim; ++c) s += std::max(qg[c] * mn[c], qg[c] * mx[c]);
+    for (uint32_t l = 0; l < kLanes; ++l) s += acc[l];
     best = std::max(best, s);
   }
   return best;
