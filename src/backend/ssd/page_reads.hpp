@@ -26,15 +26,17 @@ struct read_costs {
 };
 
 // The probe measures no rates, so they are modelled from what it reports (kind, rotational):
-// NVMe 500k reads/s at 3 GB/s; other non-rotational devices and files 80k reads/s at 2 GB/s
-// (fio's 4 KiB random reads at queue depth 32 and io_uring's sequential reads on this project's
-// virtio disk, docs/benchmarks.md); rotational 200 reads/s at 150 MB/s. No probe: the middle one.
+// NVMe 500k reads/s at 3 GB/s; other non-rotational devices and files 80k reads/s at 0.5 GB/s
+// (fio's 4 KiB random reads at queue depth 32 on this project's virtio disk, and the low end of its
+// sequential rate, 0.45-2.7 GB/s from run to run, docs/benchmarks.md: a gap below the break-even
+// only forgoes a saving, one above it costs); rotational 200 reads/s at 150 MB/s. No probe: the
+// middle one.
 // virtio disks ("vd*") report rotational whatever backs them (this project's is flash: 80k
 // reads/s), so their flag is not believed. read_gap= in the URI overrides the model.
 inline read_costs modelled_read_costs(const device_probe_result* probe) noexcept {
   if (probe && probe->kind == storage_kind::kNvme) return {500e3, 3e9};
   if (probe && probe->rotational && probe->block_device.rfind("vd", 0) != 0) return {200, 150e6};
-  return {80e3, 2e9};
+  return {80e3, 0.5e9};
 }
 
 // The largest gap worth reading through: bandwidth / IOPS bytes, whole 4 KiB pages, at most 1 MiB.
