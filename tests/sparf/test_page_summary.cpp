@@ -335,7 +335,14 @@ TEST_CASE("page summary: a policy the cache does not keep and bad parameters are
   too_many.policy = sparse_policy::kPageSummary;
   CHECK(c2->attend_sparse(0, std::span<const seq_id>(&s2, 1), q.data(), out.data(), nullptr, too_many).code() ==
         errc::kInvalidArgument);
-  CHECK(out[0] == 7.0f);  // nothing written on a refusal
+  CHECK(out[0] == 7.0f);                                       // nothing written on a refusal
+  if (describe_backends().find("csd") != std::string::npos) {  // the drive keeps no summaries yet
+    auto on_drive =
+        kv_cache::create(options(shape, "csd:?channels=2&dies=2&blocks_per_die=64&pages_per_block=8", true));
+    REQUIRE(!on_drive.ok());
+    CHECK(on_drive.error().code() == errc::kUnsupported);
+    CHECK(on_drive.error().message().find("page summaries") != std::string::npos);
+  }
   // An empty layer: zeros and lse -inf, like dense.
   std::vector<float> lse(shape.n_q_heads, 0.0f);
   REQUIRE(c2->attend_sparse(1, std::span<const seq_id>(&s2, 1), q.data(), out.data(), lse.data(), p).ok());
