@@ -129,6 +129,8 @@ status page_summary_attender::on_truncate(seq_id seq, uint32_t layer, uint32_t k
               "page summaries: no state for a sequence that keeps " + std::to_string(keep) + " tokens"};
     }
     extend(next, n_suffix, suffix_k);
+    auto& layers = seqs_[seq];  // allocated here, where failing is allowed, not at the commit
+    if (layers.empty()) layers.resize(config_.shape.n_layers);
     auto& staged = staged_[seq];
     for (staged_layer& s : staged)
       if (s.layer == layer) {
@@ -145,11 +147,9 @@ status page_summary_attender::on_truncate(seq_id seq, uint32_t layer, uint32_t k
 void page_summary_attender::on_truncate_end(seq_id seq, bool commit) noexcept {
   auto found = staged_.find(seq);
   if (found == staged_.end()) return;
-  if (commit && !found->second.empty()) {
-    auto& layers = seqs_[seq];  // noexcept in practice: kv_cache truncates only sequences it holds
-    if (layers.empty()) layers.resize(config_.shape.n_layers);
-    for (staged_layer& s : found->second) layers[s.layer] = std::move(s.state);
-  }
+  auto layers = seqs_.find(seq);  // on_truncate created the entry
+  if (commit && layers != seqs_.end())
+    for (staged_layer& s : found->second) layers->second[s.layer] = std::move(s.state);
   staged_.erase(found);
 }
 
