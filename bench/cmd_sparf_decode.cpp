@@ -1,5 +1,6 @@
-// instinfer-bench sparf-decode: dense decode attention vs SparF on the same cache, measured in the
-// same run, on a storage backend (default ssd:) or any other (--kv host, --kv csd:).
+// instinfer-bench sparf-decode: dense decode attention vs SparF vs the page-summary policy on the
+// same cache, measured in the same run, on a storage backend (default ssd:) or any other (--kv host,
+// --kv csd:; csd runs SparF only: the drive has no page summaries yet).
 //
 // The cache holds seeded structured inputs (testing/sparf_synthetic.hpp) for `batch` sequences
 // of one layer; dense attend and attend_sparse alternate `reps` times (interleaved, so a noisy
@@ -9,6 +10,10 @@
 //   bytes_frac                device bytes read by SparF / by dense (ssd: file bytes; csd: flash)
 //   modelled_speedup          csd only: the drive's modelled time, dense / SparF
 //   rel_err                   max relative difference of the SparF output from dense (a sanity bound)
+//   pages_ms, pages_speedup, pages_bytes_frac, pages_rel_err: the same for the page policy
+//   *_reads                   device read requests per call (ssd), dense / sparf / pages
+//   sparf_copy_frac           SparF's column copy (host memory + column chunks on the device) / K+V
+//   pages_summary_frac        the page summaries (host memory) / K+V
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -44,11 +49,13 @@ int run(int argc, char** argv) {
   const double compression = f.f64("compression", 0.125);
   const uint32_t sinks = static_cast<uint32_t>(f.u64("sinks", 0));
   const uint32_t window = static_cast<uint32_t>(f.u64("window", 0));
+  const bool run_pages = f.u64("pages", 1) != 0;
   if (f.has("help")) {
     std::printf(
         "instinfer-bench sparf-decode [--kv ssd:PATH|csd:|host] [--ctx 16384,65536] [--batch 1]\n"
         "  [--kv-heads 8] [--group 1] [--head-dim 128] [--reps 5] [--threads 0] [--compression 0.125]\n"
-        "  [--sinks 0] [--window 0]\n");
+        "  [--sinks 0] [--window 0] [--pages 1]\n"
+        "  --pages 0: SparF only (csd: the drive keeps no page summaries)\n");
     return 0;
   }
   if (!f.ok()) {
@@ -63,6 +70,8 @@ int run(int argc, char** argv) {
   sparf_params params = sparf_params::with_compression(compression);
   params.sink_tokens = sinks;
   params.window_tokens = window;
+  sparf_params page_params = params;  // the same budget: fraction of page groups read
+  page_params.policy = sparse_policy::kPageSummary;
   for (uint64_t ctx64 : contexts) {
     const uint32_t n = static_cast<uint32_t>(ctx64);
     cache_options o;
@@ -70,6 +79,7 @@ int run(int argc, char** argv) {
     o.backend_uri = kv;
     o.n_threads = threads;
     o.sparf = true;
+    o.page_summaries = run_pages;
     o.capacity_bytes = uint64_t{batch} * n * o.shape.token_bytes_per_layer() * 2 + (64ull << 20);
     auto created = kv_cache::create(o);
     if (!created.ok()) {
@@ -103,9 +113,9 @@ int run(int argc, char** argv) {
       std::fprintf(stderr, "sparf-decode: %s\n", s.to_string().c_str());
       return 1;
     }
-    std::vector<float> dense(q.size()), sparse(q.size());
-    std::vector<double> t_dense, t_sparse;
-    uint64_t bytes_dense = 0, bytes_sparse = 0;
+    std::vector<float> dense(q.size()), sparse(q.size()), paged(q.size());
+    std::vector<double> t_dense, t_sparse, t_pages;
+    uint64_t bytes_dense = 0, bytes_sparse = 0, bytes_pages = 0, reads_dense = 0, reads_sparse = 0, reads_pages = 0;
     double model_dense = 0.0, model_sparse = 0.0;
     for (uint32_t r = 0; r <= reps; ++r) {  // round 0 warms up (buffers, tails), not counted
       cache_stats s0 = cache.stats();
@@ -116,6 +126,9 @@ int run(int argc, char** argv) {
       if (st.ok()) st = cache.attend_sparse(0, seqs, q.data(), sparse.data(), nullptr, params);
       const double t2 = now_seconds();
       cache_stats s2 = cache.stats();
+      if (st.ok() && run_pages) st = cache.attend_sparse(0, seqs, q.data(), paged.data(), nullptr, page_params);
+      const double t3 = now_seconds();
+      cache_stats s3 = cache.stats();
       if (!st.ok()) {
         std::fprintf(stderr, "sparf-decode: %s\n", st.to_string().c_str());
         return 1;
@@ -123,17 +136,34 @@ int run(int argc, char** argv) {
       if (r == 0) continue;
       t_dense.push_back(t1 - t0);
       t_sparse.push_back(t2 - t1);
+      t_pages.push_back(t3 - t2);
       bytes_dense += s1.backend.device_bytes_read - s0.backend.device_bytes_read;
       bytes_sparse += s2.backend.device_bytes_read - s1.backend.device_bytes_read;
+      bytes_pages += s3.backend.device_bytes_read - s2.backend.device_bytes_read;
+      reads_dense += s1.backend.device_read_requests - s0.backend.device_read_requests;
+      reads_sparse += s2.backend.device_read_requests - s1.backend.device_read_requests;
+      reads_pages += s3.backend.device_read_requests - s2.backend.device_read_requests;
       model_dense += s1.backend.modelled_device_seconds - s0.backend.modelled_device_seconds;
       model_sparse += s2.backend.modelled_device_seconds - s1.backend.modelled_device_seconds;
     }
-    double e = 0.0, m = 0.0;
-    for (size_t i = 0; i < dense.size(); ++i) {
-      e = std::max(e, std::fabs(double{sparse[i]} - dense[i]));
-      m = std::max(m, std::fabs(double{dense[i]}));
-    }
-    const double dm = median(t_dense), sm = median(t_sparse);
+    const auto rel_err = [&](const std::vector<float>& got) {
+      double e = 0.0, m = 0.0;
+      for (size_t i = 0; i < dense.size(); ++i) {
+        e = std::max(e, std::fabs(double{got[i]} - dense[i]));
+        m = std::max(m, std::fabs(double{dense[i]}));
+      }
+      return m > 0 ? e / m : e;
+    };
+    const double dm = median(t_dense), sm = median(t_sparse), pm = median(t_pages);
+    // Storage beside K+V: SparF's column copy is its host part plus the column chunks stored on the
+    // device (every chunk beyond the token chunks); the summaries are host memory only.
+    const cache_stats fin = cache.stats();
+    const uint64_t kv_bytes = uint64_t{batch} * n * o.shape.token_bytes_per_layer();
+    const uint64_t token_chunks =
+        uint64_t{batch} * ((n + cache.page().tokens_per_page - 1) / cache.page().tokens_per_page);
+    const uint64_t column_chunks = fin.backend.used_chunks > token_chunks ? fin.backend.used_chunks - token_chunks : 0;
+    const uint64_t sparf_copy = fin.sparf_column_bytes + column_chunks * fin.chunk_bytes;
+    const auto frac = [](uint64_t a, uint64_t b) { return b ? static_cast<double>(a) / static_cast<double>(b) : 0.0; };
     json_line line;
     line.add("bench", "sparf-decode")
         .add("kind", "measured")
@@ -151,8 +181,18 @@ int run(int argc, char** argv) {
         .add("dense_ms", dm * 1e3)
         .add("sparf_ms", sm * 1e3)
         .add("speedup", sm > 0 ? dm / sm : 0.0)
-        .add("bytes_frac", bytes_dense ? static_cast<double>(bytes_sparse) / static_cast<double>(bytes_dense) : 0.0)
-        .add("rel_err", m > 0 ? e / m : e);
+        .add("bytes_frac", frac(bytes_sparse, bytes_dense))
+        .add("rel_err", rel_err(sparse))
+        .add("dense_reads", reps ? reads_dense / reps : 0)
+        .add("sparf_reads", reps ? reads_sparse / reps : 0)
+        .add("sparf_copy_frac", frac(sparf_copy, kv_bytes));
+    if (run_pages)
+      line.add("pages_ms", pm * 1e3)
+          .add("pages_speedup", pm > 0 ? dm / pm : 0.0)
+          .add("pages_bytes_frac", frac(bytes_pages, bytes_dense))
+          .add("pages_rel_err", rel_err(paged))
+          .add("pages_reads", reps ? reads_pages / reps : 0)
+          .add("pages_summary_frac", frac(fin.page_summary_bytes, kv_bytes));
     if (model_sparse > 0) line.add("modelled_speedup", model_dense / model_sparse);
     line.print();
     created.value().reset();

@@ -96,6 +96,12 @@ typedef struct instinfer_config {
   /* Since 0.3: 1 = the caller's threads: no internal pool (n_threads is ignored); attention runs
    * on the calling thread, spread it with instinfer_attend_slice / instinfer_attend_chunk_slice. */
   uint32_t caller_threads;
+  /* Since 0.5: 1 = keep page summaries (per page group and kv head the per-channel min and max of
+   * K, 0.125x the KV in host memory) for instinfer_attend_sparse with policy
+   * INSTINFER_SPARSE_PAGE_SUMMARY; with or without sparf. Host and ssd; csd: INSTINFER_E_UNSUPPORTED.
+   * 64-bit so that it lies past the 0.4 struct (whose tail padding a 32-bit field would fill):
+   * callers built against 0.1-0.4 pass the shorter struct_size and get 0. */
+  uint64_t page_summaries;
 } instinfer_config;
 
 /* SparF parameters (flash-aware sparse decode attention). Initialise with
@@ -113,7 +119,17 @@ typedef struct instinfer_sparf_params {
    * the csd backend reports INSTINFER_E_UNSUPPORTED for non-zero values. */
   uint32_t sink_tokens;
   uint32_t window_tokens;
+  /* Since 0.5: the sparse policy, one of instinfer_sparse_policy (0 = SparF, the default). The
+   * page-summary policy reads the fields above as: compression = fraction of page groups read, or
+   * k tokens -> ceil(k / tokens per page) groups (r ignored, but r and k still come together);
+   * sink and window tokens as the groups holding them; whole_pages and page_spread unused. */
+  uint32_t policy;
 } instinfer_sparf_params;
+
+typedef enum instinfer_sparse_policy {
+  INSTINFER_SPARSE_SPARF = 0,        /* SparF: channel-indexed K copy, approximate scores, top-k tokens */
+  INSTINFER_SPARSE_PAGE_SUMMARY = 1, /* Quest-style: per-group K min/max bounds, top groups read whole */
+} instinfer_sparse_policy;
 
 typedef struct instinfer_stats {
   uint32_t struct_size; /* set by the caller to sizeof(instinfer_stats) */
@@ -136,6 +152,8 @@ typedef struct instinfer_stats {
   uint64_t sparf_pages_read;   /* token + column pages */
   uint64_t sparf_dense_pages;  /* token pages dense attention reads */
   uint64_t sparf_column_bytes; /* channel-indexed K copy held in host memory */
+  /* Since 0.5 (0.2-0.4 callers pass the shorter struct_size and do not get it): */
+  uint64_t page_summary_bytes; /* page summaries held in host memory (shared groups once) */
 } instinfer_stats;
 
 /* Library version as MAJOR*10000 + MINOR*100 + PATCH. */

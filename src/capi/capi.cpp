@@ -134,12 +134,17 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     // pass it without caller_threads: accepted, the internal pool.
     const size_t v01 = offsetof(instinfer_config, sparf);
     const size_t v02 = offsetof(instinfer_config, caller_threads);
-    if (config->struct_size != sizeof(instinfer_config) && config->struct_size != v01 && config->struct_size != v02)
+    const size_t v04 = offsetof(instinfer_config, page_summaries);  // 0.3 / 0.4: no page summaries
+    if (config->struct_size != sizeof(instinfer_config) && config->struct_size != v01 && config->struct_size != v02 &&
+        config->struct_size != v04)
       return fail(errc::kInvalidArgument, "config->struct_size is " + std::to_string(config->struct_size) +
                                               ", expected " + std::to_string(sizeof(instinfer_config)) +
                                               " (initialise it with instinfer_config_init)");
     const bool has_sparf = config->struct_size >= v02;
-    const bool has_threads = config->struct_size >= sizeof(instinfer_config);
+    const bool has_threads = config->struct_size >= v04;
+    const bool has_pages = config->struct_size >= sizeof(instinfer_config);
+    if (has_pages && config->page_summaries > 1)
+      return fail(errc::kInvalidArgument, "config->page_summaries must be 0 or 1");
     if (has_threads && config->caller_threads > 1)
       return fail(errc::kInvalidArgument, "config->caller_threads must be 0 or 1");
     if (has_sparf && config->sparf > 1) return fail(errc::kInvalidArgument, "config->sparf must be 0 or 1");
@@ -159,6 +164,7 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
       o.sparf_channels_per_page = config->sparf_channels_per_page;
     }
     if (has_threads) o.caller_threads = config->caller_threads == 1;
+    if (has_pages) o.page_summaries = config->page_summaries == 1;
     auto created = instinfer::kv_cache::create(o);
     if (!created.ok()) return report(created.error());
     auto handle = std::make_unique<instinfer_cache>();
@@ -179,8 +185,9 @@ instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* 
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out) return fail(errc::kInvalidArgument, "out_stats is NULL");
-    const size_t v01 = offsetof(instinfer_stats, sparf_pages_read);  // 0.1 callers: no SparF fields
-    if (out->struct_size != sizeof(instinfer_stats) && out->struct_size != v01)
+    const size_t v01 = offsetof(instinfer_stats, sparf_pages_read);    // 0.1 callers: no SparF fields
+    const size_t v04 = offsetof(instinfer_stats, page_summary_bytes);  // 0.2-0.4: no page summaries
+    if (out->struct_size != sizeof(instinfer_stats) && out->struct_size != v01 && out->struct_size != v04)
       return fail(errc::kInvalidArgument, "out_stats->struct_size must be sizeof(instinfer_stats)");
     const instinfer::cache_stats s = cache->cache->stats();
     out->n_sequences = s.n_sequences;
@@ -198,7 +205,8 @@ instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* 
     out->flash_pages_erased = s.backend.flash_pages_erased;
     out->write_amplification = s.backend.write_amplification();
     out->modelled_device_seconds = s.backend.modelled_device_seconds;
-    if (out->struct_size >= sizeof(instinfer_stats)) {
+    if (out->struct_size >= sizeof(instinfer_stats)) out->page_summary_bytes = s.page_summary_bytes;
+    if (out->struct_size >= v04) {
       out->sparf_pages_read = s.sparf.pages_read();
       out->sparf_dense_pages = s.sparf.dense_pages;
       out->sparf_column_bytes = s.sparf_column_bytes;
@@ -305,7 +313,9 @@ instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer,
     instinfer::sparf_params p;
     if (params) {
       const size_t v03 = offsetof(instinfer_sparf_params, sink_tokens);  // 0.2 / 0.3: no sinks, no window
-      if (params->struct_size != sizeof(instinfer_sparf_params) && params->struct_size != v03)
+      const size_t v04 = offsetof(instinfer_sparf_params, policy);       // 0.4: SparF only
+      if (params->struct_size != sizeof(instinfer_sparf_params) && params->struct_size != v03 &&
+          params->struct_size != v04)
         return fail(errc::kInvalidArgument,
                     "params->struct_size must be sizeof(instinfer_sparf_params)"
                     " (initialise it with instinfer_sparf_params_init)");
@@ -316,9 +326,15 @@ instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer,
                     : instinfer::sparf_params::with_compression(params->compression);
       p.whole_pages = params->whole_pages == 1;
       p.page_spread = params->page_spread;
-      if (params->struct_size >= sizeof(instinfer_sparf_params)) {
+      if (params->struct_size >= v04) {
         p.sink_tokens = params->sink_tokens;
         p.window_tokens = params->window_tokens;
+      }
+      if (params->struct_size >= sizeof(instinfer_sparf_params)) {
+        if (params->policy > INSTINFER_SPARSE_PAGE_SUMMARY)
+          return fail(errc::kInvalidArgument, "params->policy " + std::to_string(params->policy) +
+                                                  " is not an instinfer_sparse_policy (0: SparF, 1: page summary)");
+        p.policy = static_cast<instinfer::sparse_policy>(params->policy);
       }
     }
     return report(cache->cache->attend_sparse(layer, std::span<const instinfer::seq_id>(seqs, n_seq), q, out, lse, p));

@@ -60,13 +60,16 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   config.scale = options.scale;
   config.softcap = options.softcap;
   sparf_config sparf;
-  if (options.sparf) {  // resolved before configure: a backend that runs SparF needs the column layout
+  if (options.sparf ||
+      options.page_summaries) {  // resolved before configure: a backend that runs SparF needs the column layout
     auto cfg = sparf_config::make(config.layout(), options.sparf_channels_per_page, options.shape.group_size(),
                                   options.scale, options.softcap);
     if (!cfg.ok()) return cfg.error();
     sparf = cfg.value();
-    config.sparf = true;
-    config.sparf_channels_per_page = sparf.columns.channels_per_page;
+    if (options.sparf) {
+      config.sparf = true;
+      config.sparf_channels_per_page = sparf.columns.channels_per_page;
+    }
   }
   if (status s = b->configure(config); !s.ok()) return named(s);
   std::unique_ptr<kv_cache> cache;
@@ -76,15 +79,15 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     return status{errc::kOutOfMemory, "kv_cache"};
   }
   if (persistent_store* store = cache->backend_->persistence()) {
-    if (options.sparf)
+    if (options.sparf || options.page_summaries)
       return status{errc::kUnsupported, name +
-                                            ": a persistent store does not keep SparF's channel-indexed copy; "
-                                            "use sparf = false with persist=1"};
+                                            ": a persistent store does not keep a sparse policy's state (SparF's "
+                                            "channel-indexed copy, page summaries); use neither with persist=1"};
     cache->store_ = store;
     INSTINFER_TRY(cache->restore());
   }
-  if (options.sparf) {
-    auto attender = make_sparf_attender(*cache->backend_, config, sparf);
+  if (options.sparf || options.page_summaries) {
+    auto attender = make_sparse_attender(*cache->backend_, config, sparf, options.sparf, options.page_summaries);
     if (!attender.ok()) return attender.error();
     cache->attender_ = std::move(attender).value();
   }
@@ -580,7 +583,9 @@ attend_batch kv_cache::batch_view(const float* q, float* out, float* lse) const 
 status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                                const sparf_params& params) {
   std::lock_guard lock(mutex_);
-  if (!attender_) return {errc::kUnsupported, "attend_sparse needs a cache created with cache_options::sparf = true"};
+  if (!attender_)
+    return {errc::kUnsupported,
+            "attend_sparse needs a cache created with cache_options::sparf or cache_options::page_summaries = true"};
   INSTINFER_TRY(check_layer(layer));
   if (seqs.empty()) return {errc::kInvalidArgument, "attend_sparse needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
@@ -639,7 +644,10 @@ cache_stats kv_cache::stats() const {
   for (uint32_t c : refcount_) s.shared_chunks += c > 1;
   s.backend = backend_->stats();
   s.sparf = sparf_totals_;
-  if (attender_) s.sparf_column_bytes = attender_->resident_bytes();
+  if (attender_) {
+    s.sparf_column_bytes = attender_->resident_bytes();
+    s.page_summary_bytes = attender_->page_summary_bytes();
+  }
   return s;
 }
 

@@ -5,6 +5,7 @@
 #include <system_error>
 #include <utility>
 
+#include "sparf/page_summary_attender.hpp"
 #include "sparf/sparf_attender.hpp"
 
 namespace instinfer {
@@ -50,7 +51,123 @@ class backend_sparf_attender final : public sparse_attender {
   backend_config config_;
 };
 
+// Both policies, chosen per call. Changes go to the page summaries first (they can take an
+// append back), then to SparF; a fork or truncation that fails in either is dropped from both
+// (kv_cache ends a failed truncation with on_truncate_end(seq, false), which reaches both).
+class policy_router final : public sparse_attender {
+ public:
+  policy_router(std::unique_ptr<sparse_attender> sparf, std::unique_ptr<page_summary_attender> pages)
+      : sparf_(std::move(sparf)), pages_(std::move(pages)) {}
+
+  status on_append(seq_id seq, uint32_t layer, uint32_t first, uint32_t n, const std::byte* k,
+                   const std::byte* v) noexcept override {
+    INSTINFER_TRY(pages_->on_append(seq, layer, first, n, k, v));
+    status s = sparf_->on_append(seq, layer, first, n, k, v);
+    if (!s.ok()) pages_->undo_last_append();
+    return s;
+  }
+  status on_fork(seq_id src, seq_id dst) noexcept override {
+    INSTINFER_TRY(pages_->on_fork(src, dst));
+    status s = sparf_->on_fork(src, dst);
+    if (!s.ok()) pages_->on_free(dst);
+    return s;
+  }
+  status on_truncate(seq_id seq, uint32_t layer, uint32_t keep, const stored_rows_reader& old_rows, uint32_t n_suffix,
+                     const std::byte* suffix_k, const std::byte* suffix_v) noexcept override {
+    INSTINFER_TRY(pages_->on_truncate(seq, layer, keep, old_rows, n_suffix, suffix_k, suffix_v));
+    return sparf_->on_truncate(seq, layer, keep, old_rows, n_suffix, suffix_k, suffix_v);
+  }
+  void on_truncate_end(seq_id seq, bool commit) noexcept override {
+    pages_->on_truncate_end(seq, commit);
+    sparf_->on_truncate_end(seq, commit);
+  }
+  void on_free(seq_id seq) noexcept override {
+    pages_->on_free(seq);
+    sparf_->on_free(seq);
+  }
+  status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
+                       sparf_counters* counters) noexcept override {
+    if (params.policy == sparse_policy::kPageSummary) return pages_->attend_sparse(layer, batch, params, counters);
+    return sparf_->attend_sparse(layer, batch, params, counters);
+  }
+  uint64_t resident_bytes() const noexcept override { return sparf_->resident_bytes(); }
+  uint64_t page_summary_bytes() const noexcept override { return pages_->resident_bytes(); }
+
+ private:
+  std::unique_ptr<sparse_attender> sparf_;
+  std::unique_ptr<page_summary_attender> pages_;
+};
+
+// One policy kept: the other policy's calls are refused with what to set instead.
+class single_policy final : public sparse_attender {
+ public:
+  single_policy(std::unique_ptr<sparse_attender> inner, sparse_policy kept) : inner_(std::move(inner)), kept_(kept) {}
+
+  status on_append(seq_id seq, uint32_t layer, uint32_t first, uint32_t n, const std::byte* k,
+                   const std::byte* v) noexcept override {
+    return inner_->on_append(seq, layer, first, n, k, v);
+  }
+  status on_fork(seq_id src, seq_id dst) noexcept override { return inner_->on_fork(src, dst); }
+  status on_truncate(seq_id seq, uint32_t layer, uint32_t keep, const stored_rows_reader& old_rows, uint32_t n_suffix,
+                     const std::byte* suffix_k, const std::byte* suffix_v) noexcept override {
+    return inner_->on_truncate(seq, layer, keep, old_rows, n_suffix, suffix_k, suffix_v);
+  }
+  void on_truncate_end(seq_id seq, bool commit) noexcept override { inner_->on_truncate_end(seq, commit); }
+  void on_free(seq_id seq) noexcept override { inner_->on_free(seq); }
+  status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
+                       sparf_counters* counters) noexcept override {
+    if (params.policy != kept_)
+      return {errc::kUnsupported,
+              std::string("attend_sparse with policy '") + sparse_policy_name(params.policy) +
+                  "' needs a cache created with " +
+                  (params.policy == sparse_policy::kSparf ? "cache_options::sparf" : "cache_options::page_summaries") +
+                  " = true"};
+    return inner_->attend_sparse(layer, batch, params, counters);
+  }
+  uint64_t resident_bytes() const noexcept override {
+    return kept_ == sparse_policy::kSparf ? inner_->resident_bytes() : 0;
+  }
+  uint64_t page_summary_bytes() const noexcept override {
+    return kept_ == sparse_policy::kPageSummary ? inner_->resident_bytes() : 0;
+  }
+
+ private:
+  std::unique_ptr<sparse_attender> inner_;
+  sparse_policy kept_;
+};
+
 }  // namespace
+
+result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const backend_config& config,
+                                                              const sparf_config& cfg, bool sparf,
+                                                              bool page_summaries) {
+  if (!sparf && !page_summaries) return status{errc::kInvalidArgument, "no sparse policy asked for"};
+  if (page_summaries && b.runs_sparf())
+    return status{errc::kUnsupported, "page summaries (cache_options::page_summaries) are not supported by backend '" +
+                                          std::string(b.name()) +
+                                          "' yet: it runs sparse attention inside the drive, where only SparF is "
+                                          "implemented"};
+  std::unique_ptr<sparse_attender> sparf_part;
+  if (sparf) {
+    auto made = make_sparf_attender(b, config, cfg);
+    if (!made.ok()) return made.error();
+    sparf_part = std::move(made).value();
+  }
+  try {
+    if (!page_summaries)
+      return std::unique_ptr<sparse_attender>(
+          std::make_unique<single_policy>(std::move(sparf_part), sparse_policy::kSparf));
+    auto pages = std::make_unique<page_summary_attender>(b, config, cfg);
+    if (!sparf)
+      return std::unique_ptr<sparse_attender>(
+          std::make_unique<single_policy>(std::move(pages), sparse_policy::kPageSummary));
+    return std::unique_ptr<sparse_attender>(std::make_unique<policy_router>(std::move(sparf_part), std::move(pages)));
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "sparse attender"};
+  } catch (const std::system_error& e) {
+    return status{errc::kOutOfMemory, std::string("page summary attender: cannot start its threads: ") + e.what()};
+  }
+}
 
 result<std::unique_ptr<sparse_attender>> make_sparf_attender(backend& b, const backend_config& config,
                                                              const sparf_config& sparf) {

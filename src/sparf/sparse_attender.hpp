@@ -57,8 +57,11 @@ class sparse_attender {
   virtual status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                                sparf_counters* counters) noexcept = 0;
 
-  // Bytes of the policy's own data held in this process (cache_stats::sparf_column_bytes).
+  // Bytes of SparF's own data held in this process (cache_stats::sparf_column_bytes).
   virtual uint64_t resident_bytes() const noexcept = 0;
+  // Bytes of the page-summary policy's summaries held in this process
+  // (cache_stats::page_summary_bytes); 0 where it is not kept.
+  virtual uint64_t page_summary_bytes() const noexcept { return 0; }
 };
 
 // SparF for `b`: next to the data when the backend runs it itself (backend::runs_sparf, the csd
@@ -67,5 +70,12 @@ class sparse_attender {
 // are stored as kColumns chunks of `b` and read back page by page. `b` must outlive the attender.
 result<std::unique_ptr<sparse_attender>> make_sparf_attender(backend& b, const backend_config& config,
                                                              const sparf_config& sparf);
+
+// The policies a cache keeps (cache_options::sparf, cache_options::page_summaries), each chosen
+// per call by sparf_params::policy; a policy not kept answers kUnsupported. With both, every
+// change goes to both, all or nothing. The page-summary policy keeps its summaries in host memory
+// and runs on the host; a backend that runs sparse attention itself (csd) does not offer it yet.
+result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const backend_config& config,
+                                                              const sparf_config& cfg, bool sparf, bool page_summaries);
 
 }  // namespace instinfer

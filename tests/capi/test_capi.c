@@ -335,6 +335,72 @@ static void test_sparf(void) {
   CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, NULL) == INSTINFER_OK);
   instinfer_cache_destroy(cache);
 
+  /* Since 0.5: page summaries, chosen per call. This cache kept none: unsupported; a bad policy is
+   * refused before that. */
+  instinfer_sparf_params pp;
+  instinfer_sparf_params_init(&pp);
+  CHECK(pp.policy == INSTINFER_SPARSE_SPARF);
+  pp.policy = INSTINFER_SPARSE_PAGE_SUMMARY;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (cache) {
+    CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+    CHECK(instinfer_append(cache, seq, 0, NS, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+    CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &pp), INSTINFER_E_UNSUPPORTED);
+    instinfer_cache_destroy(cache);
+  }
+  cfg.page_summaries = 1; /* both policies */
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (cache) {
+    CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+    CHECK(instinfer_append(cache, seq, 0, NS, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+    pp.compression = 1.0; /* every group: dense */
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, lse_s, &pp) == INSTINFER_OK);
+    num = den = 0.0;
+    for (int i = 0; i < HQ * D; ++i) {
+      num += ((double)sparse[i] - dense[i]) * ((double)sparse[i] - dense[i]);
+      den += (double)dense[i] * dense[i];
+    }
+    printf("C API page summaries at budget 1 vs dense: relative error %.3g\n", sqrt(num / den));
+    CHECK(sqrt(num / den) <= 1e-5);
+    pp.compression = 0.25;
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &pp) == INSTINFER_OK);
+    for (int i = 0; i < HQ * D; ++i) CHECK(isfinite(sparse[i]));
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, NULL) == INSTINFER_OK); /* SparF too */
+    instinfer_stats ps;
+    memset(&ps, 0, sizeof ps);
+    ps.struct_size = sizeof ps;
+    CHECK(instinfer_cache_stats(cache, &ps) == INSTINFER_OK);
+    CHECK(ps.page_summary_bytes > 0 && ps.sparf_column_bytes > 0);
+    /* A 0.4 caller's stats struct: accepted, the new field untouched. */
+    ps.struct_size = (uint32_t)offsetof(instinfer_stats, page_summary_bytes);
+    ps.page_summary_bytes = 12345;
+    CHECK(instinfer_cache_stats(cache, &ps) == INSTINFER_OK);
+    CHECK(ps.page_summary_bytes == 12345 && ps.sparf_column_bytes > 0);
+    /* A 0.4 caller's params struct: SparF whatever lies beyond it. */
+    instinfer_sparf_params p04;
+    instinfer_sparf_params_init(&p04);
+    p04.struct_size = (uint32_t)offsetof(instinfer_sparf_params, policy);
+    p04.policy = 77;
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &p04) == INSTINFER_OK);
+    pp.policy = 2;
+    CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &pp), INSTINFER_E_INVALID_ARGUMENT);
+    instinfer_cache_destroy(cache);
+  }
+  cfg.page_summaries = 2;
+  CHECK_ERR(instinfer_cache_create(&cfg, &cache), INSTINFER_E_INVALID_ARGUMENT);
+  /* A 0.4 caller's config: accepted, no page summaries whatever lies beyond it. */
+  cfg.struct_size = (uint32_t)offsetof(instinfer_config, page_summaries);
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (cache) {
+    CHECK(instinfer_seq_create(cache, &seq) == INSTINFER_OK);
+    CHECK(instinfer_append(cache, seq, 0, 100, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+    pp.policy = INSTINFER_SPARSE_PAGE_SUMMARY;
+    CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &pp), INSTINFER_E_UNSUPPORTED);
+    instinfer_cache_destroy(cache);
+  }
+  cfg.struct_size = sizeof cfg;
+  cfg.page_summaries = 0;
+
   /* Without SparF: unsupported. A config of the 0.1 size (no SparF fields) is still accepted. */
   cfg.sparf = 0;
   CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);

@@ -22,7 +22,7 @@ std::vector<std::string> backends_to_try() {
   if (describe_backends().find("ssd") != std::string::npos) {
     const char* tmp = std::getenv("TMPDIR");
     uris.push_back(std::string("ssd:") + (tmp ? tmp : "/tmp") + "/instinfer-sparf-" + std::to_string(getpid()) +
-                   ".bin?capacity=64M");
+                   ".bin?capacity=64M&read_gap=0");  // bytes below count the chosen pages only, no merged gaps
   }
   if (describe_backends().find("csd") != std::string::npos)
     uris.push_back("csd:?channels=4&dies=2&blocks_per_die=128&pages_per_block=8&cores=2");

@@ -30,9 +30,11 @@ backend_config make_config(uint32_t page_bytes = 4096) {
   return c;
 }
 
+// read_gap=0 unless a test names it: exact page counts below assume no gap is read through.
 std::unique_ptr<ssd_backend> open_backend(const std::string& name, const std::string& options,
                                           const backend_config& cfg) {
-  return ssd_test::open_backend("ssd:" + ssd_test::scratch_file(name) + "?" + options, cfg);
+  const std::string gap = options.find("read_gap") == std::string::npos ? "&read_gap=0" : "";
+  return ssd_test::open_backend("ssd:" + ssd_test::scratch_file(name) + "?" + options + gap, cfg);
 }
 
 // Sequences of random f16 tokens appended straight to the backend, with every chunk's
@@ -181,6 +183,50 @@ TEST_CASE("pages adjacent on the device go out as one read") {
   f.b->inject_fault({ssd_fault::op::kRead, 0, 0, 0});  // disarm
   // A page named twice is read once.
   CHECK(f.read_and_check({{0, 3}, {0, 3}}) == f.page_bytes());
+}
+
+TEST_CASE("pages within the merge gap share a read: same data, fewer requests, never more than the span") {
+  // 4 KiB pages, 4 kv heads: 32 KiB chunks of 8 pages.
+  const uint32_t page = 4096;
+  for (uint64_t gap : {0ull, 4096ull, 12288ull, 1ull << 20}) {
+    CAPTURE(gap);
+    fixture f("gap.bin", "request=64K&read_gap=" + std::to_string(gap));
+    f.append(1, 0, 400);  // 25 chunks
+    REQUIRE(f.b->flush().ok());
+    f.snapshot();
+    std::mt19937 rng(5);
+    for (int trial = 0; trial < 30; ++trial) {
+      const auto picks = f.random_picks(rng, 1 + rng() % 80);
+      // Expected: sort the device offsets, merge as the reader should, count requests and bytes.
+      std::vector<uint64_t> offs;
+      for (const auto& p : picks)
+        if (f.stored[f.chunks[p.first].id])
+          offs.push_back(uint64_t{f.chunks[p.first].id} * f.layout.chunk_bytes() + uint64_t{p.second} * page);
+      std::sort(offs.begin(), offs.end());
+      uint64_t requests = 0, bytes = 0, run_begin = 0, run_end = 0;
+      for (uint64_t o : offs) {
+        if (requests > 0 && o <= run_end + gap && std::max(run_end, o + page) - run_begin <= (64u << 10)) {
+          run_end = std::max(run_end, o + page);
+          continue;
+        }
+        bytes += run_end - run_begin;
+        ++requests;
+        run_begin = o;
+        run_end = o + page;
+      }
+      bytes += run_end - run_begin;
+      const uint64_t before = f.b->stats().device_read_requests;
+      const uint64_t read = f.read_and_check(picks);  // the data equals read_chunk's
+      const uint64_t issued = f.b->stats().device_read_requests - before;
+      CHECK(issued == requests);
+      CHECK(read == bytes);
+      if (!offs.empty()) {
+        CHECK(read >= offs.size() * page);
+        CHECK(read <= offs.back() + page - offs.front());  // never more than the span
+        if (gap == 0) CHECK(read == offs.size() * page);
+      }
+    }
+  }
 }
 
 TEST_CASE("pages smaller than the direct-I/O alignment are read within their chunk") {

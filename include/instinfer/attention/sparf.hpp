@@ -13,11 +13,13 @@
 //   sparf/select.hpp     steps 1-3 -> sparf_selection (sparf_select_head, sparf_choose_channels)
 //   sparf/exact.hpp      step 4: staged pseudo-chunks through the one decode kernel, alpha blend
 //   sparf/batch.hpp      sparf_work batches: sparf_select / sparf_attend
+//   sparf/page_summary.hpp  the second policy (Quest-style page summaries): bound, plan, selection
 // The index SparF reads (channel-indexed K copy, V mean) is storage: kv/channel_index.hpp.
 #pragma once
 
 #include "instinfer/attention/sparf/batch.hpp"
 #include "instinfer/attention/sparf/exact.hpp"
+#include "instinfer/attention/sparf/page_summary.hpp"
 #include "instinfer/attention/sparf/params.hpp"
 #include "instinfer/attention/sparf/select.hpp"
 #include "instinfer/attention/sparf/workspace.hpp"

@@ -55,8 +55,15 @@ struct ssd_backend_options {
   // cache opened on the same path gets its named sequences back. Implies keep_file.
   bool persist = false;
 
+  // read_pages merges pages whose gap on the device is at most this many bytes into one read
+  // (the gap is read and dropped): a separate request costs about bandwidth / IOPS bytes of
+  // transfer. kAutoReadGap: from the device probe's kind (page_reads.hpp, modelled_read_costs);
+  // 0: adjacent pages only.
+  static constexpr uint64_t kAutoReadGap = UINT64_MAX;
+  uint64_t read_gap_bytes = kAutoReadGap;
+
   // Keys: queue_depth staging request capacity write_batch buffered sqpoll iopoll single_issuer
-  // register preallocate keep persist. Unknown keys are an error.
+  // register preallocate keep persist read_gap. Unknown keys are an error.
   static result<ssd_backend_options> from_uri(const backend_uri& uri);
 };
 

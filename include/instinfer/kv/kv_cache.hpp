@@ -39,6 +39,10 @@ struct cache_options {
   // SparF (attend_sparse): keep a channel-indexed K copy and a V running mean per (sequence, layer).
   bool sparf = false;
   uint32_t sparf_channels_per_page = 0;  // 0: channel_layout's default for the page size
+  // Page summaries (attend_sparse with sparf_params::policy = kPageSummary): per page group and kv
+  // head the per-channel min and max of K, in host memory (no column copy). Host, ssd, cuda; not
+  // csd yet (kUnsupported). Either or both of sparf / page_summaries; the policy is chosen per call.
+  bool page_summaries = false;
   // The caller's threads: no internal pool, attention runs on the calling thread (n_threads is
   // ignored). Spread a call over your threads with attend_slice / attend_chunk_slice.
   bool caller_threads = false;
@@ -53,6 +57,7 @@ struct cache_stats {
   uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held in host memory: all of it on the
                                     // host backend; tail blocks only where sealed blocks are on the
                                     // device (ssd); 0 where the backend runs SparF (csd: drive stats)
+  uint64_t page_summary_bytes = 0;  // page summaries held in host memory (shared groups once)
 };
 
 class kv_cache {
@@ -91,12 +96,13 @@ class kv_cache {
   // every backend sees separate buffers. out and lse must not overlap each other.
   status attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse);
 
-  // SparF sparse decode attention (attention/sparf.hpp) of one layer; shapes as in attend. Needs
-  // cache_options::sparf; q may overlap out or lse as in attend. Runs in the sparse attender (src/sparf): dual-step
-  // loading reads only the K and V pages holding selected tokens: in place where the backend's chunks are
-  // host-addressable (host), as single pages through read_pages (ssd) or whole chunks through
-  // read_chunk otherwise; a backend that runs SparF itself (csd: next to its flash, from its own
-  // channel-indexed K copy) gets the call instead.
+  // Sparse decode attention of one layer; shapes as in attend. params.policy chooses SparF
+  // (attention/sparf.hpp; needs cache_options::sparf) or page summaries
+  // (attention/sparf/page_summary.hpp; needs cache_options::page_summaries). SparF: q may overlap out or lse as in
+  // attend. Runs in the sparse attender (src/sparf): dual-step loading reads only the K and V pages holding selected
+  // tokens: in place where the backend's chunks are host-addressable (host), as single pages through read_pages (ssd)
+  // or whole chunks through read_chunk otherwise; a backend that runs SparF itself (csd: next to its flash, from its
+  // own channel-indexed K copy) gets the call instead.
   status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                        const sparf_params& params = {});
 

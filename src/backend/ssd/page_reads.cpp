@@ -7,13 +7,15 @@
 namespace instinfer::ssd {
 
 status page_reader::configure(ssd_io& io, const slot_allocator& slots, const group_buffers& buffers,
-                              const chunk_sums* sums, const chunk_layout& layout, uint64_t max_read_bytes) {
+                              const chunk_sums* sums, const chunk_layout& layout, uint64_t max_read_bytes,
+                              uint64_t merge_gap) {
   io_ = &io;
   sums_ = sums;
   slots_ = &slots;
   buffers_ = &buffers;
   layout_ = layout;
   max_read_bytes_ = max_read_bytes;
+  merge_gap_ = merge_gap;
   auto h = io.add_handler(*this);
   if (!h.ok()) return h.error();
   handler_ = h.value();
@@ -51,10 +53,10 @@ status page_reader::validate(std::span<const page_read> reads, size_t& on_device
 }
 
 void page_reader::plan_runs(std::span<const page_read> reads) noexcept {
-  // Pages adjacent on the device (a chunk's K and V pages, or neighbouring chunks) become one
-  // read of up to one request. O_DIRECT needs aligned ranges: a page smaller than the device's
-  // alignment is read with its neighbours (a chunk is a multiple of it, so a page's aligned range
-  // never leaves its chunk). Capacity was reserved for one run per page.
+  // Pages adjacent on the device (a chunk's K and V pages, or neighbouring chunks), or at most
+  // merge_gap_ bytes apart, become one read of up to one request. O_DIRECT needs aligned ranges: a page smaller than
+  // the device's alignment is read with its neighbours (a chunk is a multiple of it, so a page's aligned range never
+  // leaves its chunk). Capacity was reserved for one run per page.
   std::sort(page_order_.begin(), page_order_.end(),
             [&](uint32_t a, uint32_t b) { return device_offset(reads[a]) < device_offset(reads[b]); });
   const uint64_t align = io_->file().offset_align, page_bytes = layout_.page.page_bytes;
@@ -64,7 +66,7 @@ void page_reader::plan_runs(std::span<const page_read> reads) noexcept {
     if (!page_runs_.empty()) {
       auto& run = page_runs_.back();
       const uint64_t run_end = run.offset + run.bytes;
-      if (begin <= run_end && std::max(end, run_end) - run.offset <= max_read_bytes_) {
+      if (begin <= run_end + merge_gap_ && std::max(end, run_end) - run.offset <= max_read_bytes_) {
         run.bytes = static_cast<uint32_t>(std::max(end, run_end) - run.offset);
         ++run.count;
         continue;

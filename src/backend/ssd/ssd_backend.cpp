@@ -171,7 +171,12 @@ status ssd_backend::configure(const backend_config& config) {
   m.sums.configure(m.layout);
   ssd::chunk_sums* sums = m.options.persist ? &m.sums : nullptr;
   INSTINFER_TRY(m.buffers.configure(m.io, m.layout, m.write_batch, sums));
-  INSTINFER_TRY(m.pages.configure(m.io, m.slots, m.buffers, sums, m.layout, request_bytes()));
+  uint64_t read_gap = m.options.read_gap_bytes;
+  if (read_gap == ssd_backend_options::kAutoReadGap) {  // from what the probe says the device is
+    auto probe = probe_device(m.options.path);
+    read_gap = ssd::merge_gap_bytes(ssd::modelled_read_costs(probe.ok() ? &probe.value() : nullptr));
+  }
+  INSTINFER_TRY(m.pages.configure(m.io, m.slots, m.buffers, sums, m.layout, request_bytes(), read_gap));
   INSTINFER_TRY(m.decode.configure(m.io, m.buffers, sums, config, m.layout, m.request_chunks, m.n_slots));
   if (m.options.persist) {
     try {
@@ -340,6 +345,7 @@ backend_stats ssd_backend::stats() const noexcept {
   s.kv_bytes_appended = m.buffers.kv_bytes_appended();
   s.device_bytes_written = m.io.bytes_written;
   s.device_bytes_read = m.io.bytes_read;
+  s.device_read_requests = m.io.read_requests;
   return s;
 }
 

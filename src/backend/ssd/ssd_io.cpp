@@ -102,6 +102,7 @@ status ssd_io::check_thread() const noexcept {
 status ssd_io::queue(io::io_op op, void* buf, uint32_t len, uint64_t offset, uint64_t user_data) noexcept {
   for (;;) {
     status s = engine_->queue(op, file_handle_, buf, len, offset, user_data);
+    if (s.ok() && op == io::io_op::kRead) ++read_requests;
     if (s.code() != errc::kBusy || engine_->idle()) return s;
     INSTINFER_TRY(reap());
   }

@@ -91,6 +91,7 @@ class ssd_io final : private io::completion_handler {
   // Device traffic, for backend_stats.
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
+  uint64_t read_requests = 0;  // reads queued
 
  private:
   void on_completion(const io::completion& c) noexcept override;

@@ -22,9 +22,25 @@ enum class sparf_mode : uint8_t {
   kExplicit = 1,     // r and k given
 };
 
+// Which sparse policy attend_sparse runs (chosen per call; the cache keeps the data of every
+// policy it was created with: cache_options::sparf, cache_options::page_summaries).
+enum class sparse_policy : uint8_t {
+  kSparf = 0,        // SparF: channel-indexed K copy, approximate token scores, top-k tokens
+  kPageSummary = 1,  // Quest-style: per page group and channel min / max of K, top pages read whole
+};
+
+inline const char* sparse_policy_name(sparse_policy p) noexcept {
+  return p == sparse_policy::kSparf ? "sparf" : p == sparse_policy::kPageSummary ? "page-summary" : "unknown";
+}
+
 struct sparf_params {
   static constexpr double kDefaultCompression = 0.125;
 
+  // The policy. kPageSummary reads the same fields as follows: kCompression: `compression` is the
+  // fraction of page groups read (the K+V traffic, since no column copy is read); kExplicit: k
+  // tokens -> ceil(k / tokens_per_page) groups (r is ignored); sinks and window as below, as the
+  // groups holding those tokens. whole_pages and page_spread are SparF's only.
+  sparse_policy policy = sparse_policy::kSparf;
   sparf_mode mode = sparf_mode::kCompression;
   double compression = kDefaultCompression;  // kCompression: in (0, 1]
   uint32_t r = 0;                            // kExplicit: channels, [1, head_dim]
@@ -57,6 +73,9 @@ struct sparf_params {
 
   // Checks that do not depend on the sequence length.
   status validate(uint32_t head_dim) const {
+    if (policy != sparse_policy::kSparf && policy != sparse_policy::kPageSummary)
+      return {errc::kInvalidArgument, "unknown sparse policy " + std::to_string(static_cast<unsigned>(policy)) +
+                                          " (0: SparF, 1: page summary)"};
     if (!(page_spread == 0.0 || (page_spread >= 1.0 && page_spread <= 1e6)))
       return {errc::kInvalidArgument,
               "SparF page_spread must be 0 (off) or in [1, 1e6], got " + std::to_string(page_spread)};
@@ -67,7 +86,7 @@ struct sparf_params {
       return {};
     }
     if (mode != sparf_mode::kExplicit) return {errc::kInvalidArgument, "unknown SparF mode"};
-    if (r == 0 || r > head_dim)
+    if (policy == sparse_policy::kSparf && (r == 0 || r > head_dim))
       return {errc::kInvalidArgument, "SparF r (channels) must be in [1, head_dim = " + std::to_string(head_dim) +
                                           "], got " + std::to_string(r)};
     if (k == 0) return {errc::kInvalidArgument, "SparF k (tokens) must be >= 1, got 0"};
