@@ -37,9 +37,11 @@ static instinfer_dtype ii_dtype(ggml_type t) {
         case GGML_TYPE_F32:  return INSTINFER_DTYPE_F32;
         case GGML_TYPE_F16:  return INSTINFER_DTYPE_F16;
         case GGML_TYPE_BF16: return INSTINFER_DTYPE_BF16;
+        case GGML_TYPE_Q8_0: return INSTINFER_DTYPE_Q8_0; // ggml's block format, byte for byte
+        case GGML_TYPE_Q4_0: return INSTINFER_DTYPE_Q4_0;
         default:
             throw std::runtime_error(std::string("instinfer memory: KV type ") + ggml_type_name(t) +
-                    " is not supported (use f32, f16 or bf16)");
+                    " is not supported (use f32, f16, bf16, q8_0 or q4_0)");
     }
 }
 
