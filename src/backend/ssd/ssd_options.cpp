@@ -13,13 +13,13 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
     return status{errc::kInvalidArgument, "ssd backend needs a path: ssd:/path/to/file?queue_depth=32"};
   static constexpr std::string_view kKeys[] = {"queue_depth", "staging", "request", "capacity",      "write_batch",
                                                "buffered",    "sqpoll",  "iopoll",  "single_issuer", "register",
-                                               "preallocate", "keep",    "persist",
-                                               "read_gap"};
+                                               "preallocate", "keep",    "persist", "read_gap"};
   for (const auto& [key, value] : uri.options) {
     if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys))
-      return status{errc::kInvalidArgument, "unknown ssd option '" + key +
-                                                "' (known: queue_depth staging request capacity write_batch buffered "
-                                                "sqpoll iopoll single_issuer register preallocate keep persist read_gap)"};
+      return status{errc::kInvalidArgument,
+                    "unknown ssd option '" + key +
+                        "' (known: queue_depth staging request capacity write_batch buffered "
+                        "sqpoll iopoll single_issuer register preallocate keep persist read_gap)"};
   }
   ssd_backend_options o;
   o.path = uri.path;
@@ -55,7 +55,7 @@ result<ssd_backend_options> ssd_backend_options::from_uri(const backend_uri& uri
   o.preallocate = uri.option_bool("preallocate", false);
   o.persist = uri.option_bool("persist", false);
   o.keep_file = uri.option_bool("keep", false) || o.persist;  // a persistent store outlives its cache
-  if (uri.option("read_gap")) {  // absent: from the device probe
+  if (uri.option("read_gap")) {                               // absent: from the device probe
     auto gap = uri.option_u64("read_gap", 0);
     if (!gap.ok()) return gap.error();
     if (gap.value() > (64ull << 20))
