@@ -206,7 +206,7 @@ TEST_CASE("reopen: named sequences come back exactly, forks and truncations incl
   remove_store(path);
 }
 
-TEST_CASE("reopen: names are checked; a different shape is refused; sparf is unsupported") {
+TEST_CASE("reopen: names are checked; a different shape is refused; sparse policies are unsupported") {
   const std::string path = ssd_test::scratch_file("names.kv");
   remove_store(path);
   {
@@ -230,6 +230,11 @@ TEST_CASE("reopen: names are checked; a different shape is refused; sparf is uns
   auto s = kv_cache::create(sparse);
   REQUIRE_FALSE(s.ok());
   CHECK(s.error().code() == errc::kUnsupported);
+  auto summaries = options(persist_uri(path));
+  summaries.page_summaries = true;
+  auto ps = kv_cache::create(summaries);
+  REQUIRE_FALSE(ps.ok());
+  CHECK(ps.error().code() == errc::kUnsupported);
   // Without persist=1 the store's slots would all count as free: refused.
   auto plain = kv_cache::create(options("ssd:" + path));
   REQUIRE_FALSE(plain.ok());
