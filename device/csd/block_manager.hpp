@@ -5,6 +5,10 @@
 // sequences and the drive erases a block once every page in it is invalid, least recently written
 // first. A block with one valid page left stays until that page is freed too.
 //
+// Pinned pages (persistent namespaces): the pages the drive's last commit references. Their data
+// may be dead to the running FTL, but a crash would bring that commit back, so a block holding a
+// pinned page is never erased; the next commit re-pins (docs/persistence.md).
+//
 // The allocator knows nothing about what a page holds, so a second logical layout (the
 // channel-indexed K copy of SparF) can allocate from the same lanes with its own L2P table.
 #pragma once
@@ -28,6 +32,7 @@ class block_manager {
     uint32_t valid = 0;    // valid pages
     uint32_t written = 0;  // write pointer
     uint64_t stamp = 0;    // last program (LRU order of erases)
+    uint32_t pinned = 0;   // pages the last commit references
     block_state state = block_state::kFree;
   };
   struct run {
@@ -85,6 +90,36 @@ class block_manager {
 
   bool valid(uint32_t ppn) const noexcept { return (valid_bits_[ppn / 64] >> (ppn % 64)) & 1u; }
 
+  // Replace the pinned set with `ppns` (each below total_pages).
+  void set_pins(const std::vector<uint32_t>& ppns) {
+    for (uint32_t gb : pinned_blocks_) blocks_[gb].pinned = 0;
+    pinned_blocks_.clear();
+    for (uint32_t ppn : ppns) {
+      block_info& b = blocks_[ppn / p_.pages_per_block];
+      if (b.pinned++ == 0) pinned_blocks_.push_back(ppn / p_.pages_per_block);
+    }
+  }
+
+  // Recovery: a committed page is valid again. Its block is closed (never appended to: its
+  // unreferenced pages may hold data of a later, uncommitted program) and leaves its lane's free
+  // list. False when the page was adopted already (two owners: the metadata is inconsistent).
+  bool adopt(uint32_t ppn) {
+    if (valid(ppn)) return false;
+    const uint32_t gb = ppn / p_.pages_per_block;
+    block_info& b = blocks_[gb];
+    if (b.state == block_state::kFree) {
+      auto& lane = free_[gb / p_.blocks_per_die];
+      lane.erase(std::find(lane.begin(), lane.end(), gb));
+      --free_count_;
+      b.state = block_state::kFull;
+      b.written = p_.pages_per_block;
+    }
+    set_valid(ppn, true);
+    ++b.valid;
+    ++valid_pages_;
+    return true;
+  }
+
   // The page's data is dead (its chunk was freed or rewritten elsewhere).
   void invalidate(uint32_t ppn) noexcept {
     if (ppn == kNoPage || !valid(ppn)) return;
@@ -99,7 +134,8 @@ class block_manager {
   uint32_t erase_dead(uint64_t target, OnErase&& on_erase) {
     std::vector<uint32_t> dead;
     for (uint32_t gb = 0; gb < blocks_.size(); ++gb)
-      if (blocks_[gb].state == block_state::kFull && blocks_[gb].valid == 0) dead.push_back(gb);
+      if (blocks_[gb].state == block_state::kFull && blocks_[gb].valid == 0 && blocks_[gb].pinned == 0)
+        dead.push_back(gb);
     std::sort(dead.begin(), dead.end(), [&](uint32_t a, uint32_t b) { return blocks_[a].stamp < blocks_[b].stamp; });
     uint32_t erased = 0;
     for (uint32_t gb : dead) {
@@ -127,6 +163,7 @@ class block_manager {
   std::vector<std::deque<uint32_t>> free_;  // per lane
   std::vector<uint32_t> open_;              // per lane: open block or UINT32_MAX
   std::vector<uint64_t> valid_bits_;
+  std::vector<uint32_t> pinned_blocks_;
   uint64_t free_count_ = 0;
   uint64_t valid_pages_ = 0;
 };

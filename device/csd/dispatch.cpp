@@ -19,6 +19,7 @@
 #include "group_buffer.hpp"
 #include "instinfer/layout/kv_shape.hpp"
 #include "kv_namespace.hpp"
+#include "namespace_meta.hpp"
 #include "token_ftl.hpp"
 
 namespace instinfer::csd {
@@ -74,6 +75,9 @@ class drive_impl final : public drive {
   status do_reclaim(kv_namespace& ns, const sq_entry& e, const std::byte* data);
   status do_copy(kv_namespace& ns, const sq_entry& e);
   status do_read(kv_namespace& ns, const sq_entry& e, std::byte* res, command_outcome& out);
+  status configure_persist(kv_namespace& ns);
+  status do_commit(kv_namespace& ns, const sq_entry& e, const std::byte* data);
+  status do_recover(kv_namespace& ns, const sq_entry& e, std::byte* res, command_outcome& out);
   void reset_chunk(kv_namespace& ns, uint64_t chunk) noexcept;
   void free_namespace(kv_namespace& ns) noexcept;
 
@@ -85,6 +89,10 @@ class drive_impl final : public drive {
   std::unordered_map<uint32_t, std::unique_ptr<kv_namespace>> spaces_;
   uint32_t next_nsid_ = 1;
   uint64_t next_base_ = 0;
+  // The persistent namespace (at most one a drive): the generation of its last commit and the
+  // host's tables found at configure (kRecover hands them over).
+  uint64_t generation_ = 0;
+  std::vector<std::byte> recovered_tables_;
 };
 
 identify_data drive_impl::identify() const noexcept {
@@ -212,6 +220,8 @@ status drive_impl::dispatch(uint32_t qp, const sq_entry& e, std::byte* area, uin
     case opcode::kMap: return do_map(ns, e, data);
     case opcode::kCopy: return do_copy(ns, e);
     case opcode::kRead: return do_read(ns, e, res, out);
+    case opcode::kCommit: return do_commit(ns, e, data);
+    case opcode::kRecover: return do_recover(ns, e, res, out);
     default: return {errc::kInvalidArgument, "unknown opcode " + std::to_string(e.opcode)};
   }
 }
@@ -243,6 +253,18 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   if (!std::isfinite(c.scale) || !std::isfinite(c.softcap) || c.scale < 0.0f)
     return {errc::kInvalidArgument, "scale and softcap must be finite (scale >= 0)"};
   if (c.sparf > 1) return {errc::kInvalidArgument, "sparf flag must be 0 or 1"};
+  if (c.persist > 1) return {errc::kInvalidArgument, "persist flag must be 0 or 1"};
+  if (c.persist) {
+    if (c.sparf)
+      return {errc::kUnsupported, "a persistent namespace does not keep SparF's channel-indexed copy: sparf = 0"};
+    if (ctx_.store->ram() || ctx_.o.flash_path.empty())
+      return {errc::kUnsupported,
+              "a persistent namespace needs file flash (--flash PATH): RAM flash dies with the "
+              "drive"};
+    // Its metadata names physical pages: no other namespace may have programmed any before it.
+    if (!spaces_.empty() || ctx_.program_stamp != 0)
+      return {errc::kBusy, "a persistent namespace must be the drive's first and only namespace"};
+  }
   auto ns = std::make_unique<kv_namespace>();
   ns->cfg = c;
   ns->geo = *geo;
@@ -278,6 +300,7 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   if (ns->sparf) ns->gen.assign(ns->count, 0);
   ns->max_slots = std::max<uint64_t>(1, ctx_.o.buffer_bytes / ns->chunk_bytes);
   ns->base = next_base_;
+  if (c.persist) INSTINFER_TRY(configure_persist(*ns));  // the last commit's chunks and capacity
   next_base_ += ns->count;
   ns->nsid = next_nsid_++;
   ns->owner_qp = qp;
@@ -473,6 +496,118 @@ status drive_impl::do_read(kv_namespace& ns, const sq_entry& e, std::byte* res, 
   else
     std::memset(res, 0, ns.chunk_bytes);
   out.result_bytes = ns.chunk_bytes;
+  return {};
+}
+
+// ---- persistent namespaces: load, commit, recover (docs/persistence.md) ------------------------
+status drive_impl::configure_persist(kv_namespace& ns) {
+  auto r = read_namespace_meta(ctx_.o.flash_path, ns.cfg, ctx_.o.flash, ns.geo.tokens_per_page);
+  if (!r.ok()) return r.error();
+  namespace_meta& m = r->meta;
+  const uint64_t ppc = ns.pages_per_chunk;
+  if (r->found) {
+    // The stored capacity wins (the chunk ids in the host's tables are below it).
+    if (m.count != ns.count) {
+      ns.count = m.count;
+      ns.chunks.assign(ns.count, chunk_entry{});
+      ns.l2p.assign(ns.count * ppc, kNoPage);
+    }
+    // Checked before anything is adopted: a chunk or a page named twice means damage.
+    for (const std::vector<uint32_t>* v : {&m.ids, &m.pages}) {
+      std::vector<uint32_t> sorted = *v;
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+        return {errc::kCorruptData, "'" + namespace_meta_path(ctx_.o.flash_path) +
+                                        "' maps a chunk or a flash page twice: the store is damaged"};
+    }
+  }
+  ns.persist = true;
+  ns.stored_tokens.assign(ns.count, 0);
+  ns.page_sums.assign(ns.count * ppc, 0);
+  generation_ = m.generation;
+  recovered_tables_ = std::move(m.tables);
+  for (uint64_t i = 0; i < m.ids.size(); ++i) {
+    const uint64_t chunk = ns.base + m.ids[i];
+    chunk_entry& ce = ns.entry(chunk);
+    ce.n_tokens = m.tokens[i];
+    ce.on_flash = true;
+    ns.stored_tokens[m.ids[i]] = m.tokens[i];
+    for (uint64_t p = 0; p < ppc; ++p) {
+      ns.pages(chunk)[p] = m.pages[i * ppc + p];
+      ns.page_sums[m.ids[i] * ppc + p] = m.sums[i * ppc + p];
+      ctx_.blocks.adopt(m.pages[i * ppc + p]);  // distinct, below total_pages: checked above
+    }
+  }
+  ctx_.blocks.set_pins(m.pages);
+  return {};
+}
+
+status drive_impl::do_commit(kv_namespace& ns, const sq_entry& e, const std::byte* data) {
+  if (!ns.persist) return {errc::kInvalidArgument, "namespace " + std::to_string(ns.nsid) + " is not persistent"};
+  const auto a = get_args<commit_args>(e);
+  if (e.data_bytes != uint64_t{a.n_chunks} * 4 + a.table_bytes)
+    return {errc::kInvalidArgument, "commit payload size mismatch"};
+  const std::vector<uint32_t> ids = chunk_ids(data, a.n_chunks);
+  for (uint32_t id : ids) {
+    INSTINFER_TRY(ns.check_chunk(id));
+    if (ns.entry(id).n_tokens == 0)
+      return {errc::kInvalidArgument, "commit names chunk " + std::to_string(id) + ", which holds no tokens"};
+  }
+  {
+    std::vector<uint32_t> sorted = ids;
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+      return {errc::kInvalidArgument, "commit names a chunk twice"};
+  }
+  // 1. The data: buffered chunks whose flash copy is missing or shorter are programmed (the slot
+  // stays authoritative), then the flash file is synced. Data is durable before metadata names it.
+  const uint64_t ppc = ns.pages_per_chunk;
+  for (uint32_t id : ids) {
+    const chunk_entry& ce = ns.entry(id);
+    if (ce.slot != kNoSlot) {
+      if (!ce.on_flash || ns.stored_tokens[id - ns.base] != ce.n_tokens)
+        INSTINFER_TRY(ftl_.program_chunk(ns, id, id, ns.slot_mem[ce.slot].get()));
+    } else if (!ce.on_flash) {
+      return {errc::kInternal, "chunk " + std::to_string(id) + " holds tokens but no data"};
+    }
+  }
+  INSTINFER_TRY(ctx_.store->sync());
+  // 2. The metadata, replaced atomically.
+  namespace_meta m;
+  m.generation = generation_ + 1;
+  m.count = ns.count;
+  m.pages_per_chunk = static_cast<uint32_t>(ppc);
+  m.ids.reserve(ids.size());
+  m.tokens.reserve(ids.size());
+  m.pages.reserve(ids.size() * ppc);
+  m.sums.reserve(ids.size() * ppc);
+  for (uint32_t id : ids) {
+    const uint64_t rel = id - ns.base;
+    m.ids.push_back(static_cast<uint32_t>(rel));
+    m.tokens.push_back(ns.stored_tokens[rel]);
+    m.pages.insert(m.pages.end(), ns.pages(id), ns.pages(id) + ppc);
+    m.sums.insert(m.sums.end(), ns.page_sums.begin() + static_cast<ptrdiff_t>(rel * ppc),
+                  ns.page_sums.begin() + static_cast<ptrdiff_t>((rel + 1) * ppc));
+  }
+  const std::byte* tables = data + uint64_t{a.n_chunks} * 4;
+  m.tables.assign(tables, tables + a.table_bytes);
+  INSTINFER_TRY(write_namespace_meta(ctx_.o.flash_path, ns.cfg, ctx_.o.flash, m));
+  generation_ = m.generation;
+  // 3. Only now may the pages of the previous commit (and no others) be erased.
+  ctx_.blocks.set_pins(m.pages);
+  return {};
+}
+
+status drive_impl::do_recover(kv_namespace& ns, const sq_entry& e, std::byte* res, command_outcome& out) {
+  if (!ns.persist) return {errc::kInvalidArgument, "namespace " + std::to_string(ns.nsid) + " is not persistent"};
+  const auto a = get_args<recover_args>(e);
+  const uint64_t total = recovered_tables_.size();
+  if (e.result_bytes < 8) return {errc::kInvalidArgument, "result buffer too small"};
+  if (a.offset > total) return {errc::kInvalidArgument, "recover offset beyond the tables"};
+  const uint64_t n = std::min<uint64_t>(total - a.offset, e.result_bytes - 8);
+  std::memcpy(res, &total, 8);
+  if (n != 0) std::memcpy(res + 8, recovered_tables_.data() + a.offset, n);
+  out.result_bytes = 8 + n;
   return {};
 }
 

@@ -59,6 +59,7 @@ class ram_flash final : public flash_store {
   result<std::unique_ptr<page_reader>> make_reader(uint32_t) noexcept override {
     return std::unique_ptr<page_reader>(new ram_reader(*this));
   }
+  status sync() noexcept override { return {}; }
   bool direct_io() const noexcept override { return false; }
   bool ram() const noexcept override { return true; }
 
@@ -124,6 +125,10 @@ class file_flash final : public flash_store {
     return std::unique_ptr<page_reader>(new (std::nothrow)
                                             uring_reader(std::move(e.value()), h.value(), p_.page_bytes));
   }
+  status sync() noexcept override {
+    if (::fdatasync(file_.fd) != 0) return errno_error(errno, "flash '" + file_.path + "': fdatasync");
+    return {};
+  }
   bool direct_io() const noexcept override { return file_.direct; }
   bool ram() const noexcept override { return false; }
 
@@ -187,6 +192,7 @@ class faulty_flash final : public flash_store {
     if (!r.ok()) return r.error();
     return std::unique_ptr<page_reader>(new (std::nothrow) faulty_reader(*this, std::move(*r)));
   }
+  status sync() noexcept override { return inner_->sync(); }
   bool direct_io() const noexcept override { return inner_->direct_io(); }
   bool ram() const noexcept override { return inner_->ram(); }
 

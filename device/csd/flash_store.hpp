@@ -34,6 +34,8 @@ class flash_store {
   // One page, synchronously.
   virtual status read(uint32_t ppn, std::byte* dst) noexcept = 0;
   virtual result<std::unique_ptr<page_reader>> make_reader(uint32_t depth) noexcept = 0;
+  // Every page programmed so far is durable (fdatasync of a file; nothing to do in RAM).
+  virtual status sync() noexcept = 0;
   virtual bool direct_io() const noexcept = 0;
   virtual bool ram() const noexcept = 0;
 };

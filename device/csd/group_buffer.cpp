@@ -51,7 +51,10 @@ result<std::byte*> group_buffer::buffered(kv_namespace& ns, uint64_t chunk) {
   if (!slot.ok()) return slot.error();
   std::byte* dst = ns.slot_mem[*slot].get();
   if (ce.on_flash) {
-    INSTINFER_TRY(ftl_.move_to_dram(ns, chunk, dst));
+    if (status s = ftl_.move_to_dram(ns, chunk, dst); !s.ok()) {
+      release(ns, chunk);  // the slot holds a failed read: never serve it, the chunk stays on flash
+      return s;
+    }
     ++ctx_.stats.buffer_reloads;
   } else {
     // Nothing stored yet. The slot still holds what it held before (another chunk's rows, or heap

@@ -14,6 +14,7 @@
 
 #include "instinfer/attention/decode.hpp"
 #include "instinfer/attention/sparf/params.hpp"
+#include "instinfer/core/crc32c.hpp"
 #include "instinfer/core/status.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/csd/seq_layer_key.hpp"
@@ -98,6 +99,41 @@ struct kv_namespace {
   std::unordered_map<uint32_t, std::vector<uint32_t>> cblocks_of_chunk;
   std::unordered_map<seq_layer_key, column_tail, seq_layer_hash> tails;
   uint64_t tail_bytes = 0;  // DRAM held by column tails (budget: the drive's buffer_bytes)
+
+  // Persistent namespaces (cfg.persist, docs/persistence.md): per chunk, the tokens its flash copy
+  // held when programmed (0: no checked copy) and one CRC32C per page over that many rows, seeded
+  // with the physical page and the token count, so another page's data, or a copy of another
+  // length, never matches. Recorded at program, verified by every read from flash.
+  bool persist = false;
+  std::vector<uint32_t> stored_tokens;  // [chunk]
+  std::vector<uint32_t> page_sums;      // [chunk][page]
+
+  static uint32_t page_sum(const std::byte* page, uint64_t bytes, uint32_t ppn, uint32_t tokens) noexcept {
+    const uint32_t seed[2] = {ppn, tokens};
+    return crc32c(page, bytes, crc32c(seed, sizeof seed));
+  }
+  // Record the checksums of a chunk just programmed from `src` (chunk_layout order).
+  void record_sums(uint64_t chunk, const std::byte* src) noexcept {
+    if (!persist) return;
+    const uint32_t n = entry(chunk).n_tokens;
+    const uint64_t bytes = uint64_t{n} * geo.row_bytes();
+    const uint32_t* pp = pages(chunk);
+    for (uint32_t p = 0; p < pages_per_chunk; ++p)
+      page_sums[(chunk - base) * pages_per_chunk + p] = page_sum(src + uint64_t{p} * geo.page_bytes, bytes, pp[p], n);
+    stored_tokens[chunk - base] = n;
+  }
+  // A page of `chunk` (index p in the chunk) just read from flash.
+  status verify_page(uint64_t chunk, uint32_t p, const std::byte* data) const {
+    if (!persist) return {};
+    const uint32_t n = stored_tokens[chunk - base];
+    const uint32_t ppn = pages(chunk)[p];
+    if (page_sum(data, uint64_t{n} * geo.row_bytes(), ppn, n) == page_sums[(chunk - base) * pages_per_chunk + p])
+      return {};
+    return {errc::kCorruptData, "chunk " + std::to_string(chunk - base) + " page " + std::to_string(p) +
+                                    " (flash page " + std::to_string(ppn) +
+                                    ") fails its checksum: the flash data is "
+                                    "damaged; the sequences holding it cannot be served"};
+  }
 
   uint32_t q_heads() const noexcept { return cfg.n_kv_heads * cfg.group_size; }
   bool owns(uint64_t chunk) const noexcept { return chunk >= base && chunk - base < count; }

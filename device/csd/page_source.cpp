@@ -66,6 +66,21 @@ result<chunk_window> page_chunk_source::acquire(uint32_t worker, const decode_wo
     return s;
   }
   const uint64_t pair = 2 * uint64_t{ns_.geo.page_bytes};
+  if (ns_.persist) {  // pages read from flash are checked before the kernel sees them
+    const page_table& tab = *tables_[item.seq];
+    const uint32_t h = item.kv_head_begin;
+    for (uint32_t j = 0; j < n; ++j) {
+      const uint32_t chunk = tab[first + j];
+      if (ns_.resident(chunk)) continue;
+      s = ns_.verify_page(chunk, h, buf + j * pair);
+      if (s.ok()) s = ns_.verify_page(chunk, ns_.cfg.n_kv_heads + h, buf + j * pair + ns_.geo.page_bytes);
+      if (!s.ok()) {
+        (void)ws.reader->wait_all();
+        l.queued_item = nullptr;
+        return s;
+      }
+    }
+  }
   for (uint32_t j = 0; j < n; ++j) ws.ptrs[j] = buf + j * pair;
   l.next = 1 - l.next;
   return chunk_window{ws.ptrs.data(), 0};

@@ -33,15 +33,20 @@ status token_ftl::program_chunk(kv_namespace& ns, uint64_t chunk, uint64_t posit
     ctx_.stats.flash_pages_programmed += r->n_pages;
     done += r->n_pages;
   }
+  ns.record_sums(chunk, src);
   ns.entry(chunk).on_flash = true;
   return {};
 }
 
 status token_ftl::move_to_dram(kv_namespace& ns, uint64_t chunk, std::byte* dst) {
   uint32_t* pages = ns.pages(chunk);
+  // Everything is read and checked before any page is dropped: a failure leaves the chunk on flash.
   for (uint32_t p = 0; p < ns.pages_per_chunk; ++p) {
     INSTINFER_TRY(ctx_.store->read(pages[p], dst + uint64_t{p} * ns.geo.page_bytes));
     ctx_.note_read(pages[p]);
+    INSTINFER_TRY(ns.verify_page(chunk, p, dst + uint64_t{p} * ns.geo.page_bytes));
+  }
+  for (uint32_t p = 0; p < ns.pages_per_chunk; ++p) {
     ctx_.blocks.invalidate(pages[p]);
     pages[p] = kNoPage;
   }
@@ -56,6 +61,7 @@ status token_ftl::read_chunk(const kv_namespace& ns, uint64_t chunk, std::byte* 
   for (uint32_t p = 0; p < ns.pages_per_chunk; ++p) {
     INSTINFER_TRY(ctx_.store->read(pages[p], tmp.get()));
     ctx_.note_read(pages[p]);
+    INSTINFER_TRY(ns.verify_page(chunk, p, tmp.get()));
     std::memcpy(dst + uint64_t{p} * ns.geo.page_bytes, tmp.get(), ns.geo.page_bytes);
   }
   return {};

@@ -52,9 +52,11 @@ struct harness {
     return {};
   }
 
-  status configure(uint32_t heads, uint32_t g, uint32_t dim, dtype t, uint32_t layers = 2, bool sparf = false) {
+  status configure(uint32_t heads, uint32_t g, uint32_t dim, dtype t, uint32_t layers = 2, bool sparf = false,
+                   bool persist = false) {
     cfg = namespace_config{};
     cfg.sparf = sparf ? 1 : 0;
+    cfg.persist = persist ? 1 : 0;
     cfg.n_layers = layers;
     cfg.n_kv_heads = heads;
     cfg.group_size = g;
@@ -841,6 +843,109 @@ TEST_CASE("fuzzer findings: page-table positions beyond the namespace's chunks a
   CHECK(h.raw(e).cqe.status == static_cast<int16_t>(errc::kInvalidArgument));
   set_args(e, copy_args{2, 0, 0, base + 1, base, 1});
   CHECK(h.raw(e).cqe.status == 0);
+}
+TEST_CASE("file-backed flash: a persistent namespace commits, recovers, and refuses bad commands") {
+  char tmpl[] = "/tmp/instinfer-csd-drive-XXXXXX";
+  REQUIRE(mkdtemp(tmpl) != nullptr);
+  drive_options o = small_flash();
+  o.flash_path = std::string(tmpl) + "/flash.img";
+  o.allow_buffered = true;
+  o.keep_flash = true;
+  {
+    harness ram = make(small_flash());
+    CHECK(ram.configure(2, 2, 128, dtype::kF16, 2, false, true).code() == errc::kUnsupported);
+  }
+  std::mt19937 rng(7);
+  const uint32_t n = 100;
+  const auto k = csd_test::random_rows(rng, n, 2, 128, dtype::kF16);
+  const auto v = csd_test::random_rows(rng, n, 2, 128, dtype::kF16);
+  std::vector<uint32_t> ids;
+  std::vector<std::byte> stored;
+  const auto commit = [](harness& h, const std::vector<uint32_t>& chunks, const std::string& tables,
+                         int64_t size_delta = 0) {
+    std::memcpy(h.area(), chunks.data(), chunks.size() * 4);
+    std::memcpy(h.area() + chunks.size() * 4, tables.data(), tables.size());
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kCommit);
+    e.nsid = h.ns.nsid;
+    e.data_bytes = static_cast<uint32_t>(static_cast<int64_t>(chunks.size() * 4 + tables.size()) + size_delta);
+    set_args(e, commit_args{static_cast<uint32_t>(chunks.size()), static_cast<uint32_t>(tables.size())});
+    return h.run(e);
+  };
+  const auto read_chunk = [](harness& h, uint32_t chunk, uint32_t tokens) {
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kRead);
+    e.nsid = h.ns.nsid;
+    e.result_offset = 1 << 20;
+    e.result_bytes = 1 << 20;
+    set_args(e, read_args{chunk, tokens});
+    REQUIRE(h.run(e).ok());
+    return std::vector<std::byte>(h.area() + (1 << 20), h.area() + (1 << 20) + 4 * 4096);
+  };
+  {
+    auto d = drive::create(o);
+    REQUIRE_MESSAGE(d.ok(), d.error().to_string());
+    harness h;
+    h.dev = std::move(*d);
+    CHECK(h.configure(2, 2, 128, dtype::kF16, 2, true, true).code() == errc::kUnsupported);  // with SparF
+    REQUIRE(h.configure(2, 2, 128, dtype::kF16, 2, false, true).ok());
+    REQUIRE(h.append(9, 0, 0, k.data(), v.data(), n, 40).ok());
+    ids = h.tables[{9, 0}];
+    REQUIRE(ids.size() == (n + h.ns.tokens_per_page - 1) / h.ns.tokens_per_page);
+    // Bad commits: a wrong payload size, a chunk twice, an empty chunk, a chunk outside.
+    CHECK(commit(h, ids, "tables", 1).code() == errc::kInvalidArgument);
+    CHECK(commit(h, {ids[0], ids[0]}, "t").code() == errc::kInvalidArgument);
+    CHECK(commit(h, {static_cast<uint32_t>(h.next_chunk)}, "t").code() == errc::kInvalidArgument);
+    CHECK(commit(h, {static_cast<uint32_t>(h.ns.chunk_base + h.ns.chunk_count)}, "t").code() == errc::kInvalidArgument);
+    REQUIRE(commit(h, ids, "the host's tables").ok());
+    stored = read_chunk(h, ids.back(), n % h.ns.tokens_per_page);
+    // After the commit: more tokens in the tail (in DRAM), not committed.
+    REQUIRE(h.append(9, 0, n, k.data(), v.data(), 3, 40).ok());
+  }
+  {
+    auto d = drive::create(o);
+    REQUIRE_MESSAGE(d.ok(), d.error().to_string());
+    harness h;
+    h.dev = std::move(*d);
+    REQUIRE(h.configure(2, 2, 128, dtype::kF16, 2, false, true).ok());
+    // The host's tables come back, in pieces as small as the result room asks.
+    std::string got;
+    uint64_t total = 0;
+    do {
+      sq_entry e{};
+      e.opcode = static_cast<uint8_t>(opcode::kRecover);
+      e.nsid = h.ns.nsid;
+      e.result_bytes = 8 + 5;
+      set_args(e, recover_args{got.size()});
+      const command_outcome r = h.raw(e);
+      REQUIRE(r.cqe.status == 0);
+      std::memcpy(&total, h.area(), 8);
+      got.append(reinterpret_cast<const char*>(h.area()) + 8, r.cqe.result - 8);
+    } while (got.size() < total);
+    CHECK(got == "the host's tables");
+    sq_entry bad{};
+    bad.opcode = static_cast<uint8_t>(opcode::kRecover);
+    bad.nsid = h.ns.nsid;
+    bad.result_bytes = 64;
+    set_args(bad, recover_args{total + 1});
+    CHECK(h.run(bad).code() == errc::kInvalidArgument);
+    bad.result_bytes = 7;
+    set_args(bad, recover_args{0});
+    CHECK(h.run(bad).code() == errc::kInvalidArgument);
+    // The committed tail, exactly (the 3 tokens after the commit are gone).
+    CHECK(read_chunk(h, ids.back(), n % h.ns.tokens_per_page) == stored);
+    sq_entry more{};
+    more.opcode = static_cast<uint8_t>(opcode::kRead);
+    more.nsid = h.ns.nsid;
+    more.result_bytes = 1 << 20;
+    set_args(more, read_args{ids.back(), n % h.ns.tokens_per_page + 1});
+    CHECK(h.run(more).code() == errc::kInvalidArgument);
+    // One persistent namespace a drive.
+    CHECK(h.configure(2, 2, 128, dtype::kF16, 2, false, true).code() == errc::kBusy);
+  }
+  std::remove((o.flash_path + ".meta").c_str());
+  std::remove(o.flash_path.c_str());
+  rmdir(tmpl);
 }
 
 // Two ctest entries from this binary: the default run (everything but file flash), and

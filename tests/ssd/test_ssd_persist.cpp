@@ -20,6 +20,7 @@
 #include "instinfer/core/crc32c.hpp"
 #include "persist_test_util.hpp"
 #include "ssd_test_util.hpp"
+#include "support/forwarding_backend.hpp"
 
 using namespace instinfer;
 using namespace persist_test;
@@ -240,14 +241,43 @@ TEST_CASE("reopen: names are checked; a different shape is refused; sparse polic
   REQUIRE_FALSE(plain.ok());
   CHECK(plain.error().code() == errc::kInvalidArgument);
   CHECK(plain.error().message().find("persist=1") != std::string::npos);
-  // The drive does not persist yet: a clear kUnsupported, before any drive is started.
-  auto drive = make_backend("csd:" + path + ".flash?persist=1");
+  // A csd: store persists on one drive only: a clear kUnsupported, before any drive is started
+  // (tests/csd/test_csd_persist.cpp has the rest).
+  auto drive = make_backend("csd:" + path + ".flash?persist=1&drives=2");
   REQUIRE_FALSE(drive.ok());
   CHECK(drive.error().code() == errc::kUnsupported);
   // After all that the store is intact.
   auto again = open_cache(path);
   CHECK(again->find_sequence(7).ok());
   again.reset();
+  remove_store(path);
+}
+
+TEST_CASE("a persistent store behind the forwarding test backend still commits and recovers") {
+  const std::string path = ssd_test::scratch_file("forwarded.kv");
+  remove_store(path);
+  const auto open_wrapped = [&] {
+    auto b = make_backend(persist_uri(path));
+    REQUIRE_MESSAGE(b.ok(), b.error().to_string());
+    auto c = kv_cache::create(options(persist_uri(path)),
+                              std::make_unique<test_support::forwarding_backend>(std::move(b.value())));
+    REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+    return std::move(c.value());
+  };
+  {
+    auto cache = open_wrapped();
+    CHECK(cache->persistent());
+    auto s = cache->create_sequence();
+    REQUIRE(s.ok());
+    REQUIRE(cache->set_sequence_name(s.value(), 5).ok());
+    REQUIRE(append_uids(*cache, s.value(), 1, {4, 5, 6}).ok());
+    REQUIRE(cache->flush().ok());
+  }
+  auto cache = open_wrapped();
+  auto id = cache->find_sequence(5);
+  REQUIRE_MESSAGE(id.ok(), id.error().to_string());
+  CHECK(check_tokens(*cache, id.value(), {{}, {4, 5, 6}}).ok());
+  cache.reset();
   remove_store(path);
 }
 

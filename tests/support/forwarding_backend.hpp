@@ -1,6 +1,7 @@
 // A test backend that forwards every call to a real backend, and can
 //  * fail calls: the nth call of some kinds from now on (fail_nth), or any call a hook refuses;
 //  * count calls per kind;
+//  * forward persistence() (a wrapped persistent store still commits and recovers);
 //  * hide capabilities (host_view, read_pages, runs_sparf), so a
 //    host-memory backend looks like an opaque storage backend to the manager.
 // Used by the failure-atomicity tests of kv_cache and by the conformance suite (tests/backend/).
@@ -142,6 +143,9 @@ class forwarding_backend final : public backend {
     return inner_->flush();
   }
   void prefetch(uint32_t layer, const attend_batch& batch) noexcept override { inner_->prefetch(layer, batch); }
+  // Forwarded so that a wrapped persistent store still commits and recovers (kv_cache::flush and
+  // create ask the outermost backend).
+  persistent_store* persistence() noexcept override { return inner_->persistence(); }
   void on_sequence_freed(seq_id seq) noexcept override { inner_->on_sequence_freed(seq); }
   backend_stats stats() const noexcept override { return inner_->stats(); }
 

@@ -72,6 +72,9 @@ class csd_backend final : public backend {
   // its DRAM group buffer): flush is a round trip to every drive, so a lost or hung drive is
   // reported (kDeviceLost, kTimeout) as by every other call.
   status flush() noexcept override;
+  // csd:PATH?persist=1 (one drive, file flash): the drive commits its mapping and the page tables
+  // (docs/persistence.md); null otherwise.
+  persistent_store* persistence() noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
   bool runs_sparf() const noexcept override;

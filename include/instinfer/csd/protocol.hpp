@@ -23,7 +23,9 @@
 
 namespace instinfer::csd {
 
-inline constexpr uint32_t kProtocolVersion = 3;  // 2: SparF in the drive; 3: compute and program model in the stats
+// 2: SparF in the drive; 3: compute and program model in the stats; 4: persistent namespaces
+// (commit, recover; namespace_config::persist)
+inline constexpr uint32_t kProtocolVersion = 4;
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -36,6 +38,8 @@ enum class opcode : uint8_t {
   kCopy = 0x14,          // copy the first n tokens of a chunk into a fresh chunk (fork of a tail)
   kRead = 0x15,          // read a chunk back: result = the chunk's bytes
   kAttendSparse = 0x16,  // SparF: data = sparf_wire_params, attend_entry[n], q; result = out, lse, counters
+  kCommit = 0x17,        // persistent namespace: data = chunk ids, then the host's tables (commit_args)
+  kRecover = 0x18,       // persistent namespace: result = the host's tables of the last commit (recover_args)
   kStats = 0x20,         // result: device_stats
   kShutdown = 0x7f,      // the drive exits after completing this command
 };
@@ -52,6 +56,8 @@ constexpr const char* opcode_name(opcode op) noexcept {
     case opcode::kCopy: return "copy";
     case opcode::kRead: return "read";
     case opcode::kAttendSparse: return "attend-sparse";
+    case opcode::kCommit: return "commit";
+    case opcode::kRecover: return "recover";
     case opcode::kStats: return "stats";
     case opcode::kShutdown: return "shutdown";
   }
@@ -132,7 +138,8 @@ struct namespace_config {
   uint32_t page_bytes = 0;  // must equal the drive's flash page
   uint8_t kv_dtype = 0;     // instinfer::dtype
   uint8_t sparf = 0;        // 1: keep the channel-indexed K copy (SparF) in this namespace
-  uint8_t reserved0[2] = {};
+  uint8_t persist = 0;      // 1: the namespace survives the drive (FLASH.meta; docs/persistence.md)
+  uint8_t reserved0 = 0;
   float scale = 0.0f;  // logit scale; 0 = 1/sqrt(head_dim)
   float softcap = 0.0f;
   uint32_t kv_head_begin = 0;            // informational: first model kv head held here
@@ -151,6 +158,21 @@ struct namespace_info {
   uint64_t chunk_count = 0;
 };
 static_assert(sizeof(namespace_info) == 24);
+
+// ---- commit / recover (persistent namespaces) ---------------------------------------------------
+// Commit: make every chunk named in the payload durable with its checksums, then atomically
+// replace the drive's metadata file with those chunks' mapping and `table_bytes` opaque bytes of
+// the host (its page tables, stored and returned verbatim). Payload: u32 chunk ids [n_chunks],
+// then the table bytes. Chunks not named lose their pages at the next commit, not before.
+struct commit_args {
+  uint32_t n_chunks = 0;
+  uint32_t table_bytes = 0;
+};
+// Recover: the host's table bytes of the commit found when the namespace was configured. Result:
+// u64 total table bytes, then the bytes from `offset` on (as many as the result room holds).
+struct recover_args {
+  uint64_t offset = 0;
+};
 
 // ---- write KV -----------------------------------------------------------------------------------
 // Tokens [first_token, first_token + n_tokens) of sequence `seq`, layer `layer`, where first_token

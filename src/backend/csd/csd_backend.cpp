@@ -77,6 +77,7 @@ status csd_backend::configure(const backend_config& config) {
     c.capacity_chunks = wanted;
     c.sparf = config.sparf ? 1 : 0;  // the drive keeps the channel-indexed K copy and runs SparF
     c.sparf_channels_per_page = config.sparf_channels_per_page;
+    c.persist = m.persist ? 1 : 0;
     std::memcpy(ds.conn->area(), &c, sizeof c);
     sq_entry e{};
     e.opcode = static_cast<uint8_t>(opcode::kConfig);
@@ -93,10 +94,130 @@ status csd_backend::configure(const backend_config& config) {
     cap = std::min(cap, info.chunk_count);
   }
   m.capacity = cap;
-  m.free_list.resize(cap);
-  for (uint64_t i = 0; i < cap; ++i) m.free_list[i] = static_cast<chunk_id>(cap - 1 - i);
+  std::vector<bool> taken(cap, false);
+  if (m.persist) {
+    INSTINFER_TRY(m.recover_tables());
+    for (const persisted_sequence& p : m.found.sequences)
+      for (const auto& layer : p.chunks)
+        for (chunk_id c : layer) taken[c] = true;  // recover_tables checked c < capacity
+  }
+  m.free_list.clear();
+  m.free_list.reserve(cap);
+  for (uint64_t i = cap; i-- > 0;)
+    if (!taken[i]) m.free_list.push_back(static_cast<chunk_id>(i));
   m.configured = true;
   return {};
+}
+
+// ---- persistence (persist=1) -----------------------------------------------------------------
+// The page tables travel to the drive as opaque bytes: u32 n_sequences, then per sequence u64 name
+// and per layer u32 n_tokens, u32 n_chunks, u32 chunk ids (host ids).
+namespace {
+
+void put_u32(std::vector<std::byte>& out, uint32_t v) {
+  const auto* p = reinterpret_cast<const std::byte*>(&v);
+  out.insert(out.end(), p, p + 4);
+}
+
+}  // namespace
+
+status csd_backend::impl::commit(std::span<const persisted_sequence> sequences) noexcept {
+  try {
+    INSTINFER_TRY(lost_guard());
+    csd_drive_slot& ds = drives.front();  // persist=1 has exactly one drive
+    std::vector<std::byte> tables;
+    std::vector<uint32_t> ids;
+    std::vector<bool> named(capacity, false);
+    put_u32(tables, static_cast<uint32_t>(sequences.size()));
+    for (const persisted_sequence& p : sequences) {
+      const auto* name = reinterpret_cast<const std::byte*>(&p.name);
+      tables.insert(tables.end(), name, name + 8);
+      for (size_t l = 0; l < p.chunks.size(); ++l) {
+        put_u32(tables, p.n_tokens[l]);
+        put_u32(tables, static_cast<uint32_t>(p.chunks[l].size()));
+        for (chunk_id c : p.chunks[l]) {
+          if (c >= capacity) return {errc::kInternal, "commit: chunk id out of range"};
+          put_u32(tables, c);
+          if (!named[c]) ids.push_back(static_cast<uint32_t>(ds.chunk_base + c));
+          named[c] = true;
+        }
+      }
+    }
+    const uint64_t bytes = ids.size() * 4 + tables.size();
+    if (bytes > ds.conn->area_bytes() || tables.size() > UINT32_MAX)
+      return {errc::kNoSpace, "commit: " + std::to_string(bytes) + " bytes of tables exceed the drive's data area of " +
+                                  std::to_string(ds.conn->area_bytes()) + " bytes (csd: option data_mb)"};
+    return run_all([&](uint32_t, sq_entry& e) -> status {
+      std::byte* p = ds.conn->area();
+      if (!ids.empty()) std::memcpy(p, ids.data(), ids.size() * 4);
+      std::memcpy(p + ids.size() * 4, tables.data(), tables.size());
+      e.opcode = static_cast<uint8_t>(opcode::kCommit);
+      e.data_bytes = static_cast<uint32_t>(bytes);
+      set_args(e, commit_args{static_cast<uint32_t>(ids.size()), static_cast<uint32_t>(tables.size())});
+      return {};
+    });
+  } catch (const std::bad_alloc&) {
+    return {errc::kOutOfMemory, "commit: the page tables"};
+  }
+}
+
+status csd_backend::impl::recover_tables() {
+  csd_drive_slot& ds = drives.front();
+  std::vector<std::byte> tables;
+  uint64_t total = 0;
+  do {
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kRecover);
+    e.nsid = ds.nsid;
+    e.result_bytes = static_cast<uint32_t>(std::min<uint64_t>(ds.conn->area_bytes(), UINT32_MAX));
+    set_args(e, recover_args{tables.size()});
+    INSTINFER_TRY(ds.conn->execute(e));
+    const uint64_t got = ds.conn->last().result;
+    if (got < 8) return {errc::kInternal, "recover: short reply"};
+    std::memcpy(&total, ds.conn->area(), 8);
+    tables.insert(tables.end(), ds.conn->area() + 8, ds.conn->area() + got);
+    if (got == 8 && tables.size() < total) return {errc::kInternal, "recover: no progress"};
+  } while (tables.size() < total);
+  found = recovered_state{};
+  if (tables.empty()) return {};  // a new store
+  // The drive checked the file's checksum; these checks guard the host against a drive bug.
+  const status bad{errc::kCorruptData, "csd: the page tables the drive recovered are inconsistent"};
+  size_t off = 0;
+  const auto get = [&](void* dst, size_t n) {
+    if (tables.size() - off < n) return false;
+    std::memcpy(dst, tables.data() + off, n);
+    off += n;
+    return true;
+  };
+  uint32_t n_seq = 0;
+  if (!get(&n_seq, 4)) return bad;
+  const uint32_t tpp = config.page.tokens_per_page;
+  for (uint32_t i = 0; i < n_seq; ++i) {
+    persisted_sequence p;
+    if (!get(&p.name, 8) || p.name == 0) return bad;
+    for (uint32_t l = 0; l < config.shape.n_layers; ++l) {
+      uint32_t n_tokens = 0, n_chunks = 0;
+      if (!get(&n_tokens, 4) || !get(&n_chunks, 4)) return bad;
+      if (n_chunks != (uint64_t{n_tokens} + tpp - 1) / tpp || uint64_t{n_chunks} * 4 > tables.size() - off) return bad;
+      std::vector<chunk_id> chunks(n_chunks);
+      if (n_chunks && !get(chunks.data(), uint64_t{n_chunks} * 4)) return bad;
+      for (chunk_id c : chunks)
+        if (c >= capacity) return bad;
+      p.n_tokens.push_back(n_tokens);
+      p.chunks.push_back(std::move(chunks));
+    }
+    found.sequences.push_back(std::move(p));
+  }
+  if (off != tables.size()) return bad;
+  std::vector<uint64_t> names;
+  for (const persisted_sequence& p : found.sequences) names.push_back(p.name);
+  std::sort(names.begin(), names.end());
+  if (std::adjacent_find(names.begin(), names.end()) != names.end()) return bad;
+  return {};
+}
+
+persistent_store* csd_backend::persistence() noexcept {
+  return impl_->persist && impl_->configured ? impl_.get() : nullptr;
 }
 
 uint64_t csd_backend::capacity_chunks() const noexcept {

@@ -1,4 +1,6 @@
 // csd: URIs: options, drive start-up (or attachment), and the factory.
+#include <unistd.h>
+
 #include <algorithm>
 #include <iterator>
 #include <string>
@@ -31,6 +33,7 @@ struct csd_uri_options {
   link_params link{};
   std::vector<std::string> attach;  // names of running drives, one per drive; empty: start them
   bool keep = false;                // keep flash files this backend created (default: removed)
+  bool persist = false;             // one drive on file flash whose namespace survives (persistence.md)
 };
 
 // Drive d's flash file: the URI's path for one drive, PATH.d for several; empty: RAM flash.
@@ -52,11 +55,6 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
                                        "attach",         "device",
                                        "emulator",       "debug_attend_delay_ms",
                                        "keep",           "persist"};
-  if (uri.option_bool("persist", false))
-    return status{errc::kUnsupported,
-                  "csd: persist=1 is not supported yet: the drive's mapping tables and block state live in the "
-                  "drive process only (docs/persistence.md); use ssd:PATH?persist=1 for a store that survives the "
-                  "process"};
   for (const auto& option : uri.options) {
     const std::string& k = option.first;  // not a structured binding: clang 14 cannot capture those
     if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))
@@ -137,6 +135,11 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
   o.keep = uri.option_bool("keep", false);
   if (!o.attach.empty() && !uri.path.empty())
     return status{errc::kInvalidArgument, "csd: an attached drive has its own flash; give no path with attach="};
+  o.persist = uri.option_bool("persist", false);
+  if (o.persist && (uri.path.empty() || !o.attach.empty() || o.drives != 1))
+    return status{errc::kUnsupported,
+                  "csd: persist=1 needs one drive (drives=1) started on a flash file (csd:PATH?persist=1): the "
+                  "metadata lives beside that file, and a commit across several drives would not be atomic"};
   return o;
 }
 
@@ -201,7 +204,8 @@ result<std::unique_ptr<csd_backend>> csd_backend::create(const backend_uri& uri)
   if (!parsed.ok()) return parsed.error();
   const csd_uri_options& o = *parsed;
   auto p = std::make_unique<impl>();
-  p->keep_flash = o.keep;
+  p->keep_flash = o.keep || o.persist;  // a persistent store's files outlive the cache
+  p->persist = o.persist;
   // The host opens each drive's flash file and hands the descriptors (I/O and lock) over: the file
   // is created here (0600, no symbolic link followed), its exclusive lock is taken here (kBusy from
   // another cache reaches the caller as such, before any drive starts), and the lock, which
@@ -216,6 +220,15 @@ result<std::unique_ptr<csd_backend>> csd_backend::create(const backend_uri& uri)
       auto f = io::open_storage_file(path, io::storage_open_options{true, uri.option_bool("buffered", false), true});
       if (!f.ok())
         return status{f.error().code(), "csd: flash of drive " + std::to_string(d) + ": " + f.error().message()};
+      // PATH.meta (the drive's committed metadata) belongs to the flash file beside it.
+      const std::string meta = path + ".meta";
+      if (o.persist && f.value().created) {
+        ::unlink(meta.c_str());  // stale: the flash it described is gone
+      } else if (!o.persist && ::access(meta.c_str(), F_OK) == 0) {
+        return status{errc::kInvalidArgument, "csd: '" + path + "' holds a persistent store ('" + meta +
+                                                  "' exists): open it with persist=1, or remove both files to reuse "
+                                                  "the path"};
+      }
       p->flash_files.push_back(std::move(f.value()));
     }
   }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "instinfer/backend/csd_backend.hpp"
+#include "instinfer/backend/persistence.hpp"
 #include "instinfer/csd/client.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/csd/seq_layer_key.hpp"
@@ -26,11 +27,15 @@ struct csd_drive_slot {
   uint32_t n_heads = 0;
 };
 
-struct csd_backend::impl {
+// persist=1: the drive keeps the chunks' mapping and checksums and, in the same atomic commit,
+// these page tables as opaque bytes (table_codec in csd_backend.cpp).
+struct csd_backend::impl final : persistent_store {
   // Destroyed after the drives (declared first): the drives exit, then files this backend created
   // are removed while its descriptors still hold their locks (~impl).
   std::vector<io::storage_file> flash_files;
   bool keep_flash = false;
+  bool persist = false;
+  recovered_state found;  // persist: what configure recovered
   std::vector<csd_drive_slot> drives;
   uint32_t page_bytes = 4096;
   backend_config config{};
@@ -47,6 +52,12 @@ struct csd_backend::impl {
   impl() = default;
   impl(const impl&) = delete;
   impl& operator=(const impl&) = delete;
+
+  status commit(std::span<const persisted_sequence> sequences) noexcept override;
+  const recovered_state& recovered() const noexcept override { return found; }
+  void forget_recovered() noexcept override { found = recovered_state{}; }
+  status recover_tables();
+
   ~impl() {
     drives.clear();  // each connection shuts its drive down and waits for it (or kills it)
     if (!keep_flash)
