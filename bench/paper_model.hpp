@@ -291,7 +291,7 @@ inline step_time decode_step(method meth, const model_shape& m, const system_mod
       // Compute: the work the drive's kernels do (models.hpp attend_work).
       csd::attend_work w;
       w.group = group;
-      w.elem_bytes = m.elem_bytes;
+      w.kv_dtype = m.elem_bytes == 4 ? dtype::kF32 : dtype::kF16;  // the paper model stores dense KV
       const double items = B * heads;
       if (!sparse) {
         w.kv_elements = items * 2.0 * static_cast<double>(S) * m.head_dim;

@@ -61,10 +61,13 @@ status attend_engine::attend_sparse(kv_namespace& ns, const sq_entry& e, const s
   // then the exact pass over the selected tokens' K and V (compression 1 skips the first part).
   {
     const sparf_counters& k = total.counters;
-    const double elem = static_cast<double>(dtype_size(ns.geo.kv_dtype));
+    // Bytes per element: a token row's (a quantized row counts its block scales), and a column
+    // value's (f16 for a quantized cache).
+    const double elem = static_cast<double>(dtype_row_bytes(ns.geo.kv_dtype, ns.cfg.head_dim)) / ns.cfg.head_dim;
+    const double column_elem = static_cast<double>(dtype_size(channel_layout::column_dtype(ns.geo.kv_dtype)));
     ctx_.work.group = ns.cfg.group_size;
-    ctx_.work.elem_bytes = static_cast<uint32_t>(elem);
-    ctx_.work.approx_elements += static_cast<double>(k.channel_bytes_used + k.buffered_channel_bytes) / elem;
+    ctx_.work.kv_dtype = ns.geo.kv_dtype;
+    ctx_.work.approx_elements += static_cast<double>(k.channel_bytes_used + k.buffered_channel_bytes) / column_elem;
     if (k.channel_bytes_used + k.buffered_channel_bytes > 0)
       for (uint32_t i = 0; i < c.n_items(); ++i)
         ctx_.work.ranked_tokens += static_cast<double>(c.items[i].n_tokens) * ns.cfg.n_kv_heads;

@@ -298,12 +298,18 @@ TEST_CASE("compute model: stated cores, work counted per element and token, over
   CHECK_FALSE(compute_params{0}.validate().ok());
   attend_work w;
   w.group = 4;
-  w.elem_bytes = 2;
+  w.kv_dtype = dtype::kF16;
   w.kv_elements = 1000;
   w.scored_tokens = 10;
   CHECK(w.flops() == doctest::Approx((2.0 * 4 + 1) * 1000 + 8.0 * 4 * 10));
-  w.elem_bytes = 4;  // f32: nothing to widen
+  w.kv_dtype = dtype::kF32;  // f32: nothing to widen
   CHECK(w.flops() == doctest::Approx(2.0 * 4 * 1000 + 8.0 * 4 * 10));
+  w.kv_dtype = dtype::kQ8_0;  // convert and scale
+  CHECK(w.flops() == doctest::Approx((2.0 * 4 + 2) * 1000 + 8.0 * 4 * 10));
+  w.kv_dtype = dtype::kQ4_0;  // unpack, convert and scale
+  CHECK(w.flops() == doctest::Approx((2.0 * 4 + 3) * 1000 + 8.0 * 4 * 10));
+  w.approx_elements = 500;  // a quantized cache's K columns are f16
+  CHECK(w.flops() == doctest::Approx((2.0 * 4 + 3) * 1000 + (2.0 * 4 + 1) * 500 + 8.0 * 4 * 10));
   command_time ct{3.0, 7.0, 5.0};
   CHECK(ct.total_ns() == 7.0);
 }

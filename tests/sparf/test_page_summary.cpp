@@ -80,7 +80,27 @@ std::vector<float> random_q(const kv_shape& s, uint64_t seed) {
 
 // Float64 expectation: per kv head, the groups the policy should choose (bounds in double from the
 // stored values, same tie rule), then exact attention over their rows.
-std::vector<double> expected(const kv_shape& s, const rows& r, uint32_t n, uint32_t tpp, const sparf_params& p,
+// The rows as the cache stores them (f16, or quantized on append), read back as floats: exact,
+// since f16 widens exactly and a quantized value is its integer times its block's f16 scale.
+struct stored_rows {
+  std::vector<float> k, v;  // [n][n_kv_heads][head_dim]
+};
+stored_rows as_stored(const rows& r, dtype t, uint32_t d) {
+  const auto one = [&](const std::vector<f16_t>& src, std::vector<float>& out) {
+    const size_t n_rows = src.size() / d, row = dtype_row_bytes(t, d);
+    std::vector<std::byte> cast(n_rows * row);
+    REQUIRE(convert_elements(src.data(), dtype::kF16, cast.data(), t, src.size()));
+    out.resize(src.size());
+    for (size_t i = 0; i < n_rows; ++i)
+      for (uint32_t c = 0; c < d; ++c) out[i * d + c] = load_as_float(cast.data() + i * row, t, c);
+  };
+  stored_rows s;
+  one(r.k, s.k);
+  one(r.v, s.v);
+  return s;
+}
+
+std::vector<double> expected(const kv_shape& s, const stored_rows& r, uint32_t n, uint32_t tpp, const sparf_params& p,
                              const std::vector<float>& q) {
   const uint32_t H = s.n_kv_heads, G = s.group_size(), d = s.head_dim;
   const page_summary_plan plan = page_summary_resolve(p, d, tpp, n).value();
@@ -93,7 +113,7 @@ std::vector<double> expected(const kv_shape& s, const rows& r, uint32_t n, uint3
         for (uint32_t c = 0; c < d; ++c) {
           double mn = INFINITY, mx = -INFINITY;
           for (uint32_t t = g * tpp; t < std::min(n, (g + 1) * tpp); ++t) {
-            const double x = f16_to_float(r.k[(size_t{t} * H + h) * d + c]);
+            const double x = r.k[(size_t{t} * H + h) * d + c];
             mn = std::min(mn, x);
             mx = std::max(mx, x);
           }
@@ -113,14 +133,14 @@ std::vector<double> expected(const kv_shape& s, const rows& r, uint32_t n, uint3
     std::sort(order.begin(), order.end(),
               [&](uint32_t a, uint32_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
     for (uint32_t j = 0; j < plan.n_select - plan.n_mandatory; ++j) keep[order[j]] = 1;
-    std::vector<f16_t> k, v;
+    std::vector<float> k, v;
     for (uint32_t t = 0; t < n; ++t)
       if (keep[t / tpp])
         for (uint32_t c = 0; c < d; ++c) {
           k.push_back(r.k[(size_t{t} * H + h) * d + c]);
           v.push_back(r.v[(size_t{t} * H + h) * d + c]);
         }
-    reference::attend_rows(k.data(), v.data(), dtype::kF16, k.size() / d, d, q.data() + size_t{h} * G * d, G,
+    reference::attend_rows(k.data(), v.data(), dtype::kF32, k.size() / d, d, q.data() + size_t{h} * G * d, G,
                            1.0 / std::sqrt(double(d)), 0.0, out.data() + size_t{h} * G * d, nullptr);
   }
   return out;
@@ -225,7 +245,7 @@ TEST_CASE("page summary attend on host and ssd: float64 reference over the chose
         const auto before = cache->stats();
         REQUIRE(cache->attend_sparse(1, one, q.data(), got.data(), nullptr, p).ok());
         const auto after = cache->stats();
-        const std::vector<double> want = expected(shape, r, n, tpp, p, q);
+        const std::vector<double> want = expected(shape, as_stored(r, shape.kv_dtype, shape.head_dim), n, tpp, p, q);
         const double err = reference::relative_error(got, want);
         MESSAGE(uri << " budget " << budget << " ends " << ends << ": relative error vs float64 " << err);
         CHECK(err <= 2e-3);
@@ -244,6 +264,51 @@ TEST_CASE("page summary attend on host and ssd: float64 reference over the chose
     // SparF still runs beside it, chosen per call.
     REQUIRE(cache->attend_sparse(1, one, q.data(), got.data(), nullptr, sparf_params::with_compression(1.0)).ok());
     CHECK(sparf_test_rel(got, dense) <= 1e-5);
+  }
+}
+
+TEST_CASE("page summary over a quantized cache (q8_0, q4_0) on host and ssd: summaries of the dequantized K") {
+  for (dtype t : {dtype::kQ8_0, dtype::kQ4_0}) {
+    CAPTURE(dtype_name(t));
+    const kv_shape shape{1, 8, 4, 128, t};  // GQA group of 2
+    const uint32_t n1 = 640, n2 = 411, n = n1 + n2;
+    const rows r = random_rows(shape, n, 41);
+    const stored_rows stored = as_stored(r, t, shape.head_dim);
+    const std::vector<float> q = random_q(shape, 42);
+    const size_t nq = q.size(), per = size_t{shape.n_kv_heads} * shape.head_dim;
+    for (const std::string& uri : uris()) {
+      CAPTURE(uri);
+      auto made = kv_cache::create(options(shape, uri, false));
+      REQUIRE_MESSAGE(made.ok(), made.error().message());
+      auto cache = std::move(made).value();
+      const uint32_t tpp = cache->page().tokens_per_page;
+      const seq_id s = cache->create_sequence().value();
+      // f16 rows, quantized on append (the summaries must see the stored, dequantized values).
+      REQUIRE(cache->append(s, 0, n1, r.k.data(), r.v.data(), dtype::kF16).ok());
+      REQUIRE(cache->append(s, 0, n2, r.k.data() + n1 * per, r.v.data() + n1 * per, dtype::kF16).ok());
+      const std::span<const seq_id> one(&s, 1);
+
+      std::vector<float> dense(nq), got(nq);
+      REQUIRE(cache->attend(0, one, q.data(), dense.data(), nullptr).ok());
+      sparf_params all = sparf_params::with_compression(1.0);
+      all.policy = sparse_policy::kPageSummary;
+      REQUIRE(cache->attend_sparse(0, one, q.data(), got.data(), nullptr, all).ok());
+      CHECK(sparf_test_rel(got, dense) <= 1e-5);
+      for (double budget : {0.1, 0.3}) {
+        sparf_params p = sparf_params::with_compression(budget);
+        p.policy = sparse_policy::kPageSummary;
+        p.sink_tokens = 40;
+        p.window_tokens = 40;
+        CAPTURE(budget);
+        REQUIRE(cache->attend_sparse(0, one, q.data(), got.data(), nullptr, p).ok());
+        const double err = reference::relative_error(got, expected(shape, stored, n, tpp, p, q));
+        MESSAGE(uri << " " << dtype_name(t) << " budget " << budget << ": relative error vs float64 " << err);
+        CHECK(err <= 1e-5);
+        if (budget < 0.2) CHECK(sparf_test_rel(got, dense) > 1e-3);  // a real selection
+      }
+      CHECK(cache->stats().page_summary_bytes ==
+            uint64_t{(n + tpp - 1) / tpp} * page_summary_floats(shape.n_kv_heads, 128) * sizeof(float));
+    }
   }
 }
 

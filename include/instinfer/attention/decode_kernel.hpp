@@ -111,6 +111,53 @@ INSTINFER_INLINE typename Shape::vec load_row_vec(const std::byte* row, uint32_t
   }
 }
 
+// Where the DB vectors from vector g of a quantized row lie, the same for every row: value_block
+// computes it once per pass, so that its token loop does loads and arithmetic only. A pass is
+// either within one block (DB * kLanes <= 32: one scale for all its vectors) or whole blocks.
+template <uint32_t DB>
+struct quant_pass {
+  uint32_t first_block = 0;  // byte offset of the block of vector g
+  uint32_t data[DB] = {};    // byte offset of vector g + b's integers from first_block
+  uint32_t shift[DB] = {};   // q4_0: 0 (low nibbles) or 4 (high nibbles)
+};
+
+template <class Shape, dtype KvType, uint32_t DB>
+INSTINFER_INLINE quant_pass<DB> quant_pass_at(uint32_t g) noexcept {
+  quant_pass<DB> p;
+  if constexpr (is_quantized(KvType)) {
+    constexpr uint32_t bb = dtype_block_bytes(KvType);
+    const uint32_t e0 = g * Shape::kLanes;
+    p.first_block = e0 / kQuantBlock * bb;
+    for (uint32_t b = 0; b < DB; ++b) {
+      const uint32_t e = e0 % kQuantBlock + b * Shape::kLanes;  // from the first block's start
+      const uint32_t in_block = e % kQuantBlock;
+      p.data[b] = e / kQuantBlock * bb + 2 + (KvType == dtype::kQ8_0 ? in_block : in_block % 16);
+      p.shift[b] = KvType == dtype::kQ4_0 && in_block >= 16 ? 4u : 0u;
+    }
+  }
+  return p;
+}
+
+// The pass's DB vectors of one quantized row (`blocks`: the row's block of the pass's first
+// vector), each block's scale loaded once.
+template <class Shape, dtype KvType, uint32_t DB>
+INSTINFER_INLINE void load_pass_quantized(const std::byte* blocks, const quant_pass<DB>& p,
+                                          typename Shape::vec* out) noexcept {
+  using ops = typename Shape::ops;
+  constexpr uint32_t bb = dtype_block_bytes(KvType);
+  constexpr uint32_t kPerBlock = kQuantBlock / Shape::kLanes;  // vectors per block
+  constexpr uint32_t kBlocks = DB <= kPerBlock ? 1 : DB / kPerBlock;
+  typename Shape::vec scale[kBlocks];
+#pragma GCC unroll 16
+  for (uint32_t i = 0; i < kBlocks; ++i) scale[i] = ops::load_scale(blocks + i * bb);
+#pragma GCC unroll 16
+  for (uint32_t b = 0; b < DB; ++b) {
+    const typename Shape::vec x =
+        KvType == dtype::kQ8_0 ? ops::load_q8(blocks + p.data[b]) : ops::load_q4(blocks + p.data[b], p.shift[b]);
+    out[b] = x * scale[DB <= kPerBlock ? 0 : b / kPerBlock];
+  }
+}
+
 // Software prefetch distance along the sweep, in bytes ahead of the rows being read. The sweep is
 // sequential within a chunk (K pages of all heads, then V pages), so a constant distance keeps an
 // ascending prefetch stream that also trains the L2 streamer; measured on Zen 5 (f16, 4 KiB
@@ -222,6 +269,7 @@ template <class Shape, uint32_t HT, dtype KvType>
 #pragma GCC unroll 16
     for (uint32_t h = 0; h < HT; ++h)
       for (uint32_t b = 0; b < DB; ++b) acc[h][b] = ops::zero();
+    const quant_pass<DB> pass = quant_pass_at<Shape, KvType, DB>(g);
     for (uint32_t tok = 0; tok < n; ++tok) {
       if constexpr (kPrefetchAhead > 0) {
         if (g == 0)
@@ -230,8 +278,12 @@ template <class Shape, uint32_t HT, dtype KvType>
       }
       const std::byte* r = v + tok * Shape::kRowBytes;
       vec vv[DB];
+      if constexpr (is_quantized(KvType)) {
+        load_pass_quantized<Shape, KvType, DB>(r + pass.first_block, pass, vv);
+      } else {
 #pragma GCC unroll 16
-      for (uint32_t b = 0; b < DB; ++b) vv[b] = load_row_vec<Shape, KvType>(r, g + b);
+        for (uint32_t b = 0; b < DB; ++b) vv[b] = load_row_vec<Shape, KvType>(r, g + b);
+      }
       const float* pp = sbuf + (tok / TT) * L + tok % TT;
 #pragma GCC unroll 16
       for (uint32_t h = 0; h < HT; ++h) {

@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "instinfer/core/dtype.hpp"
 #include "instinfer/core/status.hpp"
 
 namespace instinfer::csd {
@@ -243,22 +244,37 @@ struct compute_params {
 
 // The work of one attention command, counted from what its kernels touched (all kv heads).
 // Costs (fp32 flop): 2 per K or V element and query head of the group (one FMA: q.k, or p.v);
-// 1 per fp16 element to widen it to fp32 (the A72 has no fp16 arithmetic); 8 per scored
-// (token, query head) (scale, running max, exp, sum); SparF's selection: 2 per K-column element
-// and query head (approximate q.k), 8 per approximately scored (token, query head) (softmax) and 4
-// per (token, kv head) ranked by the top-k selection.
+// widening a stored element to fp32 (the A72 has no fp16 arithmetic), per element: 0 for f32,
+// 1 for f16/bf16 (a convert), 2 for q8_0 (int8 -> f32 convert, times the block's scale), 3 for
+// q4_0 (nibble unpack, convert, scale); the block's f16 scale (one per 32 elements) is counted in
+// those. 8 per scored (token, query head) (scale, running max, exp, sum); SparF's selection: 2 per
+// K-column element and query head (approximate q.k; a quantized cache's columns are f16), 8 per
+// approximately scored (token, query head) (softmax) and 4 per (token, kv head) ranked by the
+// top-k selection. Bytes read from flash are counted apart (from dtype_row_bytes), so a quantized
+// cache reads fewer bytes but spends more compute per element.
 struct attend_work {
   double kv_elements = 0.0;      // K and V elements through the exact kernel
   double scored_tokens = 0.0;    // (token, kv head) pairs of the exact softmax
   double approx_elements = 0.0;  // K-column elements of SparF's approximate scores
   double ranked_tokens = 0.0;    // (token, kv head) pairs SparF scored approximately and ranked
   uint32_t group = 1;            // query heads per kv head
-  uint32_t elem_bytes = 2;       // stored element size (fp16: widened before use)
+  dtype kv_dtype = dtype::kF16;  // the token rows' stored dtype
 
+  // fp32 flop to turn one stored element of `t` into fp32.
+  static constexpr double widen_flops(dtype t) noexcept {
+    switch (t) {
+      case dtype::kF32: return 0.0;
+      case dtype::kF16:
+      case dtype::kBF16: return 1.0;
+      case dtype::kQ8_0: return 2.0;
+      case dtype::kQ4_0: return 3.0;
+    }
+    return 1.0;
+  }
   double flops() const noexcept {
-    const double widen = elem_bytes < 4 ? 1.0 : 0.0;
-    return (2.0 * group + widen) * (kv_elements + approx_elements) + 8.0 * group * (scored_tokens + ranked_tokens) +
-           4.0 * ranked_tokens;
+    const dtype column = is_quantized(kv_dtype) ? dtype::kF16 : kv_dtype;  // channel_layout::column_dtype
+    return (2.0 * group + widen_flops(kv_dtype)) * kv_elements + (2.0 * group + widen_flops(column)) * approx_elements +
+           8.0 * group * (scored_tokens + ranked_tokens) + 4.0 * ranked_tokens;
   }
   void add(const attend_work& o) noexcept {
     kv_elements += o.kv_elements;
