@@ -23,7 +23,8 @@
 
 namespace instinfer::csd {
 
-inline constexpr uint32_t kProtocolVersion = 3;  // 2: SparF in the drive; 3: compute and program model in the stats
+// 2: SparF in the drive; 3: compute and program model in the stats; 4: causal chunk attention
+inline constexpr uint32_t kProtocolVersion = 4;
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -36,6 +37,7 @@ enum class opcode : uint8_t {
   kCopy = 0x14,          // copy the first n tokens of a chunk into a fresh chunk (fork of a tail)
   kRead = 0x15,          // read a chunk back: result = the chunk's bytes
   kAttendSparse = 0x16,  // SparF: data = sparf_wire_params, attend_entry[n], q; result = out, lse, counters
+  kAttendChunk = 0x17,   // causal chunk (prefill): data = attend_chunk_entry[n], q rows; result = out rows, lse rows
   kStats = 0x20,         // result: device_stats
   kShutdown = 0x7f,      // the drive exits after completing this command
 };
@@ -52,6 +54,7 @@ constexpr const char* opcode_name(opcode op) noexcept {
     case opcode::kCopy: return "copy";
     case opcode::kRead: return "read";
     case opcode::kAttendSparse: return "attend-sparse";
+    case opcode::kAttendChunk: return "attend-chunk";
     case opcode::kStats: return "stats";
     case opcode::kShutdown: return "shutdown";
   }
@@ -182,6 +185,28 @@ struct attend_entry {
   uint32_t reserved = 0;
 };
 static_assert(sizeof(attend_entry) == 16);
+
+// ---- attend chunk: causal chunk attention (prefill) ---------------------------------------------
+// Item i has n_rows query rows at positions first_pos .. first_pos + n_rows - 1; row r sees tokens
+// [0, first_pos + r] of the item's n_tokens (first_pos + n_rows <= n_tokens). The rows of all
+// items follow each other: data = attend_chunk_entry[n_items], then q [n_rows total][n_q_heads]
+// [head_dim] f32; result = out [n_rows total][n_q_heads][head_dim] f32, then lse [n_rows total]
+// [n_q_heads] f32. Only queries and outputs cross the link; the drive reads each K/V page of an
+// item once per kv head for all its rows.
+struct attend_chunk_args {
+  uint32_t layer = 0;
+  uint32_t n_items = 0;
+  uint32_t n_rows = 0;  // sum of the items' n_rows
+};
+struct attend_chunk_entry {
+  uint64_t seq = 0;
+  uint32_t n_tokens = 0;
+  uint32_t n_rows = 0;
+  uint32_t first_pos = 0;
+  uint32_t reserved = 0;
+};
+static_assert(sizeof(attend_chunk_entry) == 24);
+static_assert(std::is_trivially_copyable_v<attend_chunk_entry>);
 
 // ---- attend sparse (SparF) ---------------------------------------------------------------------
 // args = attend_args. data = sparf_wire_params, then attend_entry[n_items], then q as for attend.
