@@ -113,6 +113,78 @@ status attend_engine::attend(kv_namespace& ns, const sq_entry& e, const std::byt
   return {};
 }
 
+// ==== attend chunk (causal rows) =================================================================
+// The dense path with query rows: each item's pages are read once per kv head for all its rows
+// (the driver's rows kernel), so a prefill chunk costs one pass over the KV, not one per row.
+
+status attend_engine::decode_chunk_command(const kv_namespace& ns, const sq_entry& e, const std::byte* data,
+                                           std::byte* res, command& c) const {
+  const auto a = get_args<attend_chunk_args>(e);
+  c.args = attend_args{a.layer, a.n_items};
+  INSTINFER_TRY(ns.check_layer(a.layer));
+  if (a.n_items == 0 || a.n_items > kMaxAttendItems)
+    return {errc::kInvalidArgument, "attend-chunk batch must hold 1..65536 items"};
+  if (a.n_rows == 0 || a.n_rows > kMaxAttendChunkRows)
+    return {errc::kInvalidArgument, "attend-chunk must carry 1.." + std::to_string(kMaxAttendChunkRows) +
+                                        " query rows, got " + std::to_string(a.n_rows)};
+  c.wire = attend_wire_layout::make_chunk(a.n_items, a.n_rows, ns.q_heads(), ns.cfg.head_dim);
+  if (e.data_bytes != c.wire.data_bytes) return {errc::kInvalidArgument, "attend-chunk payload size mismatch"};
+  if (e.result_bytes < c.wire.result_bytes) return {errc::kInvalidArgument, "attend-chunk result buffer too small"};
+  std::vector<attend_chunk_entry> entries(a.n_items);
+  std::memcpy(entries.data(), data, entries.size() * sizeof(attend_chunk_entry));
+  c.items.resize(a.n_items);
+  c.n_rows.resize(a.n_items);
+  c.first_pos.resize(a.n_items);
+  c.row_begin.resize(a.n_items);
+  uint64_t rows = 0;
+  for (uint32_t i = 0; i < a.n_items; ++i) {
+    const attend_chunk_entry& x = entries[i];
+    if (x.n_rows == 0 || uint64_t{x.first_pos} + x.n_rows > x.n_tokens)
+      return {errc::kInvalidArgument, "attend-chunk item " + std::to_string(i) + " (sequence " + std::to_string(x.seq) +
+                                          "): " + std::to_string(x.n_rows) + " query rows at position " +
+                                          std::to_string(x.first_pos) + " over " + std::to_string(x.n_tokens) +
+                                          " tokens (need 1 <= rows, first + rows <= tokens)"};
+    c.items[i] = attend_entry{x.seq, x.n_tokens, 0};
+    c.n_rows[i] = x.n_rows;
+    c.first_pos[i] = x.first_pos;
+    c.row_begin[i] = static_cast<uint32_t>(rows);
+    rows += x.n_rows;
+  }
+  if (rows != a.n_rows)
+    return {errc::kInvalidArgument, "attend-chunk items hold " + std::to_string(rows) +
+                                        " query rows, the command says " + std::to_string(a.n_rows)};
+  c.q = reinterpret_cast<const float*>(data + c.wire.q_offset);
+  c.out = reinterpret_cast<float*>(res);
+  c.lse = reinterpret_cast<float*>(res + c.wire.lse_offset);
+  c.tabs.assign(a.n_items, nullptr);
+  return check_items(ns, c);
+}
+
+status attend_engine::attend_chunk(kv_namespace& ns, const sq_entry& e, const std::byte* data, std::byte* res,
+                                   uint64_t& result_bytes) {
+  const int64_t wall0 = wall_ns();
+  if (ns.rows_kernel == nullptr)
+    return {errc::kUnsupported, "the drive has no causal-rows kernel for this namespace's KV type"};
+  command c;
+  INSTINFER_TRY(decode_chunk_command(ns, e, data, res, c));
+  model_dense_reads(ns, c);
+  // Compute model: every row's visible K and V through the kernel, one exact softmax per (row,
+  // token, kv head); the pages themselves are read once (model_dense_reads).
+  for (uint32_t i = 0; i < c.n_items(); ++i) {
+    const double rows = c.n_rows[i];
+    const double visible = rows * c.first_pos[i] + rows * (rows + 1) / 2;  // sum of first_pos + r + 1
+    const double tokens = visible * ns.cfg.n_kv_heads;
+    ctx_.work.kv_elements += 2.0 * tokens * ns.cfg.head_dim;
+    ctx_.work.scored_tokens += tokens;
+  }
+  ctx_.work.group = ns.cfg.group_size;
+  ctx_.work.elem_bytes = static_cast<uint32_t>(dtype_size(ns.geo.kv_dtype));
+  INSTINFER_TRY(run_dense(ns, c));
+  result_bytes = c.wire.result_bytes;
+  ctx_.stats.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);
+  return {};
+}
+
 result<decode_driver*> attend_engine::driver_for(const kv_namespace& ns) {
   if (driver_ && same_decode(driver_->params(), ns.params)) return driver_.get();
   driver_.reset();  // its threads go before the next driver's start
@@ -125,6 +197,7 @@ result<decode_driver*> attend_engine::driver_for(const kv_namespace& ns) {
   auto made = decode_driver::create(ns.params, ns.kernel, o);
   if (!made.ok()) return made.error();
   driver_ = std::move(*made);
+  driver_->set_rows_kernel(ns.rows_kernel);
   return driver_.get();
 }
 
@@ -155,9 +228,12 @@ status attend_engine::run_dense(const kv_namespace& ns, const command& c) {
     decode_sequence& s = dense_batch_[i];
     s.n_tokens = c.items[i].n_tokens;
     s.n_chunks = ns.chunks_for(s.n_tokens);
-    s.q = c.q + uint64_t{i} * hq * d;
-    s.out = c.out + uint64_t{i} * hq * d;
-    s.lse = c.lse + uint64_t{i} * hq;
+    const uint64_t row = c.n_rows.empty() ? i : c.row_begin[i];  // attend: one row per item
+    s.q = c.q + row * hq * d;
+    s.out = c.out + row * hq * d;
+    s.lse = c.lse + row * hq;
+    s.n_rows = c.n_rows.empty() ? 0 : c.n_rows[i];
+    s.first_pos = c.n_rows.empty() ? 0 : c.first_pos[i];
   }
   page_chunk_source source(ns, c.tabs, workers_, *ctx_.store, ctx_.o.pages_per_batch);
   const status s = (*driver)->run(dense_batch_, source);

@@ -35,6 +35,9 @@ class attend_engine {
   // kAttend: data and res are the command's payload and result ranges (validated against the data
   // area by the dispatcher); result_bytes receives the bytes produced.
   status attend(kv_namespace& ns, const sq_entry& e, const std::byte* data, std::byte* res, uint64_t& result_bytes);
+  // kAttendChunk: causal query rows per item (prefill), through the same driver with its rows kernel.
+  status attend_chunk(kv_namespace& ns, const sq_entry& e, const std::byte* data, std::byte* res,
+                      uint64_t& result_bytes);
   // kAttendSparse: the same, with SparF parameters in front and counters behind.
   status attend_sparse(kv_namespace& ns, const sq_entry& e, const std::byte* data, std::byte* res,
                        uint64_t& result_bytes);
@@ -51,6 +54,8 @@ class attend_engine {
     float* out = nullptr;                 // [n_items][q_heads][head_dim]
     float* lse = nullptr;                 // [n_items][q_heads]
     std::byte* counters = nullptr;        // attend-sparse: one sparf_wire_counters
+    // attend-chunk: per item its query rows, their first position and first row of q / out / lse
+    std::vector<uint32_t> n_rows, first_pos, row_begin;
     uint32_t n_items() const noexcept { return args.n_items; }
   };
   struct sparse_shared;
@@ -58,6 +63,8 @@ class attend_engine {
 
   status decode_command(const kv_namespace& ns, const sq_entry& e, bool sparse, const std::byte* data, std::byte* res,
                         command& c) const;
+  status decode_chunk_command(const kv_namespace& ns, const sq_entry& e, const std::byte* data, std::byte* res,
+                              command& c) const;
   status check_items(const kv_namespace& ns, command& c) const;
 
   // Dense: the driver for the namespace's decode parameters (one at a time, kept while they

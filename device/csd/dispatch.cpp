@@ -216,6 +216,7 @@ status drive_impl::dispatch(uint32_t qp, const sq_entry& e, std::byte* area, uin
     case opcode::kWriteKv: return do_write(ns, e, data);
     case opcode::kAttend: return engine_.attend(ns, e, data, res, out.result_bytes);
     case opcode::kAttendSparse: return engine_.attend_sparse(ns, e, data, res, out.result_bytes);
+    case opcode::kAttendChunk: return engine_.attend_chunk(ns, e, data, res, out.result_bytes);
     case opcode::kReclaim: return do_reclaim(ns, e, data);
     case opcode::kMap: return do_map(ns, e, data);
     case opcode::kCopy: return do_copy(ns, e);
@@ -295,6 +296,8 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   auto kernel = select_decode_heads_kernel(best_cpu_isa(), ns->params);
   if (!kernel.ok()) return kernel.error();
   ns->kernel = *kernel;
+  auto rows = select_decode_rows_kernel(best_cpu_isa(), ns->params);  // none: attend-chunk says kUnsupported
+  ns->rows_kernel = rows.ok() ? *rows : nullptr;
   ns->chunks.assign(ns->count, chunk_entry{});
   ns->l2p.assign(ns->count * ns->pages_per_chunk, kNoPage);
   if (ns->sparf) ns->gen.assign(ns->count, 0);

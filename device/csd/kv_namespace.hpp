@@ -55,8 +55,9 @@ struct kv_namespace {
   uint64_t chunk_bytes = 0;
   uint64_t base = 0;
   uint64_t count = 0;
-  decode_params params{};            // the decode driver's: layout = the whole chunk's
-  decode_heads_fn kernel = nullptr;  // the head-range decode kernel for params
+  decode_params params{};                // the decode driver's: layout = the whole chunk's
+  decode_heads_fn kernel = nullptr;      // the head-range decode kernel for params
+  decode_rows_fn rows_kernel = nullptr;  // its causal-rows kernel (attend-chunk); null: none for params
   std::vector<chunk_entry> chunks;
   std::vector<uint32_t> l2p;  // token-indexed L2P: [chunk][K|V][head] -> physical page
   std::unordered_map<seq_layer_key, page_table, seq_layer_hash> tables;  // mirrored page tables

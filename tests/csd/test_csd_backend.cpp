@@ -188,6 +188,92 @@ TEST_CASE("csd decode with file-backed flash (io_uring)") {
   rmdir(tmpl);
 }
 
+// Causal chunk attention inside the drives (attend-chunk): the same rows as the host backend and
+// the float64 reference, for several sequences at positions not at 0, a fork, and a chunk whose
+// rows do not fit one command (data_mb=1: split over commands); only q rows and out rows cross
+// the link; bad rows are refused.
+TEST_CASE("csd chunk attention matches the host backend and the reference (2 drives, fork, split rows)") {
+  if (!drive_available()) return;
+  const kv_shape shape{2, 8, 4, 64, dtype::kF16};
+  auto csd = make_cache(shape, std::string("csd:?drives=2&data_mb=1&") + kSmallFlash);
+  auto host = make_cache(shape, "host:?hugepages=0");
+  REQUIRE(csd->supports_attend_chunk());
+  const uint32_t tpp = csd->page().tokens_per_page;
+  std::mt19937 rng(77);
+  const uint32_t prefix[3] = {0, tpp + 3, 5 * tpp - 1};
+  const uint32_t rows[4] = {7, 2 * tpp + 5, 600, 9};  // 600 rows: ~1.2 MB of q + out per drive
+  std::vector<seq_id> cs, hs;
+  std::vector<kv_model> models(3, kv_model{shape.n_kv_heads, shape.head_dim, shape.kv_dtype, {}, {}});
+  for (int i = 0; i < 3; ++i) {
+    cs.push_back(csd->create_sequence().value());
+    hs.push_back(host->create_sequence().value());
+    if (prefix[i]) append_both(*csd, *host, cs[i], hs[i], 1, prefix[i], models[i], rng);
+  }
+  // A fork of sequence 2 after its prefix: its chunk shares the sealed chunks.
+  cs.push_back(csd->fork_sequence(cs[2]).value());
+  hs.push_back(host->fork_sequence(hs[2]).value());
+  models.push_back(models[2]);
+  std::vector<uint32_t> pos, n_rows;
+  for (size_t i = 0; i < cs.size(); ++i) {
+    pos.push_back(static_cast<uint32_t>(models[i].n_tokens()));
+    n_rows.push_back(rows[i]);
+    append_both(*csd, *host, cs[i], hs[i], 1, rows[i], models[i], rng);  // the chunk's own K/V first
+  }
+  uint64_t total = 0;
+  for (uint32_t n : n_rows) total += n;
+  const uint64_t per = uint64_t{shape.n_q_heads} * shape.head_dim;
+  const auto q = csd_test::random_q(rng, total * per);
+  std::vector<float> o1(total * per, 1e30f), o2(o1.size()), l1(total * shape.n_q_heads, 1e30f), l2(l1.size());
+  const backend_stats before = csd->stats().backend;
+  status st = csd->attend_chunk(1, cs, pos, n_rows, q.data(), o1.data(), l1.data());
+  REQUIRE_MESSAGE(st.ok(), st.to_string());
+  const backend_stats after = csd->stats().backend;
+  st = host->attend_chunk(1, hs, pos, n_rows, q.data(), o2.data(), l2.data());
+  REQUIRE_MESSAGE(st.ok(), st.to_string());
+  const double scale = 1.0 / std::sqrt(double(shape.head_dim));
+  uint64_t row = 0;
+  double worst = 0.0;
+  for (size_t i = 0; i < cs.size(); ++i) {
+    CAPTURE(i);
+    for (uint32_t r = 0; r < n_rows[i]; ++r, ++row) {
+      std::vector<double> want, want_lse;
+      models[i].attend(q.data() + row * per, shape.group_size(), pos[i] + r + 1, scale, want, want_lse);
+      const std::span<const float> got(o1.data() + row * per, per);
+      const std::vector<double> host_d(o2.begin() + static_cast<ptrdiff_t>(row * per),
+                                       o2.begin() + static_cast<ptrdiff_t>((row + 1) * per));
+      const double err = reference::relative_error(got, want);
+      worst = std::max(worst, err);
+      CHECK(err < 1e-5);
+      CHECK(reference::relative_error(got, host_d) < 1e-5);
+      CHECK(csd_test::lse_error(std::span<const float>(l1.data() + row * shape.n_q_heads, shape.n_q_heads), want_lse) <
+            1e-5);
+    }
+  }
+  MESSAGE("csd attend_chunk vs float64: worst relative error " << worst);
+  // The link carries q rows in and out + lse rows back (plus entries), never the KV.
+  const uint64_t q_bytes = total * per * 4, back_bytes = total * (per + shape.n_q_heads) * 4;
+  const uint64_t in = after.link_bytes_host_to_device - before.link_bytes_host_to_device;
+  const uint64_t out = after.link_bytes_device_to_host - before.link_bytes_device_to_host;
+  CHECK(in >= q_bytes);
+  CHECK(in < q_bytes + 64 * 1024);  // command and map entries, one attend_chunk_entry per piece
+  CHECK(out >= back_bytes);
+  CHECK(out < back_bytes + 4096);
+
+  // Bad rows: past the tokens, through the cache and straight at the backend.
+  const uint32_t bad_pos = pos[0] + 1;
+  CHECK(csd->attend_chunk(1, {&cs[0], 1}, {&bad_pos, 1}, {&n_rows[0], 1}, q.data(), o1.data(), nullptr).code() ==
+        errc::kInvalidArgument);
+  attend_batch_builder b;
+  b.clear(tpp);
+  const std::vector<chunk_id> none;
+  b.add(cs[0], none, 0);
+  attend_batch batch = b.view(q.data(), o1.data(), nullptr, shape.n_q_heads, shape.head_dim);
+  const uint32_t indptr[2] = {0, 3}, first[1] = {0};
+  batch.row_indptr = indptr;
+  batch.row_pos = first;
+  CHECK(csd_of(*csd).attend_causal(1, batch).code() == errc::kInvalidArgument);  // 3 rows over 0 tokens
+}
+
 TEST_CASE("link bytes per decode step are q + k + v + out + fixed overhead, at 1k and 64k context") {
   if (!drive_available()) return;
   const kv_shape shape{1, 4, 2, 64, dtype::kF16};

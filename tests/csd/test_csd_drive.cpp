@@ -157,6 +157,36 @@ struct harness {
     return {};
   }
 
+  // attend-chunk: entries, then every item's query rows; out rows, then lse rows back.
+  sq_entry chunk_entry_of(uint32_t layer, const std::vector<attend_chunk_entry>& items, const float* q,
+                          uint32_t n_rows) {
+    const uint32_t hq = cfg.n_kv_heads * cfg.group_size;
+    const uint64_t qb = uint64_t{n_rows} * hq * cfg.head_dim * 4;
+    std::memcpy(area(), items.data(), items.size() * sizeof(attend_chunk_entry));
+    std::memcpy(area() + items.size() * sizeof(attend_chunk_entry), q, qb);
+    sq_entry e{};
+    e.opcode = static_cast<uint8_t>(opcode::kAttendChunk);
+    e.nsid = ns.nsid;
+    e.data_bytes = static_cast<uint32_t>(items.size() * sizeof(attend_chunk_entry) + qb);
+    e.result_offset = 4u << 20;
+    e.result_bytes = static_cast<uint32_t>(qb + uint64_t{n_rows} * hq * 4);
+    set_args(e, attend_chunk_args{layer, static_cast<uint32_t>(items.size()), n_rows});
+    return e;
+  }
+  status attend_chunk(uint32_t layer, const std::vector<attend_chunk_entry>& items, const float* q,
+                      std::vector<float>& out, std::vector<float>& lse) {
+    uint32_t n_rows = 0;
+    for (const attend_chunk_entry& x : items) n_rows += x.n_rows;
+    const uint32_t hq = cfg.n_kv_heads * cfg.group_size;
+    INSTINFER_TRY(run(chunk_entry_of(layer, items, q, n_rows)));
+    const uint64_t qb = uint64_t{n_rows} * hq * cfg.head_dim * 4;
+    out.resize(qb / 4);
+    lse.resize(uint64_t{n_rows} * hq);
+    std::memcpy(out.data(), area() + (4u << 20), qb);
+    std::memcpy(lse.data(), area() + (4u << 20) + qb, lse.size() * 4);
+    return {};
+  }
+
   status reclaim_chunks(const std::vector<uint32_t>& ids) {
     std::memcpy(area(), ids.data(), ids.size() * 4);
     sq_entry e{};
@@ -394,6 +424,81 @@ TEST_CASE("drive attention matches the float64 reference across page and block b
           std::max({st.modelled_flash_ns, st.modelled_link_ns, st.modelled_compute_ns}));
     CHECK(st.modelled_ns <= st.modelled_flash_ns + st.modelled_link_ns + st.modelled_compute_ns + st.commands);
   }
+}
+
+TEST_CASE("attend-chunk in the firmware: causal rows match the float64 reference, pages read once; bad entries") {
+  harness h = make(small_flash());
+  REQUIRE(h.configure(2, 3, 64, dtype::kF16).ok());
+  const uint32_t tpp = h.ns.tokens_per_page, g = 3, dim = 64, hq = 6;
+  std::mt19937 rng(4321);
+  std::vector<kv_model> models(3, kv_model{2, 64, dtype::kF16, {}, {}});
+  const uint32_t lens[3] = {5, 3 * tpp + 7, 9 * tpp - 1};
+  // (first position, rows) per sequence: a chunk from 0, one crossing pages, one ending the sequence.
+  const uint32_t first[3] = {0, tpp - 2, 4 * tpp};
+  const uint32_t rows[3] = {5, tpp + 4, 5 * tpp - 1};
+  for (uint64_t s = 0; s < 3; ++s) {
+    const auto k = csd_test::random_rows(rng, lens[s], 2, 64, dtype::kF16);
+    const auto v = csd_test::random_rows(rng, lens[s], 2, 64, dtype::kF16);
+    REQUIRE(h.append(200 + s, 1, 0, k.data(), v.data(), lens[s], tpp + 5).ok());
+    models[s].append(k.data(), v.data(), lens[s]);
+  }
+  std::vector<attend_chunk_entry> items;
+  uint32_t total = 0;
+  for (uint64_t s = 0; s < 3; ++s) {
+    items.push_back({200 + s, lens[s], rows[s], first[s], 0});
+    total += rows[s];
+  }
+  const std::vector<float> q = csd_test::random_q(rng, uint64_t{total} * hq * dim);
+  std::vector<float> out, lse;
+  const uint64_t read_before = h.stats().flash_pages_read;
+  const status st = h.attend_chunk(1, items, q.data(), out, lse);
+  REQUIRE_MESSAGE(st.ok(), st.to_string());
+  // Every flash page of every item at most once: no more than the pages the items hold.
+  uint64_t pages = 0;
+  for (uint32_t n : lens) pages += 2ull * 2 * ((n + tpp - 1) / tpp);
+  CHECK(h.stats().flash_pages_read - read_before <= pages);
+  uint64_t row = 0;
+  double worst = 0.0;
+  for (uint64_t s = 0; s < 3; ++s)
+    for (uint32_t r = 0; r < rows[s]; ++r, ++row) {
+      std::vector<double> want, want_lse;
+      models[s].attend(q.data() + row * hq * dim, g, first[s] + r + 1, 1.0 / std::sqrt(double(dim)), want, want_lse);
+      const double err = reference::relative_error(std::span<const float>(out.data() + row * hq * dim, hq * dim), want);
+      worst = std::max(worst, err);
+      CHECK_MESSAGE(err < 1e-5, "sequence " << s << " row " << r);
+      CHECK(csd_test::lse_error(std::span<const float>(lse.data() + row * hq, hq), want_lse) < 1e-5);
+    }
+  MESSAGE("drive attend-chunk vs float64: worst relative error " << worst);
+
+  // Malformed: each refused with a message, the drive keeps serving.
+  const auto refused = [&](sq_entry e, errc code) {
+    const command_outcome r = h.raw(e);
+    CHECK(r.cqe.status == static_cast<int16_t>(code));
+    CHECK(!r.error.empty());
+  };
+  std::vector<attend_chunk_entry> bad = {{200, lens[0], lens[0] + 1, 0, 0}};  // rows past the tokens
+  refused(h.chunk_entry_of(1, bad, q.data(), lens[0] + 1), errc::kInvalidArgument);
+  bad = {{200, lens[0], 0, 0, 0}};  // no rows
+  refused(h.chunk_entry_of(1, bad, q.data(), 1), errc::kInvalidArgument);
+  bad = {{200, lens[0], 2, 1, 0}};  // the row total disagrees with the command's
+  refused(h.chunk_entry_of(1, bad, q.data(), 3), errc::kInvalidArgument);
+  bad = {{201, lens[1] + 1, 1, 0, 0}};  // more tokens than the sequence holds
+  refused(h.chunk_entry_of(1, bad, q.data(), 1), errc::kInvalidArgument);
+  bad = {{999, 4, 1, 0, 0}};  // unknown sequence
+  refused(h.chunk_entry_of(1, bad, q.data(), 1), errc::kUnknownSequence);
+  bad = {{200, lens[0], 1, 0, 0}};
+  sq_entry e = h.chunk_entry_of(1, bad, q.data(), 1);
+  e.data_bytes -= 4;  // payload size mismatch
+  refused(e, errc::kInvalidArgument);
+  e = h.chunk_entry_of(1, bad, q.data(), 1);
+  e.result_bytes = 8;  // result too small
+  refused(e, errc::kInvalidArgument);
+  e = h.chunk_entry_of(7, bad, q.data(), 1);  // layer out of range
+  CHECK(h.raw(e).cqe.status != 0);
+  // Still serving: the same command again gives the same rows.
+  std::vector<float> again, again_lse;
+  REQUIRE(h.attend_chunk(1, items, q.data(), again, again_lse).ok());
+  CHECK(again == out);
 }
 
 TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1/4 of the dense flash pages") {

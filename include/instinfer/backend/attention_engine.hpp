@@ -28,9 +28,9 @@ class attention_engine {
   // Causal chunk attention of one layer (prefill; optional): `batch` carries row_indptr / row_pos,
   // so batch[b] has n_rows query rows at positions first_pos .. first_pos + n_rows - 1, each
   // seeing tokens [0, its position]. Checked by the caller: first_pos + n_rows <= n_tokens.
-  // Engines that run the decode driver on host threads (host, ssd) answer it; others say so.
+  // Engines that run the decode driver (host, ssd on host threads; csd in the drive) answer it.
   virtual status attend_causal(uint32_t /*layer*/, const attend_batch& /*batch*/) noexcept {
-    return {errc::kUnsupported, "this backend does not run causal chunk attention (supported: host, ssd)"};
+    return {errc::kUnsupported, "this backend does not run causal chunk attention (supported: host, ssd, csd)"};
   }
   // Whether attend_causal is answered (engines tell callers up front, before they append a chunk).
   virtual bool runs_causal() const noexcept { return false; }

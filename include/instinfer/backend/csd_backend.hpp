@@ -76,6 +76,13 @@ class csd_backend final : public backend {
   // (docs/persistence.md); null otherwise.
   persistent_store* persistence() noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
+  // Causal chunk attention inside the drive (attend-chunk): query rows go over the link, the drive
+  // reads each K/V page once per chunk; a sequence's rows split over commands where the data area
+  // is too small for them.
+  status attend_causal(uint32_t layer, const attend_batch& batch) noexcept override;
+  bool runs_causal() const noexcept override {
+    return true;
+  }
   // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
   bool runs_sparf() const noexcept override;
   status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
@@ -94,6 +101,7 @@ class csd_backend final : public backend {
  private:
   struct impl;
   explicit csd_backend(std::unique_ptr<impl> p);
+  status send_attend_chunk(uint32_t layer, const attend_batch& batch) noexcept;
   status send_attend(uint32_t layer, const attend_batch& batch, const sparf_params* sparse,
                      sparf_counters* counters) noexcept;
   std::unique_ptr<impl> impl_;

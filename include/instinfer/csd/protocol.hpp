@@ -24,8 +24,8 @@
 namespace instinfer::csd {
 
 // 2: SparF in the drive; 3: compute and program model in the stats; 4: persistent namespaces
-// (commit, recover; namespace_config::persist)
-inline constexpr uint32_t kProtocolVersion = 4;
+// (commit, recover; namespace_config::persist); 5: causal chunk attention (attend-chunk)
+inline constexpr uint32_t kProtocolVersion = 5;
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -40,6 +40,7 @@ enum class opcode : uint8_t {
   kAttendSparse = 0x16,  // SparF: data = sparf_wire_params, attend_entry[n], q; result = out, lse, counters
   kCommit = 0x17,        // persistent namespace: data = chunk ids, then the host's tables (commit_args)
   kRecover = 0x18,       // persistent namespace: result = the host's tables of the last commit (recover_args)
+  kAttendChunk = 0x19,   // causal chunk (prefill): data = attend_chunk_entry[n], q rows; result = out rows, lse rows
   kStats = 0x20,         // result: device_stats
   kShutdown = 0x7f,      // the drive exits after completing this command
 };
@@ -58,6 +59,7 @@ constexpr const char* opcode_name(opcode op) noexcept {
     case opcode::kAttendSparse: return "attend-sparse";
     case opcode::kCommit: return "commit";
     case opcode::kRecover: return "recover";
+    case opcode::kAttendChunk: return "attend-chunk";
     case opcode::kStats: return "stats";
     case opcode::kShutdown: return "shutdown";
   }
@@ -204,6 +206,28 @@ struct attend_entry {
   uint32_t reserved = 0;
 };
 static_assert(sizeof(attend_entry) == 16);
+
+// ---- attend chunk: causal chunk attention (prefill) ---------------------------------------------
+// Item i has n_rows query rows at positions first_pos .. first_pos + n_rows - 1; row r sees tokens
+// [0, first_pos + r] of the item's n_tokens (first_pos + n_rows <= n_tokens). The rows of all
+// items follow each other: data = attend_chunk_entry[n_items], then q [n_rows total][n_q_heads]
+// [head_dim] f32; result = out [n_rows total][n_q_heads][head_dim] f32, then lse [n_rows total]
+// [n_q_heads] f32. Only queries and outputs cross the link; the drive reads each K/V page of an
+// item once per kv head for all its rows.
+struct attend_chunk_args {
+  uint32_t layer = 0;
+  uint32_t n_items = 0;
+  uint32_t n_rows = 0;  // sum of the items' n_rows
+};
+struct attend_chunk_entry {
+  uint64_t seq = 0;
+  uint32_t n_tokens = 0;
+  uint32_t n_rows = 0;
+  uint32_t first_pos = 0;
+  uint32_t reserved = 0;
+};
+static_assert(sizeof(attend_chunk_entry) == 24);
+static_assert(std::is_trivially_copyable_v<attend_chunk_entry>);
 
 // ---- attend sparse (SparF) ---------------------------------------------------------------------
 // args = attend_args. data = sparf_wire_params, then attend_entry[n_items], then q as for attend.

@@ -13,6 +13,8 @@ namespace instinfer::csd {
 
 // Items one attend or attend-sparse command may carry.
 inline constexpr uint32_t kMaxAttendItems = 65536;
+// Query rows one attend-chunk command may carry.
+inline constexpr uint32_t kMaxAttendChunkRows = 1u << 20;
 // The host places an attend result at the payload's end rounded up to this (cache-line aligned).
 inline constexpr uint64_t kAttendResultAlign = 64;
 
@@ -45,6 +47,21 @@ struct attend_wire_layout {
     l.result_bytes = l.counters_offset + (sparse ? sizeof(sparf_wire_counters) : 0);
     return l;
   }
+  // Attend-chunk (protocol.hpp): n_items entries, then n_rows query rows in; n_rows out and lse rows
+  // back (lse_offset as for attend; no counters).
+  static constexpr attend_wire_layout make_chunk(uint32_t n_items, uint32_t n_rows, uint32_t n_q_heads,
+                                                 uint32_t head_dim) noexcept {
+    const uint64_t q_bytes = uint64_t{n_rows} * n_q_heads * head_dim * sizeof(float);
+    attend_wire_layout l;
+    l.entries_offset = 0;
+    l.q_offset = uint64_t{n_items} * sizeof(attend_chunk_entry);
+    l.data_bytes = l.q_offset + q_bytes;
+    l.result_offset = (l.data_bytes + kAttendResultAlign - 1) / kAttendResultAlign * kAttendResultAlign;
+    l.lse_offset = q_bytes;
+    l.counters_offset = l.lse_offset + uint64_t{n_rows} * n_q_heads * sizeof(float);
+    l.result_bytes = l.counters_offset;
+    return l;
+  }
   // Data area the whole command occupies (payload, alignment gap, result).
   constexpr uint64_t area_bytes() const noexcept { return result_offset + result_bytes; }
 };
@@ -60,7 +77,17 @@ constexpr uint32_t attend_max_items(uint64_t area_bytes, uint32_t n_q_heads, uin
   return static_cast<uint32_t>(n < kMaxAttendItems ? n : kMaxAttendItems);
 }
 
+// Whether an attend-chunk command of n_items items and n_rows rows fits a data area of area_bytes.
+constexpr bool attend_chunk_fits(uint64_t area_bytes, uint32_t n_items, uint32_t n_rows, uint32_t n_q_heads,
+                                 uint32_t head_dim) noexcept {
+  return attend_wire_layout::make_chunk(n_items, n_rows, n_q_heads, head_dim).area_bytes() <= area_bytes;
+}
+
 namespace detail {
+constexpr attend_wire_layout kExampleChunk = attend_wire_layout::make_chunk(2, 5, 4, 64);
+static_assert(kExampleChunk.q_offset == 48 && kExampleChunk.data_bytes == 48 + 5 * 4 * 64 * 4);
+static_assert(kExampleChunk.result_offset == 5184 && kExampleChunk.lse_offset == 5 * 4 * 64 * 4);
+static_assert(kExampleChunk.result_bytes == 5 * 4 * 65 * 4 && !attend_chunk_fits(4096, 2, 5, 4, 64));
 constexpr attend_wire_layout kExampleDense = attend_wire_layout::make(3, 4, 128, false);
 static_assert(kExampleDense.entries_offset == 0 && kExampleDense.q_offset == 3 * sizeof(attend_entry));
 static_assert(kExampleDense.data_bytes == 48 + 3 * 4 * 128 * 4 && kExampleDense.result_offset == 6208);

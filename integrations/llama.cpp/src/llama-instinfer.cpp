@@ -99,14 +99,11 @@ llama_instinfer_memory::llama_instinfer_memory(
     }
     is_host = strcmp(backend, "host") == 0;
 
-    // csd: answers decode attention only (instinfer_attend_chunk is INSTINFER_E_UNSUPPORTED there)
-    const bool row_by_row = strncmp(backend, "csd", 3) == 0;
-
     ops.resize(n_layer);
     slices_done.reset(new std::atomic<int>[n_layer]);
     for (uint32_t il = 0; il < n_layer; ++il) {
         slices_done[il] = 0;
-        ops[il] = { cache, il, row_by_row, n_layer, &slices_done[il] };
+        ops[il] = { cache, il, n_layer, &slices_done[il] };
     }
 
     LLAMA_LOG_INFO("%s: instinfer %d, backend '%s', %u layers, %u/%u heads of %u, KV %s, n_seq_max %u\n", __func__,
@@ -467,9 +464,6 @@ static void ii_append_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         return;
     }
     const auto *    op   = (const llama_instinfer_memory::layer_op *) userdata;
-    if (op->row_by_row) {
-        return; // the attend op appends row by row
-    }
     const ggml_tensor * k = dst->src[0];
     const ggml_tensor * v = dst->src[1];
     const int32_t * info = (const int32_t *) dst->src[2]->data;
@@ -493,26 +487,6 @@ static void ii_attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const uint32_t      pos    = (uint32_t) info[0];
     const uint32_t      n_rows = (uint32_t) q->ne[2];
 
-    if (op->row_by_row) {
-        if (ith != 0) {
-            return;
-        }
-        const ggml_tensor * k = dst->src[3];
-        const ggml_tensor * v = dst->src[4];
-        for (uint32_t j = 0; j < n_rows; ++j) {
-            instinfer_status st = instinfer_append_at(op->cache, seq, op->il, (uint64_t) pos + j, 1,
-                    (const char *) k->data + j*k->nb[2], (const char *) v->data + j*v->nb[2], INSTINFER_DTYPE_F32);
-            if (st != INSTINFER_OK) {
-                ii_fail("append_at", st);
-            }
-            st = instinfer_attend(op->cache, op->il, 1, &seq, (const float *) ((const char *) q->data + j*q->nb[2]),
-                    (float *) ((char *) dst->data + j*dst->nb[1]), nullptr);
-            if (st != INSTINFER_OK) {
-                ii_fail("attend", st);
-            }
-        }
-        return;
-    }
     const instinfer_status st = instinfer_attend_chunk_slice(op->cache, op->il, 1, &seq, &pos, &n_rows,
             (const float *) q->data, (float *) dst->data, nullptr, (uint32_t) ith, (uint32_t) nth);
     if (st != INSTINFER_OK) {

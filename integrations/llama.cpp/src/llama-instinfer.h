@@ -78,7 +78,6 @@ public:
     struct layer_op {
         instinfer_cache * cache;
         uint32_t          il;
-        bool              row_by_row; // no causal chunk attention (csd:): append and attend one row at a time
         uint32_t          n_layer;
         std::atomic<int> * slices_done; // the attend op's threads that finished this layer (prefetch)
     };
