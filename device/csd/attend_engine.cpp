@@ -178,7 +178,7 @@ status attend_engine::attend_chunk(kv_namespace& ns, const sq_entry& e, const st
     ctx_.work.scored_tokens += tokens;
   }
   ctx_.work.group = ns.cfg.group_size;
-  ctx_.work.elem_bytes = static_cast<uint32_t>(dtype_size(ns.geo.kv_dtype));
+  ctx_.work.kv_dtype = ns.geo.kv_dtype;
   INSTINFER_TRY(run_dense(ns, c));
   result_bytes = c.wire.result_bytes;
   ctx_.stats.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);
