@@ -502,7 +502,8 @@ instinfer_status instinfer_prefix_cache_create(instinfer_cache* cache, const cha
     CHECK_CACHE(cache);
     if (!model_id) return fail(errc::kInvalidArgument, "model_id is NULL");
     if (!out_prefix) return fail(errc::kInvalidArgument, "out_prefix is NULL");
-    auto p = instinfer::prefix_cache::create(*cache->cache, instinfer::prefix_cache_options{model_id, capacity_groups});
+    auto p =
+        instinfer::prefix_cache::create(*cache->cache, instinfer::prefix_cache_options{model_id, capacity_groups, {}});
     if (!p.ok()) return report(p.error());
     auto handle = std::make_unique<instinfer_prefix_cache>();
     handle->owner = cache;

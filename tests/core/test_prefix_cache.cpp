@@ -76,7 +76,7 @@ std::vector<float> attend(kv_cache& c, seq_id s, uint32_t layer) {
 }
 
 std::unique_ptr<prefix_cache> make_prefix(kv_cache& c, uint64_t capacity, const char* model = "test-model") {
-  auto p = prefix_cache::create(c, prefix_cache_options{model, capacity});
+  auto p = prefix_cache::create(c, prefix_cache_options{model, capacity, {}});
   REQUIRE_MESSAGE(p.ok(), p.error().to_string());
   return std::move(p).value();
 }
@@ -146,7 +146,7 @@ TEST_CASE("only what every layer holds is indexed; bad inputs are errors") {
   CHECK(p->stats().groups == 2);  // layer 1 holds two full groups
   CHECK(p->lookup(tokens).value().n_tokens == 2 * kGroup);
   CHECK(p->insert(12345, tokens).code() == errc::kUnknownSequence);
-  CHECK(prefix_cache::create(*c, prefix_cache_options{"m", 0}).error().code() == errc::kInvalidArgument);
+  CHECK(prefix_cache::create(*c, prefix_cache_options{"m", 0, {}}).error().code() == errc::kInvalidArgument);
   // Inserting the same prefix again adds nothing.
   REQUIRE(p->insert(a, tokens).ok());
   CHECK(p->stats().groups == 2);

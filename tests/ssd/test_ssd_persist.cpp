@@ -18,6 +18,7 @@
 
 #include "instinfer/backend/registry.hpp"
 #include "instinfer/core/crc32c.hpp"
+#include "instinfer/kv/prefix_cache.hpp"
 #include "persist_test_util.hpp"
 #include "ssd_test_util.hpp"
 #include "support/forwarding_backend.hpp"
@@ -251,6 +252,95 @@ TEST_CASE("reopen: names are checked; a different shape is refused; sparse polic
   CHECK(again->find_sequence(7).ok());
   again.reset();
   remove_store(path);
+}
+
+TEST_CASE("the prefix cache's index survives a restart; its cap holds; a damaged index is refused") {
+  const std::string path = ssd_test::scratch_file("prefix.kv"), index = path + ".prefix";
+  remove_store(path);
+  ::unlink(index.c_str());
+  // Token ids are the uids whose K/V persist_test writes, so a restored prefix can be checked.
+  std::vector<int32_t> a_ids(100), b_ids(128);
+  for (uint32_t i = 0; i < a_ids.size(); ++i) a_ids[i] = static_cast<int32_t>(1000 + i);
+  for (uint32_t i = 0; i < b_ids.size(); ++i) b_ids[i] = i < 64 ? a_ids[i] : static_cast<int32_t>(5000 + i);
+  const auto fill = [](kv_cache& c, const std::vector<int32_t>& ids) {
+    auto s = c.create_sequence();
+    REQUIRE(s.ok());
+    const std::vector<uint32_t> uids(ids.begin(), ids.end());
+    for (uint32_t l = 0; l < kLayers; ++l) REQUIRE(append_uids(c, s.value(), l, uids).ok());
+    return s.value();
+  };
+  const auto want = [](const std::vector<int32_t>& ids, uint64_t n) {
+    return token_list(kLayers, std::vector<uint32_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n)));
+  };
+  const auto open_prefix = [&](kv_cache& c, uint64_t cap, const std::string& model = "m") {
+    return prefix_cache::create(c, prefix_cache_options{model, cap, index});
+  };
+  {
+    auto cache = open_cache(path);
+    auto prefix = open_prefix(*cache, 8);
+    REQUIRE(prefix.ok());
+    const seq_id a = fill(*cache, a_ids), b = fill(*cache, b_ids);
+    REQUIRE(prefix.value()->insert(a, a_ids).ok());  // groups 0-2
+    REQUIRE(prefix.value()->insert(b, b_ids).ok());  // shares 0-1, adds 2
+    CHECK(prefix.value()->stats().groups == 5);
+    REQUIRE(cache->free_sequence(a).ok());
+    REQUIRE(cache->free_sequence(b).ok());
+    const status saved = prefix.value()->save();
+    REQUIRE_MESSAGE(saved.ok(), saved.to_string());
+    struct stat st {};
+    REQUIRE(::stat(index.c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+  }
+  {  // after a restart: every group back, lookups serve exactly the stored tokens
+    auto cache = open_cache(path);
+    auto prefix = open_prefix(*cache, 8);
+    REQUIRE_MESSAGE(prefix.ok(), prefix.error().to_string());
+    CHECK(prefix.value()->stats().groups == 5);
+    auto hit = prefix.value()->lookup(a_ids);
+    REQUIRE(hit.ok());
+    CHECK(hit.value().n_tokens == 96);
+    CHECK(check_tokens(*cache, hit.value().seq, want(a_ids, 96)).ok());
+    auto hit_b = prefix.value()->lookup(b_ids);
+    REQUIRE(hit_b.ok());
+    CHECK(hit_b.value().n_tokens == 128);
+    CHECK(check_tokens(*cache, hit_b.value().seq, want(b_ids, 128)).ok());
+    REQUIRE(cache->free_sequence(hit.value().seq).ok());
+    REQUIRE(cache->free_sequence(hit_b.value().seq).ok());
+    CHECK(prefix.value()->save().ok());  // b's path is now the most recent
+  }
+  {  // a smaller cap on the next start: the least recently used leaves go
+    auto cache = open_cache(path);
+    auto prefix = open_prefix(*cache, 4);
+    REQUIRE(prefix.ok());
+    CHECK(prefix.value()->stats().groups == 4);
+    auto hit_b = prefix.value()->lookup(b_ids);
+    REQUIRE(hit_b.ok());
+    CHECK(hit_b.value().n_tokens == 128);
+    CHECK(check_tokens(*cache, hit_b.value().seq, want(b_ids, 128)).ok());
+    REQUIRE(cache->free_sequence(hit_b.value().seq).ok());
+    CHECK(prefix.value()->save().ok());
+  }
+  {  // the evicted group's chunks are free: a's hidden sequence keeps groups 0-1, b's its own
+    // copies of 0-1 (b was appended, not forked from a) and 2-3; nothing else is allocated
+    auto cache = open_cache(path);
+    std::vector<seq_id> all;
+    for (const auto& [name, seq] : cache->named_sequences()) all.push_back(seq);
+    CHECK(all.size() == 2);
+    CHECK(referenced_chunks(*cache, all) == 6 * kLayers);
+    CHECK(cache->stats().backend.used_chunks == 6 * kLayers);
+    // Another model's index: refused; a damaged one: kCorruptData; the cache is unchanged.
+    CHECK(open_prefix(*cache, 8, "other").error().code() == errc::kInvalidArgument);
+    std::vector<char> bytes = read_all(index);
+    REQUIRE(bytes.size() > 100);
+    bytes[bytes.size() - 5] ^= 0x10;
+    write_all(index, bytes, bytes.size());
+    CHECK(open_prefix(*cache, 8).error().code() == errc::kCorruptData);
+    write_all(index, bytes, 40);
+    CHECK(open_prefix(*cache, 8).error().code() == errc::kCorruptData);
+    CHECK(cache->named_sequences().size() == all.size());
+  }
+  remove_store(path);
+  ::unlink(index.c_str());
 }
 
 TEST_CASE("a persistent store behind the forwarding test backend still commits and recovers") {

@@ -19,6 +19,16 @@
 // what its remaining groups need and freed when none is left. Host memory of the index (keys,
 // token ids, bookkeeping) is bounded by the capacity and reported in stats().
 //
+// Across restarts (a persistent store, docs/persistence.md): with `index_path` set, save() names
+// the hidden sequences (names >= kPrefixNameBase are the prefix cache's), commits the store
+// (kv_cache::flush) and then writes the index (fingerprint, each hidden sequence's name and token
+// ids, the LRU order) to index_path, checksummed, through a temporary file and a rename. create()
+// loads it when the file exists: hidden sequences the store no longer has are dropped with the
+// groups that need them, named sequences of the reserved range the index does not list (a crash
+// between the commit and the index write) are freed, and the LRU tail is evicted down to
+// `capacity_groups`, so the cap holds across restarts. A damaged or foreign index is
+// kCorruptData / kInvalidArgument from create(), and the cache is left as it was.
+//
 // Threads: calls are serialised by a mutex. The prefix cache must be destroyed before its
 // kv_cache (it frees its hidden sequences).
 #pragma once
@@ -36,7 +46,11 @@ namespace instinfer {
 struct prefix_cache_options {
   std::string model_id;          // the caller's model identity (weights, tokenizer): part of the key
   uint64_t capacity_groups = 0;  // page groups indexed at most; >= 1
+  std::string index_path;        // where save() writes the index and create() reads it; empty: none
 };
+
+// Sequence names from here up belong to a prefix cache's hidden sequences.
+inline constexpr uint64_t kPrefixNameBase = 1ull << 63;
 
 struct prefix_cache_stats {
   uint64_t groups = 0;            // page groups indexed now
@@ -66,6 +80,10 @@ class prefix_cache {
   status insert(seq_id seq, std::span<const int32_t> tokens);
   // The longest indexed prefix of `tokens`, as a new sequence (see prefix_match).
   result<prefix_match> lookup(std::span<const int32_t> tokens);
+  // Commit the store and write the index to options.index_path (see above). kInvalidArgument
+  // without an index_path; I/O failures are kIoError and leave the previous index in place.
+  status save();
+
   // Drop everything (hidden sequences freed).
   void clear() noexcept;
 
