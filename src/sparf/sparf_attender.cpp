@@ -246,24 +246,7 @@ status sparf_attender::attend_sparse(uint32_t layer, const attend_batch& batch, 
 
 template <class F>
 status sparf_attender::for_each_head(F&& fn) noexcept {
-  const uint32_t H = config_.shape.n_kv_heads;
-  std::atomic<uint32_t> next{0};
-  for (status& s : worker_status_) s = status{};
-  auto body = [&](uint32_t w) noexcept {
-    for (uint32_t h = next.fetch_add(1, std::memory_order_relaxed); h < H;
-         h = next.fetch_add(1, std::memory_order_relaxed)) {
-      status s = fn(w, h);
-      if (!s.ok()) {
-        worker_status_[w] = std::move(s);
-        next.store(H, std::memory_order_relaxed);  // stop handing out heads
-        return;
-      }
-    }
-  };
-  pool_->run(body);
-  for (status& s : worker_status_)
-    if (!s.ok()) return std::move(s);
-  return {};
+  return for_each_kv_head(*pool_, worker_status_, config_.shape.n_kv_heads, std::forward<F>(fn));
 }
 
 // One sequence: select per kv head, fetch just the pages holding selected tokens, exact pass.

@@ -14,6 +14,7 @@
 // committed or dropped for the whole sequence at once, so remove_range stays all or nothing.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -23,6 +24,7 @@
 
 #include "instinfer/attention/sparf/params.hpp"
 #include "instinfer/backend/backend.hpp"
+#include "instinfer/core/thread_pool.hpp"
 
 namespace instinfer {
 
@@ -77,5 +79,28 @@ result<std::unique_ptr<sparse_attender>> make_sparf_attender(backend& b, const b
 // and runs on the host; a backend that runs sparse attention itself (csd) does not offer it yet.
 result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const backend_config& config,
                                                               const sparf_config& cfg, bool sparf, bool page_summaries);
+
+// Both policies' per-kv-head work: kv heads handed out to the pool's workers one at a time,
+// fn(worker, head); the first failure stops handing out heads and is returned.
+template <class F>
+status for_each_kv_head(thread_pool& pool, std::vector<status>& worker_status, uint32_t n_kv_heads, F&& fn) noexcept {
+  std::atomic<uint32_t> next{0};
+  for (status& s : worker_status) s = status{};
+  auto body = [&](uint32_t w) noexcept {
+    for (uint32_t h = next.fetch_add(1, std::memory_order_relaxed); h < n_kv_heads;
+         h = next.fetch_add(1, std::memory_order_relaxed)) {
+      status s = fn(w, h);
+      if (!s.ok()) {
+        worker_status[w] = std::move(s);
+        next.store(n_kv_heads, std::memory_order_relaxed);  // stop handing out heads
+        return;
+      }
+    }
+  };
+  pool.run(body);
+  for (status& s : worker_status)
+    if (!s.ok()) return std::move(s);
+  return {};
+}
 
 }  // namespace instinfer
