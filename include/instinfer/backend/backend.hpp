@@ -48,6 +48,7 @@ struct backend_stats {
   uint64_t device_bytes_written = 0;  // bytes that reached storage (write amplification numerator)
   uint64_t device_bytes_read = 0;
   uint64_t device_read_requests = 0;       // storage (ssd): read requests issued to the device
+  uint64_t device_reads_prefetched = 0;    // of those, issued ahead by prefetch() and used by attend
   uint64_t link_bytes_host_to_device = 0;  // CSD / GPU: bytes over the host link
   uint64_t link_bytes_device_to_host = 0;
   uint64_t flash_pages_read = 0;

@@ -63,7 +63,8 @@ struct ssd_backend::impl final : persistent_store {
                        bool& have_meta);
   status recover(std::span<const std::byte> meta, const ssd::meta_header& header);
   status check_chunk(chunk_id id, const char* what) const noexcept;
-  status check_batch(const attend_batch& batch) const noexcept;
+  // rows: q and out must be set (attend); a prefetch carries the chunks only.
+  status check_batch(const attend_batch& batch, bool rows = true) const noexcept;
   status open_engine(uint64_t staging_bytes);
 };
 
@@ -346,6 +347,7 @@ backend_stats ssd_backend::stats() const noexcept {
   s.device_bytes_written = m.io.bytes_written;
   s.device_bytes_read = m.io.bytes_read;
   s.device_read_requests = m.io.read_requests;
+  s.device_reads_prefetched = m.io.prefetched_requests;
   return s;
 }
 
@@ -358,7 +360,7 @@ status ssd_backend::impl::check_chunk(chunk_id id, const char* what) const noexc
   return {};
 }
 
-status ssd_backend::impl::check_batch(const attend_batch& batch) const noexcept {
+status ssd_backend::impl::check_batch(const attend_batch& batch, bool rows) const noexcept {
   const uint32_t tpp = layout.tokens();
   for (size_t b = 0; b < batch.size(); ++b) {
     const auto& it = batch[b];
@@ -366,7 +368,8 @@ status ssd_backend::impl::check_batch(const attend_batch& batch) const noexcept 
     if (it.chunks.size() != need)
       return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " has " + std::to_string(it.n_tokens) +
                                           " tokens but " + std::to_string(it.chunks.size()) + " chunks"};
-    if (!it.q || !it.out) return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " has a null q or out"};
+    if (rows && (!it.q || !it.out))
+      return {errc::kInvalidArgument, "attend: item " + std::to_string(b) + " has a null q or out"};
     for (chunk_id id : it.chunks)
       if (!slots.allocated(id))
         return {errc::kInvalidArgument,
@@ -476,7 +479,7 @@ void ssd_backend::prefetch(uint32_t layer, const attend_batch& batch) noexcept {
   auto& m = *impl_;
   if (!m.configured || layer >= m.config.shape.n_layers || !m.io.check_thread().ok()) return;
   m.decode.ring().cancel_prefetch();
-  if (!m.check_batch(batch).ok()) return;
+  if (!m.check_batch(batch, /*rows=*/false).ok()) return;
   m.decode.ring().prefetch(layer, batch);
 }
 

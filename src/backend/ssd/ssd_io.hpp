@@ -91,7 +91,8 @@ class ssd_io final : private io::completion_handler {
   // Device traffic, for backend_stats.
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
-  uint64_t read_requests = 0;  // reads queued
+  uint64_t read_requests = 0;        // reads queued
+  uint64_t prefetched_requests = 0;  // of those, issued by a prefetch and used by the attend after it
 
  private:
   void on_completion(const io::completion& c) noexcept override;

@@ -181,7 +181,10 @@ status staging_ring::prepare(const decode_plan& plan, uint32_t n_workers) noexce
     return {errc::kInternal, "ssd staging ring: serves one worker, windows in plan order"};
   const bool had_prefetch = prefetch_layer_ != kNoPrefetch;
   status planned = plan_windows(plan.items(), *batch_, plan_);
-  if (!planned.ok() || !had_prefetch || !adopt_prefetch()) cancel_prefetch();
+  if (!planned.ok() || !had_prefetch || !adopt_prefetch())
+    cancel_prefetch();
+  else
+    io_->prefetched_requests += issued_;
   INSTINFER_TRY(std::move(planned));
   prefetch_layer_ = kNoPrefetch;
   cursor_ = 0;
