@@ -223,16 +223,23 @@ template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
   vec mx = ops::broadcast(-std::numeric_limits<float>::infinity());
   for (uint32_t i = 0; i < n_tiles; ++i) mx = ops::max(mx, ops::load(sbuf + i * L));
   ops::store(lanes, mx);
+  // The HT rescale factors exp(m_old - m_new) as one vector exp (lane h * TT), not HT libm calls.
+  alignas(64) float shift[L];
+  bool was_empty[HT];
 #pragma GCC unroll 16
   for (uint32_t h = 0; h < HT; ++h) {
     float bm = lanes[h * TT];
     for (uint32_t t = 1; t < TT; ++t) bm = lanes[h * TT + t] > bm ? lanes[h * TT + t] : bm;
     const float m_new = st[h].m > bm ? st[h].m : bm;
-    alpha[h] = st[h].empty() ? 0.0f : std::exp(st[h].m - m_new);
+    was_empty[h] = st[h].empty();
+    const float diff = was_empty[h] ? 0.0f : st[h].m - m_new;  // no -inf into the exp
     st[h].m = m_new;
 #pragma GCC unroll 16
-    for (uint32_t t = 0; t < TT; ++t) lanes[h * TT + t] = m_new;
+    for (uint32_t t = 0; t < TT; ++t) lanes[h * TT + t] = m_new, shift[h * TT + t] = diff;
   }
+  ops::store(shift, ops::exp(ops::load(shift)));
+#pragma GCC unroll 16
+  for (uint32_t h = 0; h < HT; ++h) alpha[h] = was_empty[h] ? 0.0f : shift[h * TT];
   const vec mv = ops::load(lanes);
   vec sum = ops::zero();
   for (uint32_t i = 0; i < n_tiles; ++i) {
