@@ -384,6 +384,72 @@ double measure_fma_gflops(uint32_t threads, cpu_isa isa, int reps) {
   return static_cast<double>(iters * fma_per_iteration(isa)) * threads / best / 1e9;
 }
 
+#if defined(__x86_64__)
+namespace {
+// Independent vdpbf16ps / vpdpbusd chains (12 zmm accumulators, as for the f32 FMA peak). Compiled
+// for the instruction sets by attribute and called only where the CPU reports them.
+__attribute__((target("avx512f,avx512bf16"))) float bf16_dot_chains(uint64_t iters) {
+  const __m512bh m = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0, pairs
+  __m512 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(1.0f + 0.1f * static_cast<float>(i));
+  __m512bh x = (__m512bh)_mm512_set1_epi16(0x3380);  // bf16 ~6e-8: the sums stay finite
+  for (uint64_t n = 0; n < iters; ++n)
+#pragma GCC unroll 12
+    for (auto& v : a) v = _mm512_dpbf16_ps(v, x, m);
+  __m512 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, s);
+  return lanes[0] + lanes[15];
+}
+__attribute__((target("avx512f,avx512vnni"))) float vnni_dot_chains(uint64_t iters) {
+  const __m512i u = _mm512_set1_epi8(1), w = _mm512_set1_epi8(-1);
+  __m512i a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_epi32(i);
+  for (uint64_t n = 0; n < iters; ++n)
+#pragma GCC unroll 12
+    for (auto& v : a) v = _mm512_dpbusd_epi32(v, u, w);
+  __m512i s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, a[i]);
+  alignas(64) int32_t lanes[16];
+  _mm512_store_si512(lanes, s);
+  return static_cast<float>(lanes[0] + lanes[15]);
+}
+}  // namespace
+#endif
+
+reduced_peaks measure_reduced_peaks(uint32_t threads, int reps) {
+  reduced_peaks r;
+  threads = std::max<uint32_t>(threads, 1);
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const auto run = [&](auto chains, double macs_per_iter) {
+    std::vector<float> partial(threads);
+    const double best = best_pass_seconds(threads, reps, [&](uint32_t t) { partial[t] += chains(kFmaIterations); });
+    volatile float sink = 0;
+    for (float v : partial) sink = sink + v;
+    return static_cast<double>(kFmaIterations) * macs_per_iter * threads / best / 1e9;
+  };
+  // Products per instruction: vdpbf16ps zmm = 16 lanes x 2 bf16 pairs; vpdpbusd zmm = 16 x 4 bytes.
+  if (__builtin_cpu_supports("avx512bf16")) r.bf16_gmacs = run(bf16_dot_chains, 12.0 * 32);
+  if (__builtin_cpu_supports("avx512vnni")) r.vnni_gmacs = run(vnni_dot_chains, 12.0 * 64);
+#else
+  (void)reps;  // Arm's bfdot / sdot: not measured yet
+#endif
+  return r;
+}
+
+void add_reduced_peaks(json_line& line, const reduced_peaks& r) {
+  if (r.bf16_gmacs)
+    line.add("bf16_dot_gmacs", *r.bf16_gmacs);
+  else
+    line.add("bf16_dot_gmacs", "absent");
+  if (r.vnni_gmacs)
+    line.add("vnni_gmacs", *r.vnni_gmacs);
+  else
+    line.add("vnni_gmacs", "absent");
+}
+
 roofline roofline_of(double read_gbps, double fma_gflops, double fma_per_byte, double achieved_gbps) {
   roofline r;
   r.compute_gbps = fma_per_byte > 0 ? fma_gflops / fma_per_byte : 0.0;

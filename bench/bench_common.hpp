@@ -87,6 +87,18 @@ double measure_memory_read_gbps(uint64_t bytes, uint32_t threads, cpu_isa isa, i
 // than its registers (Zen 4 runs AVX-512 as two 256-bit halves) shows it here.
 double measure_fma_gflops(uint32_t threads, cpu_isa isa, int reps = 9);
 
+// Reduced-precision dot-product throughput (products per second, 1e9) of `threads` threads, for
+// the instructions a reduced-precision kernel path would use: AVX-512 vdpbf16ps (bf16 pairs into
+// f32) and VNNI vpdpbusd (u8 x s8 quads into i32). Empty where the CPU lacks them (or, on Arm, not
+// measured yet); JSON reports that as "absent".
+struct reduced_peaks {
+  std::optional<double> bf16_gmacs;
+  std::optional<double> vnni_gmacs;
+};
+reduced_peaks measure_reduced_peaks(uint32_t threads, int reps = 9);
+// Adds bf16_dot_gmacs and vnni_gmacs (a number, or "absent").
+void add_reduced_peaks(json_line& line, const reduced_peaks& r);
+
 // The roofline of a kernel that performs `fma_per_byte` multiply-adds per byte it reads:
 // min(read bandwidth, FMA peak / fma_per_byte), and achieved bandwidth over it.
 struct roofline {

@@ -10,7 +10,9 @@
 // `vs_first_dtype` is each one's achieved bandwidth (stored bytes per second) over the first's.
 // The compute side of the roofline is the FMA peak measured in the same run with the same ISA and
 // threads (measure_fma_gflops): roofline_gbps = min(read, peak / multiply-adds per stored byte),
-// roofline_ratio = achieved / roofline_gbps, and `bound` says which side sets it.
+// roofline_ratio = achieved / roofline_gbps, and `bound` says which side sets it. bf16_dot_gmacs and
+// vnni_gmacs are the reduced-precision dot-product peaks (measure_reduced_peaks), "absent" where the
+// CPU lacks the instructions; the kernel does not use them yet.
 
 #include <sys/mman.h>
 
@@ -238,6 +240,7 @@ int run_decode(int argc, char** argv) {
       }
       const double machine = measure_memory_read_gbps(largest, static_cast<uint32_t>(threads), runs[0].dec->isa());
       const double fma_peak = measure_fma_gflops(static_cast<uint32_t>(threads), runs[0].dec->isa());
+      const reduced_peaks reduced = measure_reduced_peaks(static_cast<uint32_t>(threads));
       for (int rep = 0; rep < reps; ++rep)
         for (dtype_run& r : runs) {  // interleaved: every dtype once per repetition
           const double t0 = now_seconds();
@@ -256,8 +259,8 @@ int run_decode(int argc, char** argv) {
         const double fma_per_byte =
             static_cast<double>(r.params.group_size) * head_dim / r.params.layout.page.row_bytes();
         const roofline roof = roofline_of(machine, fma_peak, fma_per_byte, achieved);
-        json_line()
-            .add("backend", "host")
+        json_line line;
+        line.add("backend", "host")
             .add("ctx", ctx)
             .add("dtype", dtype_name(r.t))
             .add("q_heads", q_heads)
@@ -284,8 +287,9 @@ int run_decode(int argc, char** argv) {
             .add("tokens_per_page", r.params.layout.tokens())
             .add("batch", batch)
             .add("reps", reps)
-            .add("softcap", softcap)
-            .print();
+            .add("softcap", softcap);
+        add_reduced_peaks(line, reduced);
+        line.print();
       }
     }
   }

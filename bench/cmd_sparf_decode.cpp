@@ -12,6 +12,12 @@
 //   rel_err                   max relative difference of the SparF output from dense (a sanity bound)
 //   pages_ms, pages_speedup, pages_bytes_frac, pages_rel_err: the same for the page policy
 //   *_reads                   device read requests per call (ssd), dense / sparf / pages
+//   host only (--kv host), the roofline of bench decode (bench_common.hpp), measured after the reps
+//   with the cache's thread count: machine_read_gbps, fma_gflops, fma_per_byte (group / 2 for f16:
+//   the SparF column pass, the top-k pass and dense all do `group` multiply-adds per 2-byte
+//   element), roofline_gbps; dense_gbps / dense_roofline_ratio over K+V, and sparf_gbps /
+//   sparf_roofline_ratio over the bytes SparF reads (sparf_bytes: "counted" by the backend, or
+//   "budget": compression x K+V, on host, which counts none), bound; bf16_dot_gmacs / vnni_gmacs
 //   sparf_copy_frac           SparF's column copy (host memory + column chunks on the device) / K+V
 //   pages_summary_frac        the page summaries (host memory) / K+V
 #include <algorithm>
@@ -20,6 +26,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -194,6 +201,31 @@ int run(int argc, char** argv) {
           .add("pages_reads", reps ? reads_pages / reps : 0)
           .add("pages_summary_frac", frac(fin.page_summary_bytes, kv_bytes));
     if (model_sparse > 0) line.add("modelled_speedup", model_dense / model_sparse);
+    if (kv == "host") {
+      const uint32_t n_thr = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
+      const cpu_isa isa = best_cpu_isa();
+      const double read = measure_memory_read_gbps(kv_bytes, n_thr, isa);
+      const double peak = measure_fma_gflops(n_thr, isa);
+      const double fma_per_byte = static_cast<double>(group) * d / dtype_row_bytes(dtype::kF16, d);
+      const double dense_gbps = dm > 0 ? static_cast<double>(kv_bytes) / dm / 1e9 : 0.0;
+      const roofline dense_roof = roofline_of(read, peak, fma_per_byte, dense_gbps);
+      line.add("machine_read_gbps", read)
+          .add("fma_gflops", peak)
+          .add("fma_per_byte", fma_per_byte)
+          .add("roofline_gbps", dense_roof.gbps)
+          .add("bound", dense_roof.compute_bound ? "compute" : "memory")
+          .add("dense_gbps", dense_gbps)
+          .add("dense_roofline_ratio", dense_roof.ratio);
+      // SparF's bytes: as the backend counts them where it does; the host backend counts none, so
+      // there they are its budget, `compression` x K+V (what the policy sizes r and k to read).
+      const bool counted = bytes_dense > 0 && bytes_sparse > 0;
+      const double sparf_frac = counted ? frac(bytes_sparse, bytes_dense) : compression;
+      const double sparf_gbps = sm > 0 ? sparf_frac * static_cast<double>(kv_bytes) / sm / 1e9 : 0.0;
+      line.add("sparf_bytes", counted ? "counted" : "budget")
+          .add("sparf_gbps", sparf_gbps)
+          .add("sparf_roofline_ratio", roofline_of(read, peak, fma_per_byte, sparf_gbps).ratio);
+      add_reduced_peaks(line, measure_reduced_peaks(n_thr));
+    }
     line.print();
     created.value().reset();
     if (kv.rfind("ssd:", 0) == 0) std::remove(kv.substr(4, kv.find('?') - 4).c_str());  // the bench's own file

@@ -223,16 +223,23 @@ template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
   vec mx = ops::broadcast(-std::numeric_limits<float>::infinity());
   for (uint32_t i = 0; i < n_tiles; ++i) mx = ops::max(mx, ops::load(sbuf + i * L));
   ops::store(lanes, mx);
+  // The HT rescale factors exp(m_old - m_new) as one vector exp (lane h * TT), not HT libm calls.
+  alignas(64) float shift[L];
+  bool was_empty[HT];
 #pragma GCC unroll 16
   for (uint32_t h = 0; h < HT; ++h) {
     float bm = lanes[h * TT];
     for (uint32_t t = 1; t < TT; ++t) bm = lanes[h * TT + t] > bm ? lanes[h * TT + t] : bm;
     const float m_new = st[h].m > bm ? st[h].m : bm;
-    alpha[h] = st[h].empty() ? 0.0f : std::exp(st[h].m - m_new);
+    was_empty[h] = st[h].empty();
+    const float diff = was_empty[h] ? 0.0f : st[h].m - m_new;  // no -inf into the exp
     st[h].m = m_new;
 #pragma GCC unroll 16
-    for (uint32_t t = 0; t < TT; ++t) lanes[h * TT + t] = m_new;
+    for (uint32_t t = 0; t < TT; ++t) lanes[h * TT + t] = m_new, shift[h * TT + t] = diff;
   }
+  ops::store(shift, ops::exp(ops::load(shift)));
+#pragma GCC unroll 16
+  for (uint32_t h = 0; h < HT; ++h) alpha[h] = was_empty[h] ? 0.0f : shift[h * TT];
   const vec mv = ops::load(lanes);
   vec sum = ops::zero();
   for (uint32_t i = 0; i < n_tiles; ++i) {
@@ -264,19 +271,18 @@ template <class Shape, uint32_t HT, dtype KvType>
   constexpr uint32_t DB =
       Shape::kValueAccumulators / HT < Shape::kVecsPerRow ? Shape::kValueAccumulators / HT : Shape::kVecsPerRow;
   static_assert(DB >= 1 && Shape::kVecsPerRow % DB == 0);
+  if constexpr (kPrefetchAhead > 0) {
+    // Hoisted out of the passes: in the token loop it cost a branch and address work per row.
+    for (uint32_t l = 0; l < n * Shape::kRowBytes; l += 64) Shape::ops::prefetch(v + kPrefetchAhead + l);
+  }
   for (uint32_t g = 0; g < Shape::kVecsPerRow; g += DB) {
     vec acc[HT][DB];
 #pragma GCC unroll 16
     for (uint32_t h = 0; h < HT; ++h)
       for (uint32_t b = 0; b < DB; ++b) acc[h][b] = ops::zero();
     const quant_pass<DB> pass = quant_pass_at<Shape, KvType, DB>(g);
-    for (uint32_t tok = 0; tok < n; ++tok) {
-      if constexpr (kPrefetchAhead > 0) {
-        if (g == 0)
-          for (uint32_t l = 0; l < Shape::kRowBytes; l += 64)
-            Shape::ops::prefetch(v + tok * Shape::kRowBytes + kPrefetchAhead + l);
-      }
-      const std::byte* r = v + tok * Shape::kRowBytes;
+    // One token's row: DB vectors, each used for HT multiply-adds (p of token t, head h at pp[h * TT]).
+    const auto token = [&](const std::byte* r, const float* pp) __attribute__((always_inline)) {
       vec vv[DB];
       if constexpr (is_quantized(KvType)) {
         load_pass_quantized<Shape, KvType, DB>(r + pass.first_block, pass, vv);
@@ -284,14 +290,22 @@ template <class Shape, uint32_t HT, dtype KvType>
 #pragma GCC unroll 16
         for (uint32_t b = 0; b < DB; ++b) vv[b] = load_row_vec<Shape, KvType>(r, g + b);
       }
-      const float* pp = sbuf + (tok / TT) * L + tok % TT;
 #pragma GCC unroll 16
       for (uint32_t h = 0; h < HT; ++h) {
         const vec pb = ops::broadcast(pp[h * TT]);
 #pragma GCC unroll 16
         for (uint32_t b = 0; b < DB; ++b) acc[h][b] = ops::fma(pb, vv[b], acc[h][b]);
       }
+    };
+    // Whole score tiles (TT tokens) per iteration: no per-token index arithmetic.
+    uint32_t tok = 0;
+    const float* tile = sbuf;
+    for (; tok + TT <= n; tok += TT, tile += L) {
+      const std::byte* r = v + tok * Shape::kRowBytes;
+#pragma GCC unroll 16
+      for (uint32_t t = 0; t < TT; ++t) token(r + t * Shape::kRowBytes, tile + t);
     }
+    for (uint32_t t = 0; tok < n; ++tok, ++t) token(v + tok * Shape::kRowBytes, tile + t);
 #pragma GCC unroll 16
     for (uint32_t h = 0; h < HT; ++h) {
       const vec a = ops::broadcast(alpha[h]);
