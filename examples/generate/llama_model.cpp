@@ -144,6 +144,7 @@ result<std::unique_ptr<llama_model>> llama_model::load(const gguf_file& f, const
   for (const auto& t : f.tensors()) m->weight_bytes_ += t.n_bytes;
   for (const weight* w : {&m->tok_embd_, &m->output_})
     if (!matmul_kernel(w->type, m->isa_)) return status{errc::kUnsupported, "model: no kernel for the requested ISA"};
+  if (!quantize_act_kernel(m->isa_)) m->q8_ = false;
 
   m->inv_freq_.resize(hp.rope_dim / 2);
   for (uint32_t i = 0; i < hp.rope_dim / 2; ++i)
@@ -160,6 +161,9 @@ result<std::unique_ptr<llama_model>> llama_model::load(const gguf_file& f, const
   m->up_.assign(B * hp.n_ff, 0.0f);
   m->normed_out_.assign(B * hp.n_embd, 0.0f);
   m->group_seqs_.reserve(B);
+  m->rope_cs_.assign(B * (hp.rope_dim / 2), 0.0f);
+  m->rope_sn_.assign(B * (hp.rope_dim / 2), 0.0f);
+  m->xq_.resize(B * std::max({hp.n_embd, q_dim, hp.n_ff}) / 32);
   return m;
 }
 
@@ -188,33 +192,47 @@ void llama_model::matmul(std::initializer_list<matmul_job> jobs) {
   struct task {
     const matmul_job* job;
     matmul_fn fn;
+    matmul_q8_fn fn_q8;
     uint32_t r0, r1;
   };
   task tasks[kMaxTasks + 8];
   uint64_t total = 0;
   for (const matmul_job& j : jobs) total += j.w->n_rows;
   const uint32_t per = static_cast<uint32_t>(std::max<uint64_t>(32, (total + kMaxTasks - 1) / kMaxTasks));
+  // The jobs of one call share their input (Wq/Wk/Wv, gate/up): quantize it once, here, for all.
+  const float* quantized = nullptr;
+  uint32_t q_cols = 0;
   uint32_t n = 0;
   for (const matmul_job& j : jobs) {
-    const matmul_fn fn = matmul_kernel(j.w->type, isa_);
-    for (uint32_t r = 0; r < j.w->n_rows; r += per) tasks[n++] = {&j, fn, r, std::min(j.w->n_rows, r + per)};
+    matmul_q8_fn fn_q8 = q8_ ? matmul_q8_kernel(j.w->type, isa_) : nullptr;
+    if (fn_q8 && quantized != j.x) {
+      if (quantized) {
+        fn_q8 = nullptr;  // a second input in one call: not needed by this model, take the f32 path
+      } else {
+        const quantize_act_fn quant = quantize_act_kernel(isa_);
+        for (uint32_t v = 0; v < j.n_vec; ++v)
+          quant(j.x + size_t{v} * j.w->n_cols, j.w->n_cols, &xq_[size_t{v} * (j.w->n_cols / 32)]);
+        quantized = j.x;
+        q_cols = j.w->n_cols;
+      }
+    }
+    if (fn_q8 && q_cols != j.w->n_cols) fn_q8 = nullptr;
+    const matmul_fn fn = fn_q8 ? nullptr : matmul_kernel(j.w->type, isa_);
+    for (uint32_t r = 0; r < j.w->n_rows; r += per) tasks[n++] = {&j, fn, fn_q8, r, std::min(j.w->n_rows, r + per)};
   }
   pool_.run(n, [&](uint32_t i) {
     const task& t = tasks[i];
     const matmul_job& j = *t.job;
-    t.fn(j.w->data, j.w->row_bytes, j.w->n_cols, t.r0, t.r1, j.x, j.w->n_cols, j.n_vec, j.y, j.w->n_rows);
+    if (t.fn_q8)
+      t.fn_q8(j.w->data, j.w->row_bytes, j.w->n_cols, t.r0, t.r1, xq_.data(), j.w->n_cols / 32, j.n_vec, j.y,
+              j.w->n_rows);
+    else
+      t.fn(j.w->data, j.w->row_bytes, j.w->n_cols, t.r0, t.r1, j.x, j.w->n_cols, j.n_vec, j.y, j.w->n_rows);
   });
 }
 
-void llama_model::rope(float* x, uint32_t n_heads, uint32_t pos) const noexcept {
+void llama_model::rope(float* x, uint32_t n_heads, const float* cs, const float* sn) const noexcept {
   const uint32_t half = hp_.rope_dim / 2;
-  float cs[512], sn[512];
-  const double p = static_cast<double>(pos) / hp_.rope_scale;
-  for (uint32_t i = 0; i < half; ++i) {
-    const double ang = p * inv_freq_[i];
-    cs[i] = static_cast<float>(std::cos(ang));
-    sn[i] = static_cast<float>(std::sin(ang));
-  }
   for (uint32_t h = 0; h < n_heads; ++h) {
     float* v = x + static_cast<size_t>(h) * hp_.head_dim;
     for (uint32_t i = 0; i < half; ++i) {
@@ -282,14 +300,25 @@ status llama_model::run(kv_cache& cache, std::span<const forward_item> items, st
     dequantize_row(tok_embd_.type, tok_embd_.data + static_cast<uint64_t>(items[t].token) * tok_embd_.row_bytes,
                    &x_[size_t{t} * E], E);
 
+  // RoPE angles depend on the position only: one table per token serves every layer, q and k.
+  const uint32_t half = hp.rope_dim / 2;
+  for (uint32_t t = 0; t < T; ++t) {
+    const double p = static_cast<double>(items[t].pos) / hp.rope_scale;
+    for (uint32_t i = 0; i < half; ++i) {
+      const double ang = p * inv_freq_[i];
+      rope_cs_[size_t{t} * half + i] = static_cast<float>(std::cos(ang));
+      rope_sn_[size_t{t} * half + i] = static_cast<float>(std::sin(ang));
+    }
+  }
+
   for (uint32_t l = 0; l < hp.n_layers; ++l) {
     const layer& L = layers_[l];
     for (uint32_t t = 0; t < T; ++t)
       rmsnorm(&x_[size_t{t} * E], L.attn_norm.data(), &xn_[size_t{t} * E], E, hp.rms_eps);
     matmul({{&L.wq, xn_.data(), q_.data(), T}, {&L.wk, xn_.data(), k_.data(), T}, {&L.wv, xn_.data(), v_.data(), T}});
     for (uint32_t t = 0; t < T; ++t) {
-      rope(&q_[size_t{t} * q_dim], hp.n_head, items[t].pos);
-      rope(&k_[size_t{t} * kv_dim], hp.n_kv_head, items[t].pos);
+      rope(&q_[size_t{t} * q_dim], hp.n_head, &rope_cs_[size_t{t} * half], &rope_sn_[size_t{t} * half]);
+      rope(&k_[size_t{t} * kv_dim], hp.n_kv_head, &rope_cs_[size_t{t} * half], &rope_sn_[size_t{t} * half]);
     }
     // Attention in groups of consecutive items with distinct sequences: append their K/V, then
     // one attend call for the group (a decode batch is one group; a prefill chunk is T groups).

@@ -83,6 +83,10 @@ struct model_options {
   uint32_t n_threads = 0;   // 0: hardware concurrency
   uint32_t max_batch = 64;  // most tokens in one forward call (prefill chunk or decode batch)
   kernel_isa isa = best_kernel_isa();
+  // Q4_0 / Q4_1 / Q8_0 matmuls on activations quantized to 8 bits once per matmul, with integer
+  // dot products (quant.hpp; ggml does the same). false: the f32-unpacking kernels, exact up to
+  // f32 rounding (the float64-reference tests use that).
+  bool q8_activations = true;
 };
 
 class llama_model {
@@ -132,10 +136,10 @@ class llama_model {
   };
 
   llama_model(const model_options& options)
-      : pool_(options.n_threads), isa_(options.isa), max_batch_(options.max_batch) {}
+      : pool_(options.n_threads), isa_(options.isa), max_batch_(options.max_batch), q8_(options.q8_activations) {}
   status run(kv_cache& cache, std::span<const forward_item> items, std::vector<float>& logits, bool allow_sparse);
   void matmul(std::initializer_list<matmul_job> jobs);
-  void rope(float* x, uint32_t n_heads, uint32_t pos) const noexcept;
+  void rope(float* x, uint32_t n_heads, const float* cs, const float* sn) const noexcept;
 
   llama_hparams hp_;
   weight tok_embd_, output_;
@@ -146,8 +150,11 @@ class llama_model {
   thread_pool pool_;
   kernel_isa isa_;
   uint32_t max_batch_;
+  bool q8_;
   // Workspace, sized for max_batch tokens at load: the forward pass does not allocate.
   std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, normed_out_;
+  std::vector<float> rope_cs_, rope_sn_;  // [max_batch][rope_dim / 2]: one table per token, all layers
+  std::vector<act_block> xq_;             // a matmul's input quantized (q8_activations)
   std::vector<seq_id> group_seqs_;
   std::optional<sparf_params> sparse_;
   attention_observer observer_;

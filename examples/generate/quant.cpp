@@ -1,6 +1,8 @@
 #include "quant.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #include "quant_blocks.hpp"
 
@@ -9,6 +11,8 @@ namespace instinfer::model {
 #if defined(__x86_64__) || defined(__i386__)
 #define INSTINFER_GEN_HAVE_AVX2 1
 matmul_fn matmul_kernel_avx2(ggml_type t) noexcept;  // quant_avx2.cpp, built with -mavx2 -mfma -mf16c
+matmul_q8_fn matmul_q8_kernel_avx2(ggml_type t) noexcept;
+void quantize_act_avx2(const float* x, uint32_t n, act_block* out) noexcept;
 #endif
 
 std::string_view ggml_type_name(uint32_t id) noexcept {
@@ -77,7 +81,88 @@ void matmul_scalar(const std::byte* w, uint64_t row_bytes, uint32_t n_cols, uint
   }
 }
 
+void quantize_act_scalar(const float* x, uint32_t n, act_block* out) noexcept {
+  for (uint32_t b = 0; b < n / 32; ++b, x += 32) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      // nearbyint rounds to nearest even, as the SIMD conversion does: both give the same blocks.
+      const int q = static_cast<int>(std::nearbyint(x[j] * id));
+      out[b].qs[j] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out[b].d = d;
+    out[b].s = d * static_cast<float>(sum);
+  }
+}
+
+// Scalar integer-dot kernels: per block an exact integer dot, scaled by d_w·d_x in f32; the
+// Q4 types add their offset times the activation block sum (m·s).
+template <ggml_type T>
+void matmul_q8_scalar(const std::byte* w, uint64_t row_bytes, uint32_t n_cols, uint64_t r0, uint64_t r1,
+                      const act_block* x, uint64_t x_stride, uint32_t n_vec, float* y, uint64_t y_stride) noexcept {
+  const uint32_t nb = n_cols / 32;
+  int8_t wq[32];
+  for (uint64_t r = r0; r < r1; ++r) {
+    const std::byte* row = w + r * row_bytes;
+    for (uint32_t v = 0; v < n_vec; ++v) {
+      const act_block* xv = x + v * x_stride;
+      float acc = 0.0f;
+      for (uint32_t b = 0; b < nb; ++b) {
+        const std::byte* blk = row + b * ggml_block_bytes(T);
+        const auto* u = reinterpret_cast<const uint8_t*>(blk);
+        const float dw = detail::load_f16(blk);
+        float offset = 0.0f;  // the weight every quantum is shifted by: m (Q4_1) or −8·d (Q4_0)
+        if constexpr (T == ggml_type::kQ8_0) {
+          std::memcpy(wq, u + 2, 32);
+        } else {
+          constexpr int kOff = T == ggml_type::kQ4_1 ? 4 : 2;
+          for (int j = 0; j < 16; ++j) {
+            wq[j] = static_cast<int8_t>(u[kOff + j] & 0x0f);
+            wq[j + 16] = static_cast<int8_t>(u[kOff + j] >> 4);
+          }
+          offset = T == ggml_type::kQ4_1 ? detail::load_f16(blk + 2) : -8.0f * dw;
+        }
+        int dot = 0;
+        for (int j = 0; j < 32; ++j) dot += wq[j] * xv[b].qs[j];
+        acc += dw * xv[b].d * static_cast<float>(dot) + offset * xv[b].s;
+      }
+      y[v * y_stride + r] = acc;
+    }
+  }
+}
+
 }  // namespace
+
+quantize_act_fn quantize_act_kernel(kernel_isa isa) noexcept {
+  if (isa == kernel_isa::kAvx2) {
+#ifdef INSTINFER_GEN_HAVE_AVX2
+    return best_kernel_isa() == kernel_isa::kAvx2 ? &quantize_act_avx2 : nullptr;
+#else
+    return nullptr;
+#endif
+  }
+  return &quantize_act_scalar;
+}
+
+matmul_q8_fn matmul_q8_kernel(ggml_type t, kernel_isa isa) noexcept {
+  if (isa == kernel_isa::kAvx2) {
+#ifdef INSTINFER_GEN_HAVE_AVX2
+    return best_kernel_isa() == kernel_isa::kAvx2 ? matmul_q8_kernel_avx2(t) : nullptr;
+#else
+    return nullptr;
+#endif
+  }
+  switch (t) {
+    case ggml_type::kQ4_0: return &matmul_q8_scalar<ggml_type::kQ4_0>;
+    case ggml_type::kQ4_1: return &matmul_q8_scalar<ggml_type::kQ4_1>;
+    case ggml_type::kQ8_0: return &matmul_q8_scalar<ggml_type::kQ8_0>;
+    default: return nullptr;
+  }
+}
 
 matmul_fn matmul_kernel(ggml_type t, kernel_isa isa) noexcept {
   if (isa == kernel_isa::kAvx2) {

@@ -6,8 +6,13 @@
 //   Q8_0 (34 B): f16 d;         i8 qs[32]  w[j] = d·qs[j]
 // F32, F16 and BF16 rows are plain arrays. A row of ne0 weights is ne0/32 consecutive blocks.
 //
-// The kernels keep activations in f32 and expand each weight block in registers once for all the
-// vectors of a batch, so prefill chunks and decode batches read every weight byte once per call.
+// Two kernel families. matmul_fn keeps activations in f32 and expands each weight block to f32
+// in registers (exact up to f32 rounding; every type). matmul_q8_fn (Q4_0, Q4_1, Q8_0 weights)
+// takes activations quantized once per matmul to 8-bit blocks (act_block, ggml's q8_1 layout in
+// spirit) and uses integer dot products per block: the activation rounding (at most d/2 per
+// element, d = block max|x| / 127) is the only extra error, and it is what makes the integer
+// kernels about twice as fast as unpacking to floats. Both expand or load each weight block once
+// for all the vectors of a batch, so prefill chunks read every weight byte once per call.
 #pragma once
 
 #include <cstddef>
@@ -69,6 +74,23 @@ using matmul_fn = void (*)(const std::byte* w, uint64_t row_bytes, uint32_t n_co
 enum class kernel_isa { kScalar, kAvx2 };
 // The kernel for t on the given ISA; nullptr when that ISA is not compiled in or not present.
 matmul_fn matmul_kernel(ggml_type t, kernel_isa isa) noexcept;
+
+// 32 activations as x[j] ≈ d·qs[j]: d = max|x| / 127, qs[j] = round-to-nearest-even(x[j] / d),
+// s = d·Σ qs[j] (the term a block's offset multiplies: Q4_1's m, Q4_0's −8·d_w).
+struct act_block {
+  float d;
+  float s;
+  int8_t qs[32];
+};
+// Quantize n activations (n a multiple of 32) into n / 32 blocks. Every ISA gives the same blocks.
+using quantize_act_fn = void (*)(const float* x, uint32_t n, act_block* out) noexcept;
+quantize_act_fn quantize_act_kernel(kernel_isa isa) noexcept;
+// As matmul_fn on quantized activations: vector v is the n_cols / 32 blocks at x + v * x_stride.
+using matmul_q8_fn = void (*)(const std::byte* w, uint64_t row_bytes, uint32_t n_cols, uint64_t r0, uint64_t r1,
+                              const act_block* x, uint64_t x_stride, uint32_t n_vec, float* y,
+                              uint64_t y_stride) noexcept;
+// Q4_0, Q4_1 and Q8_0 have one; nullptr for the other types or an ISA that is not here.
+matmul_q8_fn matmul_q8_kernel(ggml_type t, kernel_isa isa) noexcept;
 // The best kernel this machine runs.
 kernel_isa best_kernel_isa() noexcept;
 std::string_view kernel_isa_name(kernel_isa isa) noexcept;

@@ -31,7 +31,7 @@ struct loaded_model {
   std::unique_ptr<instinfer::model::tokenizer> tok;
   std::unique_ptr<instinfer::model::llama_model> model;
 };
-inline loaded_model load_model() {
+inline loaded_model load_model(const instinfer::model::model_options& options = {}) {
   using namespace instinfer::model;
   loaded_model x;
   auto g = gguf_file::open(model_path());
@@ -40,7 +40,7 @@ inline loaded_model load_model() {
   auto t = tokenizer::from_gguf(*x.file);
   REQUIRE_MESSAGE(t.ok(), t.error().to_string());
   x.tok = std::move(*t);
-  auto m = llama_model::load(*x.file);
+  auto m = llama_model::load(*x.file, options);
   REQUIRE_MESSAGE(m.ok(), m.error().to_string());
   x.model = std::move(*m);
   return x;

@@ -50,36 +50,52 @@ const std::vector<int32_t> kPrompt = {1,   3 + 't', 3 + 'h', 3 + 'e', 270, 5,   
 }  // namespace
 
 TEST_CASE("forward: logits match the float64 reference (untied and tied output)") {
-  for (bool tied : {false, true}) {
-    CAPTURE(tied);
-    synth::config cfg;
-    cfg.tied = tied;
-    model_options mo;
-    mo.max_batch = 8;  // the 20-token prompt takes three chunks
-    auto l = load(cfg, mo);
-    CHECK(l->model->hparams().tied_output == tied);
-    auto cache = make_cache(*l->model, "host", dtype::kF32);
-    std::vector<int32_t> out;
-    std::vector<std::vector<float>> logits;
-    REQUIRE(model_test::greedy(*l->model, *cache, kPrompt, 12, out, &logits).ok());
-    synth::reference ref(l->m);
-    std::vector<double> r;
-    for (int32_t t : kPrompt) r = ref.step(t);
-    double worst = 0.0;
-    for (size_t s = 0; s < out.size(); ++s) {
-      REQUIRE(logits[s].size() == l->m.vocab());
-      size_t best = 0;
-      for (size_t i = 0; i < r.size(); ++i) {
-        if (r[i] > r[best]) best = i;
-        worst = std::max(worst, std::fabs(logits[s][i] - r[i]) / std::max(std::fabs(r[i]), 1.0));
-        if (!model_test::close(logits[s][i], r[i], 1e-3))
-          FAIL("step " << s << " logit " << i << ": " << logits[s][i] << " vs " << r[i]);
+  // q8: the Q4/Q8 matmuls take activations quantized to 8 bits per 32-block (quant.hpp), which
+  // moves every matmul input by up to max|x|/254 per element. Through this random (untrained)
+  // model's layers that measured 0.036 (untied) and 0.11 (tied) of a logit at worst, hence 0.25,
+  // against 1e-3 for the f32-unpacking kernels; the kernels themselves are bounded in test_quant.
+  for (bool q8 : {false, true})
+    for (bool tied : {false, true}) {
+      CAPTURE(q8);
+      CAPTURE(tied);
+      synth::config cfg;
+      cfg.tied = tied;
+      model_options mo;
+      mo.max_batch = 8;  // the 20-token prompt takes three chunks
+      mo.q8_activations = q8;
+      auto l = load(cfg, mo);
+      CHECK(l->model->hparams().tied_output == tied);
+      auto cache = make_cache(*l->model, "host", dtype::kF32);
+      std::vector<int32_t> out;
+      std::vector<std::vector<float>> logits;
+      REQUIRE(model_test::greedy(*l->model, *cache, kPrompt, 12, out, &logits).ok());
+      synth::reference ref(l->m);
+      std::vector<double> r;
+      for (int32_t t : kPrompt) r = ref.step(t);
+      const double tol = q8 ? 2.5e-1 : 1e-3;
+      double worst = 0.0;
+      for (size_t s = 0; s < out.size(); ++s) {
+        REQUIRE(logits[s].size() == l->m.vocab());
+        size_t best = 0, second = 1;
+        for (size_t i = 0; i < r.size(); ++i) {
+          if (r[i] > r[best]) {
+            second = best;
+            best = i;
+          } else if (i != best && r[i] > r[second]) {
+            second = i;
+          }
+          worst = std::max(worst, std::fabs(logits[s][i] - r[i]) / std::max(std::fabs(r[i]), 1.0));
+          if (!model_test::close(logits[s][i], r[i], tol))
+            FAIL("step " << s << " logit " << i << ": " << logits[s][i] << " vs " << r[i]);
+        }
+        // The greedy token is the reference's unless the top two are closer than the error bound.
+        if (r[best] - r[second] > 2 * tol * std::max(std::fabs(r[best]), 1.0))
+          CHECK(static_cast<size_t>(out[s]) == best);
+        r = ref.step(out[s]);
       }
-      CHECK(static_cast<size_t>(out[s]) == best);
-      r = ref.step(out[s]);
+      MESSAGE("synthetic model, q8 activations=" << q8 << ", tied=" << tied << ": worst relative logit error "
+                                                 << worst);
     }
-    MESSAGE("synthetic model, tied=" << tied << ": worst relative logit error " << worst);
-  }
 }
 
 TEST_CASE("forward: chunk size, thread count and ISA do not change the result") {

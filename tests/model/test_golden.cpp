@@ -93,10 +93,14 @@ struct fixture {
   std::unique_ptr<tokenizer> tok;
   std::unique_ptr<llama_model> model;
 };
+// The golden data is exact float64 math, so the model runs the f32-unpacking matmuls here; the
+// default integer-dot path (8-bit activations) is checked against this one at the end.
 fixture& the_model() {
   static fixture f = [] {
     fixture x;
-    model_test::loaded_model loaded = model_test::load_model();
+    model_options mo;
+    mo.q8_activations = false;
+    model_test::loaded_model loaded = model_test::load_model(mo);
     x.file = std::move(loaded.file);
     x.tok = std::move(loaded.tok);
     x.model = std::move(loaded.model);
@@ -261,6 +265,49 @@ TEST_CASE("quantized KV: q8_0 perplexity within 1 % of f16's, q4_0 within 30 %")
   CHECK(ppl[0] < 40.0);  // the model reads English: f16 measured 19 over the whole text
   CHECK(std::fabs(ppl[1] / ppl[0] - 1.0) < 0.01);
   CHECK(std::fabs(ppl[2] / ppl[0] - 1.0) < 0.30);
+}
+
+// The default matmuls quantize activations to 8 bits per 32-block (as llama.cpp's q8_1 / q8_0
+// dots do): perplexity on the same 384 tokens stays within 2 % of the exact path's (measured
+// +1.0 %). Greedy ids are reported, not pinned: the first golden prompt's first step is already
+// a near-tie (ids 504 vs 60; the q8 top-2 gap there measured 0.31), and docs/llama-cpp.md finds
+// that stock llama.cpp's own q8_1 rounding moves logits by ~1 as well. Where the ids part, the
+// top-2 gap must be that small.
+TEST_CASE("q8 activations: perplexity within 2 % of the exact matmuls; greedy ids part only at a near-tie") {
+  fixture& exact = the_model();
+  model_test::loaded_model q8 = model_test::load_model();
+  std::vector<int32_t> ids = exact.tok->encode(sparf_eval::kLongText, false);
+  REQUIRE(ids.size() > 384);
+  ids.resize(384);
+  double ppl[2] = {};
+  llama_model* models[2] = {exact.model.get(), q8.model.get()};
+  for (int i = 0; i < 2; ++i) {
+    auto cache = kv_cache::create(models[i]->kv_options("host", dtype::kF16));
+    REQUIRE_MESSAGE(cache.ok(), cache.error().to_string());
+    auto r = evaluate_perplexity(*models[i], **cache, ids, ids.size(), 64);
+    REQUIRE_MESSAGE(r.ok(), r.error().to_string());
+    ppl[i] = r->perplexity();
+  }
+  MESSAGE("perplexity over 383 tokens: exact matmuls " << ppl[0] << ", q8 activations " << ppl[1]);
+  CHECK(std::fabs(ppl[1] / ppl[0] - 1.0) < 0.02);
+
+  const golden g = read_golden();
+  const golden_prompt& gp = g.prompts[0];
+  auto c = kv_cache::create(q8.model->kv_options("host", dtype::kF32));
+  REQUIRE(c.ok());
+  std::vector<int32_t> out;
+  std::vector<std::vector<float>> logits;
+  REQUIRE(model_test::greedy(*q8.model, **c, gp.ids, static_cast<uint32_t>(gp.steps.size()), out, &logits).ok());
+  size_t same = 0;
+  while (same < out.size() && out[same] == gp.steps[same].next) ++same;
+  MESSAGE("q8 activations: greedy ids equal the golden ones for " << same << " of " << out.size() << " steps");
+  if (same < out.size()) {
+    const std::vector<float>& l = logits[same];
+    std::vector<float> sorted(l);
+    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+    MESSAGE("first divergence at step " << same << ": q8 top-2 gap " << sorted[0] - sorted[1]);
+    CHECK(sorted[0] - sorted[1] < 0.5f);
+  }
 }
 
 int main(int argc, char** argv) {
