@@ -54,7 +54,7 @@ struct options {
   std::vector<double> budgets{0.5, 0.25, 0.125, 0.0625};
   std::vector<std::string> budget_labels{"1/2", "1/4", "1/8", "1/16"};
   std::vector<std::string> policies{"sparf", "page"};
-  uint32_t needles = 3;  // needles per (length, depth)
+  uint32_t needles = 3;         // needles per (length, depth)
   uint32_t needle_tokens = 16;  // SmolLM2 often repeats the question's sentence first
   uint32_t gen_tokens = 64;
   uint32_t kl_steps = 32;
@@ -168,8 +168,8 @@ double kl_divergence(const std::vector<double>& logp, const std::vector<double>&
 // (teacher forcing). stop: end at an end-of-generation token. on_logits(i, logits) sees the
 // distribution after feeding token i.
 template <class OnLogits>
-status decode(llama_model& m, kv_cache& cache, seq_id base, uint32_t len, const std::vector<float>& logits0,
-              uint32_t n, const std::vector<int32_t>* forced, const tokenizer* stop, std::vector<int32_t>& out,
+status decode(llama_model& m, kv_cache& cache, seq_id base, uint32_t len, const std::vector<float>& logits0, uint32_t n,
+              const std::vector<int32_t>* forced, const tokenizer* stop, std::vector<int32_t>& out,
               OnLogits on_logits) {
   auto seq = cache.fork_sequence(base);
   if (!seq.ok()) return seq.error();
@@ -329,8 +329,9 @@ int main(int argc, char** argv) {
     }
   };
   // Needles: a word and a 5-digit number per (length, depth, index), from a fixed generator.
-  static const char* const kWords[] = {"falcon", "lantern", "orchid", "granite", "harbor", "violet", "copper", "meadow",
-                                       "thistle", "glacier", "saffron", "walnut", "ember", "juniper", "cobalt", "willow"};
+  static const char* const kWords[] = {"falcon", "lantern", "orchid",  "granite", "harbor",  "violet",
+                                       "copper", "meadow",  "thistle", "glacier", "saffron", "walnut",
+                                       "ember",  "juniper", "cobalt",  "willow"};
   uint64_t rng = 0x9E3779B97F4A7C15ull ^ o.seed;
   const auto next_rand = [&] {
     rng ^= rng << 13;
@@ -361,9 +362,11 @@ int main(int argc, char** argv) {
   auto cache_r = kv_cache::create(co);
   if (!cache_r.ok()) return fail("KV cache: " + cache_r.error().to_string());
   kv_cache& cache = **cache_r;
-  std::fprintf(stderr, "[model] %s: %u layers, %u heads (%u kv), head %u, context %u | f16 KV, page %u B (%u tokens), %u threads\n",
-               path.c_str(), hp.n_layers, hp.n_head, hp.n_kv_head, hp.head_dim, hp.n_ctx_train, cache.page().page_bytes,
-               cache.page().tokens_per_page, m.n_threads());
+  std::fprintf(
+      stderr,
+      "[model] %s: %u layers, %u heads (%u kv), head %u, context %u | f16 KV, page %u B (%u tokens), %u threads\n",
+      path.c_str(), hp.n_layers, hp.n_head, hp.n_kv_head, hp.head_dim, hp.n_ctx_train, cache.page().page_bytes,
+      cache.page().tokens_per_page, m.n_threads());
 
   // Storage of the sparse policies' data over the KV bytes, taken on the first prefilled prompt.
   double column_overhead = -1.0, summary_overhead = -1.0;
@@ -476,8 +479,7 @@ int main(int argc, char** argv) {
         const std::string word = kWords[next_rand() % std::size(kWords)];
         const std::string number = std::to_string(10000 + next_rand() % 90000);
         const std::string needle = "The secret code for " + word + " is " + number + ".\n\n";
-        const std::string question =
-            "What is the secret code for " + word + "? Answer with the number only." + tail;
+        const std::string question = "What is the secret code for " + word + "? Answer with the number only." + tail;
         std::vector<token_id> rest = tok.encode(needle, false);
         rest.insert(rest.end(), body.begin() + cut, body.end());
         const auto q = tok.encode(question);
@@ -549,24 +551,27 @@ int main(int argc, char** argv) {
       std::printf("],\"agreement\":[");
       for (size_t li = 0; li < o.lengths.size() && o.gen_tokens > 0; ++li) {
         const auto& g = t.agreement[li];
-        std::printf("%s{\"length\":%u,\"prompt_tokens\":%u,\"same32\":%u,\"n32\":%u,\"same64\":%u,\"n64\":%u,"
-                    "\"first_divergence\":%d,\"kl_mean\":%.6g,\"kl_steps\":%u,\"tf_same\":%u}",
-                    li ? "," : "", o.lengths[li], prompt_tokens[li], g.same32, g.n32, g.same64, g.n64,
-                    g.first_divergence, g.kl, o.kl_steps, g.tf_same);
+        std::printf(
+            "%s{\"length\":%u,\"prompt_tokens\":%u,\"same32\":%u,\"n32\":%u,\"same64\":%u,\"n64\":%u,"
+            "\"first_divergence\":%d,\"kl_mean\":%.6g,\"kl_steps\":%u,\"tf_same\":%u}",
+            li ? "," : "", o.lengths[li], prompt_tokens[li], g.same32, g.n32, g.same64, g.n64, g.first_divergence, g.kl,
+            o.kl_steps, g.tf_same);
       }
       std::printf("]}\n");
     }
     return 0;
   }
 
-  std::printf("\nLong-context sparse evaluation of %s (measured on this machine): f16 KV, %u B pages (%u tokens), "
-              "+S/W = %u sink tokens + %u recent tokens; prefill dense, decode through kv_cache::attend_sparse.\n",
-              std::filesystem::path(path).filename().c_str(), cache.page().page_bytes, cache.page().tokens_per_page,
-              o.sinks, o.window);
+  std::printf(
+      "\nLong-context sparse evaluation of %s (measured on this machine): f16 KV, %u B pages (%u tokens), "
+      "+S/W = %u sink tokens + %u recent tokens; prefill dense, decode through kv_cache::attend_sparse.\n",
+      std::filesystem::path(path).filename().c_str(), cache.page().page_bytes, cache.page().tokens_per_page, o.sinks,
+      o.window);
   if (o.needles > 0) {
-    std::printf("\nNeedle retrieval (hits / needles; %u needles per cell, answer within %u greedy tokens):\n\n| "
-                "configuration |",
-                o.needles, o.needle_tokens);
+    std::printf(
+        "\nNeedle retrieval (hits / needles; %u needles per cell, answer within %u greedy tokens):\n\n| "
+        "configuration |",
+        o.needles, o.needle_tokens);
     for (uint32_t L : o.lengths)
       for (double d : o.depths) std::printf(" %u @ %.0f%% |", L, d * 100);
     std::printf(" all |\n|---|");
@@ -584,10 +589,11 @@ int main(int argc, char** argv) {
     }
   }
   if (o.gen_tokens > 0) {
-    std::printf("\nGreedy agreement with dense (identical tokens of the first 32 / 64, first divergence) and "
-                "KL(dense || sparse) mean over %u teacher-forced steps, with tf = steps of those whose argmax is "
-                "dense's token:\n\n| configuration |",
-                o.kl_steps);
+    std::printf(
+        "\nGreedy agreement with dense (identical tokens of the first 32 / 64, first divergence) and "
+        "KL(dense || sparse) mean over %u teacher-forced steps, with tf = steps of those whose argmax is "
+        "dense's token:\n\n| configuration |",
+        o.kl_steps);
     for (size_t li = 0; li < o.lengths.size(); ++li)
       std::printf(" %u tok: 32 | 64 | first div. | KL | tf |", prompt_tokens[li]);
     std::printf("\n|---|");
@@ -601,15 +607,17 @@ int main(int argc, char** argv) {
       std::printf("\n");
     }
   }
-  std::printf("\nReads while decoding (all prompts; pages read / pages dense attention reads, bytes likewise):\n\n"
-              "| configuration | pages | bytes |\n|---|---|---|\n");
+  std::printf(
+      "\nReads while decoding (all prompts; pages read / pages dense attention reads, bytes likewise):\n\n"
+      "| configuration | pages | bytes |\n|---|---|---|\n");
   for (size_t ci = 1; ci < configs.size(); ++ci)
     std::printf("| %s | %.3f | %.3f |\n", configs[ci].name.c_str(), tallies[ci].counters.page_fraction(),
                 tallies[ci].counters.byte_fraction());
   if (column_overhead >= 0)
-    std::printf("\nStorage beside the KV (%u-token prompt): SparF column copy %.3f x KV bytes, page summaries %.4f "
-                "x KV bytes.\n",
-                prompt_tokens[0], column_overhead, summary_overhead);
+    std::printf(
+        "\nStorage beside the KV (%u-token prompt): SparF column copy %.3f x KV bytes, page summaries %.4f "
+        "x KV bytes.\n",
+        prompt_tokens[0], column_overhead, summary_overhead);
   for (size_t li = 0; li < o.lengths.size() && o.gen_tokens > 0; ++li)
     std::printf("\ndense (%u tokens): %s\n", prompt_tokens[li], dense_text[li].c_str());
   return 0;
