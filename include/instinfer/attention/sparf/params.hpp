@@ -53,7 +53,8 @@ struct sparf_params {
   // window_tokens tokens of every sequence are always selected; the approximate top-k only
   // chooses among the tokens in between. They count toward k (sparf_resolve raises k to hold them
   // when it is smaller), so the exact pass reads them like any selected token. 0, 0 (the default):
-  // plain SparF over every token.
+  // plain SparF over every token. Recommended: 16 and 64 (docs/experiment.md, "Long-context sparse
+  // evaluation": the page policy needs them); not the default since csd refuses them.
   uint32_t sink_tokens = 0;
   uint32_t window_tokens = 0;
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# instinfer-sparse-eval on a tiny configuration (one short prompt, one needle, one budget): dense
+# must retrieve the needle, every JSON line must parse and hold sane fractions, and the sparse
+# configuration must have read fewer pages than dense. Exits 77 (skipped) without the model.
+# Usage: sparse_eval.sh PROGRAM MODEL
+set -euo pipefail
+prog="$1"
+model="${INSTINFER_MODEL:-$2}"
+if [[ ! -f "$model" ]]; then
+  echo "SKIP: $model is absent (run scripts/fetch-model, or set INSTINFER_MODEL)"
+  exit 77
+fi
+out="$("$prog" --model "$model" --lengths 128 --depths 0.5 --needles 1 --gen-tokens 4 --kl-steps 2 --budget 1/4 \
+  --policies page --sw-only --json)"
+printf '%s\n' "$out"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in sys.argv[1].splitlines() if line.strip()]
+assert len(rows) == 2, f"expected dense and one sparse configuration, got {len(rows)} lines"
+dense, sparse = rows
+assert dense["config"] == "dense" and dense["needles"] == 1, dense
+assert dense["needle_hits"] == 1, "dense did not retrieve the needle"
+assert dense["agreement"][0]["kl_mean"] == 0 and dense["agreement"][0]["same32"] == 4, dense
+assert sparse["policy"] == "page" and sparse["sinks"] == 16 and sparse["window"] == 64, sparse
+assert 0 < sparse["page_frac"] < 1, sparse
+a = sparse["agreement"][0]
+assert a["kl_mean"] >= 0 and 0 <= a["same32"] <= a["n32"] == 4, a
+assert 0 < sparse["page_summary_overhead"] < sparse["sparf_column_overhead"], sparse
+print("ok")
+PY
