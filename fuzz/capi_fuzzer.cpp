@@ -158,6 +158,7 @@ class session {
     kAttendChunk,
     kAttendSlice,
     kState,
+    kName,
     kOpCount
   };
 
@@ -413,6 +414,7 @@ class session {
   void op_stats(input& in);
   void op_null_cache(input& in);
   void op_state(input& in);
+  void op_name(input& in);
   void attend_all(uint32_t layer, const char* why);
 
   shape s_;
@@ -420,6 +422,7 @@ class session {
   uint8_t salt_;
   uint64_t op_index_ = 0;
   std::map<instinfer_seq, ref_seq> live_;
+  std::map<uint64_t, instinfer_seq> names_;  // the model of the cache's sequence names
   std::vector<instinfer_seq> freed_;
   instinfer_seq max_id_ = 0;
 };
@@ -445,6 +448,7 @@ void session::run_op(uint8_t opcode, input& in) {
     case kAttendChunk: return op_attend_chunk(in);
     case kAttendSlice: return op_attend(in, false, true);
     case kState: return op_state(in);
+    case kName: return op_name(in);
   }
 }
 
@@ -512,7 +516,50 @@ void session::op_free(input& in) {
   if (!known(id)) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_seq_free(unknown)");
   expect(st, INSTINFER_OK, "instinfer_seq_free");
   live_.erase(id);
+  std::erase_if(names_, [id](const auto& n) { return n.second == id; });  // a freed sequence's name goes
   freed_.push_back(id);
+}
+
+// Names (C API 0.5): set (names 0-4 on any id, 0 removes), find (names 1-5), list (capacity 0-3).
+// The model: a name is unique in the cache, moves with set, and goes with a freed sequence.
+void session::op_name(input& in) {
+  const uint8_t what = in.u8() % 3;
+  if (what == 0) {
+    const instinfer_seq id = pick(in.u8());
+    const uint64_t name = in.u8() % 5;
+    const instinfer_status st = instinfer_seq_set_name(cache_, id, name);
+    if (!known(id)) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_seq_set_name(unknown)");
+    uint64_t current = 0;
+    for (const auto& [n, s] : names_)
+      if (s == id) current = n;
+    if (name != 0 && name != current && names_.count(name) != 0)
+      return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_seq_set_name(name taken)");
+    expect(st, INSTINFER_OK, "instinfer_seq_set_name");
+    if (current != 0) names_.erase(current);
+    if (name != 0) names_[name] = id;
+  } else if (what == 1) {
+    const uint64_t name = 1 + in.u8() % 5;
+    instinfer_seq found = 0;
+    const instinfer_status st = instinfer_seq_find(cache_, name, &found);
+    auto it = names_.find(name);
+    if (it == names_.end()) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, "instinfer_seq_find(unnamed)");
+    expect(st, INSTINFER_OK, "instinfer_seq_find");
+    if (found != it->second)
+      die("instinfer_seq_find(%" PRIu64 ") gave sequence %" PRIu64 ", not %" PRIu64, name, found, it->second);
+  } else {
+    const size_t capacity = in.u8() % 4;
+    uint64_t names[3] = {};
+    instinfer_seq seqs[3] = {};
+    size_t count = SIZE_MAX;
+    expect(instinfer_seq_names(cache_, capacity ? names : nullptr, capacity ? seqs : nullptr, capacity, &count),
+           INSTINFER_OK, "instinfer_seq_names");
+    if (count != names_.size()) die("instinfer_seq_names counted %zu names, the model %zu", count, names_.size());
+    auto it = names_.begin();
+    for (size_t i = 0; i < std::min(capacity, count); ++i, ++it)
+      if (names[i] != it->first || seqs[i] != it->second)
+        die("instinfer_seq_names pair %zu: (%" PRIu64 ", %" PRIu64 "), the model (%" PRIu64 ", %" PRIu64 ")", i,
+            names[i], seqs[i], it->first, it->second);
+  }
 }
 
 // remove_range: sel, a, b, mode. p0 = a; p1 = p0 + b, UINT64_MAX, b (p0 > p1 when b < a) or p0.
@@ -1025,6 +1072,7 @@ void session::finish() {
     expect(instinfer_seq_free(cache_, live_.begin()->first), INSTINFER_OK, "instinfer_seq_free (final)");
     live_.erase(live_.begin());
   }
+  names_.clear();
   const instinfer_stats st = stats();
   if (st.n_sequences != 0 || st.used_chunks != 0 || st.shared_chunks != 0)
     die("after freeing every sequence: %" PRIu64 " sequences, %" PRIu64 " used and %" PRIu64 " shared chunks",
