@@ -391,15 +391,7 @@ int main(int argc, char** argv) {
     t0 = now_s();
     st = generate(m, cache, *prompt_seq, prompt_len, prefill_logits, o.gen_tokens, results[i].tokens, [](uint32_t) {});
     if (!st.ok()) return fail("SparF decode at compression " + o.compression_labels[i] + ": " + st.to_string());
-    sparf_counters after = cache.stats().sparf, delta;
-    delta.token_pages_read = after.token_pages_read - before.token_pages_read;
-    delta.channel_pages_read = after.channel_pages_read - before.channel_pages_read;
-    delta.token_bytes_used = after.token_bytes_used - before.token_bytes_used;
-    delta.channel_bytes_used = after.channel_bytes_used - before.channel_bytes_used;
-    delta.buffered_channel_bytes = after.buffered_channel_bytes - before.buffered_channel_bytes;
-    delta.dense_pages = after.dense_pages - before.dense_pages;
-    delta.dense_bytes = after.dense_bytes - before.dense_bytes;
-    results[i].decode_counters = delta;
+    results[i].decode_counters = cache.stats().sparf.since(before);
     std::fprintf(stderr, "[generate] compression %s: %u tokens in %.1f s\n", o.compression_labels[i].c_str(),
                  o.gen_tokens, now_s() - t0);
   }

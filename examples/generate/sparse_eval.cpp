@@ -127,21 +127,6 @@ struct tally {
   sparf_counters counters;
 };
 
-sparf_counters delta(const sparf_counters& a, const sparf_counters& b) {
-  sparf_counters d;
-  d.token_pages_read = b.token_pages_read - a.token_pages_read;
-  d.channel_pages_read = b.channel_pages_read - a.channel_pages_read;
-  d.token_bytes_used = b.token_bytes_used - a.token_bytes_used;
-  d.channel_bytes_used = b.channel_bytes_used - a.channel_bytes_used;
-  d.buffered_channel_bytes = b.buffered_channel_bytes - a.buffered_channel_bytes;
-  d.dense_pages = b.dense_pages - a.dense_pages;
-  d.dense_bytes = b.dense_bytes - a.dense_bytes;
-  d.selected_tokens = b.selected_tokens - a.selected_tokens;
-  d.channels_used = b.channels_used - a.channels_used;
-  d.items = b.items - a.items;
-  return d;
-}
-
 // log-softmax in float64 (the KL of nearly equal distributions needs the precision).
 std::vector<double> log_softmax(const std::vector<float>& x) {
   double mx = -INFINITY;
@@ -381,7 +366,7 @@ int main(int argc, char** argv) {
       m.set_sparse_attention(configs[ci].params);
       const sparf_counters before = cache.stats().sparf;
       status s = fn(ci);
-      tallies[ci].counters.add(delta(before, cache.stats().sparf));
+      tallies[ci].counters.add(cache.stats().sparf.since(before));
       m.set_sparse_attention(std::nullopt);
       if (!s.ok()) return status{s.code(), configs[ci].name + ": " + s.to_string()};
     }

@@ -164,6 +164,21 @@ struct sparf_counters {
     channels_used += o.channels_used;
     items += o.items;
   }
+  // What was counted after `before` (an earlier reading of the same running totals).
+  sparf_counters since(const sparf_counters& before) const noexcept {
+    sparf_counters d;
+    d.token_pages_read = token_pages_read - before.token_pages_read;
+    d.channel_pages_read = channel_pages_read - before.channel_pages_read;
+    d.token_bytes_used = token_bytes_used - before.token_bytes_used;
+    d.channel_bytes_used = channel_bytes_used - before.channel_bytes_used;
+    d.buffered_channel_bytes = buffered_channel_bytes - before.buffered_channel_bytes;
+    d.dense_pages = dense_pages - before.dense_pages;
+    d.dense_bytes = dense_bytes - before.dense_bytes;
+    d.selected_tokens = selected_tokens - before.selected_tokens;
+    d.channels_used = channels_used - before.channels_used;
+    d.items = items - before.items;
+    return d;
+  }
   uint64_t pages_read() const noexcept { return token_pages_read + channel_pages_read; }
   // Pages read over the pages dense attention reads (the CSD's flash-page saving).
   double page_fraction() const noexcept {
