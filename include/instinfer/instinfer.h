@@ -235,8 +235,14 @@ instinfer_status instinfer_attend_chunk(instinfer_cache* cache, uint32_t layer, 
                                         float* lse);
 
 /* Slice ith of nth of instinfer_attend / instinfer_attend_chunk (arguments as those, for the
- * whole batch): sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth) are computed and written.
- * The nth slices together write every output exactly once, identical to one call. */
+ * whole batch), for an engine's threads (llama.cpp's ith/nth). The nth slices together write every
+ * output, as one call does. On the host backend the slices of one call are one shared run: the
+ * first to arrive plans the call for nth threads and every slice that arrives while it runs takes
+ * work from it (one long sequence is split over the threads by tokens); no slice waits for another,
+ * and a slice that arrives after its call's run ended (same arguments and query, no other call on
+ * the cache in between) returns at once. The slice that ends the run returns its outcome. Other
+ * backends: slice ith computes sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth), one slice
+ * at a time. */
 instinfer_status instinfer_attend_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
                                         const float* q, float* out, float* lse, uint32_t ith, uint32_t nth);
 instinfer_status instinfer_attend_chunk_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq,

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <new>
 
+#include "core/slice_gate.hpp"
 #include "sparf/sparse_attender.hpp"
 
 namespace instinfer {
@@ -94,7 +95,8 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   return cache;
 }
 
-kv_cache::kv_cache(backend_config config, std::unique_ptr<backend> b) : config_(config), backend_(std::move(b)) {}
+kv_cache::kv_cache(backend_config config, std::unique_ptr<backend> b)
+    : config_(config), backend_(std::move(b)), slices_(std::make_unique<slice_gate>(mutex_)) {}
 
 kv_cache::~kv_cache() {
   for (auto& [id, seq] : sequences_) {

@@ -5,10 +5,12 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <new>
 
+#include "core/slice_gate.hpp"
 #include "instinfer/core/crc32c.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "sparf/sparse_attender.hpp"
@@ -107,35 +109,44 @@ status kv_cache::attend_chunk(uint32_t layer, std::span<const seq_id> seqs, std:
 
 status kv_cache::attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
                                      std::span<const uint32_t> n_rows, const float* q, float* out, float* lse) {
+  auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
+  if (!batch.ok()) return batch.error();
+  return backend_->attend_causal(layer, batch.value());
+}
+
+result<attend_batch> kv_cache::chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
+                                                  std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
+                                                  const float* q, float* out, float* lse) {
   INSTINFER_TRY(check_layer(layer));
-  if (seqs.empty()) return {errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
+  if (seqs.empty()) return status{errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
   if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
-    return {errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
-  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+    return status{errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
+  if (!q || !out) return status{errc::kInvalidArgument, "q and out must not be null"};
   uint64_t total = 0;
   for (size_t b = 0; b < seqs.size(); ++b) {
     auto found = find(seqs[b]);
     if (!found.ok()) return found.error();
     const uint32_t len = found.value()->layers[layer].n_tokens;
     if (n_rows[b] == 0)
-      return {errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
-                                          ") has n_rows = 0; every sequence needs at least one query row"};
+      return status{errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
+                                                ") has n_rows = 0; every sequence needs at least one query row"};
     if (uint64_t{positions[b]} + n_rows[b] > len)
-      return {errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
-                                          ") has query rows at positions [" + std::to_string(positions[b]) + ", " +
-                                          std::to_string(uint64_t{positions[b]} + n_rows[b]) + ") but layer " +
-                                          std::to_string(layer) + " holds " + std::to_string(len) +
-                                          " tokens: append the chunk's K/V first (more queries than positions)"};
+      return status{errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
+                                                ") has query rows at positions [" + std::to_string(positions[b]) +
+                                                ", " + std::to_string(uint64_t{positions[b]} + n_rows[b]) +
+                                                ") but layer " + std::to_string(layer) + " holds " +
+                                                std::to_string(len) +
+                                                " tokens: append the chunk's K/V first (more queries than positions)"};
     total += n_rows[b];
   }
-  if (total > UINT32_MAX / 2) return {errc::kInvalidArgument, "attend_chunk: too many query rows"};
+  if (total > UINT32_MAX / 2) return status{errc::kInvalidArgument, "attend_chunk: too many query rows"};
   INSTINFER_TRY(fill_batch(layer, seqs));
   try {
     row_indptr_.assign(1, 0);
     row_pos_.assign(positions.begin(), positions.end());
     for (uint32_t n : n_rows) row_indptr_.push_back(row_indptr_.back() + n);
   } catch (const std::bad_alloc&) {
-    return {errc::kOutOfMemory, "attend_chunk rows"};
+    return status{errc::kOutOfMemory, "attend_chunk rows"};
   }
   // Like attend, an out or lse over q is allowed: q is copied first.
   auto query = separate_query(total, q, out, lse);
@@ -143,7 +154,7 @@ status kv_cache::attend_chunk_locked(uint32_t layer, std::span<const seq_id> seq
   attend_batch batch = batch_view(query.value(), out, lse);
   batch.row_indptr = row_indptr_.data();
   batch.row_pos = row_pos_.data();
-  return backend_->attend_causal(layer, batch);
+  return batch;
 }
 
 // ---- slices for the caller's threads ------------------------------------------------------------
@@ -160,12 +171,29 @@ result<slice_range> slice_of(size_t n, uint32_t ith, uint32_t nth) {
 }
 }  // namespace
 
+// Backends that run attention on the caller's threads (host) share one run among the slices
+// (slice_gate); the others get each slice's sequences, one slice at a time under the lock.
 status kv_cache::attend_slice(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                               uint32_t ith, uint32_t nth) {
   auto r = slice_of(seqs.size(), ith, nth);
   if (!r.ok()) return r.error();
   if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  if (nth > 1 && backend_->runs_shared()) {
+    const size_t q_bytes = seqs.size() * config_.shape.n_q_heads * config_.shape.head_dim * sizeof(float);
+    const slice_call call{layer, q, out, lse, nth, seqs.size(), false, crc32c(seqs.data(), seqs.size_bytes())};
+    return shared_slice(
+        call, ith,
+        [&]() -> result<uint32_t> {
+          INSTINFER_TRY(check_layer(layer));
+          INSTINFER_TRY(fill_batch(layer, seqs));
+          auto query = separate_query(seqs.size(), q, out, lse);
+          if (!query.ok()) return query.error();
+          INSTINFER_TRY(backend_->shared_begin(layer, batch_view(query.value(), out, lse), nth));
+          return crc32c(q, q_bytes);
+        },
+        [&] { return crc32c(q, q_bytes); });
+  }
   if (r->begin == r->end) return {};  // more slices than sequences: nothing to do here
   const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
   return attend(layer, seqs.subspan(r->begin, r->end - r->begin), q + r->begin * row, out + r->begin * row,
@@ -181,6 +209,27 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
   if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
     return {errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
+  if (nth > 1 && backend_->runs_shared()) {
+    uint64_t total = 0;
+    for (uint32_t n : n_rows) total += n;
+    // Read only once the run has checked the rows against the sequences (q holds `total` rows).
+    const auto q_crc = [&] {
+      return crc32c(q, total * config_.shape.n_q_heads * config_.shape.head_dim * sizeof(float));
+    };
+    uint32_t args = crc32c(seqs.data(), seqs.size_bytes());
+    args = crc32c(positions.data(), positions.size_bytes(), args);
+    args = crc32c(n_rows.data(), n_rows.size_bytes(), args);
+    const slice_call call{layer, q, out, lse, nth, seqs.size(), true, args};
+    return shared_slice(
+        call, ith,
+        [&]() -> result<uint32_t> {
+          auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
+          if (!batch.ok()) return batch.error();
+          INSTINFER_TRY(backend_->shared_begin(layer, batch.value(), nth));
+          return q_crc();
+        },
+        q_crc);
+  }
   if (r->begin == r->end) return {};
   uint64_t first_row = 0;
   for (size_t b = 0; b < r->begin; ++b) first_row += n_rows[b];
@@ -190,6 +239,16 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
   return attend_chunk_locked(layer, seqs.subspan(r->begin, n), positions.subspan(r->begin, n),
                              n_rows.subspan(r->begin, n), q + first_row * row, out + first_row * row,
                              lse ? lse + first_row * config_.shape.n_q_heads : nullptr);
+}
+
+// The cache's lock is taken by the slice that starts the run and released by the one that ends
+// it (slice_gate): the page tables and the batch arrays stay as planned while any slice works.
+status kv_cache::shared_slice(const slice_call& call, uint32_t ith,
+                              const std::function<result<uint32_t>()>& begin_locked,
+                              const std::function<uint32_t()>& query_crc) {
+  return slices_->enter(
+      call, ith, begin_locked, [&](uint32_t worker) { backend_->shared_work(worker); },
+      [&]() -> status { return backend_->shared_end(); }, query_crc);
 }
 
 // ---- sequence state ------------------------------------------------------------------------------

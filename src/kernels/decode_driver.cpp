@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -31,6 +32,29 @@ class host_decoder_impl final : public host_decoder {
 
   status run(std::span<const decode_work> batch) noexcept override {
     std::lock_guard<std::mutex> lock(mu_);
+    INSTINFER_TRY(load(batch));
+    memory_chunk_source source(driver_->params().layout, batch);
+    return driver_->run(std::span<const decode_sequence>(sequences_.data(), batch.size()), source);
+  }
+
+  status begin_shared(std::span<const decode_work> batch, uint32_t n_workers) noexcept override {
+    std::lock_guard<std::mutex> lock(mu_);
+    INSTINFER_TRY(load(batch));
+    shared_batch_ = batch;
+    shared_source_.emplace(driver_->params().layout, batch);
+    return driver_->begin_shared(shared_sequences(), *shared_source_, n_workers);
+  }
+  void work_shared(uint32_t worker) noexcept override {
+    driver_->work_shared(worker, shared_sequences(), *shared_source_);
+  }
+  status shared_status() noexcept override { return driver_->shared_status(); }
+
+  const decode_params& params() const noexcept override { return driver_->params(); }
+  uint32_t n_threads() const noexcept override { return driver_->n_threads(); }
+  cpu_isa isa() const noexcept override { return isa_; }
+
+ private:
+  status load(std::span<const decode_work> batch) noexcept {
     INSTINFER_TRY(check_chunks(batch));
     try {
       if (sequences_.size() < batch.size()) sequences_.resize(batch.size());
@@ -41,15 +65,12 @@ class host_decoder_impl final : public host_decoder {
       const decode_work& w = batch[i];
       sequences_[i] = {w.n_chunks, w.n_tokens, w.q, w.out, w.lse, w.n_rows, w.first_pos};
     }
-    memory_chunk_source source(driver_->params().layout, batch);
-    return driver_->run(std::span<const decode_sequence>(sequences_.data(), batch.size()), source);
+    return {};
+  }
+  std::span<const decode_sequence> shared_sequences() const noexcept {
+    return {sequences_.data(), shared_batch_.size()};
   }
 
-  const decode_params& params() const noexcept override { return driver_->params(); }
-  uint32_t n_threads() const noexcept override { return driver_->n_threads(); }
-  cpu_isa isa() const noexcept override { return isa_; }
-
- private:
   // What only an in-memory batch can get wrong: its chunk pointers (the driver checks the rest).
   static status check_chunks(std::span<const decode_work> batch) {
     for (size_t i = 0; i < batch.size(); ++i) {
@@ -67,7 +88,9 @@ class host_decoder_impl final : public host_decoder {
   std::unique_ptr<decode_driver> driver_;
   cpu_isa isa_;
   std::mutex mu_;
-  std::vector<decode_sequence> sequences_;  // grows to the largest batch seen
+  std::vector<decode_sequence> sequences_;     // grows to the largest batch seen
+  std::span<const decode_work> shared_batch_;  // the shared run's batch (the caller keeps it alive)
+  std::optional<memory_chunk_source> shared_source_;
 };
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -1262,6 +1263,87 @@ TEST_CASE_TEMPLATE("caller's threads: nth slices on nth std::threads equal one c
       CHECK(reference::relative_error(std::span<const float>(lse), want_lse) <= 1e-6);
     }
   }
+}
+
+TEST_CASE("caller's threads: one long sequence spreads over the slices; any arrival order; no slice waits") {
+  const kv_shape shape{1, 8, 2, 64, dtype::kF16};
+  cache_options o = options_for({shape, 4096, 512});
+  o.caller_threads = true;
+  auto c = kv_cache::create(o);
+  REQUIRE_MESSAGE(c.ok(), c.error().to_string());
+  kv_cache& cache = *c.value();
+  std::mt19937 rng(617);
+  const uint32_t n = 3000;  // long enough that a shared run splits it by tokens (host)
+  const seq_id seq = cache.create_sequence().value();
+  const auto k = test_support::random_rows(rng, n, shape), v = test_support::random_rows(rng, n, shape);
+  REQUIRE(cache.append(seq, 0, n, k.data(), v.data(), dtype::kF32).ok());
+  const uint32_t n_rows = 5, pos = n - n_rows;
+  const auto q = test_support::random_queries(rng, n_rows, shape);
+  const size_t per = size_t{shape.n_q_heads} * shape.head_dim;
+  std::vector<double> want, want_lse;
+  reference_chunk(cache, seq, 0, pos, n_rows, q.data(), want, want_lse);
+  const std::vector<double> want_last(want.end() - static_cast<std::ptrdiff_t>(per), want.end());
+  const seq_id seqs[1] = {seq};
+  const uint32_t positions[1] = {pos}, rows[1] = {n_rows};
+  // A second sequence that another thread appends to meanwhile: its calls wait for the run.
+  const seq_id other = cache.create_sequence().value();
+  for (uint32_t nth : {2u, 3u, 4u}) {
+    CAPTURE(nth);
+    std::atomic<bool> stop{false};
+    std::thread writer([&] {
+      std::mt19937 wr(nth);
+      while (!stop.load()) {
+        const auto kk = test_support::random_rows(wr, 1, shape), vv = test_support::random_rows(wr, 1, shape);
+        CHECK(cache.append(other, 0, 1, kk.data(), vv.data(), dtype::kF32).ok());
+      }
+    });
+    for (int round = 0; round < 3; ++round) {
+      std::vector<float> out(q.size(), 1e30f), lse(size_t{n_rows} * shape.n_q_heads, 1e30f);
+      std::vector<float> dec(per, 1e30f);
+      std::vector<status> st(nth), st2(nth);
+      std::vector<std::thread> threads;
+      for (uint32_t i = 0; i < nth; ++i)
+        threads.emplace_back([&, i] {
+          st[i] = cache.attend_chunk_slice(0, seqs, positions, rows, q.data(), out.data(), lse.data(), i, nth);
+          st2[i] = cache.attend_slice(0, seqs, q.data() + (n_rows - 1) * per, dec.data(), nullptr, i, nth);
+        });
+      for (auto& th : threads) th.join();
+      for (uint32_t i = 0; i < nth; ++i) {
+        CHECK_MESSAGE(st[i].ok(), st[i].to_string());
+        CHECK_MESSAGE(st2[i].ok(), st2[i].to_string());
+      }
+      CHECK(reference::relative_error(std::span<const float>(out), want) <= kAttendTol);
+      CHECK(test_support::lse_error(lse, want_lse) <= kAttendTol);
+      CHECK(reference::relative_error(std::span<const float>(dec), want_last) <= kAttendTol);
+    }
+    // One thread calling the slices one after another (the first computes everything), in any
+    // order, or calling only one of them: every output is written, nothing hangs.
+    for (const std::vector<uint32_t>& order : {std::vector<uint32_t>{0, 1}, {1, 0}, {0}, {1}}) {
+      std::vector<float> out(q.size(), 1e30f);
+      for (uint32_t i : order) {
+        if (i >= nth) continue;
+        const status s = cache.attend_chunk_slice(0, seqs, positions, rows, q.data(), out.data(), nullptr, i, nth);
+        CHECK_MESSAGE(s.ok(), s.to_string());
+      }
+      CHECK(reference::relative_error(std::span<const float>(out), want) <= kAttendTol);
+    }
+    stop = true;
+    writer.join();
+  }
+  // A bad call gives every slice the same clear error and leaves the cache usable.
+  const uint32_t bad_rows[1] = {n_rows + 1};
+  std::vector<float> out(q.size() + per);
+  std::vector<status> st(3);
+  std::vector<std::thread> threads;
+  for (uint32_t i = 0; i < 3; ++i)
+    threads.emplace_back([&, i] {
+      st[i] = cache.attend_chunk_slice(0, seqs, positions, bad_rows, q.data(), out.data(), nullptr, i, 3);
+    });
+  for (auto& th : threads) th.join();
+  for (const status& s : st) CHECK(s.code() == errc::kInvalidArgument);
+  std::vector<float> again(q.size());
+  REQUIRE(cache.attend_chunk(0, seqs, positions, rows, q.data(), again.data(), nullptr).ok());
+  CHECK(reference::relative_error(std::span<const float>(again), want) <= kAttendTol);
 }
 
 // ---- main: pick the backend, or skip ------------------------------------------------------------

@@ -113,6 +113,13 @@ class host_decoder {
   virtual ~host_decoder() = default;
 
   virtual status run(std::span<const decode_work> batch) noexcept = 0;
+  // The same attention with the caller's threads as workers (decode_driver::begin_shared): one
+  // thread begins (the batch must stay alive until the run ends), up to n_workers threads then
+  // call work_shared with distinct indices; after the last returns, shared_status() holds the
+  // outcome. Nothing else may run on this decoder meanwhile.
+  virtual status begin_shared(std::span<const decode_work> batch, uint32_t n_workers) noexcept = 0;
+  virtual void work_shared(uint32_t worker) noexcept = 0;
+  virtual status shared_status() noexcept = 0;
   virtual const decode_params& params() const noexcept = 0;
   virtual uint32_t n_threads() const noexcept = 0;
   virtual cpu_isa isa() const noexcept = 0;

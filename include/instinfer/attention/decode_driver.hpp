@@ -149,25 +149,37 @@ class decode_driver {
   template <chunk_source Source>
   status run(std::span<const decode_sequence> batch, Source& source) noexcept {
     std::lock_guard<std::mutex> lock(run_mutex_);
-    INSTINFER_TRY(check_batch(batch));
-    const chunk_layout staged = source.layout();
-    INSTINFER_TRY(check_source_layout(staged));
-    decode_plan_options po{params_.layout.tokens(),   params_.layout.n_kv_heads, pool_.size(),
-                           options_.items_per_worker, options_.min_item_tokens,  options_.kv_heads_per_item};
-    INSTINFER_TRY(plan_.build(
-        static_cast<uint32_t>(batch.size()), [batch](uint32_t s) noexcept { return batch[s].shape(); }, po));
-    INSTINFER_TRY(prepare_rows(batch));
-    INSTINFER_TRY(grow_workspace());
-    INSTINFER_TRY(source.prepare(plan_, pool_.size()));
-
-    decode_params kernel_params = params_;
-    kernel_params.layout = staged;
-    const uint32_t window = source.max_window_chunks();
-    next_item_.store(0, std::memory_order_relaxed);
-    failed_.store(false, std::memory_order_relaxed);
-    auto body = [&](uint32_t worker) noexcept { work(worker, batch, source, kernel_params, window); };
+    INSTINFER_TRY(begin(batch, source, pool_.size()));
+    auto body = [&](uint32_t worker) noexcept { work(worker, batch, source, run_kernel_params_, run_window_); };
     pool_.run(body);
     if (failed_.load(std::memory_order_acquire)) return std::move(first_error_);
+    return {};
+  }
+
+  // A run whose workers are the caller's threads instead of the pool (kv_cache's slices, an
+  // engine's ith/nth): begin_shared plans `batch` for n_workers, then each of up to n_workers
+  // threads calls work_shared with its own worker index. Items are taken dynamically, so the run
+  // is complete once every caller that joined has returned, however many joined (one is enough).
+  // The caller keeps batch and source alive, serialises shared runs with everything else on this
+  // driver, and reads the outcome with shared_status() after the last work_shared returned.
+  template <chunk_source Source>
+  status begin_shared(std::span<const decode_sequence> batch, Source& source, uint32_t n_workers) noexcept {
+    if (n_workers == 0 || n_workers > decode_driver_options::kMaxThreads)
+      return {errc::kInvalidArgument, "decode_driver: a shared run needs 1 to " +
+                                          std::to_string(decode_driver_options::kMaxThreads) + " workers"};
+    std::lock_guard<std::mutex> lock(run_mutex_);
+    return begin(batch, source, n_workers);
+  }
+  template <chunk_source Source>
+  void work_shared(uint32_t worker, std::span<const decode_sequence> batch, Source& source) noexcept {
+    if (worker >= run_workers_) {
+      fail({errc::kInternal, "decode_driver: shared-run worker index out of range"});
+      return;
+    }
+    work(worker, batch, source, run_kernel_params_, run_window_);
+  }
+  status shared_status() noexcept {
+    if (failed_.load(std::memory_order_acquire)) return first_error_;
     return {};
   }
 
@@ -190,6 +202,30 @@ class decode_driver {
         pool_(options.n_threads) {}
 
   uint32_t head_dim() const noexcept { return params_.layout.page.head_dim; }
+
+  // Plan, size the workspace and prepare the source for n_workers; run_mutex_ held.
+  template <chunk_source Source>
+  status begin(std::span<const decode_sequence> batch, Source& source, uint32_t n_workers) noexcept {
+    INSTINFER_TRY(check_batch(batch));
+    const chunk_layout staged = source.layout();
+    INSTINFER_TRY(check_source_layout(staged));
+    run_workers_ = n_workers;
+    decode_plan_options po{params_.layout.tokens(),   params_.layout.n_kv_heads, n_workers,
+                           options_.items_per_worker, options_.min_item_tokens,  options_.kv_heads_per_item};
+    INSTINFER_TRY(plan_.build(
+        static_cast<uint32_t>(batch.size()), [batch](uint32_t s) noexcept { return batch[s].shape(); }, po));
+    INSTINFER_TRY(prepare_rows(batch));
+    INSTINFER_TRY(grow_workspace());
+    INSTINFER_TRY(source.prepare(plan_, n_workers));
+    run_kernel_params_ = params_;
+    run_kernel_params_.layout = staged;
+    run_window_ = source.max_window_chunks();
+    next_item_.store(0, std::memory_order_relaxed);
+    failed_.store(false, std::memory_order_relaxed);
+    first_error_ = status{};
+    return {};
+  }
+
   // States (query heads) of the widest item.
   static uint32_t widest_item_states(const decode_params& params, const decode_driver_options& options) noexcept {
     const decode_plan_options po{params.layout.tokens(), params.layout.n_kv_heads, 1, 1, 0, options.kv_heads_per_item};
@@ -263,7 +299,7 @@ class decode_driver {
 
   status grow_workspace() noexcept {
     const uint64_t states = run_states_;
-    const uint64_t workers = pool_.size();
+    const uint64_t workers = run_workers_;
     try {
       const auto grow = [](auto& v, uint64_t n) {
         if (v.size() < n) v.resize(n);
@@ -498,6 +534,9 @@ class decode_driver {
   bool run_has_rows_ = false;
   thread_pool pool_;
   std::mutex run_mutex_;
+  uint32_t run_workers_ = 1;           // this run's workers: the pool, or a shared run's callers
+  decode_params run_kernel_params_{};  // params_ with the source's staged layout
+  uint32_t run_window_ = 0;            // the source's window (0: an item's whole range)
 
   // Workspace: grows to the largest batch seen, then the hot path allocates nothing.
   decode_plan plan_;

@@ -35,6 +35,19 @@ class attention_engine {
   // Whether attend_causal is answered (engines tell callers up front, before they append a chunk).
   virtual bool runs_causal() const noexcept { return false; }
 
+  // Attention on the caller's threads (optional; kv_cache's attend_slice / attend_chunk_slice):
+  // shared_begin plans a dense or causal batch for n_workers (its arrays stay alive until the run
+  // ends), then up to n_workers threads call shared_work with distinct indices, taking work items
+  // dynamically; once every thread that joined has returned the outputs are complete and
+  // shared_end gives the outcome. The caller runs nothing else on the engine meanwhile. Engines
+  // that cannot (one I/O thread, a drive) return false and the caller splits by sequence instead.
+  virtual bool runs_shared() const noexcept { return false; }
+  virtual status shared_begin(uint32_t /*layer*/, const attend_batch& /*batch*/, uint32_t /*n_workers*/) noexcept {
+    return {errc::kUnsupported, "this backend does not run attention on the caller's threads"};
+  }
+  virtual void shared_work(uint32_t /*worker*/) noexcept {}
+  virtual status shared_end() noexcept { return {}; }
+
   // Sparse attention next to the data (optional). An engine that returns true keeps the
   // channel-indexed K copy and the V running means itself (from write_tokens, through forks and
   // truncations) and answers attend_sparse; otherwise the manager's host-side sparse attender

@@ -47,6 +47,10 @@ class host_backend final : public backend {
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   status attend_causal(uint32_t layer, const attend_batch& batch) noexcept override { return attend(layer, batch); }
   bool runs_causal() const noexcept override { return true; }
+  bool runs_shared() const noexcept override { return true; }
+  status shared_begin(uint32_t layer, const attend_batch& batch, uint32_t n_workers) noexcept override;
+  void shared_work(uint32_t worker) noexcept override { decoder_->work_shared(worker); }
+  status shared_end() noexcept override { return decoder_->shared_status(); }
   host_chunk_view host_view() const noexcept override { return {pool_, layout_.chunk_bytes()}; }
   backend_stats stats() const noexcept override;
 
@@ -57,6 +61,8 @@ class host_backend final : public backend {
  private:
   std::byte* chunk_ptr(chunk_id id) noexcept { return pool_ + uint64_t{id} * layout_.chunk_bytes(); }
   bool valid_id(chunk_id id) const noexcept { return id < capacity_chunks_; }
+  // The decoder's view of a batch in work_ (chunk pointers in chunk_ptrs_).
+  status load_work(const attend_batch& batch) noexcept;
 
   host_backend_options options_;
   backend_config config_{};

@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -22,11 +23,14 @@
 
 #include "instinfer/attention/sparf/params.hpp"  // sparf_params, sparf_counters: plain values, no algorithm
 #include "instinfer/backend/backend.hpp"
+#include "instinfer/core/handoff_mutex.hpp"
 #include "instinfer/kv/page_table.hpp"
 
 namespace instinfer {
 
 class sparse_attender;  // src/sparf: the sparse policy beside the page tables
+class slice_gate;       // src/core: the slices of one attention call as one shared run
+struct slice_call;
 
 struct cache_options {
   kv_shape shape{};
@@ -126,11 +130,16 @@ class kv_cache {
   // Whether this cache's backend runs attend_chunk (ask before appending a chunk's K/V).
   bool supports_attend_chunk() const noexcept { return backend_->runs_causal(); }
 
-  // Slice ith of nth of attend / attend_chunk (llama.cpp's per-op ith/nth): the batch's sequences
-  // are cut into nth contiguous, near-equal ranges [b * ith / nth, b * (ith + 1) / nth); slice ith
-  // computes and writes only its sequences' rows (q, out, lse are the whole batch's). Together the
-  // nth slices write every output row exactly once, identical to one call. Slices of one cache
-  // are serialised by its mutex.
+  // Slice ith of nth of attend / attend_chunk on the caller's threads (llama.cpp's per-op ith/nth;
+  // q, out, lse are the whole batch's). Together the nth slices write every output exactly once,
+  // identical to one call. Where the backend runs attention on the caller's threads (host), the
+  // slices of one call are one shared run: the first to arrive plans the whole call for nth workers
+  // and the others take work items from it as they arrive, so one long sequence spreads over every
+  // thread; no slice waits for another to arrive, and one that comes after the run finished
+  // returns at once (slices called one by one from a single thread work too: the first does all).
+  // The slice that ends the run returns its outcome. Elsewhere (ssd, csd, cuda) the batch's
+  // sequences are cut into nth ranges [b * ith / nth, b * (ith + 1) / nth) and the slices run one
+  // at a time under the cache's lock.
   status attend_slice(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                       uint32_t ith, uint32_t nth);
   status attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
@@ -229,7 +238,10 @@ class kv_cache {
   // With cache_options::sparf; declared after backend_ so it is destroyed first (it releases the
   // column chunks it stored on the backend).
   std::unique_ptr<sparse_attender> attender_;
-  mutable std::mutex mutex_;
+  // Held by every call; a shared slice run (slice_gate) holds it from the slice that starts the
+  // run to the one that ends it, which may be another thread.
+  mutable handoff_mutex mutex_;
+  std::unique_ptr<slice_gate> slices_;
   std::unordered_map<seq_id, sequence> sequences_;
   seq_id next_seq_ = 1;
   std::vector<uint32_t> refcount_;  // per chunk id
@@ -241,6 +253,11 @@ class kv_cache {
   std::vector<uint32_t> row_pos_;     // attend_chunk: first position per sequence
   status attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
                              std::span<const uint32_t> n_rows, const float* q, float* out, float* lse);
+  result<attend_batch> chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
+                                          std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
+                                          const float* q, float* out, float* lse);
+  status shared_slice(const slice_call& call, uint32_t ith, const std::function<result<uint32_t>()>& begin_locked,
+                      const std::function<uint32_t()>& query_crc);
   sparf_counters sparf_totals_{};
   persistent_store* store_ = nullptr;           // the backend's persistence, when it persists
   std::unordered_map<uint64_t, seq_id> names_;  // name -> sequence

@@ -139,6 +139,16 @@ status host_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
 }
 
 status host_backend::attend(uint32_t, const attend_batch& batch) noexcept {
+  INSTINFER_TRY(load_work(batch));
+  return decoder_->run(std::span<const decode_work>(work_.data(), batch.size()));
+}
+
+status host_backend::shared_begin(uint32_t, const attend_batch& batch, uint32_t n_workers) noexcept {
+  INSTINFER_TRY(load_work(batch));
+  return decoder_->begin_shared(std::span<const decode_work>(work_.data(), batch.size()), n_workers);
+}
+
+status host_backend::load_work(const attend_batch& batch) noexcept {
   size_t total = 0;
   for (const auto& item : batch) total += item.chunks.size();
   try {
@@ -161,7 +171,7 @@ status host_backend::attend(uint32_t, const attend_batch& batch) noexcept {
                            item.n_rows,   item.first_pos};
     next += item.chunks.size();
   }
-  return decoder_->run(std::span<const decode_work>(work_.data(), batch.size()));
+  return {};
 }
 
 backend_stats host_backend::stats() const noexcept {
