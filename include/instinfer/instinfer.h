@@ -239,8 +239,9 @@ instinfer_status instinfer_attend_chunk(instinfer_cache* cache, uint32_t layer, 
  * output, as one call does. On the host backend the slices of one call are one shared run: the
  * first to arrive plans the call for nth threads and every slice that arrives while it runs takes
  * work from it (one long sequence is split over the threads by tokens); no slice waits for another,
- * and a slice that arrives after its call's run ended (same arguments and query, no other call on
- * the cache in between) returns at once. The slice that ends the run returns its outcome. Other
+ * and a slice that arrives after its call's run ended runs the call again (so slices called one
+ * after another, or only some, still write everything). The slice that ends the run returns its
+ * outcome. Other
  * backends: slice ith computes sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth), one slice
  * at a time. */
 instinfer_status instinfer_attend_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,

@@ -180,19 +180,14 @@ status kv_cache::attend_slice(uint32_t layer, std::span<const seq_id> seqs, cons
   if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   if (nth > 1 && backend_->runs_shared()) {
-    const size_t q_bytes = seqs.size() * config_.shape.n_q_heads * config_.shape.head_dim * sizeof(float);
     const slice_call call{layer, q, out, lse, nth, seqs.size(), false, crc32c(seqs.data(), seqs.size_bytes())};
-    return shared_slice(
-        call, ith,
-        [&]() -> result<uint32_t> {
-          INSTINFER_TRY(check_layer(layer));
-          INSTINFER_TRY(fill_batch(layer, seqs));
-          auto query = separate_query(seqs.size(), q, out, lse);
-          if (!query.ok()) return query.error();
-          INSTINFER_TRY(backend_->shared_begin(layer, batch_view(query.value(), out, lse), nth));
-          return crc32c(q, q_bytes);
-        },
-        [&] { return crc32c(q, q_bytes); });
+    return shared_slice(call, ith, [&]() -> status {
+      INSTINFER_TRY(check_layer(layer));
+      INSTINFER_TRY(fill_batch(layer, seqs));
+      auto query = separate_query(seqs.size(), q, out, lse);
+      if (!query.ok()) return query.error();
+      return backend_->shared_begin(layer, batch_view(query.value(), out, lse), nth);
+    });
   }
   if (r->begin == r->end) return {};  // more slices than sequences: nothing to do here
   const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
@@ -210,25 +205,15 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
     return {errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   if (nth > 1 && backend_->runs_shared()) {
-    uint64_t total = 0;
-    for (uint32_t n : n_rows) total += n;
-    // Read only once the run has checked the rows against the sequences (q holds `total` rows).
-    const auto q_crc = [&] {
-      return crc32c(q, total * config_.shape.n_q_heads * config_.shape.head_dim * sizeof(float));
-    };
     uint32_t args = crc32c(seqs.data(), seqs.size_bytes());
     args = crc32c(positions.data(), positions.size_bytes(), args);
     args = crc32c(n_rows.data(), n_rows.size_bytes(), args);
     const slice_call call{layer, q, out, lse, nth, seqs.size(), true, args};
-    return shared_slice(
-        call, ith,
-        [&]() -> result<uint32_t> {
-          auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
-          if (!batch.ok()) return batch.error();
-          INSTINFER_TRY(backend_->shared_begin(layer, batch.value(), nth));
-          return q_crc();
-        },
-        q_crc);
+    return shared_slice(call, ith, [&]() -> status {
+      auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
+      if (!batch.ok()) return batch.error();
+      return backend_->shared_begin(layer, batch.value(), nth);
+    });
   }
   if (r->begin == r->end) return {};
   uint64_t first_row = 0;
@@ -243,12 +228,10 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
 
 // The cache's lock is taken by the slice that starts the run and released by the one that ends
 // it (slice_gate): the page tables and the batch arrays stay as planned while any slice works.
-status kv_cache::shared_slice(const slice_call& call, uint32_t ith,
-                              const std::function<result<uint32_t>()>& begin_locked,
-                              const std::function<uint32_t()>& query_crc) {
+status kv_cache::shared_slice(const slice_call& call, uint32_t ith, const std::function<status()>& begin_locked) {
   return slices_->enter(
       call, ith, begin_locked, [&](uint32_t worker) { backend_->shared_work(worker); },
-      [&]() -> status { return backend_->shared_end(); }, query_crc);
+      [&]() -> status { return backend_->shared_end(); });
 }
 
 // ---- sequence state ------------------------------------------------------------------------------

@@ -2,16 +2,16 @@
 // ith/nth) run as one shared run on the callers' threads: the first slice to arrive locks the
 // cache and plans the whole call for nth workers, the others join and take work items from the
 // same plan (so one sequence's tokens spread over every thread), and the last one out ends the
-// run and unlocks the cache. Nobody waits for a slice that has not arrived: a slice that comes
-// after the run ended finds its call done and returns, so calling the slices one after another
-// from one thread, or only some of them, still computes every output (the early ones do it all).
+// run and unlocks the cache. Nobody waits for a slice that has not arrived. A slice that comes
+// after its call's run ended cannot know whether the outputs are still as the run left them, so
+// it runs the call again (alone, or with later arrivals): correct whatever the caller did in
+// between, at the price of repeated work for a thread that was descheduled past a whole run.
+// Calling the slices one after another from one thread, or only some of them, therefore writes
+// every output too.
 //
-// A call is known by its arguments (layer, q, out, lse, nth, batch size, kind, a checksum of the
-// sequence, position and row arrays) and, once its run has checked them, a checksum of its query
-// rows. A late slice counts as done only if nobody took the cache's lock since its run
-// did (so no append, no other call: its output is still what it would compute); otherwise, or if
-// its index was already seen, it starts a new call. A caller reusing its buffers step after step
-// is thereby told apart from a late slice.
+// A call is known by its arguments (layer, q, out, lse, nth, batch size, kind, and a checksum of
+// the sequence, position and row arrays); a slice joins only a running call with its arguments
+// whose slice ith has not come yet.
 #pragma once
 
 #include <condition_variable>
@@ -42,36 +42,26 @@ class slice_gate {
   explicit slice_gate(handoff_mutex& cache_lock) noexcept : lock_(cache_lock) {}
 
   // Slice ith of `call`. begin(): with the cache's lock held, check the arguments and plan the
-  // shared run, returning the query rows' checksum (on failure the status goes to every slice of
-  // the call); work(ith): take items until none are left; end(): the run's outcome, before the
-  // lock is released; query_crc(): the checksum of this slice's query rows (called only for a
-  // call whose arguments its run accepted). The slice that ends the run returns that
-  // outcome; others return success for their share (a run that began cannot fail on the host).
-  template <class Begin, class Work, class End, class QueryCrc>
-  status enter(const slice_call& call, uint32_t ith, Begin&& begin, Work&& work, End&& end, QueryCrc&& query_crc) {
+  // shared run (a failure is this slice's result; slices waiting to join retry and get their
+  // own); work(ith): take items until none are left; end(): the run's outcome, before the lock is
+  // released. The slice that ends the run returns that outcome; others return success for their
+  // share (a run that began cannot fail on the host).
+  template <class Begin, class Work, class End>
+  status enter(const slice_call& call, uint32_t ith, Begin&& begin, Work&& work, End&& end) {
     std::unique_lock l(m_);
     for (;;) {
-      const bool mine = phase_ != phase::kIdle && call_ == call && !seen_[ith];
-      if (mine && phase_ == phase::kRunning) {
-        mark(ith);
+      if (phase_ == phase::kRunning && call_ == call && !seen_[ith]) {
+        seen_[ith] = 1;
         ++inside_;
         l.unlock();
         work(ith);
         l.lock();
         return leave(end);
       }
-      if (mine && phase_ == phase::kDone && lock_.acquisitions() == generation_ &&
-          (!outcome_.ok() || query_crc() == q_crc_)) {
-        mark(ith);
-        status s = outcome_;
-        forget_if_complete();
-        return s;
-      }
-      if (phase_ == phase::kStarting || phase_ == phase::kRunning) {  // another call, or not begun yet
+      if (phase_ != phase::kIdle) {  // another call, or this one not begun yet
         cv_.wait(l);
         continue;
       }
-      // Idle, or a finished call this slice does not belong to: it starts a new one.
       phase_ = phase::kStarting;
       call_ = call;
       try {
@@ -81,22 +71,14 @@ class slice_gate {
         cv_.notify_all();
         return {errc::kOutOfMemory, "attention slices"};
       }
-      n_seen_ = 0;
-      mark(ith);
+      seen_[ith] = 1;
       l.unlock();
       lock_.lock();
-      result<uint32_t> begun = begin();
-      status s = begun.ok() ? status{} : begun.error();
-      if (begun.ok()) q_crc_ = begun.value();
-      if (!s.ok()) {
-        generation_ = lock_.acquisitions();
-        lock_.unlock();
-      }
+      status s = begin();
+      if (!s.ok()) lock_.unlock();
       l.lock();
       if (!s.ok()) {
-        phase_ = phase::kDone;
-        outcome_ = s;
-        forget_if_complete();
+        phase_ = phase::kIdle;
         cv_.notify_all();
         return s;
       }
@@ -111,25 +93,14 @@ class slice_gate {
   }
 
  private:
-  enum class phase : uint8_t { kIdle, kStarting, kRunning, kDone };
+  enum class phase : uint8_t { kIdle, kStarting, kRunning };
 
-  void mark(uint32_t ith) noexcept {
-    seen_[ith] = 1;
-    ++n_seen_;
-  }
-  // Every slice of the remembered call has come: nothing can join it any more.
-  void forget_if_complete() noexcept {
-    if (n_seen_ == call_.nth) phase_ = phase::kIdle;
-  }
   template <class End>
   status leave(End& end) {
     if (--inside_ != 0) return {};
-    outcome_ = end();
-    generation_ = lock_.acquisitions();
+    status s = end();
     lock_.unlock();
-    phase_ = phase::kDone;
-    status s = outcome_;
-    forget_if_complete();
+    phase_ = phase::kIdle;
     cv_.notify_all();
     return s;
   }
@@ -137,14 +108,10 @@ class slice_gate {
   handoff_mutex& lock_;  // the cache's
   std::mutex m_;
   std::condition_variable cv_;
-  uint64_t generation_ = 0;  // the cache lock's acquisitions when the last run released it
-  uint32_t q_crc_ = 0;       // the last run's query rows
   phase phase_ = phase::kIdle;
   slice_call call_{};
-  std::vector<uint8_t> seen_;  // [nth]: slices of call_ that arrived
-  uint32_t n_seen_ = 0;
-  uint32_t inside_ = 0;  // slices working in the run now
-  status outcome_;
+  std::vector<uint8_t> seen_;  // [nth]: slices of the running call that joined
+  uint32_t inside_ = 0;        // slices working in the run now
 };
 
 }  // namespace instinfer

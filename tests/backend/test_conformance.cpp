@@ -1316,12 +1316,19 @@ TEST_CASE("caller's threads: one long sequence spreads over the slices; any arri
       CHECK(test_support::lse_error(lse, want_lse) <= kAttendTol);
       CHECK(reference::relative_error(std::span<const float>(dec), want_last) <= kAttendTol);
     }
-    // One thread calling the slices one after another (the first computes everything), in any
-    // order, or calling only one of them: every output is written, nothing hangs.
-    for (const std::vector<uint32_t>& order : {std::vector<uint32_t>{0, 1}, {1, 0}, {0}, {1}}) {
+    // One thread calling the slices one after another, in any order: every output is written,
+    // nothing hangs. On the host (a shared run) calling only one of them does it too; elsewhere a
+    // slice computes only its own sequences.
+    const bool shared = the_target().scheme == "host";
+    std::vector<std::vector<uint32_t>> orders{{}, {}, {0}, {1}};
+    for (uint32_t i = 0; i < nth; ++i) {
+      orders[0].push_back(i);
+      orders[1].push_back(nth - 1 - i);
+    }
+    for (size_t oi = 0; oi < orders.size(); ++oi) {
+      if (oi >= 2 && !shared) break;
       std::vector<float> out(q.size(), 1e30f);
-      for (uint32_t i : order) {
-        if (i >= nth) continue;
+      for (uint32_t i : orders[oi]) {
         const status s = cache.attend_chunk_slice(0, seqs, positions, rows, q.data(), out.data(), nullptr, i, nth);
         CHECK_MESSAGE(s.ok(), s.to_string());
       }
@@ -1330,7 +1337,8 @@ TEST_CASE("caller's threads: one long sequence spreads over the slices; any arri
     stop = true;
     writer.join();
   }
-  // A bad call gives every slice the same clear error and leaves the cache usable.
+  // A bad call gives a clear error (on the host every slice; elsewhere the slice that owns the
+  // sequence) and leaves the cache usable.
   const uint32_t bad_rows[1] = {n_rows + 1};
   std::vector<float> out(q.size() + per);
   std::vector<status> st(3);
@@ -1340,7 +1348,13 @@ TEST_CASE("caller's threads: one long sequence spreads over the slices; any arri
       st[i] = cache.attend_chunk_slice(0, seqs, positions, bad_rows, q.data(), out.data(), nullptr, i, 3);
     });
   for (auto& th : threads) th.join();
-  for (const status& s : st) CHECK(s.code() == errc::kInvalidArgument);
+  const bool shared = the_target().scheme == "host";
+  int rejected = 0;
+  for (uint32_t i = 0; i < 3; ++i) {
+    rejected += st[i].code() == errc::kInvalidArgument;
+    CHECK((st[i].code() == errc::kInvalidArgument || (!shared && st[i].ok())));
+  }
+  CHECK(rejected >= (shared ? 3 : 1));
   std::vector<float> again(q.size());
   REQUIRE(cache.attend_chunk(0, seqs, positions, rows, q.data(), again.data(), nullptr).ok());
   CHECK(reference::relative_error(std::span<const float>(again), want) <= kAttendTol);
