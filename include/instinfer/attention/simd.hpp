@@ -233,9 +233,9 @@ struct simd_ops<xsimd::neon64> : xsimd_ops_base<xsimd::neon64> {
 // lanes) fold a step into the kernel's f32 score accumulators.
 //   load_q: kBlocks * 32 query int8; load_k: kBlocks K blocks (34 bytes apart), prepared once per
 //   token and reused by every head of the tile; dot: exact int32 partial sums.
-// x86 uses the sign trick: maddubs multiplies unsigned by signed bytes, so |k| goes unsigned and
-// k's sign moves onto q. With |q| <= 127 and |k| <= 128 a pair sums to at most 2 * 128 * 127 =
-// 32512, below maddubs's int16 saturation.
+// x86 uses the sign trick: maddubs multiplies unsigned by signed bytes, so one side goes unsigned
+// (|x|) and its sign moves onto the other. With |q| <= 127 and |k| <= 128 a pair sums to at most
+// 2 * 128 * 127 = 32512, below maddubs's int16 saturation.
 template <class Arch>
 struct q8dot_ops;
 
@@ -313,21 +313,23 @@ template <>
 struct q8dot_ops<xsimd::fma3<xsimd::avx2>> {
   using vec = simd_ops<xsimd::fma3<xsimd::avx2>>::vec;
   static constexpr uint32_t kBlocks = 1;
-  using qreg = __m256i;
-  struct kreg {
-    __m256i k;
+  // |q| is the unsigned side (q's sign moves onto k): one register per token instead of two
+  // (the AVX2 tile keeps 8 accumulators live; k and |k| per token made it spill).
+  struct qreg {
+    __m256i q;
     __m256i abs;
   };
+  using kreg = __m256i;
   using ireg = __m256i;
   static INSTINFER_INLINE qreg load_q(const int8_t* q) noexcept {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return {x, _mm256_abs_epi8(x)};
   }
   static INSTINFER_INLINE kreg load_k(const std::byte* block) noexcept {
-    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
-    return {k, _mm256_abs_epi8(k)};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
   }
   static INSTINFER_INLINE ireg dot(qreg q, kreg k) noexcept {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(k.abs, _mm256_sign_epi8(q, k.k)), _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q.abs, _mm256_sign_epi8(k, q.q)), _mm256_set1_epi16(1));
   }
   static INSTINFER_INLINE vec to_float(ireg x) noexcept { return _mm256_cvtepi32_ps(x); }
   static INSTINFER_INLINE vec load_scales(const std::byte* block) noexcept {
