@@ -12,7 +12,11 @@
 // threads (measure_fma_gflops): roofline_gbps = min(read, peak / multiply-adds per stored byte),
 // roofline_ratio = achieved / roofline_gbps, and `bound` says which side sets it. bf16_dot_gmacs and
 // vnni_gmacs are the reduced-precision dot-product peaks (measure_reduced_peaks), "absent" where the
-// CPU lacks the instructions; the kernel does not use them yet.
+// CPU lacks the instructions. --int8-dot runs q8_0 with decode_params::int8_query_dot (integer
+// Q.K; "both": each q8_0 dtype twice, f32 and int8 scores, interleaved like dtypes; any other
+// dtype with it is an error); `score` names the path, and `max_rel_error` is the measured error
+// of the run's output against the float64 reference over the stored K/V with the f32 query (the
+// roofline still counts the f32 kernel's multiply-adds).
 
 #include <sys/mman.h>
 
@@ -26,6 +30,7 @@
 
 #include "bench_common.hpp"
 #include "instinfer/attention/decode.hpp"
+#include "instinfer/testing/reference.hpp"
 
 namespace instinfer::bench {
 namespace {
@@ -104,7 +109,7 @@ std::vector<std::string> split_list(const std::string& s) {
 // One dtype's KV, batch and decoder for one (ctx, threads) point.
 struct dtype_run {
   dtype t = dtype::kF16;
-  decode_params params;
+  decode_params params;  // int8_query_dot: the int8 score path
   std::unique_ptr<mapped_pool> pool;
   std::vector<const std::byte*> chunk_ptrs;
   std::vector<decode_work> work;
@@ -130,16 +135,22 @@ int run_decode(int argc, char** argv) {
   const int reps = static_cast<int>(f.u64("reps", 10));
   const std::string isa_str = f.str("isa", "best");
   const double softcap = f.f64("softcap", 0.0);
+  const std::string int8_str = f.str("int8-dot", "off");
   if (f.has("help")) {
     std::printf(
         "usage: instinfer-bench decode [--ctx 32768,...] [--q-heads 32] [--kv-heads 8] [--head-dim 128]\n"
         "       [--dtype f16|bf16|f32|q8_0|q4_0[,...]] [--threads 1,2] [--page-bytes 4096] [--batch 1]\n"
-        "       [--reps 10] [--isa best|scalar|avx2|avx512|neon] [--softcap 0]\n"
+        "       [--reps 10] [--isa best|scalar|avx2|avx512|neon] [--softcap 0] [--int8-dot [on|off|both]]\n"
         "  several dtypes (--dtype f16,q8_0) are measured interleaved: each repetition runs every\n"
         "  dtype once, so a noisy machine disturbs them alike; bandwidth counts stored bytes.\n");
     return 0;
   }
   if (!f.finish()) return 2;
+  const bool int8_on = int8_str == "1" || int8_str == "on", int8_both = int8_str == "both";
+  if (!int8_on && !int8_both && int8_str != "off" && int8_str != "0") {
+    std::fprintf(stderr, "decode: --int8-dot takes on, off or both, got '%s'\n", int8_str.c_str());
+    return 2;
+  }
 
   std::vector<dtype> kv_types;
   for (const std::string& name : split_list(dtype_str)) {
@@ -175,7 +186,16 @@ int run_decode(int argc, char** argv) {
     params.layout = chunk_layout::make(geo.value(), kv_heads);
     params.group_size = q_heads / kv_heads;
     params.softcap = static_cast<float>(softcap);
-    params_of.push_back(params);
+    if (!int8_both) {
+      params.int8_query_dot = int8_on;  // q8_0 only: create() rejects the other dtypes
+      params_of.push_back(params);
+    } else {
+      params_of.push_back(params);
+      if (t == dtype::kQ8_0) {
+        params.int8_query_dot = true;
+        params_of.push_back(params);
+      }
+    }
   }
 
   std::mt19937 rng(7);
@@ -187,11 +207,11 @@ int run_decode(int argc, char** argv) {
       std::fprintf(stderr, "decode: --ctx must be >= 1\n");
       return 2;
     }
-    std::vector<dtype_run> runs(kv_types.size());
-    for (size_t i = 0; i < kv_types.size(); ++i) {
+    std::vector<dtype_run> runs(params_of.size());
+    for (size_t i = 0; i < params_of.size(); ++i) {
       dtype_run& r = runs[i];
-      r.t = kv_types[i];
       r.params = params_of[i];
+      r.t = r.params.layout.page.kv_dtype;
       const chunk_layout& cl = r.params.layout;
       const uint32_t tpp = cl.tokens();
       const uint32_t n_chunks = static_cast<uint32_t>((ctx + tpp - 1) / tpp);
@@ -201,7 +221,7 @@ int run_decode(int argc, char** argv) {
         std::fprintf(stderr, "decode: cannot map %zu bytes of KV\n", seq_bytes * batch);
         return 1;
       }
-      const uint64_t seed = 0x9e3779b97f4a7c15ull ^ ctx;
+      const uint64_t seed = 0x9e3779b97f4a7c15ull ^ ctx;  // same KV for both paths of a dtype
       if (is_quantized(r.t))
         fill_random_quantized(r.pool->data(), size_t{n_chunks} * batch, cl, seed);
       else
@@ -251,7 +271,21 @@ int run_decode(int argc, char** argv) {
           }
           r.best = std::min(r.best, now_seconds() - t0);
         }
-      for (const dtype_run& r : runs) {
+      for (dtype_run& r : runs) {
+        // The error of the output the timed runs produced (each run recomputes it from scratch).
+        const status s = r.dec->run(r.work);
+        if (!s.ok()) {
+          std::fprintf(stderr, "decode: %s\n", s.to_string().c_str());
+          return 1;
+        }
+        double max_rel_error = 0.0;
+        for (uint32_t b = 0; b < batch; ++b) {
+          const decode_work& w = r.work[b];
+          std::vector<double> ref(size_t{q_heads} * head_dim), ref_lse(q_heads);
+          reference::attend_chunks(r.params, w.chunks, w.n_tokens, w.q, ref.data(), ref_lse.data());
+          max_rel_error =
+              std::max(max_rel_error, reference::relative_error(std::span<const float>(w.out, ref.size()), ref));
+        }
         const double achieved = static_cast<double>(r.kv_bytes) / r.best / 1e9;
         const double first = static_cast<double>(runs[0].kv_bytes) / runs[0].best / 1e9;
         // Per token and kv head: group x head_dim multiply-adds for the scores and as many for the
@@ -263,6 +297,8 @@ int run_decode(int argc, char** argv) {
         line.add("backend", "host")
             .add("ctx", ctx)
             .add("dtype", dtype_name(r.t))
+            .add("score", r.params.int8_query_dot ? "int8" : "f32")
+            .add("max_rel_error", max_rel_error)
             .add("q_heads", q_heads)
             .add("kv_heads", kv_heads)
             .add("head_dim", head_dim)

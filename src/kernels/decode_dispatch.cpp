@@ -56,22 +56,22 @@ const x86_features& x86() noexcept {
 }  // namespace
 
 namespace kernels {
-decode_kernel_pair lookup_kernels(cpu_isa isa, uint32_t head_dim, dtype t, bool softcap) noexcept {
+decode_kernel_pair lookup_kernels(cpu_isa isa, uint32_t head_dim, dtype t, bool softcap, bool int8_dot) noexcept {
   const bool q = is_quantized(t);
   switch (isa) {
-    case cpu_isa::kScalar: return kernels::decode_kernel_scalar(head_dim, t, softcap);
+    case cpu_isa::kScalar: return kernels::decode_kernel_scalar(head_dim, t, softcap, int8_dot);
 #if defined(INSTINFER_HAVE_X86_KERNELS)
     case cpu_isa::kAvx2:
-      return q ? kernels::decode_kernel_avx2_quant(head_dim, t, softcap)
-               : kernels::decode_kernel_avx2(head_dim, t, softcap);
+      return q ? kernels::decode_kernel_avx2_quant(head_dim, t, softcap, int8_dot)
+               : kernels::decode_kernel_avx2(head_dim, t, softcap, int8_dot);
     case cpu_isa::kAvx512:
-      return q ? kernels::decode_kernel_avx512_quant(head_dim, t, softcap)
-               : kernels::decode_kernel_avx512(head_dim, t, softcap);
+      return q ? kernels::decode_kernel_avx512_quant(head_dim, t, softcap, int8_dot)
+               : kernels::decode_kernel_avx512(head_dim, t, softcap, int8_dot);
 #endif
 #if defined(INSTINFER_HAVE_NEON_KERNELS)
     case cpu_isa::kNeon:
-      return q ? kernels::decode_kernel_neon_quant(head_dim, t, softcap)
-               : kernels::decode_kernel_neon(head_dim, t, softcap);
+      return q ? kernels::decode_kernel_neon_quant(head_dim, t, softcap, int8_dot)
+               : kernels::decode_kernel_neon(head_dim, t, softcap, int8_dot);
 #endif
     default: return {};
   }
@@ -137,6 +137,13 @@ status decode_params::validate() const {
             "scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got " + std::to_string(scale)};
   if (!std::isfinite(softcap))
     return {errc::kInvalidArgument, "softcap must be finite (<= 0 disables it), got " + std::to_string(softcap)};
+  if (int8_query_dot && g.kv_dtype != dtype::kQ8_0)
+    return {errc::kUnsupported, "int8_query_dot needs q8_0 K, got " + std::string(dtype_name(g.kv_dtype)) +
+                                    " (the other dtypes score in f32 only)"};
+  if (int8_query_dot && uint64_t{group_size} * g.head_dim > kQ8QueryCap)
+    return {errc::kUnsupported, "int8_query_dot holds group_size * head_dim <= " + std::to_string(kQ8QueryCap) +
+                                    " quantized query values, got " + std::to_string(group_size) + " x " +
+                                    std::to_string(g.head_dim)};
   return {};
 }
 
@@ -148,8 +155,8 @@ result<kernels::decode_kernel_pair> checked_kernels(cpu_isa isa, const decode_pa
   if (!cpu_isa_available(isa))
     return status{errc::kUnsupported, "decode ISA '" + std::string(cpu_isa_name(isa)) +
                                           "' is not built into this library or not supported by this CPU"};
-  const kernels::decode_kernel_pair k =
-      kernels::lookup_kernels(isa, params.layout.page.head_dim, params.layout.page.kv_dtype, params.softcap > 0.0f);
+  const kernels::decode_kernel_pair k = kernels::lookup_kernels(
+      isa, params.layout.page.head_dim, params.layout.page.kv_dtype, params.softcap > 0.0f, params.int8_query_dot);
   if (k.one_head == nullptr || k.head_range == nullptr)
     return status{errc::kUnsupported, "no decode kernel for head_dim " + std::to_string(params.layout.page.head_dim) +
                                           ", dtype " + std::string(dtype_name(params.layout.page.kv_dtype)) + " on " +

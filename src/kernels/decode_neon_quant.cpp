@@ -9,8 +9,8 @@
 
 namespace instinfer::kernels {
 
-decode_kernel_pair decode_kernel_neon_quant(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
-  return lookup_decode_kernel<xsimd::neon64, dtype_family::kQuantized>(head_dim, kv_type, softcap);
+decode_kernel_pair decode_kernel_neon_quant(uint32_t head_dim, dtype kv_type, bool softcap, bool int8_dot) noexcept {
+  return lookup_decode_kernel<xsimd::neon64, dtype_family::kQuantized>(head_dim, kv_type, softcap, int8_dot);
 }
 
 }  // namespace instinfer::kernels

@@ -9,8 +9,10 @@
 // read of each of its K and V pages, so every KV page is read once per step.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <span>
 #include <string_view>
@@ -26,11 +28,41 @@ struct decode_params {
   uint32_t group_size = 1;  // query heads per kv head
   float scale = 0.0f;       // logit scale; 0 means 1/sqrt(head_dim)
   float softcap = 0.0f;     // logit soft-cap; <= 0 disables it
+  // Opt-in, q8_0 K only: Q.K as integer dot products of the query quantized to q8_0 (int8, one
+  // f32 scale per 32 values: quantize_query_q8) against K's int8 (~ggml's q8_0 x q8_0 dot). Each
+  // query value moves by at most half its block's step (amax / 254), so logits move by up to
+  // scale * sum_blocks amax_b / 254 * |k|_1,b; softmax x V stays f32. Off: exact f32 accumulation.
+  // Other dtypes, or group_size * head_dim > kQ8QueryCap, are kUnsupported.
+  bool int8_query_dot = false;
+  static constexpr uint32_t kQ8QueryCap = 32768;  // quantized query values one kv head's group may hold
 
   uint32_t n_q_heads() const noexcept { return group_size * layout.n_kv_heads; }
   float effective_scale() const noexcept;
   status validate() const;
 };
+
+// q8_0 of a query row of n (a multiple of 32) floats, as the int8 Q.K path uses it: per block
+// d = amax / 127 (kept in f32, not rounded to f16 as K's scales are) and qs = x / d rounded to
+// nearest, |qs| <= 127. A block with a non-finite value gets d = NaN, so its scores are NaN as
+// on the f32 path.
+inline void quantize_query_q8(const float* x, uint32_t n, int8_t* qs, float* d) noexcept {
+  for (uint32_t b = 0; b < n / kQuantBlock; ++b) {
+    const float* xb = x + b * kQuantBlock;
+    float amax = 0.0f;
+    bool finite = true;
+    for (uint32_t i = 0; i < kQuantBlock; ++i) {
+      const float a = std::fabs(xb[i]);
+      finite = finite && a <= std::numeric_limits<float>::max();
+      amax = a > amax ? a : amax;
+    }
+    const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    d[b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    for (uint32_t i = 0; i < kQuantBlock; ++i) {
+      const float r = finite ? std::nearbyint(xb[i] * inv) : 0.0f;
+      qs[b * kQuantBlock + i] = static_cast<int8_t>(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+    }
+  }
+}
 
 enum class cpu_isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 std::string_view cpu_isa_name(cpu_isa isa) noexcept;

@@ -68,6 +68,7 @@ requires(Variant::kSoftcap) INSTINFER_INLINE typename Ops::vec
 
 template <class Arch, uint32_t HeadDim, dtype KvType>
 struct kernel_shape {
+  using arch = Arch;
   using ops = simd::simd_ops<Arch>;
   using vec = typename ops::vec;
   static constexpr uint32_t kLanes = ops::kLanes;
@@ -168,6 +169,9 @@ INSTINFER_INLINE void load_pass_quantized(const std::byte* blocks, const quant_p
 #endif
 inline constexpr uint32_t kPrefetchAhead = INSTINFER_PREFETCH_AHEAD;
 
+template <class Shape, uint32_t HT>
+INSTINFER_INLINE void block_softmax(uint32_t n, softmax_stats* st, float* sbuf, float* alpha) noexcept;
+
 // Scores and online-softmax update of one block of n (1..kBlockTokens) consecutive rows for a
 // head tile of HT query heads. Not inlined (nor value_block): a call per block of up to 64 tokens
 // costs nothing beside the block's work, while inlining copied both into every kernel entry and
@@ -185,7 +189,6 @@ template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
   constexpr uint32_t TT = L / HT;  // tokens per score tile
   static_assert(TT * HT == L);
 
-  alignas(64) float lanes[L];
   const uint32_t n_tiles = (n + TT - 1) / TT;
   for (uint32_t i = 0; i < n_tiles; ++i) {
     vec acc[L];
@@ -213,6 +216,20 @@ template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
     }
     ops::store(sbuf + i * L, finish_logits<Variant, ops>(ops::haddp(acc), lc));
   }
+  block_softmax<Shape, HT>(n, st, sbuf, alpha);
+}
+
+// The online-softmax update of a block whose logits score_block / score_block_q8dot wrote to
+// sbuf (tile layout as there): masks the last tile's padding, updates st, turns sbuf into
+// probabilities and writes alpha.
+template <class Shape, uint32_t HT>
+INSTINFER_INLINE void block_softmax(uint32_t n, softmax_stats* st, float* sbuf, float* alpha) noexcept {
+  using ops = typename Shape::ops;
+  using vec = typename Shape::vec;
+  constexpr uint32_t L = Shape::kLanes;
+  constexpr uint32_t TT = L / HT;
+  alignas(64) float lanes[L];
+  const uint32_t n_tiles = (n + TT - 1) / TT;
   if (const uint32_t valid = n - (n_tiles - 1) * TT; valid != TT) {
     float* last = sbuf + (n_tiles - 1) * L;
 #pragma GCC unroll 16
@@ -255,6 +272,59 @@ template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
     for (uint32_t t = 0; t < TT; ++t) s += lanes[h * TT + t];
     st[h].d = st[h].d * alpha[h] + s;
   }
+}
+
+// score_block for decode_params::int8_query_dot over q8_0 K: the same tiles, with each step of
+// kBlocks blocks of a (head, token) pair an integer dot (simd.hpp's q8dot_ops), converted to f32
+// once and multiply-added with the product of the query's and the K row's block scales.
+//   qi: [HT][HeadDim] the heads' quantized queries; qd: [HT][HeadDim / 32] their block scales
+template <class Shape, uint32_t HT, logits_variant Variant>
+[[gnu::noinline]] void score_block_q8dot(const std::byte* k, uint32_t n, const int8_t* qi, const float* qd,
+                                         softmax_stats* st, const logit_constants& lc, float* sbuf,
+                                         float* alpha) noexcept {
+  using ops = typename Shape::ops;
+  using q8 = simd::q8dot_ops<typename Shape::arch>;
+  using vec = typename Shape::vec;
+  constexpr uint32_t L = Shape::kLanes;
+  constexpr uint32_t D = Shape::kHeadDim;
+  constexpr uint32_t TT = L / HT;
+  constexpr uint32_t kStep = q8::kBlocks * kQuantBlock;  // values per step
+  constexpr uint32_t kStepBytes = q8::kBlocks * dtype_block_bytes(dtype::kQ8_0);
+  static_assert(TT * HT == L && D % kStep == 0);
+
+  const uint32_t n_tiles = (n + TT - 1) / TT;
+  for (uint32_t i = 0; i < n_tiles; ++i) {
+    vec acc[L];
+#pragma GCC unroll 16
+    for (uint32_t a = 0; a < L; ++a) acc[a] = ops::zero();
+    const std::byte* r[TT];
+#pragma GCC unroll 16
+    for (uint32_t t = 0; t < TT; ++t) r[t] = k + (i * TT + t < n ? i * TT + t : n - 1) * Shape::kRowBytes;
+    if constexpr (kPrefetchAhead > 0) {
+      for (uint32_t l = 0; l < TT * Shape::kRowBytes; l += 64)
+        Shape::ops::prefetch(k + i * TT * Shape::kRowBytes + kPrefetchAhead + l);
+    }
+#pragma GCC unroll 16
+    for (uint32_t j = 0; j < D / kStep; ++j) {
+      typename q8::kreg kv[TT];
+      vec ks[TT];
+#pragma GCC unroll 16
+      for (uint32_t t = 0; t < TT; ++t) {
+        kv[t] = q8::load_k(r[t] + j * kStepBytes);
+        ks[t] = q8::load_scales(r[t] + j * kStepBytes);
+      }
+#pragma GCC unroll 16
+      for (uint32_t h = 0; h < HT; ++h) {
+        const typename q8::qreg qv = q8::load_q(qi + h * D + j * kStep);
+        const vec qs = q8::load_qscales(qd + h * (D / kQuantBlock) + j * q8::kBlocks);
+#pragma GCC unroll 16
+        for (uint32_t t = 0; t < TT; ++t)
+          acc[h * TT + t] = ops::fma(q8::to_float(q8::dot(qv, kv[t])), qs * ks[t], acc[h * TT + t]);
+      }
+    }
+    ops::store(sbuf + i * L, finish_logits<Variant, ops>(ops::haddp(acc), lc));
+  }
+  block_softmax<Shape, HT>(n, st, sbuf, alpha);
 }
 
 // Values of one block for a head tile: o = o * alpha + sum_t p_t v_t, with an HT x DB register
@@ -346,6 +416,41 @@ INSTINFER_INLINE void score_tile(uint32_t ht, const std::byte* k, uint32_t n, co
   score_block<Shape, 1, Variant, KvType>(k, n, q, st, lc, sbuf, alpha);
 }
 
+template <class Shape, logits_variant Variant>
+INSTINFER_INLINE void score_tile_q8dot(uint32_t ht, const std::byte* k, uint32_t n, const int8_t* qi, const float* qd,
+                                       softmax_stats* st, const logit_constants& lc, float* sbuf,
+                                       float* alpha) noexcept {
+  if constexpr (Shape::kMaxHeadTile >= 8)
+    if (ht == 8) return score_block_q8dot<Shape, 8, Variant>(k, n, qi, qd, st, lc, sbuf, alpha);
+  if constexpr (Shape::kMaxHeadTile >= 4)
+    if (ht == 4) return score_block_q8dot<Shape, 4, Variant>(k, n, qi, qd, st, lc, sbuf, alpha);
+  if constexpr (Shape::kMaxHeadTile >= 2)
+    if (ht == 2) return score_block_q8dot<Shape, 2, Variant>(k, n, qi, qd, st, lc, sbuf, alpha);
+  score_block_q8dot<Shape, 1, Variant>(k, n, qi, qd, st, lc, sbuf, alpha);
+}
+
+// The query side of one kernel call: the f32 rows, and for int8_query_dot their q8_0 (quantized
+// once per call, not per block: per block it would cost about as much as the block's dots).
+template <class Shape, bool Int8Dot>
+struct query_rows {
+  const float* q = nullptr;
+  const int8_t* qi = nullptr;  // Int8Dot: [heads][HeadDim]
+  const float* qd = nullptr;   // Int8Dot: [heads][HeadDim / 32]
+
+  // Head tile `ht` at query head `qh` (of the call), scored against K rows k.
+  template <logits_variant Variant, dtype KvType>
+  INSTINFER_INLINE void score(uint32_t ht, uint64_t qh, const std::byte* k, uint32_t n, softmax_stats* st,
+                              const logit_constants& lc, float* sbuf, float* alpha) const noexcept {
+    if constexpr (Int8Dot) {
+      static_assert(KvType == dtype::kQ8_0, "int8_query_dot is for q8_0 K only");
+      score_tile_q8dot<Shape, Variant>(ht, k, n, qi + qh * Shape::kHeadDim, qd + qh * (Shape::kHeadDim / kQuantBlock),
+                                       st, lc, sbuf, alpha);
+    } else {
+      score_tile<Shape, Variant, KvType>(ht, k, n, q + qh * Shape::kHeadDim, st, lc, sbuf, alpha);
+    }
+  }
+};
+
 template <class Shape, dtype KvType>
 INSTINFER_INLINE void value_tile(uint32_t ht, const std::byte* v, uint32_t n, const float* sbuf, const float* alpha,
                                  float* o) noexcept {
@@ -366,10 +471,11 @@ INSTINFER_INLINE void value_tile(uint32_t ht, const std::byte* v, uint32_t n, co
 // before their V pages: with the chunk layout [K|V][kv_head][token][dim] and small pages that is
 // one sequential sweep over each chunk, which the hardware prefetchers follow at full speed
 // (a per-head walk touches 4 KiB pieces 64 KiB apart, and they restart at every piece).
-template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant>
-void decode_chunks_heads(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
-                         uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
-                         softmax_stats* stats) noexcept {
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant, bool Int8Dot>
+void decode_chunks_heads_impl(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                              uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv,
+                              const query_rows<kernel_shape<Arch, HeadDim, KvType>, Int8Dot>& qr, float* o,
+                              softmax_stats* stats) noexcept {
   using shape = kernel_shape<Arch, HeadDim, KvType>;
   constexpr uint32_t kScoreFloats = 8192;  // 32 KiB of probabilities per block and head range
   constexpr uint32_t kMaxRangeHeads = 256;
@@ -420,8 +526,7 @@ void decode_chunks_heads(const decode_params& params, const std::byte* const* ch
             for (uint32_t h = 0; h < G;) {
               const uint32_t ht = head_tile_for<shape>(G - h);
               const uint64_t qh = uint64_t{kh} * G + h;
-              score_tile<shape, Variant, KvType>(ht, k, n, q + qh * HeadDim, stats + qh, lc, sb,
-                                                 alpha + (kh - r0) * G + h);
+              qr.template score<Variant, KvType>(ht, qh, k, n, stats + qh, lc, sb, alpha + (kh - r0) * G + h);
               sb += tile_floats<shape>(ht, n);
               h += ht;
             }
@@ -444,7 +549,7 @@ void decode_chunks_heads(const decode_params& params, const std::byte* const* ch
             for (uint32_t h = 0; h < G;) {
               const uint32_t ht = head_tile_for<shape>(G - h);
               const uint64_t qh = uint64_t{kh} * G + h;
-              score_tile<shape, Variant, KvType>(ht, k, n, q + qh * HeadDim, stats + qh, lc, sbuf, alpha);
+              qr.template score<Variant, KvType>(ht, qh, k, n, stats + qh, lc, sbuf, alpha);
               value_tile<shape, KvType>(ht, k + v_offset, n, sbuf, alpha, o + qh * HeadDim);
               h += ht;
             }
@@ -455,13 +560,48 @@ void decode_chunks_heads(const decode_params& params, const std::byte* const* ch
   }
 }
 
+// decode_heads_fn. Int8Dot: the queries are quantized once per call, as many kv heads' groups at a
+// time as kQ8QueryCap values hold (validate() makes one group fit).
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant, bool Int8Dot = false>
+void decode_chunks_heads(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
+                         uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const float* q, float* o,
+                         softmax_stats* stats) noexcept {
+  using shape = kernel_shape<Arch, HeadDim, KvType>;
+  if constexpr (!Int8Dot) {
+    decode_chunks_heads_impl<Arch, HeadDim, KvType, Variant, false>(params, chunks, n_chunks, last_chunk_tokens,
+                                                                    kv_begin, n_kv, {q}, o, stats);
+  } else {
+    constexpr uint32_t kCap = decode_params::kQ8QueryCap;
+    constexpr uint32_t kBlocksPerRow = HeadDim / kQuantBlock;
+    alignas(64) int8_t qi[kCap];
+    float qd[kCap / kQuantBlock];
+    const uint32_t G = params.group_size;
+    const uint32_t per = kCap / (G * HeadDim);  // kv heads per pass
+    if (per == 0) {                             // rejected by validate(); an unvalidated call gets NaN, not an overflow
+      for (uint64_t i = 0; i < uint64_t{n_kv} * G * HeadDim; ++i) o[i] = std::numeric_limits<float>::quiet_NaN();
+      for (uint64_t h = 0; h < uint64_t{n_kv} * G; ++h) stats[h] = softmax_stats{};
+      return;
+    }
+    for (uint32_t h0 = 0; h0 < n_kv || h0 == 0; h0 += per) {
+      const uint32_t m = n_kv - h0 < per ? n_kv - h0 : per;
+      const uint64_t first = uint64_t{h0} * G;  // first query head of the pass
+      for (uint64_t h = 0; h < uint64_t{m} * G; ++h)
+        quantize_query_q8(q + (first + h) * HeadDim, HeadDim, qi + h * HeadDim, qd + h * kBlocksPerRow);
+      const query_rows<shape, true> qr{q + first * HeadDim, qi, qd};
+      decode_chunks_heads_impl<Arch, HeadDim, KvType, Variant, true>(
+          params, chunks, n_chunks, last_chunk_tokens, kv_begin + h0, m, qr, o + first * HeadDim, stats + first);
+      if (n_kv == 0) break;
+    }
+  }
+}
+
 // The kernel of the public contract (decode_chunks_fn): one kv head.
-template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant>
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant, bool Int8Dot = false>
 void decode_chunks(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
                    uint32_t last_chunk_tokens, uint32_t kv_head, const float* q, float* o,
                    softmax_stats* stats) noexcept {
-  decode_chunks_heads<Arch, HeadDim, KvType, Variant>(params, chunks, n_chunks, last_chunk_tokens, kv_head, 1, q, o,
-                                                      stats);
+  decode_chunks_heads<Arch, HeadDim, KvType, Variant, Int8Dot>(params, chunks, n_chunks, last_chunk_tokens, kv_head, 1,
+                                                               q, o, stats);
 }
 
 // Causal rows (decode_rows_fn, attention/decode.hpp): the rows of a prefill chunk share each K/V
@@ -469,7 +609,7 @@ void decode_chunks(const decode_params& params, const std::byte* const* chunks, 
 // through the same score / value tiles as decode (tiles never span rows, so one clip serves a
 // tile); K and V blocks (<= 16 KiB each) stay in L1/L2 across the rows, so each page is read
 // from memory once per call and kv head. Blocks past every row's limit end the walk.
-template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant>
+template <class Arch, uint32_t HeadDim, dtype KvType, logits_variant Variant, bool Int8Dot = false>
 void decode_chunks_rows(const decode_params& params, const std::byte* const* chunks, uint32_t n_chunks,
                         uint32_t last_chunk_tokens, uint32_t kv_begin, uint32_t n_kv, const decode_rows& rows,
                         const float* q, float* o, softmax_stats* stats) noexcept {
@@ -501,6 +641,10 @@ void decode_chunks_rows(const decode_params& params, const std::byte* const* chu
   }
   alignas(64) float sbuf[kScoreFloats];
   float alpha[8];
+  // Int8Dot: one row's group, quantized per block (prefill rows are many; a per-call copy of all
+  // of them would not fit the stack).
+  alignas(64) int8_t qi[Int8Dot ? decode_params::kQ8QueryCap : 1];
+  float qd[Int8Dot ? decode_params::kQ8QueryCap / kQuantBlock : 1];
 
   for (uint32_t c = 0; c < n_chunks; ++c) {
     const uint32_t chunk_tokens = c + 1 == n_chunks ? last_chunk_tokens : tpp;
@@ -516,11 +660,19 @@ void decode_chunks_rows(const decode_params& params, const std::byte* const* chu
           if (rows.visible[r] <= tok0) continue;
           const uint64_t left = rows.visible[r] - tok0;
           const uint32_t m = left < n ? static_cast<uint32_t>(left) : n;
+          const float* qg = q + r * rows.q_stride + uint64_t{kh} * G * HeadDim;  // the row's group of kh
+          query_rows<shape, Int8Dot> qr{qg};
+          if constexpr (Int8Dot) {
+            if (uint64_t{G} * HeadDim > decode_params::kQ8QueryCap) return;  // rejected by validate()
+            for (uint32_t h = 0; h < G; ++h)
+              quantize_query_q8(qg + h * HeadDim, HeadDim, qi + h * HeadDim, qd + h * (HeadDim / kQuantBlock));
+            qr.qi = qi;
+            qr.qd = qd;
+          }
           for (uint32_t h = 0; h < G;) {
             const uint32_t ht = head_tile_for<shape>(G - h);
             const uint64_t qh = uint64_t{kh} * G + h;
-            score_tile<shape, Variant, KvType>(ht, k, m, q + r * rows.q_stride + qh * HeadDim,
-                                               stats + r * rows.stats_stride + qh, lc, sbuf, alpha);
+            qr.template score<Variant, KvType>(ht, h, k, m, stats + r * rows.stats_stride + qh, lc, sbuf, alpha);
             value_tile<shape, KvType>(ht, v, m, sbuf, alpha, o + r * rows.o_stride + qh * HeadDim);
             h += ht;
           }
@@ -542,12 +694,28 @@ enum class dtype_family : uint8_t { kDense, kQuantized };
 
 // The one place where runtime (head_dim, dtype, soft-cap) become compile-time constants.
 // Returns null kernels for a head_dim or dtype that is not instantiated (or not of `Family`).
+// int8_dot (decode_params::int8_query_dot): the integer Q.K kernels, q8_0 only (null otherwise).
 template <class Arch, dtype_family Family>
-decode_kernel_pair lookup_decode_kernel(uint32_t head_dim, dtype kv_type, bool softcap) noexcept {
-  const auto by_variant = [softcap]<uint32_t D, dtype T>() -> decode_kernel_pair {
+decode_kernel_pair lookup_decode_kernel(uint32_t head_dim, dtype kv_type, bool softcap, bool int8_dot) noexcept {
+  const auto by_variant = [softcap, int8_dot]<uint32_t D, dtype T>() -> decode_kernel_pair {
     if constexpr (is_quantized(T) != (Family == dtype_family::kQuantized)) {
       return {};
+    } else if constexpr (T == dtype::kQ8_0) {
+      if (int8_dot) {
+        if (softcap)
+          return {&decode_chunks<Arch, D, T, softcapped_logits, true>,
+                  &decode_chunks_heads<Arch, D, T, softcapped_logits, true>,
+                  &decode_chunks_rows<Arch, D, T, softcapped_logits, true>};
+        return {&decode_chunks<Arch, D, T, plain_logits, true>, &decode_chunks_heads<Arch, D, T, plain_logits, true>,
+                &decode_chunks_rows<Arch, D, T, plain_logits, true>};
+      }
+      if (softcap)
+        return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>,
+                &decode_chunks_rows<Arch, D, T, softcapped_logits>};
+      return {&decode_chunks<Arch, D, T, plain_logits>, &decode_chunks_heads<Arch, D, T, plain_logits>,
+              &decode_chunks_rows<Arch, D, T, plain_logits>};
     } else {
+      if (int8_dot) return {};
       if (softcap)
         return {&decode_chunks<Arch, D, T, softcapped_logits>, &decode_chunks_heads<Arch, D, T, softcapped_logits>,
                 &decode_chunks_rows<Arch, D, T, softcapped_logits>};

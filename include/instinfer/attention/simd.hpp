@@ -223,4 +223,156 @@ struct simd_ops<xsimd::neon64> : xsimd_ops_base<xsimd::neon64> {
 };
 #endif
 
+// ---- integer Q.K for q8_0 K (decode_params::int8_query_dot) ---------------------------------
+//
+// `q8dot_ops<Arch>` scores a query quantized to q8_0 (int8, one f32 scale per 32-value block)
+// against q8_0 K rows with integer dot products: kBlocks blocks per step, whose int32 partial sums
+// fill the kLanes lanes of one ireg (kLanes / kBlocks consecutive lanes per block), so that one
+// int -> f32 conversion and one multiply-add by the product of the blocks' scales (load_scales
+// for K's f16 scales, load_qscales for the query's f32 ones, each broadcast over its block's
+// lanes) fold a step into the kernel's f32 score accumulators.
+//   load_q: kBlocks * 32 query int8; load_k: kBlocks K blocks (34 bytes apart), prepared once per
+//   token and reused by every head of the tile; dot: exact int32 partial sums.
+// x86 uses the sign trick: maddubs multiplies unsigned by signed bytes, so one side goes unsigned
+// (|x|) and its sign moves onto the other. With |q| <= 127 and |k| <= 128 a pair sums to at most
+// 2 * 128 * 127 = 32512, below maddubs's int16 saturation.
+template <class Arch>
+struct q8dot_ops;
+
+template <>
+struct q8dot_ops<scalar_arch> {
+  using vec = float;
+  static constexpr uint32_t kBlocks = 1;
+  using qreg = const int8_t*;
+  using kreg = const int8_t*;
+  using ireg = int32_t;
+  static INSTINFER_INLINE qreg load_q(const int8_t* q) noexcept { return q; }
+  static INSTINFER_INLINE kreg load_k(const std::byte* block) noexcept {
+    return reinterpret_cast<const int8_t*>(block + 2);
+  }
+  static INSTINFER_INLINE ireg dot(qreg q, kreg k) noexcept {
+    int32_t s = 0;
+    for (uint32_t i = 0; i < kQuantBlock; ++i) s += int32_t{q[i]} * int32_t{k[i]};
+    return s;
+  }
+  static INSTINFER_INLINE vec to_float(ireg x) noexcept { return static_cast<float>(x); }
+  static INSTINFER_INLINE vec load_scales(const std::byte* block) noexcept {
+    return simd_ops<scalar_arch>::load_scale(block);
+  }
+  static INSTINFER_INLINE vec load_qscales(const float* d) noexcept { return *d; }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+template <>
+struct q8dot_ops<xsimd::avx512bw> {
+  using vec = simd_ops<xsimd::avx512bw>::vec;
+  static constexpr uint32_t kBlocks = 2;  // two 32-byte blocks per zmm: lanes 0-7 and 8-15
+  using qreg = __m512i;
+  struct kreg {
+    __m512i abs;    // |k| as unsigned bytes
+    __mmask64 neg;  // k < 0
+  };
+  using ireg = __m512i;
+  static INSTINFER_INLINE qreg load_q(const int8_t* q) noexcept { return _mm512_loadu_si512(q); }
+  static INSTINFER_INLINE kreg load_k(const std::byte* block) noexcept {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2 + 34));
+    const __m512i k = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return {_mm512_abs_epi8(k), _mm512_movepi8_mask(k)};
+  }
+  static INSTINFER_INLINE ireg dot(qreg q, kreg k) noexcept {
+    // AVX-512 has no vpsignb: negate q where k < 0 (k == 0 contributes |k| = 0 anyway).
+    const __m512i qs = _mm512_mask_sub_epi8(q, k.neg, _mm512_setzero_si512(), q);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), k.abs, qs);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(k.abs, qs), _mm512_set1_epi16(1));
+#endif
+  }
+  static INSTINFER_INLINE vec to_float(ireg x) noexcept {
+    return _mm512_cvtepi32_ps(x);
+  }
+  static INSTINFER_INLINE vec pair(float a, float b) noexcept {
+    return _mm512_castpd_ps(
+        _mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)), _mm256_castps_pd(_mm256_set1_ps(b)), 1));
+  }
+  static INSTINFER_INLINE vec load_scales(const std::byte* block) noexcept {
+    uint16_t a, b;
+    std::memcpy(&a, block, sizeof a);
+    std::memcpy(&b, block + 34, sizeof b);
+    return pair(_cvtsh_ss(a), _cvtsh_ss(b));
+  }
+  static INSTINFER_INLINE vec load_qscales(const float* d) noexcept {
+    return pair(d[0], d[1]);
+  }
+};
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+template <>
+struct q8dot_ops<xsimd::fma3<xsimd::avx2>> {
+  using vec = simd_ops<xsimd::fma3<xsimd::avx2>>::vec;
+  static constexpr uint32_t kBlocks = 1;
+  // |q| is the unsigned side (q's sign moves onto k): one register per token instead of two
+  // (the AVX2 tile keeps 8 accumulators live; k and |k| per token made it spill).
+  struct qreg {
+    __m256i q;
+    __m256i abs;
+  };
+  using kreg = __m256i;
+  using ireg = __m256i;
+  static INSTINFER_INLINE qreg load_q(const int8_t* q) noexcept {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return {x, _mm256_abs_epi8(x)};
+  }
+  static INSTINFER_INLINE kreg load_k(const std::byte* block) noexcept {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+  }
+  static INSTINFER_INLINE ireg dot(qreg q, kreg k) noexcept {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q.abs, _mm256_sign_epi8(k, q.q)), _mm256_set1_epi16(1));
+  }
+  static INSTINFER_INLINE vec to_float(ireg x) noexcept { return _mm256_cvtepi32_ps(x); }
+  static INSTINFER_INLINE vec load_scales(const std::byte* block) noexcept {
+    return simd_ops<xsimd::fma3<xsimd::avx2>>::load_scale(block);
+  }
+  static INSTINFER_INLINE vec load_qscales(const float* d) noexcept { return _mm256_broadcast_ss(d); }
+};
+#endif
+
+#if defined(__aarch64__)
+template <>
+struct q8dot_ops<xsimd::neon64> {
+  using vec = simd_ops<xsimd::neon64>::vec;
+  static constexpr uint32_t kBlocks = 1;
+  using qreg = int8x16x2_t;
+  using kreg = int8x16x2_t;
+  using ireg = int32x4_t;
+  static INSTINFER_INLINE qreg load_q(const int8_t* q) noexcept { return {{vld1q_s8(q), vld1q_s8(q + 16)}}; }
+  static INSTINFER_INLINE kreg load_k(const std::byte* block) noexcept {
+    const int8_t* p = reinterpret_cast<const int8_t*>(block + 2);
+    return {{vld1q_s8(p), vld1q_s8(p + 16)}};
+  }
+  static INSTINFER_INLINE ireg dot(qreg q, kreg k) noexcept {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), q.val[0], k.val[0]), q.val[1], k.val[1]);
+#else
+    // int8 x int8 products fit int16 (|q| <= 127); pairwise-accumulated into int32.
+    int32x4_t s = vpaddlq_s16(vmull_s8(vget_low_s8(q.val[0]), vget_low_s8(k.val[0])));
+    s = vpadalq_s16(s, vmull_high_s8(q.val[0], k.val[0]));
+    s = vpadalq_s16(s, vmull_s8(vget_low_s8(q.val[1]), vget_low_s8(k.val[1])));
+    return vpadalq_s16(s, vmull_high_s8(q.val[1], k.val[1]));
+#endif
+  }
+  static INSTINFER_INLINE vec to_float(ireg x) noexcept {
+    return vcvtq_f32_s32(x);
+  }
+  static INSTINFER_INLINE vec load_scales(const std::byte* block) noexcept {
+    return simd_ops<xsimd::neon64>::load_scale(block);
+  }
+  static INSTINFER_INLINE vec load_qscales(const float* d) noexcept {
+    return vld1q_dup_f32(d);
+  }
+};
+#endif
+
 }  // namespace instinfer::simd
