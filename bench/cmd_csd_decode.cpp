@@ -15,6 +15,11 @@
 // flash pages read = the same, link bytes out = all KV of the context, modelled time = the flash
 // model reading those pages pipelined with the link transfer; cpu_seconds = the host backend's
 // attention over the same tokens on this machine (measured).
+// With --sparse B (a budget, e.g. 0.125) the cache also keeps SparF's column copy (not for a
+// quantized dtype: the drive runs SparF on f32/f16/bf16 only) and page summaries, and one more
+// line (kind "csd-sparse") compares attend-only steps (no appends) of dense attention, SparF and
+// the page-summary policy at that budget, default sinks and window: per step the drives' flash
+// pages read and the modelled seconds.
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -58,6 +63,47 @@ uint64_t drive_cpu_ns(kv_cache& c) {
   return ns;
 }
 
+// --sparse: `steps` attend-only steps (every layer, the whole batch) per policy; flash pages read
+// and modelled seconds per step, from the drives' counters. A policy that fails ends the line.
+json_line sparse_line(kv_cache& cache, const std::vector<seq_id>& seqs, std::vector<float>& q, std::vector<float>& out,
+                      std::vector<float>& lse, uint32_t steps, double budget, bool with_sparf, bool& failed) {
+  json_line j;
+  j.add("bench", "csd-decode").add("kind", "csd-sparse").add("budget", budget);
+  j.add("sinks", sparf_params::kDefaultSinkTokens).add("window", sparf_params::kDefaultWindowTokens);
+  const uint32_t layers = cache.shape().n_layers;
+  double dense_s = 0.0;
+  uint64_t dense_pages = 0;
+  for (int policy = -1; policy <= 1; ++policy) {  // -1: dense attend; 0: SparF; 1: page summaries
+    if (policy == 0 && !with_sparf) continue;
+    sparf_params p = sparf_params::with_compression(budget);
+    p.policy = policy == 1 ? sparse_policy::kPageSummary : sparse_policy::kSparf;
+    const backend_stats s0 = cache.stats().backend;
+    for (uint32_t step = 0; step < steps; ++step)
+      for (uint32_t l = 0; l < layers; ++l) {
+        const status s = policy < 0 ? cache.attend(l, seqs, q.data(), out.data(), lse.data())
+                                    : cache.attend_sparse(l, seqs, q.data(), out.data(), lse.data(), p);
+        if (!s.ok()) {
+          std::fprintf(stderr, "csd-decode: --sparse: %s\n", s.to_string().c_str());
+          failed = true;
+          return j;
+        }
+      }
+    const backend_stats s1 = cache.stats().backend;
+    const double secs = (s1.modelled_device_seconds - s0.modelled_device_seconds) / steps;
+    const uint64_t pages = (s1.flash_pages_read - s0.flash_pages_read) / steps;
+    const char* name = policy < 0 ? "dense" : policy == 0 ? "sparf" : "pages";
+    j.add(std::string(name) + "_flash_pages_read", pages).add(std::string(name) + "_modelled_seconds", secs);
+    if (policy < 0) {
+      dense_s = secs;
+      dense_pages = pages;
+    } else {
+      j.add(std::string(name) + "_page_fraction", dense_pages ? double(pages) / double(dense_pages) : 0.0);
+      j.add(std::string(name) + "_modelled_speedup", secs > 0 ? dense_s / secs : 0.0);
+    }
+  }
+  return j;
+}
+
 int run(int argc, char** argv) {
   flags f(argc, argv);
   const auto ctxs = f.u64_list("ctx", {1024, 4096});
@@ -80,16 +126,22 @@ int run(int argc, char** argv) {
   lp.gbps = f.f64("link-gbps", lp.gbps);
   lp.command_us = f.f64("link-us", lp.command_us);
   const bool baseline_cpu = !f.has("no-host");
+  const double sparse_budget = f.f64("sparse", 0.0);
   if (!f.finish() || !f.ok()) {
     std::fprintf(stderr,
                  "usage: instinfer-bench csd-decode [--ctx 1024,4096] [--batch 1,4] [--drives 1,2] [--layers 1]\n"
                  "  [--kv-heads 8] [--q-heads 8] [--head-dim 128] [--dtype f16] [--steps 4] [--page 4096]\n"
-                 "  [--cores 4] [--channels 8] [--channel-gbps 1.4] [--link-gbps 7] [--link-us 2] [--no-host]\n%s\n",
+                 "  [--cores 4] [--channels 8] [--channel-gbps 1.4] [--link-gbps 7] [--link-us 2] [--no-host]\n"
+                 "  [--sparse 0 (a budget in (0, 1]: also SparF and page summaries, attend-only)]\n%s\n",
                  f.error().c_str());
     return 2;
   }
   if (!dt) {
     std::fprintf(stderr, "csd-decode: unknown dtype\n");
+    return 2;
+  }
+  if (!(sparse_budget == 0.0 || (sparse_budget > 0.0 && sparse_budget <= 1.0))) {
+    std::fprintf(stderr, "csd-decode: --sparse must be 0 (off) or in (0, 1]\n");
     return 2;
   }
   shape.kv_dtype = *dt;
@@ -108,13 +160,17 @@ int run(int argc, char** argv) {
         cache_options o;
         o.shape = shape;
         o.page_bytes = page;
+        const bool with_sparf = sparse_budget > 0.0 && !is_quantized(shape.kv_dtype);
+        o.sparf = with_sparf;
+        o.page_summaries = sparse_budget > 0.0;
         const uint64_t chunk_bytes = 2ull * shape.n_kv_heads * page;
         const uint64_t tpp = page / shape.row_bytes();
         const uint64_t chunks = batch * shape.n_layers * ((ctx + steps + tpp - 1) / tpp + 1);
         o.capacity_bytes = chunks * chunk_bytes;
-        // Flash sized to the KV (plus room), so RAM flash stays proportional.
+        // Flash sized to the KV (plus room, and SparF's column copy), so RAM flash stays proportional.
         const uint64_t lanes = uint64_t{fp.channels} * 8;
-        const uint64_t flash_pages_needed = chunks * 2 * shape.n_kv_heads / drives * 2 + lanes * 256 * 2;
+        const uint64_t flash_pages_needed =
+            chunks * (with_sparf ? 3 : 2) * shape.n_kv_heads / drives * 2 + lanes * 256 * 2;
         const uint64_t blocks_per_die = std::max<uint64_t>(2, flash_pages_needed / (lanes * 256) + 1);
         o.backend_uri = "csd:?drives=" + std::to_string(drives) + "&cores=" + std::to_string(cores) +
                         "&channels=" + std::to_string(fp.channels) +
@@ -255,6 +311,12 @@ int run(int argc, char** argv) {
             .add("modelled_link_seconds", base_link_ns * 1e-9)
             .add("cpu_seconds", host ? host_cpu * per : 0.0)
             .print();
+        if (sparse_budget > 0.0) {
+          bool failed = false;
+          json_line j = sparse_line(cache, seqs, q, out, lse, steps, sparse_budget, with_sparf, failed);
+          if (failed) return 1;
+          j.add("ctx", ctx).add("batch", batch).add("drives", drives).add("dtype", dtype_name(shape.kv_dtype)).print();
+        }
         std::fflush(stdout);
       }
   return 0;

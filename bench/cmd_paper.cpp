@@ -91,6 +91,7 @@ class sparf_meter {
     w.out = out.data();
     sparf_params p = sparf_params::with_compression(compression);
     p.page_spread = spread_;
+    p.sink_tokens = p.window_tokens = 0;  // the paper's SparF: no dense ends
     sparf_counters c;
     INSTINFER_TRY(sparf_attend(cfg.value(), p, std::span<const sparf_work>(&w, 1), ws_, &c));
     paper::sparf_fractions f;

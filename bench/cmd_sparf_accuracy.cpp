@@ -142,6 +142,7 @@ int run(int argc, char** argv) {
       sparf_params p = sparf_params::with_compression(c);
       p.page_spread = spread;
       p.whole_pages = whole;
+      p.sink_tokens = p.window_tokens = 0;  // plain SparF: the accuracy of the selection itself
       auto plan = sparf_resolve(p, d, n);
       if (!plan.ok()) {
         std::fprintf(stderr, "sparf-accuracy: %s\n", plan.error().to_string().c_str());

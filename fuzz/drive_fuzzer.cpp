@@ -416,6 +416,12 @@ void harness::build(uint8_t op_sel, uint32_t qp, uint32_t nsid, input& in, sq_en
         sparf_wire_params wp = encode_sparf_params(p);
         if ((b1 & 3) == 3) wp.mode = in.u8();
         std::memcpy(a, &wp, sizeof wp);
+        const uint8_t ends = in.u8();  // sinks, window and the policy (2: unknown)
+        p.sink_tokens = ends & 0x30;
+        p.window_tokens = (ends & 0x0c) * 16;
+        p.policy = static_cast<sparse_policy>(ends % 3);
+        const sparf_wire_ext wx = encode_sparf_ext(p);
+        std::memcpy(a + sizeof wp, &wx, sizeof wx);
       }
       for (uint32_t i = 0; i < n_items && w.entries_offset + (i + 1) * sizeof(attend_entry) <= room; ++i) {
         const uint8_t t = in.u8();
@@ -429,7 +435,10 @@ void harness::build(uint8_t op_sel, uint32_t qp, uint32_t nsid, input& in, sq_en
       e.data_bytes = static_cast<uint32_t>(std::min(w.data_bytes, room));
       e.result_offset = room;
       e.result_bytes = static_cast<uint32_t>(std::min<uint64_t>(w.result_bytes, room));
-      set_args(e, attend_args{static_cast<uint32_t>(b1 >> 7), n_items});
+      if (sparse)
+        set_args(e, attend_sparse_args{static_cast<uint32_t>(b1 >> 7), n_items, kSparfParamsBytes, 0});
+      else
+        set_args(e, attend_args{static_cast<uint32_t>(b1 >> 7), n_items});
       break;
     }
     case opcode::kReclaim: {

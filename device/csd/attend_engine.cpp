@@ -35,7 +35,18 @@ status attend_engine::decode_command(const kv_namespace& ns, const sq_entry& e, 
   INSTINFER_TRY(ns.check_layer(c.args.layer));
   if (c.args.n_items == 0 || c.args.n_items > kMaxAttendItems)
     return {errc::kInvalidArgument, "attend batch must hold 1..65536 items"};
-  c.wire = attend_wire_layout::make(c.args.n_items, ns.q_heads(), ns.cfg.head_dim, sparse);
+  // attend-sparse: the parameters' size (a protocol-5 host sends sparf_wire_params alone, args 0)
+  uint32_t params_bytes = 0;
+  if (sparse) {
+    const auto sa = get_args<attend_sparse_args>(e);
+    params_bytes = sa.params_bytes == 0 ? uint32_t{sizeof(sparf_wire_params)} : sa.params_bytes;
+    if (params_bytes != sizeof(sparf_wire_params) && params_bytes != kSparfParamsBytes)
+      return {errc::kInvalidArgument, "attend-sparse parameters must be " + std::to_string(sizeof(sparf_wire_params)) +
+                                          " (protocol 5) or " + std::to_string(kSparfParamsBytes) + " bytes, got " +
+                                          std::to_string(sa.params_bytes)};
+    if (sa.reserved != 0) return {errc::kInvalidArgument, "attend-sparse arguments: reserved field must be 0"};
+  }
+  c.wire = attend_wire_layout::make(c.args.n_items, ns.q_heads(), ns.cfg.head_dim, sparse, params_bytes);
   if (e.data_bytes != c.wire.data_bytes) return {errc::kInvalidArgument, std::string(what) + " payload size mismatch"};
   if (e.result_bytes < c.wire.result_bytes)
     return {errc::kInvalidArgument, std::string(what) + " result buffer too small"};
@@ -43,6 +54,12 @@ status attend_engine::decode_command(const kv_namespace& ns, const sq_entry& e, 
     sparf_wire_params wp;
     std::memcpy(&wp, data, sizeof wp);
     if (!decode_sparf_params(wp, c.sparf)) return {errc::kInvalidArgument, "unknown SparF mode"};
+    if (params_bytes == kSparfParamsBytes) {
+      sparf_wire_ext ext;
+      std::memcpy(&ext, data + sizeof wp, sizeof ext);
+      if (!decode_sparf_ext(ext, c.sparf))
+        return {errc::kInvalidArgument, "attend-sparse parameters: reserved bytes of the extension must be 0"};
+    }
     INSTINFER_TRY(c.sparf.validate(ns.cfg.head_dim));
   }
   c.items.resize(c.args.n_items);

@@ -3,8 +3,10 @@
 // (double-buffered) or from the DRAM group buffer. Dense: every page of the items, through the
 // library's decode_driver (attention/decode_driver.hpp) over the page-reader chunk source
 // (page_source.hpp). Sparse (SparF, attend_sparse.cpp): the chosen column pages first, then only
-// the token pages holding selected tokens, through attention/sparf/{select,exact}.hpp. Results are
-// written straight into the command's result area (protocol_codec.hpp's attend layout).
+// the token pages holding selected tokens, through attention/sparf/{select,exact}.hpp. Page
+// summaries (attend_page_summary.cpp): the groups scored from their summaries in DRAM, then the
+// chosen groups' K and V pages read whole, through attention/sparf/{page_summary,exact}.hpp.
+// Results are written straight into the command's result area (protocol_codec.hpp's attend layout).
 #pragma once
 
 #include <cstddef>
@@ -16,6 +18,7 @@
 #include "column_ftl.hpp"
 #include "drive_context.hpp"
 #include "instinfer/attention/decode_driver.hpp"
+#include "instinfer/attention/sparf/page_summary.hpp"
 #include "instinfer/attention/sparf/select.hpp"
 #include "instinfer/core/thread_pool.hpp"
 #include "instinfer/csd/protocol_codec.hpp"
@@ -58,8 +61,20 @@ class attend_engine {
     std::vector<uint32_t> n_rows, first_pos, row_begin;
     uint32_t n_items() const noexcept { return args.n_items; }
   };
-  struct sparse_shared;
-  struct sparse_worker_out;
+  // What the tasks of one attend-sparse command share (filled single-threaded first).
+  struct sparse_shared {
+    std::vector<sparf_plan> plans;                            // SparF, per item
+    std::vector<std::vector<uint32_t>> item_blocks;           // SparF, per item: its column blocks
+    std::vector<const kv_namespace::column_tail*> item_tail;  // SparF, per item: its tail, or null
+    std::vector<float> v_mean;                                // SparF: [n_items][n_kv_heads][head_dim]
+    std::vector<page_summary_plan> page_plans;                // page summaries, per item
+    std::vector<std::vector<const float*>> item_summaries;    // page summaries, per item and group
+    std::vector<std::unique_ptr<float[]>> rebuilt;            // summaries of truncated tails, this command's
+  };
+  struct sparse_worker_out {
+    sparf_counters counters;
+    std::vector<uint32_t> col_ppns, tok_ppns;  // flash pages read, for the model
+  };
 
   status decode_command(const kv_namespace& ns, const sq_entry& e, bool sparse, const std::byte* data, std::byte* res,
                         command& c) const;
@@ -75,7 +90,9 @@ class attend_engine {
 
   // Sparse: column data and V means (single-threaded), then one task per (item, kv head).
   status prepare_columns(kv_namespace& ns, const command& c, sparse_shared& sh);
-  status run_sparse(const kv_namespace& ns, const command& c, const sparse_shared& sh, sparse_worker_out& total);
+  // pages: the page-summary policy's tasks (run_page_task), else SparF's (run_sparse_task).
+  status run_sparse(const kv_namespace& ns, const command& c, const sparse_shared& sh, sparse_worker_out& total,
+                    bool pages = false);
   status run_sparse_task(const kv_namespace& ns, const command& c, const sparse_shared& sh, uint32_t task,
                          attend_worker& ws, sparse_worker_out& mine);
   status load_column_pages(const kv_namespace& ns, const sparse_shared& sh, uint32_t item, uint32_t head,
@@ -83,6 +100,13 @@ class attend_engine {
                            sparse_worker_out& mine);
   status load_token_pages(const kv_namespace& ns, const page_table& tab, uint32_t head, const sparf_selection& sel,
                           attend_worker& ws, sparse_worker_out& mine);
+
+  // Page summaries (attend_page_summary.cpp): plans and every item's group summaries (rebuilding
+  // what is missing or covers more rows than attended), then one task per (item, kv head).
+  status attend_page_summary(kv_namespace& ns, command& c, int64_t wall0, uint64_t& result_bytes);
+  status prepare_summaries(kv_namespace& ns, const command& c, sparse_shared& sh);
+  status run_page_task(const kv_namespace& ns, const command& c, const sparse_shared& sh, uint32_t task,
+                       attend_worker& ws, sparse_worker_out& mine);
 
   drive_context& ctx_;
   column_ftl& columns_;

@@ -20,23 +20,13 @@ namespace instinfer::csd {
 // head that hold selected tokens, then the exact attention over them (attention/sparf/select.hpp and
 // exact.hpp, the same code the host runs). Modelled flash time: the column reads, then the token reads.
 
-struct attend_engine::sparse_shared {
-  std::vector<sparf_plan> plans;                            // per item
-  std::vector<std::vector<uint32_t>> item_blocks;           // per item: its column blocks
-  std::vector<const kv_namespace::column_tail*> item_tail;  // per item: its tail, or null
-  std::vector<float> v_mean;                                // [n_items][n_kv_heads][head_dim]
-};
-struct attend_engine::sparse_worker_out {
-  sparf_counters counters;
-  std::vector<uint32_t> col_ppns, tok_ppns;  // flash pages read, for the model
-};
-
 status attend_engine::attend_sparse(kv_namespace& ns, const sq_entry& e, const std::byte* data, std::byte* res,
                                     uint64_t& result_bytes) {
   const int64_t wall0 = wall_ns();
-  if (!ns.sparf) return {errc::kUnsupported, "namespace " + std::to_string(ns.nsid) + " was created without SparF"};
   command c;
   INSTINFER_TRY(decode_command(ns, e, true, data, res, c));
+  if (c.sparf.policy == sparse_policy::kPageSummary) return attend_page_summary(ns, c, wall0, result_bytes);
+  if (!ns.sparf) return {errc::kUnsupported, "namespace " + std::to_string(ns.nsid) + " was created without SparF"};
   sparse_shared sh;
   sh.plans.resize(c.n_items());
   for (uint32_t i = 0; i < c.n_items(); ++i) {
@@ -106,7 +96,7 @@ status attend_engine::prepare_columns(kv_namespace& ns, const command& c, sparse
 }
 
 status attend_engine::run_sparse(const kv_namespace& ns, const command& c, const sparse_shared& sh,
-                                 sparse_worker_out& total) {
+                                 sparse_worker_out& total, bool pages) {
   const uint32_t n_tasks = c.n_items() * ns.cfg.n_kv_heads;
   std::atomic<uint32_t> next{0};
   std::atomic<int64_t> cpu{0};
@@ -120,7 +110,7 @@ status attend_engine::run_sparse(const kv_namespace& ns, const command& c, const
     while (s.ok()) try {
         const uint32_t ti = next.fetch_add(1, std::memory_order_relaxed);
         if (ti >= n_tasks) break;
-        s = run_sparse_task(ns, c, sh, ti, ws, mine);
+        s = pages ? run_page_task(ns, c, sh, ti, ws, mine) : run_sparse_task(ns, c, sh, ti, ws, mine);
       } catch (const std::bad_alloc&) {
         s = {errc::kOutOfMemory, "SparF worker"};
       }

@@ -66,6 +66,11 @@ struct attend_worker {
   std::vector<const std::byte*> col_ptrs, tok_ptrs;
   std::vector<uint32_t> channels, selected;
   std::vector<float> weight, scratch, alpha;
+  // Page summaries: group scores and order, the chosen groups, their tokens, alpha = 1 per query
+  // head, and the exact pass's own counters (the policy counts whole groups itself).
+  std::vector<float> group_scores, ones;
+  std::vector<uint32_t> group_order, groups, tokens;
+  sparf_counters exact_counters;
 
   status ensure_reader(flash_store& store, uint32_t depth) noexcept {
     if (reader) return {};

@@ -20,6 +20,7 @@
 #include "instinfer/layout/kv_shape.hpp"
 #include "kv_namespace.hpp"
 #include "namespace_meta.hpp"
+#include "page_summaries.hpp"
 #include "token_ftl.hpp"
 
 namespace instinfer::csd {
@@ -255,9 +256,12 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
     return {errc::kInvalidArgument, "scale and softcap must be finite (scale >= 0)"};
   if (c.sparf > 1) return {errc::kInvalidArgument, "sparf flag must be 0 or 1"};
   if (c.persist > 1) return {errc::kInvalidArgument, "persist flag must be 0 or 1"};
+  if (c.page_summaries > 1) return {errc::kInvalidArgument, "page_summaries flag must be 0 or 1"};
   if (c.persist) {
-    if (c.sparf)
-      return {errc::kUnsupported, "a persistent namespace does not keep SparF's channel-indexed copy: sparf = 0"};
+    if (c.sparf || c.page_summaries)
+      return {errc::kUnsupported,
+              "a persistent namespace keeps no sparse policy's data (SparF's channel-indexed copy, page summaries): "
+              "sparf = page_summaries = 0"};
     if (ctx_.store->ram() || ctx_.o.flash_path.empty())
       return {errc::kUnsupported,
               "a persistent namespace needs file flash (--flash PATH): RAM flash dies with the "
@@ -273,6 +277,7 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   ns->pages_per_chunk = 2 * c.n_kv_heads;
   ns->chunk_bytes = uint64_t{c.page_bytes} * ns->pages_per_chunk;
   if (c.sparf) INSTINFER_TRY(configure_sparf(*ns, shape));
+  if (c.page_summaries) INSTINFER_TRY(summary_configure(*ns));
   // With SparF every chunk also costs n_kv_heads column pages (the K copy: 1.5x the KV).
   const uint64_t fit = ctx_.o.flash.total_pages() / (ns->pages_per_chunk + (c.sparf ? c.n_kv_heads : 0));
   ns->count = c.capacity_chunks == 0 ? fit : c.capacity_chunks;
@@ -282,7 +287,10 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   // flash holds they are the drive's own size; a capacity beyond it (overcommitted logical chunks)
   // may take at most the namespace's DRAM budget, the group buffer's size: a host must not make the
   // drive commit gigabytes it cannot use.
-  const uint64_t table_bytes = ns->count * (sizeof(chunk_entry) + 4ull * ns->pages_per_chunk + (c.sparf ? 4 : 0));
+  // (Page summaries: a pointer per chunk here; the summaries themselves, 2 x n_kv_heads x head_dim
+  // floats per written chunk, are counted in device_stats::summary_bytes as they are made.)
+  const uint64_t table_bytes = ns->count * (sizeof(chunk_entry) + 4ull * ns->pages_per_chunk + (c.sparf ? 4 : 0) +
+                                            (c.page_summaries ? sizeof(void*) : 0));
   if (ns->count > fit && table_bytes > ctx_.o.buffer_bytes)
     return {errc::kNoSpace, "namespace of " + std::to_string(ns->count) + " chunks (the flash holds " +
                                 std::to_string(fit) + ") needs " + std::to_string(table_bytes) +
@@ -301,6 +309,7 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   ns->chunks.assign(ns->count, chunk_entry{});
   ns->l2p.assign(ns->count * ns->pages_per_chunk, kNoPage);
   if (ns->sparf) ns->gen.assign(ns->count, 0);
+  if (ns->page_summaries) ns->summaries.resize(ns->count);
   ns->max_slots = std::max<uint64_t>(1, ctx_.o.buffer_bytes / ns->chunk_bytes);
   ns->base = next_base_;
   if (c.persist) INSTINFER_TRY(configure_persist(*ns));  // the last commit's chunks and capacity
@@ -330,6 +339,7 @@ status drive_impl::configure_sparf(kv_namespace& ns, const kv_shape& shape) cons
 
 void drive_impl::reset_chunk(kv_namespace& ns, uint64_t chunk) noexcept {
   if (ns.sparf) columns_.chunk_reset(ns, static_cast<uint32_t>(chunk));
+  summary_drop(ctx_, ns, chunk);
   ftl_.drop_pages(ns, chunk);
   buffer_.release(ns, chunk);
   ns.entry(chunk) = chunk_entry{};
@@ -395,6 +405,7 @@ status drive_impl::do_write(kv_namespace& ns, const sq_entry& e, const std::byte
     if (!buf.ok()) return buf.error();
     ns.layout.scatter_rows(*buf, first, n, k + t * token_row, v + t * token_row);  // fits(first, n) by construction
     ns.entry(chunk).n_tokens = first + n;
+    summary_fold_rows(ctx_, ns, chunk, first, k + t * token_row, n);
     token_ftl::set_position(ns, a.seq, a.layer, a.first_index + i, static_cast<uint32_t>(chunk));
     if (first + n == tpp)  // the group is full: one block-packed append of all its pages
       INSTINFER_TRY(buffer_.seal(ns, chunk, token_ftl::stripe(a.seq, a.layer) + a.first_index + i));
@@ -481,6 +492,8 @@ status drive_impl::do_copy(kv_namespace& ns, const sq_entry& e) {
   }
   ns.layout.copy_prefix(*dst, s, a.n_tokens);
   ns.entry(a.dst).n_tokens = a.n_tokens;
+  if (ns.page_summaries)  // the copy's own summary, of the rows it holds (the source may hold more)
+    if (float* sum = summary_fresh(ctx_, ns, a.dst)) summary_of_pages(ns, sum, *dst, a.n_tokens);
   token_ftl::set_position(ns, a.seq, a.layer, a.index, a.dst);
   if (a.n_tokens == ns.geo.tokens_per_page)
     INSTINFER_TRY(buffer_.seal(ns, a.dst, token_ftl::stripe(a.seq, a.layer) + a.index));

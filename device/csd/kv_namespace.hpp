@@ -101,6 +101,18 @@ struct kv_namespace {
   std::unordered_map<seq_layer_key, column_tail, seq_layer_hash> tails;
   uint64_t tail_bytes = 0;  // DRAM held by column tails (budget: the drive's buffer_bytes)
 
+  // Page summaries (cfg.page_summaries; attention/sparf/page_summary.hpp, device/csd/page_summaries.hpp):
+  // per chunk (a page group: one chunk's token range) the per-kv-head min and max of K over the
+  // rows it holds, in DRAM, folded as rows are written. Keyed by chunk, a summary is shared by
+  // forks exactly as the chunk's pages are and freed with the chunk; a page table that uses fewer
+  // rows of its last chunk than it holds (after a truncation) has that group's summary rebuilt
+  // from the rows when attended. Null: none (never allocated: rebuilt when attended).
+  bool page_summaries = false;
+  sparf_config summary_one_head{};                  // the exact pass over one kv head's staged pages (sparf_exact_head)
+  std::vector<std::unique_ptr<float[]>> summaries;  // [chunk]
+  uint64_t summary_bytes = 0;                       // DRAM the summaries hold
+  size_t summary_floats() const noexcept { return size_t{2} * cfg.n_kv_heads * cfg.head_dim; }
+
   // Persistent namespaces (cfg.persist, docs/persistence.md): per chunk, the tokens its flash copy
   // held when programmed (0: no checked copy) and one CRC32C per page over that many rows, seeded
   // with the physical page and the token count, so another page's data, or a copy of another

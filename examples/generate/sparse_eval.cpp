@@ -332,10 +332,8 @@ int main(int argc, char** argv) {
       for (int sw = o.both_sw ? 0 : 1; sw <= 1; ++sw) {
         sparf_params p = sparf_params::with_compression(o.budgets[b]);
         p.policy = pol == "sparf" ? sparse_policy::kSparf : sparse_policy::kPageSummary;
-        if (sw) {
-          p.sink_tokens = o.sinks;
-          p.window_tokens = o.window;
-        }
+        p.sink_tokens = sw ? o.sinks : 0;  // without +S/W: plain top-k (the defaults are 16 / 64)
+        p.window_tokens = sw ? o.window : 0;
         config c{pol + " " + o.budget_labels[b] + (sw ? " +S/W" : ""), p, pol, o.budget_labels[b], sw == 1};
         configs.push_back(c);
       }

@@ -114,9 +114,9 @@ typedef struct instinfer_sparf_params {
   double compression;   /* target fraction of dense K+V traffic, in (0, 1]; 1 = dense attention */
   double page_spread;   /* token pages read, as a multiple of the fewest holding k tokens; 0 = no limit */
   /* Since 0.4: always attend the first sink_tokens and the last window_tokens tokens exactly, sparse
-   * in between; they count toward k (k is raised to hold them). 0, 0 = plain SparF (the default).
-   * Callers built against 0.2/0.3 pass the shorter struct_size and get 0, 0. Host-side SparF only:
-   * the csd backend reports INSTINFER_E_UNSUPPORTED for non-zero values. */
+   * in between; they count toward k (k is raised to hold them). Default 16 and 64 (since 0.5;
+   * before: 0, 0); 0, 0 = plain SparF. Callers built against 0.2/0.3 pass the shorter struct_size
+   * and get the defaults. Every backend runs them (csd: inside the drive). */
   uint32_t sink_tokens;
   uint32_t window_tokens;
   /* Since 0.5: the sparse policy, one of instinfer_sparse_policy (0 = SparF, the default). The

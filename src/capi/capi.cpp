@@ -299,6 +299,8 @@ void instinfer_sparf_params_init(instinfer_sparf_params* params) {
   params->compression = instinfer::sparf_params::kDefaultCompression;
   params->whole_pages = 1;
   params->page_spread = instinfer::sparf_params{}.page_spread;
+  params->sink_tokens = instinfer::sparf_params::kDefaultSinkTokens;
+  params->window_tokens = instinfer::sparf_params::kDefaultWindowTokens;
 }
 
 instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer, size_t n_seq,

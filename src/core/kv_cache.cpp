@@ -71,6 +71,7 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
       config.sparf = true;
       config.sparf_channels_per_page = sparf.columns.channels_per_page;
     }
+    config.page_summaries = options.page_summaries;
   }
   if (status s = b->configure(config); !s.ok()) return named(s);
   std::unique_ptr<kv_cache> cache;

@@ -12,8 +12,10 @@ namespace instinfer {
 
 namespace {
 
-// SparF next to the data: the backend keeps its own channel-indexed copy (built from the rows it
-// is written) and runs the algorithm itself, so the observer calls have nothing to do.
+// Sparse attention next to the data: the backend keeps the policy's data itself (SparF's
+// channel-indexed copy, page summaries: built from the rows it is written) and runs the algorithm,
+// so the observer calls have nothing to do. Either policy is forwarded; the backend refuses one it
+// does not keep.
 class backend_sparf_attender final : public sparse_attender {
  public:
   backend_sparf_attender(backend& b, const backend_config& config) : backend_(b), config_(config) {}
@@ -32,12 +34,16 @@ class backend_sparf_attender final : public sparse_attender {
   status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override {
     try {
-      if (params.sink_tokens != 0 || params.window_tokens != 0)  // not in the drive's protocol yet
-        return {errc::kUnsupported, "SparF sinks and recent window are not supported by backend '" +
-                                        std::string(backend_.name()) + "' yet"};
-      for (const attend_item& it : batch)  // k > tokens is refused here, before the drive sees it
-        if (auto plan = sparf_resolve(params, config_.shape.head_dim, it.n_tokens); !plan.ok())
-          return {plan.error().code(), "sequence " + std::to_string(it.seq) + ": " + plan.error().message()};
+      for (const attend_item& it : batch) {  // k > tokens is refused here, before the drive sees it
+        status plan;
+        if (params.policy == sparse_policy::kPageSummary) {
+          auto r = page_summary_resolve(params, config_.shape.head_dim, config_.page.tokens_per_page, it.n_tokens);
+          if (!r.ok()) plan = r.error();
+        } else if (auto r = sparf_resolve(params, config_.shape.head_dim, it.n_tokens); !r.ok()) {
+          plan = r.error();
+        }
+        if (!plan.ok()) return {plan.code(), "sequence " + std::to_string(it.seq) + ": " + plan.message()};
+      }
     } catch (const std::bad_alloc&) {
       return {errc::kOutOfMemory, "attend_sparse"};
     }
@@ -142,7 +148,8 @@ result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const 
                                                               const sparf_config& cfg, bool sparf,
                                                               bool page_summaries) {
   if (!sparf && !page_summaries) return status{errc::kInvalidArgument, "no sparse policy asked for"};
-  if (page_summaries && b.runs_sparf())
+  const bool pages_inside = page_summaries && b.runs_page_summaries();  // csd: in the drive
+  if (page_summaries && !pages_inside && b.runs_sparf())
     return status{errc::kUnsupported, "page summaries (cache_options::page_summaries) are not supported by backend '" +
                                           std::string(b.name()) +
                                           "' yet: it runs sparse attention inside the drive, where only SparF is "
@@ -157,6 +164,14 @@ result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const 
     if (!page_summaries)
       return std::unique_ptr<sparse_attender>(
           std::make_unique<single_policy>(std::move(sparf_part), sparse_policy::kSparf));
+    if (pages_inside) {
+      if (!sparf)
+        return std::unique_ptr<sparse_attender>(std::make_unique<single_policy>(
+            std::make_unique<backend_sparf_attender>(b, config), sparse_policy::kPageSummary));
+      if (b.runs_sparf()) return std::unique_ptr<sparse_attender>(std::make_unique<backend_sparf_attender>(b, config));
+      return status{errc::kUnsupported, "backend '" + std::string(b.name()) +
+                                            "' runs page summaries itself but not SparF: keep one policy"};
+    }
     auto pages = std::make_unique<page_summary_attender>(b, config, cfg);
     if (!sparf)
       return std::unique_ptr<sparse_attender>(

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -53,9 +54,10 @@ struct harness {
   }
 
   status configure(uint32_t heads, uint32_t g, uint32_t dim, dtype t, uint32_t layers = 2, bool sparf = false,
-                   bool persist = false) {
+                   bool persist = false, bool page_summaries = false) {
     cfg = namespace_config{};
     cfg.sparf = sparf ? 1 : 0;
+    cfg.page_summaries = page_summaries ? 1 : 0;
     cfg.persist = persist ? 1 : 0;
     cfg.n_layers = layers;
     cfg.n_kv_heads = heads;
@@ -133,21 +135,30 @@ struct harness {
   }
 
   // attend-sparse: wire params in front of the entries, counters after out and lse.
+  // Without ext: a protocol-5 command (attend_args, sparf_wire_params alone); with it: protocol 6
+  // (attend_sparse_args, args_params_bytes unless 0: kSparfParamsBytes).
   status attend_sparse(uint32_t layer, const std::vector<attend_entry>& items, const float* q,
                        const sparf_wire_params& p, std::vector<float>& out, std::vector<float>& lse,
-                       sparf_wire_counters& counters) {
+                       sparf_wire_counters& counters, const sparf_wire_ext* ext = nullptr,
+                       uint32_t args_params_bytes = 0) {
     const uint32_t hq = cfg.n_kv_heads * cfg.group_size;
     const uint64_t qb = items.size() * uint64_t{hq} * cfg.head_dim * 4;
+    const uint64_t pb = ext ? kSparfParamsBytes : sizeof p;
     std::memcpy(area(), &p, sizeof p);
-    std::memcpy(area() + sizeof p, items.data(), items.size() * sizeof(attend_entry));
-    std::memcpy(area() + sizeof p + items.size() * sizeof(attend_entry), q, qb);
+    if (ext) std::memcpy(area() + sizeof p, ext, sizeof *ext);
+    std::memcpy(area() + pb, items.data(), items.size() * sizeof(attend_entry));
+    std::memcpy(area() + pb + items.size() * sizeof(attend_entry), q, qb);
     sq_entry e{};
     e.opcode = static_cast<uint8_t>(opcode::kAttendSparse);
     e.nsid = ns.nsid;
-    e.data_bytes = static_cast<uint32_t>(sizeof p + items.size() * sizeof(attend_entry) + qb);
+    e.data_bytes = static_cast<uint32_t>(pb + items.size() * sizeof(attend_entry) + qb);
     e.result_offset = 4u << 20;
     e.result_bytes = static_cast<uint32_t>(qb + items.size() * hq * 4 + sizeof counters);
-    set_args(e, attend_args{layer, static_cast<uint32_t>(items.size())});
+    if (ext)
+      set_args(e, attend_sparse_args{layer, static_cast<uint32_t>(items.size()),
+                                     args_params_bytes ? args_params_bytes : kSparfParamsBytes, 0});
+    else
+      set_args(e, attend_args{layer, static_cast<uint32_t>(items.size())});
     INSTINFER_TRY(run(e));
     out.resize(qb / 4);
     lse.resize(items.size() * hq);
@@ -562,6 +573,38 @@ TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1
   bad.k = n + 1;
   CHECK(h.attend_sparse(0, items, q.data(), bad, out, lse, c).code() == errc::kInvalidArgument);
   CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, c).ok());
+  // Protocol 6's extension: sinks and window reach the selection; bad sizes, reserved bytes and
+  // an unknown policy are refused.
+  sparf_wire_ext ext{};
+  ext.sink_tokens = 16;
+  ext.window_tokens = 64;
+  sparf_wire_counters ends{};
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, ends, &ext).ok());
+  CHECK(ends.selected_tokens == c.selected_tokens);  // k = 94 per head >= 16 + 64: the same k, other tokens
+  ext.window_tokens = 400;
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, ends, &ext).ok());
+  CHECK(ends.selected_tokens == 2 * 416);  // k raised to hold the ends
+  std::string msg;
+  const auto refused = [&](const sparf_wire_ext& x, uint32_t args_bytes) {
+    const status st = h.attend_sparse(0, items, q.data(), eighth, out, lse, ends, &x, args_bytes);
+    msg = st.message();
+    return st.code() == errc::kInvalidArgument;
+  };
+  CHECK(refused(ext, 40));
+  CHECK(msg.find("48 bytes") != std::string::npos);
+  sparf_wire_ext x = ext;
+  x.reserved[3] = 1;
+  CHECK(refused(x, 0));
+  x = ext;
+  x.policy = 7;
+  CHECK(refused(x, 0));
+  CHECK(msg.find("policy") != std::string::npos);
+  x = ext;
+  x.policy = 1;  // page summaries: this namespace keeps none
+  const status no_pages = h.attend_sparse(0, items, q.data(), eighth, out, lse, ends, &x);
+  CHECK(no_pages.code() == errc::kUnsupported);
+  CHECK(no_pages.message().find("without page summaries") != std::string::npos);
+  CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, c).ok());
 
   // A namespace without SparF has no column copy: attend-sparse is unsupported there.
   harness plain = make(small_flash());
@@ -569,6 +612,63 @@ TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1
   REQUIRE(plain.append(1, 0, 0, k.data(), v.data(), 100, 100).ok());
   CHECK(plain.attend_sparse(0, {{1, 100, 0}}, q.data(), eighth, out, lse, c).code() == errc::kUnsupported);
   CHECK(plain.stats().column_pages_programmed == 0);
+}
+
+TEST_CASE("page summaries in the firmware: budget 1 is exact, the policy reads fewer pages; summaries freed") {
+  harness h = make(small_flash(16));
+  REQUIRE(h.configure(2, 2, 64, dtype::kF16, 1, false, false, true).ok());
+  const uint32_t n = 1000;  // 31 full groups of 32 tokens + a tail of 8 in DRAM
+  std::mt19937 rng(7);
+  kv_model model{2, 64, dtype::kF16, {}, {}};
+  const auto k = csd_test::random_rows(rng, n, 2, 64, dtype::kF16);
+  const auto v = csd_test::random_rows(rng, n, 2, 64, dtype::kF16);
+  REQUIRE(h.append(3, 0, 0, k.data(), v.data(), n, 300).ok());
+  model.append(k.data(), v.data(), n);
+  const uint64_t block = 2 * 2 * 64 * sizeof(float);
+  CHECK(h.stats().summary_bytes == 32 * block);
+  const std::vector<float> q = csd_test::random_q(rng, 4 * 64);
+  const std::vector<attend_entry> items{{3, n, 0}};
+  std::vector<float> out, lse;
+  sparf_wire_counters c{};
+  sparf_wire_params all{};
+  all.compression = 1.0;
+  all.page_spread = 2.0;
+  sparf_wire_ext pages{};
+  pages.policy = 1;
+  REQUIRE(h.attend_sparse(0, items, q.data(), all, out, lse, c, &pages).ok());
+  std::vector<double> want, want_lse;
+  model.attend(q.data(), 2, n, 1.0 / std::sqrt(64.0), want, want_lse);
+  CHECK(reference::relative_error(std::span<const float>(out), want) < 1e-5);
+  CHECK(csd_test::lse_error(std::span<const float>(lse), want_lse) < 1e-5);
+  CHECK(c.items == 2);
+  CHECK(c.selected_tokens == 2 * n);
+  CHECK(c.token_pages_read == 2 * 2 * 32);
+  const device_stats before = h.stats();
+  sparf_wire_params eighth = all;
+  eighth.compression = 0.125;
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, c, &pages).ok());
+  const device_stats after = h.stats();
+  CHECK(c.token_pages_read == 2 * 2 * 4);  // ceil(32 / 8) groups per kv head, K and V
+  CHECK(after.page_summary_attends == before.page_summary_attends + 1);
+  CHECK(after.page_summary_pages_read - before.page_summary_pages_read <= 2 * 2 * 4);
+  CHECK(after.flash_pages_read - before.flash_pages_read ==
+        after.page_summary_pages_read - before.page_summary_pages_read);
+  for (float x : out) CHECK(std::isfinite(x));
+  // SparF on a namespace without its column copy: refused; the chunks' reclaim frees the summaries.
+  sparf_wire_ext sparf_policy{};
+  CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, c, &sparf_policy).code() == errc::kUnsupported);
+  const auto& tab = h.tables[{3, 0}];
+  std::memcpy(h.area(), tab.data(), tab.size() * 4);
+  sq_entry e{};
+  e.opcode = static_cast<uint8_t>(opcode::kReclaim);
+  e.nsid = h.ns.nsid;
+  e.data_bytes = static_cast<uint32_t>(tab.size() * 4);
+  reclaim_args ra{};
+  ra.mode = static_cast<uint8_t>(reclaim_mode::kChunks);
+  ra.n_chunks = static_cast<uint32_t>(tab.size());
+  set_args(e, ra);
+  REQUIRE(h.run(e).ok());
+  CHECK(h.stats().summary_bytes == 0);
 }
 
 TEST_CASE("reclaim frees and erases whole blocks; reused chunks hold the new data") {

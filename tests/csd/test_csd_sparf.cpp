@@ -5,11 +5,13 @@
 // and reclaim. Without the drive binary the whole binary is skipped (exit 77, test_main.cpp).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "instinfer/attention/sparf/page_summary.hpp"
 #include "instinfer/backend/csd_backend.hpp"
 #include "instinfer/csd/protocol.hpp"
 #include "instinfer/kv/kv_cache.hpp"
@@ -77,14 +79,13 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
   REQUIRE(csd->attend(0, seqs_c, work.q.data(), dense.data(), nullptr).ok());
   const csd::device_stats after_dense = drive_stats(*csd);
   const uint64_t dense_flash = after_dense.flash_pages_read - written.flash_pages_read;
-  REQUIRE(
-      csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(), sparf_params::with_compression(0.125))
-          .ok());
+  // Plain SparF (no dense ends): the error bound below was measured so.
+  sparf_params plain = sparf_params::with_compression(0.125);
+  plain.sink_tokens = plain.window_tokens = 0;
+  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(), plain).ok());
   const csd::device_stats after_sparse = drive_stats(*csd);
   const uint64_t sparse_flash = after_sparse.flash_pages_read - after_dense.flash_pages_read;
-  REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(),
-                              sparf_params::with_compression(0.125))
-              .ok());
+  REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(), plain).ok());
   MESSAGE("drive flash pages: dense " << dense_flash << ", SparF 1/8 " << sparse_flash << " ("
                                       << double(sparse_flash) / double(dense_flash) << "), column "
                                       << after_sparse.column_pages_read - after_dense.column_pages_read << ", token "
@@ -106,14 +107,33 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
   CHECK(cst.sparf.channel_pages_read == hst.sparf.channel_pages_read);
   CHECK(cst.sparf.token_pages_read == hst.sparf.token_pages_read);
   CHECK(cst.sparf.dense_pages == hst.sparf.dense_pages);
-  // Nothing crossed the link but q in and out + lse + counters back.
-  CHECK(after_sparse.link_bytes_host_to_device - after_dense.link_bytes_host_to_device <
-        sizeof(csd::sq_entry) + 64 + nq * 4 + 64);
+  // Nothing crossed the link but the parameters, one entry and q in (and out + lse + counters back);
+  // the second entry is the stats command that read after_dense (counted after its reply).
+  CHECK(after_sparse.link_bytes_host_to_device - after_dense.link_bytes_host_to_device ==
+        2 * sizeof(csd::sq_entry) + csd::kSparfParamsBytes + sizeof(csd::attend_entry) + nq * 4);
 
   // Compression 1 is dense attention, in the drive too.
   REQUIRE(
       csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), nullptr, sparf_params::with_compression(1.0)).ok());
   CHECK(rel(c_sparse, dense) <= 1e-5);
+
+  // Sinks and a recent window go to the drive with the command (protocol 6): the drive keeps the
+  // same tokens as the host, also when the ends are wider than k (1/8 of 8000: k = 500).
+  for (const uint32_t ends : {0u, 16u, 512u}) {
+    CAPTURE(ends);
+    sparf_params p = sparf_params::with_compression(0.125);
+    p.sink_tokens = ends;
+    p.window_tokens = 4 * ends;
+    const cache_stats h0 = host->stats(), c0 = csd->stats();
+    REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(), p).ok());
+    REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(), p).ok());
+    CHECK(rel(c_sparse, h_sparse) <= kHostDriveTol);
+    CHECK(rel(c_lse, h_lse) <= kHostDriveTol);
+    const sparf_counters hd = host->stats().sparf.since(h0.sparf), cd = csd->stats().sparf.since(c0.sparf);
+    CHECK(cd.selected_tokens == hd.selected_tokens);
+    CHECK(cd.token_pages_read == hd.token_pages_read);
+    CHECK(cd.selected_tokens == uint64_t{shape.n_kv_heads} * std::max(500u, 5 * ends));
+  }
 }
 
 TEST_CASE("csd SparF across two drives, forks (shared column blocks), truncation and reclaim") {
@@ -249,4 +269,172 @@ TEST_CASE("csd SparF: column tails over the drive's DRAM budget are dropped and 
   REQUIRE(host->attend_sparse(0, hs, q.data(), ho.data(), nullptr, sparf_params::with_compression(0.25)).ok());
   REQUIRE(csd->attend_sparse(0, cs, q.data(), co.data(), nullptr, sparf_params::with_compression(0.25)).ok());
   CHECK(rel(co, ho) <= kHostDriveTol);
+}
+
+// ---- the page-summary policy in the drive ---------------------------------------------------------
+
+namespace {
+std::unique_ptr<kv_cache> make_pages(const std::string& uri, const kv_shape& shape, bool sparf) {
+  cache_options o = test_support::sparf_cache_options(shape, uri, 48ull << 20);
+  o.sparf = sparf;
+  o.page_summaries = true;
+  auto c = kv_cache::create(o);
+  REQUIRE_MESSAGE(c.ok(), c.error().message());
+  return std::move(c).value();
+}
+uint64_t summary_bytes(kv_cache& c) {
+  uint64_t b = 0;
+  auto& d = dynamic_cast<csd_backend&>(c.storage());
+  for (uint32_t i = 0; i < d.n_drives(); ++i) b += drive_stats(c, i).summary_bytes;
+  return b;
+}
+sparf_params pages_at(double budget) {
+  sparf_params p = sparf_params::with_compression(budget);
+  p.policy = sparse_policy::kPageSummary;
+  return p;
+}
+}  // namespace
+
+TEST_CASE("csd page summaries in the drive: same output and counters as the host, flash pages read, both policies") {
+  const kv_shape shape{1, 8, 4, 128, dtype::kF16};  // 4 kv heads: 2 per drive
+  const uint32_t n = 4000;
+  const auto work = workload(shape, n, 31);
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim, row = size_t{shape.n_kv_heads} * shape.head_dim;
+  auto host = make_pages("host", shape, true);
+  auto csd = make_pages(std::string(kFlash) + "&drives=2", shape, true);
+  CHECK(csd->storage().runs_page_summaries());
+  seq_id hs = host->create_sequence().value(), cs = csd->create_sequence().value();
+  for (uint32_t at = 0; at < n;) {  // prefill pieces across groups, then decode appends
+    const uint32_t m = at < 3900 ? 650 : 1;
+    REQUIRE(host->append(hs, 0, m, work.k.data() + at * row, work.v.data() + at * row, dtype::kF32).ok());
+    REQUIRE(csd->append(cs, 0, m, work.k.data() + at * row, work.v.data() + at * row, dtype::kF32).ok());
+    at += m;
+  }
+  const uint32_t tpp = csd->page().tokens_per_page, groups = (n + tpp - 1) / tpp;
+  CHECK(summary_bytes(*csd) == uint64_t{groups} * page_summary_floats(shape.n_kv_heads, 128) * sizeof(float));
+  CHECK(csd->stats().page_summary_bytes == 0);  // nothing in host memory
+  const auto seqs_h = std::span<const seq_id>(&hs, 1), seqs_c = std::span<const seq_id>(&cs, 1);
+  std::vector<float> dense(nq), ho(nq), co(nq), hl(shape.n_q_heads), cl(shape.n_q_heads);
+  REQUIRE(csd->attend(0, seqs_c, work.q.data(), dense.data(), nullptr).ok());
+  // Budget 1 is dense attention.
+  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), co.data(), cl.data(), pages_at(1.0)).ok());
+  CHECK(rel(co, dense) <= 1e-5);
+  uint64_t dense_flash = 0;
+  {
+    const csd::device_stats a = drive_stats(*csd);
+    REQUIRE(csd->attend(0, seqs_c, work.q.data(), dense.data(), nullptr).ok());
+    dense_flash = drive_stats(*csd).flash_pages_read - a.flash_pages_read;
+  }
+  for (const uint32_t ends : {0u, 16u}) {
+    CAPTURE(ends);
+    sparf_params p = pages_at(0.125);
+    p.sink_tokens = ends;
+    p.window_tokens = 4 * ends;
+    const cache_stats h0 = host->stats(), c0 = csd->stats();
+    const csd::device_stats d0 = drive_stats(*csd);
+    REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), ho.data(), hl.data(), p).ok());
+    REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), co.data(), cl.data(), p).ok());
+    const csd::device_stats d1 = drive_stats(*csd);
+    CHECK(rel(co, ho) <= kHostDriveTol);
+    CHECK(rel(cl, hl) <= kHostDriveTol);
+    CHECK(rel(co, dense) > 1e-3);  // a real selection
+    const sparf_counters hd = host->stats().sparf.since(h0.sparf), cd = csd->stats().sparf.since(c0.sparf);
+    CHECK(cd.selected_tokens == hd.selected_tokens);
+    CHECK(cd.token_pages_read == hd.token_pages_read);
+    CHECK(cd.dense_pages == hd.dense_pages);
+    CHECK(cd.channel_pages_read == 0);
+    // The drive's own flash reads (drive 0: its 2 heads): the chosen groups' pages, not the buffered tail.
+    const uint64_t flash = d1.flash_pages_read - d0.flash_pages_read;
+    MESSAGE("drive 0 flash pages: dense " << dense_flash << ", page summaries 1/8 " << flash);
+    CHECK(d1.page_summary_attends == d0.page_summary_attends + 1);
+    CHECK(d1.page_summary_pages_read - d0.page_summary_pages_read == flash);
+    CHECK(flash > 0);
+    CHECK(flash * 6 <= dense_flash);
+    CHECK(d1.summary_rebuild_pages_read == 0);
+  }
+  // SparF runs beside it, chosen per call, with the same counters as the host's.
+  REQUIRE(
+      host->attend_sparse(0, seqs_h, work.q.data(), ho.data(), nullptr, sparf_params::with_compression(0.125)).ok());
+  REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), co.data(), nullptr, sparf_params::with_compression(0.125)).ok());
+  CHECK(rel(co, ho) <= kHostDriveTol);
+}
+
+TEST_CASE("csd page summaries: a fork shares them, a truncation rebuilds the tail's, freeing returns them") {
+  const kv_shape shape{1, 4, 2, 64, dtype::kQ8_0};  // quantized: summaries of the dequantized K
+  const auto a = workload(shape, 910, 41), b = workload(shape, 300, 42);
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim, row = size_t{shape.n_kv_heads} * shape.head_dim;
+  auto csd = make_pages(kFlash, shape, false);
+  auto fresh = make_pages("host", shape, false);
+  const uint64_t block = page_summary_floats(shape.n_kv_heads, shape.head_dim) * sizeof(float);
+  const uint32_t tpp = csd->page().tokens_per_page;
+  REQUIRE(610 % tpp != 0);  // a partial tail group, copied by the fork
+  const seq_id s = csd->create_sequence().value();
+  REQUIRE(csd->append(s, 0, 610, a.k.data(), a.v.data(), dtype::kF32).ok());
+  const uint64_t before_fork = summary_bytes(*csd);
+  CHECK(before_fork == uint64_t{(610 + tpp - 1) / tpp} * block);
+  const seq_id f = csd->fork_sequence(s).value();
+  CHECK(summary_bytes(*csd) == before_fork + block);  // full groups shared; the copied tail has its own
+  REQUIRE(csd->append(s, 0, 300, a.k.data() + 610 * row, a.v.data() + 610 * row, dtype::kF32).ok());
+  REQUIRE(csd->append(f, 0, 300, b.k.data(), b.v.data(), dtype::kF32).ok());
+  REQUIRE(csd->remove_range(s, 250, 500).ok());  // 250: inside a group
+  const seq_id g = csd->fork_sequence(f).value();
+  REQUIRE(700 % tpp != 0);
+  REQUIRE(csd->remove_range(g, 700, UINT64_MAX).ok());  // keeps part of a shared chunk: rebuilt when attended
+  // The same contents built fresh on the host.
+  const seq_id fs = fresh->create_sequence().value(), ff = fresh->create_sequence().value(),
+               fg = fresh->create_sequence().value();
+  REQUIRE(fresh->append(fs, 0, 250, a.k.data(), a.v.data(), dtype::kF32).ok());
+  REQUIRE(fresh->append(fs, 0, 410, a.k.data() + 500 * row, a.v.data() + 500 * row, dtype::kF32).ok());
+  REQUIRE(fresh->append(ff, 0, 610, a.k.data(), a.v.data(), dtype::kF32).ok());
+  REQUIRE(fresh->append(ff, 0, 300, b.k.data(), b.v.data(), dtype::kF32).ok());
+  REQUIRE(fresh->append(fg, 0, 610, a.k.data(), a.v.data(), dtype::kF32).ok());
+  REQUIRE(fresh->append(fg, 0, 90, b.k.data(), b.v.data(), dtype::kF32).ok());
+  const csd::device_stats d0 = drive_stats(*csd);
+  const seq_id mine[] = {s, f, g}, theirs[] = {fs, ff, fg};
+  std::vector<float> q(3 * nq), got(q.size()), want(q.size());
+  for (size_t i = 0; i < 3; ++i) std::copy(a.q.begin(), a.q.end(), q.begin() + i * nq);
+  for (double budget : {0.2, 1.0}) {
+    CAPTURE(budget);
+    sparf_params p = pages_at(budget);
+    REQUIRE(csd->attend_sparse(0, mine, q.data(), got.data(), nullptr, p).ok());
+    REQUIRE(fresh->attend_sparse(0, theirs, q.data(), want.data(), nullptr, p).ok());
+    CHECK(rel(got, want) <= kHostDriveTol);
+  }
+  const csd::device_stats d1 = drive_stats(*csd);
+  MESSAGE("summary rebuild pages read: " << d1.summary_rebuild_pages_read - d0.summary_rebuild_pages_read);
+  for (seq_id x : mine) REQUIRE(csd->free_sequence(x).ok());
+  REQUIRE(dynamic_cast<csd_backend&>(csd->storage()).reclaim().ok());
+  CHECK(summary_bytes(*csd) == 0);
+}
+
+TEST_CASE("csd page summaries: a cache without them is refused with a message; bad budgets are refused") {
+  const kv_shape shape{1, 4, 2, 64, dtype::kF16};
+  const auto work = workload(shape, 300, 51);
+  auto sparf_only = make(kFlash, shape);
+  CHECK_FALSE(sparf_only->storage().runs_page_summaries());
+  const seq_id s = sparf_only->create_sequence().value();
+  REQUIRE(sparf_only->append(s, 0, 300, work.k.data(), work.v.data(), dtype::kF32).ok());
+  std::vector<float> out(size_t{shape.n_q_heads} * shape.head_dim, 7.0f);
+  const status st =
+      sparf_only->attend_sparse(0, std::span<const seq_id>(&s, 1), work.q.data(), out.data(), nullptr, pages_at(0.5));
+  CHECK(st.code() == errc::kUnsupported);
+  CHECK(st.message().find("page_summaries") != std::string::npos);
+  auto pages = make_pages(kFlash, shape, false);
+  const seq_id p = pages->create_sequence().value();
+  {
+    const status ap = pages->append(p, 0, 300, work.k.data(), work.v.data(), dtype::kF32);
+    REQUIRE_MESSAGE(ap.ok(), ap.to_string());
+  }
+  sparf_params too_many = sparf_params::with_rk(1, 301);
+  too_many.policy = sparse_policy::kPageSummary;
+  CHECK(pages->attend_sparse(0, std::span<const seq_id>(&p, 1), work.q.data(), out.data(), nullptr, too_many).code() ==
+        errc::kInvalidArgument);
+  CHECK(pages->attend_sparse(0, std::span<const seq_id>(&p, 1), work.q.data(), out.data(), nullptr, pages_at(0.0))
+            .code() == errc::kInvalidArgument);
+  CHECK(out[0] == 7.0f);
+  // SparF was not asked for: refused by the cache, with what to set.
+  const status no_sparf = pages->attend_sparse(0, std::span<const seq_id>(&p, 1), work.q.data(), out.data(), nullptr,
+                                               sparf_params::with_compression(0.5));
+  CHECK(no_sparf.code() == errc::kUnsupported);
+  CHECK(no_sparf.message().find("cache_options::sparf") != std::string::npos);
 }

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "instinfer/attention/sparf.hpp"
+#include "instinfer/attention/sparf/page_summary.hpp"
+#include "instinfer/testing/reference.hpp"
 #include "instinfer/testing/sparf_synthetic.hpp"
 
 namespace sparf_test {
@@ -282,6 +284,55 @@ inline std::vector<float> random_values(size_t n, uint64_t seed) {
     e = static_cast<float>(r.uniform() < 0.5 ? -u : u);
   }
   return x;
+}
+
+// The page-summary policy in float64 over the stored values: per kv head each group's bound
+// max over the query heads of sum_c max(q_c min_c, q_c max_c) from the rows themselves, the
+// mandatory groups and the best others (ties: the lower group), then exact attention over every
+// row of the chosen groups. out: [Hq][d].
+inline void page_summary_reference(const stored_layer& s, const sparf_params& p, const float* q,
+                                   std::vector<double>& out) {
+  const uint32_t H = s.cfg.n_kv_heads(), G = s.cfg.group_size, d = s.cfg.head_dim(), n = s.n_tokens;
+  const uint32_t tpp = s.cfg.tokens.page.tokens_per_page;
+  const page_summary_plan plan = page_summary_resolve(p, d, tpp, n).value();
+  out.assign(size_t{H} * G * d, 0.0);
+  for (uint32_t h = 0; h < H; ++h) {
+    std::vector<double> score(plan.n_groups, -INFINITY);
+    for (uint32_t g = 0; g < plan.n_groups; ++g)
+      for (uint32_t j = 0; j < G; ++j) {
+        double sum = 0;
+        for (uint32_t c = 0; c < d; ++c) {
+          double mn = INFINITY, mx = -INFINITY;
+          for (uint32_t t = g * tpp; t < std::min(n, (g + 1) * tpp); ++t) {
+            mn = std::min<double>(mn, s.k[(size_t{t} * H + h) * d + c]);
+            mx = std::max<double>(mx, s.k[(size_t{t} * H + h) * d + c]);
+          }
+          const double qc = q[(size_t{h} * G + j) * d + c];
+          sum += std::max(qc * mn, qc * mx);
+        }
+        score[g] = std::max(score[g], sum);
+      }
+    std::vector<uint32_t> others;
+    std::vector<uint8_t> keep(plan.n_groups, 0);
+    for (uint32_t g = 0; g < plan.n_groups; ++g) {
+      if (g < plan.sink_groups || g >= plan.window_first)
+        keep[g] = 1;
+      else
+        others.push_back(g);
+    }
+    std::sort(others.begin(), others.end(),
+              [&](uint32_t a, uint32_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+    for (uint32_t j = 0; j < plan.n_select - plan.n_mandatory; ++j) keep[others[j]] = 1;
+    std::vector<float> k, v;
+    for (uint32_t t = 0; t < n; ++t)
+      if (keep[t / tpp])
+        for (uint32_t c = 0; c < d; ++c) {
+          k.push_back(s.k[(size_t{t} * H + h) * d + c]);
+          v.push_back(s.v[(size_t{t} * H + h) * d + c]);
+        }
+    reference::attend_rows(k.data(), v.data(), dtype::kF32, k.size() / d, d, q + size_t{h} * G * d, G,
+                           s.cfg.effective_scale(), s.cfg.softcap, out.data() + size_t{h} * G * d, nullptr);
+  }
 }
 
 }  // namespace sparf_test

@@ -1,7 +1,7 @@
 // The page-summary policy (Quest-style): the bound, the plan and the selection as pure functions,
-// then kv_cache::attend_sparse with policy kPageSummary on host and ssd against a float64
-// reference over the groups an independent float64 selection chooses; budget 1 equals dense;
-// summaries follow fork and truncation; bad inputs and a missing policy are refused.
+// then kv_cache::attend_sparse with policy kPageSummary on host, ssd and csd (in the drive) against
+// a float64 reference over the groups an independent float64 selection chooses; budget 1 equals
+// dense; summaries follow fork and truncation; bad inputs and a missing policy are refused.
 #include <doctest/doctest.h>
 
 #include <unistd.h>
@@ -38,7 +38,14 @@ std::vector<std::string> uris() {
     u.push_back(std::string("ssd:") + (tmp ? tmp : "/tmp") + "/instinfer-pages-" + std::to_string(getpid()) +
                 ".bin?capacity=64M");
   }
+  if (describe_backends().find("csd") != std::string::npos)  // the drive keeps the summaries and runs the policy
+    u.push_back("csd:?channels=4&dies=2&blocks_per_die=128&pages_per_block=16&cores=2");
   return u;
+}
+
+// Page summaries in host memory (cache_stats::page_summary_bytes): none where the drive keeps them.
+bool in_drive(const std::string& uri) {
+  return uri.rfind("csd:", 0) == 0;
 }
 
 cache_options options(const kv_shape& shape, const std::string& uri, bool sparf) {
@@ -174,6 +181,10 @@ TEST_CASE("page summary: the bound holds for every row, plans and selections fol
 
   sparf_params p = sparf_params::with_compression(0.25);
   p.policy = sparse_policy::kPageSummary;
+  CHECK(p.sink_tokens == 16);  // the defaults: groups 0 and 58..62 (the last 64 tokens) mandatory
+  CHECK(p.window_tokens == 64);
+  CHECK(page_summary_resolve(p, d, 16, 1000).value().n_mandatory == 1 + 5);
+  p.sink_tokens = p.window_tokens = 0;
   auto plan = page_summary_resolve(p, d, 16, 1000).value();  // 63 groups, the last of 8 tokens
   CHECK(plan.n_groups == 63);
   CHECK(plan.n_select == 16);
@@ -198,6 +209,7 @@ TEST_CASE("page summary: the bound holds for every row, plans and selections fol
   CHECK(page_summary_resolve(p, d, 16, 1000).value().n_select == 63);
   sparf_params e = sparf_params::with_rk(0, 40);  // r is SparF's only
   e.policy = sparse_policy::kPageSummary;
+  e.sink_tokens = e.window_tokens = 0;
   CHECK(page_summary_resolve(e, d, 16, 1000).value().n_select == 3);
   e.k = 1001;
   CHECK(page_summary_resolve(e, d, 16, 1000).error().code() == errc::kInvalidArgument);
@@ -258,7 +270,8 @@ TEST_CASE("page summary attend on host and ssd: float64 reference over the chose
     }
     // Summaries: one block per group of the one layer that has tokens, beside SparF's copy.
     const auto st = cache->stats();
-    CHECK(st.page_summary_bytes == uint64_t{(n + tpp - 1) / tpp} * page_summary_floats(4, 128) * sizeof(float));
+    CHECK(st.page_summary_bytes ==
+          (in_drive(uri) ? 0 : uint64_t{(n + tpp - 1) / tpp} * page_summary_floats(4, 128) * sizeof(float)));
     MESSAGE(uri << ": page summaries " << st.page_summary_bytes << " B, SparF column copy in host memory "
                 << st.sparf_column_bytes << " B, K+V " << 2ull * n * per * 2 << " B");
     // SparF still runs beside it, chosen per call.
@@ -307,7 +320,9 @@ TEST_CASE("page summary over a quantized cache (q8_0, q4_0) on host and ssd: sum
         if (budget < 0.2) CHECK(sparf_test_rel(got, dense) > 1e-3);  // a real selection
       }
       CHECK(cache->stats().page_summary_bytes ==
-            uint64_t{(n + tpp - 1) / tpp} * page_summary_floats(shape.n_kv_heads, 128) * sizeof(float));
+            (in_drive(uri)
+                 ? 0
+                 : uint64_t{(n + tpp - 1) / tpp} * page_summary_floats(shape.n_kv_heads, 128) * sizeof(float)));
     }
   }
 }
@@ -401,12 +416,17 @@ TEST_CASE("page summary: a policy the cache does not keep and bad parameters are
   CHECK(c2->attend_sparse(0, std::span<const seq_id>(&s2, 1), q.data(), out.data(), nullptr, too_many).code() ==
         errc::kInvalidArgument);
   CHECK(out[0] == 7.0f);                                       // nothing written on a refusal
-  if (describe_backends().find("csd") != std::string::npos) {  // the drive keeps no summaries yet
-    auto on_drive =
-        kv_cache::create(options(shape, "csd:?channels=2&dies=2&blocks_per_die=64&pages_per_block=8", true));
-    REQUIRE(!on_drive.ok());
-    CHECK(on_drive.error().code() == errc::kUnsupported);
-    CHECK(on_drive.error().message().find("page summaries") != std::string::npos);
+  if (describe_backends().find("csd") != std::string::npos) {  // in the drive: SparF only -> refused by policy
+    cache_options o =
+        test_support::sparf_cache_options(shape, "csd:?channels=2&dies=2&blocks_per_die=64&pages_per_block=8");
+    auto on_drive = kv_cache::create(o);
+    REQUIRE(on_drive.ok());
+    const seq_id s3 = (*on_drive)->create_sequence().value();
+    REQUIRE((*on_drive)->append(s3, 0, 100, r.k.data(), r.v.data(), dtype::kF16).ok());
+    st = (*on_drive)->attend_sparse(0, std::span<const seq_id>(&s3, 1), q.data(), out.data(), nullptr, p);
+    CHECK(st.code() == errc::kUnsupported);
+    CHECK(st.message().find("page_summaries") != std::string::npos);
+    CHECK(out[0] == 7.0f);
   }
   // An empty layer: zeros and lse -inf, like dense.
   std::vector<float> lse(shape.n_q_heads, 0.0f);

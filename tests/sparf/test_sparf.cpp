@@ -64,12 +64,22 @@ TEST_CASE("sparf_resolve: compression gives SparQ's split; 1 is dense") {
   auto p1 = sparf_resolve(sparf_params::with_compression(1.0), 128, 1000).value();
   CHECK(p1.r == 128);
   CHECK(p1.k == 1000);
-  auto p8 = sparf_resolve(sparf_params::with_compression(0.125), 128, 1024).value();
+  sparf_params plain = sparf_params::with_compression(0.125);
+  plain.sink_tokens = plain.window_tokens = 0;
+  auto p8 = sparf_resolve(plain, 128, 1024).value();
   CHECK(p8.r == 16);
   CHECK(p8.k == 64);  // 16 * 1024 + 2 * 64 * 128 = 1/8 of 2 * 1024 * 128
-  auto tiny = sparf_resolve(sparf_params::with_compression(1.0 / 16), 64, 3).value();
+  // The default dense ends (16 sinks, 64 recent) raise k to hold them.
+  auto ends = sparf_resolve(sparf_params::with_compression(0.125), 128, 1024).value();
+  CHECK(ends.r == 16);
+  CHECK(ends.k == 80);
+  CHECK(ends.sinks == 16);
+  CHECK(ends.window == 64);
+  plain.compression = 1.0 / 16;
+  auto tiny = sparf_resolve(plain, 64, 3).value();
   CHECK(tiny.r == 4);
   CHECK(tiny.k == 1);
+  CHECK(sparf_resolve(sparf_params::with_compression(1.0 / 16), 64, 3).value().k == 3);  // all sinks
   auto ex = sparf_resolve(sparf_params::with_rk(8, 100), 128, 100).value();
   CHECK(ex.r == 8);
   CHECK(ex.k == 100);
@@ -200,6 +210,7 @@ TEST_CASE("sparf: compression < 1 matches the float64 SparF reference") {
     sparf_params p = sparf_params::with_compression(sh.c);
     p.whole_pages = sh.whole;
     p.page_spread = sh.spread;
+    p.sink_tokens = p.window_tokens = 0;  // plain SparF: the bounds below were measured so
     CAPTURE(sh.spread);
     const run_result r = run(s, p, wl.q.data());
     REQUIRE(r.st.ok());
@@ -231,7 +242,9 @@ TEST_CASE("sparf: dual-step loading reads at most 1/4 of dense pages at compress
       wp.seed = seed;
       const auto wl = synthetic::make_attention_workload(wp);
       const stored_layer s = store(cfg, wl.k, wl.v, n);
-      const run_result r = run(s, sparf_params{}, wl.q.data());  // default: 1/8
+      sparf_params plain;  // default: 1/8; plain SparF, since the ends would count beyond the split
+      plain.sink_tokens = plain.window_tokens = 0;
+      const run_result r = run(s, plain, wl.q.data());
       REQUIRE(r.st.ok());
       const sparf_counters& c = r.counters;
       CHECK(c.page_fraction() <= 0.25);

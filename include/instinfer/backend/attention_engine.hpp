@@ -53,8 +53,12 @@ class attention_engine {
   // truncations) and answers attend_sparse; otherwise the manager's host-side sparse attender
   // (src/sparf) runs the policy, reading pages through the kv_store.
   virtual bool runs_sparf() const noexcept { return false; }
-  // SparF decode attention of one layer (attention/sparf/; same inputs and outputs as attend).
-  // params are validated by the caller; counters (optional) receive what the algorithm read.
+  // The same for the page-summary policy (sparf_params::policy = kPageSummary): the engine keeps
+  // the page summaries itself.
+  virtual bool runs_page_summaries() const noexcept { return false; }
+  // Sparse decode attention of one layer with params.policy (attention/sparf/; same inputs and
+  // outputs as attend). params are validated by the caller; counters (optional) receive what the
+  // algorithm read.
   virtual status attend_sparse(uint32_t /*layer*/, const attend_batch& /*batch*/, const sparf_params& /*params*/,
                                sparf_counters* /*counters*/) noexcept {
     return {errc::kUnsupported, "this backend does not run SparF itself"};

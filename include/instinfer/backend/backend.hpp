@@ -36,6 +36,9 @@ struct backend_config {
   // keeps the channel-indexed K copy, with column pages of this many channels (resolved, > 0).
   bool sparf = false;
   uint32_t sparf_channels_per_page = 0;
+  // Page summaries are kept (cache_options::page_summaries): a backend that runs the policy itself
+  // (runs_page_summaries()) keeps them.
+  bool page_summaries = false;
 
   chunk_layout layout() const noexcept { return chunk_layout::make(page, shape.n_kv_heads); }
 };

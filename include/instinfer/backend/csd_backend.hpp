@@ -85,6 +85,8 @@ class csd_backend final : public backend {
   }
   // With cache_options::sparf the drives keep the channel-indexed K copy and run SparF themselves.
   bool runs_sparf() const noexcept override;
+  // With cache_options::page_summaries the drives keep the page summaries and run that policy.
+  bool runs_page_summaries() const noexcept override;
   status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override;
   void on_sequence_freed(seq_id seq) noexcept override;

@@ -24,8 +24,10 @@
 namespace instinfer::csd {
 
 // 2: SparF in the drive; 3: compute and program model in the stats; 4: persistent namespaces
-// (commit, recover; namespace_config::persist); 5: causal chunk attention (attend-chunk)
-inline constexpr uint32_t kProtocolVersion = 5;
+// (commit, recover; namespace_config::persist); 5: causal chunk attention (attend-chunk); 6: the
+// attend-sparse parameters' extension (sinks, recent window, policy: sparf_wire_ext) and page
+// summaries in the drive (namespace_config::page_summaries, the page-summary policy)
+inline constexpr uint32_t kProtocolVersion = 6;
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -137,12 +139,12 @@ struct namespace_config {
   uint32_t n_kv_heads = 0;  // on this drive
   uint32_t group_size = 0;  // query heads per kv head
   uint32_t head_dim = 0;
-  uint32_t page_bytes = 0;  // must equal the drive's flash page
-  uint8_t kv_dtype = 0;     // instinfer::dtype
-  uint8_t sparf = 0;        // 1: keep the channel-indexed K copy (SparF) in this namespace
-  uint8_t persist = 0;      // 1: the namespace survives the drive (FLASH.meta; docs/persistence.md)
-  uint8_t reserved0 = 0;
-  float scale = 0.0f;  // logit scale; 0 = 1/sqrt(head_dim)
+  uint32_t page_bytes = 0;     // must equal the drive's flash page
+  uint8_t kv_dtype = 0;        // instinfer::dtype
+  uint8_t sparf = 0;           // 1: keep the channel-indexed K copy (SparF) in this namespace
+  uint8_t persist = 0;         // 1: the namespace survives the drive (FLASH.meta; docs/persistence.md)
+  uint8_t page_summaries = 0;  // 1: keep per page group and kv head the min / max of K (page-summary policy)
+  float scale = 0.0f;          // logit scale; 0 = 1/sqrt(head_dim)
   float softcap = 0.0f;
   uint32_t kv_head_begin = 0;            // informational: first model kv head held here
   uint32_t sparf_channels_per_page = 0;  // column page width (channel_layout), resolved by the host
@@ -229,11 +231,22 @@ struct attend_chunk_entry {
 static_assert(sizeof(attend_chunk_entry) == 24);
 static_assert(std::is_trivially_copyable_v<attend_chunk_entry>);
 
-// ---- attend sparse (SparF) ---------------------------------------------------------------------
-// args = attend_args. data = sparf_wire_params, then attend_entry[n_items], then q as for attend.
-// result = out, then lse (as for attend), then one sparf_wire_counters for the whole command.
-// The drive reads the chosen column pages of its channel-indexed K copy, selects tokens, then
-// reads only the K and V pages holding them (dual-step loading); its flash counters show it.
+// ---- attend sparse (SparF, page summaries) ------------------------------------------------------
+// args = attend_sparse_args. data = the parameters (params_bytes: sparf_wire_params, then, since
+// protocol 6, sparf_wire_ext), then attend_entry[n_items], then q as for attend. result = out, then
+// lse (as for attend), then one sparf_wire_counters for the whole command.
+// SparF: the drive reads the chosen column pages of its channel-indexed K copy, selects tokens,
+// then reads only the K and V pages holding them (dual-step loading); its flash counters show it.
+// Page summaries: the drive scores its page groups from their K min / max and reads the chosen
+// groups' K and V pages whole.
+struct attend_sparse_args {  // attend_args with the parameters' size: a protocol-5 host leaves it 0
+  uint32_t layer = 0;
+  uint32_t n_items = 0;
+  uint32_t params_bytes = 0;  // 0 or sizeof(sparf_wire_params): no extension; or kSparfParamsBytes
+  uint32_t reserved = 0;
+};
+static_assert(sizeof(attend_sparse_args) == 16 &&
+              offsetof(attend_sparse_args, n_items) == offsetof(attend_args, n_items));
 struct sparf_wire_params {  // instinfer::sparf_params on the wire
   double compression = 0.0;
   double page_spread = 0.0;
@@ -245,6 +258,17 @@ struct sparf_wire_params {  // instinfer::sparf_params on the wire
 };
 static_assert(sizeof(sparf_wire_params) == 32);
 static_assert(std::is_trivially_copyable_v<sparf_wire_params>);
+// Protocol 6: what follows sparf_wire_params (the fields sparf_params gained since); reserved
+// bytes must be zero.
+struct sparf_wire_ext {
+  uint32_t sink_tokens = 0;
+  uint32_t window_tokens = 0;
+  uint8_t policy = 0;  // instinfer::sparse_policy
+  uint8_t reserved[7] = {};
+};
+static_assert(sizeof(sparf_wire_ext) == 16);
+static_assert(std::is_trivially_copyable_v<sparf_wire_ext>);
+inline constexpr uint32_t kSparfParamsBytes = sizeof(sparf_wire_params) + sizeof(sparf_wire_ext);
 struct sparf_wire_counters {  // instinfer::sparf_counters on the wire
   uint64_t token_pages_read = 0;
   uint64_t channel_pages_read = 0;
@@ -336,9 +360,14 @@ struct device_stats {
   uint64_t modelled_compute_ns = 0;  // embedded cores' time for the attention work, all commands
   uint64_t modelled_program_ns = 0;  // die time of page programs (bus transfer + tPROG); reads behind them wait
   uint64_t attend_flops = 0;         // modelled flops of the attention work (attend_work::flops)
+  // Page summaries (flash pages also in flash_pages_read)
+  uint64_t page_summary_attends = 0;        // attend-sparse commands of the page-summary policy completed
+  uint64_t page_summary_pages_read = 0;     // token-indexed K/V pages read from flash by them
+  uint64_t summary_rebuild_pages_read = 0;  // K pages read to rebuild a summary (a truncated tail)
+  uint64_t summary_bytes = 0;               // DRAM held by page summaries now
 };
 static_assert(std::is_trivially_copyable_v<device_stats>);
-static_assert(sizeof(device_stats) == 30 * 8);
+static_assert(sizeof(device_stats) == 34 * 8);
 
 // Bytes a command costs on the link, as both sides count them.
 constexpr uint64_t link_bytes_in(uint32_t data_bytes) noexcept {

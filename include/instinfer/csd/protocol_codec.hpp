@@ -20,7 +20,7 @@ inline constexpr uint64_t kAttendResultAlign = 64;
 
 // Byte layout of one attend (dense) or attend-sparse command of n_items items, each with n_q_heads
 // query heads of head_dim (this drive's query heads):
-//   data   = [sparf_wire_params, sparse only] [attend_entry n_items] [q f32 [n_items][n_q_heads][head_dim]]
+//   data   = [parameters, sparse only: params_bytes] [attend_entry n_items] [q f32 [n_items][n_q_heads][head_dim]]
 //   result = [out f32 [n_items][n_q_heads][head_dim]] [lse f32 [n_items][n_q_heads]]
 //            [sparf_wire_counters, sparse only]
 // Data offsets count from the payload's start, result offsets from the result's start; the host
@@ -34,11 +34,12 @@ struct attend_wire_layout {
   uint64_t counters_offset = 0;
   uint64_t result_bytes = 0;
 
-  static constexpr attend_wire_layout make(uint32_t n_items, uint32_t n_q_heads, uint32_t head_dim,
-                                           bool sparse) noexcept {
+  // params_bytes: the sparse parameters' size (sizeof(sparf_wire_params) from a protocol-5 host).
+  static constexpr attend_wire_layout make(uint32_t n_items, uint32_t n_q_heads, uint32_t head_dim, bool sparse,
+                                           uint32_t params_bytes = kSparfParamsBytes) noexcept {
     const uint64_t q_bytes = uint64_t{n_items} * n_q_heads * head_dim * sizeof(float);
     attend_wire_layout l;
-    l.entries_offset = sparse ? sizeof(sparf_wire_params) : 0;
+    l.entries_offset = sparse ? params_bytes : 0;
     l.q_offset = l.entries_offset + uint64_t{n_items} * sizeof(attend_entry);
     l.data_bytes = l.q_offset + q_bytes;
     l.result_offset = (l.data_bytes + kAttendResultAlign - 1) / kAttendResultAlign * kAttendResultAlign;
@@ -93,14 +94,34 @@ static_assert(kExampleDense.entries_offset == 0 && kExampleDense.q_offset == 3 *
 static_assert(kExampleDense.data_bytes == 48 + 3 * 4 * 128 * 4 && kExampleDense.result_offset == 6208);
 static_assert(kExampleDense.lse_offset == 3 * 4 * 128 * 4 && kExampleDense.result_bytes == 3 * 4 * 129 * 4);
 constexpr attend_wire_layout kExampleSparse = attend_wire_layout::make(3, 4, 128, true);
-static_assert(kExampleSparse.entries_offset == sizeof(sparf_wire_params) && kExampleSparse.data_bytes == 6224);
-static_assert(kExampleSparse.result_offset % kAttendResultAlign == 0 && kExampleSparse.result_offset >= 6224);
+static_assert(kExampleSparse.entries_offset == kSparfParamsBytes && kExampleSparse.data_bytes == 6240);
+static_assert(kExampleSparse.result_offset % kAttendResultAlign == 0 && kExampleSparse.result_offset >= 6240);
+static_assert(attend_wire_layout::make(3, 4, 128, true, sizeof(sparf_wire_params)).data_bytes == 6224);
 static_assert(kExampleSparse.result_bytes == kExampleDense.result_bytes + sizeof(sparf_wire_counters));
 static_assert(attend_wire_layout::make(3, 2, 64, true).area_bytes() <= 4096);
 static_assert(attend_max_items(4096, 2, 64, true) == 3 && attend_max_items(100, 2, 64, false) == 0);
 }  // namespace detail
 
 // ---- SparF parameters ---------------------------------------------------------------------------
+// The protocol-5 part (sparf_wire_params) and the protocol-6 extension (sparf_wire_ext); a command
+// carries both (kSparfParamsBytes), or, from a protocol-5 host, the first only (no sinks, no
+// window, SparF).
+constexpr sparf_wire_ext encode_sparf_ext(const sparf_params& p) noexcept {
+  sparf_wire_ext w{};
+  w.sink_tokens = p.sink_tokens;
+  w.window_tokens = p.window_tokens;
+  w.policy = static_cast<uint8_t>(p.policy);
+  return w;
+}
+// False when a reserved byte is set; sparf_params::validate checks the policy's value.
+constexpr bool decode_sparf_ext(const sparf_wire_ext& w, sparf_params& p) noexcept {
+  for (uint8_t b : w.reserved)
+    if (b != 0) return false;
+  p.sink_tokens = w.sink_tokens;
+  p.window_tokens = w.window_tokens;
+  p.policy = static_cast<sparse_policy>(w.policy);
+  return true;
+}
 constexpr sparf_wire_params encode_sparf_params(const sparf_params& p) noexcept {
   sparf_wire_params w{};
   w.compression = p.compression;
@@ -147,8 +168,17 @@ constexpr bool sparf_round_trip() noexcept {
   p.k = 345;
   p.whole_pages = false;
   p.page_spread = 3.0;
+  p.sink_tokens = 16;
+  p.window_tokens = 64;
+  p.policy = sparse_policy::kPageSummary;
   sparf_params back;
-  if (!decode_sparf_params(encode_sparf_params(p), back)) return false;
+  if (!decode_sparf_params(encode_sparf_params(p), back) || !decode_sparf_ext(encode_sparf_ext(p), back)) return false;
+  sparf_wire_ext bad_ext = encode_sparf_ext(p);
+  bad_ext.reserved[6] = 1;
+  sparf_params ignored;
+  if (decode_sparf_ext(bad_ext, ignored) || back.sink_tokens != 16 || back.window_tokens != 64 ||
+      back.policy != sparse_policy::kPageSummary)
+    return false;
   sparf_wire_params bad = encode_sparf_params(p);
   bad.mode = 7;
   const sparf_counters c{1, 2, 3, 4, 5, 6, 7, 8, 9, 10};

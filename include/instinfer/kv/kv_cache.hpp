@@ -44,8 +44,9 @@ struct cache_options {
   bool sparf = false;
   uint32_t sparf_channels_per_page = 0;  // 0: channel_layout's default for the page size
   // Page summaries (attend_sparse with sparf_params::policy = kPageSummary): per page group and kv
-  // head the per-channel min and max of K, in host memory (no column copy). Host, ssd, cuda; not
-  // csd yet (kUnsupported). Either or both of sparf / page_summaries; the policy is chosen per call.
+  // head the per-channel min and max of K (no column copy): in host memory on host, ssd, cuda; in
+  // the drive's DRAM on csd, which runs the policy itself. Either or both of sparf /
+  // page_summaries; the policy is chosen per call.
   bool page_summaries = false;
   // The caller's threads: no internal pool, attention runs on the calling thread (n_threads is
   // ignored). Spread a call over your threads with attend_slice / attend_chunk_slice.
@@ -61,7 +62,8 @@ struct cache_stats {
   uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held in host memory: all of it on the
                                     // host backend; tail blocks only where sealed blocks are on the
                                     // device (ssd); 0 where the backend runs SparF (csd: drive stats)
-  uint64_t page_summary_bytes = 0;  // page summaries held in host memory (shared groups once)
+  uint64_t page_summary_bytes = 0;  // page summaries held in host memory (shared groups once); 0 on
+                                    // csd (in the drive: device_stats::summary_bytes)
 };
 
 class kv_cache {
@@ -105,8 +107,8 @@ class kv_cache {
   // (attention/sparf/page_summary.hpp; needs cache_options::page_summaries). SparF: q may overlap out or lse as in
   // attend. Runs in the sparse attender (src/sparf): dual-step loading reads only the K and V pages holding selected
   // tokens: in place where the backend's chunks are host-addressable (host), as single pages through read_pages (ssd)
-  // or whole chunks through read_chunk otherwise; a backend that runs SparF itself (csd: next to its flash, from its
-  // own channel-indexed K copy) gets the call instead.
+  // or whole chunks through read_chunk otherwise; a backend that runs a policy itself (csd: next to its flash, from
+  // its own channel-indexed K copy or page summaries) gets the call instead.
   status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                        const sparf_params& params = {});
 

@@ -77,6 +77,7 @@ status csd_backend::configure(const backend_config& config) {
     c.capacity_chunks = wanted;
     c.sparf = config.sparf ? 1 : 0;  // the drive keeps the channel-indexed K copy and runs SparF
     c.sparf_channels_per_page = config.sparf_channels_per_page;
+    c.page_summaries = config.page_summaries ? 1 : 0;  // the drive keeps them and runs the page policy
     c.persist = m.persist ? 1 : 0;
     std::memcpy(ds.conn->area(), &c, sizeof c);
     sq_entry e{};
@@ -510,9 +511,15 @@ bool csd_backend::runs_sparf() const noexcept {
   return impl_->configured && impl_->config.sparf;
 }
 
+bool csd_backend::runs_page_summaries() const noexcept {
+  return impl_->configured && impl_->config.page_summaries;
+}
+
 status csd_backend::attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                                   sparf_counters* counters) noexcept {
-  if (!runs_sparf()) return {errc::kUnsupported, "csd backend configured without SparF"};
+  if (params.policy == sparse_policy::kPageSummary ? !runs_page_summaries() : !runs_sparf())
+    return {errc::kUnsupported, std::string("csd backend configured without ") +
+                                    (params.policy == sparse_policy::kPageSummary ? "page summaries" : "SparF")};
   return send_attend(layer, batch, &params, counters);
 }
 
@@ -535,6 +542,7 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
     }
     const bool is_sparse = sparse != nullptr;
     const sparf_wire_params wp = is_sparse ? encode_sparf_params(*sparse) : sparf_wire_params{};
+    const sparf_wire_ext wx = is_sparse ? encode_sparf_ext(*sparse) : sparf_wire_ext{};
     // Items per command: what fits in the smallest data area.
     uint32_t max_items = kMaxAttendItems;
     for (const csd_drive_slot& ds : m.drives)
@@ -547,7 +555,10 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
         const uint32_t hq = ds.n_heads * g;
         const attend_wire_layout wire = attend_wire_layout::make(nb, hq, dim, is_sparse);
         std::byte* p = ds.conn->area();
-        if (is_sparse) std::memcpy(p, &wp, sizeof wp);
+        if (is_sparse) {
+          std::memcpy(p, &wp, sizeof wp);
+          std::memcpy(p + sizeof wp, &wx, sizeof wx);
+        }
         auto* ent = reinterpret_cast<attend_entry*>(p + wire.entries_offset);
         auto* q = reinterpret_cast<float*>(p + wire.q_offset);
         for (size_t i = 0; i < nb; ++i) {
@@ -559,7 +570,10 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
         e.data_bytes = static_cast<uint32_t>(wire.data_bytes);
         e.result_offset = wire.result_offset;
         e.result_bytes = static_cast<uint32_t>(wire.result_bytes);
-        set_args(e, attend_args{layer, nb});
+        if (is_sparse)
+          set_args(e, attend_sparse_args{layer, nb, kSparfParamsBytes, 0});
+        else
+          set_args(e, attend_args{layer, nb});
         return {};
       }));
       for (const csd_drive_slot& ds : m.drives) {
