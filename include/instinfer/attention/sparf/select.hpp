@@ -23,7 +23,6 @@
 #pragma once
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -198,50 +197,11 @@ inline void for_each_candidate(uint32_t lo, uint32_t hi, const uint8_t* pick, ui
   }
 }
 
-// Float order as unsigned order (non-NaN; -0 and +0 map to one key, as they compare equal).
-inline uint32_t order_key(float x) noexcept {
-  const uint32_t b = std::bit_cast<uint32_t>(x == 0.0f ? 0.0f : x);
-  return (b & 0x80000000u) ? ~b : b | 0x80000000u;
-}
-
-// The want-th largest of the n values v (1 <= want <= n; v is reordered), and how many of the v
-// are strictly larger. A radix select on order_key: per 11-bit digit, most significant first, one
-// histogram pass over the values still in play, which are then compacted to those sharing the
-// threshold's digits so far (few after the first digit). Equals nth_element's want-th largest,
-// in O(n) passes without its data-dependent branches.
-struct threshold {
-  float value;
-  uint32_t above;
-};
-inline threshold kth_largest(float* v, uint32_t n, uint32_t want) noexcept {
-  constexpr uint32_t kBits = 11, kBins = 1u << kBits;
-  uint32_t hist[kBins];
-  uint32_t rem = want;  // rank of the threshold among the values in play
-  uint32_t prefix = 0;  // the threshold key's digits found so far
-  for (int shift = 32 - static_cast<int>(kBits);; shift -= static_cast<int>(kBits)) {
-    const uint32_t sh = static_cast<uint32_t>(shift > 0 ? shift : 0);
-    const uint32_t bins = shift > 0 ? kBins : 1u << (kBits + static_cast<uint32_t>(shift));
-    std::fill(hist, hist + bins, 0u);
-    for (uint32_t i = 0; i < n; ++i) ++hist[(order_key(v[i]) >> sh) & (bins - 1)];
-    uint32_t b = bins - 1, cum = 0;
-    while (cum + hist[b] < rem) cum += hist[b--];
-    rem -= cum;
-    prefix |= b << sh;
-    if (sh == 0) break;
-    uint32_t m = 0;
-    for (uint32_t i = 0; i < n; ++i)
-      if (((order_key(v[i]) >> sh) & (bins - 1)) == b) v[m++] = v[i];
-    n = m;
-  }
-  // prefix is the threshold's key: back to its float (order_key inverted).
-  const uint32_t bits = (prefix & 0x80000000u) ? prefix & 0x7fffffffu : ~prefix;
-  return threshold{std::bit_cast<float>(bits), want - rem};
-}
-
 // The top `want` of score over the candidates [lo, hi) (those whose pick[i / per] is set, when pick
 // is given), in the ranking order of by_score (higher first, lower index on ties), written to
-// out in ascending index order; returns how many (min(want, candidates)). A threshold search over
-// a copy of the scores (kth_largest), then one ascending scan takes what passes it: no sort.
+// out in ascending index order; returns how many (min(want, candidates)). One nth_element over a
+// copy of the scores finds the threshold, one ascending scan takes what passes it: no sort (a
+// radix select was tried: at 8192 candidates it took twice nth_element's time on Zen 3).
 inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per,
                               uint32_t want, uint32_t* out, float* scratch) noexcept {
   uint32_t n_cand = 0;
@@ -252,9 +212,11 @@ inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, cons
     for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { out[j++] = i; });
     return j;
   }
-  const threshold t = kth_largest(scratch, n_cand, want);
-  const float thr = t.value;
-  uint32_t ties = want - t.above;  // tokens equal to thr that make the cut, lowest index first
+  std::nth_element(scratch, scratch + (want - 1), scratch + n_cand, std::greater<float>{});
+  const float thr = scratch[want - 1];
+  uint32_t above = 0;
+  for (uint32_t x = 0; x + 1 < want; ++x) above += scratch[x] > thr ? 1u : 0u;
+  uint32_t ties = want - above;  // tokens equal to thr that make the cut, lowest index first
   for_each_candidate(lo, hi, pick, per, [&](uint32_t i) {
     const float x = score[i];
     if (x > thr) {
