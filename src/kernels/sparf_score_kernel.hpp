@@ -43,8 +43,10 @@ void sparf_scores(const sparf_score_args& a) noexcept {
     const uint32_t count = n - first < a.block_tokens ? n - first : a.block_tokens;
     const uint32_t cv = count / L * L;
     const std::byte* const* col = a.columns + size_t{b} * C;
-    if (b + 1 < a.n_blocks)  // the next block's first lines of every channel
-      for (uint32_t c = 0; c < C; ++c) ops::prefetch(col[C + c]);
+    // The next block's columns (its own, scattered pages), fetched while this block computes:
+    // each 64-byte step through a channel here prefetches the same step of that channel there,
+    // so about a block of work hides each miss. The last block prefetches itself (already read).
+    const std::byte* const* next = b + 1 < a.n_blocks ? col + C : col;
     for (uint32_t g = 0; g < G; ++g) {
       const float* qg = a.q + size_t{g} * C;
       float* out = a.probs + size_t{g} * n + first;
@@ -57,8 +59,18 @@ void sparf_scores(const sparf_score_args& a) noexcept {
         const vec q0 = ops::broadcast(qg[c]), q1 = ops::broadcast(qg[c + 1]);
         const vec q2 = ops::broadcast(qg[c + 2]), q3 = ops::broadcast(qg[c + 3]);
         const bool fresh = c == 0;
+        const std::byte* n0 = next[c];
+        const std::byte* n1 = next[c + 1];
+        const std::byte* n2 = next[c + 2];
+        const std::byte* n3 = next[c + 3];
         for (uint32_t t = 0; t < cv; t += L) {
           const size_t o = size_t{t} * es;
+          if (o % 64 < L * es) {  // a new cache line of every channel: prefetch the next block's
+            ops::prefetch(n0 + o);
+            ops::prefetch(n1 + o);
+            ops::prefetch(n2 + o);
+            ops::prefetch(n3 + o);
+          }
           vec acc = fresh ? ops::zero() : ops::load(out + t);
           acc = madd(q0, ops::template load_kv<T>(p0 + o), acc);
           acc = madd(q1, ops::template load_kv<T>(p1 + o), acc);
@@ -80,7 +92,9 @@ void sparf_scores(const sparf_score_args& a) noexcept {
         const std::byte* p0 = col[c];
         const vec q0 = ops::broadcast(qg[c]);
         const bool fresh = c == 0;
+        const std::byte* n0 = next[c];
         for (uint32_t t = 0; t < cv; t += L) {
+          if (size_t{t} * es % 64 < L * es) ops::prefetch(n0 + size_t{t} * es);
           const vec acc = fresh ? ops::zero() : ops::load(out + t);
           ops::store(out + t, madd(q0, ops::template load_kv<T>(p0 + size_t{t} * es), acc));
         }

@@ -264,6 +264,23 @@ status sparf_attender::attend_one(const attend_item& it, const layer_state* ls, 
     if (ls == nullptr) sc_.zero_mean.assign(size_t{H} * d, 0.0f);  // an empty layer
     const float* v_mean = ls ? ls->index.v_mean() : sc_.zero_mean.data();
     for (sparf_workspace& ws : ws_) INSTINFER_TRY(ws.reserve(n, d, G, cfg_.columns.tokens_per_page));
+    const host_chunk_view resident = backend_.host_view();
+    if (n > 0 && resident && ls->column_chunks.empty()) {
+      // Everything in memory: each kv head's selection and exact pass as one work item (one pool
+      // run per sequence, no barrier between the steps); the pages are read in place.
+      sc_.ptrs.resize(n_chunks);
+      for (uint32_t c = 0; c < n_chunks; ++c) sc_.ptrs[c] = resident.chunk(it.chunks[c]);
+      const sparf_columns cols{ls->index.block_pointers(), nullptr, ls->index.n_blocks()};
+      return for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
+        const sparf_selection sel = sparf_select_head(
+            cfg_, plan, params, cols, n, n_chunks, it.q + size_t{h} * G * d, h, ws_[w], worker_counters_[w],
+            sc_.selected.data() + size_t{h} * k_stride, sc_.alpha.data() + size_t{h} * G);
+        if (sel.n == 0) return {errc::kInternal, "SparF: no score kernel for this column dtype and ISA"};
+        return sparf_exact_head(cfg_, sel, sc_.ptrs.data(), v_mean + size_t{h} * d, it.q + size_t{h} * G * d,
+                                it.out + size_t{h} * G * d, it.lse ? it.lse + size_t{h} * G : nullptr, h, ws_[w],
+                                worker_counters_[w], kernel);
+      });
+    }
     if (n > 0) {  // steps 1-3, per kv head
       sparf_columns cols{ls->index.block_pointers(), nullptr, ls->index.n_blocks()};
       if (!ls->column_chunks.empty()) {

@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <random>
 
 #include "instinfer/attention/decode.hpp"
 #include "sparf_test_util.hpp"
@@ -397,5 +398,41 @@ TEST_CASE("sparf: a preselected attend reuses sparf_select's tokens and alpha, b
       w.alpha = nullptr;
       CHECK(sparf_attend(cfg, p, std::span<const sparf_work>(&w, 1), ws).code() == errc::kInvalidArgument);
     }
+  }
+}
+
+TEST_CASE("sparf: the threshold top-k equals a full sort in ranking order, ties to the lower index") {
+  // Fresh random scores with many ties, signed zeros and -inf (masked-out logits); the top `want`
+  // of the candidates must be exactly the first `want` of a stable sort by score, descending.
+  std::mt19937 rng(20261201);
+  for (int it = 0; it < 3000; ++it) {
+    const uint32_t n = 1 + rng() % 700, per = 1 + rng() % 20;
+    std::vector<float> score(n);
+    const int mode = static_cast<int>(rng() % 4);
+    for (float& x : score) {
+      if (mode == 0) x = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
+      if (mode == 1) x = static_cast<float>(static_cast<int>(rng() % 5) - 2);  // heavy ties
+      if (mode == 2) x = rng() % 2 ? 0.0f : -0.0f;                             // +0 == -0
+      if (mode == 3) x = rng() % 4 == 0 ? -INFINITY : std::normal_distribution<float>()(rng);
+    }
+    const uint32_t lo = rng() % n, hi = lo + rng() % (n - lo + 1);
+    std::vector<uint8_t> pick((n + per - 1) / per);
+    for (uint8_t& p : pick) p = rng() % 3 != 0;
+    const bool use_pick = rng() % 2;
+    std::vector<uint32_t> cand;
+    for (uint32_t i = lo; i < hi; ++i)
+      if (!use_pick || pick[i / per]) cand.push_back(i);
+    const uint32_t want = static_cast<uint32_t>(rng() % (cand.size() + 2));
+    std::stable_sort(cand.begin(), cand.end(), [&](uint32_t a, uint32_t b) { return score[a] > score[b]; });
+    cand.resize(std::min<size_t>(want, cand.size()));
+    std::sort(cand.begin(), cand.end());
+    std::vector<uint32_t> out(n + 1, UINT32_MAX);
+    std::vector<float> scratch(n);
+    const uint32_t got = sparf_detail::top_ascending(score.data(), lo, hi, use_pick ? pick.data() : nullptr, per, want,
+                                                     out.data(), scratch.data());
+    CAPTURE(it);
+    CAPTURE(mode);
+    REQUIRE(got == cand.size());
+    CHECK(std::equal(cand.begin(), cand.end(), out.begin()));
   }
 }

@@ -80,7 +80,7 @@ inline void stage_rows(const sparf_config& cfg, const std::byte* const* chunks, 
   const uint32_t tpp = src.tokens(), dtpp = dst.tokens(), row = src.page.row_bytes();
   // The rows are scattered over the sequence's pages: prefetch a few selections ahead so the
   // copies do not wait on memory one row at a time.
-  constexpr uint32_t kAhead = 16;
+  constexpr uint32_t kAhead = 32;
   const auto prefetch_row = [&](uint32_t tok) noexcept {
     const std::byte* from = chunks[tok / tpp];
     const std::byte* kr = from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0);

@@ -20,7 +20,8 @@ class sparf_workspace {
  public:
   // Bytes of staged pseudo-chunks the exact pass fills per kernel call (a batch of selected rows);
   // at least two 64 KiB pages (the largest page_geometry allows), so one pseudo-chunk always fits.
-  static constexpr size_t kStageBytes = 512 * 1024;
+  // No more: the kernel reads the rows back while they are still in L2 (Zen 3: 512 KiB).
+  static constexpr size_t kStageBytes = 128 * 1024;
 
   status reserve(uint32_t n_tokens, uint32_t head_dim, uint32_t group_size, uint32_t column_tokens) noexcept {
     try {
