@@ -239,8 +239,9 @@ instinfer_status instinfer_attend_chunk(instinfer_cache* cache, uint32_t layer, 
  * output, as one call does. On the host backend the slices of one call are one shared run: the
  * first to arrive plans the call for nth threads and every slice that arrives while it runs takes
  * work from it (one long sequence is split over the threads by tokens); no slice waits for another,
- * and a slice that arrives after its call's run ended runs the call again (so slices called one
- * after another, or only some, still write everything). The slice that ends the run returns its
+ * and a slice that arrives after its call's run ended returns at once if nothing changed since
+ * (same arguments, no other call on the cache, query and output rows as the run left them), else
+ * runs the call again. Call every slice of a call. The slice that ends the run returns its
  * outcome. Other
  * backends: slice ith computes sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth), one slice
  * at a time. */

@@ -181,13 +181,16 @@ status kv_cache::attend_slice(uint32_t layer, std::span<const seq_id> seqs, cons
   if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
   if (nth > 1 && backend_->runs_shared()) {
     const slice_call call{layer, q, out, lse, nth, seqs.size(), false, crc32c(seqs.data(), seqs.size_bytes())};
-    return shared_slice(call, ith, [&]() -> status {
-      INSTINFER_TRY(check_layer(layer));
-      INSTINFER_TRY(fill_batch(layer, seqs));
-      auto query = separate_query(seqs.size(), q, out, lse);
-      if (!query.ok()) return query.error();
-      return backend_->shared_begin(layer, batch_view(query.value(), out, lse), nth);
-    });
+    return shared_slice(
+        call, ith,
+        [&]() -> status {
+          INSTINFER_TRY(check_layer(layer));
+          INSTINFER_TRY(fill_batch(layer, seqs));
+          auto query = separate_query(seqs.size(), q, out, lse);
+          if (!query.ok()) return query.error();
+          return backend_->shared_begin(layer, batch_view(query.value(), out, lse), nth);
+        },
+        seqs.size(), q, out, lse);
   }
   if (r->begin == r->end) return {};  // more slices than sequences: nothing to do here
   const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
@@ -209,11 +212,16 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
     args = crc32c(positions.data(), positions.size_bytes(), args);
     args = crc32c(n_rows.data(), n_rows.size_bytes(), args);
     const slice_call call{layer, q, out, lse, nth, seqs.size(), true, args};
-    return shared_slice(call, ith, [&]() -> status {
-      auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
-      if (!batch.ok()) return batch.error();
-      return backend_->shared_begin(layer, batch.value(), nth);
-    });
+    uint64_t total = 0;
+    for (uint32_t n : n_rows) total += n;
+    return shared_slice(
+        call, ith,
+        [&]() -> status {
+          auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
+          if (!batch.ok()) return batch.error();
+          return backend_->shared_begin(layer, batch.value(), nth);
+        },
+        total, q, out, lse);
   }
   if (r->begin == r->end) return {};
   uint64_t first_row = 0;
@@ -228,10 +236,17 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
 
 // The cache's lock is taken by the slice that starts the run and released by the one that ends
 // it (slice_gate): the page tables and the batch arrays stay as planned while any slice works.
-status kv_cache::shared_slice(const slice_call& call, uint32_t ith, const std::function<status()>& begin_locked) {
+status kv_cache::shared_slice(const slice_call& call, uint32_t ith, const std::function<status()>& begin_locked,
+                              uint64_t n_rows, const float* q, const float* out, const float* lse) {
+  const uint64_t row = uint64_t{config_.shape.n_q_heads} * config_.shape.head_dim;
+  const auto query_crc = [&] { return crc32c(q, n_rows * row * sizeof(float)); };
+  const auto output_crc = [&] {
+    const uint32_t c = crc32c(out, n_rows * row * sizeof(float));
+    return lse == nullptr ? c : crc32c(lse, n_rows * config_.shape.n_q_heads * sizeof(float), c);
+  };
   return slices_->enter(
       call, ith, begin_locked, [&](uint32_t worker) { backend_->shared_work(worker); },
-      [&]() -> status { return backend_->shared_end(); });
+      [&]() -> status { return backend_->shared_end(); }, query_crc, output_crc);
 }
 
 // ---- sequence state ------------------------------------------------------------------------------

@@ -2,16 +2,17 @@
 // ith/nth) run as one shared run on the callers' threads: the first slice to arrive locks the
 // cache and plans the whole call for nth workers, the others join and take work items from the
 // same plan (so one sequence's tokens spread over every thread), and the last one out ends the
-// run and unlocks the cache. Nobody waits for a slice that has not arrived. A slice that comes
-// after its call's run ended cannot know whether the outputs are still as the run left them, so
-// it runs the call again (alone, or with later arrivals): correct whatever the caller did in
-// between, at the price of repeated work for a thread that was descheduled past a whole run.
-// Calling the slices one after another from one thread, or only some of them, therefore writes
-// every output too.
+// run and unlocks the cache. Nobody waits for a slice that has not arrived.
 //
-// A call is known by its arguments (layer, q, out, lse, nth, batch size, kind, and a checksum of
-// the sequence, position and row arrays); a slice joins only a running call with its arguments
-// whose slice ith has not come yet.
+// A slice that comes after its call's run ended (a thread descheduled past the whole run, or
+// slices called one after another) returns at once only if its outputs are provably as the run
+// left them: same arguments (layer, q, out, lse, nth, batch size, kind, a checksum of the
+// sequence / position / row arrays), nobody took the cache's lock since the run released it, and
+// the checksums of its query and output rows equal the ones taken as the run ended. Otherwise (the
+// caller refilled its buffers, the cache changed) it runs the call again, so calling only some
+// slices, in any order, still writes every output. The one case this cannot tell apart: a caller
+// that calls only some slices of an in-place call (q is out), then some of the next in-place call
+// with nothing else changed, gets the first call's output again; call every slice of a call.
 #pragma once
 
 #include <condition_variable>
@@ -42,26 +43,37 @@ class slice_gate {
   explicit slice_gate(handoff_mutex& cache_lock) noexcept : lock_(cache_lock) {}
 
   // Slice ith of `call`. begin(): with the cache's lock held, check the arguments and plan the
-  // shared run (a failure is this slice's result; slices waiting to join retry and get their
-  // own); work(ith): take items until none are left; end(): the run's outcome, before the lock is
-  // released. The slice that ends the run returns that outcome; others return success for their
-  // share (a run that began cannot fail on the host).
-  template <class Begin, class Work, class End>
-  status enter(const slice_call& call, uint32_t ith, Begin&& begin, Work&& work, End&& end) {
+  // shared run (a failure is returned to this slice and to late slices of the same call while the
+  // cache is unchanged); work(ith): take items until none are left; end(): the run's outcome,
+  // before the lock is released; query_crc() / output_crc(): checksums of this call's query and
+  // output rows (called only for arguments a run accepted). The slice that ends the run returns
+  // its outcome; others return success for their share (a run that began cannot fail on the host).
+  template <class Begin, class Work, class End, class QueryCrc, class OutputCrc>
+  status enter(const slice_call& call, uint32_t ith, Begin&& begin, Work&& work, End&& end, QueryCrc&& query_crc,
+               OutputCrc&& output_crc) {
     std::unique_lock l(m_);
     for (;;) {
-      if (phase_ == phase::kRunning && call_ == call && !seen_[ith]) {
-        seen_[ith] = 1;
+      const bool mine = phase_ != phase::kIdle && call_ == call && !seen_[ith];
+      if (mine && phase_ == phase::kRunning) {
+        mark(ith);
         ++inside_;
         l.unlock();
         work(ith);
         l.lock();
-        return leave(end);
+        return leave(end, query_crc, output_crc);
       }
-      if (phase_ != phase::kIdle) {  // another call, or this one not begun yet
+      if (mine && phase_ == phase::kDone && lock_.acquisitions() == generation_ &&
+          (!outcome_.ok() || (query_crc() == q_crc_ && output_crc() == out_crc_))) {
+        mark(ith);
+        status s = outcome_;
+        forget_if_complete();
+        return s;
+      }
+      if (phase_ == phase::kStarting || phase_ == phase::kRunning) {  // another call, or not begun yet
         cv_.wait(l);
         continue;
       }
+      // Idle, or a finished call this slice cannot count as done: it starts a new one.
       phase_ = phase::kStarting;
       call_ = call;
       try {
@@ -71,14 +83,20 @@ class slice_gate {
         cv_.notify_all();
         return {errc::kOutOfMemory, "attention slices"};
       }
-      seen_[ith] = 1;
+      n_seen_ = 0;
+      mark(ith);
       l.unlock();
       lock_.lock();
       status s = begin();
-      if (!s.ok()) lock_.unlock();
+      if (!s.ok()) {
+        generation_ = lock_.acquisitions();
+        lock_.unlock();
+      }
       l.lock();
       if (!s.ok()) {
-        phase_ = phase::kIdle;
+        phase_ = phase::kDone;
+        outcome_ = s;
+        forget_if_complete();
         cv_.notify_all();
         return s;
       }
@@ -88,19 +106,32 @@ class slice_gate {
       l.unlock();
       work(ith);
       l.lock();
-      return leave(end);
+      return leave(end, query_crc, output_crc);
     }
   }
 
  private:
-  enum class phase : uint8_t { kIdle, kStarting, kRunning };
+  enum class phase : uint8_t { kIdle, kStarting, kRunning, kDone };
 
-  template <class End>
-  status leave(End& end) {
+  void mark(uint32_t ith) noexcept {
+    seen_[ith] = 1;
+    ++n_seen_;
+  }
+  // Every slice of the remembered call has come: nothing can join it any more.
+  void forget_if_complete() noexcept {
+    if (n_seen_ == call_.nth) phase_ = phase::kIdle;
+  }
+  template <class End, class QueryCrc, class OutputCrc>
+  status leave(End& end, QueryCrc& query_crc, OutputCrc& output_crc) {
     if (--inside_ != 0) return {};
-    status s = end();
+    outcome_ = end();
+    q_crc_ = outcome_.ok() ? query_crc() : 0;  // after the run: q may be out (in-place attention)
+    out_crc_ = outcome_.ok() ? output_crc() : 0;
+    generation_ = lock_.acquisitions();
     lock_.unlock();
-    phase_ = phase::kIdle;
+    phase_ = phase::kDone;
+    status s = outcome_;
+    forget_if_complete();
     cv_.notify_all();
     return s;
   }
@@ -110,8 +141,13 @@ class slice_gate {
   std::condition_variable cv_;
   phase phase_ = phase::kIdle;
   slice_call call_{};
-  std::vector<uint8_t> seen_;  // [nth]: slices of the running call that joined
-  uint32_t inside_ = 0;        // slices working in the run now
+  std::vector<uint8_t> seen_;  // [nth]: slices of call_ that arrived
+  uint32_t n_seen_ = 0;
+  uint32_t inside_ = 0;      // slices working in the run now
+  uint64_t generation_ = 0;  // the cache lock's acquisitions when the last run released it
+  uint32_t q_crc_ = 0;       // the last run's query rows, as it left them
+  uint32_t out_crc_ = 0;     // its output rows (and lse), as it left them
+  status outcome_;
 };
 
 }  // namespace instinfer

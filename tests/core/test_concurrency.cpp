@@ -6,6 +6,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -88,6 +90,72 @@ TEST_CASE("concurrent clients on one cache match a sequential replay") {
     CAPTURE(t);
     CHECK(std::memcmp(sequential.data(), concurrent[t].data(), sequential.size() * sizeof(float)) == 0);
   }
+}
+
+// An engine's threads (llama.cpp's ith/nth) attending one long sequence with the slice calls,
+// step after step on the same buffers, while another client appends to its own sequence: every
+// step's output equals one attend_chunk call on the same cache state (on the host the slices are
+// one shared run; elsewhere they split by sequence), and TSan sees no race in the hand-off.
+TEST_CASE("slices of one call on several threads, with a concurrent client") {
+  cache_options o;
+  o.shape = kShape;
+  o.page_bytes = g_scheme == "csd" ? 4096 : 1024;
+  o.capacity_bytes = 32ull << 20;
+  o.caller_threads = true;
+  const std::string file = ssd_test::scratch_file(g_scheme + "-slices-" + std::to_string(g_serial++) + ".bin");
+  if (g_scheme == "ssd") o.backend_uri = "ssd:" + file;
+  if (g_scheme == "csd")
+    o.backend_uri = "csd:" + file + "?channels=4&dies=2&blocks_per_die=256&pages_per_block=8&cores=2";
+  auto created = kv_cache::create(o);
+  REQUIRE_MESSAGE(created.ok(), created.error().to_string());
+  kv_cache& cache = *created.value();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist;
+  const size_t row = size_t{kShape.n_kv_heads} * kShape.head_dim;
+  const size_t qn = size_t{kShape.n_q_heads} * kShape.head_dim;
+  const seq_id seq = cache.create_sequence().value();
+  std::vector<float> k(1200 * row), v(1200 * row);
+  for (auto& x : k) x = dist(rng);
+  for (auto& x : v) x = dist(rng);
+  for (uint32_t l = 0; l < kShape.n_layers; ++l)
+    REQUIRE(cache.append(seq, l, 1200, k.data(), v.data(), dtype::kF32).ok());
+  std::atomic<bool> stop{false};
+  std::thread other([&] {
+    std::mt19937 wr(9);
+    std::vector<float> kk(row), vv(row);
+    const seq_id mine = cache.create_sequence().value();
+    while (!stop.load()) {
+      for (auto& x : kk) x = dist(wr);
+      for (auto& x : vv) x = dist(wr);
+      REQUIRE(cache.append(mine, 0, 1, kk.data(), vv.data(), dtype::kF32).ok());
+    }
+    REQUIRE(cache.free_sequence(mine).ok());
+  });
+  const uint32_t nth = 3, n_rows = 4;
+  std::vector<float> q(n_rows * qn), out(q.size()), want(q.size());
+  const seq_id seqs[1] = {seq};
+  for (uint32_t step = 0; step < 12; ++step) {
+    const uint32_t layer = step % kShape.n_layers;
+    for (auto& x : q) x = dist(rng);
+    const uint32_t pos[1] = {1200 - n_rows}, rows[1] = {n_rows};
+    std::vector<status> st(nth);
+    std::vector<std::thread> threads;
+    for (uint32_t i = 0; i < nth; ++i)
+      threads.emplace_back(
+          [&, i] { st[i] = cache.attend_chunk_slice(layer, seqs, pos, rows, q.data(), out.data(), nullptr, i, nth); });
+    for (auto& th : threads) th.join();
+    for (const status& s : st) REQUIRE_MESSAGE(s.ok(), s.to_string());
+    REQUIRE(cache.attend_chunk(layer, seqs, pos, rows, q.data(), want.data(), nullptr).ok());
+    double diff = 0, norm = 0;  // normwise: the shared run may split the sequence where one call does not
+    for (size_t i = 0; i < want.size(); ++i) {
+      diff += double(out[i] - want[i]) * double(out[i] - want[i]);
+      norm += double(want[i]) * double(want[i]);
+    }
+    CAPTURE(step);
+    CHECK(std::sqrt(diff / norm) <= 1e-6);
+  }
+  stop = true;
+  other.join();
 }
 
 int main(int argc, char** argv) {

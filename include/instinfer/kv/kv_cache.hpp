@@ -137,8 +137,10 @@ class kv_cache {
   // identical to one call. Where the backend runs attention on the caller's threads (host), the
   // slices of one call are one shared run: the first to arrive plans the whole call for nth workers
   // and the others take work items from it as they arrive, so one long sequence spreads over every
-  // thread. No slice waits for another to arrive; one that comes after its call's run ended runs
-  // the call again (so slices called one by one from a single thread, or only some, write all).
+  // thread. No slice waits for another to arrive. One that comes after its call's run ended
+  // returns at once if nothing changed since (same arguments, query and output checksums, no
+  // other call on the cache), else runs the call again: slices called one by one from a single
+  // thread, or only some of them, still write every output.
   // The slice that ends the run returns its outcome. Elsewhere (ssd, csd, cuda) the batch's
   // sequences are cut into nth ranges [b * ith / nth, b * (ith + 1) / nth) and the slices run one
   // at a time under the cache's lock.
@@ -258,7 +260,9 @@ class kv_cache {
   result<attend_batch> chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
                                           std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
                                           const float* q, float* out, float* lse);
-  status shared_slice(const slice_call& call, uint32_t ith, const std::function<status()>& begin_locked);
+  // n_rows: the query (and output) rows of the whole call, read for checksums once validated.
+  status shared_slice(const slice_call& call, uint32_t ith, const std::function<status()>& begin_locked,
+                      uint64_t n_rows, const float* q, const float* out, const float* lse);
   sparf_counters sparf_totals_{};
   persistent_store* store_ = nullptr;           // the backend's persistence, when it persists
   std::unordered_map<uint64_t, seq_id> names_;  // name -> sequence
