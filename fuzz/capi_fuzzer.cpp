@@ -727,11 +727,12 @@ void session::op_attend(input& in, bool sparse, bool slice) {
       : slice ? instinfer_attend_slice(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg, ith, nth)
               : instinfer_attend(cache_, layer, n_seq, seqs_arg, q_arg, out_arg, lse_arg);
 
-  // A slice computes sequences [begin, end) only, and checks only those.
-  const bool sliced = slice && nth != 0 && ith < nth;
+  // Every slice checks the whole call. On the host a slice of nth > 1 starts a shared run and,
+  // called alone, computes every row; elsewhere slice ith computes sequences [begin, end) only.
+  const bool sliced = slice && nth != 0 && ith < nth && !(nth > 1 && !s_.ssd);
   const size_t begin = sliced ? n_seq * ith / nth : 0, end = sliced ? n_seq * (ith + 1) / nth : n_seq;
   bool all_known = true;
-  for (size_t i = begin; i < end; ++i) all_known &= known(seqs[i]);
+  for (size_t i = 0; i < n_seq; ++i) all_known &= known(seqs[i]);
   // The documented order: batch shape and pointers (C API), SparF's struct checks, the slice,
   // SparF off, layer, parameter values, sequences, then k against each sequence's tokens.
   if (n_seq == 0 || null_seqs || null_q || null_out) return expect(st, INSTINFER_E_INVALID_ARGUMENT, call);
@@ -739,7 +740,6 @@ void session::op_attend(input& in, bool sparse, bool slice) {
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_sparse(params struct)");
   if (slice && (nth == 0 || ith >= nth))
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_slice(ith, nth)");
-  if (slice && begin == end) return expect(st, INSTINFER_OK, "instinfer_attend_slice(an empty slice)");
   if (sparse && !s_.sparf) return expect(st, INSTINFER_E_UNSUPPORTED, "instinfer_attend_sparse(SparF off)");
   if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, call);
   if (sparse && (mode == 6 || (mode == 2 && p.compression <= 0.0) || (mode == 3 && p.r > kHeadDim)))
@@ -818,15 +818,16 @@ void session::op_attend_chunk(input& in) {
             : instinfer_attend_chunk(cache_, layer, n_seq, seqs_arg, pos_arg, rows_arg, q_arg, out_arg, lse_arg);
 
   // The documented order: batch shape and pointers (C API), the slice, layer, then per sequence
-  // in order: unknown, no rows, rows past the layer's length. A slice checks its own sequences.
+  // in order: unknown, no rows, rows past the layer's length. Every slice checks the whole call;
+  // a slice computes its own sequences, or on the host (a shared run, called alone) every row.
   if (n_seq == 0 || null_seqs || null_pos || null_rows || null_q || null_out)
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, call);
   if (slice && (nth == 0 || ith >= nth))
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_chunk_slice(ith, nth)");
-  const size_t begin = slice ? n_seq * ith / nth : 0, end = slice ? n_seq * (ith + 1) / nth : n_seq;
-  if (begin == end) return expect(st, INSTINFER_OK, "instinfer_attend_chunk_slice(an empty slice)");
+  const bool sliced = slice && !(nth > 1 && !s_.ssd);
+  const size_t begin = sliced ? n_seq * ith / nth : 0, end = sliced ? n_seq * (ith + 1) / nth : n_seq;
   if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, call);
-  for (size_t i = begin; i < end; ++i) {
+  for (size_t i = 0; i < n_seq; ++i) {
     if (!known(seqs[i])) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, call);
     if (n_rows[i] == 0) return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_chunk(0 rows)");
     if (uint64_t{positions[i]} + n_rows[i] > length_of(seqs[i], layer))
@@ -1148,11 +1149,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   instinfer_cache* cache = nullptr;
   const instinfer_status st = instinfer_cache_create(&cfg, &cache);
   if (st != INSTINFER_OK) {
-    // Small pages cannot hold SparF's column pages (invalid), the ssd: backend cannot store them
-    // for a quantized cache (unsupported); nothing else may fail here.
+    // Small pages cannot hold SparF's column pages (invalid); nothing else may fail here.
     if (cache != nullptr) die("instinfer_cache_create failed (%s) and left a handle", code_name(st));
-    const bool columns_refused = s.sparf && (st == INSTINFER_E_INVALID_ARGUMENT ||
-                                             (st == INSTINFER_E_UNSUPPORTED && s.ssd && quantized(s.dtype)));
+    const bool columns_refused = s.sparf && st == INSTINFER_E_INVALID_ARGUMENT;
     if (!columns_refused) die("instinfer_cache_create(%s) returned %s", uri.c_str(), code_name(st));
     return 0;
   }

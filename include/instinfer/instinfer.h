@@ -242,9 +242,9 @@ instinfer_status instinfer_attend_chunk(instinfer_cache* cache, uint32_t layer, 
  * and a slice that arrives after its call's run ended returns at once if nothing changed since
  * (same arguments, no other call on the cache, query and output rows as the run left them), else
  * runs the call again. Call every slice of a call. The slice that ends the run returns its
- * outcome. Other
- * backends: slice ith computes sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth), one slice
- * at a time. */
+ * outcome. Other backends: slice ith computes sequences [n_seq * ith / nth, n_seq * (ith + 1) / nth),
+ * one slice at a time. Every slice checks the whole call (layer, every sequence), so all slices of
+ * a rejected call return the same error. */
 instinfer_status instinfer_attend_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq, const instinfer_seq* seqs,
                                         const float* q, float* out, float* lse, uint32_t ith, uint32_t nth);
 instinfer_status instinfer_attend_chunk_slice(instinfer_cache* cache, uint32_t layer, size_t n_seq,

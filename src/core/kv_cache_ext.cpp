@@ -114,14 +114,24 @@ status kv_cache::attend_chunk_locked(uint32_t layer, std::span<const seq_id> seq
   return backend_->attend_causal(layer, batch.value());
 }
 
-result<attend_batch> kv_cache::chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
-                                                  std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
-                                                  const float* q, float* out, float* lse) {
+status kv_cache::check_attend_call_locked(uint32_t layer, std::span<const seq_id> seqs) {
+  INSTINFER_TRY(check_layer(layer));
+  for (seq_id s : seqs) {
+    auto found = find(s);
+    if (!found.ok()) return found.error();
+  }
+  return {};
+}
+
+// The whole call's checks, in the documented order; every slice of a call runs them, so all
+// slices of a rejected call return the same error.
+result<uint64_t> kv_cache::check_chunk_call_locked(uint32_t layer, std::span<const seq_id> seqs,
+                                                   std::span<const uint32_t> positions,
+                                                   std::span<const uint32_t> n_rows) {
   INSTINFER_TRY(check_layer(layer));
   if (seqs.empty()) return status{errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
   if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
     return status{errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
-  if (!q || !out) return status{errc::kInvalidArgument, "q and out must not be null"};
   uint64_t total = 0;
   for (size_t b = 0; b < seqs.size(); ++b) {
     auto found = find(seqs[b]);
@@ -140,6 +150,16 @@ result<attend_batch> kv_cache::chunk_batch_locked(uint32_t layer, std::span<cons
     total += n_rows[b];
   }
   if (total > UINT32_MAX / 2) return status{errc::kInvalidArgument, "attend_chunk: too many query rows"};
+  return total;
+}
+
+result<attend_batch> kv_cache::chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
+                                                  std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
+                                                  const float* q, float* out, float* lse) {
+  if (!q || !out) return status{errc::kInvalidArgument, "q and out must not be null"};
+  auto checked = check_chunk_call_locked(layer, seqs, positions, n_rows);
+  if (!checked.ok()) return checked.error();
+  const uint64_t total = checked.value();
   INSTINFER_TRY(fill_batch(layer, seqs));
   try {
     row_indptr_.assign(1, 0);
@@ -192,6 +212,11 @@ status kv_cache::attend_slice(uint32_t layer, std::span<const seq_id> seqs, cons
         },
         seqs.size(), q, out, lse);
   }
+  {
+    // Every slice checks the whole call, so all slices of a rejected call return the same error.
+    std::lock_guard lock(mutex_);
+    INSTINFER_TRY(check_attend_call_locked(layer, seqs));
+  }
   if (r->begin == r->end) return {};  // more slices than sequences: nothing to do here
   const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
   return attend(layer, seqs.subspan(r->begin, r->end - r->begin), q + r->begin * row, out + r->begin * row,
@@ -223,12 +248,14 @@ status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs
         },
         total, q, out, lse);
   }
+  std::lock_guard lock(mutex_);
+  auto checked = check_chunk_call_locked(layer, seqs, positions, n_rows);  // the whole call, as above
+  if (!checked.ok()) return checked.error();
   if (r->begin == r->end) return {};
   uint64_t first_row = 0;
   for (size_t b = 0; b < r->begin; ++b) first_row += n_rows[b];
   const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
   const size_t n = r->end - r->begin;
-  std::lock_guard lock(mutex_);
   return attend_chunk_locked(layer, seqs.subspan(r->begin, n), positions.subspan(r->begin, n),
                              n_rows.subspan(r->begin, n), q + first_row * row, out + first_row * row,
                              lse ? lse + first_row * config_.shape.n_q_heads : nullptr);

@@ -169,8 +169,11 @@ void sparf_attender::store_sealed_columns(seq_id seq, uint32_t layer, layer_stat
   const uint32_t per_block = column_store_chunks();
   const uint32_t tpp = lay.tokens(), H = config_.shape.n_kv_heads;
   const uint64_t row = lay.page.row_bytes(), page = lay.page.page_bytes;
+  // A store that takes whole chunks gets the column pages as they are; otherwise they go as token
+  // rows, which fill a page only for the dense dtypes (make_sparf_attender refuses the rest).
+  const bool whole = backend_.writes_whole_chunks();
   try {
-    std::vector<std::byte> k(uint64_t{tpp} * H * row), v(k.size());
+    std::vector<std::byte> k(whole ? lay.chunk_bytes() : uint64_t{tpp} * H * row), v(whole ? 0 : k.size());
     for (uint32_t b = static_cast<uint32_t>(ls.column_chunks.size() / per_block); b < ls.index.sealed_blocks(); ++b) {
       const std::byte* blk = ls.index.block(b);
       if (blk == nullptr) break;
@@ -183,6 +186,10 @@ void sparf_attender::store_sealed_columns(seq_id seq, uint32_t layer, layer_stat
         for (uint32_t p = 0; p < 2 * H; ++p) {
           const uint64_t cp = uint64_t{j} * 2 * H + p;
           if (cp >= cl.pages_per_block()) break;
+          if (whole) {
+            std::memcpy(k.data() + uint64_t{p} * page, blk + cp * page, page);
+            continue;
+          }
           std::byte* dst = p < H ? k.data() : v.data();
           for (uint32_t r = 0; r < tpp; ++r)
             std::memcpy(dst + (uint64_t{r} * H + p % H) * row, blk + cp * page + uint64_t{r} * row, row);
@@ -191,7 +198,9 @@ void sparf_attender::store_sealed_columns(seq_id seq, uint32_t layer, layer_stat
         auto id = backend_.allocate_chunk(hint);
         if (!id.ok()) break;
         s = track(id.value());
-        if (s.ok()) s = backend_.write_tokens(id.value(), hint, 0, tpp, k.data(), v.data());
+        if (s.ok())
+          s = whole ? backend_.write_chunk(id.value(), hint, k.data())
+                    : backend_.write_tokens(id.value(), hint, 0, tpp, k.data(), v.data());
         if (!s.ok()) {
           backend_.release_chunk(id.value());
           break;

@@ -187,11 +187,13 @@ result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const 
 result<std::unique_ptr<sparse_attender>> make_sparf_attender(backend& b, const backend_config& config,
                                                              const sparf_config& sparf) {
   INSTINFER_TRY(sparf.validate());
-  // A storage backend keeps sealed column blocks as chunks written as token rows; a quantized
-  // page's rows leave its last page_bytes % row bytes unwritten, where the column pages need them.
-  if (is_quantized(config.shape.kv_dtype) && !b.runs_sparf() && !b.host_view())
+  // A storage backend keeps sealed column blocks as chunks: whole (write_chunk) where it can, else
+  // as token rows, and a quantized page's rows leave its last page_bytes % row bytes unwritten,
+  // where the column pages need them.
+  if (is_quantized(config.shape.kv_dtype) && !b.runs_sparf() && !b.host_view() && !b.writes_whole_chunks())
     return status{errc::kUnsupported, "SparF on a " + std::string(dtype_name(config.shape.kv_dtype)) +
-                                          " cache needs the host backend (backend '" + std::string(b.name()) +
+                                          " cache needs a backend that stores whole chunks (backend '" +
+                                          std::string(b.name()) +
                                           "' stores column pages as token rows, which quantized pages do not fill)"};
   try {
     if (b.runs_sparf()) return std::unique_ptr<sparse_attender>(std::make_unique<backend_sparf_attender>(b, config));

@@ -462,7 +462,7 @@ bool sparf_runs_here(dtype t);
 }  // namespace
 
 TEST_CASE_TEMPLATE("attend: out (or lse) overlapping q equals a run on separate buffers", D, CONFORMANCE_DTYPES) {
-  if (!sparf_runs_here(D::value)) return;  // this case also runs SparF; quantized SparF is host-only
+  if (!sparf_runs_here(D::value)) return;  // this case also runs SparF; see sparf_runs_here
   const kv_shape shape{2, 4, 2, 128, D::value};
   harness h({shape, 4096, 256, true}, 27);
   const uint32_t tpp = h.tpp();
@@ -514,11 +514,11 @@ TEST_CASE_TEMPLATE("attend: out (or lse) overlapping q equals a run on separate 
 // ---- attend_sparse ------------------------------------------------------------------------------
 
 namespace {
-// SparF over quantized KV runs where the column copy stays in host memory (the host backend;
-// sparse_attender.cpp, device/csd/dispatch.cpp): elsewhere creating a SparF cache says so, with
-// kUnsupported, and there is nothing more to check.
+// SparF over quantized KV runs where the column copy stays in host memory (host) or is stored as
+// whole chunks (ssd: kv_store::write_chunk); elsewhere (the drive's column FTL, cuda) creating a
+// SparF cache says so, with kUnsupported, and there is nothing more to check.
 bool sparf_runs_here(dtype t) {
-  if (!is_quantized(t) || the_target().scheme == "host") return true;
+  if (!is_quantized(t) || the_target().scheme == "host" || the_target().scheme == "ssd") return true;
   const auto c = kv_cache::create(options_for({kv_shape{1, 2, 2, 128, t}, 4096, 64, true}));
   CHECK_FALSE(c.ok());
   if (!c.ok()) CHECK_MESSAGE(c.error().code() == errc::kUnsupported, c.error().to_string());
@@ -990,7 +990,7 @@ TEST_CASE_TEMPLATE("bad inputs are refused with the right errc and change nothin
   h.check_stats();
   h.check_attend_all("after bad inputs");
 
-  // attend_sparse's own refusals, on a SparF cache (quantized KV: host only, see attend_sparse above).
+  // attend_sparse's own refusals, on a SparF cache (quantized KV: see sparf_runs_here).
   if (!sparf_runs_here(D::value)) {
     h.free_all();
     return;
@@ -1333,6 +1333,19 @@ TEST_CASE_TEMPLATE("caller's threads: nth slices on nth std::threads equal one c
   }
   CHECK(cache.attend_slice(0, seqs, q.data(), one.data(), nullptr, 2, 2).code() == errc::kInvalidArgument);
   CHECK(cache.attend_slice(0, seqs, q.data(), one.data(), nullptr, 0, 0).code() == errc::kInvalidArgument);
+  {
+    // A sequence that does not exist in the last slice's range: every slice, even one with no
+    // sequences of its own (nth > n_seq), reports it, and writes nothing.
+    std::vector<seq_id> with_unknown = seqs;
+    with_unknown.back() = seqs.back() + 1000;
+    const uint32_t nth = static_cast<uint32_t>(seqs.size()) + 2;
+    for (uint32_t i = 0; i < nth; ++i) {
+      std::vector<float> untouched(one.size(), -7.0f);
+      const status s = cache.attend_slice(0, with_unknown, q.data(), untouched.data(), nullptr, i, nth);
+      CHECK_MESSAGE(s.code() == errc::kUnknownSequence, "slice ", i, ": ", s.to_string());
+      CHECK(std::all_of(untouched.begin(), untouched.end(), [](float v) { return v == -7.0f; }));
+    }
+  }
   if (!runs_chunks()) return;
   std::vector<float> chunk_one(q.size()), chunk_lse(one_lse.size());
   REQUIRE(cache.attend_chunk(0, seqs, pos, rows, q.data(), chunk_one.data(), chunk_lse.data()).ok());
@@ -1430,8 +1443,8 @@ TEST_CASE("caller's threads: one long sequence spreads over the slices; any arri
     stop = true;
     writer.join();
   }
-  // A bad call gives a clear error (on the host every slice; elsewhere the slice that owns the
-  // sequence) and leaves the cache usable.
+  // A bad call gives every slice the same clear error (each checks the whole call) and leaves
+  // the cache usable.
   const uint32_t bad_rows[1] = {n_rows + 1};
   std::vector<float> out(q.size() + per);
   std::vector<status> st(3);
@@ -1441,16 +1454,50 @@ TEST_CASE("caller's threads: one long sequence spreads over the slices; any arri
       st[i] = cache.attend_chunk_slice(0, seqs, positions, bad_rows, q.data(), out.data(), nullptr, i, 3);
     });
   for (auto& th : threads) th.join();
-  const bool shared = the_target().scheme == "host";
-  int rejected = 0;
-  for (uint32_t i = 0; i < 3; ++i) {
-    rejected += st[i].code() == errc::kInvalidArgument;
-    CHECK((st[i].code() == errc::kInvalidArgument || (!shared && st[i].ok())));
-  }
-  CHECK(rejected >= (shared ? 3 : 1));
+  for (uint32_t i = 0; i < 3; ++i) CHECK_MESSAGE(st[i].code() == errc::kInvalidArgument, st[i].to_string());
   std::vector<float> again(q.size());
   REQUIRE(cache.attend_chunk(0, seqs, positions, rows, q.data(), again.data(), nullptr).ok());
   CHECK(reference::relative_error(std::span<const float>(again), want) <= kAttendTol);
+}
+
+// kv_store::write_chunk: a store that takes whole chunks gives every byte back, page tails (the
+// bytes a quantized page's token rows leave) included, from its buffers and after a flush;
+// the others say kUnsupported.
+TEST_CASE("write_chunk: a whole chunk's bytes come back whole, page tails included") {
+  harness h({kv_shape{1, 4, 2, 64, dtype::kQ8_0}, 4096, 16}, 77);
+  backend& b = h.cache->storage();
+  const chunk_layout lay = h.cache->layout();
+  REQUIRE(uint64_t{lay.tokens()} * lay.page.row_bytes() < lay.page.page_bytes);  // a tail to lose
+  const chunk_hint hint{1, 0, 0, chunk_stream::kColumns};
+  auto id = b.allocate_chunk(hint);
+  REQUIRE(id.ok());
+  std::vector<std::byte> bytes(lay.chunk_bytes());
+  std::mt19937 rng(78);
+  for (std::byte& x : bytes) x = static_cast<std::byte>(rng() & 0xff);
+  if (!b.writes_whole_chunks()) {
+    CHECK(b.write_chunk(id.value(), hint, bytes.data()).code() == errc::kUnsupported);
+    b.release_chunk(id.value());
+    return;
+  }
+  CHECK(b.write_chunk(id.value(), hint, nullptr).code() == errc::kInvalidArgument);
+  REQUIRE(b.write_chunk(id.value(), hint, bytes.data()).ok());
+  const auto read_back = [&](const char* when) {
+    INFO(when);
+    std::vector<std::byte> whole(bytes.size()), pages(bytes.size());
+    REQUIRE(b.read_chunk(id.value(), lay.tokens(), whole.data()).ok());
+    CHECK(std::memcmp(whole.data(), bytes.data(), bytes.size()) == 0);
+    std::vector<page_read> reads;
+    for (uint32_t p = 0; p < lay.pages_per_chunk(); ++p)
+      reads.push_back({id.value(), lay.tokens(), p, pages.data() + uint64_t{p} * lay.page.page_bytes});
+    const status s = b.read_pages(reads);
+    if (s.code() == errc::kUnsupported) return;
+    REQUIRE_MESSAGE(s.ok(), s.to_string());
+    CHECK(std::memcmp(pages.data(), bytes.data(), bytes.size()) == 0);
+  };
+  read_back("buffered");
+  REQUIRE(b.flush().ok());
+  read_back("after flush");
+  b.release_chunk(id.value());
 }
 
 // ---- main: pick the backend, or skip ------------------------------------------------------------

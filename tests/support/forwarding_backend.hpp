@@ -111,6 +111,11 @@ class forwarding_backend final : public backend {
     INSTINFER_TRY(enter(call::kWrite, &hint));
     return inner_->write_tokens(id, hint, first, n, k, v);
   }
+  bool writes_whole_chunks() const noexcept override { return inner_->writes_whole_chunks(); }
+  status write_chunk(chunk_id id, const chunk_hint& hint, const std::byte* chunk) noexcept override {
+    INSTINFER_TRY(enter(call::kWrite, &hint));
+    return inner_->write_chunk(id, hint, chunk);
+  }
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override {
     INSTINFER_TRY(enter(call::kCopy, &dst_hint));
     return inner_->copy_tokens(dst, dst_hint, src, n);

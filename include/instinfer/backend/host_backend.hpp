@@ -42,6 +42,8 @@ class host_backend final : public backend {
   void release_chunk(chunk_id id) noexcept override;
   status write_tokens(chunk_id id, const chunk_hint& hint, uint32_t first, uint32_t n, const std::byte* k,
                       const std::byte* v) noexcept override;
+  bool writes_whole_chunks() const noexcept override { return true; }
+  status write_chunk(chunk_id id, const chunk_hint& hint, const std::byte* chunk) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;

@@ -70,6 +70,15 @@ class kv_store {
   // Store tokens [first, first + n) of a chunk. k, v: [n][n_kv_heads][head_dim] in the cache dtype.
   virtual status write_tokens(chunk_id id, const chunk_hint& hint, uint32_t first, uint32_t n, const std::byte* k,
                               const std::byte* v) noexcept = 0;
+  // Store a fresh chunk's bytes whole (chunk_bytes(): every page in full, the tail a page's token
+  // rows leave included) and seal it, for side data that is not token rows: SparF's column pages
+  // of a quantized cache, whose rows do not fill a page. Read back with read_pages, or whole with
+  // read_chunk(id, tokens_per_page, ...), page tails included. Stores that
+  // answer writes_whole_chunks() false refuse it (kUnsupported, the default).
+  virtual bool writes_whole_chunks() const noexcept { return false; }
+  virtual status write_chunk(chunk_id /*id*/, const chunk_hint& /*hint*/, const std::byte* /*chunk*/) noexcept {
+    return {errc::kUnsupported, "this backend does not store whole chunks"};
+  }
   // Fill the fresh chunk `dst` with the first n tokens of `src` (fork of a partial tail; copy-on-write).
   virtual status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept = 0;
   // Read the first n tokens of a chunk into host memory laid out as a chunk (chunk_bytes() bytes).

@@ -114,6 +114,10 @@ class ssd_backend final : public backend {
   void release_chunk(chunk_id id) noexcept override;
   status write_tokens(chunk_id id, const chunk_hint& hint, uint32_t first, uint32_t n, const std::byte* k,
                       const std::byte* v) noexcept override;
+  bool writes_whole_chunks() const noexcept override {
+    return true;
+  }
+  status write_chunk(chunk_id id, const chunk_hint& hint, const std::byte* chunk) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
   // Pages of buffered chunks are copied from host memory; the rest go out as one batch of

@@ -257,6 +257,9 @@ class kv_cache {
   std::vector<uint32_t> row_pos_;     // attend_chunk: first position per sequence
   status attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
                              std::span<const uint32_t> n_rows, const float* q, float* out, float* lse);
+  result<uint64_t> check_chunk_call_locked(uint32_t layer, std::span<const seq_id> seqs,
+                                           std::span<const uint32_t> positions, std::span<const uint32_t> n_rows);
+  status check_attend_call_locked(uint32_t layer, std::span<const seq_id> seqs);
   result<attend_batch> chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
                                           std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
                                           const float* q, float* out, float* lse);

@@ -123,6 +123,13 @@ status host_backend::write_tokens(chunk_id id, const chunk_hint&, uint32_t first
   return {};
 }
 
+status host_backend::write_chunk(chunk_id id, const chunk_hint&, const std::byte* chunk) noexcept {
+  if (!valid_id(id)) return {errc::kInvalidArgument, "chunk id out of range"};
+  if (!chunk) return {errc::kInvalidArgument, "null chunk bytes"};
+  std::memcpy(chunk_ptr(id), chunk, layout_.chunk_bytes());
+  return {};
+}
+
 status host_backend::copy_tokens(chunk_id dst, const chunk_hint&, chunk_id src, uint32_t n) noexcept {
   if (!valid_id(dst) || !valid_id(src)) return {errc::kInvalidArgument, "chunk id out of range"};
   if (n > layout_.tokens()) return {errc::kInvalidArgument, "token count exceeds a chunk"};
@@ -134,6 +141,10 @@ status host_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
   if (!valid_id(id)) return {errc::kInvalidArgument, "chunk id out of range"};
   if (!dst) return {errc::kInvalidArgument, "null destination"};
   if (n_tokens > layout_.tokens()) return {errc::kInvalidArgument, "token count exceeds a chunk"};
+  if (n_tokens == layout_.tokens()) {  // whole, page tails included (a chunk from write_chunk)
+    std::memcpy(dst, chunk_ptr(id), layout_.chunk_bytes());
+    return {};
+  }
   layout_.copy_prefix(dst, chunk_ptr(id), n_tokens);
   return {};
 }

@@ -145,6 +145,19 @@ status group_buffers::append(chunk_id id, uint32_t first, uint32_t n, const std:
   return {};
 }
 
+status group_buffers::write_whole(chunk_id id, const std::byte* chunk) noexcept {
+  if (buffer_of_.count(id))
+    return {errc::kInvalidArgument, "write_chunk: chunk " + std::to_string(id) + " is not fresh"};
+  INSTINFER_TRY(make_room_to_seal("write_chunk"));
+  auto r = get_buffer(id);
+  if (!r.ok()) return r.error();
+  auto& g = buffers_[r.value()];
+  std::memcpy(g.data, chunk, chunk_bytes_);
+  g.n_tokens = layout_.tokens();
+  seal(r.value());
+  return {};
+}
+
 status group_buffers::copy(chunk_id dst, chunk_id src, uint32_t n) noexcept {
   if (buffer_of_.count(dst)) return {errc::kInvalidArgument, "copy_tokens: destination chunk is not fresh"};
   if (auto it = buffer_of_.find(src); it != buffer_of_.end() && buffers_[it->second].n_tokens < n)

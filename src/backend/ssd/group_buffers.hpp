@@ -47,6 +47,8 @@ class group_buffers final : private io::completion_handler {
   status append(chunk_id id, uint32_t first, uint32_t n, const std::byte* k, const std::byte* v) noexcept;
   // A fresh chunk `dst` starts with the first n tokens of `src` (buffered, or read from the device).
   status copy(chunk_id dst, chunk_id src, uint32_t n) noexcept;
+  // A fresh chunk's bytes whole, sealed at once (kv_store::write_chunk).
+  status write_whole(chunk_id id, const std::byte* chunk) noexcept;
   // The chunk's buffer is dropped (its slot was released).
   void drop(chunk_id id) noexcept;
   // Write the sealed batch and every partial tail, then fdatasync.

@@ -429,6 +429,14 @@ status ssd_backend::write_tokens(chunk_id id, const chunk_hint& /*hint*/, uint32
   return m.buffers.append(id, first, n, k, v);
 }
 
+status ssd_backend::write_chunk(chunk_id id, const chunk_hint& /*hint*/, const std::byte* chunk) noexcept {
+  auto& m = *impl_;
+  INSTINFER_TRY(m.io.check_thread());
+  INSTINFER_TRY(m.check_chunk(id, "write_chunk"));
+  if (!chunk) return {errc::kInvalidArgument, "write_chunk: null source"};
+  return m.buffers.write_whole(id, chunk);
+}
+
 status ssd_backend::copy_tokens(chunk_id dst, const chunk_hint& /*dst_hint*/, chunk_id src, uint32_t n) noexcept {
   auto& m = *impl_;
   INSTINFER_TRY(m.io.check_thread());
