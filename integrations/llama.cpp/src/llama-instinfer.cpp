@@ -86,7 +86,13 @@ llama_instinfer_memory::llama_instinfer_memory(
     cfg.head_dim       = head_dim;
     cfg.kv_dtype       = ii_dtype(type_k);
     cfg.scale          = scale;
-    cfg.backend        = backend;
+    // ggml's threads take turns with the cache (an append on one, the prefetch after an attention
+    // on another): an ssd ring must accept submissions from any of them, unless the URI says.
+    std::string uri = backend;
+    if (uri.rfind("ssd:", 0) == 0 && uri.find("single_issuer") == std::string::npos) {
+        uri += uri.find('?') == std::string::npos ? "?single_issuer=0" : "&single_issuer=0";
+    }
+    cfg.backend        = uri.c_str();
     cfg.caller_threads = 1; // attention runs on ggml's threads (the op's ith/nth)
     if (const char * mb = getenv("LLAMA_INSTINFER_CAPACITY_MB")) {
         cfg.capacity_bytes = uint64_t(atoll(mb)) << 20;
