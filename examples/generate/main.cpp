@@ -59,6 +59,7 @@ struct options {
   sampler_options sampling;
   std::string kv = "host";
   dtype kv_dtype = dtype::kF16;
+  bool int8_dot = false;  // cache_options::int8_query_dot (q8_0 KV)
   uint32_t page_bytes = 0;
   uint32_t threads = 0;
   uint32_t chunk = 0;  // 0: default_prefill_chunk(kv)
@@ -90,6 +91,8 @@ void usage(FILE* out) {
                "  --kv URI            KV cache backend: host | ssd:PATH | csd:PATH | cuda:N (default host)\n"
                "  --kv-dtype T        f16 | bf16 | f32 | q8_0 | q4_0 (default f16; q8_0 / q4_0: ggml's\n"
                "                      block formats, quantized as the KV is appended)\n"
+               "  --int8-dot          q8_0 KV: score Q.K with integer dot products of the query rounded\n"
+               "                      to q8_0 (cache_options::int8_query_dot; host and ssd)\n"
                "  --page-bytes N      KV page size (default: the backend's)\n"
                "  --threads N         compute threads (default: all cores)\n"
                "  --chunk N           prefill chunk / most tokens per forward call (default 32 on host\n"
@@ -452,6 +455,8 @@ int main(int argc, char** argv) {
       auto d = parse_dtype(v);
       if (!d) bad(v);
       o.kv_dtype = *d;
+    } else if (a == "--int8-dot") {
+      o.int8_dot = true;
     } else if (a == "--page-bytes") {
       const char* v = need("a number");
       if (!parse_u32(v, o.page_bytes)) bad(v);
@@ -511,6 +516,7 @@ int main(int argc, char** argv) {
   cache_options co = (*m)->kv_options(o.kv, o.kv_dtype, o.sparf > 0.0);
   if (o.sparf > 0.0) (*m)->set_sparse_attention(sparf_params::with_compression(o.sparf));
   co.page_bytes = o.page_bytes;
+  co.int8_query_dot = o.int8_dot;
   auto cache = kv_cache::create(co);
   if (!cache.ok()) {
     const std::string msg = cache.error().to_string();

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 5
+#define INSTINFER_VERSION_MINOR 6
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -102,6 +102,12 @@ typedef struct instinfer_config {
    * 64-bit so that it lies past the 0.4 struct (whose tail padding a 32-bit field would fill):
    * callers built against 0.1-0.4 pass the shorter struct_size and get 0. */
   uint64_t page_summaries;
+  /* Since 0.6: 1 = q8_0 caches on host and ssd score Q.K with integer dot products of the query
+   * rounded to q8_0 (per 32 values an f32 scale; each value moves by at most amax / 254 of its
+   * block): faster on CPUs with integer dot instructions, logits within that rounding. Decode and
+   * causal chunk attention; sparse attention stays f32. Another kv_dtype, csd or cuda:
+   * INSTINFER_E_UNSUPPORTED. 0 (default): exact f32 scores. */
+  uint32_t int8_query_dot;
 } instinfer_config;
 
 /* SparF parameters (flash-aware sparse decode attention). Initialise with

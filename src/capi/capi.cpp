@@ -135,14 +135,18 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     const size_t v01 = offsetof(instinfer_config, sparf);
     const size_t v02 = offsetof(instinfer_config, caller_threads);
     const size_t v04 = offsetof(instinfer_config, page_summaries);  // 0.3 / 0.4: no page summaries
+    const size_t v05 = offsetof(instinfer_config, int8_query_dot);  // 0.5: no int8 Q.K option
     if (config->struct_size != sizeof(instinfer_config) && config->struct_size != v01 && config->struct_size != v02 &&
-        config->struct_size != v04)
+        config->struct_size != v04 && config->struct_size != v05)
       return fail(errc::kInvalidArgument, "config->struct_size is " + std::to_string(config->struct_size) +
                                               ", expected " + std::to_string(sizeof(instinfer_config)) +
                                               " (initialise it with instinfer_config_init)");
     const bool has_sparf = config->struct_size >= v02;
     const bool has_threads = config->struct_size >= v04;
-    const bool has_pages = config->struct_size >= sizeof(instinfer_config);
+    const bool has_pages = config->struct_size >= v05;
+    const bool has_int8 = config->struct_size >= sizeof(instinfer_config);
+    if (has_int8 && config->int8_query_dot > 1)
+      return fail(errc::kInvalidArgument, "config->int8_query_dot must be 0 or 1");
     if (has_pages && config->page_summaries > 1)
       return fail(errc::kInvalidArgument, "config->page_summaries must be 0 or 1");
     if (has_threads && config->caller_threads > 1)
@@ -165,6 +169,7 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     }
     if (has_threads) o.caller_threads = config->caller_threads == 1;
     if (has_pages) o.page_summaries = config->page_summaries == 1;
+    if (has_int8) o.int8_query_dot = config->int8_query_dot == 1;
     auto created = instinfer::kv_cache::create(o);
     if (!created.ok()) return report(created.error());
     auto handle = std::make_unique<instinfer_cache>();

@@ -60,6 +60,10 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
   config.n_threads = options.caller_threads ? 1 : options.n_threads;  // 1 worker: the calling thread
   config.scale = options.scale;
   config.softcap = options.softcap;
+  if (options.int8_query_dot && options.shape.kv_dtype != dtype::kQ8_0)
+    return status{errc::kUnsupported,
+                  "int8_query_dot needs a q8_0 cache, got " + std::string(dtype_name(options.shape.kv_dtype))};
+  config.int8_query_dot = options.int8_query_dot;
   sparf_config sparf;
   if (options.sparf ||
       options.page_summaries) {  // resolved before configure: a backend that runs SparF needs the column layout

@@ -112,6 +112,7 @@ struct cache_spec {
   float scale = 0.0f;
   float softcap = 0.0f;
   bool page_summaries = false;
+  bool int8_query_dot = false;
 };
 
 cache_options options_for(const cache_spec& spec) {
@@ -122,6 +123,7 @@ cache_options options_for(const cache_spec& spec) {
   o.n_threads = 2;
   o.sparf = spec.sparf;
   o.page_summaries = spec.page_summaries;
+  o.int8_query_dot = spec.int8_query_dot;
   o.scale = spec.scale;
   o.softcap = spec.softcap;
   o.backend_uri = the_target().uri(spec.page_bytes);
@@ -1458,6 +1460,78 @@ TEST_CASE("caller's threads: one long sequence spreads over the slices; any arri
   std::vector<float> again(q.size());
   REQUIRE(cache.attend_chunk(0, seqs, positions, rows, q.data(), again.data(), nullptr).ok());
   CHECK(reference::relative_error(std::span<const float>(again), want) <= kAttendTol);
+}
+
+// cache_options::int8_query_dot (q8_0 on host and ssd): attention scores the query as its q8_0
+// rounding (quantize_query_q8) against the stored K, so it equals the float64 reference of that
+// rounded query (integer products are exact); decode and causal chunks, on fresh random inputs.
+// Other dtypes, and the backends that do not run it, refuse the cache with kUnsupported.
+TEST_CASE("int8_query_dot: equals the float64 reference of the q8_0-rounded query; refused elsewhere") {
+  cache_spec f16_spec{small_shape(dtype::kF16), 4096, 64};
+  f16_spec.int8_query_dot = true;
+  const auto refused = kv_cache::create(options_for(f16_spec));
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.error().code() == errc::kUnsupported);
+  cache_spec spec{kv_shape{2, 8, 2, 128, dtype::kQ8_0}, 4096, 256};
+  spec.int8_query_dot = true;
+  if (!computes_in_process()) {
+    const auto c = kv_cache::create(options_for(spec));
+    REQUIRE_FALSE(c.ok());
+    CHECK_MESSAGE(c.error().code() == errc::kUnsupported, c.error().to_string());
+    return;
+  }
+  harness h(spec, 4321);
+  const kv_shape& s = spec.shape;
+  std::vector<seq_id> batch;
+  for (uint32_t n : {1u, h.tpp() + 7, 3 * h.tpp() + 1}) {
+    batch.push_back(h.create());
+    h.append(batch.back(), 1, n);
+  }
+  const size_t per = size_t{s.n_q_heads} * s.head_dim;
+  const auto rounded = [&](const float* q, size_t rows) {
+    std::vector<float> r(rows * per);
+    std::vector<int8_t> qi(s.head_dim);
+    std::vector<float> qd(s.head_dim / kQuantBlock);
+    for (size_t h2 = 0; h2 < rows * s.n_q_heads; ++h2) {
+      quantize_query_q8(q + h2 * s.head_dim, s.head_dim, qi.data(), qd.data());
+      for (uint32_t i = 0; i < s.head_dim; ++i)
+        r[h2 * s.head_dim + i] = static_cast<float>(qi[i]) * qd[i / kQuantBlock];
+    }
+    return r;
+  };
+  const auto q = test_support::random_queries(h.rng, batch.size(), s);
+  std::vector<float> out(q.size(), 1e30f);
+  REQUIRE(h.cache->attend(1, batch, q.data(), out.data(), nullptr).ok());
+  const auto qq = rounded(q.data(), batch.size());
+  double worst = 0.0, unrounded = 0.0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    std::vector<double> want, want_lse, exact, exact_lse;
+    test_support::reference_attend(*h.cache, batch[i], 1, qq.data() + i * per, want, want_lse);
+    test_support::reference_attend(*h.cache, batch[i], 1, q.data() + i * per, exact, exact_lse);
+    const std::span<const float> got(out.data() + i * per, per);
+    worst = std::max(worst, reference::relative_error(got, want));
+    unrounded = std::max(unrounded, reference::relative_error(got, exact));
+  }
+  report("int8_query_dot decode vs float64 of the rounded query", worst);
+  report("int8_query_dot decode vs float64 of the f32 query", unrounded);
+  CHECK(worst <= kAttendTol);
+  CHECK(unrounded > worst);  // the option is in effect: the f32 query is not what was scored
+  // Causal chunk rows: 5 query rows ending at the last token of the longest sequence.
+  const seq_id longest = batch.back();
+  const uint32_t n_rows = 5, len = 3 * h.tpp() + 1, pos = len - n_rows;
+  const auto qc = test_support::random_queries(h.rng, n_rows, s);
+  std::vector<float> outc(qc.size(), 1e30f);
+  REQUIRE(h.cache
+              ->attend_chunk(1, std::vector<seq_id>{longest}, std::vector<uint32_t>{pos}, std::vector<uint32_t>{n_rows},
+                             qc.data(), outc.data(), nullptr)
+              .ok());
+  std::vector<double> wantc, wantc_lse;
+  const auto qcq = rounded(qc.data(), n_rows);
+  reference_chunk(*h.cache, longest, 1, pos, n_rows, qcq.data(), wantc, wantc_lse);
+  const double errc_ = reference::relative_error(std::span<const float>(outc), wantc);
+  report("int8_query_dot chunk vs float64 of the rounded query", errc_);
+  CHECK(errc_ <= kAttendTol);
+  h.free_all();
 }
 
 // kv_store::write_chunk: a store that takes whole chunks gives every byte back, page tails (the

@@ -701,6 +701,42 @@ static void test_quantized(void) {
     printf("C API %s cache attend vs float64 reference on the unquantized rows: relative error %.3g\n",
            ti == 0 ? "Q8_0" : "Q4_0", sqrt(num / den));
     CHECK(sqrt(num / den) <= tolerance[ti]);
+    /* Since 0.6: int8 Q.K (q8_0 only). 2 is invalid; a 0.5 caller's struct ignores what lies
+     * beyond it; on q8_0 the scores move by the query's q8_0 rounding only. */
+    instinfer_config i8 = cfg;
+    instinfer_cache* c8 = NULL;
+    i8.int8_query_dot = 2;
+    CHECK_ERR(instinfer_cache_create(&i8, &c8), INSTINFER_E_INVALID_ARGUMENT);
+    i8.int8_query_dot = 1;
+    if (ti == 1) {
+      CHECK_ERR(instinfer_cache_create(&i8, &c8), INSTINFER_E_UNSUPPORTED);
+    } else {
+      i8.struct_size = (uint32_t)offsetof(instinfer_config, int8_query_dot);
+      i8.int8_query_dot = 7;
+      CHECK(instinfer_cache_create(&i8, &c8) == INSTINFER_OK);
+      instinfer_cache_destroy(c8);
+      c8 = NULL;
+      i8.struct_size = sizeof i8;
+      i8.int8_query_dot = 1;
+      CHECK(instinfer_cache_create(&i8, &c8) == INSTINFER_OK);
+      if (c8) {
+        instinfer_seq s8 = 0;
+        float out8[HQ * D];
+        CHECK(instinfer_seq_create(c8, &s8) == INSTINFER_OK);
+        CHECK(instinfer_append(c8, s8, 0, 100, k, v, INSTINFER_DTYPE_F32) == INSTINFER_OK);
+        CHECK(instinfer_append(c8, s8, 0, N - 100, kb + 100 * HKV * D, vb + 100 * HKV * D, INSTINFER_DTYPE_BF16) ==
+              INSTINFER_OK);
+        CHECK(instinfer_attend(c8, 0, 1, &s8, q, out8, NULL) == INSTINFER_OK);
+        double dn = 0.0, dd = 0.0;
+        for (int i = 0; i < HQ * D; ++i) {
+          dn += ((double)out8[i] - out[i]) * ((double)out8[i] - out[i]);
+          dd += (double)out[i] * out[i];
+        }
+        printf("C API Q8_0 int8_query_dot vs the f32 scores: relative difference %.3g\n", sqrt(dn / dd));
+        CHECK(sqrt(dn / dd) > 0.0 && sqrt(dn / dd) <= 0.02);
+        instinfer_cache_destroy(c8);
+      }
+    }
     k[7] = NAN;
     CHECK_ERR(instinfer_append(cache, seq, 0, 1, k, v, INSTINFER_DTYPE_F32), INSTINFER_E_INVALID_ARGUMENT);
     CHECK_ERR(instinfer_append(cache, seq, 0, 1, k, v, types[1 - ti]), INSTINFER_E_UNSUPPORTED);

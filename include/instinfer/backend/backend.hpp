@@ -39,6 +39,9 @@ struct backend_config {
   // Page summaries are kept (cache_options::page_summaries): a backend that runs the policy itself
   // (runs_page_summaries()) keeps them.
   bool page_summaries = false;
+  // cache_options::int8_query_dot: decode scores q8_0 K with integer dot products
+  // (decode_params::int8_query_dot). Backends that cannot refuse it with kUnsupported.
+  bool int8_query_dot = false;
 
   chunk_layout layout() const noexcept { return chunk_layout::make(page, shape.n_kv_heads); }
 };

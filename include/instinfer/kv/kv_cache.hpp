@@ -51,6 +51,11 @@ struct cache_options {
   // The caller's threads: no internal pool, attention runs on the calling thread (n_threads is
   // ignored). Spread a call over your threads with attend_slice / attend_chunk_slice.
   bool caller_threads = false;
+  // Opt-in, q8_0 caches on host and ssd: decode attention scores Q.K with integer dot products of
+  // the query quantized to q8_0 (decode_params::int8_query_dot: faster, logits within the bound
+  // documented there), in decode and causal chunk attention; SparF and page summaries stay f32.
+  // Other dtypes, csd and cuda: kUnsupported.
+  bool int8_query_dot = false;
 };
 
 struct cache_stats {

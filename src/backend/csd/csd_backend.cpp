@@ -42,6 +42,8 @@ status csd_backend::configure(const backend_config& config) {
   impl& m = *impl_;
   if (m.configured) return {errc::kInvalidArgument, "csd backend is already configured"};
   INSTINFER_TRY(config.shape.validate());
+  if (config.int8_query_dot)
+    return {errc::kUnsupported, "csd: int8_query_dot is not run by the drive (host and ssd only)"};
   if (config.page.page_bytes != m.page_bytes)
     return {errc::kInvalidArgument, "csd: page_bytes must be " + std::to_string(m.page_bytes) +
                                         " (the drive's flash page, csd: option page=), got " +

@@ -173,6 +173,8 @@ status cuda_backend::configure(const backend_config& config) {
   impl& s = *impl_;
   if (s.configured) return {errc::kInvalidArgument, "cuda backend: configure() may be called only once"};
   INSTINFER_TRY(config.shape.validate());
+  if (config.int8_query_dot)
+    return {errc::kUnsupported, "cuda backend: int8_query_dot is a CPU kernel option (host and ssd only)"};
   if (config.page.head_dim != config.shape.head_dim || config.page.kv_dtype != config.shape.kv_dtype ||
       page_geometry::check(config.page.page_bytes, config.page.head_dim, config.page.kv_dtype) != errc::kOk ||
       config.page.tokens_per_page != config.page.page_bytes / config.page.row_bytes())

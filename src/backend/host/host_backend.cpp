@@ -86,6 +86,7 @@ status host_backend::configure(const backend_config& config) {
   params.group_size = config.shape.group_size();
   params.scale = config.scale;
   params.softcap = config.softcap;
+  params.int8_query_dot = config.int8_query_dot;
   auto decoder = host_decoder::create(params, config.n_threads);
   if (!decoder.ok()) return decoder.error();
   decoder_ = std::move(decoder).value();

@@ -235,6 +235,7 @@ status stream_decode::configure(ssd_io& io, const group_buffers& buffers, const 
   params.group_size = config.shape.group_size();
   params.scale = config.scale;
   params.softcap = config.softcap;
+  params.int8_query_dot = config.int8_query_dot;
   auto kernel = select_decode_heads_kernel(best_cpu_isa(), params);  // validates params
   if (!kernel.ok()) return kernel.error();
   decode_driver_options options;
