@@ -20,7 +20,7 @@
 //     h1: bits0-1 page size, bits2-6 capacity in chunks - 1, bit7 scale 0.3 (else 1/sqrt(d))
 //     h2: bits0-1 value magnitude, bit2 two threads, bits3-4 ssd write_batch, bit5 a quantized kv
 //         dtype instead of h0's (bit6: q4_0, else q8_0), bit7 caller_threads
-//     h3: salt of the value generator
+//     h3: salt of the value generator; with a q8_0 cache, bit7 also sets int8_query_dot
 //   then ops, one opcode byte (mod kOpCount) each followed by its argument bytes (see run_op).
 #include <algorithm>
 #include <cinttypes>
@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "fuzz_input.hpp"
+#include "instinfer/attention/decode.hpp"  // quantize_query_q8: the query int8_query_dot scores
 #include "instinfer/core/dtype.hpp"
 #include "instinfer/instinfer.h"
 
@@ -119,7 +120,7 @@ struct shape {
   uint32_t layers = 1, kv_heads = 1, group = 1, page_bytes = 4096, tpp = 0;
   uint64_t capacity_chunks = 1;
   instinfer_dtype dtype = INSTINFER_DTYPE_F16;
-  bool ssd = false, sparf = false, caller_threads = false;
+  bool ssd = false, sparf = false, caller_threads = false, int8_dot = false;
   float scale = 0.0f, softcap = 0.0f, magnitude = 1.0f;
   uint32_t q_heads() const { return kv_heads * group; }
   size_t row_floats() const { return size_t{kv_heads} * kHeadDim; }  // one token of every kv head
@@ -326,6 +327,22 @@ class session {
     const uint32_t d = kHeadDim, hq = s_.q_heads();
     const size_t n = std::min(n_visible, r.k.size() / s_.row_floats());
     const expected_row e = reference(r, q, n);
+    // int8_query_dot: dense attention scores the query rounded to q8_0 (sparse passes stay f32),
+    // so a dense row may equal either reference.
+    expected_row e8;
+    if (s_.int8_dot && dense && n > 0) {
+      std::vector<float> rounded(size_t{hq} * d);
+      int8_t qs[kHeadDim];
+      float qd[kHeadDim / 32];
+      for (uint32_t h = 0; h < hq; ++h) {
+        instinfer::quantize_query_q8(q + size_t{h} * d, d, qs, qd);
+        for (uint32_t x = 0; x < d; ++x) rounded[size_t{h} * d + x] = static_cast<float>(qs[x]) * qd[x / 32];
+      }
+      e8 = reference(r, rounded.data(), n);
+    }
+    const auto near = [&](const expected_row& want, size_t i, double got, double tol) {
+      return !want.out.empty() && std::fabs(got - want.out[i]) <= tol;
+    };
     for (uint32_t h = 0; h < hq; ++h) {
       const double tol = kTol * std::max(e.vmag[h], 1e-3);
       for (uint32_t x = 0; x < d; ++x) {
@@ -335,7 +352,7 @@ class session {
         if (n == 0)
           ok = got == 0.0;
         else if (dense)
-          ok = std::fabs(got - e.out[i]) <= tol;
+          ok = near(e, i, got, tol) || near(e8, i, got, tol);
         else
           ok = got >= e.vmin[i] - tol && got <= e.vmax[i] + tol;
         if (!ok)
@@ -350,7 +367,8 @@ class session {
       if (n == 0)
         ok = std::isinf(got) && got < 0;
       else if (dense)
-        ok = std::fabs(got - e.lse[h]) <= kTol * std::max(1.0, std::fabs(e.lse[h]));
+        ok = std::fabs(got - e.lse[h]) <= kTol * std::max(1.0, std::fabs(e.lse[h])) ||
+             (!e8.lse.empty() && std::fabs(got - e8.lse[h]) <= kTol * std::max(1.0, std::fabs(e8.lse[h])));
       else
         ok = std::isfinite(got);
       if (!ok) die("%s: sequence %" PRIu64 " layer %u head %u: lse %.9g, want %.9g", call, id, layer, h, got, e.lse[h]);
@@ -1107,6 +1125,7 @@ shape decode_shape(const uint8_t* h) {
   static constexpr float kMagnitudes[] = {0.5f, 1.0f, 2.0f, 4.0f};
   s.magnitude = kMagnitudes[h2 & 3];
   s.caller_threads = h2 & 128;
+  s.int8_dot = s.dtype == INSTINFER_DTYPE_Q8_0 && (h[3] & 128);
   s.tpp = static_cast<uint32_t>(s.page_bytes / s.row_bytes());  // rows never straddle a page
   return s;
 }
@@ -1123,6 +1142,7 @@ instinfer_config make_config(const shape& s, uint8_t h2, std::string& uri) {
   c.capacity_bytes = s.capacity_chunks * 2ull * s.kv_heads * s.page_bytes;
   c.n_threads = h2 & 4 ? 2 : 1;
   c.caller_threads = s.caller_threads ? 1 : 0;
+  c.int8_query_dot = s.int8_dot ? 1 : 0;
   c.scale = s.scale;
   c.logit_softcap = s.softcap;
   c.sparf = s.sparf ? 1 : 0;
