@@ -102,10 +102,9 @@ status attend_engine::prepare_summaries(kv_namespace& ns, const command& c, spar
         }
         src = k_pages.get();
       }
-      float* made = nullptr;
-      if (ns.entry(id).n_tokens == m) {
-        made = summary_fresh(ctx_, ns, id);
-      } else {
+      // Kept when it covers the whole chunk and fits the budget; else for this command only.
+      float* made = ns.entry(id).n_tokens == m ? summary_fresh(ctx_, ns, id) : nullptr;
+      if (made == nullptr) {
         sh.rebuilt.emplace_back(new (std::nothrow) float[ns.summary_floats()]);
         made = sh.rebuilt.back().get();
       }

@@ -28,6 +28,9 @@ struct drive_options {
   bool allow_buffered = false;           // file flash without O_DIRECT when the filesystem refuses it
   uint32_t n_cores = 4;                  // attention worker threads
   uint64_t buffer_bytes = 512ull << 20;  // DRAM group buffer per namespace
+  // DRAM for page summaries, every namespace together. A chunk whose summary would not fit keeps
+  // none: attending it rebuilds one from flash for that command (summary_rebuild_pages_read).
+  uint64_t summary_bytes = 1024ull << 20;
   uint32_t max_namespaces = 16;
   uint32_t pages_per_batch = 16;       // chunks a worker streams per read batch (double-buffered)
   uint32_t debug_attend_delay_ms = 0;  // test seam: attend sleeps this long (kill-during-attend tests)

@@ -21,6 +21,7 @@ void usage() {
       "  --flash-lock-fd FD     with --flash-fd: the descriptor holding the file's lock\n"
       "  --keep-flash           keep a flash file the drive created (default: removed at exit)\n"
       "  --cores N (4)          attention worker threads        --buffer-mb N (512) group buffer\n"
+      "  --summary-mb N (1024)  DRAM for page summaries, every namespace (0: none kept)\n"
       "  --channels N (8) --dies N (8) --blocks-per-die N (64) --pages-per-block N (256) --page BYTES (4096)\n"
       "  --channel-gbps X (1.4) --read-us X (20) --program-us X (200) --erase-us X (2000)\n"
       "  --link-gbps X (7) --link-us X (2)\n"
@@ -94,6 +95,7 @@ std::optional<int> parse_process_options(int argc, char** argv, process_options&
       {"--flash-lock-fd", &d.flash_lock_fd},
       {"--cores", &d.n_cores},
       {"--buffer-mb", &d.buffer_bytes, 20},
+      {"--summary-mb", &d.summary_bytes, 20},
       {"--channels", &d.flash.channels},
       {"--dies", &d.flash.dies_per_channel},
       {"--blocks-per-die", &d.flash.blocks_per_die},

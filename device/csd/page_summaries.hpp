@@ -38,13 +38,15 @@ inline void summary_drop(drive_context& ctx, kv_namespace& ns, uint64_t chunk) n
   ctx.stats.summary_bytes -= bytes;
 }
 
-// A fresh, empty summary for the chunk (replacing any), or null when out of memory.
+// A fresh, empty summary for the chunk (replacing any), or null when out of memory or over the
+// drive's summary budget (drive_options::summary_bytes): the chunk then keeps none.
 inline float* summary_fresh(drive_context& ctx, kv_namespace& ns, uint64_t chunk) noexcept {
   summary_drop(ctx, ns, chunk);
+  const uint64_t bytes = ns.summary_floats() * sizeof(float);
+  if (ctx.stats.summary_bytes + bytes > ctx.o.summary_bytes) return nullptr;
   std::unique_ptr<float[]> s(new (std::nothrow) float[ns.summary_floats()]);
   if (!s) return nullptr;
   page_summary_clear(s.get(), ns.cfg.n_kv_heads, ns.cfg.head_dim);
-  const uint64_t bytes = ns.summary_floats() * sizeof(float);
   ns.summary_bytes += bytes;
   ctx.stats.summary_bytes += bytes;
   ns.summaries[chunk - ns.base] = std::move(s);

@@ -407,6 +407,47 @@ TEST_CASE("csd page summaries: a fork shares them, a truncation rebuilds the tai
   CHECK(summary_bytes(*csd) == 0);
 }
 
+// The drive's summary DRAM budget (csd: summary_mb): a drive that may keep none, or only a few,
+// answers as the host does, rebuilding the summaries it lacks from flash for each command.
+TEST_CASE("csd page summaries over the drive's DRAM budget: none or all kept, same output, rebuilt when missing") {
+  const kv_shape shape{1, 4, 2, 64, dtype::kF16};
+  const uint32_t n = 1500;
+  const auto work = workload(shape, n, 61);
+  auto host = make_pages("host", shape, false);
+  const seq_id hs = host->create_sequence().value();
+  REQUIRE(host->append(hs, 0, n, work.k.data(), work.v.data(), dtype::kF32).ok());
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
+  std::vector<float> want(nq), got(nq);
+  REQUIRE(host->attend_sparse(0, std::span<const seq_id>(&hs, 1), work.q.data(), want.data(), nullptr, pages_at(0.25))
+              .ok());
+  auto unlimited = make_pages(kFlash, shape, false);
+  const seq_id us = unlimited->create_sequence().value();
+  REQUIRE(unlimited->append(us, 0, n, work.k.data(), work.v.data(), dtype::kF32).ok());
+  const uint64_t all = summary_bytes(*unlimited);
+  REQUIRE(all > 0);
+  for (const char* budget : {"&summary_mb=0", "&summary_mb=1"}) {
+    CAPTURE(budget);
+    auto csd = make_pages(std::string(kFlash) + budget, shape, false);
+    const seq_id s = csd->create_sequence().value();
+    REQUIRE(csd->append(s, 0, n, work.k.data(), work.v.data(), dtype::kF32).ok());
+    REQUIRE(dynamic_cast<csd_backend&>(csd->storage()).flush().ok());  // rows on flash: rebuilds read them
+    const uint64_t kept = summary_bytes(*csd);
+    CHECK(kept <= (std::string(budget) == "&summary_mb=0" ? 0 : all));
+    const csd::device_stats d0 = drive_stats(*csd);
+    for (int round = 0; round < 2; ++round) {  // a second command rebuilds again what it could not keep
+      REQUIRE(csd->attend_sparse(0, std::span<const seq_id>(&s, 1), work.q.data(), got.data(), nullptr, pages_at(0.25))
+                  .ok());
+      CHECK(rel(got, want) <= kHostDriveTol);
+    }
+    const csd::device_stats d1 = drive_stats(*csd);
+    if (kept == 0) CHECK(d1.summary_rebuild_pages_read > d0.summary_rebuild_pages_read);
+    CHECK(summary_bytes(*csd) == kept);
+  }
+  CHECK_FALSE(kv_cache::create(test_support::sparf_cache_options(shape, std::string(kFlash) + "&summary_mb=99999999999",
+                                                                 48ull << 20))
+                  .ok());
+}
+
 TEST_CASE("csd page summaries: a cache without them is refused with a message; bad budgets are refused") {
   const kv_shape shape{1, 4, 2, 64, dtype::kF16};
   const auto work = workload(shape, 300, 51);

@@ -25,7 +25,7 @@ namespace {
 
 // What a csd: URI asks for, checked.
 struct csd_uri_options {
-  uint64_t drives = 1, cores = 4, buffer_mb = 512, data_mb = 16, timeout_ms = 5000, delay_ms = 0;
+  uint64_t drives = 1, cores = 4, buffer_mb = 512, summary_mb = 1024, data_mb = 16, timeout_ms = 5000, delay_ms = 0;
   // timeout_ms=N given: it bounds a drive's start-up too; otherwise start-up gets the connection's
   // generous default (a drive under qemu-user takes seconds).
   bool start_timeout_given = false;
@@ -54,7 +54,8 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
                                        "timeout_ms",     "buffered",
                                        "attach",         "device",
                                        "emulator",       "debug_attend_delay_ms",
-                                       "keep",           "persist"};
+                                       "keep",           "persist",
+                                       "summary_mb"};
   for (const auto& option : uri.options) {
     const std::string& k = option.first;  // not a structured binding: clang 14 cannot capture those
     if (std::none_of(std::begin(kKnown), std::end(kKnown), [&](const char* n) { return k == n; }))
@@ -75,6 +76,7 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
   INSTINFER_OPT(bpd, u("blocks_per_die", 64))
   INSTINFER_OPT(capacity, u("capacity", 0))
   INSTINFER_OPT(buffer_mb, u("buffer_mb", 512))
+  INSTINFER_OPT(summary_mb, u("summary_mb", 1024))
   INSTINFER_OPT(data_mb, u("data_mb", 16))
   INSTINFER_OPT(timeout_ms, u("timeout_ms", 5000))
   INSTINFER_OPT(delay_ms, u("debug_attend_delay_ms", 0))
@@ -87,6 +89,7 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
 #undef INSTINFER_OPT
   if (drives == 0 || drives > 64) return status{errc::kInvalidArgument, "drives must be in [1, 64]"};
   if (data_mb == 0 || data_mb > 4096) return status{errc::kInvalidArgument, "data_mb must be in [1, 4096]"};
+  if (summary_mb > (1ull << 30)) return status{errc::kInvalidArgument, "summary_mb must be at most 2^30"};
   if (timeout_ms == 0 || timeout_ms > 3600000)
     return status{errc::kInvalidArgument, "timeout_ms must be in [1, 3600000]"};
   flash_params fp{};
@@ -125,6 +128,7 @@ result<csd_uri_options> parse_uri_options(const backend_uri& uri) {
   o.drives = drives;
   o.cores = cores;
   o.buffer_mb = buffer_mb;
+  o.summary_mb = summary_mb;
   o.data_mb = data_mb;
   o.timeout_ms = timeout_ms;
   o.start_timeout_given = uri.option("timeout_ms").has_value();
@@ -188,7 +192,9 @@ connection_options connection_for(const backend_uri& uri, const csd_uri_options&
                       "--link-us",
                       std::to_string(o.link.command_us),
                       "--buffer-mb",
-                      std::to_string(o.buffer_mb)};
+                      std::to_string(o.buffer_mb),
+                      "--summary-mb",
+                      std::to_string(o.summary_mb)};
     if (uri.option_bool("buffered", false)) co.device_args.push_back("--buffered");
     if (o.delay_ms)
       co.device_args.insert(co.device_args.end(), {"--debug-attend-delay-ms", std::to_string(o.delay_ms)});
