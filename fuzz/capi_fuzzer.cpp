@@ -908,6 +908,14 @@ void session::op_stats(input& in) {
     die("stats: chunk_bytes %" PRIu64 ", want %" PRIu64, buf.st.chunk_bytes, chunk_bytes);
   if (buf.st.capacity_chunks != s_.capacity_chunks)
     die("stats: capacity %" PRIu64 " chunks, configured %" PRIu64, buf.st.capacity_chunks, s_.capacity_chunks);
+  // The configuration it runs with: as created, the capacity in whole chunks.
+  instinfer_config c{};
+  c.struct_size = sizeof c;
+  expect(instinfer_cache_config(cache_, &c), INSTINFER_OK, "instinfer_cache_config");
+  if (c.page_bytes != s_.page_bytes || c.n_layers != s_.layers || c.kv_dtype != s_.dtype ||
+      c.capacity_bytes != s_.capacity_chunks * chunk_bytes || c.int8_query_dot != (s_.int8_dot ? 1u : 0u))
+    die("instinfer_cache_config: page %u, %u layers, capacity %" PRIu64 " differ from the configuration", c.page_bytes,
+        c.n_layers, c.capacity_bytes);
   check_lengths("instinfer_cache_stats");
 }
 
@@ -946,6 +954,9 @@ void session::op_null_cache(input& in) {
   }
   expect(got, INSTINFER_E_INVALID_ARGUMENT, "a call with a NULL cache");
   expect(instinfer_cache_flush(nullptr), INSTINFER_E_INVALID_ARGUMENT, "instinfer_cache_flush(NULL)");
+  instinfer_config cfg{};
+  cfg.struct_size = sizeof cfg;
+  expect(instinfer_cache_config(nullptr, &cfg), INSTINFER_E_INVALID_ARGUMENT, "instinfer_cache_config(NULL)");
   expect(instinfer_seq_state_load_file(nullptr, state_path().c_str(), &id), INSTINFER_E_INVALID_ARGUMENT,
          "instinfer_seq_state_load_file(NULL)");
   instinfer_cache_destroy(nullptr);

@@ -178,6 +178,12 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
  * created (not a file that was there before; keep=1 keeps them). */
 void instinfer_cache_destroy(instinfer_cache* cache);
 instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* out_stats);
+/* Since 0.6: the cache's configuration as it runs: the fields given at creation, with page_bytes
+ * and capacity_bytes as the backend resolved them (0 given: the backend's choice; capacity in whole
+ * chunks) and backend pointing at the cache's own copy of the URI (valid until the cache is
+ * destroyed). Set out_config->struct_size first (sizeof, or an older size: no byte past it is
+ * written). */
+instinfer_status instinfer_cache_config(instinfer_cache* cache, instinfer_config* out_config);
 /* ssd: writes every appended token to the device and syncs it. csd: the drives already hold them
  * (no flush command); checks that every drive answers. host, cuda: nothing to do. */
 instinfer_status instinfer_cache_flush(instinfer_cache* cache);

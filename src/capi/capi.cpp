@@ -18,6 +18,8 @@ struct instinfer_prefix_cache;
 
 struct instinfer_cache {
   std::unique_ptr<instinfer::kv_cache> cache;
+  instinfer_config config{};  // as created, every field (older callers' missing ones at defaults)
+  std::string backend;        // config.backend points here
   // Prefix caches open on it: destroyed before the cache (declared after it), since they free
   // their hidden sequences in it.
   std::mutex prefixes_mutex;
@@ -174,6 +176,11 @@ instinfer_status instinfer_cache_create(const instinfer_config* config, instinfe
     if (!created.ok()) return report(created.error());
     auto handle = std::make_unique<instinfer_cache>();
     handle->cache = std::move(created).value();
+    instinfer_config_init(&handle->config);
+    std::memcpy(&handle->config, config, config->struct_size);
+    handle->config.struct_size = sizeof(instinfer_config);
+    handle->backend = o.backend_uri;
+    handle->config.backend = handle->backend.c_str();
     *out_cache = handle.release();
     return INSTINFER_OK;
   });
@@ -216,6 +223,26 @@ instinfer_status instinfer_cache_stats(instinfer_cache* cache, instinfer_stats* 
       out->sparf_dense_pages = s.sparf.dense_pages;
       out->sparf_column_bytes = s.sparf_column_bytes;
     }
+    return INSTINFER_OK;
+  });
+}
+
+instinfer_status instinfer_cache_config(instinfer_cache* cache, instinfer_config* out) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    CHECK_CACHE(cache);
+    if (!out) return fail(errc::kInvalidArgument, "out_config is NULL");
+    const size_t size = out->struct_size;
+    if (size != sizeof(instinfer_config) && size != offsetof(instinfer_config, sparf) &&
+        size != offsetof(instinfer_config, caller_threads) && size != offsetof(instinfer_config, page_summaries) &&
+        size != offsetof(instinfer_config, int8_query_dot))
+      return fail(errc::kInvalidArgument, "out_config->struct_size is " + std::to_string(size) +
+                                              ", expected sizeof(instinfer_config) or an older size");
+    instinfer_config c = cache->config;
+    c.struct_size = static_cast<uint32_t>(size);
+    c.page_bytes = cache->cache->page().page_bytes;
+    const instinfer::cache_stats s = cache->cache->stats();
+    c.capacity_bytes = s.backend.capacity_chunks * s.chunk_bytes;
+    std::memcpy(out, &c, size);
     return INSTINFER_OK;
   });
 }

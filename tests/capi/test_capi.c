@@ -998,6 +998,57 @@ static void test_persistent_names(void) {
   rmdir(dir);
 }
 
+/* Since 0.6: instinfer_cache_config gives back what the cache runs with: the given fields, the
+ * resolved page size and capacity, its own copy of the URI; an older struct_size gets its fields
+ * and not a byte more. */
+static void test_cache_config(void) {
+  char uri[] = "host";
+  instinfer_config cfg;
+  instinfer_config_init(&cfg);
+  cfg.n_layers = 3;
+  cfg.n_q_heads = HQ;
+  cfg.n_kv_heads = HKV;
+  cfg.head_dim = D;
+  cfg.kv_dtype = INSTINFER_DTYPE_Q8_0;
+  cfg.capacity_bytes = (1u << 20) + 123; /* not whole chunks: rounded down */
+  cfg.int8_query_dot = 1;
+  cfg.backend = uri;
+  instinfer_cache* cache = NULL;
+  CHECK(instinfer_cache_create(&cfg, &cache) == INSTINFER_OK);
+  if (!cache) return;
+  uri[0] = 'X'; /* the cache keeps its own copy */
+  instinfer_config got;
+  memset(&got, 0, sizeof got);
+  got.struct_size = sizeof got;
+  CHECK(instinfer_cache_config(cache, &got) == INSTINFER_OK);
+  instinfer_stats st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
+  CHECK(got.struct_size == sizeof got);
+  CHECK(got.n_layers == 3 && got.n_q_heads == HQ && got.n_kv_heads == HKV && got.head_dim == D);
+  CHECK(got.kv_dtype == INSTINFER_DTYPE_Q8_0 && got.int8_query_dot == 1 && got.sparf == 0);
+  CHECK(got.page_bytes == 4096); /* the host's choice for 0 */
+  CHECK(got.capacity_bytes == st.capacity_chunks * st.chunk_bytes && got.capacity_bytes <= cfg.capacity_bytes);
+  CHECK(got.capacity_bytes > 0 && got.capacity_bytes % st.chunk_bytes == 0);
+  CHECK(got.backend != NULL && got.backend != uri && strcmp(got.backend, "host") == 0);
+  /* A 0.5 caller's struct: filled up to its size, the bytes after it untouched. */
+  unsigned char raw[sizeof(instinfer_config)];
+  memset(raw, 0xa5, sizeof raw);
+  instinfer_config* older = (instinfer_config*)raw;
+  older->struct_size = (uint32_t)offsetof(instinfer_config, int8_query_dot);
+  CHECK(instinfer_cache_config(cache, older) == INSTINFER_OK);
+  CHECK(older->n_layers == 3 && older->page_bytes == 4096);
+  int untouched = 1;
+  for (size_t i = offsetof(instinfer_config, int8_query_dot); i < sizeof raw; ++i) untouched &= raw[i] == 0xa5;
+  CHECK(untouched);
+  older->struct_size = 3;
+  CHECK_ERR(instinfer_cache_config(cache, older), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_cache_config(cache, NULL), INSTINFER_E_INVALID_ARGUMENT);
+  CHECK_ERR(instinfer_cache_config(NULL, &got), INSTINFER_E_INVALID_ARGUMENT);
+  instinfer_cache_destroy(cache);
+}
+
 int main(void) {
   test_round_trip();
   test_bad_configs();
@@ -1005,6 +1056,7 @@ int main(void) {
   test_append_checks_capacity_before_reading();
   test_v03();
   test_quantized();
+  test_cache_config();
   test_exclusive_files();
   test_prefix_cache();
   test_persistent_names();
