@@ -120,7 +120,7 @@ typedef struct instinfer_sparf_params {
   double compression;   /* target fraction of dense K+V traffic, in (0, 1]; 1 = dense attention */
   double page_spread;   /* token pages read, as a multiple of the fewest holding k tokens; 0 = no limit */
   /* Since 0.4: always attend the first sink_tokens and the last window_tokens tokens exactly, sparse
-   * in between; they count toward k (k is raised to hold them). Default 16 and 64 (since 0.5;
+   * in between; they count toward k (k is raised to hold them). Default 16 and 64 (since 0.6;
    * before: 0, 0); 0, 0 = plain SparF. Callers built against 0.2/0.3 pass the shorter struct_size
    * and get the defaults. Every backend runs them (csd: inside the drive). */
   uint32_t sink_tokens;
