@@ -104,6 +104,10 @@ class attend_engine {
   // Page summaries (attend_page_summary.cpp): plans and every item's group summaries (rebuilding
   // what is missing or covers more rows than attended), then one task per (item, kv head).
   status attend_page_summary(kv_namespace& ns, command& c, int64_t wall0, uint64_t& result_bytes);
+  // The end both sparse policies share: the exact pass's modelled compute (over the rows read),
+  // then, when the run succeeded, its counters to the host and the command's statistics.
+  status finish_sparse(const kv_namespace& ns, command& c, const status& run, const sparf_counters& k, int64_t wall0,
+                       uint64_t& attends, uint64_t& result_bytes);
   status prepare_summaries(kv_namespace& ns, const command& c, sparse_shared& sh);
   status run_page_task(const kv_namespace& ns, const command& c, const sparse_shared& sh, uint32_t task,
                        attend_worker& ws, sparse_worker_out& mine);

@@ -46,23 +46,9 @@ status attend_engine::attend_page_summary(kv_namespace& ns, command& c, int64_t 
   // Compute model: the bound of every (group, kv head) per query head (a multiply pair and a max
   // per summary channel: counted as approximate-score elements), then the exact pass over the
   // chosen groups' rows.
-  {
-    const sparf_counters& k = total.counters;
-    const double elem = static_cast<double>(dtype_row_bytes(ns.geo.kv_dtype, d)) / d;
-    ctx_.work.group = ns.cfg.group_size;
-    ctx_.work.kv_dtype = ns.geo.kv_dtype;
-    for (uint32_t i = 0; i < c.n_items(); ++i)
-      ctx_.work.approx_elements += 2.0 * d * sh.page_plans[i].n_groups * ns.cfg.n_kv_heads;
-    ctx_.work.kv_elements += static_cast<double>(k.token_bytes_used) / elem;
-    ctx_.work.scored_tokens += static_cast<double>(k.selected_tokens);
-  }
-  if (!s.ok()) return s;
-  const sparf_wire_counters wc = encode_sparf_counters(total.counters);
-  std::memcpy(c.counters, &wc, sizeof wc);
-  result_bytes = c.wire.result_bytes;
-  ++ctx_.stats.page_summary_attends;
-  ctx_.stats.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);
-  return {};
+  for (uint32_t i = 0; i < c.n_items(); ++i)
+    ctx_.work.approx_elements += 2.0 * d * sh.page_plans[i].n_groups * ns.cfg.n_kv_heads;
+  return finish_sparse(ns, c, s, total.counters, wall0, ctx_.stats.page_summary_attends, result_bytes);
 }
 
 // Single-threaded: every item's group summaries. A chunk's summary covers the rows it holds; an

@@ -50,25 +50,30 @@ status attend_engine::attend_sparse(kv_namespace& ns, const sq_entry& e, const s
   // Compute model: approximate scores over the chosen channels of every token and their ranking,
   // then the exact pass over the selected tokens' K and V (compression 1 skips the first part).
   {
+    // A column value's bytes: f16 for a quantized cache.
     const sparf_counters& k = total.counters;
-    // Bytes per element: a token row's (a quantized row counts its block scales), and a column
-    // value's (f16 for a quantized cache).
-    const double elem = static_cast<double>(dtype_row_bytes(ns.geo.kv_dtype, ns.cfg.head_dim)) / ns.cfg.head_dim;
     const double column_elem = static_cast<double>(dtype_size(channel_layout::column_dtype(ns.geo.kv_dtype)));
-    ctx_.work.group = ns.cfg.group_size;
-    ctx_.work.kv_dtype = ns.geo.kv_dtype;
     ctx_.work.approx_elements += static_cast<double>(k.channel_bytes_used + k.buffered_channel_bytes) / column_elem;
     if (k.channel_bytes_used + k.buffered_channel_bytes > 0)
       for (uint32_t i = 0; i < c.n_items(); ++i)
         ctx_.work.ranked_tokens += static_cast<double>(c.items[i].n_tokens) * ns.cfg.n_kv_heads;
-    ctx_.work.kv_elements += static_cast<double>(k.token_bytes_used) / elem;
-    ctx_.work.scored_tokens += static_cast<double>(k.selected_tokens);
   }
-  if (!s.ok()) return s;
-  const sparf_wire_counters wc = encode_sparf_counters(total.counters);
+  return finish_sparse(ns, c, s, total.counters, wall0, ctx_.stats.sparse_attends, result_bytes);
+}
+
+status attend_engine::finish_sparse(const kv_namespace& ns, command& c, const status& run, const sparf_counters& k,
+                                    int64_t wall0, uint64_t& attends, uint64_t& result_bytes) {
+  // A token row's bytes per element (a quantized row counts its block scales).
+  const double elem = static_cast<double>(dtype_row_bytes(ns.geo.kv_dtype, ns.cfg.head_dim)) / ns.cfg.head_dim;
+  ctx_.work.group = ns.cfg.group_size;
+  ctx_.work.kv_dtype = ns.geo.kv_dtype;
+  ctx_.work.kv_elements += static_cast<double>(k.token_bytes_used) / elem;
+  ctx_.work.scored_tokens += static_cast<double>(k.selected_tokens);
+  if (!run.ok()) return run;
+  const sparf_wire_counters wc = encode_sparf_counters(k);
   std::memcpy(c.counters, &wc, sizeof wc);
   result_bytes = c.wire.result_bytes;
-  ++ctx_.stats.sparse_attends;
+  ++attends;
   ctx_.stats.attend_wall_ns += static_cast<uint64_t>(wall_ns() - wall0);
   return {};
 }

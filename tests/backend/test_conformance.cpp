@@ -270,6 +270,12 @@ struct harness {
       CHECK(lerr <= kAttendTol);
     }
   }
+  // Tokens [from, from + count) of a workload's f32 rows appended to `s` on `layer` (the cache
+  // only: for the SparF and page-summary cases, which compare with read_tokens' values).
+  void append_work(seq_id s, uint32_t layer, const synthetic::attention_workload& w, uint32_t from, uint32_t count) {
+    const size_t row = size_t{shape().n_kv_heads} * shape().head_dim;
+    REQUIRE(cache->append(s, layer, count, w.k.data() + from * row, w.v.data() + from * row, dtype::kF32).ok());
+  }
   // All sequences, both layers.
   void check_attend_all(const std::string& check) {
     std::vector<seq_id> all;
@@ -548,10 +554,8 @@ TEST_CASE_TEMPLATE("attend_sparse: compression 1 equals dense; 1/8 within the Sp
   const sparf_config cfg = sparf_config::make(h.cache->layout(), 0, shape.group_size()).value();
   const uint32_t n = 1500;
   const auto work = test_support::workload(shape, n, 7);
-  const size_t row = size_t{shape.n_kv_heads} * shape.head_dim, nq = size_t{shape.n_q_heads} * shape.head_dim;
-  const auto add = [&](seq_id s, uint32_t from, uint32_t count) {
-    REQUIRE(h.cache->append(s, 1, count, work.k.data() + from * row, work.v.data() + from * row, dtype::kF32).ok());
-  };
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
+  const auto add = [&](seq_id s, uint32_t from, uint32_t count) { h.append_work(s, 1, work, from, count); };
   const seq_id s = h.create();
   add(s, 0, 700);  // two appends: the column copy crosses a block boundary mid-append
   add(s, 700, 800);
@@ -642,10 +646,8 @@ TEST_CASE_TEMPLATE("attend_sparse (page summaries): budget 1 equals dense; 1/8 v
   const sparf_config cfg = sparf_config::make(h.cache->layout(), 0, shape.group_size()).value();
   const uint32_t n = 1500;
   const auto work = test_support::workload(shape, n, 9);
-  const size_t row = size_t{shape.n_kv_heads} * shape.head_dim, nq = size_t{shape.n_q_heads} * shape.head_dim;
-  const auto add = [&](seq_id s, uint32_t from, uint32_t count) {
-    REQUIRE(h.cache->append(s, 1, count, work.k.data() + from * row, work.v.data() + from * row, dtype::kF32).ok());
-  };
+  const size_t nq = size_t{shape.n_q_heads} * shape.head_dim;
+  const auto add = [&](seq_id s, uint32_t from, uint32_t count) { h.append_work(s, 1, work, from, count); };
   const seq_id s = h.create();
   add(s, 0, 700);
   add(s, 700, 800);

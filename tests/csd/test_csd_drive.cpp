@@ -253,6 +253,23 @@ void check_attend(harness& h, uint32_t layer, const std::vector<uint64_t>& seqs,
   }
 }
 
+// Attend-sparse parameters that keep every token (compression 1): the policy must equal dense.
+sparf_wire_params keep_all_params() {
+  sparf_wire_params p{};
+  p.compression = 1.0;
+  p.page_spread = 2.0;
+  return p;
+}
+
+// One item's output and lse against the float64 model of its first n tokens (group g, d 64).
+void check_dense(const kv_model& model, const std::vector<float>& q, uint32_t g, uint32_t n,
+                 const std::vector<float>& out, const std::vector<float>& lse) {
+  std::vector<double> want, want_lse;
+  model.attend(q.data(), g, n, 1.0 / std::sqrt(64.0), want, want_lse);
+  CHECK(reference::relative_error(std::span<const float>(out), want) < 1e-5);
+  CHECK(csd_test::lse_error(std::span<const float>(lse), want_lse) < 1e-5);
+}
+
 }  // namespace
 
 TEST_CASE("protocol entries have their fixed layout") {
@@ -533,14 +550,9 @@ TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1
   const std::vector<attend_entry> items{{7, n, 0}};
   std::vector<float> out, lse;
   sparf_wire_counters c{};
-  sparf_wire_params dense_params{};
-  dense_params.compression = 1.0;
-  dense_params.page_spread = 2.0;
+  const sparf_wire_params dense_params = keep_all_params();
   REQUIRE(h.attend_sparse(0, items, q.data(), dense_params, out, lse, c).ok());
-  std::vector<double> want, want_lse;
-  model.attend(q.data(), 2, n, 1.0 / std::sqrt(64.0), want, want_lse);
-  CHECK(reference::relative_error(std::span<const float>(out), want) < 1e-5);
-  CHECK(csd_test::lse_error(std::span<const float>(lse), want_lse) < 1e-5);
+  check_dense(model, q, 2, n, out, lse);
   CHECK(c.items == 2);
   CHECK(c.selected_tokens == 2 * n);
 
@@ -630,16 +642,11 @@ TEST_CASE("page summaries in the firmware: budget 1 is exact, the policy reads f
   const std::vector<attend_entry> items{{3, n, 0}};
   std::vector<float> out, lse;
   sparf_wire_counters c{};
-  sparf_wire_params all{};
-  all.compression = 1.0;
-  all.page_spread = 2.0;
+  const sparf_wire_params all = keep_all_params();
   sparf_wire_ext pages{};
   pages.policy = 1;
   REQUIRE(h.attend_sparse(0, items, q.data(), all, out, lse, c, &pages).ok());
-  std::vector<double> want, want_lse;
-  model.attend(q.data(), 2, n, 1.0 / std::sqrt(64.0), want, want_lse);
-  CHECK(reference::relative_error(std::span<const float>(out), want) < 1e-5);
-  CHECK(csd_test::lse_error(std::span<const float>(lse), want_lse) < 1e-5);
+  check_dense(model, q, 2, n, out, lse);
   CHECK(c.items == 2);
   CHECK(c.selected_tokens == 2 * n);
   CHECK(c.token_pages_read == 2 * 2 * 32);

@@ -286,16 +286,15 @@ inline std::vector<float> random_values(size_t n, uint64_t seed) {
   return x;
 }
 
-// The page-summary policy in float64 over the stored values: per kv head each group's bound
-// max over the query heads of sum_c max(q_c min_c, q_c max_c) from the rows themselves, the
+// The page-summary policy in float64 over rows k, v: [n][H][d] floats. Per kv head each group's
+// bound max over the query heads of sum_c max(q_c min_c, q_c max_c) from the rows themselves, the
 // mandatory groups and the best others (ties: the lower group), then exact attention over every
-// row of the chosen groups. out: [Hq][d].
-inline void page_summary_reference(const stored_layer& s, const sparf_params& p, const float* q,
-                                   std::vector<double>& out) {
-  const uint32_t H = s.cfg.n_kv_heads(), G = s.cfg.group_size, d = s.cfg.head_dim(), n = s.n_tokens;
-  const uint32_t tpp = s.cfg.tokens.page.tokens_per_page;
+// row of the chosen groups. out: [H * G][d].
+inline std::vector<double> page_summary_reference_rows(const float* k_rows, const float* v_rows, uint32_t n, uint32_t H,
+                                                       uint32_t G, uint32_t d, uint32_t tpp, const sparf_params& p,
+                                                       const float* q, double scale, double softcap) {
   const page_summary_plan plan = page_summary_resolve(p, d, tpp, n).value();
-  out.assign(size_t{H} * G * d, 0.0);
+  std::vector<double> out(size_t{H} * G * d, 0.0);
   for (uint32_t h = 0; h < H; ++h) {
     std::vector<double> score(plan.n_groups, -INFINITY);
     for (uint32_t g = 0; g < plan.n_groups; ++g)
@@ -304,8 +303,8 @@ inline void page_summary_reference(const stored_layer& s, const sparf_params& p,
         for (uint32_t c = 0; c < d; ++c) {
           double mn = INFINITY, mx = -INFINITY;
           for (uint32_t t = g * tpp; t < std::min(n, (g + 1) * tpp); ++t) {
-            mn = std::min<double>(mn, s.k[(size_t{t} * H + h) * d + c]);
-            mx = std::max<double>(mx, s.k[(size_t{t} * H + h) * d + c]);
+            mn = std::min<double>(mn, k_rows[(size_t{t} * H + h) * d + c]);
+            mx = std::max<double>(mx, k_rows[(size_t{t} * H + h) * d + c]);
           }
           const double qc = q[(size_t{h} * G + j) * d + c];
           sum += std::max(qc * mn, qc * mx);
@@ -327,12 +326,21 @@ inline void page_summary_reference(const stored_layer& s, const sparf_params& p,
     for (uint32_t t = 0; t < n; ++t)
       if (keep[t / tpp])
         for (uint32_t c = 0; c < d; ++c) {
-          k.push_back(s.k[(size_t{t} * H + h) * d + c]);
-          v.push_back(s.v[(size_t{t} * H + h) * d + c]);
+          k.push_back(k_rows[(size_t{t} * H + h) * d + c]);
+          v.push_back(v_rows[(size_t{t} * H + h) * d + c]);
         }
-    reference::attend_rows(k.data(), v.data(), dtype::kF32, k.size() / d, d, q + size_t{h} * G * d, G,
-                           s.cfg.effective_scale(), s.cfg.softcap, out.data() + size_t{h} * G * d, nullptr);
+    reference::attend_rows(k.data(), v.data(), dtype::kF32, k.size() / d, d, q + size_t{h} * G * d, G, scale, softcap,
+                           out.data() + size_t{h} * G * d, nullptr);
   }
+  return out;
+}
+
+// The same over a stored layer (its scale and soft-cap).
+inline void page_summary_reference(const stored_layer& s, const sparf_params& p, const float* q,
+                                   std::vector<double>& out) {
+  out = page_summary_reference_rows(s.k.data(), s.v.data(), s.n_tokens, s.cfg.n_kv_heads(), s.cfg.group_size,
+                                    s.cfg.head_dim(), s.cfg.tokens.page.tokens_per_page, p, q, s.cfg.effective_scale(),
+                                    s.cfg.softcap);
 }
 
 }  // namespace sparf_test

@@ -16,6 +16,7 @@
 #include "instinfer/attention/sparf/page_summary.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "instinfer/testing/reference.hpp"
+#include "sparf/sparf_test_util.hpp"
 #include "support/kv_test_util.hpp"
 
 using namespace instinfer;
@@ -109,48 +110,8 @@ stored_rows as_stored(const rows& r, dtype t, uint32_t d) {
 
 std::vector<double> expected(const kv_shape& s, const stored_rows& r, uint32_t n, uint32_t tpp, const sparf_params& p,
                              const std::vector<float>& q) {
-  const uint32_t H = s.n_kv_heads, G = s.group_size(), d = s.head_dim;
-  const page_summary_plan plan = page_summary_resolve(p, d, tpp, n).value();
-  std::vector<double> out(size_t{s.n_q_heads} * d);
-  for (uint32_t h = 0; h < H; ++h) {
-    std::vector<double> score(plan.n_groups, -std::numeric_limits<double>::infinity());
-    for (uint32_t g = 0; g < plan.n_groups; ++g)
-      for (uint32_t j = 0; j < G; ++j) {
-        double sum = 0;
-        for (uint32_t c = 0; c < d; ++c) {
-          double mn = INFINITY, mx = -INFINITY;
-          for (uint32_t t = g * tpp; t < std::min(n, (g + 1) * tpp); ++t) {
-            const double x = r.k[(size_t{t} * H + h) * d + c];
-            mn = std::min(mn, x);
-            mx = std::max(mx, x);
-          }
-          const double qc = q[(size_t{h} * G + j) * d + c];
-          sum += std::max(qc * mn, qc * mx);
-        }
-        score[g] = std::max(score[g], sum);
-      }
-    std::vector<uint32_t> order;
-    std::vector<uint8_t> keep(plan.n_groups, 0);
-    for (uint32_t g = 0; g < plan.n_groups; ++g) {
-      if (g < plan.sink_groups || g >= plan.window_first)
-        keep[g] = 1;
-      else
-        order.push_back(g);
-    }
-    std::sort(order.begin(), order.end(),
-              [&](uint32_t a, uint32_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
-    for (uint32_t j = 0; j < plan.n_select - plan.n_mandatory; ++j) keep[order[j]] = 1;
-    std::vector<float> k, v;
-    for (uint32_t t = 0; t < n; ++t)
-      if (keep[t / tpp])
-        for (uint32_t c = 0; c < d; ++c) {
-          k.push_back(r.k[(size_t{t} * H + h) * d + c]);
-          v.push_back(r.v[(size_t{t} * H + h) * d + c]);
-        }
-    reference::attend_rows(k.data(), v.data(), dtype::kF32, k.size() / d, d, q.data() + size_t{h} * G * d, G,
-                           1.0 / std::sqrt(double(d)), 0.0, out.data() + size_t{h} * G * d, nullptr);
-  }
-  return out;
+  return sparf_test::page_summary_reference_rows(r.k.data(), r.v.data(), n, s.n_kv_heads, s.group_size(), s.head_dim,
+                                                 tpp, p, q.data(), 1.0 / std::sqrt(double(s.head_dim)), 0.0);
 }
 
 }  // namespace
