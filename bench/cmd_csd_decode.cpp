@@ -15,8 +15,8 @@
 // flash pages read = the same, link bytes out = all KV of the context, modelled time = the flash
 // model reading those pages pipelined with the link transfer; cpu_seconds = the host backend's
 // attention over the same tokens on this machine (measured).
-// With --sparse B (a budget, e.g. 0.125) the cache also keeps SparF's column copy (not for a
-// quantized dtype: the drive runs SparF on f32/f16/bf16 only) and page summaries, and one more
+// With --sparse B (a budget, e.g. 0.125) the cache also keeps SparF's column copy (f16 columns for
+// a quantized dtype: channel_layout.hpp) and page summaries, and one more
 // line (kind "csd-sparse") compares attend-only steps (no appends) of dense attention, SparF and
 // the page-summary policy at that budget, default sinks and window: per step the drives' flash
 // pages read and the modelled seconds.
@@ -160,17 +160,19 @@ int run(int argc, char** argv) {
         cache_options o;
         o.shape = shape;
         o.page_bytes = page;
-        const bool with_sparf = sparse_budget > 0.0 && !is_quantized(shape.kv_dtype);
+        const bool with_sparf = sparse_budget > 0.0;
         o.sparf = with_sparf;
         o.page_summaries = sparse_budget > 0.0;
         const uint64_t chunk_bytes = 2ull * shape.n_kv_heads * page;
         const uint64_t tpp = page / shape.row_bytes();
         const uint64_t chunks = batch * shape.n_layers * ((ctx + steps + tpp - 1) / tpp + 1);
         o.capacity_bytes = chunks * chunk_bytes;
-        // Flash sized to the KV (plus room, and SparF's column copy), so RAM flash stays proportional.
+        // Flash sized to the KV (plus room, and SparF's column copy: column pages per K page, 1 for
+        // f16 / bf16, about 2 for q8_0 and 4 for q4_0), so RAM flash stays proportional.
         const uint64_t lanes = uint64_t{fp.channels} * 8;
+        const uint64_t column_pages = (2ull * shape.head_dim + shape.row_bytes() - 1) / shape.row_bytes();
         const uint64_t flash_pages_needed =
-            chunks * (with_sparf ? 3 : 2) * shape.n_kv_heads / drives * 2 + lanes * 256 * 2;
+            chunks * (with_sparf ? 2 + column_pages : 2) * shape.n_kv_heads / drives * 2 + lanes * 256 * 2;
         const uint64_t blocks_per_die = std::max<uint64_t>(2, flash_pages_needed / (lanes * 256) + 1);
         o.backend_uri = "csd:?drives=" + std::to_string(drives) + "&cores=" + std::to_string(cores) +
                         "&channels=" + std::to_string(fp.channels) +

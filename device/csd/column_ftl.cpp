@@ -42,15 +42,25 @@ void column_ftl::drop_sequence(kv_namespace& ns, uint64_t seq) noexcept {
     }
 }
 
-// The live column block built from exactly these chunks (current generations), or UINT32_MAX.
-uint32_t column_ftl::find_block(const kv_namespace& ns, const uint32_t* chunks) noexcept {
+column_ftl::chunk_run column_ftl::run_of(const kv_namespace& ns, uint64_t first, uint32_t n) noexcept {
+  const uint32_t tpp = ns.geo.tokens_per_page;
+  chunk_run r;
+  r.first_index = static_cast<uint32_t>(first / tpp);
+  r.offset = static_cast<uint32_t>(first % tpp);
+  r.count = static_cast<uint32_t>((uint64_t{r.offset} + n + tpp - 1) / tpp);
+  return r;
+}
+
+// The live column block built from exactly this run of chunks (current generations, same first
+// row), or UINT32_MAX.
+uint32_t column_ftl::find_block(const kv_namespace& ns, const uint32_t* chunks, const chunk_run& run) noexcept {
   auto it = ns.cblocks_of_chunk.find(chunks[0]);
   if (it == ns.cblocks_of_chunk.end()) return UINT32_MAX;
-  const uint32_t C = ns.chunks_per_column_block;
   for (uint32_t b : it->second) {
     const kv_namespace::column_block& cb = ns.cblocks[b];
-    bool same = cb.live && cb.chunks.size() == C;
-    for (uint32_t j = 0; same && j < C; ++j) same = cb.chunks[j] == chunks[j] && cb.gens[j] == gen_of(ns, chunks[j]);
+    bool same = cb.live && cb.offset == run.offset && cb.chunks.size() == run.count;
+    for (uint32_t j = 0; same && j < run.count; ++j)
+      same = cb.chunks[j] == chunks[j] && cb.gens[j] == gen_of(ns, chunks[j]);
     if (same) return b;
   }
   return UINT32_MAX;
@@ -58,8 +68,8 @@ uint32_t column_ftl::find_block(const kv_namespace& ns, const uint32_t* chunks) 
 
 // Program one column block (`src`: channel_layout order) built from `chunks` and register it. Its
 // pages of one head go to consecutive lanes, so a SparF read of a few of them runs in parallel.
-result<uint32_t> column_ftl::add_block(kv_namespace& ns, const uint32_t* chunks, const std::byte* src,
-                                       const std::vector<double>& v_sum, uint64_t lane0) {
+result<uint32_t> column_ftl::add_block(kv_namespace& ns, const uint32_t* chunks, const chunk_run& run,
+                                       const std::byte* src, const std::vector<double>& v_sum, uint64_t lane0) {
   uint32_t b;
   if (!ns.free_cblocks.empty()) {
     b = ns.free_cblocks.back();
@@ -70,9 +80,10 @@ result<uint32_t> column_ftl::add_block(kv_namespace& ns, const uint32_t* chunks,
     ns.free_cblocks.reserve(ns.cblocks.size());
   }
   kv_namespace::column_block& cb = ns.cblocks[b];
-  const uint32_t C = ns.chunks_per_column_block;
+  const uint32_t C = run.count;
   try {
     cb.pages.assign(ns.columns.pages_per_block(), kNoPage);
+    cb.offset = run.offset;
     cb.chunks.assign(chunks, chunks + C);
     cb.gens.resize(C);
     for (uint32_t j = 0; j < C; ++j) cb.gens[j] = gen_of(ns, chunks[j]);
@@ -94,18 +105,19 @@ result<uint32_t> column_ftl::add_block(kv_namespace& ns, const uint32_t* chunks,
   return b;
 }
 
-// Column data (channel_layout order) and V sums of the first n tokens of a run of token chunks,
-// read from the group buffer or flash: how a column block or tail is rebuilt.
-status column_ftl::build_columns(kv_namespace& ns, const uint32_t* chunks, uint32_t n, std::byte* dst,
+// Column data (channel_layout order) and V sums of n tokens of a run of token chunks, from row
+// `offset` of the first, read from the group buffer or flash: how a column block or tail is rebuilt.
+status column_ftl::build_columns(kv_namespace& ns, const uint32_t* chunks, uint32_t offset, uint32_t n, std::byte* dst,
                                  std::vector<double>& v_sum) {
   const uint32_t tpp = ns.geo.tokens_per_page, H = ns.cfg.n_kv_heads;
   const uint64_t page = ns.geo.page_bytes, row = ns.geo.row_bytes();
   std::fill(v_sum.begin(), v_sum.end(), 0.0);
   aligned_bytes tmp;
-  for (uint32_t j = 0; uint64_t{j} * tpp < n; ++j) {
+  for (uint32_t j = 0, done = 0; done < n; ++j) {
     const uint32_t id = chunks[j];
-    const uint32_t count = std::min(tpp, n - j * tpp);
-    if (ns.entry(id).n_tokens < count)
+    const uint32_t from = j == 0 ? offset : 0;
+    const uint32_t count = std::min(tpp - from, n - done);
+    if (ns.entry(id).n_tokens < from + count)
       return {errc::kInvalidArgument, "chunk " + std::to_string(id) + " holds too few tokens"};
     const std::byte* src = ns.resident(id);
     if (!src) {
@@ -121,7 +133,9 @@ status column_ftl::build_columns(kv_namespace& ns, const uint32_t* chunks, uint3
       }
       src = tmp.get();
     }
-    ns.columns.transpose_rows(dst, j * tpp, count, src, src + uint64_t{H} * page, row, page, v_sum.data());
+    ns.columns.transpose_rows(dst, done, count, src + from * row, src + uint64_t{H} * page + from * row, row, page,
+                              v_sum.data());
+    done += count;
   }
   return {};
 }
@@ -174,7 +188,7 @@ void column_ftl::append(kv_namespace& ns, uint64_t seq, uint32_t layer, uint32_t
   for (uint32_t i = 0; i < n;) {  // up to the end of the tail's column block at a time
     const uint32_t m = std::min(n - i, ctp - tl.n);
     for (uint32_t t = i; t < i + m; ++t)
-      if ((p0 + t) % tpp == 0) {  // the tokens start a chunk
+      if ((p0 + t) % tpp == 0 || tl.n + (t - i) == 0) {  // the token starts a chunk or the block
         const uint32_t id = ids[(first_token + t) / tpp];
         tl.chunks.push_back(id);
         tl.gens.push_back(gen_of(ns, id));
@@ -183,7 +197,9 @@ void column_ftl::append(kv_namespace& ns, uint64_t seq, uint32_t layer, uint32_t
     i += m;
     tl.n += m;
     if (tl.n == ctp) {  // sealed: program the block, continue with a fresh tail
-      auto b = add_block(ns, tl.chunks.data(), tl.k.get(), tl.v_sum, token_ftl::stripe(seq, layer) + tl.block * 7ull);
+      const chunk_run run = run_of(ns, uint64_t{tl.block} * ctp, ctp);
+      auto b =
+          add_block(ns, tl.chunks.data(), run, tl.k.get(), tl.v_sum, token_ftl::stripe(seq, layer) + tl.block * 7ull);
       if (!b.ok()) return void(tl.valid = false);  // rebuilt from the token pages when attended
       ++tl.block;
       tl.n = 0;
@@ -196,20 +212,21 @@ void column_ftl::append(kv_namespace& ns, uint64_t seq, uint32_t layer, uint32_t
 
 status column_ftl::ensure(kv_namespace& ns, uint64_t seq, uint32_t layer, const page_table& tab, uint32_t n,
                           std::vector<uint32_t>& blocks_out, const column_tail*& tail_out) {
-  const uint32_t tpp = ns.geo.tokens_per_page, ctp = ns.columns.tokens_per_page, C = ns.chunks_per_column_block;
+  const uint32_t ctp = ns.columns.tokens_per_page;
   const uint32_t sealed = n / ctp, n_tail = n % ctp;
   blocks_out.clear();
   aligned_bytes tmp;
   std::vector<double> vs;
   for (uint32_t b = 0; b < sealed; ++b) {
-    const uint32_t* ids = tab.data() + uint64_t{b} * C;
-    uint32_t idx = find_block(ns, ids);
+    const chunk_run run = run_of(ns, uint64_t{b} * ctp, ctp);
+    const uint32_t* ids = tab.data() + run.first_index;
+    uint32_t idx = find_block(ns, ids, run);
     if (idx == UINT32_MAX) {
       if (!tmp) tmp = alloc_aligned(ns.columns.block_bytes());
       if (!tmp) return {errc::kOutOfMemory, "column rebuild buffer"};
       vs.assign(uint64_t{ns.cfg.n_kv_heads} * ns.cfg.head_dim, 0.0);
-      INSTINFER_TRY(build_columns(ns, ids, ctp, tmp.get(), vs));
-      auto added = add_block(ns, ids, tmp.get(), vs, token_ftl::stripe(seq, layer) + b * 7ull);
+      INSTINFER_TRY(build_columns(ns, ids, run.offset, ctp, tmp.get(), vs));
+      auto added = add_block(ns, ids, run, tmp.get(), vs, token_ftl::stripe(seq, layer) + b * 7ull);
       if (!added.ok()) return added.error();
       idx = *added;
     }
@@ -218,17 +235,17 @@ status column_ftl::ensure(kv_namespace& ns, uint64_t seq, uint32_t layer, const 
   tail_out = nullptr;
   if (n_tail == 0) return {};
   column_tail& tl = ns.tails[seq_layer_key{seq, layer}];
-  const uint32_t tail_chunks = (n_tail + tpp - 1) / tpp;
-  const uint32_t* ids = tab.data() + uint64_t{sealed} * C;
-  bool ok = tl.valid && tl.block == sealed && tl.n == n_tail && tl.chunks.size() == tail_chunks;
-  for (uint32_t j = 0; ok && j < tail_chunks; ++j) ok = tl.chunks[j] == ids[j] && tl.gens[j] == gen_of(ns, ids[j]);
+  const chunk_run run = run_of(ns, uint64_t{sealed} * ctp, n_tail);
+  const uint32_t* ids = tab.data() + run.first_index;
+  bool ok = tl.valid && tl.block == sealed && tl.n == n_tail && tl.chunks.size() == run.count;
+  for (uint32_t j = 0; ok && j < run.count; ++j) ok = tl.chunks[j] == ids[j] && tl.gens[j] == gen_of(ns, ids[j]);
   if (!ok) {
     tl.valid = false;
     INSTINFER_TRY(ensure_tail_memory(ns, tl, false));
-    INSTINFER_TRY(build_columns(ns, ids, n_tail, tl.k.get(), tl.v_sum));
-    tl.chunks.assign(ids, ids + tail_chunks);
-    tl.gens.resize(tail_chunks);
-    for (uint32_t j = 0; j < tail_chunks; ++j) tl.gens[j] = gen_of(ns, ids[j]);
+    INSTINFER_TRY(build_columns(ns, ids, run.offset, n_tail, tl.k.get(), tl.v_sum));
+    tl.chunks.assign(ids, ids + run.count);
+    tl.gens.resize(run.count);
+    for (uint32_t j = 0; j < run.count; ++j) tl.gens[j] = gen_of(ns, ids[j]);
     tl.block = sealed;
     tl.n = n_tail;
     tl.valid = true;

@@ -39,12 +39,21 @@ class column_ftl {
   static void drop_sequence(kv_namespace& ns, uint64_t seq) noexcept;
 
  private:
+  // Tokens [first, first + n) of a (seq, layer) as a run of its token chunks: the first one's
+  // table position, how many, and the first token's row in the first chunk. A column block need not
+  // start or end on a chunk boundary (a quantized row gives e.g. 30 tokens a page against 512 column
+  // tokens), so its run may share its first and last chunks with the neighbouring blocks.
+  struct chunk_run {
+    uint32_t first_index = 0, count = 0, offset = 0;
+  };
+  static chunk_run run_of(const kv_namespace& ns, uint64_t first, uint32_t n) noexcept;
+
   static uint32_t gen_of(const kv_namespace& ns, uint32_t chunk) noexcept { return ns.gen[chunk - ns.base]; }
   void drop_block(kv_namespace& ns, uint32_t b) noexcept;
-  static uint32_t find_block(const kv_namespace& ns, const uint32_t* chunks) noexcept;
-  result<uint32_t> add_block(kv_namespace& ns, const uint32_t* chunks, const std::byte* src,
+  static uint32_t find_block(const kv_namespace& ns, const uint32_t* chunks, const chunk_run& run) noexcept;
+  result<uint32_t> add_block(kv_namespace& ns, const uint32_t* chunks, const chunk_run& run, const std::byte* src,
                              const std::vector<double>& v_sum, uint64_t lane0);
-  status build_columns(kv_namespace& ns, const uint32_t* chunks, uint32_t n, std::byte* dst,
+  status build_columns(kv_namespace& ns, const uint32_t* chunks, uint32_t offset, uint32_t n, std::byte* dst,
                        std::vector<double>& v_sum);
   status ensure_tail_memory(kv_namespace& ns, column_tail& tl, bool may_evict);
 

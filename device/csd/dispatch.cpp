@@ -241,11 +241,6 @@ status drive_impl::do_config(uint32_t qp, const sq_entry& e, const std::byte* da
   if (c.group_size == 0 || c.group_size > kv_shape::kMaxHeads) return {errc::kInvalidArgument, "bad group size"};
   if (!is_valid_dtype(static_cast<dtype>(c.kv_dtype)))
     return {errc::kInvalidArgument, "unknown KV dtype " + std::to_string(c.kv_dtype)};
-  // The column FTL maps a column block onto whole token chunks (column tokens per page, a power of
-  // two, a multiple of the chunk's): quantized rows give tokens per page that are none.
-  if (c.sparf && is_quantized(static_cast<dtype>(c.kv_dtype)))
-    return {errc::kUnsupported, "the drive runs SparF on f32 / f16 / bf16 KV only, not " +
-                                    std::string(dtype_name(static_cast<dtype>(c.kv_dtype)))};
   INSTINFER_TRY(shape.validate());
   if (c.page_bytes != ctx_.o.flash.page_bytes)
     return {errc::kInvalidArgument, "page size " + std::to_string(c.page_bytes) + " differs from the flash page (" +
@@ -333,7 +328,6 @@ status drive_impl::configure_sparf(kv_namespace& ns, const kv_shape& shape) cons
   ns.sparf = true;
   ns.columns = *cols;
   ns.sparf_one_head = *one;
-  ns.chunks_per_column_block = cols->tokens_per_page / ns.geo.tokens_per_page;  // d / channels per page
   return {};
 }
 

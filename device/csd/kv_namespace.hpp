@@ -71,12 +71,14 @@ struct kv_namespace {
 
   // SparF: the channel-indexed K copy under a second L2P table, and V sums for the running mean
   // (column_ftl.hpp). Column data is derived from the token chunks: a sealed column block is keyed
-  // by the chunks (and their generations) it was built from, so forks share it and a reused chunk
-  // id never matches stale data; the block being filled lives in DRAM per (seq, layer). Anything
-  // missing or stale (after a fork, a truncation, a failed program) is rebuilt from the token pages
+  // by the chunks (and their generations) it was built from and its first token's row in the first
+  // (chunks are append-only, so rows a block used never change under the same id and generation),
+  // so forks share it and a reused chunk id never matches stale data; the block being filled lives in DRAM per (seq,
+  // layer). Anything missing or stale (after a fork, a truncation, a failed program) is rebuilt from the token pages
   // when attended.
   struct column_block {
-    std::vector<uint32_t> chunks, gens;  // the token chunks it covers (chunks_per_column_block)
+    std::vector<uint32_t> chunks, gens;  // the token chunks holding its tokens, in order
+    uint32_t offset = 0;                 // its first token's row in chunks[0]
     std::vector<uint32_t> pages;         // [n_kv_heads][channel groups] physical pages
     std::vector<double> v_sum;           // [n_kv_heads][head_dim] sum of V over its tokens
     bool live = false;
@@ -93,8 +95,7 @@ struct kv_namespace {
   bool sparf = false;
   channel_layout columns{};
   sparf_config sparf_one_head{};  // the engine runs per (item, kv head)
-  uint32_t chunks_per_column_block = 0;
-  std::vector<uint32_t> gen;  // per chunk: bumped when the chunk is reset (ids are reused)
+  std::vector<uint32_t> gen;      // per chunk: bumped when the chunk is reset (ids are reused)
   std::vector<column_block> cblocks;
   std::vector<uint32_t> free_cblocks;
   std::unordered_map<uint32_t, std::vector<uint32_t>> cblocks_of_chunk;

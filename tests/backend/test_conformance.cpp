@@ -465,12 +465,7 @@ TEST_CASE_TEMPLATE("attend: a batch of different lengths with an empty sequence;
 
 // Issue 17.2: in-place attention (out == q, or lse inside q) gives what separate buffers give, on
 // every backend, dense and sparse (the host backend used to read q while it wrote out).
-namespace {
-bool sparf_runs_here(dtype t);
-}  // namespace
-
 TEST_CASE_TEMPLATE("attend: out (or lse) overlapping q equals a run on separate buffers", D, CONFORMANCE_DTYPES) {
-  if (!sparf_runs_here(D::value)) return;  // this case also runs SparF; see sparf_runs_here
   const kv_shape shape{2, 4, 2, 128, D::value};
   harness h({shape, 4096, 256, true}, 27);
   const uint32_t tpp = h.tpp();
@@ -522,16 +517,6 @@ TEST_CASE_TEMPLATE("attend: out (or lse) overlapping q equals a run on separate 
 // ---- attend_sparse ------------------------------------------------------------------------------
 
 namespace {
-// SparF over quantized KV runs where the column copy stays in host memory (host) or is stored as
-// whole chunks (ssd: kv_store::write_chunk); elsewhere (the drive's column FTL, cuda) creating a
-// SparF cache says so, with kUnsupported, and there is nothing more to check.
-bool sparf_runs_here(dtype t) {
-  if (!is_quantized(t) || the_target().scheme == "host" || the_target().scheme == "ssd") return true;
-  const auto c = kv_cache::create(options_for({kv_shape{1, 2, 2, 128, t}, 4096, 64, true}));
-  CHECK_FALSE(c.ok());
-  if (!c.ok()) CHECK_MESSAGE(c.error().code() == errc::kUnsupported, c.error().to_string());
-  return false;
-}
 
 // What SparF sees of one (sequence, layer): the stored values read back, indexed again.
 sparf_test::stored_layer stored_for_sparf(kv_cache& cache, seq_id s, uint32_t layer, const sparf_config& cfg) {
@@ -549,7 +534,6 @@ sparf_test::stored_layer stored_for_sparf(kv_cache& cache, seq_id s, uint32_t la
 
 TEST_CASE_TEMPLATE("attend_sparse: compression 1 equals dense; 1/8 within the SparF bounds", D, CONFORMANCE_DTYPES) {
   const kv_shape shape{2, 2, 2, 128, D::value};  // the inputs test_sparf.cpp bounds at 1/8
-  if (!sparf_runs_here(D::value)) return;
   harness h({shape, 4096, 512, true}, 31);
   const sparf_config cfg = sparf_config::make(h.cache->layout(), 0, shape.group_size()).value();
   const uint32_t n = 1500;
@@ -994,11 +978,7 @@ TEST_CASE_TEMPLATE("bad inputs are refused with the right errc and change nothin
   h.check_stats();
   h.check_attend_all("after bad inputs");
 
-  // attend_sparse's own refusals, on a SparF cache (quantized KV: see sparf_runs_here).
-  if (!sparf_runs_here(D::value)) {
-    h.free_all();
-    return;
-  }
+  // attend_sparse's own refusals, on a SparF cache.
   harness hs({kv_shape{1, 4, 2, 128, D::value}, 4096, 64, true}, 92);
   const seq_id t = hs.create();
   hs.append(t, 0, 40);

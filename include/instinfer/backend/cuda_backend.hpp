@@ -72,8 +72,14 @@ class cuda_backend final : public backend {
   // k, v: host rows [n][n_kv_heads][head_dim] of the cache dtype.
   status write_tokens(chunk_id id, const chunk_hint& hint, uint32_t first, uint32_t n, const std::byte* k,
                       const std::byte* v) noexcept override;
+  // A fresh chunk's bytes whole (SparF's column pages of a quantized cache; kv_store.hpp).
+  bool writes_whole_chunks() const noexcept override {
+    return true;
+  }
+  status write_chunk(chunk_id id, const chunk_hint& hint, const std::byte* chunk) noexcept override;
   status copy_tokens(chunk_id dst, const chunk_hint& dst_hint, chunk_id src, uint32_t n) noexcept override;
   // Copies the first n_tokens rows of every page of the chunk; rows beyond stay as they were in dst.
+  // n_tokens == tokens per page copies the chunk whole, page tails included (write_chunk's bytes).
   status read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) noexcept override;
   status attend(uint32_t layer, const attend_batch& batch) noexcept override;
   backend_stats stats() const noexcept override;

@@ -308,6 +308,25 @@ status cuda_backend::write_tokens_device(chunk_id id, uint32_t first, uint32_t n
   return {};
 }
 
+status cuda_backend::write_chunk(chunk_id id, const chunk_hint& /*hint*/, const std::byte* chunk) noexcept {
+  impl& s = *impl_;
+  INSTINFER_TRY(s.ready());
+  INSTINFER_TRY(s.check_chunk(id, "write_chunk"));
+  if (chunk == nullptr) return {errc::kInvalidArgument, "cuda backend: write_chunk of null bytes"};
+  if (s.filled[id] != 0) return {errc::kInvalidArgument, "cuda backend: write_chunk needs a fresh chunk"};
+  const size_t bytes = s.layout.chunk_bytes();
+  const cudaError_t e = cudaMemcpyAsync(chunk_device_ptr(id), chunk, bytes, cudaMemcpyHostToDevice, s.stream);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cuda_status(e, "cudaMemcpyAsync (write_chunk)");
+  }
+  INSTINFER_TRY(s.sync("write_chunk"));
+  s.filled[id] = s.layout.tokens();
+  s.counters.device_bytes_written += bytes;
+  s.counters.link_bytes_host_to_device += bytes;
+  return {};
+}
+
 status cuda_backend::copy_tokens(chunk_id dst, const chunk_hint& /*dst_hint*/, chunk_id src, uint32_t n) noexcept {
   impl& s = *impl_;
   INSTINFER_TRY(s.ready());
@@ -344,16 +363,20 @@ status cuda_backend::read_chunk(chunk_id id, uint32_t n_tokens, std::byte* dst) 
   if (n_tokens == 0) return {};
   if (dst == nullptr) return {errc::kInvalidArgument, "cuda backend: read_chunk into a null buffer"};
   const size_t pitch = s.layout.page.page_bytes;
+  // A full chunk whole, page tails included (a chunk from write_chunk), else the rows only.
+  const bool whole = n_tokens == s.layout.tokens();
   const cudaError_t e =
-      cudaMemcpy2DAsync(dst, pitch, chunk_device_ptr(id), pitch, size_t{n_tokens} * s.layout.page.row_bytes(),
-                        s.layout.pages_per_chunk(), cudaMemcpyDeviceToHost, s.stream);
+      whole ? cudaMemcpyAsync(dst, chunk_device_ptr(id), s.layout.chunk_bytes(), cudaMemcpyDeviceToHost, s.stream)
+            : cudaMemcpy2DAsync(dst, pitch, chunk_device_ptr(id), pitch, size_t{n_tokens} * s.layout.page.row_bytes(),
+                                s.layout.pages_per_chunk(), cudaMemcpyDeviceToHost, s.stream);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     return cuda_status(e, "cudaMemcpy2DAsync (read_chunk)");
   }
   INSTINFER_TRY(s.sync("read_chunk"));
-  s.counters.device_bytes_read += s.page_rows_bytes(n_tokens);
-  s.counters.link_bytes_device_to_host += s.page_rows_bytes(n_tokens);
+  const uint64_t moved = whole ? s.layout.chunk_bytes() : s.page_rows_bytes(n_tokens);
+  s.counters.device_bytes_read += moved;
+  s.counters.link_bytes_device_to_host += moved;
   return {};
 }
 
