@@ -37,7 +37,9 @@ void sparf_scores(const sparf_score_args& a) noexcept {
   };
 
   // Channel-major within a block: four channels (consecutive in their column page, so one
-  // sequential sweep of it) update the block's row of logits, which stays in L1.
+  // sequential sweep of it) update the block's rows of logits, which stay in L1. Each vector of K
+  // is loaded and widened once for every query head of the group (GQA): the widening, not the
+  // FMAs, was the cost when each head swept the pages again.
   for (uint32_t b = 0; b < a.n_blocks; ++b) {
     const uint32_t first = b * a.block_tokens;
     const uint32_t count = n - first < a.block_tokens ? n - first : a.block_tokens;
@@ -47,37 +49,42 @@ void sparf_scores(const sparf_score_args& a) noexcept {
     // each 64-byte step through a channel here prefetches the same step of that channel there,
     // so about a block of work hides each miss. The last block prefetches itself (already read).
     const std::byte* const* next = b + 1 < a.n_blocks ? col + C : col;
-    for (uint32_t g = 0; g < G; ++g) {
-      const float* qg = a.q + size_t{g} * C;
-      float* out = a.probs + size_t{g} * n + first;
-      uint32_t c = 0;
-      for (; c + 4 <= C; c += 4) {
-        const std::byte* p0 = col[c];
-        const std::byte* p1 = col[c + 1];
-        const std::byte* p2 = col[c + 2];
-        const std::byte* p3 = col[c + 3];
-        const vec q0 = ops::broadcast(qg[c]), q1 = ops::broadcast(qg[c + 1]);
-        const vec q2 = ops::broadcast(qg[c + 2]), q3 = ops::broadcast(qg[c + 3]);
-        const bool fresh = c == 0;
-        const std::byte* n0 = next[c];
-        const std::byte* n1 = next[c + 1];
-        const std::byte* n2 = next[c + 2];
-        const std::byte* n3 = next[c + 3];
-        for (uint32_t t = 0; t < cv; t += L) {
-          const size_t o = size_t{t} * es;
-          if (o % 64 < L * es) {  // a new cache line of every channel: prefetch the next block's
-            ops::prefetch(n0 + o);
-            ops::prefetch(n1 + o);
-            ops::prefetch(n2 + o);
-            ops::prefetch(n3 + o);
-          }
-          vec acc = fresh ? ops::zero() : ops::load(out + t);
-          acc = madd(q0, ops::template load_kv<T>(p0 + o), acc);
-          acc = madd(q1, ops::template load_kv<T>(p1 + o), acc);
-          acc = madd(q2, ops::template load_kv<T>(p2 + o), acc);
-          acc = madd(q3, ops::template load_kv<T>(p3 + o), acc);
-          ops::store(out + t, acc);
+    float* const out0 = a.probs + first;
+    uint32_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const std::byte* p0 = col[c];
+      const std::byte* p1 = col[c + 1];
+      const std::byte* p2 = col[c + 2];
+      const std::byte* p3 = col[c + 3];
+      const bool fresh = c == 0;
+      const std::byte* n0 = next[c];
+      const std::byte* n1 = next[c + 1];
+      const std::byte* n2 = next[c + 2];
+      const std::byte* n3 = next[c + 3];
+      for (uint32_t t = 0; t < cv; t += L) {
+        const size_t o = size_t{t} * es;
+        if (o % 64 < L * es) {  // a new cache line of every channel: prefetch the next block's
+          ops::prefetch(n0 + o);
+          ops::prefetch(n1 + o);
+          ops::prefetch(n2 + o);
+          ops::prefetch(n3 + o);
         }
+        const vec k0 = ops::template load_kv<T>(p0 + o), k1 = ops::template load_kv<T>(p1 + o);
+        const vec k2 = ops::template load_kv<T>(p2 + o), k3 = ops::template load_kv<T>(p3 + o);
+        for (uint32_t g = 0; g < G; ++g) {
+          const float* qg = a.q + size_t{g} * C + c;
+          float* out = out0 + size_t{g} * n + t;
+          vec acc = fresh ? ops::zero() : ops::load(out);
+          acc = madd(ops::broadcast(qg[0]), k0, acc);
+          acc = madd(ops::broadcast(qg[1]), k1, acc);
+          acc = madd(ops::broadcast(qg[2]), k2, acc);
+          acc = madd(ops::broadcast(qg[3]), k3, acc);
+          ops::store(out, acc);
+        }
+      }
+      for (uint32_t g = 0; g < G; ++g) {
+        const float* qg = a.q + size_t{g} * C;
+        float* out = out0 + size_t{g} * n;
         for (uint32_t t = cv; t < count; ++t) {
           const size_t o = size_t{t} * es;
           float acc = fresh ? 0.0f : out[t];
@@ -88,22 +95,29 @@ void sparf_scores(const sparf_score_args& a) noexcept {
           out[t] = acc;
         }
       }
-      for (; c < C; ++c) {
-        const std::byte* p0 = col[c];
-        const vec q0 = ops::broadcast(qg[c]);
-        const bool fresh = c == 0;
-        const std::byte* n0 = next[c];
-        for (uint32_t t = 0; t < cv; t += L) {
-          if (size_t{t} * es % 64 < L * es) ops::prefetch(n0 + size_t{t} * es);
-          const vec acc = fresh ? ops::zero() : ops::load(out + t);
-          ops::store(out + t, madd(q0, ops::template load_kv<T>(p0 + size_t{t} * es), acc));
-        }
-        for (uint32_t t = cv; t < count; ++t)
-          out[t] = (fresh ? 0.0f : out[t]) + qg[c] * one::template load_kv<T>(p0 + size_t{t} * es);
-      }
-      if (C == 0)
-        for (uint32_t t = 0; t < count; ++t) out[t] = 0.0f;
     }
+    for (; c < C; ++c) {
+      const std::byte* p0 = col[c];
+      const bool fresh = c == 0;
+      const std::byte* n0 = next[c];
+      for (uint32_t t = 0; t < cv; t += L) {
+        if (size_t{t} * es % 64 < L * es) ops::prefetch(n0 + size_t{t} * es);
+        const vec k0 = ops::template load_kv<T>(p0 + size_t{t} * es);
+        for (uint32_t g = 0; g < G; ++g) {
+          float* out = out0 + size_t{g} * n + t;
+          const vec acc = fresh ? ops::zero() : ops::load(out);
+          ops::store(out, madd(ops::broadcast(a.q[size_t{g} * C + c]), k0, acc));
+        }
+      }
+      for (uint32_t g = 0; g < G; ++g) {
+        float* out = out0 + size_t{g} * n;
+        for (uint32_t t = cv; t < count; ++t)
+          out[t] = (fresh ? 0.0f : out[t]) + a.q[size_t{g} * C + c] * one::template load_kv<T>(p0 + size_t{t} * es);
+      }
+    }
+    if (C == 0)
+      for (uint32_t g = 0; g < G; ++g)
+        for (uint32_t t = 0; t < count; ++t) out0[size_t{g} * n + t] = 0.0f;
   }
 
   // Approximate softmax per query head, in place.
