@@ -57,12 +57,18 @@ int run(int argc, char** argv) {
   const uint32_t sinks = static_cast<uint32_t>(f.u64("sinks", 0));
   const uint32_t window = static_cast<uint32_t>(f.u64("window", 0));
   const bool run_pages = f.u64("pages", 1) != 0;
+  const bool whole_pages = f.u64("whole-pages", sparf_params{}.whole_pages ? 1 : 0) != 0;
+  const double page_spread = f.f64("page-spread", sparf_params{}.page_spread);
+  const double reuse = f.f64("reuse", 0.0);
   if (f.has("help")) {
     std::printf(
         "instinfer-bench sparf-decode [--kv ssd:PATH|csd:|host] [--ctx 16384,65536] [--batch 1]\n"
         "  [--kv-heads 8] [--group 1] [--head-dim 128] [--reps 5] [--threads 0] [--compression 0.125]\n"
-        "  [--sinks 0] [--window 0] [--pages 1]\n"
-        "  --pages 0: SparF only (csd: the drive keeps no page summaries)\n");
+        "  [--sinks 0] [--window 0] [--pages 1] [--whole-pages 1] [--page-spread 2]\n"
+        "  --pages 0: SparF only (csd: the drive keeps no page summaries)\n"
+        "  --whole-pages 0: SparF's channels one by one, not whole column pages; --page-spread: its token pages\n"
+        "  --reuse C: also time a decode step that reuses SparF's selection (reuse_min_cosine C, same\n"
+        "  queries, so it is reused): sparf_reused_ms, reused_speedup\n");
     return 0;
   }
   if (!f.ok()) {
@@ -77,8 +83,24 @@ int run(int argc, char** argv) {
   sparf_params params = sparf_params::with_compression(compression);
   params.sink_tokens = sinks;
   params.window_tokens = window;
+  params.whole_pages = whole_pages;
+  params.page_spread = page_spread;
+  if (auto v = params.validate(d); !v.ok()) {
+    std::fprintf(stderr, "sparf-decode: %s\n", v.to_string().c_str());
+    return 2;
+  }
+  sparf_params reuse_params = params;  // one reuse per fresh selection: every timed call reuses
+  reuse_params.reuse_min_cosine = static_cast<float>(reuse);
+  reuse_params.reuse_max_steps = 1;
+  if (reuse > 0.0)
+    if (auto v = reuse_params.validate(d); !v.ok()) {
+      std::fprintf(stderr, "sparf-decode: %s\n", v.to_string().c_str());
+      return 2;
+    }
   sparf_params page_params = params;  // the same budget: fraction of page groups read
   page_params.policy = sparse_policy::kPageSummary;
+  page_params.whole_pages = sparf_params{}.whole_pages;
+  page_params.page_spread = sparf_params{}.page_spread;
   for (uint64_t ctx64 : contexts) {
     const uint32_t n = static_cast<uint32_t>(ctx64);
     cache_options o;
@@ -121,7 +143,8 @@ int run(int argc, char** argv) {
       return 1;
     }
     std::vector<float> dense(q.size()), sparse(q.size()), paged(q.size());
-    std::vector<double> t_dense, t_sparse, t_pages;
+    std::vector<double> t_dense, t_sparse, t_pages, t_reused;
+    std::vector<float> reused(reuse > 0.0 ? q.size() : 0);
     uint64_t bytes_dense = 0, bytes_sparse = 0, bytes_pages = 0, reads_dense = 0, reads_sparse = 0, reads_pages = 0;
     double model_dense = 0.0, model_sparse = 0.0;
     for (uint32_t r = 0; r <= reps; ++r) {  // round 0 warms up (buffers, tails), not counted
@@ -136,11 +159,22 @@ int run(int argc, char** argv) {
       if (st.ok() && run_pages) st = cache.attend_sparse(0, seqs, q.data(), paged.data(), nullptr, page_params);
       const double t3 = now_seconds();
       cache_stats s3 = cache.stats();
+      double t_reuse = 0.0;
+      if (st.ok() && reuse > 0.0) {  // a fresh selection kept, then the timed call that reuses it
+        st = cache.attend_sparse(0, seqs, q.data(), reused.data(), nullptr, reuse_params);
+        const sparf_counters before = cache.stats().sparf;
+        const double t4 = now_seconds();
+        if (st.ok()) st = cache.attend_sparse(0, seqs, q.data(), reused.data(), nullptr, reuse_params);
+        t_reuse = now_seconds() - t4;
+        if (st.ok() && cache.stats().sparf.since(before).channels_used != 0)
+          st = {errc::kInternal, "the timed reuse call selected afresh (a backend without reuse?)"};
+      }
       if (!st.ok()) {
         std::fprintf(stderr, "sparf-decode: %s\n", st.to_string().c_str());
         return 1;
       }
       if (r == 0) continue;
+      if (reuse > 0.0) t_reused.push_back(t_reuse);
       t_dense.push_back(t1 - t0);
       t_sparse.push_back(t2 - t1);
       t_pages.push_back(t3 - t2);
@@ -182,6 +216,8 @@ int run(int argc, char** argv) {
         .add("head_dim", d)
         .add("compression", compression)
         .add("sinks", sinks)
+        .add("whole_pages", whole_pages ? 1 : 0)
+        .add("page_spread", page_spread)
         .add("window", window)
         .add("threads", threads)
         .add("reps", reps)
@@ -200,6 +236,13 @@ int run(int argc, char** argv) {
           .add("pages_rel_err", rel_err(paged))
           .add("pages_reads", reps ? reads_pages / reps : 0)
           .add("pages_summary_frac", frac(fin.page_summary_bytes, kv_bytes));
+    if (reuse > 0.0) {
+      const double rm = median(t_reused);
+      line.add("reuse_min_cosine", reuse)
+          .add("sparf_reused_ms", rm * 1e3)
+          .add("reused_speedup", rm > 0 ? dm / rm : 0.0)
+          .add("reused_rel_err", rel_err(reused));
+    }
     if (model_sparse > 0) line.add("modelled_speedup", model_dense / model_sparse);
     if (kv == "host") {
       const uint32_t n_thr = threads ? threads : std::max(1u, std::thread::hardware_concurrency());

@@ -59,6 +59,9 @@ struct options {
   uint32_t gen_tokens = 64;
   uint32_t kl_steps = 32;
   uint32_t sinks = 16, window = 64;
+  double page_spread = sparf_params{}.page_spread;  // SparF's token-page limit (0: none)
+  std::vector<double> reuse{0.0};                   // SparF selection reuse cosines (0: off)
+  uint32_t reuse_steps = sparf_params{}.reuse_max_steps;
   uint32_t threads = 0;
   uint32_t seed = 16;
   bool both_sw = true;  // each budget with and without sinks + window
@@ -81,6 +84,9 @@ void usage(FILE* out) {
                "  --sinks N           attention-sink tokens of the +S/W configurations (default 16)\n"
                "  --window N          recent-window tokens of the +S/W configurations (default 64)\n"
                "  --sw-only           only the +S/W configurations (not also without)\n"
+               "  --page-spread X     SparF token pages: X x the fewest holding k (default 2; 0: off)\n"
+               "  --reuse LIST        SparF selection reuse cosines, each a configuration (default 0: off)\n"
+               "  --reuse-steps N     calls one selection serves at most (default 8)\n"
                "  --threads N         compute threads (default: all cores)\n"
                "  --seed N            needle words and numbers (default 16)\n"
                "  --json              JSON lines (one per configuration) instead of tables\n",
@@ -125,6 +131,7 @@ struct tally {
   };
   std::vector<agree> agreement;  // per length
   sparf_counters counters;
+  uint64_t reused = 0;  // (sequence, layer) SparF calls that reused a selection
 };
 
 // log-softmax in float64 (the KL of nearly equal distributions needs the precision).
@@ -249,7 +256,25 @@ int main(int argc, char** argv) {
       parse_u32_in(args.need("a number"), o.window, 0, 1u << 20);
     else if (a == "--sw-only")
       o.both_sw = false;
-    else if (a == "--threads")
+    else if (a == "--reuse") {
+      const char* v = args.need("a list of cosines such as 0,0.9");
+      o.reuse.clear();
+      for (const auto& x : split(v, ',')) {
+        char* end = nullptr;
+        const double c = std::strtod(x.c_str(), &end);
+        if (x.empty() || *end != '\0' || !(c >= 0.0 && c <= 1.0)) args.bad(v);
+        o.reuse.push_back(c);
+      }
+      if (o.reuse.empty()) args.bad(v);
+    } else if (a == "--reuse-steps")
+      parse_u32_in(args.need("a number"), o.reuse_steps, 1, sparf_params::kMaxReuseSteps);
+    else if (a == "--page-spread") {
+      const char* v = args.need("0 or a number >= 1");
+      char* end = nullptr;
+      o.page_spread = std::strtod(v, &end);
+      if (end == v || *end != '\0' || !(o.page_spread == 0.0 || (o.page_spread >= 1.0 && o.page_spread <= 1e6)))
+        args.bad(v);
+    } else if (a == "--threads")
       parse_u32_in(args.need("a number"), o.threads, 0, 256);
     else if (a == "--seed")
       parse_u32_in(args.need("a number"), o.seed, 0, UINT32_MAX);
@@ -329,14 +354,22 @@ int main(int argc, char** argv) {
   std::vector<config> configs{{"dense", std::nullopt}};
   for (const auto& pol : o.policies)
     for (size_t b = 0; b < o.budgets.size(); ++b)
-      for (int sw = o.both_sw ? 0 : 1; sw <= 1; ++sw) {
-        sparf_params p = sparf_params::with_compression(o.budgets[b]);
-        p.policy = pol == "sparf" ? sparse_policy::kSparf : sparse_policy::kPageSummary;
-        p.sink_tokens = sw ? o.sinks : 0;  // without +S/W: plain top-k (the defaults are 16 / 64)
-        p.window_tokens = sw ? o.window : 0;
-        config c{pol + " " + o.budget_labels[b] + (sw ? " +S/W" : ""), p, pol, o.budget_labels[b], sw == 1};
-        configs.push_back(c);
-      }
+      for (int sw = o.both_sw ? 0 : 1; sw <= 1; ++sw)
+        for (const double reuse : o.reuse) {
+          if (reuse > 0.0 && pol != "sparf") continue;  // reuse is SparF's
+          sparf_params p = sparf_params::with_compression(o.budgets[b]);
+          p.policy = pol == "sparf" ? sparse_policy::kSparf : sparse_policy::kPageSummary;
+          p.sink_tokens = sw ? o.sinks : 0;  // without +S/W: plain top-k (the defaults are 16 / 64)
+          p.window_tokens = sw ? o.window : 0;
+          p.page_spread = o.page_spread;
+          p.reuse_min_cosine = static_cast<float>(reuse);
+          p.reuse_max_steps = o.reuse_steps;
+          char reuse_label[32] = "";
+          if (reuse > 0.0) std::snprintf(reuse_label, sizeof reuse_label, " reuse %.3g", reuse);
+          config c{pol + " " + o.budget_labels[b] + (sw ? " +S/W" : "") + reuse_label, p, pol, o.budget_labels[b],
+                   sw == 1};
+          configs.push_back(c);
+        }
   std::vector<tally> tallies(configs.size());
   for (auto& t : tallies) t.agreement.resize(o.lengths.size());
 
@@ -362,9 +395,11 @@ int main(int argc, char** argv) {
   const auto for_each_config = [&](auto&& fn) -> status {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       m.set_sparse_attention(configs[ci].params);
-      const sparf_counters before = cache.stats().sparf;
+      const cache_stats before = cache.stats();
       status s = fn(ci);
-      tallies[ci].counters.add(cache.stats().sparf.since(before));
+      const cache_stats after = cache.stats();
+      tallies[ci].counters.add(after.sparf.since(before.sparf));
+      tallies[ci].reused += after.sparf_reused_selections - before.sparf_reused_selections;
       m.set_sparse_attention(std::nullopt);
       if (!s.ok()) return status{s.code(), configs[ci].name + ": " + s.to_string()};
     }
@@ -591,11 +626,15 @@ int main(int argc, char** argv) {
     }
   }
   std::printf(
-      "\nReads while decoding (all prompts; pages read / pages dense attention reads, bytes likewise):\n\n"
-      "| configuration | pages | bytes |\n|---|---|---|\n");
-  for (size_t ci = 1; ci < configs.size(); ++ci)
-    std::printf("| %s | %.3f | %.3f |\n", configs[ci].name.c_str(), tallies[ci].counters.page_fraction(),
-                tallies[ci].counters.byte_fraction());
+      "\nReads while decoding (all prompts; pages read / pages dense attention reads, bytes likewise; reused:\n"
+      "share of SparF calls per (sequence, layer) that reused a selection):\n\n"
+      "| configuration | pages | bytes | reused |\n|---|---|---|---|\n");
+  for (size_t ci = 1; ci < configs.size(); ++ci) {
+    const tally& t = tallies[ci];
+    const double calls = static_cast<double>(t.counters.items) / hp.n_kv_head;
+    std::printf("| %s | %.3f | %.3f | %.3f |\n", configs[ci].name.c_str(), t.counters.page_fraction(),
+                t.counters.byte_fraction(), calls > 0 ? static_cast<double>(t.reused) / calls : 0.0);
+  }
   if (column_overhead >= 0)
     std::printf(
         "\nStorage beside the KV (%u-token prompt): SparF column copy %.3f x KV bytes, page summaries %.4f "

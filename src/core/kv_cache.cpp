@@ -654,6 +654,7 @@ cache_stats kv_cache::stats() const {
   if (attender_) {
     s.sparf_column_bytes = attender_->resident_bytes();
     s.page_summary_bytes = attender_->page_summary_bytes();
+    s.sparf_reused_selections = attender_->reused_selections();
   }
   return s;
 }

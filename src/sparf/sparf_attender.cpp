@@ -93,7 +93,10 @@ status sparf_attender::on_fork(seq_id src, seq_id dst) noexcept {
   if (it == seqs_.end()) return {};
   try {
     std::vector<layer_state> copy = it->second;  // sealed stored blocks stay shared
-    for (const layer_state& ls : copy) retain(ls.column_chunks);
+    for (layer_state& ls : copy) {
+      retain(ls.column_chunks);
+      ls.reuse = reuse_cache{};
+    }
     seqs_.emplace(dst, std::move(copy));
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "SparF index copy"};
@@ -110,6 +113,7 @@ status sparf_attender::on_truncate(seq_id seq, uint32_t layer, uint32_t keep, co
   try {
     staged_layer staged{layer, from};
     layer_state& to = staged.state;
+    to.reuse = reuse_cache{};
     to.column_chunks.clear();  // only the blocks wholly before `keep` stay shared
     // The index keeps the first `keep` tokens; its new tail block needs the rows it holds.
     std::vector<std::byte> tail_k, tail_v;
@@ -244,7 +248,7 @@ status sparf_attender::attend_sparse(uint32_t layer, const attend_batch& batch, 
   for (sparf_counters& c : worker_counters_) c = sparf_counters{};
   for (const attend_item& it : batch) {
     auto found = seqs_.find(it.seq);
-    const layer_state* ls = found != seqs_.end() && found->second[layer].live ? &found->second[layer] : nullptr;
+    layer_state* ls = found != seqs_.end() && found->second[layer].live ? &found->second[layer] : nullptr;
     const sparf_plan plan = sparf_resolve(params, config_.shape.head_dim, it.n_tokens).value();
     INSTINFER_TRY(attend_one(it, ls, plan, params, kernel.value()));
   }
@@ -258,9 +262,76 @@ status sparf_attender::for_each_head(F&& fn) noexcept {
   return for_each_kv_head(*pool_, worker_status_, config_.shape.n_kv_heads, std::forward<F>(fn));
 }
 
-// One sequence: select per kv head, fetch just the pages holding selected tokens, exact pass.
-// Both compute steps run a kv head per work item on the pool.
-status sparf_attender::attend_one(const attend_item& it, const layer_state* ls, const sparf_plan& plan,
+// ---- selection reuse (sparf_params::reuse_min_cosine) -------------------------------------------
+
+bool sparf_attender::reusable(const layer_state& ls, const attend_item& it, const sparf_params& params) const noexcept {
+  const reuse_cache& rc = ls.reuse;
+  if (!rc.valid || rc.uses >= params.reuse_max_steps || it.n_tokens < rc.n_at || !params.same_selection(rc.params))
+    return false;
+  const size_t group = size_t{config_.shape.group_size()} * config_.shape.head_dim;
+  for (uint32_t h = 0; h < config_.shape.n_kv_heads; ++h) {  // every kv head's query group
+    const float* a = it.q + h * group;
+    const float* b = rc.q.data() + h * group;
+    double ab = 0.0, aa = 0.0, bb = 0.0;
+    for (size_t i = 0; i < group; ++i) {
+      ab += double{a[i]} * b[i];
+      aa += double{a[i]} * a[i];
+      bb += double{b[i]} * b[i];
+    }
+    // NaN (a zero or non-finite query) compares false: a fresh selection.
+    if (!(ab >= params.reuse_min_cosine * std::sqrt(aa * bb)) || aa == 0.0) return false;
+  }
+  return true;
+}
+
+// The kept tokens of every kv head, then the ones appended since (all of them, exactly), with the
+// kept alphas. Counted like a selection that read no column pages.
+void sparf_attender::reuse_selections(layer_state& ls, const attend_item& it) {
+  reuse_cache& rc = ls.reuse;
+  const uint32_t H = config_.shape.n_kv_heads, G = config_.shape.group_size(), n = it.n_tokens;
+  const uint32_t fresh = n - rc.n_at;
+  sc_.reused.resize(rc.tokens.size() + size_t{H} * fresh);
+  sparf_counters& c = worker_counters_[0];
+  uint32_t* out = sc_.reused.data();
+  for (uint32_t h = 0; h < H; ++h) {
+    const uint32_t kept = rc.first[h + 1] - rc.first[h];
+    std::copy(rc.tokens.begin() + rc.first[h], rc.tokens.begin() + rc.first[h + 1], out);
+    for (uint32_t t = 0; t < fresh; ++t) out[kept + t] = rc.n_at + t;
+    sc_.selections[h] = sparf_selection{out, kept + fresh, rc.alpha.data() + size_t{h} * G};
+    out += kept + fresh;
+    ++c.items;
+    c.dense_pages += 2ull * it.chunks.size();
+    c.dense_bytes += 2ull * n * cfg_.tokens.page.row_bytes();
+    c.selected_tokens += kept + fresh;
+  }
+  ++rc.uses;
+  ++reused_;
+}
+
+void sparf_attender::keep_selections(layer_state& ls, const attend_item& it, const sparf_params& params) {
+  reuse_cache& rc = ls.reuse;
+  const kv_shape& shape = config_.shape;
+  const uint32_t H = shape.n_kv_heads, G = shape.group_size();
+  rc.valid = false;
+  rc.q.assign(it.q, it.q + size_t{shape.n_q_heads} * shape.head_dim);
+  rc.first.assign(size_t{H} + 1, 0);
+  rc.tokens.clear();
+  rc.alpha.resize(shape.n_q_heads);
+  for (uint32_t h = 0; h < H; ++h) {
+    const sparf_selection& sel = sc_.selections[h];
+    rc.tokens.insert(rc.tokens.end(), sel.tokens, sel.tokens + sel.n);
+    rc.first[h + 1] = static_cast<uint32_t>(rc.tokens.size());
+    std::copy(sel.alpha, sel.alpha + G, rc.alpha.begin() + size_t{h} * G);
+  }
+  rc.params = params;
+  rc.n_at = it.n_tokens;
+  rc.uses = 0;
+  rc.valid = true;
+}
+
+// One sequence: select per kv head (or reuse the kept selection), fetch just the pages holding
+// selected tokens, exact pass. Both compute steps run a kv head per work item on the pool.
+status sparf_attender::attend_one(const attend_item& it, layer_state* ls, const sparf_plan& plan,
                                   const sparf_params& params, decode_chunks_fn kernel) noexcept {
   const kv_shape& shape = config_.shape;
   const uint32_t H = shape.n_kv_heads, G = shape.group_size(), d = shape.head_dim;
@@ -274,23 +345,29 @@ status sparf_attender::attend_one(const attend_item& it, const layer_state* ls, 
     const float* v_mean = ls ? ls->index.v_mean() : sc_.zero_mean.data();
     for (sparf_workspace& ws : ws_) INSTINFER_TRY(ws.reserve(n, d, G, cfg_.columns.tokens_per_page));
     const host_chunk_view resident = backend_.host_view();
-    if (n > 0 && resident && ls->column_chunks.empty()) {
+    const bool reuse = n > 0 && params.reuses() && ls != nullptr;
+    if (ls != nullptr && !params.reuses()) ls->reuse.valid = false;  // a call without reuse ends it
+    if (reuse && reusable(*ls, it, params)) {                        // steps 1-3 skipped: the kept selection
+      reuse_selections(*ls, it);
+    } else if (n > 0 && resident && ls->column_chunks.empty()) {
       // Everything in memory: each kv head's selection and exact pass as one work item (one pool
       // run per sequence, no barrier between the steps); the pages are read in place.
       sc_.ptrs.resize(n_chunks);
       for (uint32_t c = 0; c < n_chunks; ++c) sc_.ptrs[c] = resident.chunk(it.chunks[c]);
       const sparf_columns cols{ls->index.block_pointers(), nullptr, ls->index.n_blocks()};
-      return for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
+      status s = for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
         const sparf_selection sel = sparf_select_head(
             cfg_, plan, params, cols, n, n_chunks, it.q + size_t{h} * G * d, h, ws_[w], worker_counters_[w],
             sc_.selected.data() + size_t{h} * k_stride, sc_.alpha.data() + size_t{h} * G);
         if (sel.n == 0) return {errc::kInternal, "SparF: no score kernel for this column dtype and ISA"};
+        sc_.selections[h] = sel;  // kept for reuse
         return sparf_exact_head(cfg_, sel, sc_.ptrs.data(), v_mean + size_t{h} * d, it.q + size_t{h} * G * d,
                                 it.out + size_t{h} * G * d, it.lse ? it.lse + size_t{h} * G : nullptr, h, ws_[w],
                                 worker_counters_[w], kernel);
       });
-    }
-    if (n > 0) {  // steps 1-3, per kv head
+      if (s.ok() && reuse) keep_selections(*ls, it, params);
+      return s;
+    } else if (n > 0) {  // steps 1-3, per kv head
       sparf_columns cols{ls->index.block_pointers(), nullptr, ls->index.n_blocks()};
       if (!ls->column_chunks.empty()) {
         INSTINFER_TRY(fetch_column_pages(*ls, plan, params, it.q));
@@ -304,6 +381,7 @@ status sparf_attender::attend_one(const attend_item& it, const layer_state* ls, 
           return {errc::kInternal, "SparF: no score kernel for this column dtype and ISA"};
         return {};
       }));
+      if (reuse) keep_selections(*ls, it, params);
     }
     INSTINFER_TRY(load_token_pages(it));
     INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {  // step 4

@@ -42,14 +42,27 @@ class sparf_attender final : public sparse_attender {
   status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override;
   uint64_t resident_bytes() const noexcept override;
+  uint64_t reused_selections() const noexcept override { return reused_; }
 
  private:
   // The index of one (sequence, layer) and its sealed column blocks stored on the backend
   // (column_store_chunks() chunks per block, in block order).
+  // The last selection of a (sequence, layer), kept while sparf_params::reuse_min_cosine > 0.
+  struct reuse_cache {
+    bool valid = false;
+    uint32_t n_at = 0;  // the sequence's tokens when it was made
+    uint32_t uses = 0;  // calls it served since
+    sparf_params params;
+    std::vector<float> q;          // [n_q_heads][head_dim]: the queries it was made for
+    std::vector<uint32_t> tokens;  // each kv head's tokens, ascending, from first[h]
+    std::vector<uint32_t> first;   // [n_kv_heads + 1]
+    std::vector<float> alpha;      // [n_q_heads]
+  };
   struct layer_state {
     channel_index index;
     bool live = false;  // index created (the layer received tokens)
     std::vector<chunk_id> column_chunks;
+    reuse_cache reuse;  // dropped on fork and truncation (a fresh selection follows)
   };
   struct staged_layer {
     uint32_t layer = 0;
@@ -64,8 +77,13 @@ class sparf_attender final : public sparse_attender {
   void retain(const std::vector<chunk_id>& ids) noexcept;
   void release(std::vector<chunk_id>& ids) noexcept;
 
-  status attend_one(const attend_item& it, const layer_state* ls, const sparf_plan& plan, const sparf_params& params,
+  status attend_one(const attend_item& it, layer_state* ls, const sparf_plan& plan, const sparf_params& params,
                     decode_chunks_fn kernel) noexcept;
+  // Selection reuse: whether ls's last selection serves this call; the selections built from it
+  // (sc_.selections, with the tokens appended since); keeping this call's fresh selections.
+  bool reusable(const layer_state& ls, const attend_item& it, const sparf_params& params) const noexcept;
+  void reuse_selections(layer_state& ls, const attend_item& it);
+  void keep_selections(layer_state& ls, const attend_item& it, const sparf_params& params);
   // fn(worker, kv_head) for every kv head, on the pool; the first failure.
   template <class F>
   status for_each_head(F&& fn) noexcept;
@@ -79,6 +97,7 @@ class sparf_attender final : public sparse_attender {
   std::unordered_map<seq_id, std::vector<layer_state>> seqs_;
   std::unordered_map<seq_id, std::vector<staged_layer>> staged_;
   std::vector<uint32_t> column_refs_;  // per chunk id: references to a stored column chunk
+  uint64_t reused_ = 0;                // calls that reused a kept selection
   // One workspace and one counter set per worker of pool_ (a kv head's selection and exact pass
   // run on one worker; the heads of a sequence are shared dynamically).
   std::unique_ptr<thread_pool> pool_;
@@ -87,7 +106,7 @@ class sparf_attender final : public sparse_attender {
   std::vector<status> worker_status_;
   // attend_sparse's per-call arrays and staging: grow-only, so the steady state allocates nothing.
   struct scratch {
-    std::vector<uint32_t> selected, slot, channels, chosen;
+    std::vector<uint32_t> selected, slot, channels, chosen, reused;
     std::vector<float> alpha, zero_mean, weight, channel_scratch;
     std::vector<sparf_selection> selections;
     std::vector<uint8_t> head_needs;

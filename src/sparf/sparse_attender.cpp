@@ -33,6 +33,9 @@ class backend_sparf_attender final : public sparse_attender {
 
   status attend_sparse(uint32_t layer, const attend_batch& batch, const sparf_params& params,
                        sparf_counters* counters) noexcept override {
+    if (params.reuses())
+      return {errc::kUnsupported, "backend '" + std::string(backend_.name()) +
+                                      "' runs SparF itself and does not reuse selections (reuse_min_cosine must be 0)"};
     try {
       for (const attend_item& it : batch) {  // k > tokens is refused here, before the drive sees it
         status plan;
@@ -98,6 +101,7 @@ class policy_router final : public sparse_attender {
   }
   uint64_t resident_bytes() const noexcept override { return sparf_->resident_bytes(); }
   uint64_t page_summary_bytes() const noexcept override { return pages_->resident_bytes(); }
+  uint64_t reused_selections() const noexcept override { return sparf_->reused_selections(); }
 
  private:
   std::unique_ptr<sparse_attender> sparf_;
@@ -136,6 +140,7 @@ class single_policy final : public sparse_attender {
   uint64_t page_summary_bytes() const noexcept override {
     return kept_ == sparse_policy::kPageSummary ? inner_->resident_bytes() : 0;
   }
+  uint64_t reused_selections() const noexcept override { return inner_->reused_selections(); }
 
  private:
   std::unique_ptr<sparse_attender> inner_;

@@ -64,6 +64,8 @@ class sparse_attender {
   // Bytes of the page-summary policy's summaries held in this process
   // (cache_stats::page_summary_bytes); 0 where it is not kept.
   virtual uint64_t page_summary_bytes() const noexcept { return 0; }
+  // SparF calls per (sequence, layer) that reused a kept selection (cache_stats).
+  virtual uint64_t reused_selections() const noexcept { return 0; }
 };
 
 // SparF for `b`: next to the data when the backend runs it itself (backend::runs_sparf, the csd

@@ -234,6 +234,12 @@ TEST_CASE("csd SparF: bad parameters and a cache without SparF") {
   seq_id unknown = 999;
   CHECK(csd->attend_sparse(0, std::span<const seq_id>(&unknown, 1), work.q.data(), out.data(), nullptr).code() ==
         errc::kUnknownSequence);
+  // Selection reuse is the host's (sparf_params::reuse_min_cosine): the drive says so.
+  sparf_params reuse = sparf_params::with_compression(0.125);
+  reuse.reuse_min_cosine = 0.9f;
+  const status refused = csd->attend_sparse(0, seqs, work.q.data(), out.data(), nullptr, reuse);
+  CHECK(refused.code() == errc::kUnsupported);
+  CHECK(refused.message().find("reuse") != std::string::npos);
   // The cache still works after the refusals.
   CHECK(csd->attend_sparse(0, seqs, work.q.data(), out.data(), nullptr).ok());
 

@@ -143,15 +143,58 @@ inline void dense_reference(const stored_layer& s, const float* q, std::vector<d
   }
 }
 
+// Float64 mean of kv head h's V over all stored tokens.
+inline std::vector<double> v_mean_reference(const stored_layer& s, uint32_t h) {
+  const uint32_t H = s.cfg.n_kv_heads(), d = s.cfg.head_dim(), n = s.n_tokens;
+  std::vector<double> mean(d, 0.0);
+  for (uint32_t t = 0; t < n; ++t)
+    for (uint32_t i = 0; i < d; ++i) mean[i] += s.v[(size_t{t} * H + h) * d + i];
+  for (auto& x : mean) x /= n;
+  return mean;
+}
+
+// SparF's step 4 in float64 for one query head qg of kv head h: o += alpha * softmax over `tokens`
+// of the scaled logits, times V, + (1 - alpha) * mean.
+inline void blend_reference(const stored_layer& s, uint32_t h, const float* qg, const std::vector<uint32_t>& tokens,
+                            double alpha, const std::vector<double>& mean, double* o) {
+  const uint32_t H = s.cfg.n_kv_heads(), d = s.cfg.head_dim();
+  const double scale = s.cfg.effective_scale();
+  std::vector<double> l(tokens.size());
+  double m = -INFINITY;
+  for (size_t j = 0; j < tokens.size(); ++j) {
+    double dot = 0.0;
+    for (uint32_t i = 0; i < d; ++i) dot += double{qg[i]} * s.k[(size_t{tokens[j]} * H + h) * d + i];
+    l[j] = dot * scale;
+    m = std::max(m, l[j]);
+  }
+  double den = 0.0;
+  for (double x : l) den += std::exp(x - m);
+  for (size_t j = 0; j < tokens.size(); ++j) {
+    const double pj = std::exp(l[j] - m) / den;
+    for (uint32_t i = 0; i < d; ++i) o[i] += alpha * pj * s.v[(size_t{tokens[j]} * H + h) * d + i];
+  }
+  for (uint32_t i = 0; i < d; ++i) o[i] += (1.0 - alpha) * mean[i];
+}
+
+// What the float64 SparF chose: each kv head's tokens (ascending) and each query head's alpha.
+struct sparf_choice {
+  std::vector<std::vector<uint32_t>> tokens;  // [n_kv_heads]
+  std::vector<double> alpha;                  // [n_q_heads]
+};
+
 // Float64 SparF with the documented selection rules (channel pages or channels, temperature,
 // top-k by approximate score or group probability sum, alpha blend with the mean of V).
 inline void sparf_reference(const stored_layer& s, const sparf_params& p, const float* q, std::vector<double>& out,
-                            std::vector<uint32_t>* selected_head0 = nullptr) {
+                            std::vector<uint32_t>* selected_head0 = nullptr, sparf_choice* choice = nullptr) {
   const uint32_t H = s.cfg.n_kv_heads(), G = s.cfg.group_size, d = s.cfg.head_dim(), n = s.n_tokens;
   const double scale = s.cfg.effective_scale();
   const sparf_plan plan = sparf_resolve(p, d, n).value();
   const uint32_t cpp = s.cfg.columns.channels_per_page;
   out.assign(size_t{H} * G * d, 0.0);
+  if (choice) {
+    choice->tokens.assign(H, {});
+    choice->alpha.assign(size_t{H} * G, 0.0);
+  }
   for (uint32_t h = 0; h < H; ++h) {
     const float* qh = q + size_t{h} * G * d;
     std::vector<double> w(d, 0.0);
@@ -231,31 +274,14 @@ inline void sparf_reference(const stored_layer& s, const sparf_params& p, const 
     const size_t k = ti.size();
     std::sort(ti.begin(), ti.end());
     if (selected_head0 && h == 0) *selected_head0 = ti;
-    std::vector<double> mean(d, 0.0);
-    for (uint32_t t = 0; t < n; ++t)
-      for (uint32_t i = 0; i < d; ++i) mean[i] += s.v[(size_t{t} * H + h) * d + i];
-    for (auto& x : mean) x /= n;
+    if (choice) choice->tokens[h] = ti;
+    const std::vector<double> mean = v_mean_reference(s, h);
     for (uint32_t g = 0; g < G; ++g) {
-      const float* qg = qh + size_t{g} * d;
       double alpha = 0.0;
       for (uint32_t t : ti) alpha += pa[g][t];
       if (k == n) alpha = 1.0;
-      std::vector<double> l(ti.size());
-      double m = -INFINITY;
-      for (size_t j = 0; j < ti.size(); ++j) {
-        double dot = 0.0;
-        for (uint32_t i = 0; i < d; ++i) dot += double{qg[i]} * s.k[(size_t{ti[j]} * H + h) * d + i];
-        l[j] = dot * scale;
-        m = std::max(m, l[j]);
-      }
-      double den = 0.0;
-      for (double x : l) den += std::exp(x - m);
-      double* o = out.data() + (size_t{h} * G + g) * d;
-      for (size_t j = 0; j < ti.size(); ++j) {
-        const double pj = std::exp(l[j] - m) / den;
-        for (uint32_t i = 0; i < d; ++i) o[i] += alpha * pj * s.v[(size_t{ti[j]} * H + h) * d + i];
-      }
-      for (uint32_t i = 0; i < d; ++i) o[i] += (1.0 - alpha) * mean[i];
+      if (choice) choice->alpha[size_t{h} * G + g] = alpha;
+      blend_reference(s, h, qh + size_t{g} * d, ti, alpha, mean, out.data() + (size_t{h} * G + g) * d);
     }
   }
 }

@@ -63,12 +63,14 @@ struct cache_stats {
   uint64_t chunk_bytes = 0;
   uint64_t shared_chunks = 0;  // chunks referenced by more than one sequence
   backend_stats backend{};
-  sparf_counters sparf{};           // pages and bytes read by attend_sparse, beside the dense equivalent
-  uint64_t sparf_column_bytes = 0;  // channel-indexed K copy held in host memory: all of it on the
-                                    // host backend; tail blocks only where sealed blocks are on the
-                                    // device (ssd); 0 where the backend runs SparF (csd: drive stats)
-  uint64_t page_summary_bytes = 0;  // page summaries held in host memory (shared groups once); 0 on
-                                    // csd (in the drive: device_stats::summary_bytes)
+  sparf_counters sparf{};                // pages and bytes read by attend_sparse, beside the dense equivalent
+  uint64_t sparf_column_bytes = 0;       // channel-indexed K copy held in host memory: all of it on the
+                                         // host backend; tail blocks only where sealed blocks are on the
+                                         // device (ssd); 0 where the backend runs SparF (csd: drive stats)
+  uint64_t page_summary_bytes = 0;       // page summaries held in host memory (shared groups once); 0 on
+                                         // csd (in the drive: device_stats::summary_bytes)
+  uint64_t sparf_reused_selections = 0;  // SparF calls per (sequence, layer) that reused a kept
+                                         // selection (sparf_params::reuse_min_cosine)
 };
 
 class kv_cache {

@@ -60,6 +60,16 @@ struct sparf_params {
   static constexpr uint32_t kDefaultWindowTokens = 64;
   uint32_t sink_tokens = kDefaultSinkTokens;
   uint32_t window_tokens = kDefaultWindowTokens;
+  // Selection reuse across decode steps (SparF only, where the host runs it: host, ssd, cuda; 0 =
+  // off, the default). A (sequence, layer)'s selection is reused while every kv head's query group
+  // keeps a cosine similarity >= reuse_min_cosine to the queries it was made for, for at most
+  // reuse_max_steps calls after the one that made it: steps 1-3 (column reads, approximate scores,
+  // top-k) are skipped, the tokens appended since are attended exactly, and alpha is the one of the
+  // selection. Any change to the sequence other than appends (fork, truncation) or to these
+  // parameters starts a fresh selection.
+  float reuse_min_cosine = 0.0f;
+  uint32_t reuse_max_steps = 8;
+  static constexpr uint32_t kMaxReuseSteps = 1024;
 
   static sparf_params with_compression(double c) noexcept {
     sparf_params p;
@@ -75,6 +85,15 @@ struct sparf_params {
     return p;
   }
 
+  bool reuses() const noexcept { return reuse_min_cosine > 0.0f; }
+  // The fields a selection depends on (not the reuse settings' own max steps): equal ones may
+  // share a selection.
+  bool same_selection(const sparf_params& o) const noexcept {
+    return policy == o.policy && mode == o.mode && compression == o.compression && r == o.r && k == o.k &&
+           whole_pages == o.whole_pages && page_spread == o.page_spread && sink_tokens == o.sink_tokens &&
+           window_tokens == o.window_tokens;
+  }
+
   // Checks that do not depend on the sequence length.
   status validate(uint32_t head_dim) const {
     if (policy != sparse_policy::kSparf && policy != sparse_policy::kPageSummary)
@@ -83,6 +102,14 @@ struct sparf_params {
     if (!(page_spread == 0.0 || (page_spread >= 1.0 && page_spread <= 1e6)))
       return {errc::kInvalidArgument,
               "SparF page_spread must be 0 (off) or in [1, 1e6], got " + std::to_string(page_spread)};
+    if (!(reuse_min_cosine >= 0.0f && reuse_min_cosine <= 1.0f))  // also rejects NaN
+      return {errc::kInvalidArgument,
+              "reuse_min_cosine must be 0 (off) or in (0, 1], got " + std::to_string(reuse_min_cosine)};
+    if (reuses() && policy != sparse_policy::kSparf)
+      return {errc::kInvalidArgument, "selection reuse (reuse_min_cosine > 0) is SparF's only"};
+    if (reuses() && (reuse_max_steps == 0 || reuse_max_steps > kMaxReuseSteps))
+      return {errc::kInvalidArgument, "reuse_max_steps must be in [1, " + std::to_string(kMaxReuseSteps) + "], got " +
+                                          std::to_string(reuse_max_steps)};
     if (mode == sparf_mode::kCompression) {
       if (!(compression > 0.0 && compression <= 1.0))  // also rejects NaN
         return {errc::kInvalidArgument, "SparF compression must be in (0, 1] (fraction of dense K+V traffic), got " +
