@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 6
+#define INSTINFER_VERSION_MINOR 7
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -130,6 +130,14 @@ typedef struct instinfer_sparf_params {
    * k tokens -> ceil(k / tokens per page) groups (r ignored, but r and k still come together);
    * sink and window tokens as the groups holding them; whole_pages and page_spread unused. */
   uint32_t policy;
+  /* Since 0.7: selection reuse across decode steps, SparF only (host, ssd, cuda; csd:
+   * INSTINFER_E_UNSUPPORTED when on). reuse_min_cosine 0 (the default) = off; in (0, 1]: a
+   * (sequence, layer)'s last selection is reused while every kv head's query group keeps this cosine
+   * similarity to the queries it was made for, for at most reuse_max_steps calls (default 8, at most
+   * 1024); the tokens appended since are attended exactly. 0.8 kept SmolLM2's quality
+   * (docs/experiment.md). Callers built against 0.5 / 0.6 pass the shorter struct_size: reuse off. */
+  uint32_t reuse_max_steps;
+  float reuse_min_cosine;
 } instinfer_sparf_params;
 
 typedef enum instinfer_sparse_policy {
@@ -160,6 +168,8 @@ typedef struct instinfer_stats {
   uint64_t sparf_column_bytes; /* channel-indexed K copy held in host memory */
   /* Since 0.5 (0.2-0.4 callers pass the shorter struct_size and do not get it): */
   uint64_t page_summary_bytes; /* page summaries held in host memory (shared groups once) */
+  /* Since 0.7 (older callers pass the shorter struct_size and do not get it): */
+  uint64_t sparf_reused_selections; /* SparF calls per (sequence, layer) that reused a kept selection */
 } instinfer_stats;
 
 /* Library version as MAJOR*10000 + MINOR*100 + PATCH. */
@@ -322,6 +332,13 @@ instinfer_status instinfer_seq_find(instinfer_cache* cache, uint64_t name, insti
  * be NULL when capacity is 0), the count into *out_count. */
 instinfer_status instinfer_seq_names(instinfer_cache* cache, uint64_t* names, instinfer_seq* seqs, size_t capacity,
                                      size_t* out_count);
+
+/* ---- Since 0.7: SparF selection reuse (instinfer_sparf_params.reuse_*) ---- */
+
+/* Checks SparF parameters for a cache of this head_dim without attending: INSTINFER_OK, or
+ * INSTINFER_E_INVALID_ARGUMENT with the reason in instinfer_last_error(). What depends on a
+ * sequence's length (k > its tokens) is checked when it is attended. */
+instinfer_status instinfer_sparf_params_check(const instinfer_sparf_params* params, uint32_t head_dim);
 
 #ifdef __cplusplus
 } /* extern "C" */

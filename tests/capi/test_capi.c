@@ -307,6 +307,64 @@ static void test_sparf(void) {
   older.struct_size = (uint32_t)offsetof(instinfer_sparf_params, sink_tokens) + 4; /* neither size */
   CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, sparse, NULL, &older), INSTINFER_E_INVALID_ARGUMENT);
 
+  /* Since 0.7: selection reuse. The same queries again: the kept selection, the same output,
+   * counted in sparf_reused_selections. A 0.5 / 0.6 caller's struct (which ends with policy) means
+   * no reuse, and a call without reuse drops the kept selection. */
+  {
+    typedef struct { /* instinfer_sparf_params as 0.5 / 0.6 laid it out */
+      uint32_t struct_size, r, k, whole_pages;
+      double compression, page_spread;
+      uint32_t sink_tokens, window_tokens, policy;
+    } sparf_params_v06;
+    instinfer_sparf_params reuse;
+    instinfer_sparf_params_init(&reuse);
+    CHECK(reuse.reuse_min_cosine == 0.0f && reuse.reuse_max_steps == 8);
+    CHECK(instinfer_sparf_params_check(&reuse, D) == INSTINFER_OK);
+    reuse.reuse_min_cosine = 0.8f;
+    CHECK(instinfer_sparf_params_check(&reuse, D) == INSTINFER_OK);
+    float first[HQ * D], again[HQ * D];
+    CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
+    const uint64_t reused0 = st.sparf_reused_selections;
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, first, NULL, &reuse) == INSTINFER_OK);
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, again, NULL, &reuse) == INSTINFER_OK);
+    CHECK(memcmp(first, again, sizeof first) == 0);
+    CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
+    CHECK(st.sparf_reused_selections == reused0 + 1);
+    instinfer_sparf_params v06 = reuse;
+    v06.struct_size = (uint32_t)sizeof(sparf_params_v06);
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, again, NULL, &v06) == INSTINFER_OK);
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, again, NULL, &reuse) == INSTINFER_OK);
+    CHECK(instinfer_cache_stats(cache, &st) == INSTINFER_OK);
+    CHECK(st.sparf_reused_selections == reused0 + 1); /* both selected afresh */
+    /* A 0.5 / 0.6 stats struct: no byte past it is written. */
+    unsigned char raw[sizeof(instinfer_stats)];
+    memset(raw, 0xa5, sizeof raw);
+    instinfer_stats* st06 = (instinfer_stats*)(void*)raw;
+    st06->struct_size = (uint32_t)offsetof(instinfer_stats, sparf_reused_selections);
+    CHECK(instinfer_cache_stats(cache, st06) == INSTINFER_OK);
+    for (size_t i = offsetof(instinfer_stats, sparf_reused_selections); i < sizeof raw; ++i) CHECK(raw[i] == 0xa5);
+    /* Refusals, from the attend and from the check alike. */
+    instinfer_sparf_params wrong = reuse;
+    wrong.reuse_min_cosine = 1.5f;
+    CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, again, NULL, &wrong), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK_ERR(instinfer_sparf_params_check(&wrong, D), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK(strstr(instinfer_last_error(), "reuse_min_cosine") != NULL);
+    wrong = reuse;
+    wrong.reuse_max_steps = 0;
+    CHECK_ERR(instinfer_sparf_params_check(&wrong, D), INSTINFER_E_INVALID_ARGUMENT);
+    wrong = reuse;
+    wrong.policy = INSTINFER_SPARSE_PAGE_SUMMARY;
+    CHECK_ERR(instinfer_sparf_params_check(&wrong, D), INSTINFER_E_INVALID_ARGUMENT);
+    wrong = reuse;
+    wrong.compression = 0.0;
+    CHECK_ERR(instinfer_sparf_params_check(&wrong, D), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK_ERR(instinfer_sparf_params_check(&reuse, 100), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK_ERR(instinfer_sparf_params_check(NULL, D), INSTINFER_E_INVALID_ARGUMENT);
+    wrong = reuse;
+    wrong.struct_size = 3;
+    CHECK_ERR(instinfer_sparf_params_check(&wrong, D), INSTINFER_E_INVALID_ARGUMENT);
+  }
+
   /* Bad parameters. */
   instinfer_sparf_params bad;
   instinfer_sparf_params_init(&bad);
