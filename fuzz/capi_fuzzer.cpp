@@ -703,14 +703,16 @@ void session::op_attend(input& in, bool sparse, bool slice) {
   const bool out_over_q = flags & 16, lse_over_q = !out_over_q && (flags & 32);
 
   // SparF parameters: 0 NULL (defaults), 1 compression 1 (dense), 2 compression c / 255,
-  // 3 explicit r and k, 4 a bad struct_size, 5 whole_pages 2, 6 page_spread 0.5, 7 single channels.
+  // 3 explicit r and k, 4 a bad struct_size, 5 whole_pages 2, 6 page_spread 0.5, 7 single channels,
+  // 8 selection reuse (cosine 0.5-1, 1-4 steps: a reused row is still a blend of V rows),
+  // 9 a reuse cosine over 1.
   instinfer_sparf_params p;
   instinfer_sparf_params_init(&p);
   uint8_t mode = 0;
   uint32_t ith = 0, nth = 1;
   bool dense = !sparse;
   if (sparse) {
-    mode = in.u8() % 8;
+    mode = in.u8() % 10;
     const uint8_t a = in.u8(), b = in.u8();
     switch (mode) {
       case 1: p.compression = 1.0; break;
@@ -726,6 +728,11 @@ void session::op_attend(input& in, bool sparse, bool slice) {
         p.whole_pages = 0;
         p.compression = (a % 8 + 1) / 8.0;
         break;
+      case 8:
+        p.reuse_min_cosine = 0.5f + static_cast<float>(a) / 510.0f;
+        p.reuse_max_steps = b % 4 + 1;
+        break;
+      case 9: p.reuse_min_cosine = 1.5f; break;
       default: break;
     }
     dense = mode == 1;
@@ -760,7 +767,7 @@ void session::op_attend(input& in, bool sparse, bool slice) {
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_slice(ith, nth)");
   if (sparse && !s_.sparf) return expect(st, INSTINFER_E_UNSUPPORTED, "instinfer_attend_sparse(SparF off)");
   if (layer >= s_.layers) return expect(st, INSTINFER_E_LAYER_OUT_OF_RANGE, call);
-  if (sparse && (mode == 6 || (mode == 2 && p.compression <= 0.0) || (mode == 3 && p.r > kHeadDim)))
+  if (sparse && (mode == 6 || mode == 9 || (mode == 2 && p.compression <= 0.0) || (mode == 3 && p.r > kHeadDim)))
     return expect(st, INSTINFER_E_INVALID_ARGUMENT, "instinfer_attend_sparse(params values)");
   if (!all_known) return expect(st, INSTINFER_E_UNKNOWN_SEQUENCE, call);
   if (sparse && mode == 3 && p.k > 0) {
