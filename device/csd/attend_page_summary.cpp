@@ -127,12 +127,24 @@ status attend_engine::run_page_task(const kv_namespace& ns, const command& c, co
     return {};
   }
   const std::vector<const float*>& sums = sh.item_summaries[i];
-  ws.group_scores.resize(plan.n_groups);
   ws.group_order.resize(plan.n_groups);
   ws.groups.resize(plan.n_select);
-  for (uint32_t g = 0; g < plan.n_groups; ++g)
-    ws.group_scores[g] = page_summary_score(sums[g] + uint64_t{2} * h * d, q, G, d);
-  const uint32_t n_chosen = page_summary_select(plan, ws.group_scores.data(), ws.group_order.data(), ws.groups.data());
+  auto score = ws.sparf.page_summary_kernel();
+  if (!score.ok()) return score.error();
+  page_summary_score_args a;  // this kv head only: a summary block's other heads are not read
+  a.groups = sums.data();
+  a.n_groups = plan.n_groups;
+  a.group_end = plan.n_groups;
+  a.kv_begin = h;
+  a.n_kv = 1;
+  a.head_dim = d;
+  a.group_size = G;
+  a.q = q - uint64_t{h} * G * d;  // the item's first query head
+  ws.group_scores.resize(uint64_t{H} * plan.n_groups);
+  a.scores = ws.group_scores.data();
+  score.value()(a);
+  const uint32_t n_chosen = page_summary_select(plan, ws.group_scores.data() + uint64_t{h} * plan.n_groups,
+                                                ws.group_order.data(), ws.groups.data());
   ws.tokens.clear();
   for (uint32_t j = 0; j < n_chosen; ++j) {
     const uint32_t g = ws.groups[j];

@@ -211,4 +211,22 @@ result<sparf_score_fn> select_sparf_score_kernel(cpu_isa isa, dtype column_dtype
   return fn;
 }
 
+result<page_summary_score_fn> select_page_summary_score_kernel(cpu_isa isa) {
+  if (!cpu_isa_available(isa))
+    return status{errc::kUnsupported, "page summary score ISA '" + std::string(cpu_isa_name(isa)) +
+                                          "' is not built into this library or not supported by this CPU"};
+  switch (isa) {
+    case cpu_isa::kScalar: return kernels::page_summary_score_kernel_scalar();
+#if defined(INSTINFER_HAVE_X86_KERNELS)
+    case cpu_isa::kAvx2: return kernels::page_summary_score_kernel_avx2();
+    case cpu_isa::kAvx512: return kernels::page_summary_score_kernel_avx512();
+#endif
+#if defined(INSTINFER_HAVE_NEON_KERNELS)
+    case cpu_isa::kNeon: return kernels::page_summary_score_kernel_neon();
+#endif
+    default: break;
+  }
+  return status{errc::kUnsupported, "no page summary score kernel on " + std::string(cpu_isa_name(isa))};
+}
+
 }  // namespace instinfer

@@ -2,6 +2,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#include "page_summary_score_kernel.hpp"
 #include "sparf_isa.hpp"
 #include "sparf_score_kernel.hpp"
 
@@ -13,6 +14,10 @@ namespace instinfer::kernels {
 
 sparf_score_fn sparf_score_kernel_avx2(dtype column_dtype) noexcept {
   return lookup_sparf_score_kernel<xsimd::fma3<xsimd::avx2>>(column_dtype);
+}
+
+page_summary_score_fn page_summary_score_kernel_avx2() noexcept {
+  return &page_summary_scores<xsimd::fma3<xsimd::avx2>>;
 }
 
 }  // namespace instinfer::kernels

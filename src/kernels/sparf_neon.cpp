@@ -1,4 +1,5 @@
 // SparF's approximate scores, AArch64 NEON (baseline on aarch64).
+#include "page_summary_score_kernel.hpp"
 #include "sparf_isa.hpp"
 #include "sparf_score_kernel.hpp"
 
@@ -10,6 +11,10 @@ namespace instinfer::kernels {
 
 sparf_score_fn sparf_score_kernel_neon(dtype column_dtype) noexcept {
   return lookup_sparf_score_kernel<xsimd::neon64>(column_dtype);
+}
+
+page_summary_score_fn page_summary_score_kernel_neon() noexcept {
+  return &page_summary_scores<xsimd::neon64>;
 }
 
 }  // namespace instinfer::kernels

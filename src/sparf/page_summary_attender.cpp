@@ -199,6 +199,9 @@ status page_summary_attender::attend_sparse(uint32_t layer, const attend_batch& 
     if (!b.ok()) return b.error();
     auto c = ws_[0].kernel(sparf_exact_params(cfg_));
     if (!c.ok()) return c.error();
+    auto s = ws_[0].page_summary_kernel();
+    if (!s.ok()) return s.error();
+    score_kernel_ = s.value();
     kernel_staged_ = b.value();
     exact_kernel_ = c.value();
   }
@@ -228,7 +231,8 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
     return {};
   }
   try {
-    sc_.scores.resize(size_t{W} * n_groups);
+    sc_.scores.resize(size_t{H} * n_groups);
+    sc_.group_ptrs.resize(n_groups);
     sc_.order.resize(size_t{W} * n_groups);
     sc_.chosen.resize(size_t{H} * n_sel);
     sc_.ptrs.resize(size_t{H} * n_sel);
@@ -237,18 +241,28 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
   } catch (const std::bad_alloc&) {
     return {errc::kOutOfMemory, "attend_sparse: host scratch"};
   }
+  // Scores: runs of groups over the workers, every kv head of a block while it is in cache (a
+  // block holds all heads: a pass per head would stride across them); then choose per kv head.
+  for (uint32_t g = 0; g < n_groups; ++g) sc_.group_ptrs[g] = ls->groups[g]->data();
+  const uint32_t n_runs = (n_groups + kScoreRunGroups - 1) / kScoreRunGroups;
+  INSTINFER_TRY(for_each_kv_head(*pool_, worker_status_, n_runs, [&](uint32_t, uint32_t run) noexcept -> status {
+    page_summary_score_args a;
+    a.groups = sc_.group_ptrs.data();
+    a.n_groups = n_groups;
+    a.group_begin = run * kScoreRunGroups;
+    a.group_end = std::min(n_groups, a.group_begin + kScoreRunGroups);
+    a.kv_begin = 0;
+    a.n_kv = H;
+    a.head_dim = d;
+    a.group_size = G;
+    a.q = it.q;
+    a.scores = sc_.scores.data();
+    score_kernel_(a);
+    return {};
+  }));
   INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
-    float* scores = sc_.scores.data() + size_t{w} * n_groups;
-    const float* q = it.q + size_t{h} * G * d;
-    constexpr uint32_t kAhead = 4;  // the blocks are separate allocations: fetch a few ahead
-    for (uint32_t g = 0; g < n_groups; ++g) {
-      if (g + kAhead < n_groups) {
-        const float* next = ls->groups[g + kAhead]->data() + size_t{2} * h * d;
-        for (uint32_t i = 0; i < 2 * d; i += 16) __builtin_prefetch(next + i, 0, 1);
-      }
-      scores[g] = page_summary_score(ls->groups[g]->data() + size_t{2} * h * d, q, G, d);
-    }
-    page_summary_select(plan, scores, sc_.order.data() + size_t{w} * n_groups, sc_.chosen.data() + size_t{h} * n_sel);
+    page_summary_select(plan, sc_.scores.data() + size_t{h} * n_groups, sc_.order.data() + size_t{w} * n_groups,
+                        sc_.chosen.data() + size_t{h} * n_sel);
     return {};
   }));
   const bool in_place = !!backend_.host_view();

@@ -23,6 +23,7 @@
 
 #include "instinfer/attention/decode.hpp"
 #include "instinfer/attention/sparf/page_summary.hpp"
+#include "instinfer/attention/sparf/score.hpp"
 #include "instinfer/attention/sparf/workspace.hpp"
 #include "instinfer/core/thread_pool.hpp"
 #include "sparf/sparse_attender.hpp"
@@ -86,6 +87,8 @@ class page_summary_attender final : public sparse_attender {
 
   std::unique_ptr<thread_pool> pool_;
   decode_chunks_fn kernel_staged_ = nullptr;  // per-head pseudo-chunks (one kv head)
+  page_summary_score_fn score_kernel_ = nullptr;
+  static constexpr uint32_t kScoreRunGroups = 256;  // groups per scoring task (~2 MiB of blocks at 8 x 128)
   decode_params per_head_{};
   std::vector<status> worker_status_;
   // Chunks in memory (host_view, or whole chunks read): the chosen groups' rows go through
@@ -94,13 +97,14 @@ class page_summary_attender final : public sparse_attender {
   std::vector<sparf_workspace> ws_;
   std::vector<sparf_counters> exact_counters_;  // sparf_exact_head's, per worker (not reported)
   decode_chunks_fn exact_kernel_ = nullptr;
-  struct scratch {                       // grow-only
-    std::vector<float> scores;           // [workers][n_groups]
-    std::vector<uint32_t> order;         // [workers][n_groups]
-    std::vector<uint32_t> chosen;        // [n_kv_heads][n_select]
-    std::vector<const std::byte*> ptrs;  // [n_kv_heads][n_select]
-    std::vector<float> o;                // [workers][group_size][head_dim]
-    std::vector<softmax_stats> stats;    // [workers][group_size]
+  struct scratch {                         // grow-only
+    std::vector<float> scores;             // [n_kv_heads][n_groups]
+    std::vector<const float*> group_ptrs;  // [n_groups]: each group's summary block
+    std::vector<uint32_t> order;           // [workers][n_groups]
+    std::vector<uint32_t> chosen;          // [n_kv_heads][n_select]
+    std::vector<const std::byte*> ptrs;    // [n_kv_heads][n_select]
+    std::vector<float> o;                  // [workers][group_size][head_dim]
+    std::vector<softmax_stats> stats;      // [workers][group_size]
     std::vector<page_read> reads;
     std::vector<std::byte> staging;
     std::vector<uint32_t> chunk_slot;

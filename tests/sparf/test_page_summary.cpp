@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "instinfer/attention/sparf/page_summary.hpp"
+#include "instinfer/attention/sparf/score.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "instinfer/testing/reference.hpp"
 #include "sparf/sparf_test_util.hpp"
@@ -115,6 +116,73 @@ std::vector<double> expected(const kv_shape& s, const stored_rows& r, uint32_t n
 }
 
 }  // namespace
+
+TEST_CASE("page summary score kernel: every built ISA against the float64 bound, only the asked range written") {
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  for (const uint32_t d : {64u, 68u, 128u})
+    for (const uint32_t G : {1u, 3u, 4u, 5u, 8u}) {
+      const uint32_t H = 3, n_groups = 37;
+      std::vector<std::vector<float>> blocks(n_groups, std::vector<float>(page_summary_floats(H, d)));
+      for (auto& b : blocks)
+        for (uint32_t h = 0; h < H; ++h)
+          for (uint32_t c = 0; c < d; ++c) {  // a min <= max pair per channel, of either sign
+            const float x = nd(rng), y = nd(rng);
+            b[size_t{2} * h * d + c] = std::min(x, y);
+            b[size_t{2} * h * d + d + c] = std::max(x, y);
+          }
+      std::vector<const float*> ptrs;
+      for (const auto& b : blocks) ptrs.push_back(b.data());
+      std::vector<float> q(size_t{H} * G * d);
+      for (float& x : q) x = nd(rng);
+      for (const cpu_isa isa : {cpu_isa::kScalar, cpu_isa::kAvx2, cpu_isa::kAvx512, cpu_isa::kNeon}) {
+        if (!cpu_isa_available(isa)) continue;
+        CAPTURE(cpu_isa_name(isa));
+        CAPTURE(d);
+        CAPTURE(G);
+        auto fn = select_page_summary_score_kernel(isa);
+        REQUIRE(fn.ok());
+        std::vector<float> scores(size_t{H} * n_groups, -12345.0f);
+        page_summary_score_args a;
+        a.groups = ptrs.data();
+        a.n_groups = n_groups;
+        a.group_begin = 5;
+        a.group_end = 30;
+        a.kv_begin = 1;
+        a.n_kv = 2;
+        a.head_dim = d;
+        a.group_size = G;
+        a.q = q.data();
+        a.scores = scores.data();
+        fn.value()(a);
+        double worst = 0;
+        for (uint32_t h = 0; h < H; ++h)
+          for (uint32_t g = 0; g < n_groups; ++g) {
+            const float got = scores[size_t{h} * n_groups + g];
+            if (h < a.kv_begin || g < a.group_begin || g >= a.group_end) {
+              CHECK(got == -12345.0f);
+              continue;
+            }
+            const float* mn = blocks[g].data() + size_t{2} * h * d;
+            double best = -INFINITY, mag = 0;
+            for (uint32_t j = 0; j < G; ++j) {
+              double s = 0;
+              for (uint32_t c = 0; c < d; ++c) {
+                const double qc = q[(size_t{h} * G + j) * d + c];
+                s += std::max(qc * mn[c], qc * mn[d + c]);
+                mag += std::fabs(qc * mn[c]) + std::fabs(qc * mn[d + c]);
+              }
+              best = std::max(best, s);
+            }
+            worst = std::max(worst, std::fabs(got - best) / mag);
+          }
+        MESSAGE(cpu_isa_name(isa), " d ", d, " G ", G, ": max error / sum of |terms| ", worst);
+        CHECK(worst < 1e-6);
+      }
+    }
+  auto bad = select_page_summary_score_kernel(static_cast<cpu_isa>(99));
+  CHECK(bad.error().code() == errc::kUnsupported);
+}
 
 TEST_CASE("page summary: the bound holds for every row, plans and selections follow the budget") {
   const uint32_t H = 2, d = 64, G = 3, n = 40;

@@ -37,4 +37,24 @@ using sparf_score_fn = void (*)(const sparf_score_args& args) noexcept;
 // when the ISA is not built in or not available on this CPU.
 result<sparf_score_fn> select_sparf_score_kernel(cpu_isa isa, dtype column_dtype);
 
+// The page policy's group scores (page_summary.hpp's bound) as a SIMD kernel, compiled per ISA
+// beside SparF's. A group's summary block holds every kv head ([n_kv_heads][2][head_dim]: min
+// row, max row), so the kernel walks groups in order and scores all asked heads of each block
+// while it is in cache: one sequential sweep, where a loop per head strided across the blocks.
+struct page_summary_score_args {
+  const float* const* groups = nullptr;  // [n_groups] summary blocks
+  uint32_t n_groups = 0;
+  uint32_t group_begin = 0, group_end = 0;  // the groups scored, [group_begin, group_end)
+  uint32_t kv_begin = 0, n_kv = 0;          // the kv heads scored
+  uint32_t head_dim = 0;
+  uint32_t group_size = 1;
+  const float* q = nullptr;  // [n_kv_heads][group_size][head_dim], kv head 0 first
+  float* scores = nullptr;   // out, [n_kv_heads][n_groups]: page_summary_score of (group, kv head)
+};
+
+using page_summary_score_fn = void (*)(const page_summary_score_args& args) noexcept;
+
+// The kernel on `isa`; kUnsupported when the ISA is not built in or not available on this CPU.
+result<page_summary_score_fn> select_page_summary_score_kernel(cpu_isa isa);
+
 }  // namespace instinfer

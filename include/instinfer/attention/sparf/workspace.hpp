@@ -59,6 +59,7 @@ class sparf_workspace {
     isa_ = isa;
     kernel_ = nullptr;
     score_ = nullptr;
+    group_score_ = nullptr;
     return {};
   }
   cpu_isa isa() const noexcept { return isa_; }
@@ -75,6 +76,19 @@ class sparf_workspace {
     }
     score_dtype_ = column_dtype;
     return score_;
+  }
+
+  // The page policy's SIMD group-score kernel (page_summary_score_args), looked up once.
+  result<page_summary_score_fn> page_summary_kernel() noexcept {
+    if (group_score_) return group_score_;
+    try {
+      auto fn = select_page_summary_score_kernel(isa_);
+      if (!fn.ok()) return fn.error();
+      group_score_ = fn.value();
+    } catch (const std::bad_alloc&) {
+      return status{errc::kOutOfMemory, "page summaries: score kernel lookup"};
+    }
+    return group_score_;
   }
 
   // The decode kernel for the exact pass's pseudo-chunks (one kv head, cfg's page geometry),
@@ -132,6 +146,7 @@ class sparf_workspace {
   cpu_isa isa_ = best_cpu_isa();
   sparf_score_fn score_ = nullptr;
   dtype score_dtype_ = dtype::kF16;
+  page_summary_score_fn group_score_ = nullptr;
   decode_chunks_fn kernel_ = nullptr;
   uint32_t kernel_head_dim_ = 0;
   dtype kernel_dtype_ = dtype::kF16;
