@@ -102,7 +102,7 @@ inline instinfer_status check_attend_args(size_t n_seq, const instinfer_seq* seq
 }
 
 inline instinfer_status check_chunk_args(size_t n_seq, const instinfer_seq* seqs, const uint32_t* positions,
-                                  const uint32_t* n_rows, const float* q, const float* out) noexcept {
+                                         const uint32_t* n_rows, const float* q, const float* out) noexcept {
   if (n_seq == 0) return fail(errc::kInvalidArgument, "n_seq must be > 0");
   if (n_seq > kMaxBatch)
     return fail(errc::kInvalidArgument, "n_seq " + std::to_string(n_seq) + " exceeds " + std::to_string(kMaxBatch));
