@@ -155,6 +155,18 @@ inline constexpr uint32_t kPrefetchAhead = INSTINFER_PREFETCH_AHEAD;
 template <class Shape, uint32_t HT>
 INSTINFER_INLINE void block_softmax(uint32_t n, softmax_stats* st, float* sbuf, float* alpha) noexcept;
 
+// The TT rows of score tile i of a block of n rows from k, and the prefetch ahead of them. Rows
+// past the block's end repeat its last row; block_softmax masks their scores.
+template <class Shape, uint32_t TT>
+INSTINFER_INLINE void score_tile_rows(const std::byte* k, uint32_t n, uint32_t i, const std::byte** r) noexcept {
+#pragma GCC unroll 16
+  for (uint32_t t = 0; t < TT; ++t) r[t] = k + (i * TT + t < n ? i * TT + t : n - 1) * Shape::kRowBytes;
+  if constexpr (kPrefetchAhead > 0) {
+    for (uint32_t l = 0; l < TT * Shape::kRowBytes; l += 64)
+      Shape::ops::prefetch(k + i * TT * Shape::kRowBytes + kPrefetchAhead + l);
+  }
+}
+
 // Scores and online-softmax update of one block of n (1..kBlockTokens) consecutive rows for a
 // head tile of HT query heads. Not inlined (nor value_block): a call per block of up to 64 tokens
 // costs nothing beside the block's work, while inlining copied both into every kernel entry and
@@ -177,14 +189,8 @@ template <class Shape, uint32_t HT, logits_variant Variant, dtype KvType>
     vec acc[L];
 #pragma GCC unroll 16
     for (uint32_t a = 0; a < L; ++a) acc[a] = ops::zero();
-    // Rows past the block's end repeat its last row; their scores are masked below.
     const std::byte* r[TT];
-#pragma GCC unroll 16
-    for (uint32_t t = 0; t < TT; ++t) r[t] = k + (i * TT + t < n ? i * TT + t : n - 1) * Shape::kRowBytes;
-    if constexpr (kPrefetchAhead > 0) {
-      for (uint32_t l = 0; l < TT * Shape::kRowBytes; l += 64)
-        Shape::ops::prefetch(k + i * TT * Shape::kRowBytes + kPrefetchAhead + l);
-    }
+    score_tile_rows<Shape, TT>(k, n, i, r);
 #pragma GCC unroll 16
     for (uint32_t j = 0; j < Shape::kVecsPerRow; ++j) {
       vec kv[TT];
@@ -281,12 +287,7 @@ template <class Shape, uint32_t HT, logits_variant Variant>
 #pragma GCC unroll 16
     for (uint32_t a = 0; a < L; ++a) acc[a] = ops::zero();
     const std::byte* r[TT];
-#pragma GCC unroll 16
-    for (uint32_t t = 0; t < TT; ++t) r[t] = k + (i * TT + t < n ? i * TT + t : n - 1) * Shape::kRowBytes;
-    if constexpr (kPrefetchAhead > 0) {
-      for (uint32_t l = 0; l < TT * Shape::kRowBytes; l += 64)
-        Shape::ops::prefetch(k + i * TT * Shape::kRowBytes + kPrefetchAhead + l);
-    }
+    score_tile_rows<Shape, TT>(k, n, i, r);
 #pragma GCC unroll 16
     for (uint32_t j = 0; j < D / kStep; ++j) {
       typename q8::kreg kv[TT];
