@@ -45,6 +45,50 @@ static instinfer_dtype ii_dtype(ggml_type t) {
     }
 }
 
+// LLAMA_INSTINFER_SPARSE=POLICY[:COMPRESSION[:REUSE_COSINE]]: decode steps (one query row) attend
+// sparsely, prefill stays dense. POLICY: sparf (SparF: a channel copy of K) or pages (per-page
+// key summaries); COMPRESSION: the budget (default 1/8); REUSE_COSINE: SparF's selection reuse
+// across steps (0: off, the default). Sinks and window: the library's defaults. Unset: dense.
+static bool ii_sparse_from_env(instinfer_sparf_params & p, uint32_t head_dim) {
+    const char * e = getenv("LLAMA_INSTINFER_SPARSE");
+    if (!e || !*e) {
+        return false;
+    }
+    instinfer_sparf_params_init(&p);
+    const std::string spec = e;
+    const size_t c1 = spec.find(':');
+    const std::string policy = spec.substr(0, c1);
+    if (policy == "sparf") {
+        p.policy = INSTINFER_SPARSE_SPARF;
+    } else if (policy == "pages") {
+        p.policy = INSTINFER_SPARSE_PAGE_SUMMARY;
+    } else {
+        throw std::runtime_error("LLAMA_INSTINFER_SPARSE: policy '" + policy + "' is not sparf or pages");
+    }
+    if (c1 != std::string::npos) {
+        const size_t c2 = spec.find(':', c1 + 1);
+        char * end = nullptr;
+        const std::string comp = spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1);
+        p.compression = strtod(comp.c_str(), &end);
+        if (comp.empty() || *end) {
+            throw std::runtime_error("LLAMA_INSTINFER_SPARSE: compression '" + comp + "' is not a number");
+        }
+        if (c2 != std::string::npos) {
+            const std::string cos = spec.substr(c2 + 1);
+            p.reuse_min_cosine = strtof(cos.c_str(), &end);
+            if (cos.empty() || *end) {
+                throw std::runtime_error("LLAMA_INSTINFER_SPARSE: reuse cosine '" + cos + "' is not a number");
+            }
+        }
+    }
+    const instinfer_status st = instinfer_sparf_params_check(&p, head_dim);
+    if (st != INSTINFER_OK) {
+        throw std::runtime_error(std::string("LLAMA_INSTINFER_SPARSE='") + e + "': " + instinfer_status_name(st) + ": " +
+                instinfer_last_error());
+    }
+    return true;
+}
+
 //
 // llama_instinfer_memory
 //
@@ -97,6 +141,12 @@ llama_instinfer_memory::llama_instinfer_memory(
     if (const char * mb = getenv("LLAMA_INSTINFER_CAPACITY_MB")) {
         cfg.capacity_bytes = uint64_t(atoll(mb)) << 20;
     }
+    sparse = ii_sparse_from_env(sparse_params, head_dim);
+    if (sparse) {
+        // what the policy keeps beside the cache: SparF's channel copy or the page summaries
+        cfg.sparf          = sparse_params.policy == INSTINFER_SPARSE_SPARF;
+        cfg.page_summaries = sparse_params.policy == INSTINFER_SPARSE_PAGE_SUMMARY;
+    }
 
     const instinfer_status st = instinfer_cache_create(&cfg, &cache);
     if (st != INSTINFER_OK) {
@@ -109,11 +159,12 @@ llama_instinfer_memory::llama_instinfer_memory(
     slices_done.reset(new std::atomic<int>[n_layer]);
     for (uint32_t il = 0; il < n_layer; ++il) {
         slices_done[il] = 0;
-        ops[il] = { cache, il, n_layer, &slices_done[il] };
+        ops[il] = { cache, il, n_layer, &slices_done[il], sparse ? &sparse_params : nullptr };
     }
 
-    LLAMA_LOG_INFO("%s: instinfer %d, backend '%s', %u layers, %u/%u heads of %u, KV %s, n_seq_max %u\n", __func__,
-            instinfer_version(), backend, n_layer, n_head, n_head_kv, head_dim, ggml_type_name(type_k), n_seq_max);
+    LLAMA_LOG_INFO("%s: instinfer %d, backend '%s', %u layers, %u/%u heads of %u, KV %s, n_seq_max %u%s\n", __func__,
+            instinfer_version(), backend, n_layer, n_head, n_head_kv, head_dim, ggml_type_name(type_k), n_seq_max,
+            sparse ? (sparse_params.policy == INSTINFER_SPARSE_SPARF ? ", sparse decode: SparF" : ", sparse decode: pages") : "");
 }
 
 llama_instinfer_memory::~llama_instinfer_memory() {
@@ -493,6 +544,18 @@ static void ii_attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const uint32_t      pos    = (uint32_t) info[0];
     const uint32_t      n_rows = (uint32_t) q->ne[2];
 
+    if (op->sparse && n_rows == 1) {
+        // Sparse decode: one call for the sequence on the op's first thread (the library splits
+        // its kv heads over its own workers), no prefetch of the next layer's whole KV.
+        if (ith == 0) {
+            const instinfer_status st = instinfer_attend_sparse(op->cache, op->il, 1, &seq, (const float *) q->data,
+                    (float *) dst->data, nullptr, op->sparse);
+            if (st != INSTINFER_OK) {
+                ii_fail("attend_sparse", st);
+            }
+        }
+        return;
+    }
     const instinfer_status st = instinfer_attend_chunk_slice(op->cache, op->il, 1, &seq, &pos, &n_rows,
             (const float *) q->data, (float *) dst->data, nullptr, (uint32_t) ith, (uint32_t) nth);
     if (st != INSTINFER_OK) {

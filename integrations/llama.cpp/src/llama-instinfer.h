@@ -80,6 +80,7 @@ public:
         uint32_t          il;
         uint32_t          n_layer;
         std::atomic<int> * slices_done; // the attend op's threads that finished this layer (prefetch)
+        const instinfer_sparf_params * sparse; // decode steps: sparse attention with these; null: dense
     };
 
     layer_op * get_layer_op(int il) { return &ops[il]; }
@@ -97,6 +98,8 @@ private:
     uint32_t n_seq_max;
     uint32_t n_layer;
     bool     is_host;
+    bool     sparse = false;              // LLAMA_INSTINFER_SPARSE is set
+    instinfer_sparf_params sparse_params; // its parameters
 
     std::vector<layer_op> ops;
     std::unique_ptr<std::atomic<int>[]> slices_done; // one counter per layer, see layer_op
