@@ -375,7 +375,7 @@ class session {
     }
   }
 
-  // ---- sequence states (the format of src/core/kv_cache_ext.cpp, read independently) ----
+  // ---- sequence states (the format of src/core/kv_cache_state.cpp, read independently) ----
   static constexpr size_t kStateFixed = 8 + 7 * 4;  // magic, version, header bytes, shape (5 x u32)
   uint64_t state_size(const ref_seq& r) const {
     uint64_t bytes = kStateFixed + 4ull * s_.layers + 4;

@@ -6,27 +6,13 @@
 #include <cstring>
 #include <new>
 
+#include "core/kv_cache_internal.hpp"
 #include "core/slice_gate.hpp"
 #include "sparf/sparse_attender.hpp"
 
 namespace instinfer {
 
-namespace {
-constexpr uint32_t kMaxTokensPerLayer = 1u << 30;  // keeps every token index far from overflow
-
-uint32_t ceil_div(uint64_t a, uint64_t b) {
-  return static_cast<uint32_t>((a + b - 1) / b);
-}
-
-std::string seq_name(seq_id seq) {
-  return "sequence " + std::to_string(seq);
-}
-
-bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) noexcept {
-  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
-  return x < y + b_bytes && y < x + a_bytes;
-}
-}  // namespace
+using namespace kv_cache_detail;
 
 result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options) {
   auto b = make_backend(options.backend_uri);
@@ -537,126 +523,6 @@ status kv_cache::remove_range(seq_id seq, uint64_t begin, uint64_t end) {
     s.layers[l] = std::move(rebuilt[l]);
   }
   return {};
-}
-
-status kv_cache::attend(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse) {
-  std::lock_guard lock(mutex_);
-  INSTINFER_TRY(check_layer(layer));
-  if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
-  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
-  INSTINFER_TRY(fill_batch(layer, seqs));
-  auto query = separate_query(seqs.size(), q, out, lse);
-  if (!query.ok()) return query.error();
-  return backend_->attend(layer, batch_view(query.value(), out, lse));
-}
-
-// Backends write out (and lse) while they still read q (the host decoder keeps its running
-// accumulator in out), so an overlapping q is copied first; q is one row per sequence, small.
-result<const float*> kv_cache::separate_query(size_t n_rows, const float* q, const float* out, const float* lse) {
-  const size_t n_q = n_rows * config_.shape.n_q_heads * config_.shape.head_dim;
-  const size_t n_lse = n_rows * config_.shape.n_q_heads;
-  const bool alias = overlaps(q, n_q * sizeof(float), out, n_q * sizeof(float)) ||
-                     (lse != nullptr && overlaps(q, n_q * sizeof(float), lse, n_lse * sizeof(float)));
-  if (!alias) return q;
-  try {
-    if (q_copy_.size() < n_q) q_copy_.resize(n_q);
-  } catch (const std::bad_alloc&) {
-    return status{errc::kOutOfMemory, "copy of a query that overlaps out or lse"};
-  }
-  std::memcpy(q_copy_.data(), q, n_q * sizeof(float));
-  return static_cast<const float*>(q_copy_.data());
-}
-
-// batch_ for one layer: each sequence's page table, in CSR form (the view backends receive).
-status kv_cache::fill_batch(uint32_t layer, std::span<const seq_id> seqs) {
-  try {
-    batch_.clear(config_.page.tokens_per_page);
-    for (seq_id s : seqs) {
-      auto found = find(s);
-      if (!found.ok()) return found.error();
-      const layer_table& t = found.value()->layers[layer];
-      batch_.add(s, t.chunks, t.n_tokens);
-    }
-  } catch (const std::bad_alloc&) {
-    return {errc::kOutOfMemory, "attend batch of " + std::to_string(seqs.size()) + " sequences"};
-  }
-  return {};
-}
-
-attend_batch kv_cache::batch_view(const float* q, float* out, float* lse) const noexcept {
-  return batch_.view(q, out, lse, config_.shape.n_q_heads, config_.shape.head_dim);
-}
-
-status kv_cache::attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
-                               const sparf_params& params) {
-  std::lock_guard lock(mutex_);
-  if (!attender_)
-    return {errc::kUnsupported,
-            "attend_sparse needs a cache created with cache_options::sparf or cache_options::page_summaries = true"};
-  INSTINFER_TRY(check_layer(layer));
-  if (seqs.empty()) return {errc::kInvalidArgument, "attend_sparse needs at least one sequence"};
-  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
-  INSTINFER_TRY(params.validate(config_.shape.head_dim));
-  INSTINFER_TRY(fill_batch(layer, seqs));
-  auto query = separate_query(seqs.size(), q, out, lse);
-  if (!query.ok()) return query.error();
-  sparf_counters counters;
-  INSTINFER_TRY(attender_->attend_sparse(layer, batch_view(query.value(), out, lse), params, &counters));
-  sparf_totals_.add(counters);
-  return {};
-}
-
-void kv_cache::prefetch(uint32_t layer, std::span<const seq_id> seqs) {
-  std::lock_guard lock(mutex_);
-  if (layer >= config_.shape.n_layers || seqs.empty()) return;
-  if (!fill_batch(layer, seqs).ok()) return;  // a hint: an unknown sequence cancels it
-  backend_->prefetch(layer, batch_view(nullptr, nullptr, nullptr));
-}
-
-status kv_cache::page_table(uint32_t layer, std::span<const seq_id> seqs, csr_page_table& out) const {
-  std::lock_guard lock(mutex_);
-  INSTINFER_TRY(check_layer(layer));
-  const uint32_t tpp = config_.page.tokens_per_page;
-  try {
-    out.tokens_per_page = tpp;
-    out.indptr.assign(1, 0);
-    out.indices.clear();
-    out.last_page_len.clear();
-    for (seq_id s : seqs) {
-      auto found = find(s);
-      if (!found.ok()) return found.error();
-      const layer_table& t = found.value()->layers[layer];
-      out.indices.insert(out.indices.end(), t.chunks.begin(), t.chunks.end());
-      out.indptr.push_back(static_cast<uint32_t>(out.indices.size()));
-      out.last_page_len.push_back(t.n_tokens == 0 ? 0
-                                                  : t.n_tokens - (static_cast<uint32_t>(t.chunks.size()) - 1) * tpp);
-    }
-  } catch (const std::bad_alloc&) {
-    return {errc::kOutOfMemory, "page table"};
-  }
-  return {};
-}
-
-status kv_cache::flush() {
-  std::lock_guard lock(mutex_);
-  if (store_) return commit_locked();
-  return backend_->flush();
-}
-
-cache_stats kv_cache::stats() const {
-  std::lock_guard lock(mutex_);
-  cache_stats s;
-  s.n_sequences = sequences_.size();
-  s.chunk_bytes = config_.layout().chunk_bytes();
-  for (uint32_t c : refcount_) s.shared_chunks += c > 1;
-  s.backend = backend_->stats();
-  s.sparf = sparf_totals_;
-  if (attender_) {
-    s.sparf_column_bytes = attender_->resident_bytes();
-    s.page_summary_bytes = attender_->page_summary_bytes();
-    s.sparf_reused_selections = attender_->reused_selections();
-  }
-  return s;
 }
 
 }  // namespace instinfer

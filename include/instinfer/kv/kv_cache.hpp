@@ -119,7 +119,7 @@ class kv_cache {
   status attend_sparse(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
                        const sparf_params& params = {});
 
-  // ---- since C API 0.3 (kv_cache_ext.cpp) ----
+  // ---- since C API 0.3 (kv_cache_attend.cpp: chunks and slices; kv_cache_state.cpp: positions, state) ----
 
   // Append at an explicit position: `pos` must equal the layer's current length (a gap or an
   // overlap is kInvalidArgument); otherwise as append.

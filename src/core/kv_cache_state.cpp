@@ -1,6 +1,5 @@
-// kv_cache calls added with C API 0.3: positions (append_at, fork_sequence_at), causal chunk
-// attention (attend_chunk), the caller's threads (attend_slice, attend_chunk_slice) and
-// sequence state (save / load).
+// kv_cache's positions (append_at, fork_sequence_at) and sequence state (save / load, to memory
+// and to files).
 #include <array>
 #include <cerrno>
 #include <cstdio>
@@ -10,20 +9,16 @@
 #include <memory>
 #include <new>
 
-#include "core/slice_gate.hpp"
+#include "core/kv_cache_internal.hpp"
 #include "instinfer/core/crc32c.hpp"
 #include "instinfer/kv/kv_cache.hpp"
 #include "sparf/sparse_attender.hpp"
 
 namespace instinfer {
 
+using namespace kv_cache_detail;
+
 namespace {
-
-constexpr uint32_t kMaxTokensPerLayer = 1u << 30;  // as kv_cache.cpp
-
-std::string seq_name(seq_id seq) {
-  return "sequence " + std::to_string(seq);
-}
 
 // ---- the state format (little endian) ----------------------------------------------------------
 //   magic "IIKVSEQ1" | u32 version | u32 header bytes | u32 n_layers, n_q_heads, n_kv_heads,
@@ -97,183 +92,6 @@ result<seq_id> kv_cache::fork_sequence_at(seq_id src, uint64_t pos) {
     return s;
   }
   return id;
-}
-
-// ---- causal chunk attention --------------------------------------------------------------------
-
-status kv_cache::attend_chunk(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
-                              std::span<const uint32_t> n_rows, const float* q, float* out, float* lse) {
-  std::lock_guard lock(mutex_);
-  return attend_chunk_locked(layer, seqs, positions, n_rows, q, out, lse);
-}
-
-status kv_cache::attend_chunk_locked(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
-                                     std::span<const uint32_t> n_rows, const float* q, float* out, float* lse) {
-  auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
-  if (!batch.ok()) return batch.error();
-  return backend_->attend_causal(layer, batch.value());
-}
-
-status kv_cache::check_attend_call_locked(uint32_t layer, std::span<const seq_id> seqs) {
-  INSTINFER_TRY(check_layer(layer));
-  for (seq_id s : seqs) {
-    auto found = find(s);
-    if (!found.ok()) return found.error();
-  }
-  return {};
-}
-
-// The whole call's checks, in the documented order; every slice of a call runs them, so all
-// slices of a rejected call return the same error.
-result<uint64_t> kv_cache::check_chunk_call_locked(uint32_t layer, std::span<const seq_id> seqs,
-                                                   std::span<const uint32_t> positions,
-                                                   std::span<const uint32_t> n_rows) {
-  INSTINFER_TRY(check_layer(layer));
-  if (seqs.empty()) return status{errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
-  if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
-    return status{errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
-  uint64_t total = 0;
-  for (size_t b = 0; b < seqs.size(); ++b) {
-    auto found = find(seqs[b]);
-    if (!found.ok()) return found.error();
-    const uint32_t len = found.value()->layers[layer].n_tokens;
-    if (n_rows[b] == 0)
-      return status{errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
-                                                ") has n_rows = 0; every sequence needs at least one query row"};
-    if (uint64_t{positions[b]} + n_rows[b] > len)
-      return status{errc::kInvalidArgument, "attend_chunk: entry " + std::to_string(b) + " (" + seq_name(seqs[b]) +
-                                                ") has query rows at positions [" + std::to_string(positions[b]) +
-                                                ", " + std::to_string(uint64_t{positions[b]} + n_rows[b]) +
-                                                ") but layer " + std::to_string(layer) + " holds " +
-                                                std::to_string(len) +
-                                                " tokens: append the chunk's K/V first (more queries than positions)"};
-    total += n_rows[b];
-  }
-  if (total > UINT32_MAX / 2) return status{errc::kInvalidArgument, "attend_chunk: too many query rows"};
-  return total;
-}
-
-result<attend_batch> kv_cache::chunk_batch_locked(uint32_t layer, std::span<const seq_id> seqs,
-                                                  std::span<const uint32_t> positions, std::span<const uint32_t> n_rows,
-                                                  const float* q, float* out, float* lse) {
-  if (!q || !out) return status{errc::kInvalidArgument, "q and out must not be null"};
-  auto checked = check_chunk_call_locked(layer, seqs, positions, n_rows);
-  if (!checked.ok()) return checked.error();
-  const uint64_t total = checked.value();
-  INSTINFER_TRY(fill_batch(layer, seqs));
-  try {
-    row_indptr_.assign(1, 0);
-    row_pos_.assign(positions.begin(), positions.end());
-    for (uint32_t n : n_rows) row_indptr_.push_back(row_indptr_.back() + n);
-  } catch (const std::bad_alloc&) {
-    return status{errc::kOutOfMemory, "attend_chunk rows"};
-  }
-  // Like attend, an out or lse over q is allowed: q is copied first.
-  auto query = separate_query(total, q, out, lse);
-  if (!query.ok()) return query.error();
-  attend_batch batch = batch_view(query.value(), out, lse);
-  batch.row_indptr = row_indptr_.data();
-  batch.row_pos = row_pos_.data();
-  return batch;
-}
-
-// ---- slices for the caller's threads ------------------------------------------------------------
-
-namespace {
-struct slice_range {
-  size_t begin = 0, end = 0;
-};
-result<slice_range> slice_of(size_t n, uint32_t ith, uint32_t nth) {
-  if (nth == 0 || ith >= nth)
-    return status{errc::kInvalidArgument,
-                  "slice ith " + std::to_string(ith) + " of nth " + std::to_string(nth) + ": need 0 <= ith < nth"};
-  return slice_range{n * ith / nth, n * (size_t{ith} + 1) / nth};
-}
-}  // namespace
-
-// Backends that run attention on the caller's threads (host) share one run among the slices
-// (slice_gate); the others get each slice's sequences, one slice at a time under the lock.
-status kv_cache::attend_slice(uint32_t layer, std::span<const seq_id> seqs, const float* q, float* out, float* lse,
-                              uint32_t ith, uint32_t nth) {
-  auto r = slice_of(seqs.size(), ith, nth);
-  if (!r.ok()) return r.error();
-  if (seqs.empty()) return {errc::kInvalidArgument, "attend needs at least one sequence"};
-  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
-  if (nth > 1 && backend_->runs_shared()) {
-    const slice_call call{layer, q, out, lse, nth, seqs.size(), false, crc32c(seqs.data(), seqs.size_bytes())};
-    return shared_slice(
-        call, ith,
-        [&]() -> status {
-          INSTINFER_TRY(check_layer(layer));
-          INSTINFER_TRY(fill_batch(layer, seqs));
-          auto query = separate_query(seqs.size(), q, out, lse);
-          if (!query.ok()) return query.error();
-          return backend_->shared_begin(layer, batch_view(query.value(), out, lse), nth);
-        },
-        seqs.size(), q, out, lse);
-  }
-  {
-    // Every slice checks the whole call, so all slices of a rejected call return the same error.
-    std::lock_guard lock(mutex_);
-    INSTINFER_TRY(check_attend_call_locked(layer, seqs));
-  }
-  if (r->begin == r->end) return {};  // more slices than sequences: nothing to do here
-  const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
-  return attend(layer, seqs.subspan(r->begin, r->end - r->begin), q + r->begin * row, out + r->begin * row,
-                lse ? lse + r->begin * config_.shape.n_q_heads : nullptr);
-}
-
-status kv_cache::attend_chunk_slice(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
-                                    std::span<const uint32_t> n_rows, const float* q, float* out, float* lse,
-                                    uint32_t ith, uint32_t nth) {
-  auto r = slice_of(seqs.size(), ith, nth);
-  if (!r.ok()) return r.error();
-  if (seqs.empty()) return {errc::kInvalidArgument, "attend_chunk needs at least one sequence"};
-  if (positions.size() != seqs.size() || n_rows.size() != seqs.size())
-    return {errc::kInvalidArgument, "attend_chunk: positions and n_rows need one entry per sequence"};
-  if (!q || !out) return {errc::kInvalidArgument, "q and out must not be null"};
-  if (nth > 1 && backend_->runs_shared()) {
-    uint32_t args = crc32c(seqs.data(), seqs.size_bytes());
-    args = crc32c(positions.data(), positions.size_bytes(), args);
-    args = crc32c(n_rows.data(), n_rows.size_bytes(), args);
-    const slice_call call{layer, q, out, lse, nth, seqs.size(), true, args};
-    uint64_t total = 0;
-    for (uint32_t n : n_rows) total += n;
-    return shared_slice(
-        call, ith,
-        [&]() -> status {
-          auto batch = chunk_batch_locked(layer, seqs, positions, n_rows, q, out, lse);
-          if (!batch.ok()) return batch.error();
-          return backend_->shared_begin(layer, batch.value(), nth);
-        },
-        total, q, out, lse);
-  }
-  std::lock_guard lock(mutex_);
-  auto checked = check_chunk_call_locked(layer, seqs, positions, n_rows);  // the whole call, as above
-  if (!checked.ok()) return checked.error();
-  if (r->begin == r->end) return {};
-  uint64_t first_row = 0;
-  for (size_t b = 0; b < r->begin; ++b) first_row += n_rows[b];
-  const size_t row = size_t{config_.shape.n_q_heads} * config_.shape.head_dim;
-  const size_t n = r->end - r->begin;
-  return attend_chunk_locked(layer, seqs.subspan(r->begin, n), positions.subspan(r->begin, n),
-                             n_rows.subspan(r->begin, n), q + first_row * row, out + first_row * row,
-                             lse ? lse + first_row * config_.shape.n_q_heads : nullptr);
-}
-
-// The cache's lock is taken by the slice that starts the run and released by the one that ends
-// it (slice_gate): the page tables and the batch arrays stay as planned while any slice works.
-status kv_cache::shared_slice(const slice_call& call, uint32_t ith, const std::function<status()>& begin_locked,
-                              uint64_t n_rows, const float* q, const float* out, const float* lse) {
-  const uint64_t row = uint64_t{config_.shape.n_q_heads} * config_.shape.head_dim;
-  const auto query_crc = [&] { return crc32c(q, n_rows * row * sizeof(float)); };
-  const auto output_crc = [&] {
-    const uint32_t c = crc32c(out, n_rows * row * sizeof(float));
-    return lse == nullptr ? c : crc32c(lse, n_rows * config_.shape.n_q_heads * sizeof(float), c);
-  };
-  return slices_->enter(
-      call, ith, begin_locked, [&](uint32_t worker) { backend_->shared_work(worker); },
-      [&]() -> status { return backend_->shared_end(); }, query_crc, output_crc);
 }
 
 // ---- sequence state ------------------------------------------------------------------------------
