@@ -139,7 +139,6 @@ cache_stats kv_cache::stats() const {
   return s;
 }
 
-
 // ---- causal chunk attention --------------------------------------------------------------------
 
 status kv_cache::attend_chunk(uint32_t layer, std::span<const seq_id> seqs, std::span<const uint32_t> positions,
