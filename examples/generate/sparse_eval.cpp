@@ -34,10 +34,12 @@
 #include "llama_model.hpp"
 #include "sampler.hpp"
 #include "sparf_eval.hpp"
+#include "sparse_eval.hpp"
 #include "tokenizer.hpp"
 
 using namespace instinfer;
 using namespace instinfer::model;
+using namespace instinfer::sparse_eval;
 
 namespace {
 
@@ -46,27 +48,6 @@ using cli::parse_u32;
 
 constexpr const char* kDefaultModel = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 constexpr const char* kDefaultText = "tests/data/text/declaration-gettysburg-inaugural.txt";
-
-struct options {
-  std::string model, text_file;
-  std::vector<uint32_t> lengths{2048, 4096};
-  std::vector<double> depths{0.1, 0.5, 0.9};
-  std::vector<double> budgets{0.5, 0.25, 0.125, 0.0625};
-  std::vector<std::string> budget_labels{"1/2", "1/4", "1/8", "1/16"};
-  std::vector<std::string> policies{"sparf", "page"};
-  uint32_t needles = 3;         // needles per (length, depth)
-  uint32_t needle_tokens = 16;  // SmolLM2 often repeats the question's sentence first
-  uint32_t gen_tokens = 64;
-  uint32_t kl_steps = 32;
-  uint32_t sinks = 16, window = 64;
-  double page_spread = sparf_params{}.page_spread;  // SparF's token-page limit (0: none)
-  std::vector<double> reuse{0.0};                   // SparF selection reuse cosines (0: off)
-  uint32_t reuse_steps = sparf_params{}.reuse_max_steps;
-  uint32_t threads = 0;
-  uint32_t seed = 16;
-  bool both_sw = true;  // each budget with and without sinks + window
-  bool json = false;
-};
 
 void usage(FILE* out) {
   std::fprintf(out,
@@ -111,28 +92,6 @@ std::string find_file(const std::string& given, const char* fallback) {
   if (std::filesystem::exists(fallback)) return fallback;
   return std::string(INSTINFER_SOURCE_DIR) + "/" + fallback;
 }
-
-// One decode configuration: dense (no params) or a policy at a budget, with or without S/W.
-struct config {
-  std::string name;
-  std::optional<sparf_params> params;
-  std::string policy = "dense", budget = "1";
-  bool sw = false;
-};
-
-// What one configuration measured, summed over prompts.
-struct tally {
-  std::map<std::pair<uint32_t, uint32_t>, std::pair<uint32_t, uint32_t>> needle;  // (len, depth) -> (hit, n)
-  struct agree {
-    uint32_t same32 = 0, same64 = 0, n32 = 0, n64 = 0;
-    int first_divergence = -1;
-    uint32_t tf_same = 0;  // teacher-forced steps whose argmax is dense's token
-    double kl = 0.0;
-  };
-  std::vector<agree> agreement;  // per length
-  sparf_counters counters;
-  uint64_t reused = 0;  // (sequence, layer) SparF calls that reused a selection
-};
 
 // log-softmax in float64 (the KL of nearly equal distributions needs the precision).
 std::vector<double> log_softmax(const std::vector<float>& x) {
@@ -540,107 +499,8 @@ int main(int argc, char** argv) {
                dense_needles);
   for (const auto& e : needle_examples) std::fprintf(stderr, "[dense needle] %s\n", e.c_str());
 
-  // ---- report ----
-  const auto needle_acc = [&](const tally& t, int li, int di) {
-    uint32_t hit = 0, n = 0;
-    for (const auto& [key, v] : t.needle)
-      if ((li < 0 || key.first == static_cast<uint32_t>(li)) && (di < 0 || key.second == static_cast<uint32_t>(di)))
-        hit += v.first, n += v.second;
-    return std::pair{hit, n};
-  };
-  if (o.json) {
-    for (size_t ci = 0; ci < configs.size(); ++ci) {
-      const config& c = configs[ci];
-      const tally& t = tallies[ci];
-      const auto [hit, n] = needle_acc(t, -1, -1);
-      std::printf(
-          "{\"bench\":\"sparse-eval\",\"kind\":\"measured\",\"model\":\"%s\",\"config\":\"%s\",\"policy\":\"%s\","
-          "\"budget\":\"%s\",\"sinks\":%u,\"window\":%u,\"needle_hits\":%u,\"needles\":%u,\"page_frac\":%.6g,"
-          "\"byte_frac\":%.6g,\"sparf_column_overhead\":%.6g,\"page_summary_overhead\":%.6g,\"needle_cells\":[",
-          std::filesystem::path(path).filename().c_str(), c.name.c_str(), c.policy.c_str(), c.budget.c_str(),
-          c.sw ? o.sinks : 0, c.sw ? o.window : 0, hit, n, t.counters.page_fraction(), t.counters.byte_fraction(),
-          column_overhead, summary_overhead);
-      bool first = true;
-      for (const auto& [key, v] : t.needle) {
-        std::printf("%s{\"length\":%u,\"depth\":%g,\"hits\":%u,\"n\":%u}", first ? "" : ",", o.lengths[key.first],
-                    o.depths[key.second], v.first, v.second);
-        first = false;
-      }
-      std::printf("],\"agreement\":[");
-      for (size_t li = 0; li < o.lengths.size() && o.gen_tokens > 0; ++li) {
-        const auto& g = t.agreement[li];
-        std::printf(
-            "%s{\"length\":%u,\"prompt_tokens\":%u,\"same32\":%u,\"n32\":%u,\"same64\":%u,\"n64\":%u,"
-            "\"first_divergence\":%d,\"kl_mean\":%.6g,\"kl_steps\":%u,\"tf_same\":%u}",
-            li ? "," : "", o.lengths[li], prompt_tokens[li], g.same32, g.n32, g.same64, g.n64, g.first_divergence, g.kl,
-            o.kl_steps, g.tf_same);
-      }
-      std::printf("]}\n");
-    }
-    return 0;
-  }
-
-  std::printf(
-      "\nLong-context sparse evaluation of %s (measured on this machine): f16 KV, %u B pages (%u tokens), "
-      "+S/W = %u sink tokens + %u recent tokens; prefill dense, decode through kv_cache::attend_sparse.\n",
-      std::filesystem::path(path).filename().c_str(), cache.page().page_bytes, cache.page().tokens_per_page, o.sinks,
-      o.window);
-  if (o.needles > 0) {
-    std::printf(
-        "\nNeedle retrieval (hits / needles; %u needles per cell, answer within %u greedy tokens):\n\n| "
-        "configuration |",
-        o.needles, o.needle_tokens);
-    for (uint32_t L : o.lengths)
-      for (double d : o.depths) std::printf(" %u @ %.0f%% |", L, d * 100);
-    std::printf(" all |\n|---|");
-    for (size_t i = 0; i <= o.lengths.size() * o.depths.size(); ++i) std::printf("---|");
-    std::printf("\n");
-    for (size_t ci = 0; ci < configs.size(); ++ci) {
-      std::printf("| %s |", configs[ci].name.c_str());
-      for (size_t li = 0; li < o.lengths.size(); ++li)
-        for (size_t di = 0; di < o.depths.size(); ++di) {
-          const auto [h, n] = needle_acc(tallies[ci], static_cast<int>(li), static_cast<int>(di));
-          std::printf(" %u/%u |", h, n);
-        }
-      const auto [h, n] = needle_acc(tallies[ci], -1, -1);
-      std::printf(" %u/%u |\n", h, n);
-    }
-  }
-  if (o.gen_tokens > 0) {
-    std::printf(
-        "\nGreedy agreement with dense (identical tokens of the first 32 / 64, first divergence) and "
-        "KL(dense || sparse) mean over %u teacher-forced steps, with tf = steps of those whose argmax is "
-        "dense's token:\n\n| configuration |",
-        o.kl_steps);
-    for (size_t li = 0; li < o.lengths.size(); ++li)
-      std::printf(" %u tok: 32 | 64 | first div. | KL | tf |", prompt_tokens[li]);
-    std::printf("\n|---|");
-    for (size_t li = 0; li < o.lengths.size(); ++li) std::printf("---|---|---|---|---|");
-    std::printf("\n");
-    for (size_t ci = 0; ci < configs.size(); ++ci) {
-      std::printf("| %s |", configs[ci].name.c_str());
-      for (const auto& g : tallies[ci].agreement)
-        std::printf(" %u | %u | %s | %.3g | %u |", g.same32, g.same64,
-                    g.first_divergence < 0 ? "none" : std::to_string(g.first_divergence).c_str(), g.kl, g.tf_same);
-      std::printf("\n");
-    }
-  }
-  std::printf(
-      "\nReads while decoding (all prompts; pages read / pages dense attention reads, bytes likewise; reused:\n"
-      "share of SparF calls per (sequence, layer) that reused a selection):\n\n"
-      "| configuration | pages | bytes | reused |\n|---|---|---|---|\n");
-  for (size_t ci = 1; ci < configs.size(); ++ci) {
-    const tally& t = tallies[ci];
-    const double calls = static_cast<double>(t.counters.items) / hp.n_kv_head;
-    std::printf("| %s | %.3f | %.3f | %.3f |\n", configs[ci].name.c_str(), t.counters.page_fraction(),
-                t.counters.byte_fraction(), calls > 0 ? static_cast<double>(t.reused) / calls : 0.0);
-  }
-  if (column_overhead >= 0)
-    std::printf(
-        "\nStorage beside the KV (%u-token prompt): SparF column copy %.3f x KV bytes, page summaries %.4f "
-        "x KV bytes.\n",
-        prompt_tokens[0], column_overhead, summary_overhead);
-  for (size_t li = 0; li < o.lengths.size() && o.gen_tokens > 0; ++li)
-    std::printf("\ndense (%u tokens): %s\n", prompt_tokens[li], dense_text[li].c_str());
+  print_report(report_data{o, configs, tallies, std::filesystem::path(path).filename().string(),
+                           cache.page().page_bytes, cache.page().tokens_per_page, hp.n_kv_head, prompt_tokens,
+                           dense_text, column_overhead, summary_overhead});
   return 0;
 }
