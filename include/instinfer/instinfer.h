@@ -98,7 +98,8 @@ typedef struct instinfer_config {
   uint32_t caller_threads;
   /* Since 0.5: 1 = keep page summaries (per page group and kv head the per-channel min and max of
    * K, 0.125x the KV in host memory) for instinfer_attend_sparse with policy
-   * INSTINFER_SPARSE_PAGE_SUMMARY; with or without sparf. Host and ssd; csd: INSTINFER_E_UNSUPPORTED.
+   * INSTINFER_SPARSE_PAGE_SUMMARY; with or without sparf. Host, ssd and cuda keep them in host
+   * memory; csd in the drive's DRAM (the drive runs the policy next to its flash).
    * 64-bit so that it lies past the 0.4 struct (whose tail padding a 32-bit field would fill):
    * callers built against 0.1-0.4 pass the shorter struct_size and get 0. */
   uint64_t page_summaries;
