@@ -28,9 +28,9 @@ void print_report(const report_data& r) {
           "{\"bench\":\"sparse-eval\",\"kind\":\"measured\",\"model\":\"%s\",\"config\":\"%s\",\"policy\":\"%s\","
           "\"budget\":\"%s\",\"sinks\":%u,\"window\":%u,\"needle_hits\":%u,\"needles\":%u,\"page_frac\":%.6g,"
           "\"byte_frac\":%.6g,\"sparf_column_overhead\":%.6g,\"page_summary_overhead\":%.6g,\"needle_cells\":[",
-          r.model_name.c_str(), c.name.c_str(), c.policy.c_str(), c.budget.c_str(),
-          c.sw ? o.sinks : 0, c.sw ? o.window : 0, hit, n, t.counters.page_fraction(), t.counters.byte_fraction(),
-          r.column_overhead, r.summary_overhead);
+          r.model_name.c_str(), c.name.c_str(), c.policy.c_str(), c.budget.c_str(), c.sw ? o.sinks : 0,
+          c.sw ? o.window : 0, hit, n, t.counters.page_fraction(), t.counters.byte_fraction(), r.column_overhead,
+          r.summary_overhead);
       bool first = true;
       for (const auto& [key, v] : t.needle) {
         std::printf("%s{\"length\":%u,\"depth\":%g,\"hits\":%u,\"n\":%u}", first ? "" : ",", o.lengths[key.first],
@@ -54,8 +54,7 @@ void print_report(const report_data& r) {
   std::printf(
       "\nLong-context sparse evaluation of %s (measured on this machine): f16 KV, %u B pages (%u tokens), "
       "+S/W = %u sink tokens + %u recent tokens; prefill dense, decode through kv_cache::attend_sparse.\n",
-      r.model_name.c_str(), r.page_bytes, r.tokens_per_page, o.sinks,
-      o.window);
+      r.model_name.c_str(), r.page_bytes, r.tokens_per_page, o.sinks, o.window);
   if (o.needles > 0) {
     std::printf(
         "\nNeedle retrieval (hits / needles; %u needles per cell, answer within %u greedy tokens):\n\n| "
