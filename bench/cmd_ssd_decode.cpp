@@ -98,6 +98,7 @@ struct dtype_run {
   ssd_backend* ssd = nullptr;
   std::vector<seq_id> seqs;
   uint64_t kv_bytes = 0, req = 0, read_before = 0;
+  std::vector<float> q, out, lse;  // one decode step's queries and results
   std::vector<double> achieved, raw, cpu, ratios, step_seconds;
 };
 
@@ -154,6 +155,9 @@ bool prepare(const run_config& c, uint64_t ctx, dtype t, bool own_file, dtype_ru
     std::fprintf(stderr, "ssd-decode: flush: %s\n", st.to_string().c_str());
     return false;
   }
+  r.q.assign(size_t{c.batch} * c.q_heads * c.head_dim, 0.01f);
+  r.out.resize(r.q.size());
+  r.lse.resize(size_t{c.batch} * c.q_heads);
   r.kv_bytes = uint64_t{c.batch} * ctx * token_bytes * c.layers;
   r.req = r.ssd ? r.ssd->request_bytes() : c.request;
   r.read_before = cache.stats().backend.device_bytes_read;
@@ -162,12 +166,10 @@ bool prepare(const run_config& c, uint64_t ctx, dtype t, bool own_file, dtype_ru
 
 // One decode step (all layers): seconds and CPU seconds.
 bool decode_pass(const run_config& c, dtype_run& r, double& seconds, double& cpu_s) {
-  std::vector<float> q(size_t{c.batch} * c.q_heads * c.head_dim, 0.01f), out(q.size()),
-      lse(size_t{c.batch} * c.q_heads);
   const double t0 = now_seconds(), c0 = cpu_seconds();
   r.cache->prefetch(0, r.seqs);
   for (uint32_t l = 0; l < c.layers; ++l) {
-    if (status st = r.cache->attend(l, r.seqs, q.data(), out.data(), lse.data()); !st.ok()) {
+    if (status st = r.cache->attend(l, r.seqs, r.q.data(), r.out.data(), r.lse.data()); !st.ok()) {
       std::fprintf(stderr, "ssd-decode: attend: %s\n", st.to_string().c_str());
       return false;
     }

@@ -174,10 +174,7 @@ instinfer_status instinfer_seq_create(instinfer_cache* cache, instinfer_seq* out
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
-    auto r = cache->cache->create_sequence();
-    if (!r.ok()) return report(r.error());
-    *out_seq = r.value();
-    return INSTINFER_OK;
+    return deliver(cache->cache->create_sequence(), out_seq);
   });
 }
 
@@ -185,10 +182,7 @@ instinfer_status instinfer_seq_fork(instinfer_cache* cache, instinfer_seq src, i
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
-    auto r = cache->cache->fork_sequence(src);
-    if (!r.ok()) return report(r.error());
-    *out_seq = r.value();
-    return INSTINFER_OK;
+    return deliver(cache->cache->fork_sequence(src), out_seq);
   });
 }
 
@@ -211,10 +205,7 @@ instinfer_status instinfer_seq_length(instinfer_cache* cache, instinfer_seq seq,
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out_n_tokens) return fail(errc::kInvalidArgument, "out_n_tokens is NULL");
-    auto r = cache->cache->length(seq, layer);
-    if (!r.ok()) return report(r.error());
-    *out_n_tokens = r.value();
-    return INSTINFER_OK;
+    return deliver(cache->cache->length(seq, layer), out_n_tokens);
   });
 }
 
@@ -281,10 +272,7 @@ instinfer_status instinfer_seq_fork_at(instinfer_cache* cache, instinfer_seq src
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
-    auto r = cache->cache->fork_sequence_at(src, pos);
-    if (!r.ok()) return report(r.error());
-    *out_seq = r.value();
-    return INSTINFER_OK;
+    return deliver(cache->cache->fork_sequence_at(src, pos), out_seq);
   });
 }
 

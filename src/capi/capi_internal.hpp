@@ -91,6 +91,14 @@ inline bool is_dtype(int v) noexcept {
 #define CHECK_CACHE(cache) \
   if (!(cache) || !(cache)->cache) return fail(errc::kInvalidArgument, "cache is NULL")
 
+// A call's value to *out (the caller has checked out), or its failure reported.
+template <class T, class Out>
+instinfer_status deliver(const instinfer::result<T>& r, Out* out) noexcept {
+  if (!r.ok()) return report(r.error());
+  *out = r.value();
+  return INSTINFER_OK;
+}
+
 // The batch arguments of instinfer_attend and instinfer_attend_sparse.
 inline instinfer_status check_attend_args(size_t n_seq, const instinfer_seq* seqs, const float* q,
                                           const float* out) noexcept {

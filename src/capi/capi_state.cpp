@@ -69,10 +69,7 @@ instinfer_status instinfer_seq_state_load_file(instinfer_cache* cache, const cha
     CHECK_CACHE(cache);
     if (!path) return fail(errc::kInvalidArgument, "path is NULL");
     if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
-    auto r = cache->cache->load_sequence_file(path);
-    if (!r.ok()) return report(r.error());
-    *out_seq = r.value();
-    return INSTINFER_OK;
+    return deliver(cache->cache->load_sequence_file(path), out_seq);
   });
 }
 
@@ -89,10 +86,7 @@ instinfer_status instinfer_seq_find(instinfer_cache* cache, uint64_t name, insti
   return guarded(__func__, [&]() -> instinfer_status {
     CHECK_CACHE(cache);
     if (!out_seq) return fail(errc::kInvalidArgument, "out_seq is NULL");
-    auto r = cache->cache->find_sequence(name);
-    if (!r.ok()) return report(r.error());
-    *out_seq = r.value();
-    return INSTINFER_OK;
+    return deliver(cache->cache->find_sequence(name), out_seq);
   });
 }
 

@@ -44,8 +44,7 @@ struct chunk_piece {
 
 status csd_backend::send_attend_chunk(uint32_t layer, const attend_batch& batch) noexcept {
   impl& m = *impl_;
-  if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
-  if (layer >= m.config.shape.n_layers) return {errc::kLayerOutOfRange, "layer out of range"};
+  INSTINFER_TRY(m.check_attend_call(layer));
   if (batch.empty()) return {};
   try {
     const uint32_t dim = m.config.shape.head_dim;
@@ -57,9 +56,7 @@ status csd_backend::send_attend_chunk(uint32_t layer, const attend_batch& batch)
                                             std::to_string(it.n_rows) + " rows at position " +
                                             std::to_string(it.first_pos) + " over " + std::to_string(it.n_tokens) +
                                             " tokens"};
-      const uint64_t need = (uint64_t{it.n_tokens} + m.layout.tokens() - 1) / m.layout.tokens();
-      if (it.chunks.size() < need) return {errc::kInvalidArgument, "attend item has fewer chunks than its tokens need"};
-      INSTINFER_TRY(m.sync_table(it.seq, layer, it.chunks));
+      INSTINFER_TRY(m.sync_item(layer, it));
     }
     // Commands sized to the smallest data area: whole items while they fit, a long item's rows
     // split into pieces (a piece of rows at position p is itself a causal chunk at p).
@@ -171,17 +168,14 @@ status csd_backend::attend_sparse(uint32_t layer, const attend_batch& batch, con
 status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const sparf_params* sparse,
                                 sparf_counters* counters) noexcept {
   impl& m = *impl_;
-  if (!m.configured) return {errc::kInvalidArgument, "csd backend is not configured"};
-  if (layer >= m.config.shape.n_layers) return {errc::kLayerOutOfRange, "layer out of range"};
+  INSTINFER_TRY(m.check_attend_call(layer));
   if (batch.empty()) return {};
   try {
     const uint32_t dim = m.config.shape.head_dim;
     const uint32_t g = m.config.shape.group_size();
     for (const attend_item& it : batch) {
       if (!it.q || !it.out) return {errc::kInvalidArgument, "attend item without q or out"};
-      const uint64_t need = (uint64_t{it.n_tokens} + m.layout.tokens() - 1) / m.layout.tokens();
-      if (it.chunks.size() < need) return {errc::kInvalidArgument, "attend item has fewer chunks than its tokens need"};
-      if (it.n_tokens) INSTINFER_TRY(m.sync_table(it.seq, layer, it.chunks));
+      INSTINFER_TRY(m.sync_item(layer, it));
     }
     const bool is_sparse = sparse != nullptr;
     const sparf_wire_params wp = is_sparse ? encode_sparf_params(*sparse) : sparf_wire_params{};

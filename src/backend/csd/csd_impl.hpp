@@ -1,5 +1,6 @@
-// The csd backend's private state, shared by its two files: csd_backend.cpp (the backend calls)
-// and csd_create.cpp (URI options, drive start-up). Internal to src/backend/csd.
+// The csd backend's private state, shared by its files: csd_backend.cpp (the backend calls),
+// csd_attend.cpp (the attention commands) and csd_create.cpp (URI options, drive start-up).
+// Internal to src/backend/csd.
 #pragma once
 
 #include <algorithm>
@@ -124,6 +125,21 @@ struct csd_backend::impl final : persistent_store {
     }
     pending_release.clear();
     return {};
+  }
+
+  // What every attention command checks first.
+  status check_attend_call(uint32_t layer) const {
+    if (!configured) return {errc::kInvalidArgument, "csd backend is not configured"};
+    if (layer >= config.shape.n_layers) return {errc::kLayerOutOfRange, "layer out of range"};
+    return {};
+  }
+
+  // One batch item's page table, checked to cover its tokens and sent to the drives (an empty
+  // item has none to send).
+  status sync_item(uint32_t layer, const attend_item& it) {
+    const uint64_t need = (uint64_t{it.n_tokens} + layout.tokens() - 1) / layout.tokens();
+    if (it.chunks.size() < need) return {errc::kInvalidArgument, "attend item has fewer chunks than its tokens need"};
+    return it.n_tokens ? sync_table(it.seq, layer, it.chunks) : status{};
   }
 
   // Make the drives' copy of a (seq, layer) page table equal the manager's.
