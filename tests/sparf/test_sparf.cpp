@@ -1,7 +1,11 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
+#include <vector>
 
 #include "instinfer/attention/decode.hpp"
 #include "sparf_test_util.hpp"
@@ -434,5 +438,44 @@ TEST_CASE("sparf: the threshold top-k equals a full sort in ranking order, ties 
     CAPTURE(mode);
     REQUIRE(got == cand.size());
     CHECK(std::equal(cand.begin(), cand.end(), out.begin()));
+  }
+}
+
+TEST_CASE("SparF top-k over scores with NaNs (a non-finite query): exactly `want` tokens, NaNs last") {
+  // Found by the drive fuzzer: NaN scores broke nth_element's order, and more than `want` tokens
+  // passed the threshold into a buffer sized for want.
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  for (int round = 0; round < 50; ++round) {
+    const uint32_t n = 64;
+    std::vector<float> score(n);
+    for (float& x : score) x = u(rng);
+    uint32_t n_nan = 0;
+    for (uint32_t i = 0; i < n; ++i)
+      if (rng() % 3 == 0) score[i] = std::numeric_limits<float>::quiet_NaN(), ++n_nan;
+    const uint32_t want = 1 + static_cast<uint32_t>(rng() % (n - 1));
+    std::vector<uint32_t> out(n, UINT32_MAX);
+    std::vector<float> scratch(n);
+    const uint32_t got = sparf_detail::top_ascending(score.data(), 0, n, nullptr, 1, want, out.data(), scratch.data());
+    REQUIRE(got == want);
+    CHECK(std::is_sorted(out.begin(), out.begin() + got));
+    // Every finite score chosen is at least every finite score left out; NaNs only when the
+    // finite ones ran out.
+    float min_in = INFINITY, max_out = -INFINITY;
+    uint32_t nan_in = 0;
+    std::vector<bool> in(n, false);
+    for (uint32_t j = 0; j < got; ++j) in[out[j]] = true;
+    for (uint32_t i = 0; i < n; ++i) {
+      if (std::isnan(score[i])) {
+        nan_in += in[i];
+        continue;
+      }
+      if (in[i])
+        min_in = std::min(min_in, score[i]);
+      else
+        max_out = std::max(max_out, score[i]);
+    }
+    CHECK(min_in >= max_out);
+    CHECK(nan_in == (want > n - n_nan ? want - (n - n_nan) : 0u));
   }
 }

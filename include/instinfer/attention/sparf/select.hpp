@@ -204,8 +204,13 @@ inline void for_each_candidate(uint32_t lo, uint32_t hi, const uint8_t* pick, ui
 // radix select was tried: at 8192 candidates it took twice nth_element's time on Zen 3).
 inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per,
                               uint32_t want, uint32_t* out, float* scratch) noexcept {
+  // NaN scores (from a non-finite query) rank last as -inf: nth_element needs a strict weak order,
+  // and without one more than `want` tokens could pass the threshold below.
+  const auto key = [score](uint32_t i) noexcept {
+    return std::isnan(score[i]) ? -std::numeric_limits<float>::infinity() : score[i];
+  };
   uint32_t n_cand = 0;
-  for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { scratch[n_cand++] = score[i]; });
+  for_each_candidate(lo, hi, pick, per, [&](uint32_t i) { scratch[n_cand++] = key(i); });
   if (want == 0) return 0;
   uint32_t j = 0;
   if (want >= n_cand) {
@@ -218,7 +223,8 @@ inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, cons
   for (uint32_t x = 0; x + 1 < want; ++x) above += scratch[x] > thr ? 1u : 0u;
   uint32_t ties = want - above;  // tokens equal to thr that make the cut, lowest index first
   for_each_candidate(lo, hi, pick, per, [&](uint32_t i) {
-    const float x = score[i];
+    const float x = key(i);
+    if (j == want) return;  // never more than want, whatever the scores
     if (x > thr) {
       out[j++] = i;
     } else if (x == thr && ties > 0) {
