@@ -154,6 +154,48 @@ TEST_CASE("sparf_index: truncate then re-append gives the index of the same toke
   }
 }
 
+TEST_CASE("sparf_index: column memory grows, moves, drops and copies without losing a block") {
+  // 1 MiB blocks (8 kv heads x 128 channels x 512 tokens, f16): 11 blocks make the huge-page region
+  // grow and move (2, 4, 8, 16 MiB); each block must still equal its columns built on their own.
+  const uint32_t H = 8, d = 128, n = 5300;
+  const auto g = page_geometry::make(4096, d, dtype::kF16).value();
+  const auto cfg = sparf_config::make(chunk_layout::make(g, H), 4, 1).value();
+  const channel_layout& cl = cfg.columns;
+  REQUIRE(cl.block_bytes() == (1u << 20));
+  const auto k = random_values(size_t{n} * H * d, 91), v = random_values(k.size(), 92);
+  std::vector<std::byte> kb(k.size() * 2), vb(kb.size());
+  convert_elements(k.data(), dtype::kF32, kb.data(), dtype::kF16, k.size());
+  convert_elements(v.data(), dtype::kF32, vb.data(), dtype::kF16, v.size());
+  const size_t row = size_t{H} * d * 2;
+  auto idx = sparf_index::create(cl).value();
+  for (uint32_t at = 0, step = 1; at < n; at += step, step = step * 3 % 997 + 1)
+    REQUIRE(idx.append(std::min(step, n - at), kb.data() + at * row, vb.data() + at * row).ok());
+  REQUIRE(idx.n_blocks() == (n + 511) / 512);
+  std::vector<std::byte> expect(cl.block_bytes());
+  std::vector<double> sums(size_t{H} * d);
+  for (uint32_t b = 0; b < idx.n_blocks(); ++b) {
+    std::fill(expect.begin(), expect.end(), std::byte{0});
+    const uint32_t m = std::min(512u, n - b * 512);
+    cl.transpose_rows(expect.data(), 0, m, kb.data() + size_t{b} * 512 * row, vb.data() + size_t{b} * 512 * row,
+                      sums.data());
+    CAPTURE(b);
+    CHECK(std::memcmp(idx.block(b), expect.data(), expect.size()) == 0);
+  }
+  CHECK(idx.resident_bytes() == uint64_t{idx.n_blocks()} * cl.block_bytes());
+  idx.drop_block_memory(1);
+  CHECK(idx.block(1) == nullptr);
+  CHECK_FALSE(idx.block_resident(1));
+  CHECK(idx.resident_bytes() == uint64_t{idx.n_blocks() - 1} * cl.block_bytes());
+  sparf_index copy = idx;  // a dropped block stays dropped in the copy; the rest are equal
+  CHECK(copy.block(1) == nullptr);
+  CHECK(std::memcmp(copy.block(7), idx.block(7), cl.block_bytes()) == 0);
+  sparf_index moved = std::move(idx);
+  CHECK(idx.n_blocks() == 0);  // NOLINT(bugprone-use-after-move): a moved-from index is empty
+  CHECK(idx.resident_bytes() == 0);
+  CHECK(std::memcmp(moved.block(7), copy.block(7), cl.block_bytes()) == 0);
+  CHECK(std::memcmp(moved.v_mean(), copy.v_mean(), size_t{H} * d * sizeof(float)) == 0);
+}
+
 TEST_CASE("channel_layout::transpose_rows: engine rows and chunk pages give the same block and V sums") {
   const auto g = page_geometry::make(4096, 128, dtype::kF16).value();
   const chunk_layout chunks = chunk_layout::make(g, 2);

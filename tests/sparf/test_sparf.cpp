@@ -431,7 +431,7 @@ TEST_CASE("sparf: the threshold top-k equals a full sort in ranking order, ties 
     cand.resize(std::min<size_t>(want, cand.size()));
     std::sort(cand.begin(), cand.end());
     std::vector<uint32_t> out(n + 1, UINT32_MAX);
-    std::vector<float> scratch(n);
+    std::vector<uint32_t> scratch(2 * size_t{n});
     const uint32_t got = sparf_detail::top_ascending(score.data(), lo, hi, use_pick ? pick.data() : nullptr, per, want,
                                                      out.data(), scratch.data());
     CAPTURE(it);
@@ -455,7 +455,7 @@ TEST_CASE("SparF top-k over scores with NaNs (a non-finite query): exactly `want
       if (rng() % 3 == 0) score[i] = std::numeric_limits<float>::quiet_NaN(), ++n_nan;
     const uint32_t want = 1 + static_cast<uint32_t>(rng() % (n - 1));
     std::vector<uint32_t> out(n, UINT32_MAX);
-    std::vector<float> scratch(n);
+    std::vector<uint32_t> scratch(2 * size_t{n});
     const uint32_t got = sparf_detail::top_ascending(score.data(), 0, n, nullptr, 1, want, out.data(), scratch.data());
     REQUIRE(got == want);
     CHECK(std::is_sorted(out.begin(), out.begin() + got));

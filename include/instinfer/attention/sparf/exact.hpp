@@ -72,35 +72,57 @@ inline void copy_row(std::byte* dst, const std::byte* src, uint32_t bytes) noexc
 }
 
 // Copies tokens sel[first, first + n) of kv_head (K and V rows) into consecutive pseudo-chunks
-// at stage; ptrs receives the pseudo-chunk bases. Counts the token pages the rows came from.
+// at stage; ptrs receives the pseudo-chunk bases. sel is ascending, so a source page's base is
+// found once per page (no division per row); rows of one head's page are contiguous.
 inline void stage_rows(const sparf_config& cfg, const std::byte* const* chunks, const uint32_t* sel, uint32_t n,
                        uint32_t kv_head, std::byte* stage, const std::byte** ptrs) noexcept {
   const chunk_layout& src = cfg.tokens;
   const chunk_layout dst = chunk_layout::make(exact_geometry(cfg), 1);
   const uint32_t tpp = src.tokens(), dtpp = dst.tokens(), row = src.page.row_bytes();
-  // The rows are scattered over the sequence's pages: prefetch a few selections ahead so the
-  // copies do not wait on memory one row at a time.
+  const uint64_t k_page = src.page_offset(kv_kind::kKey, kv_head), v_page = src.page_offset(kv_kind::kValue, kv_head);
+  const uint64_t dst_k = dst.page_offset(kv_kind::kKey, 0), dst_v = dst.page_offset(kv_kind::kValue, 0);
+  // The rows are scattered over the sequence's pages: prefetch kAhead selections ahead so the
+  // copies do not wait on memory one row at a time. The look-ahead keeps its own page cursor.
   constexpr uint32_t kAhead = 32;
+  uint32_t ahead_chunk = UINT32_MAX;
+  const std::byte* ahead_base = nullptr;
   const auto prefetch_row = [&](uint32_t tok) noexcept {
-    const std::byte* from = chunks[tok / tpp];
-    const std::byte* kr = from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0);
-    const std::byte* vr = from + src.offset(kv_kind::kValue, kv_head, tok % tpp, 0);
+    const uint32_t c = tok / tpp;
+    if (c != ahead_chunk) {
+      ahead_chunk = c;
+      ahead_base = chunks[c];
+    }
+    const uint64_t in_page = uint64_t{tok - c * tpp} * row;
+    const std::byte* kr = ahead_base + k_page + in_page;
+    const std::byte* vr = ahead_base + v_page + in_page;
     for (uint32_t l = 0; l < row; l += 64) {
       __builtin_prefetch(kr + l, 0, 3);
       __builtin_prefetch(vr + l, 0, 3);
     }
   };
   for (uint32_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(sel[j]);
+  uint32_t cur_chunk = UINT32_MAX, cur_first = 0;
+  const std::byte* cur_k = nullptr;
+  const std::byte* cur_v = nullptr;
+  std::byte* chunk = stage;
+  uint32_t slot = 0;  // row inside the current pseudo-chunk
   for (uint32_t j = 0; j < n; ++j) {
     if (j + kAhead < n) prefetch_row(sel[j + kAhead]);
-    std::byte* chunk = stage + uint64_t{j / dtpp} * dst.chunk_bytes();
-    if (j % dtpp == 0) ptrs[j / dtpp] = chunk;
+    if (slot == 0) ptrs[j / dtpp] = chunk;
     const uint32_t tok = sel[j];
-    const std::byte* from = chunks[tok / tpp];
-    copy_row(chunk + dst.offset(kv_kind::kKey, 0, j % dtpp, 0), from + src.offset(kv_kind::kKey, kv_head, tok % tpp, 0),
-             row);
-    copy_row(chunk + dst.offset(kv_kind::kValue, 0, j % dtpp, 0),
-             from + src.offset(kv_kind::kValue, kv_head, tok % tpp, 0), row);
+    if (tok - cur_first >= tpp || cur_chunk == UINT32_MAX) {
+      cur_chunk = tok / tpp;
+      cur_first = cur_chunk * tpp;
+      cur_k = chunks[cur_chunk] + k_page;
+      cur_v = chunks[cur_chunk] + v_page;
+    }
+    const uint64_t in_page = uint64_t{tok - cur_first} * row;
+    copy_row(chunk + dst_k + uint64_t{slot} * row, cur_k + in_page, row);
+    copy_row(chunk + dst_v + uint64_t{slot} * row, cur_v + in_page, row);
+    if (++slot == dtpp) {
+      slot = 0;
+      chunk += dst.chunk_bytes();
+    }
   }
 }
 

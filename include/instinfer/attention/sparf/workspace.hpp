@@ -32,7 +32,7 @@ class sparf_workspace {
       grow(page_score_, n);
       grow(page_order_, n);
       grow(page_pick_, n);
-      grow(top_scratch_, n);
+      grow(top_scratch_, 2 * n);
       grow(column_ptrs_, (n / std::max<size_t>(column_tokens, 1) + 1) * d);
       grow(q_channels_, g * d);
       grow(column_, std::max<size_t>(d, column_tokens));
@@ -124,7 +124,7 @@ class sparf_workspace {
   std::vector<float> page_score_;              // [n_chunks] approximate mass per token page
   std::vector<uint32_t> page_order_;           // [n_chunks]
   std::vector<uint8_t> page_pick_;             // [n_chunks] candidate page
-  std::vector<float> top_scratch_;             // [n_tokens] scores copied for the k-th-largest search
+  std::vector<uint32_t> top_scratch_;          // [2 n_tokens] rank keys of the k-th-largest search
   std::vector<const std::byte*> column_ptrs_;  // [column blocks][chosen channels] for the score kernel
   std::vector<float> q_channels_;              // [group][chosen channels] q times the temperature
   std::vector<float> column_;                  // one converted K column (or head_dim scratch)
