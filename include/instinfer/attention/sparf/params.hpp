@@ -48,6 +48,8 @@ struct sparf_params {
   bool whole_pages = true;                   // choose whole column pages of channels (see above)
   // Token pages that may be read, as a multiple of the fewest that can hold k tokens
   // (ceil(k / tokens_per_page)); 0: no limit (plain SparQ top-k over all tokens). See step 3.
+  // Smaller is faster where pages cost (fuller pages; host at 64k, 1/8: 2.8x dense at 2, 3.1-3.9x
+  // at 1.5) and less accurate (docs/experiment.md, "The page spread"); 2 keeps the quality.
   double page_spread = 2.0;
   // Dense ends (attention sinks and a recent window): the first sink_tokens and the last
   // window_tokens tokens of every sequence are always selected; the approximate top-k only
