@@ -66,6 +66,8 @@ void usage(FILE* out) {
                "  --window N          recent-window tokens of the +S/W configurations (default 64)\n"
                "  --sw-only           only the +S/W configurations (not also without)\n"
                "  --page-spread X     SparF token pages: X x the fewest holding k (default 2; 0: off)\n"
+               "  --channel-share S   SparF's budget share for column reads, in (0, 1) (default 0.5: r = c d,\n"
+               "                      k = c n / 2); otherwise r = 2 S c d channels, k = (1 - S) c n tokens per prompt\n"
                "  --reuse LIST        SparF selection reuse cosines, each a configuration (default 0: off)\n"
                "  --reuse-steps N     calls one selection serves at most (default 8)\n"
                "  --threads N         compute threads (default: all cores)\n"
@@ -233,6 +235,11 @@ int main(int argc, char** argv) {
       o.page_spread = std::strtod(v, &end);
       if (end == v || *end != '\0' || !(o.page_spread == 0.0 || (o.page_spread >= 1.0 && o.page_spread <= 1e6)))
         args.bad(v);
+    } else if (a == "--channel-share") {
+      const char* v = args.need("a number in (0, 1)");
+      char* end = nullptr;
+      o.channel_share = std::strtod(v, &end);
+      if (end == v || *end != '\0' || !(o.channel_share > 0.0 && o.channel_share < 1.0)) args.bad(v);
     } else if (a == "--threads")
       parse_u32_in(args.need("a number"), o.threads, 0, 256);
     else if (a == "--seed")
@@ -325,8 +332,11 @@ int main(int argc, char** argv) {
           p.reuse_max_steps = o.reuse_steps;
           char reuse_label[32] = "";
           if (reuse > 0.0) std::snprintf(reuse_label, sizeof reuse_label, " reuse %.3g", reuse);
-          config c{pol + " " + o.budget_labels[b] + (sw ? " +S/W" : "") + reuse_label, p, pol, o.budget_labels[b],
-                   sw == 1};
+          char share_label[32] = "";
+          if (pol == "sparf" && o.channel_share != 0.5)
+            std::snprintf(share_label, sizeof share_label, " share %.3g", o.channel_share);
+          config c{pol + " " + o.budget_labels[b] + (sw ? " +S/W" : "") + reuse_label + share_label, p, pol,
+                   o.budget_labels[b], sw == 1};
           configs.push_back(c);
         }
   std::vector<tally> tallies(configs.size());
@@ -351,9 +361,19 @@ int main(int argc, char** argv) {
   std::vector<std::string> needle_examples;
 
   // Runs every configuration's decode on a fork of `base`; fn(ci) does the work.
-  const auto for_each_config = [&](auto&& fn) -> status {
+  // A prompt of len tokens: SparF at another channel share takes explicit r and k for it.
+  const auto params_for = [&](const std::optional<sparf_params>& p, uint32_t len) {
+    if (!p || p->policy != sparse_policy::kSparf || o.channel_share == 0.5) return p;
+    sparf_params e = *p;
+    const double c = p->compression, d = hp.head_dim;
+    e.mode = sparf_mode::kExplicit;
+    e.r = static_cast<uint32_t>(std::clamp(std::lround(2.0 * o.channel_share * c * d), 1L, static_cast<long>(d)));
+    e.k = static_cast<uint32_t>(std::clamp(std::lround((1.0 - o.channel_share) * c * len), 1L, static_cast<long>(len)));
+    return std::optional<sparf_params>(e);
+  };
+  const auto for_each_config = [&](uint32_t len, auto&& fn) -> status {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
-      m.set_sparse_attention(configs[ci].params);
+      m.set_sparse_attention(params_for(configs[ci].params, len));
       const cache_stats before = cache.stats();
       status s = fn(ci);
       const cache_stats after = cache.stats();
@@ -406,7 +426,7 @@ int main(int argc, char** argv) {
           !s.ok())
         return fail("dense decode: " + s.to_string());
       dense_text[li] = tok.decode(dense_tokens);
-      const status s = for_each_config([&](size_t ci) -> status {
+      const status s = for_each_config(len, [&](size_t ci) -> status {
         tally::agree& g = tallies[ci].agreement[li];
         if (!configs[ci].params) {  // dense against itself: identical by construction
           g.same32 = g.n32 = std::min<uint32_t>(32, o.gen_tokens);
@@ -469,7 +489,7 @@ int main(int argc, char** argv) {
         std::vector<float> logits0;
         if (status s = m.prefill(cache, *base, rest, static_cast<uint32_t>(prefix.size()), logits0); !s.ok())
           return fail("prefill: " + s.to_string());
-        const status s = for_each_config([&](size_t ci) -> status {
+        const status s = for_each_config(len, [&](size_t ci) -> status {
           std::vector<int32_t> out;
           INSTINFER_TRY(decode(m, cache, *base, len, logits0, o.needle_tokens, nullptr, &tok, out,
                                [](uint32_t, const std::vector<float>&) {}));
