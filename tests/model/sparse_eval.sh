@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # instinfer-sparse-eval on a tiny configuration (one short prompt, one needle, one budget): dense
 # must retrieve the needle, every JSON line must parse and hold sane fractions, and the sparse
-# configuration must have read fewer pages than dense. Exits 77 (skipped) without the model.
+# configuration must have read fewer pages than dense; a bad --channel-share is refused. Exits 77 (skipped) without the model.
 # Usage: sparse_eval.sh PROGRAM MODEL
 set -euo pipefail
 prog="$1"
@@ -10,6 +10,13 @@ if [[ ! -f "$model" ]]; then
   echo "SKIP: $model is absent (run scripts/fetch-model, or set INSTINFER_MODEL)"
   exit 77
 fi
+# A bad --channel-share is refused with a message naming the value, before the model is loaded.
+for bad in 0 1 -0.5 x; do
+  if err="$("$prog" --model "$model" --channel-share "$bad" 2>&1)"; then
+    echo "FAIL: --channel-share $bad was accepted"; exit 1
+  fi
+  [[ "$err" == *"bad value '$bad' for --channel-share"* ]] || { echo "FAIL: unclear error for $bad: $err"; exit 1; }
+done
 out="$("$prog" --model "$model" --lengths 128 --depths 0.5 --needles 1 --gen-tokens 4 --kl-steps 2 --budget 1/4 \
   --policies page --sw-only --json)"
 printf '%s\n' "$out"
