@@ -59,12 +59,14 @@ int run(int argc, char** argv) {
   const bool run_pages = f.u64("pages", 1) != 0;
   const bool whole_pages = f.u64("whole-pages", sparf_params{}.whole_pages ? 1 : 0) != 0;
   const double page_spread = f.f64("page-spread", sparf_params{}.page_spread);
+  const double channel_share = f.f64("channel-share", sparf_params::kDefaultChannelShare);
   const double reuse = f.f64("reuse", 0.0);
   if (f.has("help")) {
     std::printf(
         "instinfer-bench sparf-decode [--kv ssd:PATH|csd:|host] [--ctx 16384,65536] [--batch 1]\n"
         "  [--kv-heads 8] [--group 1] [--head-dim 128] [--reps 5] [--threads 0] [--compression 0.125]\n"
         "  [--sinks 0] [--window 0] [--pages 1] [--whole-pages 1] [--page-spread 2]\n"
+        "  [--channel-share 0.5]\n"
         "  --pages 0: SparF only (csd: the drive keeps no page summaries)\n"
         "  --whole-pages 0: SparF's channels one by one, not whole column pages; --page-spread: its token pages\n"
         "  --reuse C: also time a decode step that reuses SparF's selection (reuse_min_cosine C, same\n"
@@ -85,6 +87,7 @@ int run(int argc, char** argv) {
   params.window_tokens = window;
   params.whole_pages = whole_pages;
   params.page_spread = page_spread;
+  params.channel_share = channel_share;
   if (auto v = params.validate(d); !v.ok()) {
     std::fprintf(stderr, "sparf-decode: %s\n", v.to_string().c_str());
     return 2;
@@ -218,6 +221,7 @@ int run(int argc, char** argv) {
         .add("sinks", sinks)
         .add("whole_pages", whole_pages ? 1 : 0)
         .add("page_spread", page_spread)
+        .add("channel_share", channel_share)
         .add("window", window)
         .add("threads", threads)
         .add("reps", reps)

@@ -422,6 +422,11 @@ void harness::build(uint8_t op_sel, uint32_t qp, uint32_t nsid, input& in, sq_en
         p.policy = static_cast<sparse_policy>(ends % 3);
         const sparf_wire_ext wx = encode_sparf_ext(p);
         std::memcpy(a + sizeof wp, &wx, sizeof wx);
+        const uint8_t share = in.u8();  // the channel share: 0 and 255 are out of range
+        p.channel_share = share / 255.0 + (share == 128 ? 1.0 : 0.0);
+        sparf_wire_ext2 wx2 = encode_sparf_ext2(p);
+        if (share == 7) wx2.reserved[5] = 1;
+        std::memcpy(a + kSparfParamsBytesV6, &wx2, sizeof wx2);
       }
       for (uint32_t i = 0; i < n_items && w.entries_offset + (i + 1) * sizeof(attend_entry) <= room; ++i) {
         const uint8_t t = in.u8();

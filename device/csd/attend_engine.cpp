@@ -40,9 +40,11 @@ status attend_engine::decode_command(const kv_namespace& ns, const sq_entry& e, 
   if (sparse) {
     const auto sa = get_args<attend_sparse_args>(e);
     params_bytes = sa.params_bytes == 0 ? uint32_t{sizeof(sparf_wire_params)} : sa.params_bytes;
-    if (params_bytes != sizeof(sparf_wire_params) && params_bytes != kSparfParamsBytes)
+    if (params_bytes != sizeof(sparf_wire_params) && params_bytes != kSparfParamsBytesV6 &&
+        params_bytes != kSparfParamsBytes)
       return {errc::kInvalidArgument, "attend-sparse parameters must be " + std::to_string(sizeof(sparf_wire_params)) +
-                                          " (protocol 5) or " + std::to_string(kSparfParamsBytes) + " bytes, got " +
+                                          " (protocol 5), " + std::to_string(kSparfParamsBytesV6) +
+                                          " (protocol 6) or " + std::to_string(kSparfParamsBytes) + " bytes, got " +
                                           std::to_string(sa.params_bytes)};
     if (sa.reserved != 0) return {errc::kInvalidArgument, "attend-sparse arguments: reserved field must be 0"};
   }
@@ -54,11 +56,17 @@ status attend_engine::decode_command(const kv_namespace& ns, const sq_entry& e, 
     sparf_wire_params wp;
     std::memcpy(&wp, data, sizeof wp);
     if (!decode_sparf_params(wp, c.sparf)) return {errc::kInvalidArgument, "unknown SparF mode"};
-    if (params_bytes == kSparfParamsBytes) {
+    if (params_bytes >= kSparfParamsBytesV6) {
       sparf_wire_ext ext;
       std::memcpy(&ext, data + sizeof wp, sizeof ext);
       if (!decode_sparf_ext(ext, c.sparf))
         return {errc::kInvalidArgument, "attend-sparse parameters: reserved bytes of the extension must be 0"};
+    }
+    if (params_bytes >= kSparfParamsBytes) {
+      sparf_wire_ext2 ext2;
+      std::memcpy(&ext2, data + kSparfParamsBytesV6, sizeof ext2);
+      if (!decode_sparf_ext2(ext2, c.sparf))
+        return {errc::kInvalidArgument, "attend-sparse parameters: reserved bytes of the second extension must be 0"};
     }
     INSTINFER_TRY(c.sparf.validate(ns.cfg.head_dim));
   }

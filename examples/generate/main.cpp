@@ -69,7 +69,8 @@ struct options {
   bool scalar = false;
   bool quiet = false;
   bool verbose = false;
-  double sparf = 0.0;              // SparF compression in (0, 1]; 0: dense attention
+  double sparf = 0.0;                                       // SparF compression in (0, 1]; 0: dense attention
+  double sparf_share = sparf_params::kDefaultChannelShare;  // SparF's budget share for K columns
   std::string perplexity;          // text file to score ("builtin": sparf_eval.hpp's text); empty: generate
   uint32_t window = 0;             // perplexity window in tokens (0: the model's context)
   std::string prompt_cache;        // file of a prefilled prompt's K/V (prompt_cache.hpp); empty: none
@@ -104,6 +105,8 @@ void usage(FILE* out) {
                "                      prefilling it; save this prompt's K/V there after prefill\n"
                "  --sparf C           SparF sparse decode attention at compression C in (0, 1] (0.125 or 1/8;\n"
                "                      1 = dense through the SparF path); the prompt is prefilled densely\n"
+               "  --sparf-share S     with --sparf: the budget's share for K columns, in (0, 1) (default 0.5;\n"
+               "                      r = 2 S C d channels, k = (1 - S) C n tokens)\n"
                "  --perplexity FILE   score FILE's text (\"builtin\": the lighthouse text of sparf_eval.hpp)\n"
                "                      instead of generating: perplexity over every predicted token\n"
                "  --window N          perplexity window in tokens (default: the model's context)\n"
@@ -478,6 +481,9 @@ int main(int argc, char** argv) {
     else if (a == "--sparf") {
       const char* v = need("a compression in (0, 1]");
       if (!parse_fraction(v, o.sparf)) bad(v);
+    } else if (a == "--sparf-share") {
+      const char* v = need("a number in (0, 1)");
+      if (!parse_fraction(v, o.sparf_share) || !(o.sparf_share > 0.0 && o.sparf_share < 1.0)) bad(v);
     } else if (a == "--scalar")
       o.scalar = true;
     else if (a == "--quiet")
@@ -514,7 +520,11 @@ int main(int argc, char** argv) {
   auto m = llama_model::load(**file, mo);
   if (!m.ok()) return fail(m.error().to_string());
   cache_options co = (*m)->kv_options(o.kv, o.kv_dtype, o.sparf > 0.0);
-  if (o.sparf > 0.0) (*m)->set_sparse_attention(sparf_params::with_compression(o.sparf));
+  if (o.sparf > 0.0) {
+    sparf_params sp = sparf_params::with_compression(o.sparf);
+    sp.channel_share = o.sparf_share;
+    (*m)->set_sparse_attention(sp);
+  }
   co.page_bytes = o.page_bytes;
   co.int8_query_dot = o.int8_dot;
   auto cache = kv_cache::create(co);
@@ -529,7 +539,8 @@ int main(int argc, char** argv) {
                o.model.c_str(), hp.n_layers, hp.n_head, hp.n_kv_head, hp.head_dim, hp.n_vocab,
                hp.tied_output ? "tied" : "separate", o.kv.c_str(), std::string(dtype_name(o.kv_dtype)).c_str(),
                (*cache)->page().page_bytes);
-  if (o.sparf > 0.0) std::fprintf(stderr, " | SparF decode attention, compression %g", o.sparf);
+  if (o.sparf > 0.0)
+    std::fprintf(stderr, " | SparF decode attention, compression %g, channel share %g", o.sparf, o.sparf_share);
   std::fprintf(stderr, "\n");
   if (!o.perplexity.empty()) return run_perplexity(o, **tok, **m, **cache);
   return o.batch ? run_batch(o, **tok, **m, **cache) : run_single(o, **tok, **m, **cache);

@@ -67,7 +67,8 @@ void usage(FILE* out) {
                "  --sw-only           only the +S/W configurations (not also without)\n"
                "  --page-spread X     SparF token pages: X x the fewest holding k (default 2; 0: off)\n"
                "  --channel-share S   SparF's budget share for column reads, in (0, 1) (default 0.5: r = c d,\n"
-               "                      k = c n / 2); otherwise r = 2 S c d channels, k = (1 - S) c n tokens per prompt\n"
+               "                      k = c n / 2); otherwise r = 2 S c d channels, k = (1 - S) c n tokens\n"
+               "                      (sparf_params::channel_share)\n"
                "  --reuse LIST        SparF selection reuse cosines, each a configuration (default 0: off)\n"
                "  --reuse-steps N     calls one selection serves at most (default 8)\n"
                "  --threads N         compute threads (default: all cores)\n"
@@ -328,12 +329,13 @@ int main(int argc, char** argv) {
           p.sink_tokens = sw ? o.sinks : 0;  // without +S/W: plain top-k (the defaults are 16 / 64)
           p.window_tokens = sw ? o.window : 0;
           p.page_spread = o.page_spread;
+          p.channel_share = o.channel_share;
           p.reuse_min_cosine = static_cast<float>(reuse);
           p.reuse_max_steps = o.reuse_steps;
           char reuse_label[32] = "";
           if (reuse > 0.0) std::snprintf(reuse_label, sizeof reuse_label, " reuse %.3g", reuse);
           char share_label[32] = "";
-          if (pol == "sparf" && o.channel_share != 0.5)
+          if (pol == "sparf" && o.channel_share != sparf_params::kDefaultChannelShare)
             std::snprintf(share_label, sizeof share_label, " share %.3g", o.channel_share);
           config c{pol + " " + o.budget_labels[b] + (sw ? " +S/W" : "") + reuse_label + share_label, p, pol,
                    o.budget_labels[b], sw == 1};
@@ -361,19 +363,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> needle_examples;
 
   // Runs every configuration's decode on a fork of `base`; fn(ci) does the work.
-  // A prompt of len tokens: SparF at another channel share takes explicit r and k for it.
-  const auto params_for = [&](const std::optional<sparf_params>& p, uint32_t len) {
-    if (!p || p->policy != sparse_policy::kSparf || o.channel_share == 0.5) return p;
-    sparf_params e = *p;
-    const double c = p->compression, d = hp.head_dim;
-    e.mode = sparf_mode::kExplicit;
-    e.r = static_cast<uint32_t>(std::clamp(std::lround(2.0 * o.channel_share * c * d), 1L, static_cast<long>(d)));
-    e.k = static_cast<uint32_t>(std::clamp(std::lround((1.0 - o.channel_share) * c * len), 1L, static_cast<long>(len)));
-    return std::optional<sparf_params>(e);
-  };
-  const auto for_each_config = [&](uint32_t len, auto&& fn) -> status {
+  const auto for_each_config = [&](auto&& fn) -> status {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
-      m.set_sparse_attention(params_for(configs[ci].params, len));
+      m.set_sparse_attention(configs[ci].params);
       const cache_stats before = cache.stats();
       status s = fn(ci);
       const cache_stats after = cache.stats();
@@ -426,7 +418,7 @@ int main(int argc, char** argv) {
           !s.ok())
         return fail("dense decode: " + s.to_string());
       dense_text[li] = tok.decode(dense_tokens);
-      const status s = for_each_config(len, [&](size_t ci) -> status {
+      const status s = for_each_config([&](size_t ci) -> status {
         tally::agree& g = tallies[ci].agreement[li];
         if (!configs[ci].params) {  // dense against itself: identical by construction
           g.same32 = g.n32 = std::min<uint32_t>(32, o.gen_tokens);
@@ -489,7 +481,7 @@ int main(int argc, char** argv) {
         std::vector<float> logits0;
         if (status s = m.prefill(cache, *base, rest, static_cast<uint32_t>(prefix.size()), logits0); !s.ok())
           return fail("prefill: " + s.to_string());
-        const status s = for_each_config(len, [&](size_t ci) -> status {
+        const status s = for_each_config([&](size_t ci) -> status {
           std::vector<int32_t> out;
           INSTINFER_TRY(decode(m, cache, *base, len, logits0, o.needle_tokens, nullptr, &tok, out,
                                [](uint32_t, const std::vector<float>&) {}));

@@ -26,9 +26,9 @@ struct options {
   uint32_t kl_steps = 32;
   uint32_t sinks = 16, window = 64;
   double page_spread = sparf_params{}.page_spread;  // SparF's token-page limit (0: none)
-  // SparF's split of the budget: the share spent on column reads (r = 2 S c d channels, k =
-  // (1 - S) c n tokens); 0.5 is SparQ's split, the library's compression mode.
-  double channel_share = 0.5;
+  // SparF's split of the budget: the share spent on column reads (sparf_params::channel_share:
+  // r = 2 S c d channels, k = (1 - S) c n tokens).
+  double channel_share = sparf_params::kDefaultChannelShare;
   std::vector<double> reuse{0.0};  // SparF selection reuse cosines (0: off)
   uint32_t reuse_steps = sparf_params{}.reuse_max_steps;
   uint32_t threads = 0;

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define INSTINFER_VERSION_MAJOR 0
-#define INSTINFER_VERSION_MINOR 7
+#define INSTINFER_VERSION_MINOR 8
 #define INSTINFER_VERSION_PATCH 0
 
 typedef int32_t instinfer_status;
@@ -139,6 +139,12 @@ typedef struct instinfer_sparf_params {
    * (docs/experiment.md). Callers built against 0.5 / 0.6 pass the shorter struct_size: reuse off. */
   uint32_t reuse_max_steps;
   float reuse_min_cosine;
+  /* Since 0.8: with compression (r = k = 0), SparF's share S of the budget spent on the K columns
+   * of every token, the rest on the selected tokens' K and V rows: r = ceil(2 S c d) channels,
+   * k = ceil((1 - S) c n) tokens. In (0, 1); 0 = the default, 0.5 (SparQ's even split). At 1/4 on
+   * SmolLM2, 0.25 found more needles at lower KL (docs/experiment.md). Callers built against
+   * 0.2-0.7 pass the shorter struct_size and get the default. */
+  double channel_share;
 } instinfer_sparf_params;
 
 typedef enum instinfer_sparse_policy {
@@ -340,6 +346,16 @@ instinfer_status instinfer_seq_names(instinfer_cache* cache, uint64_t* names, in
  * INSTINFER_E_INVALID_ARGUMENT with the reason in instinfer_last_error(). What depends on a
  * sequence's length (k > its tokens) is checked when it is attended. */
 instinfer_status instinfer_sparf_params_check(const instinfer_sparf_params* params, uint32_t head_dim);
+
+/* ---- Since 0.8: SparF's split of the budget (instinfer_sparf_params.channel_share) ---- */
+
+/* What SparF parameters choose for one sequence of n_tokens tokens in a cache of this head_dim:
+ * *channels = r (the K channels asked for; whole column pages may round the channels read up),
+ * *tokens = k (the tokens attended exactly, sinks and window included). n_tokens 0: both 0.
+ * The page-summary policy's plan depends on the cache's pages: INSTINFER_E_UNSUPPORTED. Bad
+ * parameters, or k > n_tokens: INSTINFER_E_INVALID_ARGUMENT, as instinfer_attend_sparse. */
+instinfer_status instinfer_sparf_plan(const instinfer_sparf_params* params, uint32_t head_dim, uint32_t n_tokens,
+                                      uint32_t* channels, uint32_t* tokens);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -23,6 +23,7 @@ void instinfer_sparf_params_init(instinfer_sparf_params* params) {
   params->window_tokens = instinfer::sparf_params::kDefaultWindowTokens;
   params->reuse_max_steps = instinfer::sparf_params{}.reuse_max_steps;
   params->reuse_min_cosine = 0.0f;  // off
+  params->channel_share = instinfer::sparf_params::kDefaultChannelShare;
 }
 
 }  // extern "C"
@@ -35,6 +36,13 @@ struct sparf_params_v06 {
   double compression, page_spread;
   uint32_t sink_tokens, window_tokens, policy;
 };
+// ... and as 0.7 laid it out (before channel_share).
+struct sparf_params_v07 {
+  sparf_params_v06 v06;
+  uint32_t reuse_max_steps;
+  float reuse_min_cosine;
+};
+static_assert(sizeof(sparf_params_v07) == offsetof(instinfer_sparf_params, channel_share));
 
 // The C parameters as the library's, the fields an older caller's struct_size carries only; the
 // rest keep the library's defaults. INSTINFER_OK or a failure already reported.
@@ -43,8 +51,9 @@ instinfer_status to_sparf_params(const instinfer_sparf_params* params, instinfer
   const size_t v03 = offsetof(instinfer_sparf_params, sink_tokens);  // 0.2 / 0.3: no sinks, no window
   const size_t v04 = offsetof(instinfer_sparf_params, policy);       // 0.4: SparF only
   const size_t v06 = sizeof(sparf_params_v06);                       // 0.5 / 0.6: no reuse
+  const size_t v07 = sizeof(sparf_params_v07);                       // 0.7: no channel share
   const size_t size = params->struct_size;
-  if (size != sizeof(instinfer_sparf_params) && size != v03 && size != v04 && size != v06)
+  if (size != sizeof(instinfer_sparf_params) && size != v03 && size != v04 && size != v06 && size != v07)
     return fail(errc::kInvalidArgument,
                 "params->struct_size must be sizeof(instinfer_sparf_params)"
                 " (initialise it with instinfer_sparf_params_init)");
@@ -65,10 +74,12 @@ instinfer_status to_sparf_params(const instinfer_sparf_params* params, instinfer
                                               " is not an instinfer_sparse_policy (0: SparF, 1: page summary)");
     p.policy = static_cast<instinfer::sparse_policy>(params->policy);
   }
-  if (size >= sizeof(instinfer_sparf_params)) {
+  if (size >= v07) {
     p.reuse_min_cosine = params->reuse_min_cosine;
     p.reuse_max_steps = params->reuse_max_steps;
   }
+  if (size >= sizeof(instinfer_sparf_params) && params->channel_share != 0.0)  // 0: the default
+    p.channel_share = params->channel_share;
   return INSTINFER_OK;
 }
 
@@ -96,6 +107,26 @@ instinfer_status instinfer_sparf_params_check(const instinfer_sparf_params* para
     instinfer::sparf_params p;
     if (const instinfer_status st = to_sparf_params(params, p); st != INSTINFER_OK) return st;
     return report(p.validate(head_dim));
+  });
+}
+
+instinfer_status instinfer_sparf_plan(const instinfer_sparf_params* params, uint32_t head_dim, uint32_t n_tokens,
+                                      uint32_t* channels, uint32_t* tokens) {
+  return guarded(__func__, [&]() -> instinfer_status {
+    if (!params) return fail(errc::kInvalidArgument, "params is NULL");
+    if (!channels || !tokens) return fail(errc::kInvalidArgument, "channels and tokens must not be NULL");
+    if (!instinfer::kv_shape::is_supported_head_dim(head_dim))
+      return fail(errc::kInvalidArgument, "head_dim " + std::to_string(head_dim) + " is not 64, 128 or 256");
+    instinfer::sparf_params p;
+    if (const instinfer_status st = to_sparf_params(params, p); st != INSTINFER_OK) return st;
+    if (p.policy != instinfer::sparse_policy::kSparf)
+      return fail(errc::kUnsupported,
+                  "the page-summary policy's plan depends on the cache's pages (instinfer_sparf_plan is SparF's)");
+    auto plan = instinfer::sparf_resolve(p, head_dim, n_tokens);
+    if (!plan.ok()) return report(plan.error());
+    *channels = plan.value().r;
+    *tokens = plan.value().k;
+    return INSTINFER_OK;
   });
 }
 

@@ -2,7 +2,9 @@
 // as decode_avx2.cpp (the dense dtypes): two units, so that neither takes the time of both.
 // gcc 12 reports the self-initialised `__Y` of _mm512_undefined_*() inside its own intrinsic
 // headers as maybe-uninitialized; the warning is a known false positive.
+#if !defined(__clang__)  // clang has no such warning group
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "decode_isa.hpp"

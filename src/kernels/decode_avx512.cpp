@@ -1,7 +1,9 @@
 // AVX-512 (F, BW, DQ, VL) + F16C instantiation (per-file flags in CMakeLists.txt).
 // gcc 12 reports the self-initialised `__Y` of _mm512_undefined_*() inside its own intrinsic
 // headers as maybe-uninitialized; the warning is a known false positive.
+#if !defined(__clang__)  // clang has no such warning group
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "decode_isa.hpp"

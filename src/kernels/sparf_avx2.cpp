@@ -1,5 +1,7 @@
 // SparF's approximate scores, AVX2 + FMA + F16C (the flags of decode_avx2.cpp).
+#if !defined(__clang__)  // clang has no such warning group
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "page_summary_score_kernel.hpp"

@@ -1,5 +1,7 @@
 // SparF's approximate scores, AVX-512 (F, BW, DQ, VL; the flags of decode_avx512.cpp).
+#if !defined(__clang__)  // clang has no such warning group
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "page_summary_score_kernel.hpp"

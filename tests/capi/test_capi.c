@@ -365,6 +365,75 @@ static void test_sparf(void) {
     CHECK_ERR(instinfer_sparf_params_check(&wrong, D), INSTINFER_E_INVALID_ARGUMENT);
   }
 
+  /* Since 0.8: SparF's channel share. The plan follows r = ceil(2 S c d), k = ceil((1 - S) c n);
+   * another share selects differently; a 0.7 caller's struct, and 0, mean the default (0.5). */
+  {
+    instinfer_sparf_params sh;
+    instinfer_sparf_params_init(&sh);
+    CHECK(sh.channel_share == 0.5);
+    sh.compression = 0.25;
+    sh.sink_tokens = 0;
+    sh.window_tokens = 0;
+    uint32_t r = 0, kk = 0;
+    CHECK(instinfer_sparf_plan(&sh, D, NS, &r, &kk) == INSTINFER_OK);
+    CHECK(r == (uint32_t)ceil(0.25 * D) && kk == (uint32_t)ceil(0.25 * NS / 2.0));
+    const double shares[] = {0.25, 0.125, 0.75};
+    for (int i = 0; i < 3; ++i) {
+      sh.channel_share = shares[i];
+      CHECK(instinfer_sparf_plan(&sh, D, NS, &r, &kk) == INSTINFER_OK);
+      CHECK(r == (uint32_t)ceil(2.0 * shares[i] * 0.25 * D));
+      CHECK(kk == (uint32_t)ceil((1.0 - shares[i]) * 0.25 * NS));
+    }
+    instinfer_sparf_params_init(&sh);
+    sh.sink_tokens = 500; /* sinks and window count toward k */
+    CHECK(instinfer_sparf_plan(&sh, D, NS, &r, &kk) == INSTINFER_OK);
+    CHECK(kk == 500 + 64);
+    CHECK(instinfer_sparf_plan(&sh, D, 0, &r, &kk) == INSTINFER_OK);
+    CHECK(r == 0 && kk == 0);
+
+    float even[HQ * D], quarter[HQ * D], v07_out[HQ * D], zero_out[HQ * D];
+    instinfer_sparf_params_init(&sh);
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, even, NULL, &sh) == INSTINFER_OK);
+    sh.channel_share = 0.25;
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, quarter, NULL, &sh) == INSTINFER_OK);
+    CHECK(memcmp(even, quarter, sizeof even) != 0);
+    num = den = 0.0;
+    for (int i = 0; i < HQ * D; ++i) {
+      CHECK(isfinite(quarter[i]));
+      num += ((double)quarter[i] - dense[i]) * ((double)quarter[i] - dense[i]);
+      den += (double)dense[i] * dense[i];
+    }
+    printf("C API SparF at 1/8, channel share 0.25 vs dense: relative error %.3g\n", sqrt(num / den));
+    sh.struct_size = (uint32_t)offsetof(instinfer_sparf_params, channel_share); /* 0.7: share ignored */
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, v07_out, NULL, &sh) == INSTINFER_OK);
+    CHECK(memcmp(even, v07_out, sizeof even) == 0);
+    instinfer_sparf_params_init(&sh);
+    sh.channel_share = 0.0;
+    CHECK(instinfer_attend_sparse(cache, 0, 1, &seq, q, zero_out, NULL, &sh) == INSTINFER_OK);
+    CHECK(memcmp(even, zero_out, sizeof even) == 0);
+
+    const double bad_shares[] = {1.0, -0.25, 1.5, NAN};
+    for (int i = 0; i < 4; ++i) {
+      sh.channel_share = bad_shares[i];
+      CHECK_ERR(instinfer_attend_sparse(cache, 0, 1, &seq, q, quarter, NULL, &sh), INSTINFER_E_INVALID_ARGUMENT);
+      CHECK(strstr(instinfer_last_error(), "channel_share") != NULL);
+      CHECK_ERR(instinfer_sparf_params_check(&sh, D), INSTINFER_E_INVALID_ARGUMENT);
+      CHECK_ERR(instinfer_sparf_plan(&sh, D, NS, &r, &kk), INSTINFER_E_INVALID_ARGUMENT);
+    }
+    instinfer_sparf_params_init(&sh);
+    sh.r = 8;
+    sh.k = NS + 1; /* more tokens than the sequence holds */
+    CHECK_ERR(instinfer_sparf_plan(&sh, D, NS, &r, &kk), INSTINFER_E_INVALID_ARGUMENT);
+    sh.k = 100;
+    CHECK(instinfer_sparf_plan(&sh, D, NS, &r, &kk) == INSTINFER_OK);
+    CHECK(r == 8 && kk == 100);
+    CHECK_ERR(instinfer_sparf_plan(&sh, 100, NS, &r, &kk), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK_ERR(instinfer_sparf_plan(&sh, D, NS, NULL, &kk), INSTINFER_E_INVALID_ARGUMENT);
+    CHECK_ERR(instinfer_sparf_plan(NULL, D, NS, &r, &kk), INSTINFER_E_INVALID_ARGUMENT);
+    sh.policy = INSTINFER_SPARSE_PAGE_SUMMARY;
+    CHECK_ERR(instinfer_sparf_plan(&sh, D, NS, &r, &kk), INSTINFER_E_UNSUPPORTED);
+  }
+
   /* Bad parameters. */
   instinfer_sparf_params bad;
   instinfer_sparf_params_init(&bad);

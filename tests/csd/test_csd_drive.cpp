@@ -136,16 +136,18 @@ struct harness {
 
   // attend-sparse: wire params in front of the entries, counters after out and lse.
   // Without ext: a protocol-5 command (attend_args, sparf_wire_params alone); with it: protocol 6
-  // (attend_sparse_args, args_params_bytes unless 0: kSparfParamsBytes).
+  // (attend_sparse_args, kSparfParamsBytesV6), and with ext2 too: protocol 7 (kSparfParamsBytes);
+  // args_params_bytes, unless 0, is the size the arguments claim.
   status attend_sparse(uint32_t layer, const std::vector<attend_entry>& items, const float* q,
                        const sparf_wire_params& p, std::vector<float>& out, std::vector<float>& lse,
                        sparf_wire_counters& counters, const sparf_wire_ext* ext = nullptr,
-                       uint32_t args_params_bytes = 0) {
+                       uint32_t args_params_bytes = 0, const sparf_wire_ext2* ext2 = nullptr) {
     const uint32_t hq = cfg.n_kv_heads * cfg.group_size;
     const uint64_t qb = items.size() * uint64_t{hq} * cfg.head_dim * 4;
-    const uint64_t pb = ext ? kSparfParamsBytes : sizeof p;
+    const uint32_t pb = ext2 ? kSparfParamsBytes : ext ? kSparfParamsBytesV6 : uint32_t{sizeof p};
     std::memcpy(area(), &p, sizeof p);
     if (ext) std::memcpy(area() + sizeof p, ext, sizeof *ext);
+    if (ext && ext2) std::memcpy(area() + kSparfParamsBytesV6, ext2, sizeof *ext2);
     std::memcpy(area() + pb, items.data(), items.size() * sizeof(attend_entry));
     std::memcpy(area() + pb + items.size() * sizeof(attend_entry), q, qb);
     sq_entry e{};
@@ -156,7 +158,7 @@ struct harness {
     e.result_bytes = static_cast<uint32_t>(qb + items.size() * hq * 4 + sizeof counters);
     if (ext)
       set_args(e, attend_sparse_args{layer, static_cast<uint32_t>(items.size()),
-                                     args_params_bytes ? args_params_bytes : kSparfParamsBytes, 0});
+                                     args_params_bytes ? args_params_bytes : pb, 0});
     else
       set_args(e, attend_args{layer, static_cast<uint32_t>(items.size())});
     INSTINFER_TRY(run(e));
@@ -603,7 +605,7 @@ TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1
     return st.code() == errc::kInvalidArgument;
   };
   CHECK(refused(ext, 40));
-  CHECK(msg.find("48 bytes") != std::string::npos);
+  CHECK(msg.find("64 bytes") != std::string::npos);
   sparf_wire_ext x = ext;
   x.reserved[3] = 1;
   CHECK(refused(x, 0));
@@ -617,6 +619,32 @@ TEST_CASE("attend-sparse in the firmware: compression 1 is exact, 1/8 reads <= 1
   CHECK(no_pages.code() == errc::kUnsupported);
   CHECK(no_pages.message().find("without page summaries") != std::string::npos);
   CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, c).ok());
+  // Protocol 7's extension: the channel share moves the budget from columns to tokens (r = 2 S c d
+  // channels, k = (1 - S) c n tokens); bad values and reserved bytes are refused.
+  sparf_wire_ext2 share{};
+  share.channel_share = 0.5;
+  sparf_wire_counters even{}, quarter{};
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, even, &ext, 0, &share).ok());
+  CHECK(even.selected_tokens == 2 * 416);  // ext still holds the 400-token window
+  ext.window_tokens = 64;
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, even, &ext, 0, &share).ok());
+  CHECK(even.selected_tokens == 2 * 94);
+  CHECK(even.channels_used == 2 * 8);
+  share.channel_share = 0.25;
+  REQUIRE(h.attend_sparse(0, items, q.data(), eighth, out, lse, quarter, &ext, 0, &share).ok());
+  CHECK(quarter.selected_tokens == 2 * 141);  // ceil(0.75 * 0.125 * 1500)
+  CHECK(quarter.channels_used == 2 * 4);      // ceil(2 * 0.25 * 0.125 * 64): one column page
+  CHECK(quarter.channel_pages_read < even.channel_pages_read);
+  sparf_wire_ext2 bad_share = share;
+  bad_share.channel_share = 1.0;
+  CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, quarter, &ext, 0, &bad_share).code() ==
+        errc::kInvalidArgument);
+  bad_share = share;
+  bad_share.reserved[7] = 2;
+  CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, quarter, &ext, 0, &bad_share).code() ==
+        errc::kInvalidArgument);
+  CHECK(h.attend_sparse(0, items, q.data(), eighth, out, lse, quarter, &ext, 56, &share).code() ==
+        errc::kInvalidArgument);  // a size no protocol has
 
   // A namespace without SparF has no column copy: attend-sparse is unsupported there.
   harness plain = make(small_flash());

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "instinfer/attention/sparf/page_summary.hpp"
@@ -117,6 +118,15 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
       csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), nullptr, sparf_params::with_compression(1.0)).ok());
   CHECK(rel(c_sparse, dense) <= 1e-5);
 
+  // p on the host and in the drive: the outputs agree; what each read, host first.
+  const auto on_both = [&](const sparf_params& p) {
+    const cache_stats h0 = host->stats(), c0 = csd->stats();
+    REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(), p).ok());
+    REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(), p).ok());
+    CHECK(rel(c_sparse, h_sparse) <= kHostDriveTol);
+    CHECK(rel(c_lse, h_lse) <= kHostDriveTol);
+    return std::make_pair(host->stats().sparf.since(h0.sparf), csd->stats().sparf.since(c0.sparf));
+  };
   // Sinks and a recent window go to the drive with the command (protocol 6): the drive keeps the
   // same tokens as the host, also when the ends are wider than k (1/8 of 8000: k = 500).
   for (const uint32_t ends : {0u, 16u, 512u}) {
@@ -124,15 +134,25 @@ TEST_CASE("csd runs SparF in the drive: same output as the host, <= 1/4 of the d
     sparf_params p = sparf_params::with_compression(0.125);
     p.sink_tokens = ends;
     p.window_tokens = 4 * ends;
-    const cache_stats h0 = host->stats(), c0 = csd->stats();
-    REQUIRE(host->attend_sparse(0, seqs_h, work.q.data(), h_sparse.data(), h_lse.data(), p).ok());
-    REQUIRE(csd->attend_sparse(0, seqs_c, work.q.data(), c_sparse.data(), c_lse.data(), p).ok());
-    CHECK(rel(c_sparse, h_sparse) <= kHostDriveTol);
-    CHECK(rel(c_lse, h_lse) <= kHostDriveTol);
-    const sparf_counters hd = host->stats().sparf.since(h0.sparf), cd = csd->stats().sparf.since(c0.sparf);
+    const auto [hd, cd] = on_both(p);
     CHECK(cd.selected_tokens == hd.selected_tokens);
     CHECK(cd.token_pages_read == hd.token_pages_read);
     CHECK(cd.selected_tokens == uint64_t{shape.n_kv_heads} * std::max(500u, 5 * ends));
+  }
+  // The channel share goes with the command too (protocol 7): the drive splits the budget as the
+  // host does (1/8 of 8000 tokens, head_dim 128: S = 0.25 gives k = 750, r = 8; S = 0.75 gives
+  // k = 250, r = 24).
+  for (const double share : {0.25, 0.75}) {
+    CAPTURE(share);
+    sparf_params p = sparf_params::with_compression(0.125);
+    p.channel_share = share;
+    const auto [hd, cd] = on_both(p);
+    const uint64_t k = static_cast<uint64_t>(std::ceil((1.0 - share) * 0.125 * 8000));
+    CHECK(hd.selected_tokens == uint64_t{shape.n_kv_heads} * k);
+    CHECK(cd.selected_tokens == hd.selected_tokens);
+    CHECK(cd.token_pages_read == hd.token_pages_read);
+    CHECK(cd.channels_used == hd.channels_used);
+    CHECK(cd.channel_pages_read == hd.channel_pages_read);
   }
 }
 

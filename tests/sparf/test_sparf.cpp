@@ -90,6 +90,56 @@ TEST_CASE("sparf_resolve: compression gives SparQ's split; 1 is dense") {
   CHECK(ex.k == 100);
 }
 
+TEST_CASE("sparf_resolve: the channel share moves the budget between columns and rows, keeping it") {
+  // r = ceil(2 S c d), k = ceil((1 - S) c n); the K+V values read, r n + 2 k d, stay c of 2 n d
+  // (exactly when nothing rounds).
+  const uint32_t d = 128, n = 65536;
+  for (const double c : {0.5, 0.25, 0.125, 0.0625})
+    for (const double share : {0.125, 0.25, 0.375, 0.5, 0.75}) {
+      sparf_params p = sparf_params::with_compression(c);
+      p.channel_share = share;
+      p.sink_tokens = p.window_tokens = 0;
+      const sparf_plan plan = sparf_resolve(p, d, n).value();
+      CAPTURE(c);
+      CAPTURE(share);
+      CHECK(plan.r == static_cast<uint32_t>(std::ceil(2.0 * share * c * d)));
+      CHECK(plan.k == static_cast<uint32_t>(std::ceil((1.0 - share) * c * n)));
+      const double values = static_cast<double>(plan.r) * n + 2.0 * plan.k * d;
+      CHECK(values / (2.0 * n * d) == doctest::Approx(c).epsilon(0.01));
+      CHECK(static_cast<double>(plan.r) * n / values == doctest::Approx(share).epsilon(0.02));
+    }
+  // The even split is the default and SparQ's.
+  sparf_params even = sparf_params::with_compression(0.25);
+  CHECK(even.channel_share == 0.5);
+  even.sink_tokens = even.window_tokens = 0;
+  CHECK(sparf_resolve(even, d, n).value().r == 32);
+  CHECK(sparf_resolve(even, d, n).value().k == n / 8);
+  // Clamped to one channel and one token; ignored by explicit r and k and by compression 1.
+  sparf_params tiny = sparf_params::with_compression(0.01);
+  tiny.channel_share = 0.01;
+  tiny.sink_tokens = tiny.window_tokens = 0;
+  CHECK(sparf_resolve(tiny, 64, 10).value().r == 1);
+  CHECK(sparf_resolve(tiny, 64, 10).value().k == 1);
+  sparf_params ex = sparf_params::with_rk(8, 100);
+  ex.channel_share = 0.9;
+  CHECK(sparf_resolve(ex, d, 1000).value().k == 100);
+  sparf_params one = sparf_params::with_compression(1.0);
+  one.channel_share = 0.1;
+  CHECK(sparf_resolve(one, d, 1000).value().k == 1000);
+  // Out of (0, 1), NaN: refused, naming the field; a changed share is another selection.
+  for (const double bad : {0.0, 1.0, -0.5, 2.0, std::nan("")}) {
+    sparf_params b = sparf_params::with_compression(0.125);
+    b.channel_share = bad;
+    const auto st = sparf_resolve(b, d, n);
+    REQUIRE_FALSE(st.ok());
+    CHECK(st.error().code() == errc::kInvalidArgument);
+    CHECK(st.error().message().find("channel_share") != std::string::npos);
+  }
+  sparf_params other = sparf_params::with_compression(0.125);
+  other.channel_share = 0.25;
+  CHECK_FALSE(other.same_selection(sparf_params::with_compression(0.125)));
+}
+
 TEST_CASE("sparf: bad parameters are clear errors and write nothing") {
   const sparf_config cfg = make_cfg(4096, 128, dtype::kF16, 2, 2);
   const uint32_t n = 300;

@@ -26,8 +26,9 @@ namespace instinfer::csd {
 // 2: SparF in the drive; 3: compute and program model in the stats; 4: persistent namespaces
 // (commit, recover; namespace_config::persist); 5: causal chunk attention (attend-chunk); 6: the
 // attend-sparse parameters' extension (sinks, recent window, policy: sparf_wire_ext) and page
-// summaries in the drive (namespace_config::page_summaries, the page-summary policy)
-inline constexpr uint32_t kProtocolVersion = 6;
+// summaries in the drive (namespace_config::page_summaries, the page-summary policy); 7: SparF's
+// channel share (sparf_wire_ext2)
+inline constexpr uint32_t kProtocolVersion = 7;
 
 enum class opcode : uint8_t {
   kIdentify = 0x01,  // result: identify_data
@@ -242,7 +243,9 @@ static_assert(std::is_trivially_copyable_v<attend_chunk_entry>);
 struct attend_sparse_args {  // attend_args with the parameters' size: a protocol-5 host leaves it 0
   uint32_t layer = 0;
   uint32_t n_items = 0;
-  uint32_t params_bytes = 0;  // 0 or sizeof(sparf_wire_params): no extension; or kSparfParamsBytes
+  // 0 or sizeof(sparf_wire_params): no extension (protocol 5); kSparfParamsBytesV6: with
+  // sparf_wire_ext (protocol 6); kSparfParamsBytes: with both extensions
+  uint32_t params_bytes = 0;
   uint32_t reserved = 0;
 };
 static_assert(sizeof(attend_sparse_args) == 16 &&
@@ -268,7 +271,15 @@ struct sparf_wire_ext {
 };
 static_assert(sizeof(sparf_wire_ext) == 16);
 static_assert(std::is_trivially_copyable_v<sparf_wire_ext>);
-inline constexpr uint32_t kSparfParamsBytes = sizeof(sparf_wire_params) + sizeof(sparf_wire_ext);
+inline constexpr uint32_t kSparfParamsBytesV6 = sizeof(sparf_wire_params) + sizeof(sparf_wire_ext);
+// Protocol 7: what follows sparf_wire_ext; reserved bytes must be zero.
+struct sparf_wire_ext2 {
+  double channel_share = 0.0;  // sparf_params::channel_share
+  uint8_t reserved[8] = {};
+};
+static_assert(sizeof(sparf_wire_ext2) == 16);
+static_assert(std::is_trivially_copyable_v<sparf_wire_ext2>);
+inline constexpr uint32_t kSparfParamsBytes = kSparfParamsBytesV6 + sizeof(sparf_wire_ext2);
 struct sparf_wire_counters {  // instinfer::sparf_counters on the wire
   uint64_t token_pages_read = 0;
   uint64_t channel_pages_read = 0;

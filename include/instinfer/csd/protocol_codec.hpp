@@ -94,7 +94,7 @@ static_assert(kExampleDense.entries_offset == 0 && kExampleDense.q_offset == 3 *
 static_assert(kExampleDense.data_bytes == 48 + 3 * 4 * 128 * 4 && kExampleDense.result_offset == 6208);
 static_assert(kExampleDense.lse_offset == 3 * 4 * 128 * 4 && kExampleDense.result_bytes == 3 * 4 * 129 * 4);
 constexpr attend_wire_layout kExampleSparse = attend_wire_layout::make(3, 4, 128, true);
-static_assert(kExampleSparse.entries_offset == kSparfParamsBytes && kExampleSparse.data_bytes == 6240);
+static_assert(kExampleSparse.entries_offset == kSparfParamsBytes && kExampleSparse.data_bytes == 6256);
 static_assert(kExampleSparse.result_offset % kAttendResultAlign == 0 && kExampleSparse.result_offset >= 6240);
 static_assert(attend_wire_layout::make(3, 4, 128, true, sizeof(sparf_wire_params)).data_bytes == 6224);
 static_assert(kExampleSparse.result_bytes == kExampleDense.result_bytes + sizeof(sparf_wire_counters));
@@ -103,9 +103,10 @@ static_assert(attend_max_items(4096, 2, 64, true) == 3 && attend_max_items(100, 
 }  // namespace detail
 
 // ---- SparF parameters ---------------------------------------------------------------------------
-// The protocol-5 part (sparf_wire_params) and the protocol-6 extension (sparf_wire_ext); a command
-// carries both (kSparfParamsBytes), or, from a protocol-5 host, the first only (no sinks, no
-// window, SparF).
+// The protocol-5 part (sparf_wire_params), the protocol-6 extension (sparf_wire_ext) and the
+// protocol-7 one (sparf_wire_ext2); a command carries all three (kSparfParamsBytes), or the first
+// parts only (kSparfParamsBytesV6, sizeof(sparf_wire_params)): the missing fields keep
+// sparf_params' defaults.
 constexpr sparf_wire_ext encode_sparf_ext(const sparf_params& p) noexcept {
   sparf_wire_ext w{};
   w.sink_tokens = p.sink_tokens;
@@ -120,6 +121,18 @@ constexpr bool decode_sparf_ext(const sparf_wire_ext& w, sparf_params& p) noexce
   p.sink_tokens = w.sink_tokens;
   p.window_tokens = w.window_tokens;
   p.policy = static_cast<sparse_policy>(w.policy);
+  return true;
+}
+constexpr sparf_wire_ext2 encode_sparf_ext2(const sparf_params& p) noexcept {
+  sparf_wire_ext2 w{};
+  w.channel_share = p.channel_share;
+  return w;
+}
+// False when a reserved byte is set; sparf_params::validate checks the share's value.
+constexpr bool decode_sparf_ext2(const sparf_wire_ext2& w, sparf_params& p) noexcept {
+  for (uint8_t b : w.reserved)
+    if (b != 0) return false;
+  p.channel_share = w.channel_share;
   return true;
 }
 constexpr sparf_wire_params encode_sparf_params(const sparf_params& p) noexcept {

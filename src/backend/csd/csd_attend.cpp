@@ -180,6 +180,7 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
     const bool is_sparse = sparse != nullptr;
     const sparf_wire_params wp = is_sparse ? encode_sparf_params(*sparse) : sparf_wire_params{};
     const sparf_wire_ext wx = is_sparse ? encode_sparf_ext(*sparse) : sparf_wire_ext{};
+    const sparf_wire_ext2 wx2 = is_sparse ? encode_sparf_ext2(*sparse) : sparf_wire_ext2{};
     // Items per command: what fits in the smallest data area.
     uint32_t max_items = kMaxAttendItems;
     for (const csd_drive_slot& ds : m.drives)
@@ -195,6 +196,7 @@ status csd_backend::send_attend(uint32_t layer, const attend_batch& batch, const
         if (is_sparse) {
           std::memcpy(p, &wp, sizeof wp);
           std::memcpy(p + sizeof wp, &wx, sizeof wx);
+          std::memcpy(p + kSparfParamsBytesV6, &wx2, sizeof wx2);
         }
         auto* ent = reinterpret_cast<attend_entry*>(p + wire.entries_offset);
         auto* q = reinterpret_cast<float*>(p + wire.q_offset);

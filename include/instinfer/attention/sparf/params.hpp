@@ -35,6 +35,7 @@ inline const char* sparse_policy_name(sparse_policy p) noexcept {
 
 struct sparf_params {
   static constexpr double kDefaultCompression = 0.125;
+  static constexpr double kDefaultChannelShare = 0.5;
 
   // The policy. kPageSummary reads the same fields as follows: kCompression: `compression` is the
   // fraction of page groups read (the K+V traffic, since no column copy is read); kExplicit: k
@@ -43,9 +44,13 @@ struct sparf_params {
   sparse_policy policy = sparse_policy::kSparf;
   sparf_mode mode = sparf_mode::kCompression;
   double compression = kDefaultCompression;  // kCompression: in (0, 1]
-  uint32_t r = 0;                            // kExplicit: channels, [1, head_dim]
-  uint32_t k = 0;                            // kExplicit: tokens, [1, n_tokens]
-  bool whole_pages = true;                   // choose whole column pages of channels (see above)
+  // kCompression, SparF: the share S of the budget spent on the K columns of every token, the rest
+  // on the selected tokens' K and V rows: r = 2 S c d channels, k = (1 - S) c n tokens. In (0, 1).
+  // 0.5 is SparQ's even split; see kDefaultChannelShare for the default.
+  double channel_share = kDefaultChannelShare;
+  uint32_t r = 0;           // kExplicit: channels, [1, head_dim]
+  uint32_t k = 0;           // kExplicit: tokens, [1, n_tokens]
+  bool whole_pages = true;  // choose whole column pages of channels (see above)
   // Token pages that may be read, as a multiple of the fewest that can hold k tokens
   // (ceil(k / tokens_per_page)); 0: no limit (plain SparQ top-k over all tokens). See step 3.
   // Smaller is faster where pages cost (fuller pages; host at 64k, 1/8: 2.8x dense at 2, 3.1-3.9x
@@ -91,9 +96,9 @@ struct sparf_params {
   // The fields a selection depends on (not the reuse settings' own max steps): equal ones may
   // share a selection.
   bool same_selection(const sparf_params& o) const noexcept {
-    return policy == o.policy && mode == o.mode && compression == o.compression && r == o.r && k == o.k &&
-           whole_pages == o.whole_pages && page_spread == o.page_spread && sink_tokens == o.sink_tokens &&
-           window_tokens == o.window_tokens;
+    return policy == o.policy && mode == o.mode && compression == o.compression && channel_share == o.channel_share &&
+           r == o.r && k == o.k && whole_pages == o.whole_pages && page_spread == o.page_spread &&
+           sink_tokens == o.sink_tokens && window_tokens == o.window_tokens;
   }
 
   // Checks that do not depend on the sequence length.
@@ -112,6 +117,9 @@ struct sparf_params {
     if (reuses() && (reuse_max_steps == 0 || reuse_max_steps > kMaxReuseSteps))
       return {errc::kInvalidArgument, "reuse_max_steps must be in [1, " + std::to_string(kMaxReuseSteps) + "], got " +
                                           std::to_string(reuse_max_steps)};
+    if (!(channel_share > 0.0 && channel_share < 1.0))  // also rejects NaN
+      return {errc::kInvalidArgument, "SparF channel_share must be in (0, 1) (the budget's share for K columns), got " +
+                                          std::to_string(channel_share)};
     if (mode == sparf_mode::kCompression) {
       if (!(compression > 0.0 && compression <= 1.0))  // also rejects NaN
         return {errc::kInvalidArgument, "SparF compression must be in (0, 1] (fraction of dense K+V traffic), got " +
@@ -136,9 +144,10 @@ struct sparf_plan {
   uint32_t window = 0;  // tokens [n_tokens - window, n_tokens) always kept; sinks + window <= k
 };
 
-// Compression c < 1 gives r = ceil(c * d) and k = ceil(c * n / 2), SparQ's split of the budget:
-// half for the r K columns (r * n values), half for the k full K and V rows (2 * k * d values),
-// so (r * n + 2 * k * d) / (2 * n * d) = c. Compression 1 means dense: r = d, k = n.
+// Compression c < 1 with channel share S gives r = ceil(2 S c d) and k = ceil((1 - S) c n): the
+// share S of the budget for the r K columns (r * n values), the rest for the k full K and V rows
+// (2 * k * d values), so (r * n + 2 * k * d) / (2 * n * d) = c. S = 0.5 is SparQ's split
+// (r = c d, k = c n / 2). Compression 1 means dense: r = d, k = n.
 // n_tokens == 0 resolves to an empty plan (nothing to attend). Sinks and window are clipped to the
 // sequence and k is raised to at least sinks + window (both mandatory).
 inline result<sparf_plan> sparf_resolve(const sparf_params& p, uint32_t head_dim, uint32_t n_tokens) {
@@ -156,8 +165,8 @@ inline result<sparf_plan> sparf_resolve(const sparf_params& p, uint32_t head_dim
     plan.r = head_dim;
     plan.k = n_tokens;
   } else {
-    const double r = std::ceil(p.compression * head_dim);
-    const double k = std::ceil(p.compression * n_tokens / 2.0);
+    const double r = std::ceil(2.0 * p.channel_share * p.compression * head_dim);
+    const double k = std::ceil((1.0 - p.channel_share) * p.compression * n_tokens);
     plan.r = static_cast<uint32_t>(std::clamp(r, 1.0, static_cast<double>(head_dim)));
     plan.k = static_cast<uint32_t>(std::clamp(k, 1.0, static_cast<double>(n_tokens)));
   }
