@@ -45,17 +45,38 @@ static instinfer_dtype ii_dtype(ggml_type t) {
     }
 }
 
-// LLAMA_INSTINFER_SPARSE=POLICY[:COMPRESSION[:REUSE_COSINE]]: decode steps (one query row) attend
-// sparsely, prefill stays dense. POLICY: sparf (SparF: a channel copy of K) or pages (per-page
-// key summaries); COMPRESSION: the budget (default 1/8); REUSE_COSINE: SparF's selection reuse
-// across steps (0: off, the default). Sinks and window: the library's defaults. Unset: dense.
+// LLAMA_INSTINFER_SPARSE=POLICY[:COMPRESSION[:REUSE_COSINE]][,KEY=VALUE...]: decode steps (one
+// query row) attend sparsely, prefill stays dense. POLICY: sparf (SparF: a channel copy of K) or
+// pages (per-page key summaries); COMPRESSION: the budget (default 1/8); REUSE_COSINE: SparF's
+// selection reuse across steps (0: off, the default). KEYs: sinks, window (dense ends, tokens;
+// default 16, 64), share (SparF's budget share for K columns, default 0.5), spread (SparF's token
+// page spread, default 2). Unset: dense.
+static double ii_env_number(const std::string & what, const std::string & text) {
+    char * end = nullptr;
+    const double x = strtod(text.c_str(), &end);
+    if (text.empty() || *end) {
+        throw std::runtime_error("LLAMA_INSTINFER_SPARSE: " + what + " '" + text + "' is not a number");
+    }
+    return x;
+}
+
+static uint32_t ii_env_count(const std::string & what, const std::string & text) {
+    const double x = ii_env_number(what, text);
+    if (!(x >= 0.0 && x <= 4294967295.0) || x != static_cast<double>(static_cast<uint32_t>(x))) {
+        throw std::runtime_error("LLAMA_INSTINFER_SPARSE: " + what + " '" + text + "' is not a token count");
+    }
+    return static_cast<uint32_t>(x);
+}
+
 static bool ii_sparse_from_env(instinfer_sparf_params & p, uint32_t head_dim) {
     const char * e = getenv("LLAMA_INSTINFER_SPARSE");
     if (!e || !*e) {
         return false;
     }
     instinfer_sparf_params_init(&p);
-    const std::string spec = e;
+    const std::string all = e;
+    const size_t comma = all.find(',');
+    const std::string spec = all.substr(0, comma);
     const size_t c1 = spec.find(':');
     const std::string policy = spec.substr(0, c1);
     if (policy == "sparf") {
@@ -67,19 +88,36 @@ static bool ii_sparse_from_env(instinfer_sparf_params & p, uint32_t head_dim) {
     }
     if (c1 != std::string::npos) {
         const size_t c2 = spec.find(':', c1 + 1);
-        char * end = nullptr;
         const std::string comp = spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1);
-        p.compression = strtod(comp.c_str(), &end);
-        if (comp.empty() || *end) {
-            throw std::runtime_error("LLAMA_INSTINFER_SPARSE: compression '" + comp + "' is not a number");
-        }
+        p.compression = ii_env_number("compression", comp);
         if (c2 != std::string::npos) {
-            const std::string cos = spec.substr(c2 + 1);
-            p.reuse_min_cosine = strtof(cos.c_str(), &end);
-            if (cos.empty() || *end) {
-                throw std::runtime_error("LLAMA_INSTINFER_SPARSE: reuse cosine '" + cos + "' is not a number");
-            }
+            p.reuse_min_cosine = static_cast<float>(ii_env_number("reuse cosine", spec.substr(c2 + 1)));
         }
+    }
+    for (size_t at = comma; at != std::string::npos;) {
+        const size_t next = all.find(',', at + 1);
+        const std::string opt = all.substr(at + 1, next == std::string::npos ? std::string::npos : next - at - 1);
+        const size_t eq = opt.find('=');
+        const std::string key = opt.substr(0, eq);
+        const std::string value = eq == std::string::npos ? std::string() : opt.substr(eq + 1);
+        if (eq == std::string::npos) {
+            throw std::runtime_error("LLAMA_INSTINFER_SPARSE: option '" + opt + "' is not KEY=VALUE");
+        } else if (key == "sinks") {
+            p.sink_tokens = ii_env_count("sinks", value);
+        } else if (key == "window") {
+            p.window_tokens = ii_env_count("window", value);
+        } else if (key == "share") {
+            p.channel_share = ii_env_number("share", value);
+            if (p.channel_share == 0.0) {  // 0 would mean the default in the C API: say no instead
+                throw std::runtime_error("LLAMA_INSTINFER_SPARSE: share must be in (0, 1), got 0");
+            }
+        } else if (key == "spread") {
+            p.page_spread = ii_env_number("spread", value);
+        } else {
+            throw std::runtime_error("LLAMA_INSTINFER_SPARSE: unknown option '" + key +
+                    "' (sinks, window, share, spread)");
+        }
+        at = next;
     }
     const instinfer_status st = instinfer_sparf_params_check(&p, head_dim);
     if (st != INSTINFER_OK) {
