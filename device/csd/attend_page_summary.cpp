@@ -127,7 +127,7 @@ status attend_engine::run_page_task(const kv_namespace& ns, const command& c, co
     return {};
   }
   const std::vector<const float*>& sums = sh.item_summaries[i];
-  ws.group_order.resize(plan.n_groups);
+  ws.group_order.resize(2 * size_t{plan.n_groups});  // page_summary_select's scratch
   ws.groups.resize(plan.n_select);
   auto score = ws.sparf.page_summary_kernel();
   if (!score.ok()) return score.error();

@@ -233,7 +233,7 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
   try {
     sc_.scores.resize(size_t{H} * n_groups);
     sc_.group_ptrs.resize(n_groups);
-    sc_.order.resize(size_t{W} * n_groups);
+    sc_.order.resize(size_t{W} * 2 * n_groups);  // page_summary_select's scratch: 2 x n_groups a worker
     sc_.chosen.resize(size_t{H} * n_sel);
     sc_.ptrs.resize(size_t{H} * n_sel);
     sc_.o.resize(size_t{W} * G * d);
@@ -261,7 +261,7 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
     return {};
   }));
   INSTINFER_TRY(for_each_head([&](uint32_t w, uint32_t h) noexcept -> status {
-    page_summary_select(plan, sc_.scores.data() + size_t{h} * n_groups, sc_.order.data() + size_t{w} * n_groups,
+    page_summary_select(plan, sc_.scores.data() + size_t{h} * n_groups, sc_.order.data() + size_t{w} * 2 * n_groups,
                         sc_.chosen.data() + size_t{h} * n_sel);
     return {};
   }));

@@ -227,7 +227,7 @@ TEST_CASE("page summary: the bound holds for every row, plans and selections fol
   CHECK(plan.n_select == 16);
   std::vector<float> scores(63);
   for (uint32_t g = 0; g < 63; ++g) scores[g] = float(g % 7) + float(g) * 1e-3f;
-  std::vector<uint32_t> order(63), out(plan.n_select);
+  std::vector<uint32_t> order(2 * 63), out(plan.n_select);
   REQUIRE(page_summary_select(plan, scores.data(), order.data(), out.data()) == 16);
   CHECK(std::is_sorted(out.begin(), out.end()));
   for (uint32_t g : {0u, 1u, 60u, 61u, 62u}) CHECK(std::count(out.begin(), out.end(), g) == 1);
@@ -462,4 +462,41 @@ TEST_CASE("page summary: a policy the cache does not keep and bad parameters are
   REQUIRE(c2->attend_sparse(1, std::span<const seq_id>(&s2, 1), q.data(), out.data(), lse.data(), p).ok());
   CHECK(out[0] == 0.0f);
   CHECK(std::isinf(lse[0]));
+}
+
+TEST_CASE("page_summary_select equals a stable sort of the free groups: ties, signed zeros, infinities, NaN") {
+  std::mt19937 rng(4242);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int draw = 0; draw < 400; ++draw) {
+    const uint32_t tpp = 1 + rng() % 64, n_tokens = 1 + rng() % 60000;
+    sparf_params p = sparf_params::with_compression(std::uniform_real_distribution<double>(0.01, 1.0)(rng));
+    p.policy = sparse_policy::kPageSummary;
+    p.sink_tokens = rng() % 4 == 0 ? 0 : rng() % 300;
+    p.window_tokens = rng() % 4 == 0 ? 0 : rng() % 600;
+    const page_summary_plan plan = page_summary_resolve(p, 128, tpp, n_tokens).value();
+    const uint32_t n = plan.n_groups;
+    std::vector<float> scores(n);
+    const uint32_t levels = 1 + rng() % 50;  // few levels: many ties
+    for (float& x : scores) {
+      const uint32_t r = rng() % 100;
+      x = r == 0   ? std::numeric_limits<float>::quiet_NaN()
+          : r == 1 ? -0.0f
+          : r == 2 ? 0.0f
+          : r == 3 ? inf
+          : r == 4 ? -inf
+                   : static_cast<float>(static_cast<int>(rng() % levels) - static_cast<int>(levels / 2)) * 0.25f;
+    }
+    std::vector<uint32_t> scratch(2 * size_t{n}), out(plan.n_select);
+    CAPTURE(draw);
+    REQUIRE(page_summary_select(plan, scores.data(), scratch.data(), out.data()) == plan.n_select);
+    // Reference: mandatory groups, then the free ones by (score desc with NaN as -inf, index asc).
+    std::vector<uint32_t> want_out, free;
+    for (uint32_t g = 0; g < n; ++g) (g < plan.sink_groups || g >= plan.window_first ? want_out : free).push_back(g);
+    const auto key = [&](uint32_t g) { return std::isnan(scores[g]) ? -inf : scores[g]; };
+    std::stable_sort(free.begin(), free.end(), [&](uint32_t a, uint32_t b) { return key(a) > key(b); });
+    free.resize(plan.n_select - plan.n_mandatory);
+    want_out.insert(want_out.end(), free.begin(), free.end());
+    std::sort(want_out.begin(), want_out.end());
+    CHECK(out == want_out);
+  }
 }

@@ -21,6 +21,7 @@
 #include <string>
 
 #include "instinfer/attention/sparf/params.hpp"
+#include "instinfer/attention/sparf/top_k.hpp"
 #include "instinfer/core/dtype.hpp"
 
 namespace instinfer {
@@ -126,28 +127,20 @@ inline result<page_summary_plan> page_summary_resolve(const sparf_params& p, uin
 }
 
 // The chosen groups of one kv head, ascending: the mandatory ones and the highest scores among
-// the rest (ties: the lower group). scores: [n_groups]; order: n_groups scratch; out: n_select.
-// Returns the number written (plan.n_select).
-inline uint32_t page_summary_select(const page_summary_plan& plan, const float* scores, uint32_t* order,
+// the rest (ties: the lower group; NaN ranks last). scores: [n_groups]; scratch: room for
+// 2 x n_groups; out: n_select. Returns the number written (plan.n_select). The free groups lie
+// between the sinks and the window, one range, so the radix top-k of SparF (top_k.hpp) picks them
+// in ascending order and no sort is needed.
+inline uint32_t page_summary_select(const page_summary_plan& plan, const float* scores, uint32_t* scratch,
                                     uint32_t* out) noexcept {
   const uint32_t n = plan.n_groups;
-  const auto mandatory = [&](uint32_t g) { return g < plan.sink_groups || g >= plan.window_first; };
-  uint32_t n_free = 0;
-  for (uint32_t g = 0; g < n; ++g)
-    if (!mandatory(g)) order[n_free++] = g;
-  const uint32_t want = plan.n_select - plan.n_mandatory;  // <= n_free by page_summary_resolve
-  const auto better = [&](uint32_t a, uint32_t b) {
-    // NaN scores (a NaN query) rank last, deterministically
-    const float sa = std::isnan(scores[a]) ? -std::numeric_limits<float>::infinity() : scores[a];
-    const float sb = std::isnan(scores[b]) ? -std::numeric_limits<float>::infinity() : scores[b];
-    return sa > sb || (sa == sb && a < b);
-  };
-  if (want < n_free) std::nth_element(order, order + want, order + n_free, better);
+  const uint32_t free_lo = std::min(plan.sink_groups, n);
+  const uint32_t free_hi = std::max(plan.window_first, free_lo);
+  const uint32_t want = plan.n_select - plan.n_mandatory;  // <= free_hi - free_lo by page_summary_resolve
   uint32_t m = 0;
-  for (uint32_t g = 0; g < n; ++g)
-    if (mandatory(g)) out[m++] = g;
-  for (uint32_t j = 0; j < want; ++j) out[m++] = order[j];
-  std::sort(out, out + m);
+  for (uint32_t g = 0; g < free_lo; ++g) out[m++] = g;
+  m += sparf_detail::top_ascending(scores, free_lo, free_hi, nullptr, 1, want, out + m, scratch);
+  for (uint32_t g = free_hi; g < n; ++g) out[m++] = g;
   return m;
 }
 
