@@ -1,7 +1,10 @@
 #include <doctest/doctest.h>
 
+#include <cstdint>
 #include <cstring>
+#include <utility>
 
+#include "instinfer/core/huge_region.hpp"
 #include "sparf_test_util.hpp"
 
 using namespace instinfer;
@@ -252,4 +255,39 @@ TEST_CASE("sparf: sparf_select_head then sparf_exact_head give sparf_attend's ou
   CHECK(lse == batch_lse);
   CHECK(c.token_pages_read == batch_c.token_pages_read);
   CHECK(c.channel_pages_read == batch_c.channel_pages_read);
+}
+
+TEST_CASE("huge_region: a reservation the address space cannot hold fails and leaves the region as it was") {
+  huge_region r;
+  REQUIRE(r.reserve(size_t{3} << 20));  // two huge pages
+  CHECK(r.capacity() == size_t{4} << 20);
+  CHECK(reinterpret_cast<uintptr_t>(r.data()) % huge_region::kHugePage == 0);
+  for (size_t i = 0; i < r.capacity(); i += 4096) r.data()[i] = static_cast<std::byte>(i / 4096 + 1);
+  std::byte* const before = r.data();
+  // 2^62 bytes: beyond any x86-64 or aarch64 address space, so mmap refuses it; SIZE_MAX trips
+  // the doubling's overflow guard first.
+  CHECK_FALSE(r.reserve(size_t{1} << 62));
+  CHECK_FALSE(r.reserve(SIZE_MAX));
+  CHECK(r.data() == before);
+  CHECK(r.capacity() == size_t{4} << 20);
+  bool intact = true;
+  for (size_t i = 0; i < r.capacity(); i += 4096) intact &= r.data()[i] == static_cast<std::byte>(i / 4096 + 1);
+  CHECK(intact);
+  // Still usable: a growth that fits moves the pages and keeps them.
+  REQUIRE(r.reserve(size_t{9} << 20));
+  CHECK(r.capacity() == size_t{16} << 20);
+  intact = true;
+  for (size_t i = 0; i < (size_t{4} << 20); i += 4096) intact &= r.data()[i] == static_cast<std::byte>(i / 4096 + 1);
+  CHECK(intact);
+  CHECK(r.data()[(size_t{4} << 20) + 4096] == std::byte{0});  // new memory reads as zeros
+  // discard drops whole OS pages to zeros and clamps a range past the end.
+  r.discard(0, 8192);
+  CHECK(r.data()[0] == std::byte{0});
+  CHECK(r.data()[4096] == std::byte{0});
+  CHECK(r.data()[8192] == static_cast<std::byte>(3));
+  r.discard(r.capacity() - 4096, SIZE_MAX);
+  huge_region moved = std::move(r);
+  CHECK(r.data() == nullptr);
+  CHECK(r.capacity() == 0);
+  CHECK(moved.data()[8192] == static_cast<std::byte>(3));
 }
