@@ -238,9 +238,7 @@ int main(int argc, char** argv) {
         args.bad(v);
     } else if (a == "--channel-share") {
       const char* v = args.need("a number in (0, 1)");
-      char* end = nullptr;
-      o.channel_share = std::strtod(v, &end);
-      if (end == v || *end != '\0' || !(o.channel_share > 0.0 && o.channel_share < 1.0)) args.bad(v);
+      if (!cli::parse_fraction(v, o.channel_share) || o.channel_share >= 1.0) args.bad(v);
     } else if (a == "--threads")
       parse_u32_in(args.need("a number"), o.threads, 0, 256);
     else if (a == "--seed")

@@ -83,6 +83,15 @@ instinfer_status to_sparf_params(const instinfer_sparf_params* params, instinfer
   return INSTINFER_OK;
 }
 
+// to_sparf_params for the calls without a cache: params must be given and head_dim supported.
+static instinfer_status to_checked_sparf_params(const instinfer_sparf_params* params, uint32_t head_dim,
+                                                instinfer::sparf_params& p) {
+  if (!params) return fail(errc::kInvalidArgument, "params is NULL");
+  if (!instinfer::kv_shape::is_supported_head_dim(head_dim))
+    return fail(errc::kInvalidArgument, "head_dim " + std::to_string(head_dim) + " is not 64, 128 or 256");
+  return to_sparf_params(params, p);
+}
+
 }  // namespace instinfer::capi
 
 extern "C" {
@@ -101,11 +110,8 @@ instinfer_status instinfer_attend_sparse(instinfer_cache* cache, uint32_t layer,
 
 instinfer_status instinfer_sparf_params_check(const instinfer_sparf_params* params, uint32_t head_dim) {
   return guarded(__func__, [&]() -> instinfer_status {
-    if (!params) return fail(errc::kInvalidArgument, "params is NULL");
-    if (!instinfer::kv_shape::is_supported_head_dim(head_dim))
-      return fail(errc::kInvalidArgument, "head_dim " + std::to_string(head_dim) + " is not 64, 128 or 256");
     instinfer::sparf_params p;
-    if (const instinfer_status st = to_sparf_params(params, p); st != INSTINFER_OK) return st;
+    if (const instinfer_status st = to_checked_sparf_params(params, head_dim, p); st != INSTINFER_OK) return st;
     return report(p.validate(head_dim));
   });
 }
@@ -113,12 +119,9 @@ instinfer_status instinfer_sparf_params_check(const instinfer_sparf_params* para
 instinfer_status instinfer_sparf_plan(const instinfer_sparf_params* params, uint32_t head_dim, uint32_t n_tokens,
                                       uint32_t* channels, uint32_t* tokens) {
   return guarded(__func__, [&]() -> instinfer_status {
-    if (!params) return fail(errc::kInvalidArgument, "params is NULL");
     if (!channels || !tokens) return fail(errc::kInvalidArgument, "channels and tokens must not be NULL");
-    if (!instinfer::kv_shape::is_supported_head_dim(head_dim))
-      return fail(errc::kInvalidArgument, "head_dim " + std::to_string(head_dim) + " is not 64, 128 or 256");
     instinfer::sparf_params p;
-    if (const instinfer_status st = to_sparf_params(params, p); st != INSTINFER_OK) return st;
+    if (const instinfer_status st = to_checked_sparf_params(params, head_dim, p); st != INSTINFER_OK) return st;
     if (p.policy != instinfer::sparse_policy::kSparf)
       return fail(errc::kUnsupported,
                   "the page-summary policy's plan depends on the cache's pages (instinfer_sparf_plan is SparF's)");

@@ -41,8 +41,8 @@ inline uint32_t rank_key(float x) noexcept {
 // out in ascending index order; returns how many (min(want, candidates)). A radix select on
 // rank_key finds the threshold (11, 11 and 10 bits from the top, each level keeping only the keys
 // of the bin that holds the want-th largest: about 4x faster than nth_element at 8192 logits on
-// Zen 3; the counting and filtering loops do not branch on the keys), and one ascending scan takes what passes it: no
-// sort. scratch: room for 2 x (hi - lo) keys.
+// Zen 3; the counting and filtering loops do not branch on the keys), and one ascending scan
+// takes what passes it: no sort. scratch: room for 2 x (hi - lo) keys.
 inline uint32_t top_ascending(const float* score, uint32_t lo, uint32_t hi, const uint8_t* pick, uint32_t per,
                               uint32_t want, uint32_t* out, uint32_t* scratch) noexcept {
   uint32_t n_cand = 0;
