@@ -59,6 +59,8 @@ void usage(FILE* out) {
                "  --needles N         needles per length and depth (default 3; 0: skip the needle task)\n"
                "  --needle-tokens N   greedy tokens searched for the number (default 16)\n"
                "  --gen-tokens N      greedy agreement tokens (default 64; 0: skip agreement and KL)\n"
+               "  --summary-prompts N agreement / KL prompts per length, each from another filler offset\n"
+               "                      (default 1)\n"
                "  --kl-steps N        teacher-forced steps of the KL mean (default 32)\n"
                "  --budget LIST       fractions, as 0.25 or 1/4 (default 1/2,1/4,1/8,1/16)\n"
                "  --policies LIST     sparf,page (default both)\n"
@@ -106,6 +108,20 @@ std::vector<double> log_softmax(const std::vector<float>& x) {
   std::vector<double> out(x.size());
   for (size_t i = 0; i < x.size(); ++i) out[i] = static_cast<double>(x[i]) - lse;
   return out;
+}
+
+// Top-1 minus top-2 of a log-probability row: how near a tie the greedy choice is.
+double top2_gap(const std::vector<double>& logp) {
+  double a = -INFINITY, b = -INFINITY;
+  for (double v : logp) {
+    if (v > a) {
+      b = a;
+      a = v;
+    } else if (v > b) {
+      b = v;
+    }
+  }
+  return a - b;
 }
 
 double kl_divergence(const std::vector<double>& logp, const std::vector<double>& logq) {
@@ -193,6 +209,8 @@ int main(int argc, char** argv) {
       parse_u32_in(args.need("a number"), o.needle_tokens, 1, 256);
     else if (a == "--gen-tokens")
       parse_u32_in(args.need("a number"), o.gen_tokens, 0, 4096);
+    else if (a == "--summary-prompts")
+      parse_u32_in(args.need("a number"), o.summary_prompts, 1, 64);
     else if (a == "--kl-steps")
       parse_u32_in(args.need("a number"), o.kl_steps, 1, 4096);
     else if (a == "--budget") {
@@ -288,16 +306,20 @@ int main(int argc, char** argv) {
     at = end + 2;
   }
   if (fill.paragraphs.empty()) return fail("the filler text is empty");
+  if (o.summary_prompts > fill.paragraphs.size())
+    return fail("--summary-prompts " + std::to_string(o.summary_prompts) + " exceeds the filler's " +
+                std::to_string(fill.paragraphs.size()) + " paragraphs");
   // The chat template around the user message, split at a marker: head + message + tail.
   const std::string tpl = tok.apply_chat_template({{"user", "\x01"}});
   const size_t mark = tpl.find('\x01');
   const std::vector<token_id> head = tok.encode(tpl.substr(0, mark));
   const std::string tail = tpl.substr(mark + 1);
-  // Filler of about n tokens, cut at paragraph ends; breaks: token offsets of paragraph starts.
-  const auto make_filler = [&](uint32_t n, std::vector<token_id>& ids, std::vector<uint32_t>& breaks) {
+  // Filler of about n tokens from paragraph `first` on, cut at paragraph ends; breaks: token
+  // offsets of paragraph starts.
+  const auto make_filler = [&](uint32_t n, size_t first, std::vector<token_id>& ids, std::vector<uint32_t>& breaks) {
     ids.clear();
     breaks.clear();
-    for (size_t i = 0; ids.size() < n; ++i) {
+    for (size_t i = first; ids.size() < n; ++i) {
       breaks.push_back(static_cast<uint32_t>(ids.size()));
       const auto& p = fill.paragraphs[i % fill.paragraphs.size()];
       ids.insert(ids.end(), p.begin(), p.end());
@@ -340,7 +362,7 @@ int main(int argc, char** argv) {
           configs.push_back(c);
         }
   std::vector<tally> tallies(configs.size());
-  for (auto& t : tallies) t.agreement.resize(o.lengths.size());
+  for (auto& t : tallies) t.agreement.assign(o.lengths.size(), std::vector<tally::agree>(o.summary_prompts));
 
   cache_options co = m.kv_options("host", dtype::kF16, true);
   co.page_summaries = true;
@@ -380,23 +402,28 @@ int main(int argc, char** argv) {
     const uint32_t L = o.lengths[li];
     std::vector<token_id> body;
     std::vector<uint32_t> breaks;
-    make_filler(L, body, breaks);
+    make_filler(L, 0, body, breaks);
 
-    // ---- agreement and KL: filler + summarise instruction ----
-    if (o.gen_tokens > 0) {
+    // ---- agreement and KL: filler + summarise instruction, per summary prompt ----
+    for (uint32_t pi = 0; pi < o.summary_prompts && o.gen_tokens > 0; ++pi) {
+      std::vector<token_id> text_ids = body;
+      if (pi > 0) {
+        std::vector<uint32_t> b;
+        make_filler(L, size_t{pi} * fill.paragraphs.size() / o.summary_prompts, text_ids, b);
+      }
       std::vector<token_id> ids = head;
-      ids.insert(ids.end(), body.begin(), body.end());
+      ids.insert(ids.end(), text_ids.begin(), text_ids.end());
       const auto t = tok.encode(std::string(sparf_eval::kInstruction) + tail);
       ids.insert(ids.end(), t.begin(), t.end());
       if (ids.size() + o.gen_tokens > hp.n_ctx_train)
         return fail("a prompt of " + std::to_string(ids.size()) + " tokens exceeds the model's context");
-      prompt_tokens[li] = static_cast<uint32_t>(ids.size());
+      if (pi == 0) prompt_tokens[li] = static_cast<uint32_t>(ids.size());
       auto base = cache.create_sequence();
       if (!base.ok()) return fail(base.error().to_string());
       std::vector<float> logits0;
       double t0 = now_s();
       if (status s = m.prefill(cache, *base, ids, 0, logits0); !s.ok()) return fail("prefill: " + s.to_string());
-      std::fprintf(stderr, "[agreement] %zu-token prompt prefilled in %.1f s\n", ids.size(), now_s() - t0);
+      std::fprintf(stderr, "[agreement] %zu-token prompt %u prefilled in %.1f s\n", ids.size(), pi, now_s() - t0);
       if (column_overhead < 0) {
         const cache_stats cs = cache.stats();
         // Only this prompt is in the cache now: its chunks are the KV bytes.
@@ -405,19 +432,24 @@ int main(int argc, char** argv) {
         summary_overhead = static_cast<double>(cs.page_summary_bytes) / kv;
       }
       const uint32_t len = static_cast<uint32_t>(ids.size());
-      // Dense: its greedy tokens and the log-probabilities of its first kl_steps steps.
+      // Dense: its greedy tokens, the log-probabilities of its first kl_steps steps, and its
+      // top-1 minus top-2 gap at every step (gap[i]: the step that chose token i).
       std::vector<int32_t> dense_tokens;
       std::vector<std::vector<double>> dense_logp;
+      std::vector<double> dense_gap{top2_gap(log_softmax(logits0))};
       t0 = now_s();
       if (status s = decode(m, cache, *base, len, logits0, o.gen_tokens, nullptr, nullptr, dense_tokens,
                             [&](uint32_t i, const std::vector<float>& lg) {
-                              if (i < o.kl_steps) dense_logp.push_back(log_softmax(lg));
+                              std::vector<double> lp = log_softmax(lg);
+                              dense_gap.push_back(top2_gap(lp));
+                              if (i < o.kl_steps) dense_logp.push_back(std::move(lp));
                             });
           !s.ok())
         return fail("dense decode: " + s.to_string());
-      dense_text[li] = tok.decode(dense_tokens);
+      if (pi == 0) dense_text[li] = tok.decode(dense_tokens);
       const status s = for_each_config([&](size_t ci) -> status {
-        tally::agree& g = tallies[ci].agreement[li];
+        tally::agree& g = tallies[ci].agreement[li][pi];
+        g.prompt_tokens = len;
         if (!configs[ci].params) {  // dense against itself: identical by construction
           g.same32 = g.n32 = std::min<uint32_t>(32, o.gen_tokens);
           g.tf_same = o.kl_steps;
@@ -429,7 +461,10 @@ int main(int argc, char** argv) {
                              [](uint32_t, const std::vector<float>&) {}));
         for (size_t i = 0; i < out.size() && i < dense_tokens.size(); ++i) {
           const bool same = out[i] == dense_tokens[i];
-          if (!same && g.first_divergence < 0) g.first_divergence = static_cast<int>(i);
+          if (!same && g.first_divergence < 0) {
+            g.first_divergence = static_cast<int>(i);
+            g.dense_gap = i < dense_gap.size() ? dense_gap[i] : -1.0;
+          }
           if (i < 32) g.same32 += same, ++g.n32;
           if (i < 64) g.same64 += same, ++g.n64;
         }

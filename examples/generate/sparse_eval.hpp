@@ -23,6 +23,9 @@ struct options {
   uint32_t needles = 3;         // needles per (length, depth)
   uint32_t needle_tokens = 16;  // SmolLM2 often repeats the question's sentence first
   uint32_t gen_tokens = 64;
+  // Summary prompts per length for agreement and KL: prompt p starts its filler at paragraph
+  // p * paragraphs / N, so each is a different text of the same length.
+  uint32_t summary_prompts = 1;
   uint32_t kl_steps = 32;
   uint32_t sinks = 16, window = 64;
   double page_spread = sparf_params{}.page_spread;  // SparF's token-page limit (0: none)
@@ -49,12 +52,16 @@ struct config {
 struct tally {
   std::map<std::pair<uint32_t, uint32_t>, std::pair<uint32_t, uint32_t>> needle;  // (len, depth) -> (hit, n)
   struct agree {
+    uint32_t prompt_tokens = 0;
     uint32_t same32 = 0, same64 = 0, n32 = 0, n64 = 0;
     int first_divergence = -1;
+    // Dense's top-1 minus top-2 log-probability (nats) at the first divergence: a near tie there
+    // flips on any perturbation, so a small gap says the divergence tells little.
+    double dense_gap = -1.0;
     uint32_t tf_same = 0;  // teacher-forced steps whose argmax is dense's token
     double kl = 0.0;
   };
-  std::vector<agree> agreement;  // per length
+  std::vector<std::vector<agree>> agreement;  // [length][summary prompt]
   sparf_counters counters;
   uint64_t reused = 0;  // (sequence, layer) SparF calls that reused a selection
 };
@@ -66,8 +73,8 @@ struct report_data {
   const std::vector<tally>& tallies;
   std::string model_name;  // the GGUF file's name
   uint32_t page_bytes = 0, tokens_per_page = 0, n_kv_heads = 0;
-  std::vector<uint32_t> prompt_tokens;  // per length
-  std::vector<std::string> dense_text;  // per length
+  std::vector<uint32_t> prompt_tokens;  // per length (its first summary prompt)
+  std::vector<std::string> dense_text;  // per length (its first summary prompt)
   double column_overhead = -1.0, summary_overhead = -1.0;
 };
 

@@ -1,4 +1,5 @@
 // instinfer-sparse-eval's report: one JSON line per configuration, or markdown tables.
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <utility>
@@ -38,14 +39,18 @@ void print_report(const report_data& r) {
         first = false;
       }
       std::printf("],\"agreement\":[");
-      for (size_t li = 0; li < o.lengths.size() && o.gen_tokens > 0; ++li) {
-        const auto& g = t.agreement[li];
-        std::printf(
-            "%s{\"length\":%u,\"prompt_tokens\":%u,\"same32\":%u,\"n32\":%u,\"same64\":%u,\"n64\":%u,"
-            "\"first_divergence\":%d,\"kl_mean\":%.6g,\"kl_steps\":%u,\"tf_same\":%u}",
-            li ? "," : "", o.lengths[li], prompt_tokens[li], g.same32, g.n32, g.same64, g.n64, g.first_divergence, g.kl,
-            o.kl_steps, g.tf_same);
-      }
+      bool first_agree = true;
+      for (size_t li = 0; li < o.lengths.size() && o.gen_tokens > 0; ++li)
+        for (size_t pi = 0; pi < t.agreement[li].size(); ++pi) {
+          const auto& g = t.agreement[li][pi];
+          std::printf(
+              "%s{\"length\":%u,\"prompt\":%zu,\"prompt_tokens\":%u,\"same32\":%u,\"n32\":%u,\"same64\":%u,"
+              "\"n64\":%u,\"first_divergence\":%d,\"dense_gap_at_divergence\":%.6g,\"kl_mean\":%.6g,"
+              "\"kl_steps\":%u,\"tf_same\":%u}",
+              first_agree ? "" : ",", o.lengths[li], pi, g.prompt_tokens, g.same32, g.n32, g.same64, g.n64,
+              g.first_divergence, g.dense_gap, g.kl, o.kl_steps, g.tf_same);
+          first_agree = false;
+        }
       std::printf("]}\n");
     }
     return;
@@ -77,21 +82,43 @@ void print_report(const report_data& r) {
     }
   }
   if (o.gen_tokens > 0) {
+    // One value per summary prompt, joined: "8" for one prompt, "8, 31, 32" for three.
+    const auto joined = [](const std::vector<tally::agree>& gs, auto&& cell) {
+      std::string out;
+      for (const auto& g : gs) out += (out.empty() ? "" : ", ") + cell(g);
+      return out;
+    };
     std::printf(
-        "\nGreedy agreement with dense (identical tokens of the first 32 / 64, first divergence) and "
-        "KL(dense || sparse) mean over %u teacher-forced steps, with tf = steps of those whose argmax is "
-        "dense's token:\n\n| configuration |",
-        o.kl_steps);
+        "\nGreedy agreement with dense (identical tokens of the first 32 / 64, first divergence with dense's "
+        "top-1 minus top-2 log-probability there in nats: a small gap is a near tie) and KL(dense || sparse) "
+        "mean over %u teacher-forced steps, with tf = steps of those whose argmax is dense's token; %u summary "
+        "prompt(s) per length, one value each:\n\n| configuration |",
+        o.kl_steps, o.summary_prompts);
     for (size_t li = 0; li < o.lengths.size(); ++li)
-      std::printf(" %u tok: 32 | 64 | first div. | KL | tf |", prompt_tokens[li]);
+      std::printf(" %u tok: 32 | >= 30 | 64 | first div. (gap) | KL | tf |", prompt_tokens[li]);
     std::printf("\n|---|");
-    for (size_t li = 0; li < o.lengths.size(); ++li) std::printf("---|---|---|---|---|");
+    for (size_t li = 0; li < o.lengths.size(); ++li) std::printf("---|---|---|---|---|---|");
     std::printf("\n");
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       std::printf("| %s |", configs[ci].name.c_str());
-      for (const auto& g : tallies[ci].agreement)
-        std::printf(" %u | %u | %s | %.3g | %u |", g.same32, g.same64,
-                    g.first_divergence < 0 ? "none" : std::to_string(g.first_divergence).c_str(), g.kl, g.tf_same);
+      for (const auto& gs : tallies[ci].agreement) {
+        uint32_t at_least_30 = 0;
+        double kl = 0.0;
+        for (const auto& g : gs) at_least_30 += g.same32 >= 30, kl += g.kl;
+        char gap[32];
+        std::printf(" %s | %u/%zu | %s | %s | %.3g | %s |",
+                    joined(gs, [](const tally::agree& g) { return std::to_string(g.same32); }).c_str(), at_least_30,
+                    gs.size(), joined(gs, [](const tally::agree& g) { return std::to_string(g.same64); }).c_str(),
+                    joined(gs,
+                           [&](const tally::agree& g) {
+                             if (g.first_divergence < 0) return std::string("none");
+                             std::snprintf(gap, sizeof gap, " (%.2g)", g.dense_gap);
+                             return std::to_string(g.first_divergence) + gap;
+                           })
+                        .c_str(),
+                    gs.empty() ? 0.0 : kl / static_cast<double>(gs.size()),
+                    joined(gs, [](const tally::agree& g) { return std::to_string(g.tf_same); }).c_str());
+      }
       std::printf("\n");
     }
   }
