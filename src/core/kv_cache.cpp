@@ -5,9 +5,13 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <string>
+#include <system_error>
+#include <thread>
 
 #include "core/kv_cache_internal.hpp"
 #include "core/slice_gate.hpp"
+#include "instinfer/core/thread_pool.hpp"
 #include "sparf/sparse_attender.hpp"
 
 namespace instinfer {
@@ -50,6 +54,14 @@ result<std::unique_ptr<kv_cache>> kv_cache::create(const cache_options& options,
     return status{errc::kUnsupported,
                   "int8_query_dot needs a q8_0 cache, got " + std::string(dtype_name(options.shape.kv_dtype))};
   config.int8_query_dot = options.int8_query_dot;
+  try {  // one compute pool for the backend's decode and the sparse attenders
+    config.pool = std::make_shared<thread_pool>(config.n_threads ? config.n_threads
+                                                                 : std::max(1u, std::thread::hardware_concurrency()));
+  } catch (const std::system_error& e) {
+    return status{errc::kOutOfMemory, "kv_cache: cannot start the compute threads: " + std::string(e.what())};
+  } catch (const std::bad_alloc&) {
+    return status{errc::kOutOfMemory, "kv_cache: compute pool"};
+  }
   sparf_config sparf;
   if (options.sparf ||
       options.page_summaries) {  // resolved before configure: a backend that runs SparF needs the column layout

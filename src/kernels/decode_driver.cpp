@@ -95,10 +95,11 @@ class host_decoder_impl final : public host_decoder {
 
 }  // namespace
 
-result<std::unique_ptr<host_decoder>> host_decoder::create(const decode_params& params, uint32_t n_threads,
-                                                           cpu_isa isa) {
+result<std::unique_ptr<host_decoder>> host_decoder::create(const decode_params& params, uint32_t n_threads, cpu_isa isa,
+                                                           std::shared_ptr<thread_pool> pool) {
   auto kernel = select_decode_heads_kernel(isa, params);  // validates params and the ISA
   if (!kernel.ok()) return kernel.error();
+  if (pool) n_threads = pool->size();
   if (n_threads == 0) n_threads = std::max(1u, std::thread::hardware_concurrency());
   if (n_threads > decode_driver_options::kMaxThreads)
     return status{errc::kInvalidArgument,
@@ -109,6 +110,7 @@ result<std::unique_ptr<host_decoder>> host_decoder::create(const decode_params& 
   options.items_per_worker = kItemsPerThread;
   options.min_item_tokens = kMinItemTokens;
   options.kv_heads_per_item = 0;  // every kv head: one sequential sweep per chunk
+  options.pool = std::move(pool);
   auto driver = decode_driver::create(params, *kernel, options);
   if (!driver.ok()) return driver.error();
   auto rows = select_decode_rows_kernel(isa, params);

@@ -20,9 +20,10 @@ page_summary_attender::page_summary_attender(backend& b, const backend_config& c
       config_(config),
       cfg_(cfg),
       block_floats_(page_summary_floats(config.shape.n_kv_heads, config.shape.head_dim)),
-      pool_(std::make_unique<thread_pool>(
-          std::min<uint32_t>(config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
-                             std::max(1u, config.shape.n_kv_heads)))),
+      pool_(config.pool ? config.pool
+                        : std::make_shared<thread_pool>(std::min<uint32_t>(
+                              config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
+                              std::max(1u, config.shape.n_kv_heads)))),
       worker_status_(pool_->size()),
       ws_(pool_->size()),
       exact_counters_(pool_->size()) {

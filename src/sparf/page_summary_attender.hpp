@@ -85,7 +85,7 @@ class page_summary_attender final : public sparse_attender {
   };
   append_undo undo_;
 
-  std::unique_ptr<thread_pool> pool_;
+  std::shared_ptr<thread_pool> pool_;         // the cache's compute pool (backend_config::pool), or own
   decode_chunks_fn kernel_staged_ = nullptr;  // per-head pseudo-chunks (one kv head)
   page_summary_score_fn score_kernel_ = nullptr;
   static constexpr uint32_t kScoreRunGroups = 256;  // groups per scoring task (~2 MiB of blocks at 8 x 128)

@@ -17,9 +17,10 @@ sparf_attender::sparf_attender(backend& b, const backend_config& config, const s
       config_(config),
       cfg_(sparf),
       store_columns_(!b.host_view()),
-      pool_(std::make_unique<thread_pool>(
-          std::min<uint32_t>(config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
-                             std::max(1u, config.shape.n_kv_heads)))),
+      pool_(config.pool ? config.pool
+                        : std::make_shared<thread_pool>(std::min<uint32_t>(
+                              config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
+                              std::max(1u, config.shape.n_kv_heads)))),
       ws_(pool_->size()),
       worker_counters_(pool_->size()),
       worker_status_(pool_->size()) {}

@@ -100,7 +100,7 @@ class sparf_attender final : public sparse_attender {
   uint64_t reused_ = 0;                // calls that reused a kept selection
   // One workspace and one counter set per worker of pool_ (a kv head's selection and exact pass
   // run on one worker; the heads of a sequence are shared dynamically).
-  std::unique_ptr<thread_pool> pool_;
+  std::shared_ptr<thread_pool> pool_;  // the cache's compute pool (backend_config::pool), or own
   std::vector<sparf_workspace> ws_;
   std::vector<sparf_counters> worker_counters_;
   std::vector<status> worker_status_;

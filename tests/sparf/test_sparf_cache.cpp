@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -154,4 +155,36 @@ TEST_CASE("attend_sparse without cache_options::sparf is unsupported") {
   const seq_id s = cache->create_sequence().value();
   float q[2 * 64] = {1.0f}, out[2 * 64];
   CHECK(cache->attend_sparse(0, std::span<const seq_id>(&s, 1), q, out, nullptr).code() == errc::kUnsupported);
+}
+
+// One compute pool per cache (backend_config::pool): dense decode, SparF and the page-summary
+// policy share n_threads - 1 workers, where each used to start its own (3 x (n_threads - 1)).
+TEST_CASE("a host cache with both sparse policies starts n_threads - 1 compute threads") {
+  const auto threads_now = [] {
+    uint32_t n = 0;
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+    return n;
+  };
+  const uint32_t before = threads_now();
+  {
+    cache_options o = test_support::sparf_cache_options(kv_shape{1, 4, 2, 64, dtype::kF16}, "host", 16ull << 20);
+    o.page_summaries = true;
+    o.n_threads = 4;
+    auto cache = kv_cache::create(o);
+    REQUIRE_MESSAGE(cache.ok(), cache.error().to_string());
+    CHECK(threads_now() == before + 3);
+    // Both policies and dense attend run on that pool, one after another.
+    const seq_id s = (*cache)->create_sequence().value();
+    std::vector<float> k(size_t{300} * 2 * 64), v(k.size()), q(4 * 64, 0.25f), out(q.size());
+    for (size_t i = 0; i < k.size(); ++i) k[i] = std::sin(0.1f * static_cast<float>(i)), v[i] = std::cos(0.07f * i);
+    REQUIRE((*cache)->append(s, 0, 300, k.data(), v.data(), dtype::kF32).ok());
+    const std::span<const seq_id> one(&s, 1);
+    CHECK((*cache)->attend(0, one, q.data(), out.data(), nullptr).ok());
+    sparf_params p = sparf_params::with_compression(0.25);
+    CHECK((*cache)->attend_sparse(0, one, q.data(), out.data(), nullptr, p).ok());
+    p.policy = sparse_policy::kPageSummary;
+    CHECK((*cache)->attend_sparse(0, one, q.data(), out.data(), nullptr, p).ok());
+    CHECK(threads_now() == before + 3);
+  }
+  CHECK(threads_now() == before);
 }

@@ -23,6 +23,8 @@
 
 namespace instinfer {
 
+class thread_pool;  // core/thread_pool.hpp
+
 struct decode_params {
   chunk_layout layout{};    // page geometry (head_dim, dtype, tokens per page) and n_kv_heads
   uint32_t group_size = 1;  // query heads per kv head
@@ -139,9 +141,11 @@ struct decode_work {
 // The hot path allocates nothing once the workspace has grown to the largest batch seen.
 class host_decoder {
  public:
-  // n_threads == 0: hardware concurrency.
+  // n_threads == 0: hardware concurrency. pool: workers to share instead of starting own ones
+  // (a cache's compute pool, backend_config::pool); its size() is then the thread count.
   static result<std::unique_ptr<host_decoder>> create(const decode_params& params, uint32_t n_threads = 0,
-                                                      cpu_isa isa = best_cpu_isa());
+                                                      cpu_isa isa = best_cpu_isa(),
+                                                      std::shared_ptr<thread_pool> pool = nullptr);
   virtual ~host_decoder() = default;
 
   virtual status run(std::span<const decode_work> batch) noexcept = 0;

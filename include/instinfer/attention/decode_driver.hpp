@@ -118,6 +118,9 @@ struct decode_driver_options {
   uint32_t items_per_worker = 4;   // aim for this many items per worker
   uint32_t min_item_tokens = 512;  // split no finer than this (see decode_plan_options)
   uint32_t kv_heads_per_item = 0;  // 0: items cover all kv heads (host sweep); 1: one head (drive)
+  // Workers to use instead of starting n_threads - 1 own ones (a cache's shared compute pool:
+  // backend_config::pool); its size() then is the thread count.
+  std::shared_ptr<thread_pool> pool;
   static constexpr uint32_t kMaxThreads = 1024;
 };
 
@@ -129,15 +132,16 @@ class decode_driver {
                                                        const decode_driver_options& options) {
     INSTINFER_TRY(params.validate());
     if (kernel == nullptr) return status{errc::kInvalidArgument, "decode_driver: no kernel"};
-    if (options.n_threads == 0 || options.n_threads > decode_driver_options::kMaxThreads)
+    const uint32_t n_threads = options.pool ? options.pool->size() : options.n_threads;
+    if (n_threads == 0 || n_threads > decode_driver_options::kMaxThreads)
       return status{errc::kInvalidArgument, "decode_driver: n_threads must be in [1, " +
                                                 std::to_string(decode_driver_options::kMaxThreads) + "], got " +
-                                                std::to_string(options.n_threads)};
+                                                std::to_string(n_threads)};
     try {
       return std::unique_ptr<decode_driver>(new decode_driver(params, kernel, options));
     } catch (const std::system_error& e) {
       return status{errc::kOutOfMemory,
-                    "decode_driver: cannot start " + std::to_string(options.n_threads) + " threads: " + e.what()};
+                    "decode_driver: cannot start " + std::to_string(n_threads) + " threads: " + e.what()};
     } catch (const std::bad_alloc&) {
       return status{errc::kOutOfMemory, "decode_driver: out of memory"};
     }
@@ -149,9 +153,9 @@ class decode_driver {
   template <chunk_source Source>
   status run(std::span<const decode_sequence> batch, Source& source) noexcept {
     std::lock_guard<std::mutex> lock(run_mutex_);
-    INSTINFER_TRY(begin(batch, source, pool_.size()));
+    INSTINFER_TRY(begin(batch, source, pool_->size()));
     auto body = [&](uint32_t worker) noexcept { work(worker, batch, source, run_kernel_params_, run_window_); };
-    pool_.run(body);
+    pool_->run(body);
     if (failed_.load(std::memory_order_acquire)) return std::move(first_error_);
     return {};
   }
@@ -188,7 +192,7 @@ class decode_driver {
   void set_rows_kernel(decode_rows_fn kernel) noexcept { rows_kernel_ = kernel; }
 
   const decode_params& params() const noexcept { return params_; }
-  uint32_t n_threads() const noexcept { return pool_.size(); }
+  uint32_t n_threads() const noexcept { return pool_->size(); }
   // The plan of the last run (valid until the next run starts).
   const decode_plan& plan() const noexcept { return plan_; }
 
@@ -199,7 +203,7 @@ class decode_driver {
         options_(options),
         max_states_(widest_item_states(params, options)),
         run_states_(max_states_),
-        pool_(options.n_threads) {}
+        pool_(options.pool ? options.pool : std::make_shared<thread_pool>(options.n_threads)) {}
 
   uint32_t head_dim() const noexcept { return params_.layout.page.head_dim; }
 
@@ -532,7 +536,7 @@ class decode_driver {
   uint32_t max_states_;  // states (query heads) of the widest item
   uint32_t run_states_;  // this run's widest item: max_states_ x the most causal rows of a sequence
   bool run_has_rows_ = false;
-  thread_pool pool_;
+  std::shared_ptr<thread_pool> pool_;  // own, or shared (decode_driver_options::pool)
   std::mutex run_mutex_;
   uint32_t run_workers_ = 1;           // this run's workers: the pool, or a shared run's callers
   decode_params run_kernel_params_{};  // params_ with the source's staged layout

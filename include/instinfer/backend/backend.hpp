@@ -24,6 +24,8 @@
 
 namespace instinfer {
 
+class thread_pool;  // core/thread_pool.hpp
+
 // Everything a backend needs to know, fixed at cache creation.
 struct backend_config {
   kv_shape shape{};
@@ -42,6 +44,11 @@ struct backend_config {
   // cache_options::int8_query_dot: decode scores q8_0 K with integer dot products
   // (decode_params::int8_query_dot). Backends that cannot refuse it with kUnsupported.
   bool int8_query_dot = false;
+  // The cache's compute pool (n_threads threads, kv_cache::create makes it): host-side compute of
+  // the backend (dense decode) and of the sparse attenders runs on it, so the workers woken for
+  // one call are still spinning for the next instead of a second pool's sleeping ones. Null (a
+  // backend configured outside a cache): each component starts its own.
+  std::shared_ptr<thread_pool> pool;
 
   chunk_layout layout() const noexcept { return chunk_layout::make(page, shape.n_kv_heads); }
 };

@@ -8,12 +8,16 @@
 // forward issues ~150 runs per token a few microseconds apart, and a futex wake-up per run costs
 // more than the work of a small one; the bounded spin keeps an idle pool off a shared machine's
 // cores. The caller spins the same way before sleeping on the workers. A run allocates nothing.
-// One run at a time: callers serialise (decode_driver holds a mutex).
+// One run at a time: concurrent callers queue on a mutex, so one pool can serve several
+// components (a cache's dense decode and its sparse attenders share one: a worker woken for one
+// call is still spinning when the next comes; on a VM a futex wake-up took about 1 ms). A run's
+// body must not start another run of the same pool.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -45,6 +49,7 @@ class thread_pool {
       fn(0u);
       return;
     }
+    std::lock_guard<std::mutex> lock(run_mutex_);  // lock() does not throw on a valid mutex in practice
     call_ = [](void* ctx, uint32_t index) noexcept { (*static_cast<F*>(ctx))(index); };
     ctx_ = &fn;
     const uint64_t run_id = generation_.load(std::memory_order_relaxed) + 1;  // only this thread writes it
@@ -120,6 +125,7 @@ class thread_pool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> state_{kClosed};
   std::atomic<bool> stop_{false};
+  std::mutex run_mutex_;  // one run at a time across callers
   void (*call_)(void*, uint32_t) noexcept = nullptr;
   void* ctx_ = nullptr;
 };

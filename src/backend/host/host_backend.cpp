@@ -87,7 +87,7 @@ status host_backend::configure(const backend_config& config) {
   params.scale = config.scale;
   params.softcap = config.softcap;
   params.int8_query_dot = config.int8_query_dot;
-  auto decoder = host_decoder::create(params, config.n_threads);
+  auto decoder = host_decoder::create(params, config.n_threads, best_cpu_isa(), config.pool);
   if (!decoder.ok()) return decoder.error();
   decoder_ = std::move(decoder).value();
   return {};
