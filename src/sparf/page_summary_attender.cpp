@@ -24,9 +24,9 @@ page_summary_attender::page_summary_attender(backend& b, const backend_config& c
                         : std::make_shared<thread_pool>(std::min<uint32_t>(
                               config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
                               std::max(1u, config.shape.n_kv_heads)))),
-      worker_status_(pool_->size()),
-      ws_(pool_->size()),
-      exact_counters_(pool_->size()) {
+      worker_status_(attender_workers(*pool_, config.shape.n_kv_heads)),
+      ws_(worker_status_.size()),
+      exact_counters_(worker_status_.size()) {
   per_head_.group_size = cfg.group_size;
   per_head_.scale = cfg.scale;
   per_head_.softcap = cfg.softcap;
@@ -221,7 +221,7 @@ status page_summary_attender::attend_one(const attend_item& it, const layer_stat
                                          sparf_counters& c) noexcept {
   const kv_shape& shape = config_.shape;
   const uint32_t H = shape.n_kv_heads, G = shape.group_size(), d = shape.head_dim;
-  const uint32_t W = pool_->size(), n_groups = plan.n_groups, n_sel = plan.n_select;
+  const uint32_t W = static_cast<uint32_t>(worker_status_.size()), n_groups = plan.n_groups, n_sel = plan.n_select;
   const uint64_t row = config_.page.row_bytes();
   c.items += H;
   c.dense_pages += 2ull * H * n_groups;

@@ -21,9 +21,9 @@ sparf_attender::sparf_attender(backend& b, const backend_config& config, const s
                         : std::make_shared<thread_pool>(std::min<uint32_t>(
                               config.n_threads ? config.n_threads : std::max(1u, std::thread::hardware_concurrency()),
                               std::max(1u, config.shape.n_kv_heads)))),
-      ws_(pool_->size()),
-      worker_counters_(pool_->size()),
-      worker_status_(pool_->size()) {}
+      ws_(attender_workers(*pool_, config.shape.n_kv_heads)),
+      worker_counters_(ws_.size()),
+      worker_status_(ws_.size()) {}
 
 sparf_attender::~sparf_attender() {
   for (auto& [seq, staged] : staged_)

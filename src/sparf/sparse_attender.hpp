@@ -14,6 +14,7 @@
 // committed or dropped for the whole sequence at once, so remove_range stays all or nothing.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -82,13 +83,23 @@ result<std::unique_ptr<sparse_attender>> make_sparf_attender(backend& b, const b
 result<std::unique_ptr<sparse_attender>> make_sparse_attender(backend& b, const backend_config& config,
                                                               const sparf_config& cfg, bool sparf, bool page_summaries);
 
+// Workers an attender keeps scratch for: the pool's, at most one per kv head (more would only
+// hold workspaces no head is handed to).
+inline uint32_t attender_workers(const thread_pool& pool, uint32_t n_kv_heads) noexcept {
+  return std::min(pool.size(), std::max(1u, n_kv_heads));
+}
+
 // Both policies' per-kv-head work: kv heads handed out to the pool's workers one at a time,
-// fn(worker, head); the first failure stops handing out heads and is returned.
+// fn(worker, head); the first failure stops handing out heads and is returned. Only workers
+// [0, worker_status.size()) take part: a cache's shared pool may be larger than the attender's
+// per-worker scratch (attender_workers).
 template <class F>
 status for_each_kv_head(thread_pool& pool, std::vector<status>& worker_status, uint32_t n_kv_heads, F&& fn) noexcept {
   std::atomic<uint32_t> next{0};
   for (status& s : worker_status) s = status{};
+  const size_t n_workers = worker_status.size();
   auto body = [&](uint32_t w) noexcept {
+    if (w >= n_workers) return;
     for (uint32_t h = next.fetch_add(1, std::memory_order_relaxed); h < n_kv_heads;
          h = next.fetch_add(1, std::memory_order_relaxed)) {
       status s = fn(w, h);
